@@ -1,0 +1,468 @@
+//! Resolved settings: the flags of one `launch` merged with what the instance
+//! saved at its first launch. Pure, so every merge rule is unit-tested.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AccelChoice {
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ShareMode {
+    Rw,
+    Ro,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortChoice {
+    Fixed(u16),
+    Auto,
+}
+
+impl std::str::FromStr for PortChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "auto" {
+            return Ok(PortChoice::Auto);
+        }
+        match s.parse::<u16>() {
+            Ok(p) if p >= 1 => Ok(PortChoice::Fixed(p)),
+            _ => Err(format!("{s:?} is not a port: give 1-65535 or 'auto'")),
+        }
+    }
+}
+
+/// Where the boot disk or kernel comes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Source {
+    /// A qcow2 or raw base under a per-instance overlay.
+    Image { path: PathBuf },
+    /// Direct kernel boot, with an optional base image as disk.
+    Kernel {
+        kernel: PathBuf,
+        initrd: PathBuf,
+        append: Option<String>,
+        image: Option<PathBuf>,
+    },
+    /// The Guix image built from `guix_dir`.
+    Guix {
+        guix_dir: Option<PathBuf>,
+        image_size: String,
+    },
+}
+
+/// What an instance keeps between launches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    pub memory_mib: u64,
+    pub cpus: u32,
+    pub ssh_port: u16,
+    pub share: Option<PathBuf>,
+    pub share_mode: ShareMode,
+    pub source: Source,
+    pub accel: AccelChoice,
+    pub ssh_user: String,
+    pub ssh_key: Option<PathBuf>,
+}
+
+/// The launch flags as given (None = not given).
+#[derive(Debug, Clone, Default)]
+pub struct LaunchFlags {
+    pub memory: Option<String>,
+    pub cpus: Option<u32>,
+    pub ssh_port: Option<PortChoice>,
+    pub share: Option<PathBuf>,
+    pub no_share: bool,
+    pub share_mode: Option<ShareMode>,
+    pub image: Option<PathBuf>,
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub append: Option<String>,
+    pub guix_dir: Option<PathBuf>,
+    pub image_size: Option<String>,
+    pub accel: Option<AccelChoice>,
+    pub ssh_user: Option<String>,
+    pub ssh_key: Option<PathBuf>,
+}
+
+pub const DEFAULT_MEMORY: &str = "4G";
+pub const DEFAULT_CPUS: u32 = 2;
+pub const DEFAULT_SSH_PORT: u16 = 10022;
+pub const DEFAULT_SSH_USER: &str = "dev";
+pub const DEFAULT_IMAGE_SIZE: &str = "20G";
+
+/// `4G`, `512M`, `4096` (MiB), `1T`, case-insensitive, optional `iB`/`B`.
+pub fn parse_size_mib(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let lower = t.to_ascii_lowercase();
+    let body = lower.trim_end_matches("ib").trim_end_matches('b');
+    let (num, mult) = match body.chars().last() {
+        Some('k') => (&body[..body.len() - 1], 1.0 / 1024.0),
+        Some('m') => (&body[..body.len() - 1], 1.0),
+        Some('g') => (&body[..body.len() - 1], 1024.0),
+        Some('t') => (&body[..body.len() - 1], 1024.0 * 1024.0),
+        _ => (body, 1.0),
+    };
+    let n: f64 = num
+        .parse()
+        .ok()
+        .filter(|n: &f64| n.is_finite() && *n > 0.0)
+        .with_context(|| format!("{s:?} is not a size: write e.g. 4G, 512M or 4096 (MiB)"))?;
+    let mib = (n * mult).round() as u64;
+    if mib < 64 {
+        bail!("{s:?} is too small: a VM needs at least 64M");
+    }
+    Ok(mib)
+}
+
+/// One setting that differs from what the instance saved.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Change {
+    pub setting: &'static str,
+    pub from: String,
+    pub to: String,
+}
+
+/// Defaults that need the environment (the checkout) resolved by the caller.
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    pub share: Option<PathBuf>,
+}
+
+/// Merges flags over saved settings (or defaults at first launch) and lists
+/// what changed. A port `auto` keeps a saved port; a fresh `auto` is left as
+/// port 0 for the caller to pick.
+pub fn merge(
+    saved: Option<&Settings>,
+    f: &LaunchFlags,
+    d: &Defaults,
+) -> Result<(Settings, Vec<Change>)> {
+    if f.no_share && f.share.is_some() {
+        bail!("--share and --no-share contradict each other: give one");
+    }
+    if f.kernel.is_some() != f.initrd.is_some() {
+        bail!("--kernel and --initrd go together: give both, or neither");
+    }
+    if f.append.is_some()
+        && f.kernel.is_none()
+        && !matches!(saved.map(|s| &s.source), Some(Source::Kernel { .. }))
+    {
+        bail!("--append needs --kernel/--initrd: it is the kernel command line of a direct boot");
+    }
+    let memory_mib = match &f.memory {
+        Some(m) => parse_size_mib(m).context("--memory")?,
+        None => saved
+            .map(|s| s.memory_mib)
+            .unwrap_or(parse_size_mib(DEFAULT_MEMORY)?),
+    };
+    let cpus = match f.cpus {
+        Some(0) => bail!("--cpus must be at least 1"),
+        Some(c) => c,
+        None => saved.map(|s| s.cpus).unwrap_or(DEFAULT_CPUS),
+    };
+    let ssh_port = match f.ssh_port {
+        Some(PortChoice::Fixed(p)) => p,
+        Some(PortChoice::Auto) => saved.map(|s| s.ssh_port).unwrap_or(0),
+        None => saved.map(|s| s.ssh_port).unwrap_or(DEFAULT_SSH_PORT),
+    };
+    let share = if f.no_share {
+        None
+    } else if let Some(s) = &f.share {
+        Some(s.clone())
+    } else {
+        match saved {
+            Some(s) => s.share.clone(),
+            None => d.share.clone(),
+        }
+    };
+    let share_mode = f
+        .share_mode
+        .or(saved.map(|s| s.share_mode))
+        .unwrap_or(ShareMode::Rw);
+    let image_size = f.image_size.clone();
+    let source = if let (Some(kernel), Some(initrd)) = (&f.kernel, &f.initrd) {
+        let image = f.image.clone().or_else(|| match saved.map(|s| &s.source) {
+            Some(Source::Kernel { image, .. }) => image.clone(),
+            _ => None,
+        });
+        Source::Kernel {
+            kernel: kernel.clone(),
+            initrd: initrd.clone(),
+            append: f.append.clone(),
+            image,
+        }
+    } else if let Some(image) = &f.image {
+        Source::Image {
+            path: image.clone(),
+        }
+    } else if f.guix_dir.is_some() || image_size.is_some() {
+        Source::Guix {
+            guix_dir: f.guix_dir.clone(),
+            image_size: image_size.unwrap_or_else(|| DEFAULT_IMAGE_SIZE.into()),
+        }
+    } else {
+        match saved.map(|s| s.source.clone()) {
+            Some(Source::Kernel {
+                kernel,
+                initrd,
+                image,
+                append,
+            }) => Source::Kernel {
+                kernel,
+                initrd,
+                image,
+                append: f.append.clone().or(append),
+            },
+            Some(s) => s,
+            None => Source::Guix {
+                guix_dir: None,
+                image_size: DEFAULT_IMAGE_SIZE.into(),
+            },
+        }
+    };
+    let s = Settings {
+        memory_mib,
+        cpus,
+        ssh_port,
+        share,
+        share_mode,
+        source,
+        accel: f
+            .accel
+            .or(saved.map(|s| s.accel))
+            .unwrap_or(AccelChoice::Auto),
+        ssh_user: f
+            .ssh_user
+            .clone()
+            .or(saved.map(|s| s.ssh_user.clone()))
+            .unwrap_or_else(|| DEFAULT_SSH_USER.into()),
+        ssh_key: f.ssh_key.clone().or(saved.and_then(|s| s.ssh_key.clone())),
+    };
+    let changes = saved.map(|old| diff(old, &s)).unwrap_or_default();
+    Ok((s, changes))
+}
+
+fn diff(a: &Settings, b: &Settings) -> Vec<Change> {
+    let mut v = Vec::new();
+    let mut cmp = |setting: &'static str, x: String, y: String| {
+        if x != y {
+            v.push(Change {
+                setting,
+                from: x,
+                to: y,
+            });
+        }
+    };
+    cmp(
+        "memory",
+        format!("{}M", a.memory_mib),
+        format!("{}M", b.memory_mib),
+    );
+    cmp("cpus", a.cpus.to_string(), b.cpus.to_string());
+    cmp("ssh port", a.ssh_port.to_string(), b.ssh_port.to_string());
+    let share = |s: &Settings| {
+        s.share
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "none".into())
+    };
+    cmp("share", share(a), share(b));
+    cmp(
+        "share mode",
+        format!("{:?}", a.share_mode).to_lowercase(),
+        format!("{:?}", b.share_mode).to_lowercase(),
+    );
+    cmp(
+        "image",
+        serde_json::to_string(&a.source).unwrap(),
+        serde_json::to_string(&b.source).unwrap(),
+    );
+    cmp(
+        "accel",
+        format!("{:?}", a.accel).to_lowercase(),
+        format!("{:?}", b.accel).to_lowercase(),
+    );
+    cmp("ssh user", a.ssh_user.clone(), b.ssh_user.clone());
+    let key = |s: &Settings| {
+        s.ssh_key
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "qbuf-qemu's own".into())
+    };
+    cmp("ssh key", key(a), key(b));
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d() -> Defaults {
+        Defaults {
+            share: Some("/src/qbuf".into()),
+        }
+    }
+
+    #[test]
+    fn sizes_parse_in_common_forms() {
+        assert_eq!(parse_size_mib("4G").unwrap(), 4096);
+        assert_eq!(parse_size_mib("512m").unwrap(), 512);
+        assert_eq!(parse_size_mib("2GiB").unwrap(), 2048);
+        assert_eq!(parse_size_mib("1.5G").unwrap(), 1536);
+        assert_eq!(parse_size_mib("4096").unwrap(), 4096);
+        for bad in ["", "G", "-1G", "four", "1X", "10M"] {
+            assert!(parse_size_mib(bad).is_err(), "{bad}");
+        }
+        assert!(parse_size_mib("lots")
+            .unwrap_err()
+            .to_string()
+            .contains("4G"));
+    }
+
+    #[test]
+    fn first_launch_uses_defaults() {
+        let (s, ch) = merge(
+            None,
+            &LaunchFlags {
+                image: Some("/i.qcow2".into()),
+                ..Default::default()
+            },
+            &d(),
+        )
+        .unwrap();
+        assert_eq!(s.memory_mib, 4096);
+        assert_eq!(s.ssh_port, DEFAULT_SSH_PORT);
+        assert_eq!(s.share, Some("/src/qbuf".into()));
+        assert_eq!(s.ssh_user, "dev");
+        assert_eq!(
+            s.source,
+            Source::Image {
+                path: "/i.qcow2".into()
+            }
+        );
+        assert!(ch.is_empty());
+    }
+
+    #[test]
+    fn plain_launch_reuses_saved_settings_and_flags_are_reported_as_changes() {
+        let f = LaunchFlags {
+            image: Some("/i.qcow2".into()),
+            memory: Some("1G".into()),
+            no_share: true,
+            ..Default::default()
+        };
+        let (saved, _) = merge(None, &f, &d()).unwrap();
+        let (again, ch) = merge(Some(&saved), &LaunchFlags::default(), &d()).unwrap();
+        assert_eq!(again, saved);
+        assert!(ch.is_empty());
+        let (changed, ch) = merge(
+            Some(&saved),
+            &LaunchFlags {
+                cpus: Some(4),
+                ..Default::default()
+            },
+            &d(),
+        )
+        .unwrap();
+        assert_eq!(changed.cpus, 4);
+        assert_eq!(
+            ch,
+            vec![Change {
+                setting: "cpus",
+                from: "2".into(),
+                to: "4".into()
+            }]
+        );
+        assert_eq!(changed.share, None, "a saved --no-share is kept");
+    }
+
+    #[test]
+    fn auto_port_is_kept_once_picked() {
+        let (s, _) = merge(
+            None,
+            &LaunchFlags {
+                ssh_port: Some(PortChoice::Auto),
+                ..Default::default()
+            },
+            &d(),
+        )
+        .unwrap();
+        assert_eq!(s.ssh_port, 0, "caller picks");
+        let saved = Settings {
+            ssh_port: 40000,
+            ..s
+        };
+        let (s2, ch) = merge(
+            Some(&saved),
+            &LaunchFlags {
+                ssh_port: Some(PortChoice::Auto),
+                ..Default::default()
+            },
+            &d(),
+        )
+        .unwrap();
+        assert_eq!(s2.ssh_port, 40000);
+        assert!(ch.is_empty());
+    }
+
+    #[test]
+    fn contradictions_are_refused_with_the_fix() {
+        let e = merge(
+            None,
+            &LaunchFlags {
+                share: Some("/x".into()),
+                no_share: true,
+                ..Default::default()
+            },
+            &d(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("give one"));
+        let e = merge(
+            None,
+            &LaunchFlags {
+                kernel: Some("/k".into()),
+                ..Default::default()
+            },
+            &d(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("--initrd"));
+        let e = merge(
+            None,
+            &LaunchFlags {
+                append: Some("x".into()),
+                ..Default::default()
+            },
+            &d(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("--kernel"));
+        assert!("0".parse::<PortChoice>().is_err());
+        assert!("70000".parse::<PortChoice>().unwrap_err().contains("auto"));
+    }
+
+    #[test]
+    fn kernel_boot_keeps_its_disk_and_append() {
+        let f = LaunchFlags {
+            kernel: Some("/k".into()),
+            initrd: Some("/i".into()),
+            append: Some("console=ttyS0".into()),
+            image: Some("/d.qcow2".into()),
+            ..Default::default()
+        };
+        let (s, _) = merge(None, &f, &d()).unwrap();
+        let (s2, ch) = merge(Some(&s), &LaunchFlags::default(), &d()).unwrap();
+        assert_eq!(s2.source, s.source);
+        assert!(ch.is_empty());
+    }
+}

@@ -1,0 +1,1022 @@
+//! Launch, status, powerdown and destroy as the user runs them. Data flows one
+//! way: flags + saved settings → resolved spec → QEMU argv (pure) → the
+//! supervisor and QEMU → records in the instance dir.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::config::{self, AccelChoice, Change, LaunchFlags, Settings, Source};
+use crate::control;
+use crate::host;
+use crate::instance::{read_json, write_json, Instance, Lock, RunRecord, StateDir};
+use crate::powerdown::{self, ForeignProcess, StopOptions, StopOutcome};
+use crate::qemu::{self, Accel, Endpoints, KernelBoot, Share, VmSpec};
+use crate::ssh;
+use crate::supervisor::{BootPlan, LaunchFailure, StopRecord};
+
+/// What every command knows: where state lives and which instance.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    pub state: StateDir,
+    pub name: String,
+}
+
+impl Ctx {
+    pub fn instance(&self) -> Instance {
+        self.state.instance(&self.name)
+    }
+
+    /// The instance, or a clear error when it was never launched.
+    pub fn existing(&self) -> Result<Instance> {
+        let inst = self.instance();
+        if !inst.exists() {
+            bail!(
+                "no instance named '{}' in {}: create it with 'qbuf-qemu --name {} launch'",
+                self.name,
+                self.state.root.display(),
+                self.name
+            );
+        }
+        Ok(inst)
+    }
+}
+
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone)]
+pub struct LaunchOptions {
+    pub flags: LaunchFlags,
+    pub timeout: Duration,
+    pub no_wait: bool,
+    pub recreate: bool,
+    /// Serial silence after which an automatically chosen KVM is blamed.
+    pub silence: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Launched {
+    pub name: String,
+    pub pid: i32,
+    pub ssh_port: u16,
+    pub ssh_user: String,
+    pub qmp_socket: PathBuf,
+    pub serial_log: PathBuf,
+    pub ready_seconds: Option<f64>,
+    pub already_running: bool,
+    pub accel: Accel,
+    pub changes: Vec<Change>,
+    /// Said to the user once (stale files cleaned, KVM fallback, …).
+    pub notes: Vec<String>,
+    pub ssh_command: String,
+}
+
+impl Launched {
+    pub fn human(&self) -> String {
+        let mut s = String::new();
+        for n in &self.notes {
+            s.push_str(&format!("note: {n}\n"));
+        }
+        if self.already_running {
+            s.push_str(&format!(
+                "Instance '{}' is already running (QEMU pid {}).\n",
+                self.name, self.pid
+            ));
+            for c in &self.changes {
+                s.push_str(&format!(
+                    "{} changed from {} to {}: saved, applies at the next boot (qbuf-qemu --name {} powerdown, then launch)\n",
+                    c.setting, c.from, c.to, self.name
+                ));
+            }
+        } else {
+            for c in &self.changes {
+                s.push_str(&format!(
+                    "{} changed from {} to {}: applied to this boot\n",
+                    c.setting, c.from, c.to
+                ));
+            }
+            match self.ready_seconds {
+                Some(t) => s.push_str(&format!(
+                    "Instance '{}' is up: SSH answered after {t:.1}s ({}, QEMU pid {}).\n",
+                    self.name,
+                    self.accel.as_str(),
+                    self.pid
+                )),
+                None => s.push_str(&format!(
+                    "Instance '{}' started (QEMU pid {}); not waiting for SSH (--no-wait).\n",
+                    self.name, self.pid
+                )),
+            }
+        }
+        s.push_str(&format!(
+            "  connect:     qbuf-qemu --name {} ssh\n",
+            self.name
+        ));
+        s.push_str(&format!("  or:          {}\n", self.ssh_command));
+        s.push_str(&format!("  serial log:  {}\n", self.serial_log.display()));
+        s.push_str(&format!("  QMP socket:  {}\n", self.qmp_socket.display()));
+        s.push_str(&format!(
+            "  stop:        qbuf-qemu --name {} powerdown",
+            self.name
+        ));
+        s
+    }
+}
+
+/// Image build hook: turns a `Source::Guix` into a base image path.
+pub type GuixBuild<'a> = &'a dyn Fn(&Instance, &Settings, &str) -> Result<PathBuf>;
+
+pub fn launch(ctx: &Ctx, opts: &LaunchOptions, guix: GuixBuild) -> Result<Launched> {
+    ctx.state.ensure()?;
+    let inst = ctx.instance();
+    inst.ensure_dir()?;
+    let deadline = Instant::now() + opts.timeout;
+    let lock = loop {
+        if let Some(l) = Lock::try_acquire(&inst)? {
+            break l;
+        }
+        // Held: a VM runs (or another launch is starting one).
+        if let Ok(r) = already_running(ctx, &inst, opts) {
+            return Ok(r);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "instance '{}' is locked by another qbuf-qemu command that did not finish in time",
+                ctx.name
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    boot(ctx, &inst, lock, opts, guix)
+}
+
+fn already_running(ctx: &Ctx, inst: &Instance, opts: &LaunchOptions) -> Result<Launched> {
+    let info = block_on(control::info(&inst.control(), CONTROL_TIMEOUT))?;
+    let saved: Settings = read_json(&inst.settings())?.context("settings.json is missing")?;
+    let (mut new, changes) = config::merge(Some(&saved), &opts.flags, &defaults())?;
+    if new.ssh_port == 0 {
+        new.ssh_port = saved.ssh_port;
+    }
+    if !changes.is_empty() {
+        write_json(&inst.settings(), &new)?;
+    }
+    let key = ssh_key_for(&ctx.state, &saved)?;
+    let t = ssh::Target::for_instance(inst, saved.ssh_port, &saved.ssh_user, &key);
+    Ok(Launched {
+        name: ctx.name.clone(),
+        pid: info.qemu_pid,
+        ssh_port: saved.ssh_port,
+        ssh_user: saved.ssh_user.clone(),
+        qmp_socket: inst.qmp_user(),
+        serial_log: inst.serial_log(),
+        ready_seconds: None,
+        already_running: true,
+        accel: info.accel,
+        changes,
+        notes: vec![],
+        ssh_command: qemu::shell_words(&t.command(&[])),
+    })
+}
+
+fn defaults() -> config::Defaults {
+    let share = std::env::current_dir()
+        .ok()
+        .and_then(|d| host::git_toplevel(&d));
+    config::Defaults { share }
+}
+
+fn ssh_key_for(state: &StateDir, s: &Settings) -> Result<PathBuf> {
+    match &s.ssh_key {
+        Some(k) => Ok(k.clone()),
+        None => ssh::ensure_user_key(state),
+    }
+}
+
+fn absolute(p: &Path, what: &str) -> Result<PathBuf> {
+    std::fs::canonicalize(p).with_context(|| format!("{what} {} does not exist", p.display()))
+}
+
+fn boot(
+    ctx: &Ctx,
+    inst: &Instance,
+    lock: Lock,
+    opts: &LaunchOptions,
+    guix: GuixBuild,
+) -> Result<Launched> {
+    let started = Instant::now();
+    let mut notes = Vec::new();
+    let stale = inst.clean_stale();
+    if !stale.is_empty() {
+        let names: Vec<_> = stale
+            .iter()
+            .filter_map(|p| p.file_name()?.to_str().map(String::from))
+            .collect();
+        notes.push(format!(
+            "removed stale files left by an earlier crash: {}",
+            names.join(", ")
+        ));
+    }
+    let saved: Option<Settings> = read_json(&inst.settings())?;
+    let (mut s, changes) = config::merge(saved.as_ref(), &opts.flags, &defaults())?;
+
+    // Make user paths absolute now: the supervisor runs elsewhere.
+    if let Some(sh) = &s.share {
+        let p = absolute(sh, "share directory")?;
+        if !p.is_dir() {
+            bail!(
+                "share {} is not a directory: give a directory with --share, or --no-share",
+                p.display()
+            );
+        }
+        s.share = Some(p);
+    }
+    if let Some(k) = &s.ssh_key {
+        let k = absolute(k, "SSH key")?;
+        ssh::check_private_key(&k)?;
+        s.ssh_key = Some(k);
+    }
+    s.source = match s.source {
+        Source::Image { path } => Source::Image {
+            path: absolute(&path, "image")?,
+        },
+        Source::Kernel {
+            kernel,
+            initrd,
+            append,
+            image,
+        } => Source::Kernel {
+            kernel: absolute(&kernel, "kernel")?,
+            initrd: absolute(&initrd, "initrd")?,
+            append,
+            image: image.map(|i| absolute(&i, "image")).transpose()?,
+        },
+        g @ Source::Guix { .. } => g,
+    };
+    if s.ssh_port == 0 {
+        s.ssh_port = host::pick_free_port()?;
+        notes.push(format!(
+            "picked free port {} for SSH; it is kept for this instance",
+            s.ssh_port
+        ));
+    } else if !host::port_free(s.ssh_port) {
+        bail!(
+            "port {} on 127.0.0.1 is already in use (another VM or program): choose another with --ssh-port N, or let qbuf-qemu pick one with --ssh-port auto",
+            s.ssh_port
+        );
+    }
+
+    let bins = host::qemu_binaries()?;
+    let key = ssh_key_for(&ctx.state, &s)?;
+    let pubkey = ssh::public_key_line(&key)?;
+    std::fs::write(inst.authorized_key(), format!("{pubkey}\n"))?;
+
+    if opts.recreate {
+        let gone = crate::overlay::discard(inst);
+        if !gone.is_empty() {
+            notes.push("discarded the guest's disk (--recreate): guest-local state is gone".into());
+        }
+    }
+    let (disk, kernel) = match &s.source {
+        Source::Image { path } => (Some(crate::overlay::prepare(inst, &bins.img, path)?), None),
+        Source::Kernel {
+            kernel,
+            initrd,
+            append,
+            image,
+        } => (
+            image
+                .as_ref()
+                .map(|i| crate::overlay::prepare(inst, &bins.img, i))
+                .transpose()?,
+            Some(KernelBoot {
+                kernel: kernel.clone(),
+                initrd: initrd.clone(),
+                append: append.clone(),
+            }),
+        ),
+        Source::Guix { .. } => {
+            let base = guix(inst, &s, &pubkey)?;
+            (Some(crate::overlay::prepare(inst, &bins.img, &base)?), None)
+        }
+    };
+
+    let (accel, auto_kvm) = match s.accel {
+        AccelChoice::Tcg => (Accel::Tcg, false),
+        AccelChoice::Kvm => match host::probe_kvm() {
+            host::Kvm::Usable => (Accel::Kvm, false),
+            other => bail!("--accel kvm, but KVM cannot be used here ({other:?}): use --accel tcg (slower) or fix /dev/kvm access"),
+        },
+        AccelChoice::Auto => match host::probe_kvm() {
+            host::Kvm::Usable => (Accel::Kvm, true),
+            other => {
+                notes.push(format!(
+                    "KVM is not usable ({}); using TCG software emulation, which is much slower",
+                    match other {
+                        host::Kvm::Missing => "/dev/kvm does not exist".to_string(),
+                        host::Kvm::NoAccess(e) => format!("cannot open /dev/kvm: {e}; add yourself to group kvm"),
+                        host::Kvm::Broken(e) => e,
+                        host::Kvm::Usable => unreachable!(),
+                    }
+                ));
+                (Accel::Tcg, false)
+            }
+        },
+    };
+
+    let devices = crate::devices::Recorded::load(inst)?;
+    let mut shares: Vec<Share> = s
+        .share
+        .iter()
+        .map(|p| Share {
+            path: p.clone(),
+            tag: "qbuf".into(),
+            readonly: s.share_mode == config::ShareMode::Ro,
+        })
+        .collect();
+    shares.extend(devices.shares.iter().cloned());
+    let spec = VmSpec {
+        name: ctx.name.clone(),
+        accel,
+        memory_mib: s.memory_mib,
+        cpus: s.cpus,
+        ssh_port: s.ssh_port,
+        disk,
+        kernel,
+        shares,
+        extra_disks: devices.disks.clone(),
+        forwards: devices.forwards.clone(),
+        authorized_key: inst.authorized_key(),
+        endpoints: Endpoints {
+            qmp_supervisor: inst.qmp_supervisor(),
+            qmp_user: inst.qmp_user(),
+            console: inst.console(),
+            serial_log: inst.serial_log(),
+            guest_agent: inst.guest_agent(),
+        },
+        hotplug_ports: crate::devices::HOTPLUG_PORTS,
+    };
+    let mut argv = Vec::new();
+    if let Some(fw) = &bins.firmware {
+        argv.push("-L".to_string());
+        argv.push(
+            fw.to_str()
+                .context("QBUF_QEMU_FIRMWARE is not UTF-8")?
+                .to_string(),
+        );
+    }
+    argv.extend(qemu::build_args(&spec)?);
+    write_json(&inst.settings(), &s)?;
+    write_json(
+        &inst.boot_plan(),
+        &BootPlan {
+            qemu: bins.system.clone(),
+            argv,
+            spec: spec.clone(),
+        },
+    )?;
+    let serial_before = std::fs::metadata(inst.serial_log())
+        .map(|m| m.len())
+        .unwrap_or(0);
+
+    let mut sup = spawn_supervisor(ctx, inst, &lock)?;
+    drop(lock); // the supervisor and QEMU hold it now
+
+    // Wait for QEMU to be up (run.json) or to fail.
+    let up_deadline = Instant::now() + Duration::from_secs(90);
+    let run: RunRecord = loop {
+        if let Some(f) = read_json::<LaunchFailure>(&inst.launch_failure())? {
+            let _ = sup.wait();
+            return Err(launch_error(&f));
+        }
+        if let Some(st) = sup.try_wait()? {
+            if let Some(f) = read_json::<LaunchFailure>(&inst.launch_failure())? {
+                return Err(launch_error(&f));
+            }
+            bail!(
+                "the instance supervisor exited ({st}) before QEMU came up; its log:\n{}",
+                tail_text(&inst.supervisor_log(), 3000)
+            );
+        }
+        if let Some(r) = read_json::<RunRecord>(&inst.run_record())? {
+            break r;
+        }
+        if Instant::now() > up_deadline {
+            bail!(
+                "QEMU did not come up within 90s; see {}",
+                inst.supervisor_log().display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // Reap the supervisor later without blocking: it is detached (setsid).
+    std::thread::spawn(move || sup.wait());
+
+    let t = ssh::Target::for_instance(inst, s.ssh_port, &s.ssh_user, &key);
+    let mut result = Launched {
+        name: ctx.name.clone(),
+        pid: run.qemu.pid,
+        ssh_port: s.ssh_port,
+        ssh_user: s.ssh_user.clone(),
+        qmp_socket: inst.qmp_user(),
+        serial_log: inst.serial_log(),
+        ready_seconds: None,
+        already_running: false,
+        accel,
+        changes,
+        notes,
+        ssh_command: qemu::shell_words(&t.command(&[])),
+    };
+    if opts.no_wait {
+        return Ok(result);
+    }
+    match wait_ready(inst, &t, &run, deadline_from(started, opts.timeout), auto_kvm, opts.silence, serial_before) {
+        Ok(()) => {
+            result.ready_seconds = Some(started.elapsed().as_secs_f64());
+            Ok(result)
+        }
+        Err(Readiness::Exited(rec)) => Err(anyhow!(
+            "QEMU stopped while the guest was booting: {}\nQEMU's output:\n{}\nserial console (last lines):\n{}",
+            rec.reason,
+            tail_text(&inst.qemu_stderr(), 2000),
+            tail_text(&inst.serial_log(), 1500)
+        )),
+        Err(Readiness::HostKey) => Err(anyhow!(ssh::host_key_mismatch_message(&t, &ctx.name))),
+        Err(Readiness::Failed(msg)) => {
+            // Leave no process behind.
+            let outcome = stop_running(inst, &StopOptions { timeout: Duration::ZERO, force: true });
+            let how = outcome.ok().flatten().and_then(|o| o.method).map(|m| m.as_str()).unwrap_or("nothing");
+            Err(anyhow!("{msg}\nThe VM was stopped ({how}). serial console (last lines):\n{}", tail_text(&inst.serial_log(), 1500)))
+        }
+    }
+}
+
+fn deadline_from(start: Instant, t: Duration) -> Instant {
+    start + t
+}
+
+fn launch_error(f: &LaunchFailure) -> anyhow::Error {
+    let mut m = f.message.clone();
+    if let Some(e) = f.exit {
+        m.push_str(&format!("\nQEMU: {e}"));
+    }
+    if !f.stderr_tail.is_empty() {
+        m.push_str(&format!("\nQEMU said:\n{}", f.stderr_tail));
+    }
+    m.push_str(&format!("\ncommand line:\n{}", f.command_line));
+    anyhow!(m)
+}
+
+pub fn tail_text(p: &Path, max: usize) -> String {
+    let b = std::fs::read(p).unwrap_or_default();
+    let s = String::from_utf8_lossy(&b[b.len().saturating_sub(max)..]).to_string();
+    let s = s.trim();
+    if s.is_empty() {
+        "(empty)".into()
+    } else {
+        s.to_string()
+    }
+}
+
+fn spawn_supervisor(ctx: &Ctx, inst: &Instance, lock: &Lock) -> Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    let fd = lock.inheritable()?;
+    let log = std::fs::File::create(inst.supervisor_log())?;
+    let exe = std::env::current_exe()
+        .context("cannot find the qbuf-qemu binary to start the supervisor")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("--state-dir")
+        .arg(&ctx.state.root)
+        .arg("--name")
+        .arg(&ctx.name)
+        .arg("__supervise")
+        .env("QBUF_QEMU_LOCK_FD", fd.to_string())
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe. Own session: the user's terminal
+    // closing must not signal the VM.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()
+                .map(|_| ())
+                .map_err(std::io::Error::from)
+        });
+    }
+    cmd.spawn().context("cannot start the instance supervisor")
+}
+
+enum Readiness {
+    Exited(StopRecord),
+    HostKey,
+    Failed(String),
+}
+
+fn wait_ready(
+    inst: &Instance,
+    t: &ssh::Target,
+    run: &RunRecord,
+    deadline: Instant,
+    auto_kvm: bool,
+    silence: Duration,
+    serial_before: u64,
+) -> Result<(), Readiness> {
+    let start = Instant::now();
+    let mut last = String::from("no SSH banner yet");
+    loop {
+        if !run.qemu.is_running() {
+            // The supervisor writes stopped.json right after reaping QEMU.
+            let until = Instant::now() + Duration::from_secs(5);
+            loop {
+                if let Ok(Some(rec)) = read_json::<StopRecord>(&inst.stop_record()) {
+                    return Err(Readiness::Exited(rec));
+                }
+                if Instant::now() > until {
+                    return Err(Readiness::Failed(
+                        "QEMU exited during boot and left no stop record".into(),
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        let serial_now = std::fs::metadata(inst.serial_log())
+            .map(|m| m.len())
+            .unwrap_or(0);
+        if auto_kvm && serial_now == serial_before && start.elapsed() > silence {
+            return Err(Readiness::Failed(format!(
+                "the guest printed nothing on its serial console for {}s under KVM, which qbuf-qemu chose because /dev/kvm is accessible. \
+                 KVM that opens but does not run guests is common in broken nested-virtualization setups: relaunch with '--accel tcg'",
+                silence.as_secs()
+            )));
+        }
+        if Instant::now() > deadline {
+            return Err(Readiness::Failed(format!(
+                "the guest did not accept an SSH login on port {} within {}s (last: {last}); raise --timeout, or look at the serial log {}",
+                t.port,
+                deadline.saturating_duration_since(start).as_secs().max(start.elapsed().as_secs()),
+                inst.serial_log().display()
+            )));
+        }
+        if ssh::banner(t.port, Duration::from_secs(2)).is_some() {
+            match ssh::try_login(t, Duration::from_secs(10)) {
+                Ok(ssh::Login::Ok) => return Ok(()),
+                Ok(ssh::Login::HostKeyChanged) => return Err(Readiness::HostKey),
+                Ok(ssh::Login::Failed(e)) => last = format!("banner seen, login failed: {e}"),
+                Err(e) => return Err(Readiness::Failed(e.to_string())),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Runs a future on a small runtime; commands are synchronous otherwise.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+        .block_on(f)
+}
+
+// ---------------------------------------------------------------- status
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub name: String,
+    /// running, paused, stopping, unresponsive, stopped, crashed.
+    pub state: String,
+    pub qemu_status: Option<String>,
+    pub pid: Option<i32>,
+    pub ssh_port: Option<u16>,
+    pub ssh_user: Option<String>,
+    pub uptime_seconds: Option<f64>,
+    pub accel: Option<Accel>,
+    pub qemu_version: Option<String>,
+    pub memory_mib: Option<u64>,
+    pub cpus: Option<u32>,
+    pub disks: Vec<Value>,
+    pub hotplug_ports: Option<u32>,
+    pub stopping_step: Option<String>,
+    /// For a stopped instance: why it stopped.
+    pub stop_reason: Option<String>,
+    pub last_shutdown: Option<Value>,
+    pub exit: Option<powerdown::ExitInfo>,
+    pub notes: Vec<String>,
+}
+
+pub fn status(ctx: &Ctx) -> Result<Status> {
+    let inst = ctx.existing()?;
+    let settings: Option<Settings> = read_json(&inst.settings())?;
+    let mut st = Status {
+        name: ctx.name.clone(),
+        state: "stopped".into(),
+        qemu_status: None,
+        pid: None,
+        ssh_port: settings.as_ref().map(|s| s.ssh_port),
+        ssh_user: settings.as_ref().map(|s| s.ssh_user.clone()),
+        uptime_seconds: None,
+        accel: None,
+        qemu_version: None,
+        memory_mib: settings.as_ref().map(|s| s.memory_mib),
+        cpus: settings.as_ref().map(|s| s.cpus),
+        disks: vec![],
+        hotplug_ports: None,
+        stopping_step: None,
+        stop_reason: None,
+        last_shutdown: None,
+        exit: None,
+        notes: vec![],
+    };
+    if !Lock::is_held(&inst)? {
+        let stale = inst.clean_stale();
+        if !stale.is_empty() {
+            st.notes
+                .push("removed stale runtime files left by a crash".into());
+        }
+        if let Some(rec) = read_json::<StopRecord>(&inst.stop_record())? {
+            st.state = if rec.crashed {
+                "crashed".into()
+            } else {
+                "stopped".into()
+            };
+            st.stop_reason = Some(rec.reason);
+            st.last_shutdown = rec
+                .shutdown
+                .map(|e| serde_json::to_value(e).unwrap_or(Value::Null));
+            st.exit = rec.exit;
+        } else {
+            st.stop_reason = Some("never started, or stopped before qbuf-qemu recorded why".into());
+        }
+        return Ok(st);
+    }
+    let sock = inst.control();
+    match block_on(control::info(&sock, Duration::from_secs(3))) {
+        Ok(info) => {
+            st.pid = Some(info.qemu_pid);
+            st.accel = Some(info.accel);
+            st.qemu_version = Some(info.qemu_version);
+            st.uptime_seconds = Some((crate::supervisor::now() - info.started_at).max(0.0));
+            st.hotplug_ports = Some(info.hotplug_ports);
+            st.stopping_step = info.stopping.clone();
+            st.last_shutdown = info
+                .last_shutdown
+                .map(|e| serde_json::to_value(e).unwrap_or(Value::Null));
+            let q =
+                |cmd: &str| block_on(control::qmp(&sock, cmd, json!({}), Duration::from_secs(3)));
+            match q("query-status") {
+                Ok(Ok(v)) => {
+                    let s = v
+                        .get("status")
+                        .and_then(Value::as_str)
+                        .unwrap_or("unknown")
+                        .to_string();
+                    st.state = match (info.stopping.is_some(), s.as_str()) {
+                        (true, _) => "stopping".into(),
+                        (_, "running") => "running".into(),
+                        (_, "guest-panicked") => "crashed".into(),
+                        (_, "shutdown") => "stopping".into(),
+                        _ => "paused".into(),
+                    };
+                    st.qemu_status = Some(s);
+                }
+                _ => st.state = "unresponsive".into(),
+            }
+            if let Ok(Ok(v)) = q("query-memory-size-summary") {
+                st.memory_mib = v
+                    .get("base-memory")
+                    .and_then(Value::as_u64)
+                    .map(|b| b / (1024 * 1024));
+            }
+            if let Ok(Ok(Value::Array(cpus))) = q("query-cpus-fast") {
+                st.cpus = Some(cpus.len() as u32);
+            }
+            if let Ok(Ok(Value::Array(blocks))) = q("query-block") {
+                st.disks = blocks
+                    .into_iter()
+                    .map(|b| crate::devices::summarize_block(&b))
+                    .collect();
+            }
+        }
+        Err(e) => {
+            // The supervisor is gone but the lock is held: QEMU runs orphaned.
+            let run: Option<RunRecord> = read_json(&inst.run_record())?;
+            match run.filter(|r| r.qemu.is_running()) {
+                Some(r) => {
+                    st.state = "unresponsive".into();
+                    st.pid = Some(r.qemu.pid);
+                    st.accel = Some(r.accel);
+                    st.notes.push(format!(
+                        "QEMU runs but its supervisor does not answer ({e}); 'qbuf-qemu --name {} powerdown' still stops it",
+                        ctx.name
+                    ));
+                }
+                None => {
+                    st.state = "starting".into();
+                    st.notes.push(
+                        "another qbuf-qemu command holds the instance (starting or stopping)"
+                            .into(),
+                    );
+                }
+            }
+        }
+    }
+    Ok(st)
+}
+
+impl Status {
+    pub fn human(&self) -> String {
+        let mut s = format!("instance:   {}\nstate:      {}", self.name, self.state);
+        if let Some(q) = &self.qemu_status {
+            s.push_str(&format!(" (QEMU: {q})"));
+        }
+        s.push('\n');
+        if let Some(step) = &self.stopping_step {
+            s.push_str(&format!("stopping:   at step '{step}'\n"));
+        }
+        if let Some(p) = self.pid {
+            s.push_str(&format!("pid:        {p}\n"));
+        }
+        if let Some(u) = self.uptime_seconds {
+            s.push_str(&format!("uptime:     {}\n", human_duration(u)));
+        }
+        if let Some(a) = self.accel {
+            s.push_str(&format!("accel:      {}\n", a.as_str()));
+        }
+        if let Some(v) = &self.qemu_version {
+            s.push_str(&format!("QEMU:       {v}\n"));
+        }
+        if let (Some(m), Some(c)) = (self.memory_mib, self.cpus) {
+            s.push_str(&format!("resources:  {m} MiB, {c} CPUs\n"));
+        }
+        if let Some(p) = self.ssh_port {
+            s.push_str(&format!(
+                "ssh:        {}@127.0.0.1 port {p}\n",
+                self.ssh_user.clone().unwrap_or_default()
+            ));
+        }
+        for d in &self.disks {
+            s.push_str(&format!(
+                "disk:       {}\n",
+                d.get("summary").and_then(Value::as_str).unwrap_or("?")
+            ));
+        }
+        if let Some(h) = self.hotplug_ports {
+            s.push_str(&format!("hot-plug:   {h} PCIe root ports reserved\n"));
+        }
+        if let Some(r) = &self.stop_reason {
+            s.push_str(&format!("stopped:    {r}\n"));
+        }
+        if let Some(e) = &self.exit {
+            s.push_str(&format!("QEMU exit:  {e}\n"));
+        }
+        for n in &self.notes {
+            s.push_str(&format!("note:       {n}\n"));
+        }
+        s.trim_end().to_string()
+    }
+}
+
+fn human_duration(secs: f64) -> String {
+    let s = secs as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m {}s", s / 60, s % 60),
+        _ => format!("{}h {}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+// ---------------------------------------------------------------- powerdown
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Stopped {
+    pub name: String,
+    pub method: Option<&'static str>,
+    pub shutdown_reason: Option<String>,
+    pub guest: bool,
+    pub seconds: f64,
+    pub exit: Option<powerdown::ExitInfo>,
+    pub steps: Vec<String>,
+    #[serde(skip)]
+    pub code: i32,
+}
+
+impl Stopped {
+    fn from_outcome(name: &str, o: &StopOutcome) -> Stopped {
+        Stopped {
+            name: name.into(),
+            method: o.method.map(|m| m.as_str()),
+            shutdown_reason: o.shutdown_reason.clone(),
+            guest: o.guest,
+            seconds: o.seconds,
+            exit: o.exit,
+            steps: o.steps.clone(),
+            code: o.exit_code(),
+        }
+    }
+
+    pub fn human(&self) -> String {
+        let reason = self
+            .shutdown_reason
+            .clone()
+            .unwrap_or_else(|| "no SHUTDOWN event".into());
+        match self.method {
+            Some("already-stopped") => format!("Instance '{}' is already stopped.", self.name),
+            Some("powerdown") | Some("guest-agent") => format!(
+                "Instance '{}' powered off by itself after {} ({reason}) in {:.1}s.",
+                self.name,
+                if self.method == Some("powerdown") { "the ACPI power button" } else { "the guest agent's shutdown" },
+                self.seconds
+            ),
+            Some(m) => format!(
+                "Instance '{}' did not power off by itself; stopped by '{m}' ({reason}) after {:.1}s.\nsteps:\n  {}",
+                self.name,
+                self.seconds,
+                self.steps.join("\n  ")
+            ),
+            None => format!(
+                "Instance '{}' could NOT be stopped; QEMU is still running.\nsteps:\n  {}\nKill it yourself (kill -9 PID, see 'qbuf-qemu status').",
+                self.name,
+                self.steps.join("\n  ")
+            ),
+        }
+    }
+}
+
+/// Stops a running instance; `None` when nothing was running.
+fn stop_running(inst: &Instance, opts: &StopOptions) -> Result<Option<StopOutcome>> {
+    if !Lock::is_held(inst)? {
+        return Ok(None);
+    }
+    let budget = opts.timeout
+        + powerdown::QUIT_DEADLINE
+        + powerdown::SIGNAL_DEADLINE * 2
+        + Duration::from_secs(15);
+    let req = control::Request::Powerdown {
+        timeout_secs: opts.timeout.as_secs_f64(),
+        force: opts.force,
+    };
+    let outcome = match block_on(control::call(&inst.control(), &req, budget)) {
+        Ok(control::Response::Stopped(o)) => o,
+        Ok(other) => bail!("unexpected answer from the supervisor: {other:?}"),
+        Err(e) => {
+            tracing::warn!("supervisor unreachable ({e}); stopping QEMU directly");
+            stop_orphan(inst, opts)?
+        }
+    };
+    // The supervisor exits right after answering; wait so the lock is free
+    // for the next command.
+    let until = Instant::now() + Duration::from_secs(10);
+    while Lock::is_held(inst)? && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(Some(outcome))
+}
+
+/// QEMU whose supervisor died: run the ladder over the user QMP socket and
+/// judge the process by its identity.
+fn stop_orphan(inst: &Instance, opts: &StopOptions) -> Result<StopOutcome> {
+    let run: RunRecord = read_json(&inst.run_record())?
+        .ok_or_else(|| anyhow!("the instance is locked but has no run record: another qbuf-qemu command is using it; try again"))?;
+    let proc = ForeignProcess(run.qemu.clone());
+    let outcome = block_on(async {
+        let qmp = crate::qmp::Qmp::connect(&inst.qmp_user(), Duration::from_secs(3))
+            .await
+            .ok();
+        powerdown::stop(qmp.as_ref(), &proc, opts, None, &|_| {}).await
+    });
+    if outcome.method.is_some() {
+        let (crashed, reason) = crate::supervisor::describe_stop(None, None, Some(&outcome));
+        let rec = StopRecord {
+            stopped_at: crate::supervisor::now(),
+            exit: None,
+            shutdown: None,
+            outcome: Some(outcome.clone()),
+            crashed,
+            reason,
+        };
+        write_json(&inst.stop_record(), &rec)?;
+        inst.clean_stale();
+    }
+    Ok(outcome)
+}
+
+pub fn powerdown(ctx: &Ctx, opts: &StopOptions) -> Result<Stopped> {
+    let inst = ctx.existing()?;
+    match stop_running(&inst, opts)? {
+        Some(o) => Ok(Stopped::from_outcome(&ctx.name, &o)),
+        None => {
+            inst.clean_stale();
+            Ok(Stopped {
+                name: ctx.name.clone(),
+                method: Some("already-stopped"),
+                shutdown_reason: None,
+                guest: false,
+                seconds: 0.0,
+                exit: None,
+                steps: vec![],
+                code: 0,
+            })
+        }
+    }
+}
+
+// ---------------------------------------------------------------- destroy
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Destroyed {
+    pub name: String,
+    pub stop: Option<Stopped>,
+    pub removed: Vec<PathBuf>,
+    pub kept: Vec<PathBuf>,
+}
+
+impl Destroyed {
+    pub fn human(&self) -> String {
+        let mut s = String::new();
+        if let Some(st) = &self.stop {
+            s.push_str(&st.human());
+            s.push('\n');
+        }
+        s.push_str(&format!(
+            "Instance '{}' destroyed ({} files removed).",
+            self.name,
+            self.removed.len()
+        ));
+        for k in &self.kept {
+            s.push_str(&format!(
+                "\nkept (not created by qbuf-qemu): {}",
+                k.display()
+            ));
+        }
+        s
+    }
+}
+
+pub fn destroy(ctx: &Ctx, opts: &StopOptions) -> Result<Destroyed> {
+    let inst = ctx.existing()?;
+    let stop = stop_running(&inst, opts)?.map(|o| Stopped::from_outcome(&ctx.name, &o));
+    if let Some(st) = &stop {
+        if st.method.is_none() {
+            bail!("{}\nNothing was removed.", st.human());
+        }
+    }
+    // Take the lock so no launch races the removal.
+    let lock = Lock::try_acquire(&inst)?.ok_or_else(|| {
+        anyhow!(
+            "instance '{}' is busy (a launch started meanwhile); nothing was removed",
+            ctx.name
+        )
+    })?;
+    let mut removed = Vec::new();
+    crate::guix::release_root(&ctx.state, &inst);
+    let disks = inst.disks_dir();
+    if disks.is_dir() {
+        for d in crate::devices::Recorded::load(&inst)?.created_files(&inst) {
+            if std::fs::remove_file(&d).is_ok() {
+                removed.push(d);
+            }
+        }
+        let _ = std::fs::remove_dir(&disks);
+    }
+    for name in crate::instance::INSTANCE_FILES {
+        let p = inst.dir.join(name);
+        if name == &"lock" || name == &"disks" {
+            continue;
+        }
+        if std::fs::symlink_metadata(&p).is_ok() && std::fs::remove_file(&p).is_ok() {
+            removed.push(p);
+        }
+    }
+    for tmp in [
+        "settings.tmp",
+        "base.tmp",
+        "boot.tmp",
+        "run.tmp",
+        "stopped.tmp",
+        "devices.tmp",
+    ] {
+        let _ = std::fs::remove_file(inst.dir.join(tmp));
+    }
+    std::fs::remove_file(inst.lock()).ok();
+    drop(lock);
+    let kept: Vec<PathBuf> = std::fs::read_dir(&inst.dir)
+        .map(|rd| rd.filter_map(|e| Some(e.ok()?.path())).collect())
+        .unwrap_or_default();
+    if kept.is_empty() {
+        std::fs::remove_dir(&inst.dir)
+            .with_context(|| format!("cannot remove {}", inst.dir.display()))?;
+    }
+    Ok(Destroyed {
+        name: ctx.name.clone(),
+        stop,
+        removed,
+        kept,
+    })
+}

@@ -1,0 +1,180 @@
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::Parser;
+use serde::Serialize;
+
+use qbuf_qemu::cli::{Cli, Command, StopArgs};
+use qbuf_qemu::config::LaunchFlags;
+use qbuf_qemu::instance::{default_state_dir, validate_name, StateDir};
+use qbuf_qemu::lifecycle::{self, Ctx, LaunchOptions};
+use qbuf_qemu::powerdown::StopOptions;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    init_logging(&cli);
+    match run(cli) {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("qbuf-qemu: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging(cli: &Cli) {
+    let default = if matches!(cli.command, Command::Supervise) {
+        "info"
+    } else if cli.global.quiet {
+        "error"
+    } else {
+        match cli.global.verbose {
+            0 => "warn",
+            1 => "info",
+            _ => "debug",
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("qbuf_qemu={default},qbuf_qemu_bin={default}"))
+    });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Prints one result: JSON on stdout with --json, else the human form.
+fn emit<T: Serialize>(json: bool, value: &T, human: impl FnOnce(&T) -> String) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        println!("{}", human(value));
+    }
+    Ok(())
+}
+
+fn stop_opts(a: &StopArgs) -> StopOptions {
+    StopOptions {
+        timeout: Duration::from_secs(a.timeout),
+        force: a.force,
+    }
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    let g = &cli.global;
+    validate_name(&g.name)?;
+    let root = match &g.state_dir {
+        Some(d) => d.clone(),
+        None => default_state_dir()?,
+    };
+    let root = if root.is_relative() {
+        std::env::current_dir()?.join(root)
+    } else {
+        root
+    };
+    let ctx = Ctx {
+        state: StateDir::new(root),
+        name: g.name.clone(),
+    };
+    match cli.command {
+        Command::Launch(a) => {
+            let flags = LaunchFlags {
+                memory: a.memory,
+                cpus: a.cpus,
+                ssh_port: a.ssh_port,
+                share: a.share,
+                no_share: a.no_share,
+                share_mode: a.share_mode,
+                image: a.image,
+                kernel: a.kernel,
+                initrd: a.initrd,
+                append: a.append,
+                guix_dir: None,
+                image_size: None,
+                accel: a.accel,
+                ssh_user: a.ssh_user,
+                ssh_key: a.ssh_key,
+            };
+            let silence = std::env::var("QBUF_QEMU_SERIAL_SILENCE_SECS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(60);
+            let opts = LaunchOptions {
+                flags,
+                timeout: Duration::from_secs(a.timeout),
+                no_wait: a.no_wait,
+                recreate: a.recreate,
+                silence: Duration::from_secs(silence),
+            };
+            let no_guix = |_: &_, _: &_, _: &str| -> Result<std::path::PathBuf> {
+                bail!("no image given: pass --image FILE or --kernel FILE --initrd FILE (building the Guix image is not available in this version)")
+            };
+            let r = lifecycle::launch(&ctx, &opts, &no_guix)?;
+            emit(g.json, &r, |r| r.human())?;
+            Ok(0)
+        }
+        Command::Ssh { args } => {
+            let inst = ctx.existing()?;
+            let s: qbuf_qemu::config::Settings = qbuf_qemu::instance::read_json(&inst.settings())?
+                .ok_or_else(|| {
+                    anyhow::anyhow!("instance '{}' has no settings: launch it first", ctx.name)
+                })?;
+            if !qbuf_qemu::instance::Lock::is_held(&inst)? {
+                bail!(
+                    "instance '{}' is not running: start it with 'qbuf-qemu --name {} launch'",
+                    ctx.name,
+                    ctx.name
+                );
+            }
+            let key = match &s.ssh_key {
+                Some(k) => k.clone(),
+                None => qbuf_qemu::ssh::ensure_user_key(&ctx.state)?,
+            };
+            let t = qbuf_qemu::ssh::Target::for_instance(&inst, s.ssh_port, &s.ssh_user, &key);
+            qbuf_qemu::ssh::run_interactive(&t, &ctx.name, &args)
+        }
+        Command::Status => {
+            let s = lifecycle::status(&ctx)?;
+            emit(g.json, &s, |s| s.human())?;
+            Ok(0)
+        }
+        Command::Powerdown(a) => {
+            let r = lifecycle::powerdown(&ctx, &stop_opts(&a))?;
+            emit(g.json, &r, |r| r.human())?;
+            Ok(r.code)
+        }
+        Command::Destroy { stop, yes } => {
+            ctx.existing()?;
+            if !yes {
+                if !std::io::stdin().is_terminal() {
+                    eprintln!("qbuf-qemu: destroy deletes instance '{}' and its disk; without a terminal pass --yes", ctx.name);
+                    return Ok(2);
+                }
+                eprint!(
+                    "Destroy instance '{}' and delete its disk (guest data is lost)? [y/N] ",
+                    ctx.name
+                );
+                let mut answer = String::new();
+                std::io::stdin().read_line(&mut answer)?;
+                if !matches!(answer.trim(), "y" | "Y" | "yes") {
+                    eprintln!("Nothing was done.");
+                    return Ok(1);
+                }
+            }
+            let r = lifecycle::destroy(&ctx, &stop_opts(&stop))?;
+            let code = r.stop.as_ref().map(|s| s.code).unwrap_or(0);
+            emit(g.json, &r, |r| r.human())?;
+            Ok(code)
+        }
+        Command::Supervise => qbuf_qemu::supervisor::run(ctx.instance()),
+    }
+}

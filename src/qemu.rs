@@ -1,0 +1,493 @@
+//! QEMU's command line, built as data from a resolved [`VmSpec`] with no I/O,
+//! so every option and its escaping is unit-tested.
+//!
+//! QEMU's option parsers (QemuOpts and keyval) split values on `,`; a literal
+//! `,` must be doubled. An unescaped one can be silently misparsed: a path
+//! ending in `,snapshot` or `,readonly` starts fine with a different meaning.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+/// Accelerator actually used for a boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KernelBoot {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub append: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Share {
+    pub path: PathBuf,
+    pub tag: String,
+    pub readonly: bool,
+}
+
+/// A disk attached at launch besides the boot disk (recorded hot-plugs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExtraDisk {
+    pub id: String,
+    pub path: PathBuf,
+    pub format: String,
+}
+
+/// Where QEMU's sockets and logs go; all inside the instance dir.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Endpoints {
+    /// The supervisor's own QMP connection (events for the VM's life).
+    pub qmp_supervisor: PathBuf,
+    /// A QMP socket left free for the user's own tools.
+    pub qmp_user: PathBuf,
+    pub console: PathBuf,
+    pub serial_log: PathBuf,
+    pub guest_agent: PathBuf,
+}
+
+/// Everything a boot needs, resolved: no defaults are applied past this point.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub name: String,
+    pub accel: Accel,
+    pub memory_mib: u64,
+    pub cpus: u32,
+    pub ssh_port: u16,
+    /// The instance's qcow2 overlay (boot disk), if any.
+    pub disk: Option<PathBuf>,
+    pub kernel: Option<KernelBoot>,
+    pub shares: Vec<Share>,
+    pub extra_disks: Vec<ExtraDisk>,
+    /// Extra user-network forwards `(proto, host_addr, host_port, guest_port)`.
+    pub forwards: Vec<Forward>,
+    /// Public key handed to the guest over fw_cfg (the test guest reads it;
+    /// Guix images have it built in).
+    pub authorized_key: PathBuf,
+    pub endpoints: Endpoints,
+    /// Empty PCIe root ports reserved for hot-plugged devices: q35 cannot
+    /// hot-plug onto its root bus.
+    pub hotplug_ports: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Forward {
+    pub udp: bool,
+    pub host_addr: String,
+    pub host_port: u16,
+    pub guest_port: u16,
+}
+
+impl Forward {
+    /// The `hostfwd` rule text shared by `-netdev` and HMP `hostfwd_add`.
+    pub fn rule(&self) -> String {
+        let proto = if self.udp { "udp" } else { "tcp" };
+        format!(
+            "{proto}:{}:{}-:{}",
+            self.host_addr, self.host_port, self.guest_port
+        )
+    }
+}
+
+pub const FW_CFG_AUTHORIZED_KEYS: &str = "opt/org.qbuf/authorized_keys";
+pub const NETDEV_ID: &str = "net0";
+pub const GUEST_AGENT_PORT: &str = "org.qemu.guest_agent.0";
+
+/// Doubles every `,` so a value survives QEMU's option parser.
+pub fn escape_value(v: &str) -> String {
+    v.replace(',', ",,")
+}
+
+/// A path as a QEMU option value: UTF-8 only (QEMU's parsers are byte
+/// strings, but our own records are JSON), commas doubled.
+pub fn path_value(what: &str, p: &Path) -> Result<String> {
+    let Some(s) = p.to_str() else {
+        bail!(
+            "{what} path {} is not valid UTF-8; QEMU cannot be given it safely: rename or move it",
+            p.display()
+        )
+    };
+    if s.contains('\n') || s.contains('\0') {
+        bail!("{what} path {s:?} contains a newline; choose a path without one");
+    }
+    Ok(escape_value(s))
+}
+
+/// A unix socket path must fit `sun_path` (108 bytes with the NUL).
+pub fn socket_value(what: &str, p: &Path) -> Result<String> {
+    let v = path_value(what, p)?;
+    if p.as_os_str().len() > 107 {
+        bail!(
+            "{what} socket path {} is {} bytes, over the 107 a unix socket allows: use a shorter --state-dir",
+            p.display(),
+            p.as_os_str().len()
+        );
+    }
+    Ok(v)
+}
+
+fn chardev_socket(id: &str, what: &str, path: &Path) -> Result<String> {
+    Ok(format!(
+        "socket,id={id},path={},server=on,wait=off",
+        socket_value(what, path)?
+    ))
+}
+
+/// The full argument list after the binary name.
+pub fn build_args(spec: &VmSpec) -> Result<Vec<String>> {
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
+    let name = escape_value(&spec.name);
+    push(&["-name", &format!("qbuf-{name},process=qbuf-{name}")]);
+    push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+    push(&["-machine", "q35"]);
+    match spec.accel {
+        Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+        Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
+    }
+    push(&[
+        "-m",
+        &format!("{}M", spec.memory_mib),
+        "-smp",
+        &spec.cpus.to_string(),
+    ]);
+
+    let e = &spec.endpoints;
+    push(&[
+        "-chardev",
+        &chardev_socket("qmp-sup", "supervisor QMP", &e.qmp_supervisor)?,
+    ]);
+    push(&["-mon", "chardev=qmp-sup,mode=control"]);
+    push(&["-chardev", &chardev_socket("qmp", "QMP", &e.qmp_user)?]);
+    push(&["-mon", "chardev=qmp,mode=control"]);
+    let serial = format!(
+        "{},logfile={},logappend=on",
+        chardev_socket("serial0", "serial console", &e.console)?,
+        path_value("serial log", &e.serial_log)?
+    );
+    push(&["-chardev", &serial, "-serial", "chardev:serial0"]);
+
+    for i in 0..spec.hotplug_ports {
+        // Root ports on pcie.0 from slot 0x10 up, one chassis each.
+        let rp = format!(
+            "pcie-root-port,id=hp{i},chassis={},bus=pcie.0,addr={:#x}",
+            i + 1,
+            0x10 + i
+        );
+        push(&["-device", &rp]);
+    }
+
+    if let Some(disk) = &spec.disk {
+        let file = path_value("boot disk", disk)?;
+        push(&[
+            "-blockdev",
+            &format!("driver=file,node-name=disk0-file,filename={file},discard=unmap"),
+        ]);
+        push(&[
+            "-blockdev",
+            "driver=qcow2,node-name=disk0,file=disk0-file,discard=unmap",
+        ]);
+        push(&[
+            "-device",
+            "virtio-blk-pci,drive=disk0,id=disk0-dev,bootindex=0",
+        ]);
+    }
+    for (i, d) in spec.extra_disks.iter().enumerate() {
+        let file = path_value("disk", &d.path)?;
+        let id = escape_value(&d.id);
+        push(&[
+            "-blockdev",
+            &format!("driver=file,node-name={id}-file,filename={file}"),
+        ]);
+        push(&[
+            "-blockdev",
+            &format!(
+                "driver={},node-name={id},file={id}-file",
+                escape_value(&d.format)
+            ),
+        ]);
+        // Recorded disks sit in the last root ports so the first stay free.
+        let port = spec.hotplug_ports.saturating_sub(1 + i as u32);
+        push(&[
+            "-device",
+            &format!("virtio-blk-pci,drive={id},id={id},bus=hp{port}"),
+        ]);
+    }
+
+    let mut netdev = format!(
+        "user,id={NETDEV_ID},hostfwd=tcp:127.0.0.1:{}-:22",
+        spec.ssh_port
+    );
+    for f in &spec.forwards {
+        netdev.push_str(",hostfwd=");
+        netdev.push_str(&escape_value(&f.rule()));
+    }
+    push(&[
+        "-netdev",
+        &netdev,
+        "-device",
+        &format!("virtio-net-pci,netdev={NETDEV_ID}"),
+    ]);
+
+    for (i, s) in spec.shares.iter().enumerate() {
+        let path = path_value("share", &s.path)?;
+        let ro = if s.readonly { ",readonly=on" } else { "" };
+        // security_model=none: files the guest creates belong to the host
+        // user running QEMU, as they would for a local edit.
+        push(&[
+            "-fsdev",
+            &format!("local,id=share{i},path={path},security_model=none{ro}"),
+        ]);
+        push(&[
+            "-device",
+            &format!(
+                "virtio-9p-pci,fsdev=share{i},mount_tag={}",
+                escape_value(&s.tag)
+            ),
+        ]);
+    }
+
+    push(&["-device", "virtio-serial-pci,id=vser0"]);
+    push(&[
+        "-chardev",
+        &chardev_socket("qga0", "guest agent", &e.guest_agent)?,
+    ]);
+    push(&[
+        "-device",
+        &format!("virtserialport,bus=vser0.0,chardev=qga0,name={GUEST_AGENT_PORT}"),
+    ]);
+
+    let key = path_value("authorized key", &spec.authorized_key)?;
+    push(&[
+        "-fw_cfg",
+        &format!("name={FW_CFG_AUTHORIZED_KEYS},file={key}"),
+    ]);
+
+    if let Some(k) = &spec.kernel {
+        // -kernel/-initrd are not QemuOpts, so no escaping; but -initrd
+        // splits on ',' for multiboot kernels, so refuse that.
+        let kernel = k
+            .kernel
+            .to_str()
+            .ok_or_else(|| anyhow::anyhow!("--kernel path is not valid UTF-8"))?;
+        let initrd = k
+            .initrd
+            .to_str()
+            .ok_or_else(|| anyhow::anyhow!("--initrd path is not valid UTF-8"))?;
+        if initrd.contains(',') {
+            bail!("--initrd path {initrd:?} contains ',', which QEMU reads as a list of files: rename or link it");
+        }
+        push(&["-kernel", kernel, "-initrd", initrd]);
+        if let Some(ap) = &k.append {
+            push(&["-append", ap]);
+        }
+    }
+    Ok(a)
+}
+
+/// Renders an argv for error messages, quoting what a shell would need.
+pub fn shell_words(argv: &[String]) -> String {
+    argv.iter()
+        .map(|w| {
+            if !w.is_empty()
+                && w.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c))
+            {
+                w.clone()
+            } else {
+                format!("'{}'", w.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(dir: &str) -> VmSpec {
+        let d = PathBuf::from(dir);
+        VmSpec {
+            name: "dev".into(),
+            accel: Accel::Tcg,
+            memory_mib: 4096,
+            cpus: 2,
+            ssh_port: 10022,
+            disk: Some(d.join("overlay.qcow2")),
+            kernel: None,
+            shares: vec![Share {
+                path: "/home/u/qbuf".into(),
+                tag: "qbuf".into(),
+                readonly: false,
+            }],
+            extra_disks: vec![],
+            forwards: vec![],
+            authorized_key: d.join("authorized_keys"),
+            endpoints: Endpoints {
+                qmp_supervisor: d.join("qmp-sup.sock"),
+                qmp_user: d.join("qmp.sock"),
+                console: d.join("console.sock"),
+                serial_log: d.join("serial.log"),
+                guest_agent: d.join("qga.sock"),
+            },
+            hotplug_ports: 4,
+        }
+    }
+
+    fn after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn ssh_forward_binds_loopback_only() {
+        let a = build_args(&spec("/s/i/dev")).unwrap();
+        assert_eq!(
+            after(&a, "-netdev"),
+            ["user,id=net0,hostfwd=tcp:127.0.0.1:10022-:22"]
+        );
+    }
+
+    #[test]
+    fn boot_disk_is_virtio_blk_with_boot_index() {
+        let a = build_args(&spec("/s/i/dev")).unwrap();
+        assert!(after(&a, "-blockdev")[0].contains("filename=/s/i/dev/overlay.qcow2"));
+        assert!(
+            after(&a, "-device").contains(&"virtio-blk-pci,drive=disk0,id=disk0-dev,bootindex=0")
+        );
+    }
+
+    #[test]
+    fn commas_in_paths_are_doubled_everywhere() {
+        let mut s = spec("/s/a,snapshot");
+        s.shares[0].path = "/src/x,readonly".into();
+        let a = build_args(&s).unwrap();
+        let all = a.join(" ");
+        assert!(
+            all.contains("filename=/s/a,,snapshot/overlay.qcow2"),
+            "{all}"
+        );
+        assert!(
+            all.contains("path=/src/x,,readonly,security_model=none"),
+            "{all}"
+        );
+        assert!(
+            all.contains("path=/s/a,,snapshot/qmp.sock,server=on"),
+            "{all}"
+        );
+        assert!(all.contains("logfile=/s/a,,snapshot/serial.log"), "{all}");
+        assert!(all.contains("file=/s/a,,snapshot/authorized_keys"), "{all}");
+    }
+
+    #[test]
+    fn readonly_share_is_marked_readonly() {
+        let mut s = spec("/s");
+        s.shares[0].readonly = true;
+        let a = build_args(&s).unwrap();
+        assert!(after(&a, "-fsdev")[0].ends_with(",readonly=on"));
+        assert_eq!(
+            after(&a, "-device")
+                .iter()
+                .filter(|d| d.starts_with("virtio-9p-pci"))
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn accel_chooses_cpu_model() {
+        let mut s = spec("/s");
+        assert_eq!(after(&build_args(&s).unwrap(), "-accel"), ["tcg"]);
+        s.accel = Accel::Kvm;
+        let a = build_args(&s).unwrap();
+        assert_eq!(after(&a, "-accel"), ["kvm"]);
+        assert_eq!(after(&a, "-cpu"), ["host"]);
+    }
+
+    #[test]
+    fn hotplug_ports_are_reserved() {
+        let a = build_args(&spec("/s")).unwrap();
+        let rps: Vec<_> = after(&a, "-device")
+            .into_iter()
+            .filter(|d| d.starts_with("pcie-root-port"))
+            .collect();
+        assert_eq!(rps.len(), 4);
+        assert_eq!(
+            rps[0],
+            "pcie-root-port,id=hp0,chassis=1,bus=pcie.0,addr=0x10"
+        );
+    }
+
+    #[test]
+    fn too_long_socket_path_is_refused_with_advice() {
+        let long = format!("/{}", "x".repeat(120));
+        let err = build_args(&spec(&long)).unwrap_err().to_string();
+        assert!(err.contains("shorter --state-dir"), "{err}");
+    }
+
+    #[test]
+    fn non_utf8_path_is_refused() {
+        use std::os::unix::ffi::OsStrExt;
+        let mut s = spec("/s");
+        s.disk = Some(PathBuf::from(std::ffi::OsStr::from_bytes(b"/s/\xff.qcow2")));
+        assert!(build_args(&s)
+            .unwrap_err()
+            .to_string()
+            .contains("not valid UTF-8"));
+    }
+
+    #[test]
+    fn kernel_boot_passes_append_verbatim_and_refuses_comma_initrd() {
+        let mut s = spec("/s");
+        s.disk = None;
+        s.kernel = Some(KernelBoot {
+            kernel: "/k/vmlinuz".into(),
+            initrd: "/k/initrd.img".into(),
+            append: Some("console=ttyS0 a,b".into()),
+        });
+        let a = build_args(&s).unwrap();
+        assert_eq!(after(&a, "-append"), ["console=ttyS0 a,b"]);
+        assert!(after(&a, "-blockdev").is_empty());
+        s.kernel.as_mut().unwrap().initrd = "/k/a,b".into();
+        assert!(build_args(&s).unwrap_err().to_string().contains("--initrd"));
+    }
+
+    #[test]
+    fn extra_forwards_are_escaped_and_loopback_by_default() {
+        let mut s = spec("/s");
+        s.forwards.push(Forward {
+            udp: true,
+            host_addr: "127.0.0.1".into(),
+            host_port: 5353,
+            guest_port: 53,
+        });
+        let a = build_args(&s).unwrap();
+        assert!(after(&a, "-netdev")[0].ends_with(",hostfwd=udp:127.0.0.1:5353-:53"));
+    }
+
+    #[test]
+    fn shell_words_quotes_what_needs_it() {
+        assert_eq!(
+            shell_words(&["-m".into(), "a b".into(), "it's".into()]),
+            "-m 'a b' 'it'\\''s'"
+        );
+    }
+}

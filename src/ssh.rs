@@ -1,0 +1,331 @@
+//! SSH: the user's key (one per user, shared by all instances so one image
+//! serves them all), the per-instance known_hosts that pins the guest's host
+//! key, readiness (a login that works, not just a banner), and running
+//! OpenSSH for the user.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::instance::{private_dir, Instance, StateDir};
+
+/// Creates the tool's ed25519 key once (private 0600) and returns its path.
+pub fn ensure_user_key(state: &StateDir) -> Result<PathBuf> {
+    let path = state.user_key();
+    if path.exists() {
+        return Ok(path);
+    }
+    private_dir(&state.ssh_dir())?;
+    let key =
+        ssh_key::PrivateKey::random(&mut ssh_key::rand_core::OsRng, ssh_key::Algorithm::Ed25519)
+            .context("cannot generate an SSH key")?;
+    let mut key = key;
+    key.set_comment("qbuf-qemu");
+    let pem = key
+        .to_openssh(ssh_key::LineEnding::LF)
+        .context("cannot encode the SSH key")?;
+    let tmp = path.with_extension("tmp");
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(pem.as_bytes()))
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    let public = key
+        .public_key()
+        .to_openssh()
+        .context("cannot encode the public key")?;
+    fs::write(path.with_extension("pub"), format!("{public}\n"))?;
+    fs::rename(&tmp, &path)?;
+    tracing::info!(path = %path.display(), "generated the qbuf-qemu SSH key");
+    Ok(path)
+}
+
+/// The one-line public key for a private key file: its `.pub` sibling, or
+/// derived from the private key when that is unencrypted OpenSSH format.
+pub fn public_key_line(private: &Path) -> Result<String> {
+    let sibling = PathBuf::from(format!("{}.pub", private.display()));
+    if let Ok(s) = fs::read_to_string(&sibling) {
+        if let Some(line) = s.lines().find(|l| !l.trim().is_empty()) {
+            return Ok(line.trim().to_string());
+        }
+    }
+    let text = fs::read_to_string(private).with_context(|| {
+        format!(
+            "cannot read SSH key {}: give a readable private key with --ssh-key",
+            private.display()
+        )
+    })?;
+    let key = ssh_key::PrivateKey::from_openssh(&text).with_context(|| {
+        format!("{} is not an OpenSSH private key, and {} does not exist: give the key's .pub beside it", private.display(), sibling.display())
+    })?;
+    Ok(key.public_key().to_openssh()?.trim().to_string())
+}
+
+/// Checks that a private key file is usable by OpenSSH (which refuses keys
+/// readable by others).
+pub fn check_private_key(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta =
+        fs::metadata(path).with_context(|| format!("SSH key {} does not exist", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        bail!(
+            "SSH key {} is readable by other users and OpenSSH will refuse it: run 'chmod 600 {}'",
+            path.display(),
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Everything OpenSSH needs to reach one instance.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub alias: String,
+    pub port: u16,
+    pub user: String,
+    pub key: PathBuf,
+    pub known_hosts: PathBuf,
+}
+
+impl Target {
+    pub fn for_instance(inst: &Instance, port: u16, user: &str, key: &Path) -> Target {
+        Target {
+            alias: format!("qbuf-qemu-{}", inst.name),
+            port,
+            user: user.to_string(),
+            key: key.to_path_buf(),
+            known_hosts: inst.known_hosts(),
+        }
+    }
+
+    /// Options before the destination. The host key is pinned under an
+    /// alias, so a changed port does not lose the pin; `accept-new` records
+    /// it at first connect and refuses a different key afterwards.
+    pub fn options(&self) -> Vec<String> {
+        let o = |s: String| ["-o".to_string(), s];
+        let mut v = vec![
+            "-i".to_string(),
+            self.key.display().to_string(),
+            "-p".into(),
+            self.port.to_string(),
+        ];
+        for opt in [
+            "IdentitiesOnly=yes".to_string(),
+            "IdentityAgent=none".to_string(),
+            "PasswordAuthentication=no".to_string(),
+            "KbdInteractiveAuthentication=no".to_string(),
+            "StrictHostKeyChecking=accept-new".to_string(),
+            format!("UserKnownHostsFile={}", self.known_hosts.display()),
+            "GlobalKnownHostsFile=/dev/null".to_string(),
+            format!("HostKeyAlias={}", self.alias),
+            "CheckHostIP=no".to_string(),
+            "LogLevel=ERROR".to_string(),
+        ] {
+            v.extend(o(opt));
+        }
+        v
+    }
+
+    pub fn destination(&self) -> String {
+        format!("{}@127.0.0.1", self.user)
+    }
+
+    /// argv for `ssh … DEST ARGS…`; ARGS are passed as given, like OpenSSH.
+    pub fn command(&self, remote: &[String]) -> Vec<String> {
+        let mut v = vec!["ssh".to_string()];
+        v.extend(self.options());
+        v.push(self.destination());
+        v.extend(remote.iter().cloned());
+        v
+    }
+}
+
+pub const HOST_KEY_CHANGED: &str = "REMOTE HOST IDENTIFICATION HAS CHANGED";
+
+/// The explanation that replaces OpenSSH's warning banner.
+pub fn host_key_mismatch_message(t: &Target, instance: &str) -> String {
+    format!(
+        "the guest's SSH host key differs from the one pinned for instance '{instance}' in {}.\n\
+         If the guest's disk was recreated, that is expected: remove that file (or run 'qbuf-qemu --name {instance} destroy' to start over).\n\
+         Otherwise something else answers on port {}: do not connect.",
+        t.known_hosts.display(),
+        t.port
+    )
+}
+
+/// Reads an SSH banner from a forwarded port. QEMU's user network accepts
+/// the TCP connection before the guest listens, so only a banner counts.
+pub fn banner(port: u16, timeout: Duration) -> Option<String> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    let mut buf = [0u8; 256];
+    let mut got = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                got.extend_from_slice(&buf[..n]);
+                if got.contains(&b'\n') {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    let line = String::from_utf8_lossy(&got)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string();
+    line.starts_with("SSH-").then_some(line)
+}
+
+/// Result of one login attempt.
+#[derive(Debug, PartialEq)]
+pub enum Login {
+    Ok,
+    HostKeyChanged,
+    Failed(String),
+}
+
+/// `ssh … true` with the instance key: readiness means a login works.
+pub fn try_login(t: &Target, timeout: Duration) -> Result<Login> {
+    let mut argv = t.command(&["true".into()]);
+    argv.insert(1, "-o".into());
+    argv.insert(2, format!("ConnectTimeout={}", timeout.as_secs().max(1)));
+    argv.insert(1, "-o".into());
+    argv.insert(2, "BatchMode=yes".into());
+    let out = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .output()
+        .context(
+            "cannot run 'ssh': install OpenSSH's client (Debian: apt-get install openssh-client)",
+        )?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        Ok(Login::Ok)
+    } else if err.contains(HOST_KEY_CHANGED) || err.contains("Host key verification failed") {
+        Ok(Login::HostKeyChanged)
+    } else {
+        Ok(Login::Failed(
+            err.trim().lines().last().unwrap_or("").to_string(),
+        ))
+    }
+}
+
+/// Runs OpenSSH for the user with the terminal attached; stderr is passed
+/// through line by line so a host-key mismatch gets our explanation too.
+pub fn run_interactive(t: &Target, instance: &str, remote: &[String]) -> Result<i32> {
+    let argv = t.command(remote);
+    let mut child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stderr(Stdio::piped())
+        .spawn()
+        .context(
+            "cannot run 'ssh': install OpenSSH's client (Debian: apt-get install openssh-client)",
+        )?;
+    let stderr = child.stderr.take().expect("piped");
+    let mut mismatch = false;
+    let mut out = std::io::stderr();
+    let mut r = BufReader::new(stderr);
+    let mut line = Vec::new();
+    while r.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+        mismatch |= String::from_utf8_lossy(&line).contains(HOST_KEY_CHANGED);
+        let _ = out.write_all(&line);
+        line.clear();
+    }
+    let status = child.wait()?;
+    if mismatch {
+        eprintln!("qbuf-qemu: {}", host_key_mismatch_message(t, instance));
+    }
+    Ok(status.code().unwrap_or(255))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target() -> Target {
+        Target {
+            alias: "qbuf-qemu-dev".into(),
+            port: 2222,
+            user: "dev".into(),
+            key: "/s/ssh/id_ed25519".into(),
+            known_hosts: "/s/instances/dev/known_hosts".into(),
+        }
+    }
+
+    #[test]
+    fn remote_arguments_follow_the_destination_as_given() {
+        let argv = target().command(&["cd /mnt/qbuf && make".into(), "-j2".into()]);
+        let dest = argv.iter().position(|a| a == "dev@127.0.0.1").unwrap();
+        assert_eq!(&argv[dest + 1..], ["cd /mnt/qbuf && make", "-j2"]);
+    }
+
+    #[test]
+    fn host_keys_are_pinned_per_instance_and_key_only() {
+        let o = target().options().join(" ");
+        assert!(o.contains("StrictHostKeyChecking=accept-new"));
+        assert!(o.contains("UserKnownHostsFile=/s/instances/dev/known_hosts"));
+        assert!(o.contains("GlobalKnownHostsFile=/dev/null"));
+        assert!(o.contains("PasswordAuthentication=no"));
+        assert!(o.contains("IdentitiesOnly=yes"));
+        assert!(!o.contains("StrictHostKeyChecking=no"));
+    }
+
+    #[test]
+    fn generated_key_is_private_and_its_public_half_derivable() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("qbuf-ssh-{}", std::process::id()));
+        let state = StateDir::new(dir.clone());
+        let k = ensure_user_key(&state).unwrap();
+        assert_eq!(
+            fs::metadata(&k).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let pub_line = public_key_line(&k).unwrap();
+        assert!(pub_line.starts_with("ssh-ed25519 "), "{pub_line}");
+        fs::remove_file(k.with_extension("pub")).unwrap();
+        assert_eq!(
+            public_key_line(&k).unwrap().split(' ').nth(1),
+            pub_line.split(' ').nth(1)
+        );
+        assert_eq!(ensure_user_key(&state).unwrap(), k, "generated once");
+        check_private_key(&k).unwrap();
+        fs::set_permissions(&k, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(check_private_key(&k)
+            .unwrap_err()
+            .to_string()
+            .contains("chmod 600"));
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn banner_needs_an_ssh_greeting_not_just_a_connect() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            s.write_all(b"HTTP/1.0 200 OK\r\n").unwrap();
+            let (mut s2, _) = l.accept().unwrap();
+            s2.write_all(b"SSH-2.0-dropbear\r\n").unwrap();
+        });
+        assert_eq!(banner(port, Duration::from_secs(2)), None);
+        assert_eq!(
+            banner(port, Duration::from_secs(2)).as_deref(),
+            Some("SSH-2.0-dropbear")
+        );
+        t.join().unwrap();
+    }
+}
