@@ -7,11 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::{AccelChoice, PortChoice, ShareMode};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "qbuf-qemu",
-    version,
-    about = "One reproducible Guix System dev VM for qbuf, driven over QMP"
-)]
+#[command(name = "qbuf-qemu", version, about = "One reproducible Guix System dev VM for qbuf, driven over QMP")]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,

@@ -47,17 +47,9 @@ pub enum Source {
     /// A qcow2 or raw base under a per-instance overlay.
     Image { path: PathBuf },
     /// Direct kernel boot, with an optional base image as disk.
-    Kernel {
-        kernel: PathBuf,
-        initrd: PathBuf,
-        append: Option<String>,
-        image: Option<PathBuf>,
-    },
+    Kernel { kernel: PathBuf, initrd: PathBuf, append: Option<String>, image: Option<PathBuf> },
     /// The Guix image built from `guix_dir`.
-    Guix {
-        guix_dir: Option<PathBuf>,
-        image_size: String,
-    },
+    Guix { guix_dir: Option<PathBuf>, image_size: String },
 }
 
 /// What an instance keeps between launches.
@@ -141,28 +133,19 @@ pub struct Defaults {
 /// Merges flags over saved settings (or defaults at first launch) and lists
 /// what changed. A port `auto` keeps a saved port; a fresh `auto` is left as
 /// port 0 for the caller to pick.
-pub fn merge(
-    saved: Option<&Settings>,
-    f: &LaunchFlags,
-    d: &Defaults,
-) -> Result<(Settings, Vec<Change>)> {
+pub fn merge(saved: Option<&Settings>, f: &LaunchFlags, d: &Defaults) -> Result<(Settings, Vec<Change>)> {
     if f.no_share && f.share.is_some() {
         bail!("--share and --no-share contradict each other: give one");
     }
     if f.kernel.is_some() != f.initrd.is_some() {
         bail!("--kernel and --initrd go together: give both, or neither");
     }
-    if f.append.is_some()
-        && f.kernel.is_none()
-        && !matches!(saved.map(|s| &s.source), Some(Source::Kernel { .. }))
-    {
+    if f.append.is_some() && f.kernel.is_none() && !matches!(saved.map(|s| &s.source), Some(Source::Kernel { .. })) {
         bail!("--append needs --kernel/--initrd: it is the kernel command line of a direct boot");
     }
     let memory_mib = match &f.memory {
         Some(m) => parse_size_mib(m).context("--memory")?,
-        None => saved
-            .map(|s| s.memory_mib)
-            .unwrap_or(parse_size_mib(DEFAULT_MEMORY)?),
+        None => saved.map(|s| s.memory_mib).unwrap_or(parse_size_mib(DEFAULT_MEMORY)?),
     };
     let cpus = match f.cpus {
         Some(0) => bail!("--cpus must be at least 1"),
@@ -184,26 +167,16 @@ pub fn merge(
             None => d.share.clone(),
         }
     };
-    let share_mode = f
-        .share_mode
-        .or(saved.map(|s| s.share_mode))
-        .unwrap_or(ShareMode::Rw);
+    let share_mode = f.share_mode.or(saved.map(|s| s.share_mode)).unwrap_or(ShareMode::Rw);
     let image_size = f.image_size.clone();
     let source = if let (Some(kernel), Some(initrd)) = (&f.kernel, &f.initrd) {
         let image = f.image.clone().or_else(|| match saved.map(|s| &s.source) {
             Some(Source::Kernel { image, .. }) => image.clone(),
             _ => None,
         });
-        Source::Kernel {
-            kernel: kernel.clone(),
-            initrd: initrd.clone(),
-            append: f.append.clone(),
-            image,
-        }
+        Source::Kernel { kernel: kernel.clone(), initrd: initrd.clone(), append: f.append.clone(), image }
     } else if let Some(image) = &f.image {
-        Source::Image {
-            path: image.clone(),
-        }
+        Source::Image { path: image.clone() }
     } else if f.guix_dir.is_some() || image_size.is_some() {
         Source::Guix {
             guix_dir: f.guix_dir.clone(),
@@ -211,22 +184,11 @@ pub fn merge(
         }
     } else {
         match saved.map(|s| s.source.clone()) {
-            Some(Source::Kernel {
-                kernel,
-                initrd,
-                image,
-                append,
-            }) => Source::Kernel {
-                kernel,
-                initrd,
-                image,
-                append: f.append.clone().or(append),
-            },
+            Some(Source::Kernel { kernel, initrd, image, append }) => {
+                Source::Kernel { kernel, initrd, image, append: f.append.clone().or(append) }
+            }
             Some(s) => s,
-            None => Source::Guix {
-                guix_dir: None,
-                image_size: DEFAULT_IMAGE_SIZE.into(),
-            },
+            None => Source::Guix { guix_dir: None, image_size: DEFAULT_IMAGE_SIZE.into() },
         }
     };
     let s = Settings {
@@ -236,15 +198,8 @@ pub fn merge(
         share,
         share_mode,
         source,
-        accel: f
-            .accel
-            .or(saved.map(|s| s.accel))
-            .unwrap_or(AccelChoice::Auto),
-        ssh_user: f
-            .ssh_user
-            .clone()
-            .or(saved.map(|s| s.ssh_user.clone()))
-            .unwrap_or_else(|| DEFAULT_SSH_USER.into()),
+        accel: f.accel.or(saved.map(|s| s.accel)).unwrap_or(AccelChoice::Auto),
+        ssh_user: f.ssh_user.clone().or(saved.map(|s| s.ssh_user.clone())).unwrap_or_else(|| DEFAULT_SSH_USER.into()),
         ssh_key: f.ssh_key.clone().or(saved.and_then(|s| s.ssh_key.clone())),
     };
     let changes = saved.map(|old| diff(old, &s)).unwrap_or_default();
@@ -255,49 +210,20 @@ fn diff(a: &Settings, b: &Settings) -> Vec<Change> {
     let mut v = Vec::new();
     let mut cmp = |setting: &'static str, x: String, y: String| {
         if x != y {
-            v.push(Change {
-                setting,
-                from: x,
-                to: y,
-            });
+            v.push(Change { setting, from: x, to: y });
         }
     };
-    cmp(
-        "memory",
-        format!("{}M", a.memory_mib),
-        format!("{}M", b.memory_mib),
-    );
+    cmp("memory", format!("{}M", a.memory_mib), format!("{}M", b.memory_mib));
     cmp("cpus", a.cpus.to_string(), b.cpus.to_string());
     cmp("ssh port", a.ssh_port.to_string(), b.ssh_port.to_string());
-    let share = |s: &Settings| {
-        s.share
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "none".into())
-    };
+    let share = |s: &Settings| s.share.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into());
     cmp("share", share(a), share(b));
-    cmp(
-        "share mode",
-        format!("{:?}", a.share_mode).to_lowercase(),
-        format!("{:?}", b.share_mode).to_lowercase(),
-    );
-    cmp(
-        "image",
-        serde_json::to_string(&a.source).unwrap(),
-        serde_json::to_string(&b.source).unwrap(),
-    );
-    cmp(
-        "accel",
-        format!("{:?}", a.accel).to_lowercase(),
-        format!("{:?}", b.accel).to_lowercase(),
-    );
+    cmp("share mode", format!("{:?}", a.share_mode).to_lowercase(), format!("{:?}", b.share_mode).to_lowercase());
+    cmp("image", serde_json::to_string(&a.source).unwrap(), serde_json::to_string(&b.source).unwrap());
+    cmp("accel", format!("{:?}", a.accel).to_lowercase(), format!("{:?}", b.accel).to_lowercase());
     cmp("ssh user", a.ssh_user.clone(), b.ssh_user.clone());
-    let key = |s: &Settings| {
-        s.ssh_key
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "qbuf-qemu's own".into())
-    };
+    let key =
+        |s: &Settings| s.ssh_key.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "qbuf-qemu's own".into());
     cmp("ssh key", key(a), key(b));
     v
 }
@@ -307,9 +233,7 @@ mod tests {
     use super::*;
 
     fn d() -> Defaults {
-        Defaults {
-            share: Some("/src/qbuf".into()),
-        }
+        Defaults { share: Some("/src/qbuf".into()) }
     }
 
     #[test]
@@ -322,33 +246,17 @@ mod tests {
         for bad in ["", "G", "-1G", "four", "1X", "10M"] {
             assert!(parse_size_mib(bad).is_err(), "{bad}");
         }
-        assert!(parse_size_mib("lots")
-            .unwrap_err()
-            .to_string()
-            .contains("4G"));
+        assert!(parse_size_mib("lots").unwrap_err().to_string().contains("4G"));
     }
 
     #[test]
     fn first_launch_uses_defaults() {
-        let (s, ch) = merge(
-            None,
-            &LaunchFlags {
-                image: Some("/i.qcow2".into()),
-                ..Default::default()
-            },
-            &d(),
-        )
-        .unwrap();
+        let (s, ch) = merge(None, &LaunchFlags { image: Some("/i.qcow2".into()), ..Default::default() }, &d()).unwrap();
         assert_eq!(s.memory_mib, 4096);
         assert_eq!(s.ssh_port, DEFAULT_SSH_PORT);
         assert_eq!(s.share, Some("/src/qbuf".into()));
         assert_eq!(s.ssh_user, "dev");
-        assert_eq!(
-            s.source,
-            Source::Image {
-                path: "/i.qcow2".into()
-            }
-        );
+        assert_eq!(s.source, Source::Image { path: "/i.qcow2".into() });
         assert!(ch.is_empty());
     }
 
@@ -364,88 +272,32 @@ mod tests {
         let (again, ch) = merge(Some(&saved), &LaunchFlags::default(), &d()).unwrap();
         assert_eq!(again, saved);
         assert!(ch.is_empty());
-        let (changed, ch) = merge(
-            Some(&saved),
-            &LaunchFlags {
-                cpus: Some(4),
-                ..Default::default()
-            },
-            &d(),
-        )
-        .unwrap();
+        let (changed, ch) = merge(Some(&saved), &LaunchFlags { cpus: Some(4), ..Default::default() }, &d()).unwrap();
         assert_eq!(changed.cpus, 4);
-        assert_eq!(
-            ch,
-            vec![Change {
-                setting: "cpus",
-                from: "2".into(),
-                to: "4".into()
-            }]
-        );
+        assert_eq!(ch, vec![Change { setting: "cpus", from: "2".into(), to: "4".into() }]);
         assert_eq!(changed.share, None, "a saved --no-share is kept");
     }
 
     #[test]
     fn auto_port_is_kept_once_picked() {
-        let (s, _) = merge(
-            None,
-            &LaunchFlags {
-                ssh_port: Some(PortChoice::Auto),
-                ..Default::default()
-            },
-            &d(),
-        )
-        .unwrap();
+        let (s, _) =
+            merge(None, &LaunchFlags { ssh_port: Some(PortChoice::Auto), ..Default::default() }, &d()).unwrap();
         assert_eq!(s.ssh_port, 0, "caller picks");
-        let saved = Settings {
-            ssh_port: 40000,
-            ..s
-        };
-        let (s2, ch) = merge(
-            Some(&saved),
-            &LaunchFlags {
-                ssh_port: Some(PortChoice::Auto),
-                ..Default::default()
-            },
-            &d(),
-        )
-        .unwrap();
+        let saved = Settings { ssh_port: 40000, ..s };
+        let (s2, ch) =
+            merge(Some(&saved), &LaunchFlags { ssh_port: Some(PortChoice::Auto), ..Default::default() }, &d()).unwrap();
         assert_eq!(s2.ssh_port, 40000);
         assert!(ch.is_empty());
     }
 
     #[test]
     fn contradictions_are_refused_with_the_fix() {
-        let e = merge(
-            None,
-            &LaunchFlags {
-                share: Some("/x".into()),
-                no_share: true,
-                ..Default::default()
-            },
-            &d(),
-        )
-        .unwrap_err();
+        let e = merge(None, &LaunchFlags { share: Some("/x".into()), no_share: true, ..Default::default() }, &d())
+            .unwrap_err();
         assert!(e.to_string().contains("give one"));
-        let e = merge(
-            None,
-            &LaunchFlags {
-                kernel: Some("/k".into()),
-                ..Default::default()
-            },
-            &d(),
-        )
-        .unwrap_err();
+        let e = merge(None, &LaunchFlags { kernel: Some("/k".into()), ..Default::default() }, &d()).unwrap_err();
         assert!(e.to_string().contains("--initrd"));
-        let e = merge(
-            None,
-            &LaunchFlags {
-                append: Some("x".into()),
-                ..Default::default()
-            },
-            &d(),
-        )
-        .unwrap_err();
+        let e = merge(None, &LaunchFlags { append: Some("x".into()), ..Default::default() }, &d()).unwrap_err();
         assert!(e.to_string().contains("--kernel"));
         assert!("0".parse::<PortChoice>().is_err());
         assert!("70000".parse::<PortChoice>().unwrap_err().contains("auto"));

@@ -64,27 +64,20 @@ pub struct Info {
 /// Connects, sends `req`, returns the first answer line.
 pub async fn call(sock: &Path, req: &Request, timeout: Duration) -> Result<Response> {
     let fut = async {
-        let mut s = UnixStream::connect(sock)
-            .await
-            .with_context(|| format!("cannot connect to {}", sock.display()))?;
+        let mut s = UnixStream::connect(sock).await.with_context(|| format!("cannot connect to {}", sock.display()))?;
         let mut line = serde_json::to_string(req)?;
         line.push('\n');
         s.write_all(line.as_bytes()).await?;
         let mut r = BufReader::new(s);
         let mut answer = String::new();
         if r.read_line(&mut answer).await? == 0 {
-            return Err(anyhow!(
-                "the supervisor closed the connection without answering (is the VM stopping?)"
-            ));
+            return Err(anyhow!("the supervisor closed the connection without answering (is the VM stopping?)"));
         }
         Ok(serde_json::from_str::<Response>(&answer)?)
     };
-    tokio::time::timeout(timeout, fut).await.map_err(|_| {
-        anyhow!(
-            "the instance's supervisor did not answer within {}s",
-            timeout.as_secs()
-        )
-    })?
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| anyhow!("the instance's supervisor did not answer within {}s", timeout.as_secs()))?
 }
 
 /// Sends a QMP command through the supervisor.
@@ -94,11 +87,7 @@ pub async fn qmp(
     arguments: Value,
     timeout: Duration,
 ) -> Result<Result<Value, (String, String)>> {
-    let req = Request::Qmp {
-        command: command.into(),
-        arguments,
-        timeout_ms: timeout.as_millis() as u64,
-    };
+    let req = Request::Qmp { command: command.into(), arguments, timeout_ms: timeout.as_millis() as u64 };
     match call(sock, &req, timeout + Duration::from_secs(2)).await? {
         Response::Ok(v) => Ok(Ok(v)),
         Response::QmpError { class, desc } => Ok(Err((class, desc))),
@@ -117,9 +106,7 @@ pub async fn info(sock: &Path, timeout: Duration) -> Result<Info> {
 
 /// Opens an event stream; each `next_line` yields one event.
 pub async fn subscribe(sock: &Path) -> Result<BufReader<UnixStream>> {
-    let mut s = UnixStream::connect(sock)
-        .await
-        .with_context(|| format!("cannot connect to {}", sock.display()))?;
+    let mut s = UnixStream::connect(sock).await.with_context(|| format!("cannot connect to {}", sock.display()))?;
     let mut line = serde_json::to_string(&Request::Subscribe)?;
     line.push('\n');
     s.write_all(line.as_bytes()).await?;

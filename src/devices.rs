@@ -35,11 +35,7 @@ impl Recorded {
     pub fn created_files(&self, inst: &Instance) -> Vec<PathBuf> {
         let dir = inst.disks_dir();
         let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .map(|rd| {
-                rd.filter_map(|e| Some(e.ok()?.path()))
-                    .filter(|p| p.starts_with(&dir))
-                    .collect()
-            })
+            .map(|rd| rd.filter_map(|e| Some(e.ok()?.path())).filter(|p| p.starts_with(&dir)).collect())
             .unwrap_or_default();
         v.sort();
         v
@@ -48,24 +44,11 @@ impl Recorded {
 
 /// One `query-block` entry as `{id, file, format, summary}`.
 pub fn summarize_block(b: &Value) -> Value {
-    let dev = b
-        .get("qdev")
-        .and_then(Value::as_str)
-        .or_else(|| b.get("device").and_then(Value::as_str))
-        .unwrap_or("?");
+    let dev = b.get("qdev").and_then(Value::as_str).or_else(|| b.get("device").and_then(Value::as_str)).unwrap_or("?");
     let ins = b.get("inserted");
-    let file = ins
-        .and_then(|i| i.get("file"))
-        .and_then(Value::as_str)
-        .unwrap_or("(empty)");
-    let fmt = ins
-        .and_then(|i| i.get("drv"))
-        .and_then(Value::as_str)
-        .unwrap_or("-");
-    let node = ins
-        .and_then(|i| i.get("node-name"))
-        .and_then(Value::as_str)
-        .unwrap_or("-");
+    let file = ins.and_then(|i| i.get("file")).and_then(Value::as_str).unwrap_or("(empty)");
+    let fmt = ins.and_then(|i| i.get("drv")).and_then(Value::as_str).unwrap_or("-");
+    let node = ins.and_then(|i| i.get("node-name")).and_then(Value::as_str).unwrap_or("-");
     serde_json::json!({
         "device": dev,
         "node": node,

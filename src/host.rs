@@ -18,14 +18,10 @@ pub struct QemuBinaries {
 
 pub fn find_in_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| {
-            use std::os::unix::fs::PermissionsExt;
-            p.metadata()
-                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-                .unwrap_or(false)
-        })
+    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| {
+        use std::os::unix::fs::PermissionsExt;
+        p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+    })
 }
 
 pub fn qemu_binaries() -> Result<QemuBinaries> {
@@ -41,16 +37,10 @@ pub fn qemu_binaries() -> Result<QemuBinaries> {
             "QEMU is not installed (no qemu-system-x86_64 on PATH): install it, e.g. 'apt-get install qemu-system-x86 qemu-utils'",
         )?,
     };
-    let firmware = std::env::var_os("QBUF_QEMU_FIRMWARE")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from);
-    let img = find_in_path("qemu-img")
-        .context("qemu-img is not installed: install it, e.g. 'apt-get install qemu-utils'")?;
-    Ok(QemuBinaries {
-        system,
-        firmware,
-        img,
-    })
+    let firmware = std::env::var_os("QBUF_QEMU_FIRMWARE").filter(|v| !v.is_empty()).map(PathBuf::from);
+    let img =
+        find_in_path("qemu-img").context("qemu-img is not installed: install it, e.g. 'apt-get install qemu-utils'")?;
+    Ok(QemuBinaries { system, firmware, img })
 }
 
 /// First line of `qemu-system-x86_64 --version`.
@@ -59,15 +49,8 @@ pub fn qemu_version(b: &QemuBinaries) -> Result<String> {
     if let Some(f) = &b.firmware {
         c.arg("-L").arg(f);
     }
-    let out = c
-        .arg("--version")
-        .output()
-        .with_context(|| format!("cannot run {}", b.system.display()))?;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .next()
-        .unwrap_or("")
-        .to_string())
+    let out = c.arg("--version").output().with_context(|| format!("cannot run {}", b.system.display()))?;
+    Ok(String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").to_string())
 }
 
 /// Whether KVM can be used: the device opens read-write, speaks API 12 and
@@ -83,11 +66,7 @@ pub enum Kvm {
 
 pub fn probe_kvm() -> Kvm {
     use std::os::fd::AsRawFd;
-    let f = match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
+    let f = match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Kvm::Missing,
         Err(e) => return Kvm::NoAccess(e.to_string()),
@@ -121,12 +100,7 @@ pub fn pick_free_port() -> Result<u16> {
 
 /// The git top level of `dir`, if it is in a checkout.
 pub fn git_toplevel(dir: &Path) -> Option<PathBuf> {
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(["rev-parse", "--show-toplevel"])
-        .output()
-        .ok()?;
+    let out = Command::new("git").arg("-C").arg(dir).args(["rev-parse", "--show-toplevel"]).output().ok()?;
     if !out.status.success() {
         return None;
     }

@@ -18,13 +18,8 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 pub fn validate_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name
-            .bytes()
-            .next()
-            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        && name.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
     if !ok {
         bail!(
             "invalid instance name {name:?}: use 1-63 characters from a-z, 0-9, '_' and '-', starting with a letter or digit"
@@ -84,17 +79,11 @@ impl StateDir {
         self.root.join("images")
     }
     pub fn instance(&self, name: &str) -> Instance {
-        Instance {
-            name: name.to_string(),
-            dir: self.root.join("instances").join(name),
-        }
+        Instance { name: name.to_string(), dir: self.root.join("instances").join(name) }
     }
     pub fn instance_names(&self) -> Vec<String> {
         let mut v: Vec<String> = fs::read_dir(self.root.join("instances"))
-            .map(|rd| {
-                rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
-                    .collect()
-            })
+            .map(|rd| rd.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
             .unwrap_or_default();
         v.sort();
         v
@@ -163,22 +152,12 @@ impl Instance {
 
     /// Sockets and run records a crashed supervisor may leave behind.
     pub fn runtime_files(&self) -> [PathBuf; 6] {
-        [
-            self.qmp_supervisor(),
-            self.qmp_user(),
-            self.control(),
-            self.console(),
-            self.guest_agent(),
-            self.run_record(),
-        ]
+        [self.qmp_supervisor(), self.qmp_user(), self.control(), self.console(), self.guest_agent(), self.run_record()]
     }
 
     /// Removes runtime leftovers; returns the ones that existed.
     pub fn clean_stale(&self) -> Vec<PathBuf> {
-        self.runtime_files()
-            .into_iter()
-            .filter(|p| fs::remove_file(p).is_ok())
-            .collect()
+        self.runtime_files().into_iter().filter(|p| fs::remove_file(p).is_ok()).collect()
     }
 }
 
@@ -201,10 +180,7 @@ impl Lock {
         // nix's newer `Flock` owns the File; the raw call keeps the fd ours to
         // pass on to the supervisor and QEMU.
         #[allow(deprecated)]
-        let r = nix::fcntl::flock(
-            file.as_raw_fd(),
-            nix::fcntl::FlockArg::LockExclusiveNonblock,
-        );
+        let r = nix::fcntl::flock(file.as_raw_fd(), nix::fcntl::FlockArg::LockExclusiveNonblock);
         match r {
             Ok(()) => Ok(Some(Lock { file })),
             Err(nix::errno::Errno::EWOULDBLOCK) => Ok(None),
@@ -223,10 +199,7 @@ impl Lock {
     /// Lets the lock survive `exec` so the supervisor and QEMU hold it too.
     pub fn inheritable(&self) -> Result<i32> {
         let fd = self.file.as_raw_fd();
-        nix::fcntl::fcntl(
-            fd,
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
-        )?;
+        nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))?;
         Ok(fd)
     }
 }
@@ -252,12 +225,10 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
 /// Reads a JSON record; `Ok(None)` when it does not exist.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     match fs::read(path) {
-        Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| {
-            format!(
-                "{} is damaged: remove it or run 'qbuf-qemu destroy'",
-                path.display()
-            )
-        })?)),
+        Ok(b) => Ok(Some(
+            serde_json::from_slice(&b)
+                .with_context(|| format!("{} is damaged: remove it or run 'qbuf-qemu destroy'", path.display()))?,
+        )),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
     }
@@ -289,19 +260,13 @@ pub fn parse_stat(s: &str) -> Option<(char, u64)> {
 }
 
 pub fn boot_id() -> String {
-    fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
 impl ProcIdentity {
     pub fn of(pid: i32) -> Option<ProcIdentity> {
         let (_, start_ticks) = proc_stat(pid)?;
-        Some(ProcIdentity {
-            pid,
-            start_ticks,
-            boot_id: boot_id(),
-        })
+        Some(ProcIdentity { pid, start_ticks, boot_id: boot_id() })
     }
 
     /// Running means: same boot, same start time, and not a zombie (an exited
@@ -335,18 +300,7 @@ mod tests {
         for ok in ["dev", "a", "0", "x_y-z", &"a".repeat(63)] {
             assert!(validate_name(ok).is_ok(), "{ok}");
         }
-        for bad in [
-            "",
-            "Dev",
-            "-a",
-            "_a",
-            "a/b",
-            "..",
-            "a b",
-            "a.b",
-            &"a".repeat(64),
-            "é",
-        ] {
+        for bad in ["", "Dev", "-a", "_a", "a/b", "..", "a b", "a.b", &"a".repeat(64), "é"] {
             let e = validate_name(bad).unwrap_err().to_string();
             assert!(e.contains("invalid instance name"), "{bad}: {e}");
         }
@@ -363,15 +317,9 @@ mod tests {
     fn own_process_is_running_and_a_changed_identity_is_not() {
         let me = ProcIdentity::of(std::process::id() as i32).unwrap();
         assert!(me.is_running());
-        let reused = ProcIdentity {
-            start_ticks: me.start_ticks + 1,
-            ..me.clone()
-        };
+        let reused = ProcIdentity { start_ticks: me.start_ticks + 1, ..me.clone() };
         assert!(!reused.is_running());
-        let rebooted = ProcIdentity {
-            boot_id: "other".into(),
-            ..me
-        };
+        let rebooted = ProcIdentity { boot_id: "other".into(), ..me };
         assert!(!rebooted.is_running());
     }
 
@@ -384,11 +332,7 @@ mod tests {
         while proc_stat(pid).map(|s| s.0) != Some('Z') && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        let id = ProcIdentity {
-            pid,
-            start_ticks: proc_stat(pid).unwrap().1,
-            boot_id: boot_id(),
-        };
+        let id = ProcIdentity { pid, start_ticks: proc_stat(pid).unwrap().1, boot_id: boot_id() };
         assert!(
             nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok(),
             "kill(pid,0) succeeds on a zombie"
@@ -400,10 +344,7 @@ mod tests {
     #[test]
     fn lock_excludes_a_second_holder_until_dropped() {
         let dir = std::env::temp_dir().join(format!("qbuf-lock-{}", std::process::id()));
-        let inst = Instance {
-            name: "t".into(),
-            dir: dir.clone(),
-        };
+        let inst = Instance { name: "t".into(), dir: dir.clone() };
         inst.ensure_dir().unwrap();
         let l = Lock::try_acquire(&inst).unwrap().expect("free");
         assert!(Lock::try_acquire(&inst).unwrap().is_none());
@@ -419,10 +360,7 @@ mod tests {
         fs::create_dir_all(&dir).unwrap();
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
         private_dir(&dir).unwrap();
-        assert_eq!(
-            fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
-            0o700
-        );
+        assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
         fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -82,10 +82,7 @@ impl Launched {
             s.push_str(&format!("note: {n}\n"));
         }
         if self.already_running {
-            s.push_str(&format!(
-                "Instance '{}' is already running (QEMU pid {}).\n",
-                self.name, self.pid
-            ));
+            s.push_str(&format!("Instance '{}' is already running (QEMU pid {}).\n", self.name, self.pid));
             for c in &self.changes {
                 s.push_str(&format!(
                     "{} changed from {} to {}: saved, applies at the next boot (qbuf-qemu --name {} powerdown, then launch)\n",
@@ -94,10 +91,7 @@ impl Launched {
             }
         } else {
             for c in &self.changes {
-                s.push_str(&format!(
-                    "{} changed from {} to {}: applied to this boot\n",
-                    c.setting, c.from, c.to
-                ));
+                s.push_str(&format!("{} changed from {} to {}: applied to this boot\n", c.setting, c.from, c.to));
             }
             match self.ready_seconds {
                 Some(t) => s.push_str(&format!(
@@ -112,17 +106,11 @@ impl Launched {
                 )),
             }
         }
-        s.push_str(&format!(
-            "  connect:     qbuf-qemu --name {} ssh\n",
-            self.name
-        ));
+        s.push_str(&format!("  connect:     qbuf-qemu --name {} ssh\n", self.name));
         s.push_str(&format!("  or:          {}\n", self.ssh_command));
         s.push_str(&format!("  serial log:  {}\n", self.serial_log.display()));
         s.push_str(&format!("  QMP socket:  {}\n", self.qmp_socket.display()));
-        s.push_str(&format!(
-            "  stop:        qbuf-qemu --name {} powerdown",
-            self.name
-        ));
+        s.push_str(&format!("  stop:        qbuf-qemu --name {} powerdown", self.name));
         s
     }
 }
@@ -144,10 +132,7 @@ pub fn launch(ctx: &Ctx, opts: &LaunchOptions, guix: GuixBuild) -> Result<Launch
             return Ok(r);
         }
         if Instant::now() > deadline {
-            bail!(
-                "instance '{}' is locked by another qbuf-qemu command that did not finish in time",
-                ctx.name
-            );
+            bail!("instance '{}' is locked by another qbuf-qemu command that did not finish in time", ctx.name);
         }
         std::thread::sleep(Duration::from_millis(200));
     };
@@ -183,9 +168,7 @@ fn already_running(ctx: &Ctx, inst: &Instance, opts: &LaunchOptions) -> Result<L
 }
 
 fn defaults() -> config::Defaults {
-    let share = std::env::current_dir()
-        .ok()
-        .and_then(|d| host::git_toplevel(&d));
+    let share = std::env::current_dir().ok().and_then(|d| host::git_toplevel(&d));
     config::Defaults { share }
 }
 
@@ -200,25 +183,13 @@ fn absolute(p: &Path, what: &str) -> Result<PathBuf> {
     std::fs::canonicalize(p).with_context(|| format!("{what} {} does not exist", p.display()))
 }
 
-fn boot(
-    ctx: &Ctx,
-    inst: &Instance,
-    lock: Lock,
-    opts: &LaunchOptions,
-    guix: GuixBuild,
-) -> Result<Launched> {
+fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions, guix: GuixBuild) -> Result<Launched> {
     let started = Instant::now();
     let mut notes = Vec::new();
     let stale = inst.clean_stale();
     if !stale.is_empty() {
-        let names: Vec<_> = stale
-            .iter()
-            .filter_map(|p| p.file_name()?.to_str().map(String::from))
-            .collect();
-        notes.push(format!(
-            "removed stale files left by an earlier crash: {}",
-            names.join(", ")
-        ));
+        let names: Vec<_> = stale.iter().filter_map(|p| p.file_name()?.to_str().map(String::from)).collect();
+        notes.push(format!("removed stale files left by an earlier crash: {}", names.join(", ")));
     }
     let saved: Option<Settings> = read_json(&inst.settings())?;
     let (mut s, changes) = config::merge(saved.as_ref(), &opts.flags, &defaults())?;
@@ -227,10 +198,7 @@ fn boot(
     if let Some(sh) = &s.share {
         let p = absolute(sh, "share directory")?;
         if !p.is_dir() {
-            bail!(
-                "share {} is not a directory: give a directory with --share, or --no-share",
-                p.display()
-            );
+            bail!("share {} is not a directory: give a directory with --share, or --no-share", p.display());
         }
         s.share = Some(p);
     }
@@ -240,15 +208,8 @@ fn boot(
         s.ssh_key = Some(k);
     }
     s.source = match s.source {
-        Source::Image { path } => Source::Image {
-            path: absolute(&path, "image")?,
-        },
-        Source::Kernel {
-            kernel,
-            initrd,
-            append,
-            image,
-        } => Source::Kernel {
+        Source::Image { path } => Source::Image { path: absolute(&path, "image")? },
+        Source::Kernel { kernel, initrd, append, image } => Source::Kernel {
             kernel: absolute(&kernel, "kernel")?,
             initrd: absolute(&initrd, "initrd")?,
             append,
@@ -258,10 +219,7 @@ fn boot(
     };
     if s.ssh_port == 0 {
         s.ssh_port = host::pick_free_port()?;
-        notes.push(format!(
-            "picked free port {} for SSH; it is kept for this instance",
-            s.ssh_port
-        ));
+        notes.push(format!("picked free port {} for SSH; it is kept for this instance", s.ssh_port));
     } else if !host::port_free(s.ssh_port) {
         bail!(
             "port {} on 127.0.0.1 is already in use (another VM or program): choose another with --ssh-port N, or let qbuf-qemu pick one with --ssh-port auto",
@@ -282,21 +240,9 @@ fn boot(
     }
     let (disk, kernel) = match &s.source {
         Source::Image { path } => (Some(crate::overlay::prepare(inst, &bins.img, path)?), None),
-        Source::Kernel {
-            kernel,
-            initrd,
-            append,
-            image,
-        } => (
-            image
-                .as_ref()
-                .map(|i| crate::overlay::prepare(inst, &bins.img, i))
-                .transpose()?,
-            Some(KernelBoot {
-                kernel: kernel.clone(),
-                initrd: initrd.clone(),
-                append: append.clone(),
-            }),
+        Source::Kernel { kernel, initrd, append, image } => (
+            image.as_ref().map(|i| crate::overlay::prepare(inst, &bins.img, i)).transpose()?,
+            Some(KernelBoot { kernel: kernel.clone(), initrd: initrd.clone(), append: append.clone() }),
         ),
         Source::Guix { .. } => {
             let base = guix(inst, &s, &pubkey)?;
@@ -304,11 +250,18 @@ fn boot(
         }
     };
 
+    if disk.is_none() {
+        // A diskless guest has no place to keep a host key: it makes a new
+        // one every boot, so the pin can only hold for one boot.
+        let _ = std::fs::remove_file(inst.known_hosts());
+    }
     let (accel, auto_kvm) = match s.accel {
         AccelChoice::Tcg => (Accel::Tcg, false),
         AccelChoice::Kvm => match host::probe_kvm() {
             host::Kvm::Usable => (Accel::Kvm, false),
-            other => bail!("--accel kvm, but KVM cannot be used here ({other:?}): use --accel tcg (slower) or fix /dev/kvm access"),
+            other => bail!(
+                "--accel kvm, but KVM cannot be used here ({other:?}): use --accel tcg (slower) or fix /dev/kvm access"
+            ),
         },
         AccelChoice::Auto => match host::probe_kvm() {
             host::Kvm::Usable => (Accel::Kvm, true),
@@ -331,11 +284,7 @@ fn boot(
     let mut shares: Vec<Share> = s
         .share
         .iter()
-        .map(|p| Share {
-            path: p.clone(),
-            tag: "qbuf".into(),
-            readonly: s.share_mode == config::ShareMode::Ro,
-        })
+        .map(|p| Share { path: p.clone(), tag: "qbuf".into(), readonly: s.share_mode == config::ShareMode::Ro })
         .collect();
     shares.extend(devices.shares.iter().cloned());
     let spec = VmSpec {
@@ -362,25 +311,12 @@ fn boot(
     let mut argv = Vec::new();
     if let Some(fw) = &bins.firmware {
         argv.push("-L".to_string());
-        argv.push(
-            fw.to_str()
-                .context("QBUF_QEMU_FIRMWARE is not UTF-8")?
-                .to_string(),
-        );
+        argv.push(fw.to_str().context("QBUF_QEMU_FIRMWARE is not UTF-8")?.to_string());
     }
     argv.extend(qemu::build_args(&spec)?);
     write_json(&inst.settings(), &s)?;
-    write_json(
-        &inst.boot_plan(),
-        &BootPlan {
-            qemu: bins.system.clone(),
-            argv,
-            spec: spec.clone(),
-        },
-    )?;
-    let serial_before = std::fs::metadata(inst.serial_log())
-        .map(|m| m.len())
-        .unwrap_or(0);
+    write_json(&inst.boot_plan(), &BootPlan { qemu: bins.system.clone(), argv, spec: spec.clone() })?;
+    let serial_before = std::fs::metadata(inst.serial_log()).map(|m| m.len()).unwrap_or(0);
 
     let mut sup = spawn_supervisor(ctx, inst, &lock)?;
     drop(lock); // the supervisor and QEMU hold it now
@@ -405,10 +341,7 @@ fn boot(
             break r;
         }
         if Instant::now() > up_deadline {
-            bail!(
-                "QEMU did not come up within 90s; see {}",
-                inst.supervisor_log().display()
-            );
+            bail!("QEMU did not come up within 90s; see {}", inst.supervisor_log().display());
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -449,7 +382,10 @@ fn boot(
             // Leave no process behind.
             let outcome = stop_running(inst, &StopOptions { timeout: Duration::ZERO, force: true });
             let how = outcome.ok().flatten().and_then(|o| o.method).map(|m| m.as_str()).unwrap_or("nothing");
-            Err(anyhow!("{msg}\nThe VM was stopped ({how}). serial console (last lines):\n{}", tail_text(&inst.serial_log(), 1500)))
+            Err(anyhow!(
+                "{msg}\nThe VM was stopped ({how}). serial console (last lines):\n{}",
+                tail_text(&inst.serial_log(), 1500)
+            ))
         }
     }
 }
@@ -485,8 +421,7 @@ fn spawn_supervisor(ctx: &Ctx, inst: &Instance, lock: &Lock) -> Result<std::proc
     use std::os::unix::process::CommandExt;
     let fd = lock.inheritable()?;
     let log = std::fs::File::create(inst.supervisor_log())?;
-    let exe = std::env::current_exe()
-        .context("cannot find the qbuf-qemu binary to start the supervisor")?;
+    let exe = std::env::current_exe().context("cannot find the qbuf-qemu binary to start the supervisor")?;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("--state-dir")
         .arg(&ctx.state.root)
@@ -494,21 +429,14 @@ fn spawn_supervisor(ctx: &Ctx, inst: &Instance, lock: &Lock) -> Result<std::proc
         .arg(&ctx.name)
         .arg("__supervise")
         .env("QBUF_QEMU_LOCK_FD", fd.to_string())
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-        )
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
     // SAFETY: setsid is async-signal-safe. Own session: the user's terminal
     // closing must not signal the VM.
     unsafe {
-        cmd.pre_exec(|| {
-            nix::unistd::setsid()
-                .map(|_| ())
-                .map_err(std::io::Error::from)
-        });
+        cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
     }
     cmd.spawn().context("cannot start the instance supervisor")
 }
@@ -539,16 +467,12 @@ fn wait_ready(
                     return Err(Readiness::Exited(rec));
                 }
                 if Instant::now() > until {
-                    return Err(Readiness::Failed(
-                        "QEMU exited during boot and left no stop record".into(),
-                    ));
+                    return Err(Readiness::Failed("QEMU exited during boot and left no stop record".into()));
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        let serial_now = std::fs::metadata(inst.serial_log())
-            .map(|m| m.len())
-            .unwrap_or(0);
+        let serial_now = std::fs::metadata(inst.serial_log()).map(|m| m.len()).unwrap_or(0);
         if auto_kvm && serial_now == serial_before && start.elapsed() > silence {
             return Err(Readiness::Failed(format!(
                 "the guest printed nothing on its serial console for {}s under KVM, which qbuf-qemu chose because /dev/kvm is accessible. \
@@ -578,11 +502,7 @@ fn wait_ready(
 
 /// Runs a future on a small runtime; commands are synchronous otherwise.
 pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-        .block_on(f)
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime").block_on(f)
 }
 
 // ---------------------------------------------------------------- status
@@ -634,22 +554,23 @@ pub fn status(ctx: &Ctx) -> Result<Status> {
         exit: None,
         notes: vec![],
     };
+    if Lock::is_held(&inst)? && !inst.control().exists() && inst.stop_record().exists() {
+        // QEMU is gone and its supervisor is finishing (it answers waiting
+        // commands, then exits): report the stop, not a half-state.
+        let until = Instant::now() + Duration::from_secs(3);
+        while Lock::is_held(&inst)? && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     if !Lock::is_held(&inst)? {
         let stale = inst.clean_stale();
         if !stale.is_empty() {
-            st.notes
-                .push("removed stale runtime files left by a crash".into());
+            st.notes.push("removed stale runtime files left by a crash".into());
         }
         if let Some(rec) = read_json::<StopRecord>(&inst.stop_record())? {
-            st.state = if rec.crashed {
-                "crashed".into()
-            } else {
-                "stopped".into()
-            };
+            st.state = if rec.crashed { "crashed".into() } else { "stopped".into() };
             st.stop_reason = Some(rec.reason);
-            st.last_shutdown = rec
-                .shutdown
-                .map(|e| serde_json::to_value(e).unwrap_or(Value::Null));
+            st.last_shutdown = rec.shutdown.map(|e| serde_json::to_value(e).unwrap_or(Value::Null));
             st.exit = rec.exit;
         } else {
             st.stop_reason = Some("never started, or stopped before qbuf-qemu recorded why".into());
@@ -665,18 +586,11 @@ pub fn status(ctx: &Ctx) -> Result<Status> {
             st.uptime_seconds = Some((crate::supervisor::now() - info.started_at).max(0.0));
             st.hotplug_ports = Some(info.hotplug_ports);
             st.stopping_step = info.stopping.clone();
-            st.last_shutdown = info
-                .last_shutdown
-                .map(|e| serde_json::to_value(e).unwrap_or(Value::Null));
-            let q =
-                |cmd: &str| block_on(control::qmp(&sock, cmd, json!({}), Duration::from_secs(3)));
+            st.last_shutdown = info.last_shutdown.map(|e| serde_json::to_value(e).unwrap_or(Value::Null));
+            let q = |cmd: &str| block_on(control::qmp(&sock, cmd, json!({}), Duration::from_secs(3)));
             match q("query-status") {
                 Ok(Ok(v)) => {
-                    let s = v
-                        .get("status")
-                        .and_then(Value::as_str)
-                        .unwrap_or("unknown")
-                        .to_string();
+                    let s = v.get("status").and_then(Value::as_str).unwrap_or("unknown").to_string();
                     st.state = match (info.stopping.is_some(), s.as_str()) {
                         (true, _) => "stopping".into(),
                         (_, "running") => "running".into(),
@@ -689,19 +603,13 @@ pub fn status(ctx: &Ctx) -> Result<Status> {
                 _ => st.state = "unresponsive".into(),
             }
             if let Ok(Ok(v)) = q("query-memory-size-summary") {
-                st.memory_mib = v
-                    .get("base-memory")
-                    .and_then(Value::as_u64)
-                    .map(|b| b / (1024 * 1024));
+                st.memory_mib = v.get("base-memory").and_then(Value::as_u64).map(|b| b / (1024 * 1024));
             }
             if let Ok(Ok(Value::Array(cpus))) = q("query-cpus-fast") {
                 st.cpus = Some(cpus.len() as u32);
             }
             if let Ok(Ok(Value::Array(blocks))) = q("query-block") {
-                st.disks = blocks
-                    .into_iter()
-                    .map(|b| crate::devices::summarize_block(&b))
-                    .collect();
+                st.disks = blocks.into_iter().map(|b| crate::devices::summarize_block(&b)).collect();
             }
         }
         Err(e) => {
@@ -719,10 +627,7 @@ pub fn status(ctx: &Ctx) -> Result<Status> {
                 }
                 None => {
                     st.state = "starting".into();
-                    st.notes.push(
-                        "another qbuf-qemu command holds the instance (starting or stopping)"
-                            .into(),
-                    );
+                    st.notes.push("another qbuf-qemu command holds the instance (starting or stopping)".into());
                 }
             }
         }
@@ -756,16 +661,10 @@ impl Status {
             s.push_str(&format!("resources:  {m} MiB, {c} CPUs\n"));
         }
         if let Some(p) = self.ssh_port {
-            s.push_str(&format!(
-                "ssh:        {}@127.0.0.1 port {p}\n",
-                self.ssh_user.clone().unwrap_or_default()
-            ));
+            s.push_str(&format!("ssh:        {}@127.0.0.1 port {p}\n", self.ssh_user.clone().unwrap_or_default()));
         }
         for d in &self.disks {
-            s.push_str(&format!(
-                "disk:       {}\n",
-                d.get("summary").and_then(Value::as_str).unwrap_or("?")
-            ));
+            s.push_str(&format!("disk:       {}\n", d.get("summary").and_then(Value::as_str).unwrap_or("?")));
         }
         if let Some(h) = self.hotplug_ports {
             s.push_str(&format!("hot-plug:   {h} PCIe root ports reserved\n"));
@@ -822,10 +721,7 @@ impl Stopped {
     }
 
     pub fn human(&self) -> String {
-        let reason = self
-            .shutdown_reason
-            .clone()
-            .unwrap_or_else(|| "no SHUTDOWN event".into());
+        let reason = self.shutdown_reason.clone().unwrap_or_else(|| "no SHUTDOWN event".into());
         match self.method {
             Some("already-stopped") => format!("Instance '{}' is already stopped.", self.name),
             Some("powerdown") | Some("guest-agent") => format!(
@@ -854,14 +750,8 @@ fn stop_running(inst: &Instance, opts: &StopOptions) -> Result<Option<StopOutcom
     if !Lock::is_held(inst)? {
         return Ok(None);
     }
-    let budget = opts.timeout
-        + powerdown::QUIT_DEADLINE
-        + powerdown::SIGNAL_DEADLINE * 2
-        + Duration::from_secs(15);
-    let req = control::Request::Powerdown {
-        timeout_secs: opts.timeout.as_secs_f64(),
-        force: opts.force,
-    };
+    let budget = opts.timeout + powerdown::QUIT_DEADLINE + powerdown::SIGNAL_DEADLINE * 2 + Duration::from_secs(15);
+    let req = control::Request::Powerdown { timeout_secs: opts.timeout.as_secs_f64(), force: opts.force };
     let outcome = match block_on(control::call(&inst.control(), &req, budget)) {
         Ok(control::Response::Stopped(o)) => o,
         Ok(other) => bail!("unexpected answer from the supervisor: {other:?}"),
@@ -882,13 +772,12 @@ fn stop_running(inst: &Instance, opts: &StopOptions) -> Result<Option<StopOutcom
 /// QEMU whose supervisor died: run the ladder over the user QMP socket and
 /// judge the process by its identity.
 fn stop_orphan(inst: &Instance, opts: &StopOptions) -> Result<StopOutcome> {
-    let run: RunRecord = read_json(&inst.run_record())?
-        .ok_or_else(|| anyhow!("the instance is locked but has no run record: another qbuf-qemu command is using it; try again"))?;
+    let run: RunRecord = read_json(&inst.run_record())?.ok_or_else(|| {
+        anyhow!("the instance is locked but has no run record: another qbuf-qemu command is using it; try again")
+    })?;
     let proc = ForeignProcess(run.qemu.clone());
     let outcome = block_on(async {
-        let qmp = crate::qmp::Qmp::connect(&inst.qmp_user(), Duration::from_secs(3))
-            .await
-            .ok();
+        let qmp = crate::qmp::Qmp::connect(&inst.qmp_user(), Duration::from_secs(3)).await.ok();
         powerdown::stop(qmp.as_ref(), &proc, opts, None, &|_| {}).await
     });
     if outcome.method.is_some() {
@@ -944,16 +833,9 @@ impl Destroyed {
             s.push_str(&st.human());
             s.push('\n');
         }
-        s.push_str(&format!(
-            "Instance '{}' destroyed ({} files removed).",
-            self.name,
-            self.removed.len()
-        ));
+        s.push_str(&format!("Instance '{}' destroyed ({} files removed).", self.name, self.removed.len()));
         for k in &self.kept {
-            s.push_str(&format!(
-                "\nkept (not created by qbuf-qemu): {}",
-                k.display()
-            ));
+            s.push_str(&format!("\nkept (not created by qbuf-qemu): {}", k.display()));
         }
         s
     }
@@ -968,12 +850,8 @@ pub fn destroy(ctx: &Ctx, opts: &StopOptions) -> Result<Destroyed> {
         }
     }
     // Take the lock so no launch races the removal.
-    let lock = Lock::try_acquire(&inst)?.ok_or_else(|| {
-        anyhow!(
-            "instance '{}' is busy (a launch started meanwhile); nothing was removed",
-            ctx.name
-        )
-    })?;
+    let lock = Lock::try_acquire(&inst)?
+        .ok_or_else(|| anyhow!("instance '{}' is busy (a launch started meanwhile); nothing was removed", ctx.name))?;
     let mut removed = Vec::new();
     crate::guix::release_root(&ctx.state, &inst);
     let disks = inst.disks_dir();
@@ -994,29 +872,15 @@ pub fn destroy(ctx: &Ctx, opts: &StopOptions) -> Result<Destroyed> {
             removed.push(p);
         }
     }
-    for tmp in [
-        "settings.tmp",
-        "base.tmp",
-        "boot.tmp",
-        "run.tmp",
-        "stopped.tmp",
-        "devices.tmp",
-    ] {
+    for tmp in ["settings.tmp", "base.tmp", "boot.tmp", "run.tmp", "stopped.tmp", "devices.tmp"] {
         let _ = std::fs::remove_file(inst.dir.join(tmp));
     }
     std::fs::remove_file(inst.lock()).ok();
     drop(lock);
-    let kept: Vec<PathBuf> = std::fs::read_dir(&inst.dir)
-        .map(|rd| rd.filter_map(|e| Some(e.ok()?.path())).collect())
-        .unwrap_or_default();
+    let kept: Vec<PathBuf> =
+        std::fs::read_dir(&inst.dir).map(|rd| rd.filter_map(|e| Some(e.ok()?.path())).collect()).unwrap_or_default();
     if kept.is_empty() {
-        std::fs::remove_dir(&inst.dir)
-            .with_context(|| format!("cannot remove {}", inst.dir.display()))?;
+        std::fs::remove_dir(&inst.dir).with_context(|| format!("cannot remove {}", inst.dir.display()))?;
     }
-    Ok(Destroyed {
-        name: ctx.name.clone(),
-        stop,
-        removed,
-        kept,
-    })
+    Ok(Destroyed { name: ctx.name.clone(), stop, removed, kept })
 }

@@ -42,14 +42,10 @@ fn init_logging(cli: &Cli) {
             _ => "debug",
         }
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(format!("qbuf_qemu={default},qbuf_qemu_bin={default}"))
-    });
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("qbuf_qemu={default},qbuf_qemu_bin={default}")));
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
 }
 
 /// Prints one result: JSON on stdout with --json, else the human form.
@@ -63,10 +59,7 @@ fn emit<T: Serialize>(json: bool, value: &T, human: impl FnOnce(&T) -> String) -
 }
 
 fn stop_opts(a: &StopArgs) -> StopOptions {
-    StopOptions {
-        timeout: Duration::from_secs(a.timeout),
-        force: a.force,
-    }
+    StopOptions { timeout: Duration::from_secs(a.timeout), force: a.force }
 }
 
 fn run(cli: Cli) -> Result<i32> {
@@ -76,15 +69,8 @@ fn run(cli: Cli) -> Result<i32> {
         Some(d) => d.clone(),
         None => default_state_dir()?,
     };
-    let root = if root.is_relative() {
-        std::env::current_dir()?.join(root)
-    } else {
-        root
-    };
-    let ctx = Ctx {
-        state: StateDir::new(root),
-        name: g.name.clone(),
-    };
+    let root = if root.is_relative() { std::env::current_dir()?.join(root) } else { root };
+    let ctx = Ctx { state: StateDir::new(root), name: g.name.clone() };
     match cli.command {
         Command::Launch(a) => {
             let flags = LaunchFlags {
@@ -104,10 +90,8 @@ fn run(cli: Cli) -> Result<i32> {
                 ssh_user: a.ssh_user,
                 ssh_key: a.ssh_key,
             };
-            let silence = std::env::var("QBUF_QEMU_SERIAL_SILENCE_SECS")
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(60);
+            let silence =
+                std::env::var("QBUF_QEMU_SERIAL_SILENCE_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
             let opts = LaunchOptions {
                 flags,
                 timeout: Duration::from_secs(a.timeout),
@@ -125,15 +109,9 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Ssh { args } => {
             let inst = ctx.existing()?;
             let s: qbuf_qemu::config::Settings = qbuf_qemu::instance::read_json(&inst.settings())?
-                .ok_or_else(|| {
-                    anyhow::anyhow!("instance '{}' has no settings: launch it first", ctx.name)
-                })?;
+                .ok_or_else(|| anyhow::anyhow!("instance '{}' has no settings: launch it first", ctx.name))?;
             if !qbuf_qemu::instance::Lock::is_held(&inst)? {
-                bail!(
-                    "instance '{}' is not running: start it with 'qbuf-qemu --name {} launch'",
-                    ctx.name,
-                    ctx.name
-                );
+                bail!("instance '{}' is not running: start it with 'qbuf-qemu --name {} launch'", ctx.name, ctx.name);
             }
             let key = match &s.ssh_key {
                 Some(k) => k.clone(),
@@ -156,13 +134,13 @@ fn run(cli: Cli) -> Result<i32> {
             ctx.existing()?;
             if !yes {
                 if !std::io::stdin().is_terminal() {
-                    eprintln!("qbuf-qemu: destroy deletes instance '{}' and its disk; without a terminal pass --yes", ctx.name);
+                    eprintln!(
+                        "qbuf-qemu: destroy deletes instance '{}' and its disk; without a terminal pass --yes",
+                        ctx.name
+                    );
                     return Ok(2);
                 }
-                eprint!(
-                    "Destroy instance '{}' and delete its disk (guest data is lost)? [y/N] ",
-                    ctx.name
-                );
+                eprint!("Destroy instance '{}' and delete its disk (guest data is lost)? [y/N] ", ctx.name);
                 let mut answer = String::new();
                 std::io::stdin().read_line(&mut answer)?;
                 if !matches!(answer.trim(), "y" | "Y" | "yes") {

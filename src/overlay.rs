@@ -22,8 +22,7 @@ pub struct BaseIdentity {
 
 impl BaseIdentity {
     pub fn of(path: &Path) -> Result<BaseIdentity> {
-        let meta = std::fs::metadata(path)
-            .with_context(|| format!("image {} does not exist", path.display()))?;
+        let meta = std::fs::metadata(path).with_context(|| format!("image {} does not exist", path.display()))?;
         if !meta.is_file() {
             bail!("image {} is not a file", path.display());
         }
@@ -41,14 +40,9 @@ impl BaseIdentity {
 /// first bytes a guest controls).
 pub fn detect_format(path: &Path) -> Result<&'static str> {
     let mut magic = [0u8; 4];
-    let mut f = std::fs::File::open(path)
-        .with_context(|| format!("cannot read image {}", path.display()))?;
+    let mut f = std::fs::File::open(path).with_context(|| format!("cannot read image {}", path.display()))?;
     let n = f.read(&mut magic)?;
-    Ok(if n == 4 && magic == *b"QFI\xfb" {
-        "qcow2"
-    } else {
-        "raw"
-    })
+    Ok(if n == 4 && magic == *b"QFI\xfb" { "qcow2" } else { "raw" })
 }
 
 /// What to say when the recorded base and the given one differ.
@@ -71,8 +65,7 @@ pub fn compare(recorded: &BaseIdentity, now: &BaseIdentity) -> Result<()> {
 
 /// Returns the overlay, creating it on first use; refuses a changed base.
 pub fn prepare(inst: &Instance, qemu_img: &Path, base: &Path) -> Result<PathBuf> {
-    let base = std::fs::canonicalize(base)
-        .with_context(|| format!("image {} does not exist", base.display()))?;
+    let base = std::fs::canonicalize(base).with_context(|| format!("image {} does not exist", base.display()))?;
     let id = BaseIdentity::of(&base)?;
     let overlay = inst.overlay();
     if overlay.exists() {
@@ -130,32 +123,11 @@ mod tests {
 
     #[test]
     fn a_changed_base_is_refused_with_the_way_out() {
-        let a = BaseIdentity {
-            path: "/img".into(),
-            size: 10,
-            mtime_ns: 5,
-            format: "qcow2".into(),
-        };
+        let a = BaseIdentity { path: "/img".into(), size: 10, mtime_ns: 5, format: "qcow2".into() };
         assert!(compare(&a, &a.clone()).is_ok());
-        let e = compare(
-            &a,
-            &BaseIdentity {
-                size: 11,
-                ..a.clone()
-            },
-        )
-        .unwrap_err()
-        .to_string();
+        let e = compare(&a, &BaseIdentity { size: 11, ..a.clone() }).unwrap_err().to_string();
         assert!(e.contains("changed") && e.contains("--recreate"), "{e}");
-        let e = compare(
-            &a,
-            &BaseIdentity {
-                path: "/other".into(),
-                ..a.clone()
-            },
-        )
-        .unwrap_err()
-        .to_string();
+        let e = compare(&a, &BaseIdentity { path: "/other".into(), ..a.clone() }).unwrap_err().to_string();
         assert!(e.contains("/other") && e.contains("--recreate"), "{e}");
     }
 }

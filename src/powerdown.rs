@@ -50,10 +50,7 @@ impl StopMethod {
 
     /// The guest shut itself down (or nothing had to be done).
     pub fn graceful(self) -> bool {
-        matches!(
-            self,
-            StopMethod::Powerdown | StopMethod::GuestAgent | StopMethod::AlreadyStopped
-        )
+        matches!(self, StopMethod::Powerdown | StopMethod::GuestAgent | StopMethod::AlreadyStopped)
     }
 }
 
@@ -68,9 +65,7 @@ impl std::fmt::Display for ExitInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match (self.code, self.signal) {
             (_, Some(s)) => {
-                let name = nix::sys::signal::Signal::try_from(s)
-                    .map(|s| s.as_str())
-                    .unwrap_or("?");
+                let name = nix::sys::signal::Signal::try_from(s).map(|s| s.as_str()).unwrap_or("?");
                 write!(f, "killed by signal {s} ({name})")
             }
             (Some(c), None) => write!(f, "exit status {c}"),
@@ -134,9 +129,7 @@ pub async fn stop<P: QemuProcess + Sync>(
     let mut events = qmp.map(|q| q.subscribe());
     let mut shutdown = known_shutdown.as_ref().and_then(Event::shutdown);
     let mut steps = Vec::new();
-    let finish = |method: Option<StopMethod>,
-                  shutdown: Option<(bool, String)>,
-                  steps: Vec<String>| StopOutcome {
+    let finish = |method: Option<StopMethod>, shutdown: Option<(bool, String)>, steps: Vec<String>| StopOutcome {
         method,
         guest: shutdown.as_ref().is_some_and(|s| s.0),
         shutdown_reason: shutdown.map(|s| s.1),
@@ -190,11 +183,7 @@ pub async fn stop<P: QemuProcess + Sync>(
                 }
                 return finish(Some(method), shutdown, steps);
             }
-            steps.push(format!(
-                "{}: QEMU still running after {:.0}s",
-                method.as_str(),
-                start.elapsed().as_secs_f64()
-            ));
+            steps.push(format!("{}: QEMU still running after {:.0}s", method.as_str(), start.elapsed().as_secs_f64()));
             break;
         }
     }
@@ -217,17 +206,13 @@ async fn act<P: QemuProcess>(qmp: Option<&Qmp>, proc: &P, method: StopMethod) ->
             Some(q) => match q.execute(&qapi::qmp::quit {}, t).await {
                 Ok(_) => "QEMU accepted quit".into(),
                 // After quit, EOF or a reset is QEMU going away, not a failure.
-                Err(crate::qmp::QmpError::Disconnected { .. }) => {
-                    "QEMU accepted quit and closed QMP".into()
-                }
+                Err(crate::qmp::QmpError::Disconnected { .. }) => "QEMU accepted quit and closed QMP".into(),
                 Err(e) => format!("quit failed: {e}"),
             },
             None => "no QMP connection; skipped".into(),
         },
         StopMethod::Sigterm => match kill(pid, Signal::SIGINT) {
-            Ok(()) => {
-                "sent QEMU its termination signal (SIGINT; SIGTERM is blocked in QEMU)".into()
-            }
+            Ok(()) => "sent QEMU its termination signal (SIGINT; SIGTERM is blocked in QEMU)".into(),
             Err(e) => format!("signal failed: {e}"),
         },
         StopMethod::Sigkill => match kill(pid, Signal::SIGKILL) {
@@ -278,9 +263,7 @@ impl QemuProcess for ChildProcess {
         if rx.borrow().is_some() {
             return true;
         }
-        let gone = tokio::time::timeout_at(deadline, rx.wait_for(|e| e.is_some()))
-            .await
-            .is_ok();
+        let gone = tokio::time::timeout_at(deadline, rx.wait_for(|e| e.is_some())).await.is_ok();
         gone
     }
     fn exit_info(&self) -> Option<ExitInfo> {
@@ -294,14 +277,8 @@ mod tests {
 
     #[test]
     fn exit_codes_follow_the_contract() {
-        let o = |m| StopOutcome {
-            method: m,
-            shutdown_reason: None,
-            guest: false,
-            seconds: 0.0,
-            exit: None,
-            steps: vec![],
-        };
+        let o =
+            |m| StopOutcome { method: m, shutdown_reason: None, guest: false, seconds: 0.0, exit: None, steps: vec![] };
         assert_eq!(o(Some(StopMethod::Powerdown)).exit_code(), 0);
         assert_eq!(o(Some(StopMethod::GuestAgent)).exit_code(), 0);
         assert_eq!(o(Some(StopMethod::AlreadyStopped)).exit_code(), 0);
@@ -321,44 +298,14 @@ mod tests {
             StopMethod::AlreadyStopped,
         ]
         .iter()
-        .map(|m| {
-            serde_json::to_value(m)
-                .unwrap()
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
+        .map(|m| serde_json::to_value(m).unwrap().as_str().unwrap().to_string())
         .collect();
-        assert_eq!(
-            names,
-            [
-                "powerdown",
-                "guest-agent",
-                "quit",
-                "sigterm",
-                "sigkill",
-                "already-stopped"
-            ]
-        );
+        assert_eq!(names, ["powerdown", "guest-agent", "quit", "sigterm", "sigkill", "already-stopped"]);
     }
 
     #[test]
     fn exit_info_names_the_signal() {
-        assert_eq!(
-            ExitInfo {
-                code: None,
-                signal: Some(9)
-            }
-            .to_string(),
-            "killed by signal 9 (SIGKILL)"
-        );
-        assert_eq!(
-            ExitInfo {
-                code: Some(0),
-                signal: None
-            }
-            .to_string(),
-            "exit status 0"
-        );
+        assert_eq!(ExitInfo { code: None, signal: Some(9) }.to_string(), "killed by signal 9 (SIGKILL)");
+        assert_eq!(ExitInfo { code: Some(0), signal: None }.to_string(), "exit status 0");
     }
 }

@@ -97,10 +97,7 @@ impl Forward {
     /// The `hostfwd` rule text shared by `-netdev` and HMP `hostfwd_add`.
     pub fn rule(&self) -> String {
         let proto = if self.udp { "udp" } else { "tcp" };
-        format!(
-            "{proto}:{}:{}-:{}",
-            self.host_addr, self.host_port, self.guest_port
-        )
+        format!("{proto}:{}:{}-:{}", self.host_addr, self.host_port, self.guest_port)
     }
 }
 
@@ -117,10 +114,7 @@ pub fn escape_value(v: &str) -> String {
 /// strings, but our own records are JSON), commas doubled.
 pub fn path_value(what: &str, p: &Path) -> Result<String> {
     let Some(s) = p.to_str() else {
-        bail!(
-            "{what} path {} is not valid UTF-8; QEMU cannot be given it safely: rename or move it",
-            p.display()
-        )
+        bail!("{what} path {} is not valid UTF-8; QEMU cannot be given it safely: rename or move it", p.display())
     };
     if s.contains('\n') || s.contains('\0') {
         bail!("{what} path {s:?} contains a newline; choose a path without one");
@@ -142,10 +136,7 @@ pub fn socket_value(what: &str, p: &Path) -> Result<String> {
 }
 
 fn chardev_socket(id: &str, what: &str, path: &Path) -> Result<String> {
-    Ok(format!(
-        "socket,id={id},path={},server=on,wait=off",
-        socket_value(what, path)?
-    ))
+    Ok(format!("socket,id={id},path={},server=on,wait=off", socket_value(what, path)?))
 }
 
 /// The full argument list after the binary name.
@@ -160,18 +151,10 @@ pub fn build_args(spec: &VmSpec) -> Result<Vec<String>> {
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
         Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
     }
-    push(&[
-        "-m",
-        &format!("{}M", spec.memory_mib),
-        "-smp",
-        &spec.cpus.to_string(),
-    ]);
+    push(&["-m", &format!("{}M", spec.memory_mib), "-smp", &spec.cpus.to_string()]);
 
     let e = &spec.endpoints;
-    push(&[
-        "-chardev",
-        &chardev_socket("qmp-sup", "supervisor QMP", &e.qmp_supervisor)?,
-    ]);
+    push(&["-chardev", &chardev_socket("qmp-sup", "supervisor QMP", &e.qmp_supervisor)?]);
     push(&["-mon", "chardev=qmp-sup,mode=control"]);
     push(&["-chardev", &chardev_socket("qmp", "QMP", &e.qmp_user)?]);
     push(&["-mon", "chardev=qmp,mode=control"]);
@@ -184,111 +167,56 @@ pub fn build_args(spec: &VmSpec) -> Result<Vec<String>> {
 
     for i in 0..spec.hotplug_ports {
         // Root ports on pcie.0 from slot 0x10 up, one chassis each.
-        let rp = format!(
-            "pcie-root-port,id=hp{i},chassis={},bus=pcie.0,addr={:#x}",
-            i + 1,
-            0x10 + i
-        );
+        let rp = format!("pcie-root-port,id=hp{i},chassis={},bus=pcie.0,addr={:#x}", i + 1, 0x10 + i);
         push(&["-device", &rp]);
     }
 
     if let Some(disk) = &spec.disk {
         let file = path_value("boot disk", disk)?;
-        push(&[
-            "-blockdev",
-            &format!("driver=file,node-name=disk0-file,filename={file},discard=unmap"),
-        ]);
-        push(&[
-            "-blockdev",
-            "driver=qcow2,node-name=disk0,file=disk0-file,discard=unmap",
-        ]);
-        push(&[
-            "-device",
-            "virtio-blk-pci,drive=disk0,id=disk0-dev,bootindex=0",
-        ]);
+        push(&["-blockdev", &format!("driver=file,node-name=disk0-file,filename={file},discard=unmap")]);
+        push(&["-blockdev", "driver=qcow2,node-name=disk0,file=disk0-file,discard=unmap"]);
+        // With -kernel, QEMU's linuxboot ROM already holds boot index 0.
+        let boot = if spec.kernel.is_some() { "" } else { ",bootindex=0" };
+        push(&["-device", &format!("virtio-blk-pci,drive=disk0,id=disk0-dev{boot}")]);
     }
     for (i, d) in spec.extra_disks.iter().enumerate() {
         let file = path_value("disk", &d.path)?;
         let id = escape_value(&d.id);
-        push(&[
-            "-blockdev",
-            &format!("driver=file,node-name={id}-file,filename={file}"),
-        ]);
-        push(&[
-            "-blockdev",
-            &format!(
-                "driver={},node-name={id},file={id}-file",
-                escape_value(&d.format)
-            ),
-        ]);
+        push(&["-blockdev", &format!("driver=file,node-name={id}-file,filename={file}")]);
+        push(&["-blockdev", &format!("driver={},node-name={id},file={id}-file", escape_value(&d.format))]);
         // Recorded disks sit in the last root ports so the first stay free.
         let port = spec.hotplug_ports.saturating_sub(1 + i as u32);
-        push(&[
-            "-device",
-            &format!("virtio-blk-pci,drive={id},id={id},bus=hp{port}"),
-        ]);
+        push(&["-device", &format!("virtio-blk-pci,drive={id},id={id},bus=hp{port}")]);
     }
 
-    let mut netdev = format!(
-        "user,id={NETDEV_ID},hostfwd=tcp:127.0.0.1:{}-:22",
-        spec.ssh_port
-    );
+    let mut netdev = format!("user,id={NETDEV_ID},hostfwd=tcp:127.0.0.1:{}-:22", spec.ssh_port);
     for f in &spec.forwards {
         netdev.push_str(",hostfwd=");
         netdev.push_str(&escape_value(&f.rule()));
     }
-    push(&[
-        "-netdev",
-        &netdev,
-        "-device",
-        &format!("virtio-net-pci,netdev={NETDEV_ID}"),
-    ]);
+    push(&["-netdev", &netdev, "-device", &format!("virtio-net-pci,netdev={NETDEV_ID}")]);
 
     for (i, s) in spec.shares.iter().enumerate() {
         let path = path_value("share", &s.path)?;
         let ro = if s.readonly { ",readonly=on" } else { "" };
         // security_model=none: files the guest creates belong to the host
         // user running QEMU, as they would for a local edit.
-        push(&[
-            "-fsdev",
-            &format!("local,id=share{i},path={path},security_model=none{ro}"),
-        ]);
-        push(&[
-            "-device",
-            &format!(
-                "virtio-9p-pci,fsdev=share{i},mount_tag={}",
-                escape_value(&s.tag)
-            ),
-        ]);
+        push(&["-fsdev", &format!("local,id=share{i},path={path},security_model=none{ro}")]);
+        push(&["-device", &format!("virtio-9p-pci,fsdev=share{i},mount_tag={}", escape_value(&s.tag))]);
     }
 
     push(&["-device", "virtio-serial-pci,id=vser0"]);
-    push(&[
-        "-chardev",
-        &chardev_socket("qga0", "guest agent", &e.guest_agent)?,
-    ]);
-    push(&[
-        "-device",
-        &format!("virtserialport,bus=vser0.0,chardev=qga0,name={GUEST_AGENT_PORT}"),
-    ]);
+    push(&["-chardev", &chardev_socket("qga0", "guest agent", &e.guest_agent)?]);
+    push(&["-device", &format!("virtserialport,bus=vser0.0,chardev=qga0,name={GUEST_AGENT_PORT}")]);
 
     let key = path_value("authorized key", &spec.authorized_key)?;
-    push(&[
-        "-fw_cfg",
-        &format!("name={FW_CFG_AUTHORIZED_KEYS},file={key}"),
-    ]);
+    push(&["-fw_cfg", &format!("name={FW_CFG_AUTHORIZED_KEYS},file={key}")]);
 
     if let Some(k) = &spec.kernel {
         // -kernel/-initrd are not QemuOpts, so no escaping; but -initrd
         // splits on ',' for multiboot kernels, so refuse that.
-        let kernel = k
-            .kernel
-            .to_str()
-            .ok_or_else(|| anyhow::anyhow!("--kernel path is not valid UTF-8"))?;
-        let initrd = k
-            .initrd
-            .to_str()
-            .ok_or_else(|| anyhow::anyhow!("--initrd path is not valid UTF-8"))?;
+        let kernel = k.kernel.to_str().ok_or_else(|| anyhow::anyhow!("--kernel path is not valid UTF-8"))?;
+        let initrd = k.initrd.to_str().ok_or_else(|| anyhow::anyhow!("--initrd path is not valid UTF-8"))?;
         if initrd.contains(',') {
             bail!("--initrd path {initrd:?} contains ',', which QEMU reads as a list of files: rename or link it");
         }
@@ -304,10 +232,7 @@ pub fn build_args(spec: &VmSpec) -> Result<Vec<String>> {
 pub fn shell_words(argv: &[String]) -> String {
     argv.iter()
         .map(|w| {
-            if !w.is_empty()
-                && w.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c))
-            {
+            if !w.is_empty() && w.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c)) {
                 w.clone()
             } else {
                 format!("'{}'", w.replace('\'', "'\\''"))
@@ -331,11 +256,7 @@ mod tests {
             ssh_port: 10022,
             disk: Some(d.join("overlay.qcow2")),
             kernel: None,
-            shares: vec![Share {
-                path: "/home/u/qbuf".into(),
-                tag: "qbuf".into(),
-                readonly: false,
-            }],
+            shares: vec![Share { path: "/home/u/qbuf".into(), tag: "qbuf".into(), readonly: false }],
             extra_disks: vec![],
             forwards: vec![],
             authorized_key: d.join("authorized_keys"),
@@ -351,28 +272,20 @@ mod tests {
     }
 
     fn after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
-        args.windows(2)
-            .filter(|w| w[0] == flag)
-            .map(|w| w[1].as_str())
-            .collect()
+        args.windows(2).filter(|w| w[0] == flag).map(|w| w[1].as_str()).collect()
     }
 
     #[test]
     fn ssh_forward_binds_loopback_only() {
         let a = build_args(&spec("/s/i/dev")).unwrap();
-        assert_eq!(
-            after(&a, "-netdev"),
-            ["user,id=net0,hostfwd=tcp:127.0.0.1:10022-:22"]
-        );
+        assert_eq!(after(&a, "-netdev"), ["user,id=net0,hostfwd=tcp:127.0.0.1:10022-:22"]);
     }
 
     #[test]
     fn boot_disk_is_virtio_blk_with_boot_index() {
         let a = build_args(&spec("/s/i/dev")).unwrap();
         assert!(after(&a, "-blockdev")[0].contains("filename=/s/i/dev/overlay.qcow2"));
-        assert!(
-            after(&a, "-device").contains(&"virtio-blk-pci,drive=disk0,id=disk0-dev,bootindex=0")
-        );
+        assert!(after(&a, "-device").contains(&"virtio-blk-pci,drive=disk0,id=disk0-dev,bootindex=0"));
     }
 
     #[test]
@@ -381,18 +294,9 @@ mod tests {
         s.shares[0].path = "/src/x,readonly".into();
         let a = build_args(&s).unwrap();
         let all = a.join(" ");
-        assert!(
-            all.contains("filename=/s/a,,snapshot/overlay.qcow2"),
-            "{all}"
-        );
-        assert!(
-            all.contains("path=/src/x,,readonly,security_model=none"),
-            "{all}"
-        );
-        assert!(
-            all.contains("path=/s/a,,snapshot/qmp.sock,server=on"),
-            "{all}"
-        );
+        assert!(all.contains("filename=/s/a,,snapshot/overlay.qcow2"), "{all}");
+        assert!(all.contains("path=/src/x,,readonly,security_model=none"), "{all}");
+        assert!(all.contains("path=/s/a,,snapshot/qmp.sock,server=on"), "{all}");
         assert!(all.contains("logfile=/s/a,,snapshot/serial.log"), "{all}");
         assert!(all.contains("file=/s/a,,snapshot/authorized_keys"), "{all}");
     }
@@ -403,13 +307,7 @@ mod tests {
         s.shares[0].readonly = true;
         let a = build_args(&s).unwrap();
         assert!(after(&a, "-fsdev")[0].ends_with(",readonly=on"));
-        assert_eq!(
-            after(&a, "-device")
-                .iter()
-                .filter(|d| d.starts_with("virtio-9p-pci"))
-                .count(),
-            1
-        );
+        assert_eq!(after(&a, "-device").iter().filter(|d| d.starts_with("virtio-9p-pci")).count(), 1);
     }
 
     #[test]
@@ -425,15 +323,9 @@ mod tests {
     #[test]
     fn hotplug_ports_are_reserved() {
         let a = build_args(&spec("/s")).unwrap();
-        let rps: Vec<_> = after(&a, "-device")
-            .into_iter()
-            .filter(|d| d.starts_with("pcie-root-port"))
-            .collect();
+        let rps: Vec<_> = after(&a, "-device").into_iter().filter(|d| d.starts_with("pcie-root-port")).collect();
         assert_eq!(rps.len(), 4);
-        assert_eq!(
-            rps[0],
-            "pcie-root-port,id=hp0,chassis=1,bus=pcie.0,addr=0x10"
-        );
+        assert_eq!(rps[0], "pcie-root-port,id=hp0,chassis=1,bus=pcie.0,addr=0x10");
     }
 
     #[test]
@@ -448,10 +340,7 @@ mod tests {
         use std::os::unix::ffi::OsStrExt;
         let mut s = spec("/s");
         s.disk = Some(PathBuf::from(std::ffi::OsStr::from_bytes(b"/s/\xff.qcow2")));
-        assert!(build_args(&s)
-            .unwrap_err()
-            .to_string()
-            .contains("not valid UTF-8"));
+        assert!(build_args(&s).unwrap_err().to_string().contains("not valid UTF-8"));
     }
 
     #[test]
@@ -466,6 +355,12 @@ mod tests {
         let a = build_args(&s).unwrap();
         assert_eq!(after(&a, "-append"), ["console=ttyS0 a,b"]);
         assert!(after(&a, "-blockdev").is_empty());
+        s.disk = Some("/s/o.qcow2".into());
+        let a = build_args(&s).unwrap();
+        assert!(
+            after(&a, "-device").contains(&"virtio-blk-pci,drive=disk0,id=disk0-dev"),
+            "no bootindex clash with -kernel"
+        );
         s.kernel.as_mut().unwrap().initrd = "/k/a,b".into();
         assert!(build_args(&s).unwrap_err().to_string().contains("--initrd"));
     }
@@ -473,21 +368,13 @@ mod tests {
     #[test]
     fn extra_forwards_are_escaped_and_loopback_by_default() {
         let mut s = spec("/s");
-        s.forwards.push(Forward {
-            udp: true,
-            host_addr: "127.0.0.1".into(),
-            host_port: 5353,
-            guest_port: 53,
-        });
+        s.forwards.push(Forward { udp: true, host_addr: "127.0.0.1".into(), host_port: 5353, guest_port: 53 });
         let a = build_args(&s).unwrap();
         assert!(after(&a, "-netdev")[0].ends_with(",hostfwd=udp:127.0.0.1:5353-:53"));
     }
 
     #[test]
     fn shell_words_quotes_what_needs_it() {
-        assert_eq!(
-            shell_words(&["-m".into(), "a b".into(), "it's".into()]),
-            "-m 'a b' 'it'\\''s'"
-        );
+        assert_eq!(shell_words(&["-m".into(), "a b".into(), "it's".into()]), "-m 'a b' 'it'\\''s'");
     }
 }

@@ -34,19 +34,9 @@ impl Event {
     fn from_json(v: &Value) -> Option<Event> {
         let name = v.get("event")?.as_str()?.to_string();
         let ts = v.get("timestamp");
-        let secs = ts
-            .and_then(|t| t.get("seconds"))
-            .and_then(Value::as_f64)
-            .unwrap_or(0.0);
-        let micros = ts
-            .and_then(|t| t.get("microseconds"))
-            .and_then(Value::as_f64)
-            .unwrap_or(0.0);
-        Some(Event {
-            event: name,
-            data: v.get("data").cloned().unwrap_or(Value::Null),
-            timestamp: secs + micros / 1e6,
-        })
+        let secs = ts.and_then(|t| t.get("seconds")).and_then(Value::as_f64).unwrap_or(0.0);
+        let micros = ts.and_then(|t| t.get("microseconds")).and_then(Value::as_f64).unwrap_or(0.0);
+        Some(Event { event: name, data: v.get("data").cloned().unwrap_or(Value::Null), timestamp: secs + micros / 1e6 })
     }
 
     /// `SHUTDOWN`'s `(guest, reason)`, read from raw JSON so a reason newer
@@ -55,16 +45,8 @@ impl Event {
         if self.event != "SHUTDOWN" {
             return None;
         }
-        let guest = self
-            .data
-            .get("guest")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        let reason = self
-            .data
-            .get("reason")
-            .and_then(Value::as_str)
-            .unwrap_or("unknown");
+        let guest = self.data.get("guest").and_then(Value::as_bool).unwrap_or(false);
+        let reason = self.data.get("reason").and_then(Value::as_str).unwrap_or("unknown");
         Some((guest, reason.to_string()))
     }
 }
@@ -101,17 +83,10 @@ impl std::fmt::Display for QmpError {
         match self {
             QmpError::Qemu { class, desc } => write!(f, "QEMU refused it: {class}: {desc}"),
             QmpError::Timeout { command, after } => {
-                write!(
-                    f,
-                    "QEMU did not answer '{command}' within {:.1}s",
-                    after.as_secs_f64()
-                )
+                write!(f, "QEMU did not answer '{command}' within {:.1}s", after.as_secs_f64())
             }
             QmpError::Disconnected { command, reason } => {
-                write!(
-                    f,
-                    "the QMP connection closed before QEMU answered '{command}' ({reason})"
-                )
+                write!(f, "the QMP connection closed before QEMU answered '{command}' ({reason})")
             }
             QmpError::Decode { command, detail } => {
                 write!(f, "QEMU's answer to '{command}' did not decode: {detail}")
@@ -151,10 +126,7 @@ impl Qmp {
         let mut line = String::new();
         let greeting = match tokio::time::timeout(timeout, reader.read_line(&mut line)).await {
             Err(_) => {
-                return Err(QmpError::Timeout {
-                    command: "greeting".into(),
-                    after: timeout,
-                });
+                return Err(QmpError::Timeout { command: "greeting".into(), after: timeout });
             }
             Ok(Err(e)) => return Err(QmpError::Io(e.to_string())),
             Ok(Ok(0)) => {
@@ -167,20 +139,12 @@ impl Qmp {
                 .map_err(|e| QmpError::Io(format!("greeting is not JSON: {e}")))?,
         };
         if greeting.get("QMP").is_none() {
-            return Err(QmpError::Io(format!(
-                "not a QMP greeting: {}",
-                line.trim_end()
-            )));
+            return Err(QmpError::Io(format!("not a QMP greeting: {}", line.trim_end())));
         }
         let (events, _) = broadcast::channel(1024);
         let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let (closed_tx, closed) = watch::channel(None);
-        tokio::spawn(read_loop(
-            reader,
-            pending.clone(),
-            events.clone(),
-            closed_tx,
-        ));
+        tokio::spawn(read_loop(reader, pending.clone(), events.clone(), closed_tx));
         let qmp = Qmp {
             writer: Arc::new(tokio::sync::Mutex::new(Box::new(w))),
             pending,
@@ -189,8 +153,7 @@ impl Qmp {
             closed,
             greeting,
         };
-        qmp.execute(&qapi::qmp::qmp_capabilities { enable: None }, timeout)
-            .await?;
+        qmp.execute(&qapi::qmp::qmp_capabilities { enable: None }, timeout).await?;
         Ok(qmp)
     }
 
@@ -198,10 +161,7 @@ impl Qmp {
     pub async fn connect(path: &std::path::Path, timeout: Duration) -> Result<Qmp, QmpError> {
         let s = tokio::time::timeout(timeout, tokio::net::UnixStream::connect(path))
             .await
-            .map_err(|_| QmpError::Timeout {
-                command: "connect".into(),
-                after: timeout,
-            })?
+            .map_err(|_| QmpError::Timeout { command: "connect".into(), after: timeout })?
             .map_err(|e| QmpError::Io(format!("{}: {e}", path.display())))?;
         Qmp::handshake(s, timeout).await
     }
@@ -231,27 +191,15 @@ impl Qmp {
 
     /// A typed command: qapi's generated type names the command and decodes
     /// the reply.
-    pub async fn execute<C: qapi::Command>(
-        &self,
-        cmd: &C,
-        timeout: Duration,
-    ) -> Result<C::Ok, QmpError> {
+    pub async fn execute<C: qapi::Command>(&self, cmd: &C, timeout: Duration) -> Result<C::Ok, QmpError> {
         let args = serde_json::to_value(cmd).map_err(|e| QmpError::Io(e.to_string()))?;
         let v = self.execute_raw(C::NAME, args, timeout).await?;
         // Commands with no return value answer `{}`.
-        serde_json::from_value(v).map_err(|e| QmpError::Decode {
-            command: C::NAME.into(),
-            detail: e.to_string(),
-        })
+        serde_json::from_value(v).map_err(|e| QmpError::Decode { command: C::NAME.into(), detail: e.to_string() })
     }
 
     /// Any command by name (for `qbuf-qemu qmp`), reply as raw JSON.
-    pub async fn execute_raw(
-        &self,
-        name: &str,
-        args: Value,
-        timeout: Duration,
-    ) -> Result<Value, QmpError> {
+    pub async fn execute_raw(&self, name: &str, args: Value, timeout: Duration) -> Result<Value, QmpError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
@@ -261,11 +209,7 @@ impl Qmp {
                 None => {
                     return Err(QmpError::Disconnected {
                         command: name.into(),
-                        reason: self
-                            .closed
-                            .borrow()
-                            .clone()
-                            .unwrap_or_else(|| "closed".into()),
+                        reason: self.closed.borrow().clone().unwrap_or_else(|| "closed".into()),
                     })
                 }
             };
@@ -278,29 +222,17 @@ impl Qmp {
         };
         if let Err(e) = write.await {
             self.forget(id);
-            return Err(QmpError::Disconnected {
-                command: name.into(),
-                reason: e.to_string(),
-            });
+            return Err(QmpError::Disconnected { command: name.into(), reason: e.to_string() });
         }
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(r)) => r.map_err(|e| match e {
-                QmpError::Disconnected { reason, .. } => QmpError::Disconnected {
-                    command: name.into(),
-                    reason,
-                },
+                QmpError::Disconnected { reason, .. } => QmpError::Disconnected { command: name.into(), reason },
                 other => other,
             }),
-            Ok(Err(_)) => Err(QmpError::Disconnected {
-                command: name.into(),
-                reason: "reader ended".into(),
-            }),
+            Ok(Err(_)) => Err(QmpError::Disconnected { command: name.into(), reason: "reader ended".into() }),
             Err(_) => {
                 self.forget(id);
-                Err(QmpError::Timeout {
-                    command: name.into(),
-                    after: timeout,
-                })
+                Err(QmpError::Timeout { command: name.into(), after: timeout })
             }
         }
     }
@@ -350,29 +282,15 @@ pub fn classify(line: &str) -> Option<Incoming> {
     let id = v.get("id").and_then(Value::as_u64);
     if let Some(r) = v.get("return") {
         return Some(match id {
-            Some(id) => Incoming::Reply {
-                id,
-                result: Ok(r.clone()),
-            },
+            Some(id) => Incoming::Reply { id, result: Ok(r.clone()) },
             None => Incoming::Unrouted(v),
         });
     }
     if let Some(e) = v.get("error") {
-        let class = e
-            .get("class")
-            .and_then(Value::as_str)
-            .unwrap_or("GenericError")
-            .to_string();
-        let desc = e
-            .get("desc")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
+        let class = e.get("class").and_then(Value::as_str).unwrap_or("GenericError").to_string();
+        let desc = e.get("desc").and_then(Value::as_str).unwrap_or("").to_string();
         return Some(match id {
-            Some(id) => Incoming::Reply {
-                id,
-                result: Err((class, desc)),
-            },
+            Some(id) => Incoming::Reply { id, result: Err((class, desc)) },
             None => Incoming::Unrouted(v),
         });
     }
@@ -391,9 +309,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
         match reader.read_until(b'\n', &mut buf).await {
             Ok(0) => break "EOF".to_string(),
             Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                break "connection reset".into()
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break "connection reset".into(),
             Err(e) => break e.to_string(),
         }
         let line = String::from_utf8_lossy(&buf);
@@ -402,8 +318,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 let tx = pending.lock().unwrap().as_mut().and_then(|m| m.remove(&id));
                 match tx {
                     Some(tx) => {
-                        let _ =
-                            tx.send(result.map_err(|(class, desc)| QmpError::Qemu { class, desc }));
+                        let _ = tx.send(result.map_err(|(class, desc)| QmpError::Qemu { class, desc }));
                     }
                     None => {
                         tracing::debug!(id, "dropping a reply nobody waits for (timed out earlier)")
@@ -421,10 +336,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     };
     let waiters = pending.lock().unwrap().take().unwrap_or_default();
     for (_, tx) in waiters {
-        let _ = tx.send(Err(QmpError::Disconnected {
-            command: String::new(),
-            reason: reason.clone(),
-        }));
+        let _ = tx.send(Err(QmpError::Disconnected { command: String::new(), reason: reason.clone() }));
     }
     let _ = closed.send(Some(reason));
 }
@@ -452,10 +364,7 @@ mod tests {
 
     #[test]
     fn request_line_is_compact_and_omits_empty_arguments() {
-        assert_eq!(
-            request_line("query-status", &json!({}), 7),
-            "{\"execute\":\"query-status\",\"id\":7}\n"
-        );
+        assert_eq!(request_line("query-status", &json!({}), 7), "{\"execute\":\"query-status\",\"id\":7}\n");
         let l = request_line("device_del", &json!({"id": "d0"}), 8);
         assert!(l.contains("\"arguments\":{\"id\":\"d0\"}"), "{l}");
         assert!(!l.contains(' '));
@@ -463,26 +372,13 @@ mod tests {
 
     #[test]
     fn classify_routes_replies_events_and_unrouted_errors() {
-        assert_eq!(
-            classify("{\"return\": {}, \"id\": 3}\r\n"),
-            Some(Incoming::Reply {
-                id: 3,
-                result: Ok(json!({}))
-            })
-        );
-        match classify(
-            "{\"id\": 4, \"error\": {\"class\": \"CommandNotFound\", \"desc\": \"x\"}}\r\n",
-        ) {
-            Some(Incoming::Reply {
-                id: 4,
-                result: Err((c, _)),
-            }) => assert_eq!(c, "CommandNotFound"),
+        assert_eq!(classify("{\"return\": {}, \"id\": 3}\r\n"), Some(Incoming::Reply { id: 3, result: Ok(json!({})) }));
+        match classify("{\"id\": 4, \"error\": {\"class\": \"CommandNotFound\", \"desc\": \"x\"}}\r\n") {
+            Some(Incoming::Reply { id: 4, result: Err((c, _)) }) => assert_eq!(c, "CommandNotFound"),
             other => panic!("{other:?}"),
         }
         assert!(matches!(
-            classify(
-                "{\"error\": {\"class\": \"GenericError\", \"desc\": \"JSON parse error\"}}\r\n"
-            ),
+            classify("{\"error\": {\"class\": \"GenericError\", \"desc\": \"JSON parse error\"}}\r\n"),
             Some(Incoming::Unrouted(_))
         ));
         match classify("{\"timestamp\": {\"seconds\": 10, \"microseconds\": 500000}, \"event\": \"NEW_THING\", \"data\": {\"x\": 1}}\r\n") {

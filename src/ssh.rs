@@ -21,14 +21,11 @@ pub fn ensure_user_key(state: &StateDir) -> Result<PathBuf> {
         return Ok(path);
     }
     private_dir(&state.ssh_dir())?;
-    let key =
-        ssh_key::PrivateKey::random(&mut ssh_key::rand_core::OsRng, ssh_key::Algorithm::Ed25519)
-            .context("cannot generate an SSH key")?;
+    let key = ssh_key::PrivateKey::random(&mut ssh_key::rand_core::OsRng, ssh_key::Algorithm::Ed25519)
+        .context("cannot generate an SSH key")?;
     let mut key = key;
     key.set_comment("qbuf-qemu");
-    let pem = key
-        .to_openssh(ssh_key::LineEnding::LF)
-        .context("cannot encode the SSH key")?;
+    let pem = key.to_openssh(ssh_key::LineEnding::LF).context("cannot encode the SSH key")?;
     let tmp = path.with_extension("tmp");
     fs::OpenOptions::new()
         .write(true)
@@ -38,10 +35,7 @@ pub fn ensure_user_key(state: &StateDir) -> Result<PathBuf> {
         .open(&tmp)
         .and_then(|mut f| f.write_all(pem.as_bytes()))
         .with_context(|| format!("cannot write {}", tmp.display()))?;
-    let public = key
-        .public_key()
-        .to_openssh()
-        .context("cannot encode the public key")?;
+    let public = key.public_key().to_openssh().context("cannot encode the public key")?;
     fs::write(path.with_extension("pub"), format!("{public}\n"))?;
     fs::rename(&tmp, &path)?;
     tracing::info!(path = %path.display(), "generated the qbuf-qemu SSH key");
@@ -58,13 +52,14 @@ pub fn public_key_line(private: &Path) -> Result<String> {
         }
     }
     let text = fs::read_to_string(private).with_context(|| {
-        format!(
-            "cannot read SSH key {}: give a readable private key with --ssh-key",
-            private.display()
-        )
+        format!("cannot read SSH key {}: give a readable private key with --ssh-key", private.display())
     })?;
     let key = ssh_key::PrivateKey::from_openssh(&text).with_context(|| {
-        format!("{} is not an OpenSSH private key, and {} does not exist: give the key's .pub beside it", private.display(), sibling.display())
+        format!(
+            "{} is not an OpenSSH private key, and {} does not exist: give the key's .pub beside it",
+            private.display(),
+            sibling.display()
+        )
     })?;
     Ok(key.public_key().to_openssh()?.trim().to_string())
 }
@@ -73,8 +68,7 @@ pub fn public_key_line(private: &Path) -> Result<String> {
 /// readable by others).
 pub fn check_private_key(path: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let meta =
-        fs::metadata(path).with_context(|| format!("SSH key {} does not exist", path.display()))?;
+    let meta = fs::metadata(path).with_context(|| format!("SSH key {} does not exist", path.display()))?;
     if meta.permissions().mode() & 0o077 != 0 {
         bail!(
             "SSH key {} is readable by other users and OpenSSH will refuse it: run 'chmod 600 {}'",
@@ -111,12 +105,7 @@ impl Target {
     /// it at first connect and refuses a different key afterwards.
     pub fn options(&self) -> Vec<String> {
         let o = |s: String| ["-o".to_string(), s];
-        let mut v = vec![
-            "-i".to_string(),
-            self.key.display().to_string(),
-            "-p".into(),
-            self.port.to_string(),
-        ];
+        let mut v = vec!["-i".to_string(), self.key.display().to_string(), "-p".into(), self.port.to_string()];
         for opt in [
             "IdentitiesOnly=yes".to_string(),
             "IdentityAgent=none".to_string(),
@@ -182,11 +171,7 @@ pub fn banner(port: u16, timeout: Duration) -> Option<String> {
             Err(_) => break,
         }
     }
-    let line = String::from_utf8_lossy(&got)
-        .lines()
-        .next()
-        .unwrap_or("")
-        .to_string();
+    let line = String::from_utf8_lossy(&got).lines().next().unwrap_or("").to_string();
     line.starts_with("SSH-").then_some(line)
 }
 
@@ -209,18 +194,14 @@ pub fn try_login(t: &Target, timeout: Duration) -> Result<Login> {
         .args(&argv[1..])
         .stdin(Stdio::null())
         .output()
-        .context(
-            "cannot run 'ssh': install OpenSSH's client (Debian: apt-get install openssh-client)",
-        )?;
+        .context("cannot run 'ssh': install OpenSSH's client (Debian: apt-get install openssh-client)")?;
     let err = String::from_utf8_lossy(&out.stderr);
     if out.status.success() {
         Ok(Login::Ok)
     } else if err.contains(HOST_KEY_CHANGED) || err.contains("Host key verification failed") {
         Ok(Login::HostKeyChanged)
     } else {
-        Ok(Login::Failed(
-            err.trim().lines().last().unwrap_or("").to_string(),
-        ))
+        Ok(Login::Failed(err.trim().lines().last().unwrap_or("").to_string()))
     }
 }
 
@@ -232,9 +213,7 @@ pub fn run_interactive(t: &Target, instance: &str, remote: &[String]) -> Result<
         .args(&argv[1..])
         .stderr(Stdio::piped())
         .spawn()
-        .context(
-            "cannot run 'ssh': install OpenSSH's client (Debian: apt-get install openssh-client)",
-        )?;
+        .context("cannot run 'ssh': install OpenSSH's client (Debian: apt-get install openssh-client)")?;
     let stderr = child.stderr.take().expect("piped");
     let mut mismatch = false;
     let mut out = std::io::stderr();
@@ -290,24 +269,15 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("qbuf-ssh-{}", std::process::id()));
         let state = StateDir::new(dir.clone());
         let k = ensure_user_key(&state).unwrap();
-        assert_eq!(
-            fs::metadata(&k).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(fs::metadata(&k).unwrap().permissions().mode() & 0o777, 0o600);
         let pub_line = public_key_line(&k).unwrap();
         assert!(pub_line.starts_with("ssh-ed25519 "), "{pub_line}");
         fs::remove_file(k.with_extension("pub")).unwrap();
-        assert_eq!(
-            public_key_line(&k).unwrap().split(' ').nth(1),
-            pub_line.split(' ').nth(1)
-        );
+        assert_eq!(public_key_line(&k).unwrap().split(' ').nth(1), pub_line.split(' ').nth(1));
         assert_eq!(ensure_user_key(&state).unwrap(), k, "generated once");
         check_private_key(&k).unwrap();
         fs::set_permissions(&k, fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(check_private_key(&k)
-            .unwrap_err()
-            .to_string()
-            .contains("chmod 600"));
+        assert!(check_private_key(&k).unwrap_err().to_string().contains("chmod 600"));
         fs::remove_dir_all(dir).unwrap();
     }
 
@@ -322,10 +292,7 @@ mod tests {
             s2.write_all(b"SSH-2.0-dropbear\r\n").unwrap();
         });
         assert_eq!(banner(port, Duration::from_secs(2)), None);
-        assert_eq!(
-            banner(port, Duration::from_secs(2)).as_deref(),
-            Some("SSH-2.0-dropbear")
-        );
+        assert_eq!(banner(port, Duration::from_secs(2)).as_deref(), Some("SSH-2.0-dropbear"));
         t.join().unwrap();
     }
 }

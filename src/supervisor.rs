@@ -61,10 +61,7 @@ pub struct StopRecord {
 }
 
 pub fn now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
 /// Summarises why QEMU ended, from the last SHUTDOWN and the exit status.
@@ -74,23 +71,15 @@ pub fn describe_stop(
     outcome: Option<&StopOutcome>,
 ) -> (bool, String) {
     let reason = shutdown.and_then(Event::shutdown);
-    let by = outcome
-        .and_then(|o| o.method)
-        .map(|m| format!(" (stopped by qbuf-qemu: {})", m.as_str()))
-        .unwrap_or_default();
+    let by =
+        outcome.and_then(|o| o.method).map(|m| format!(" (stopped by qbuf-qemu: {})", m.as_str())).unwrap_or_default();
     match (reason, exit) {
         (Some((_, r)), _) if r == "guest-panic" => (true, format!("the guest kernel panicked{by}")),
         (Some((true, r)), _) => (false, format!("the guest shut down ({r}){by}")),
         (Some((false, r)), _) => (false, format!("QEMU was told to stop ({r}){by}")),
         (None, Some(e)) if outcome.is_some() => (false, format!("QEMU ended, {e}{by}")),
-        (None, Some(e)) => (
-            true,
-            format!("QEMU ended unexpectedly, {e}, without a shutdown event"),
-        ),
-        (None, None) => (
-            true,
-            "QEMU ended unexpectedly; its exit status is unknown".into(),
-        ),
+        (None, Some(e)) => (true, format!("QEMU ended unexpectedly, {e}, without a shutdown event")),
+        (None, None) => (true, "QEMU ended unexpectedly; its exit status is unknown".into()),
     }
 }
 
@@ -114,33 +103,23 @@ struct Shared {
 
 /// Entry point of `qbuf-qemu __supervise`.
 pub fn run(inst: Instance) -> Result<i32> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(supervise(inst))
 }
 
 async fn supervise(inst: Instance) -> Result<i32> {
-    let plan: BootPlan =
-        crate::instance::read_json(&inst.boot_plan())?.context("boot.json is missing")?;
+    let plan: BootPlan = crate::instance::read_json(&inst.boot_plan())?.context("boot.json is missing")?;
     let _ = std::fs::remove_file(inst.launch_failure());
     let _ = std::fs::remove_file(inst.stop_record());
     for p in inst.runtime_files() {
         let _ = std::fs::remove_file(p);
     }
     let stderr = File::create(inst.qemu_stderr()).context("cannot create qemu.log")?;
-    let command_line = format!(
-        "{} {}",
-        plan.qemu.display(),
-        crate::qemu::shell_words(&plan.argv)
-    );
+    let command_line = format!("{} {}", plan.qemu.display(), crate::qemu::shell_words(&plan.argv));
     tracing::info!("starting {command_line}");
 
     let mut cmd = tokio::process::Command::new(&plan.qemu);
-    cmd.args(&plan.argv)
-        .stdin(std::process::Stdio::null())
-        .stdout(stderr.try_clone()?)
-        .stderr(stderr);
+    cmd.args(&plan.argv).stdin(std::process::Stdio::null()).stdout(stderr.try_clone()?).stderr(stderr);
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
@@ -148,8 +127,7 @@ async fn supervise(inst: Instance) -> Result<i32> {
             let mut set = SigSet::empty();
             set.add(Signal::SIGTERM);
             set.add(Signal::SIGHUP);
-            nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), None)
-                .map_err(std::io::Error::from)
+            nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), None).map_err(std::io::Error::from)
         });
     }
     let mut child = match cmd.spawn() {
@@ -170,14 +148,8 @@ async fn supervise(inst: Instance) -> Result<i32> {
     tokio::spawn(async move {
         let st = child.wait().await;
         let info = match st {
-            Ok(s) => ExitInfo {
-                code: s.code(),
-                signal: s.signal(),
-            },
-            Err(_) => ExitInfo {
-                code: None,
-                signal: None,
-            },
+            Ok(s) => ExitInfo { code: s.code(), signal: s.signal() },
+            Err(_) => ExitInfo { code: None, signal: None },
         };
         let _ = exit_tx.send(Some(info));
     });
@@ -203,10 +175,7 @@ async fn supervise(inst: Instance) -> Result<i32> {
                 }
             }
             if tokio::time::Instant::now() > deadline {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
                 let f = LaunchFailure {
                     message: "QEMU did not open its QMP socket within 60s; it was killed".into(),
                     exit: None,
@@ -262,11 +231,7 @@ async fn supervise(inst: Instance) -> Result<i32> {
 
     // Every event of the VM's life goes to events.jsonl, even with no
     // command running.
-    let mut log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(inst.events_log())?;
+    let mut log = OpenOptions::new().create(true).append(true).mode(0o600).open(inst.events_log())?;
     let sh = shared.clone();
     let event_task = tokio::spawn(async move {
         loop {
@@ -280,22 +245,20 @@ async fn supervise(inst: Instance) -> Result<i32> {
                     }
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    let _ = writeln!(log, "{{\"event\":\"QBUF_EVENTS_LOST\",\"data\":{{\"count\":{n}}},\"timestamp\":{}}}", now());
+                    let _ = writeln!(
+                        log,
+                        "{{\"event\":\"QBUF_EVENTS_LOST\",\"data\":{{\"count\":{n}}},\"timestamp\":{}}}",
+                        now()
+                    );
                 }
                 Err(_) => break,
             }
         }
     });
 
-    let listener =
-        UnixListener::bind(inst.control()).context("cannot create the control socket")?;
+    let listener = UnixListener::bind(inst.control()).context("cannot create the control socket")?;
     std::fs::set_permissions(inst.control(), std::fs::Permissions::from_mode(0o600))?;
-    for s in [
-        inst.qmp_user(),
-        inst.qmp_supervisor(),
-        inst.console(),
-        inst.guest_agent(),
-    ] {
+    for s in [inst.qmp_user(), inst.qmp_supervisor(), inst.console(), inst.guest_agent()] {
         let _ = std::fs::set_permissions(s, std::fs::Permissions::from_mode(0o600));
     }
     write_json(&inst.run_record(), &record)?;
@@ -311,22 +274,14 @@ async fn supervise(inst: Instance) -> Result<i32> {
     let sh = shared.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut hup), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::hangup()),
-            signal(SignalKind::interrupt()),
-        ) else {
+        let (Ok(mut term), Ok(mut hup), Ok(mut int)) =
+            (signal(SignalKind::terminate()), signal(SignalKind::hangup()), signal(SignalKind::interrupt()))
+        else {
             return;
         };
         tokio::select! { _ = term.recv() => {}, _ = hup.recv() => {}, _ = int.recv() => {} }
         tracing::info!("host signal received: powering the guest down");
-        start_ladder(
-            &sh,
-            StopOptions {
-                timeout: Duration::from_secs(45),
-                force: false,
-            },
-        );
+        start_ladder(&sh, StopOptions { timeout: Duration::from_secs(45), force: false });
     });
 
     let mut exited_rx = exited.clone();
@@ -346,14 +301,7 @@ async fn supervise(inst: Instance) -> Result<i32> {
     };
     let shutdown = shared.info.lock().unwrap().last_shutdown.clone();
     let (crashed, reason) = describe_stop(shutdown.as_ref(), exit, outcome.as_ref());
-    let rec = StopRecord {
-        stopped_at: now(),
-        exit,
-        shutdown,
-        outcome,
-        crashed,
-        reason: reason.clone(),
-    };
+    let rec = StopRecord { stopped_at: now(), exit, shutdown, outcome, crashed, reason: reason.clone() };
     tracing::info!("QEMU is gone: {reason}");
     write_json(&inst.stop_record(), &rec)?;
     for p in inst.runtime_files() {
@@ -376,10 +324,7 @@ fn start_ladder(sh: &Arc<Shared>, opts: StopOptions) {
     }
     let sh = sh.clone();
     tokio::spawn(async move {
-        let proc = ChildProcess {
-            pid: sh.pid,
-            exited: sh.exited.clone(),
-        };
+        let proc = ChildProcess { pid: sh.pid, exited: sh.exited.clone() };
         let known = sh.info.lock().unwrap().last_shutdown.clone();
         let sh2 = sh.clone();
         let on_step = move |m: StopMethod| {
@@ -398,46 +343,26 @@ async fn serve(sh: Arc<Shared>, conn: UnixStream) {
         return;
     }
     let send = |resp: Response| {
-        let mut s =
-            serde_json::to_string(&resp).unwrap_or_else(|e| format!("{{\"failed\":\"{e}\"}}"));
+        let mut s = serde_json::to_string(&resp).unwrap_or_else(|e| format!("{{\"failed\":\"{e}\"}}"));
         s.push('\n');
         s
     };
     let req: Request = match serde_json::from_str(&line) {
         Ok(r) => r,
         Err(e) => {
-            let _ = w
-                .write_all(send(Response::Failed(format!("bad request: {e}"))).as_bytes())
-                .await;
+            let _ = w.write_all(send(Response::Failed(format!("bad request: {e}"))).as_bytes()).await;
             return;
         }
     };
     match req {
         Request::Info => {
             let info = sh.info.lock().unwrap().clone();
-            let _ = w
-                .write_all(
-                    send(Response::Ok(
-                        serde_json::to_value(info).unwrap_or(Value::Null),
-                    ))
-                    .as_bytes(),
-                )
-                .await;
+            let _ = w.write_all(send(Response::Ok(serde_json::to_value(info).unwrap_or(Value::Null))).as_bytes()).await;
         }
-        Request::Qmp {
-            command,
-            arguments,
-            timeout_ms,
-        } => {
-            let resp = match sh
-                .qmp
-                .execute_raw(&command, arguments, Duration::from_millis(timeout_ms))
-                .await
-            {
+        Request::Qmp { command, arguments, timeout_ms } => {
+            let resp = match sh.qmp.execute_raw(&command, arguments, Duration::from_millis(timeout_ms)).await {
                 Ok(v) => Response::Ok(v),
-                Err(crate::qmp::QmpError::Qemu { class, desc }) => {
-                    Response::QmpError { class, desc }
-                }
+                Err(crate::qmp::QmpError::Qemu { class, desc }) => Response::QmpError { class, desc },
                 Err(e) => Response::Failed(e.to_string()),
             };
             let _ = w.write_all(send(resp).as_bytes()).await;
@@ -455,17 +380,8 @@ async fn serve(sh: Arc<Shared>, conn: UnixStream) {
                 }
             }
         }
-        Request::Powerdown {
-            timeout_secs,
-            force,
-        } => {
-            start_ladder(
-                &sh,
-                StopOptions {
-                    timeout: Duration::from_secs_f64(timeout_secs.max(0.0)),
-                    force,
-                },
-            );
+        Request::Powerdown { timeout_secs, force } => {
+            start_ladder(&sh, StopOptions { timeout: Duration::from_secs_f64(timeout_secs.max(0.0)), force });
             let mut done = sh.done.subscribe();
             let _ = done.wait_for(|d| *d).await;
             let outcome = sh.outcome.borrow().clone();
@@ -485,46 +401,23 @@ mod tests {
     use serde_json::json;
 
     fn ev(guest: bool, reason: &str) -> Event {
-        Event {
-            event: "SHUTDOWN".into(),
-            data: json!({"guest": guest, "reason": reason}),
-            timestamp: 1.0,
-        }
+        Event { event: "SHUTDOWN".into(), data: json!({"guest": guest, "reason": reason}), timestamp: 1.0 }
     }
 
     #[test]
     fn stop_reasons_name_the_cause() {
-        let (c, r) = describe_stop(
-            Some(&ev(true, "guest-shutdown")),
-            Some(ExitInfo {
-                code: Some(0),
-                signal: None,
-            }),
-            None,
-        );
+        let (c, r) =
+            describe_stop(Some(&ev(true, "guest-shutdown")), Some(ExitInfo { code: Some(0), signal: None }), None);
         assert!(!c);
         assert!(r.contains("guest shut down (guest-shutdown)"), "{r}");
-        let (c, r) = describe_stop(
-            None,
-            Some(ExitInfo {
-                code: None,
-                signal: Some(9),
-            }),
-            None,
-        );
+        let (c, r) = describe_stop(None, Some(ExitInfo { code: None, signal: Some(9) }), None);
         assert!(c);
         assert!(r.contains("SIGKILL"), "{r}");
         let (c, r) = describe_stop(Some(&ev(true, "guest-panic")), None, None);
         assert!(c);
         assert!(r.contains("panicked"));
-        let (c, r) = describe_stop(
-            Some(&ev(false, "host-signal")),
-            Some(ExitInfo {
-                code: Some(0),
-                signal: None,
-            }),
-            None,
-        );
+        let (c, r) =
+            describe_stop(Some(&ev(false, "host-signal")), Some(ExitInfo { code: Some(0), signal: None }), None);
         assert!(!c);
         assert!(r.contains("host-signal"));
     }

@@ -28,6 +28,8 @@ fi
 
 export DEBIAN_FRONTEND=noninteractive
 apt-get install -y -q --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils
+# QEMU 7.2 below finds its firmware through these packages.
+apt-get install -y -q --no-install-recommends seabios ipxe-qemu
 
 # QEMU 7.2 (bookworm's own) unpacked beside QEMU 10 without replacing it.
 if [ ! -x "$qemu72_dir/usr/bin/qemu-system-x86_64" ]; then
@@ -40,16 +42,17 @@ if [ ! -x "$qemu72_dir/usr/bin/qemu-system-x86_64" ]; then
   mkdir -p "$qemu72_dir"
   for deb in "$tmp"/*.deb; do dpkg-deb -x "$deb" "$qemu72_dir"; done
   rm -rf "$tmp"
-  # Firmware that 7.2's data package only links to (seabios, ipxe ROMs).
-  for f in /usr/share/qemu/*; do
-    b=$(basename "$f")
-    [ -e "$qemu72_dir/usr/share/qemu/$b" ] || ln -sf "$f" "$qemu72_dir/usr/share/qemu/$b"
-  done
-  for f in "$qemu72_dir"/usr/share/qemu/*; do
-    if [ -L "$f" ] && [ ! -e "$f" ]; then
-      b=$(basename "$f"); [ -e "/usr/share/qemu/$b" ] && ln -sf "/usr/share/qemu/$b" "$f"
-    fi
-  done
 fi
+# Firmware that 7.2's data package only links to (seabios, ipxe ROMs): always
+# re-linked, so an interrupted earlier run is repaired.
+for f in /usr/share/qemu/* /usr/share/seabios/* /usr/lib/ipxe/qemu/*; do
+  b=$(basename "$f")
+  [ -e "$qemu72_dir/usr/share/qemu/$b" ] || ln -sfn "$f" "$qemu72_dir/usr/share/qemu/$b"
+done
+for f in "$qemu72_dir"/usr/share/qemu/*; do
+  if [ -L "$f" ] && [ ! -e "$f" ]; then
+    b=$(basename "$f"); [ -e "/usr/share/qemu/$b" ] && ln -sfn "/usr/share/qemu/$b" "$f"
+  fi
+done
 echo "install-host-qemu: $(qemu-system-x86_64 --version | head -n1)"
 echo "install-host-qemu: $("$qemu72_dir/usr/bin/qemu-system-x86_64" -L "$qemu72_dir/usr/share/qemu" --version | head -n1)"

@@ -1,0 +1,258 @@
+//! End to end against real QEMU (TCG) and the busybox test guest. One VM at a
+//! time (see support::Env). Run with: cargo test --test e2e
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::*;
+
+fn s(v: &Value, k: &str) -> String {
+    v.get(k).and_then(Value::as_str).unwrap_or_else(|| panic!("no string {k:?} in {v}")).to_string()
+}
+
+#[test]
+fn launch_ssh_share_powerdown_relaunch_keeps_data_then_destroy_leaves_nothing() {
+    let env = Env::new("lifecycle");
+    let share = env.dir.join("checkout");
+    std::fs::create_dir_all(&share).unwrap();
+    std::fs::write(share.join("from-host.txt"), "written on the host\n").unwrap();
+    let disk = guest().disk;
+
+    let v = env.launch(&["--image", path_str(&disk), "--share", path_str(&share)]);
+    for k in ["name", "pid", "ssh_port", "ssh_user", "qmp_socket", "serial_log", "ready_seconds"] {
+        assert!(v.get(k).is_some_and(|x| !x.is_null()), "launch --json lacks {k}: {v}");
+    }
+    assert_eq!(s(&v, "ssh_user"), "dev");
+    let pid = v["pid"].as_i64().unwrap() as i32;
+    assert!(pid_running(pid));
+
+    // ssh runs a command, exit code is the remote one, args joined like OpenSSH.
+    let out = env.ssh("dev", "cat /mnt/qbuf/from-host.txt && echo from-guest > /mnt/qbuf/from-guest.txt && echo data-v1 > /data/marker && sync");
+    out.ok();
+    assert!(out.stdout().contains("written on the host"), "{}", out.text());
+    assert_eq!(std::fs::read_to_string(share.join("from-guest.txt")).unwrap(), "from-guest\n");
+    env.run(&["ssh", "--", "exit", "7"]).code_is(7);
+
+    let (st, _) = env.json(&["status"]);
+    assert_eq!(s(&st, "state"), "running");
+    assert_eq!(s(&st, "qemu_status"), "running");
+    assert_eq!(st["pid"].as_i64().unwrap() as i32, pid);
+
+    let (p, out) = env.json(&["powerdown"]);
+    out.code_is(0);
+    assert_eq!(s(&p, "method"), "powerdown");
+    assert_eq!(s(&p, "shutdown_reason"), "guest-shutdown");
+    assert!(!pid_running(pid), "QEMU {pid} still runs after powerdown");
+    let (st, out) = env.json(&["status"]);
+    out.code_is(0);
+    assert_eq!(s(&st, "state"), "stopped");
+    assert!(s(&st, "stop_reason").contains("guest-shutdown"), "{st}");
+
+    // A plain launch reuses the saved settings and the overlay.
+    let (v2, out) = env.json(&["launch", "--timeout", "120"]);
+    out.ok();
+    assert_ne!(v2["pid"], v["pid"]);
+    assert_eq!(v2["ssh_port"], v["ssh_port"], "the auto port is kept");
+    let out = env.ssh("dev", "cat /data/marker");
+    out.ok();
+    assert_eq!(out.stdout().trim(), "data-v1", "guest data lost across relaunch");
+    // The base image was never written.
+    assert!(
+        std::fs::metadata(&disk).unwrap().modified().unwrap() < std::time::SystemTime::now() - Duration::from_secs(1)
+    );
+
+    let (d, out) = env.json(&["destroy", "--yes"]);
+    out.code_is(0);
+    assert_eq!(d["stop"]["method"], "powerdown");
+    assert!(!env.instance_dir("dev").exists(), "instance dir survives destroy");
+    assert!(env.qemu_pids().is_empty());
+    assert!(std::fs::read_to_string(share.join("from-host.txt")).is_ok(), "the share is the user's: never removed");
+    env.run(&["status"]).code_is(1);
+}
+
+#[test]
+fn boots_from_a_bootable_qcow2_disk_and_powers_off() {
+    let env = Env::new("diskboot");
+    let g = guest();
+    let (v, out) = env.json(&[
+        "launch",
+        "--image",
+        path_str(&g.disk),
+        "--accel",
+        "tcg",
+        "--memory",
+        "512M",
+        "--ssh-port",
+        "auto",
+        "--no-share",
+        "--timeout",
+        "120",
+    ]);
+    out.ok();
+    assert!(v["ready_seconds"].as_f64().unwrap() > 0.0);
+    env.ssh("dev", "test -b /dev/vda").ok();
+    let (p, out) = env.json(&["powerdown"]);
+    out.code_is(0);
+    assert_eq!(s(&p, "method"), "powerdown");
+    assert_eq!(s(&p, "shutdown_reason"), "guest-shutdown");
+}
+
+#[test]
+fn guest_ignoring_the_power_button_is_stopped_by_quit_with_exit_3() {
+    let env = Env::new("ignorepower");
+    let args = env.launch_args(&["--no-share", "--append", "console=ttyS0 quiet qbuf.ignore_power=1"]);
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    env.run(&a).ok();
+    let t = Instant::now();
+    let (p, out) = env.json(&["powerdown", "--timeout", "3"]);
+    out.code_is(3);
+    assert_eq!(s(&p, "method"), "quit");
+    assert_eq!(s(&p, "shutdown_reason"), "host-qmp-quit");
+    assert!(t.elapsed() >= Duration::from_secs(3));
+    let (st, _) = env.json(&["status"]);
+    assert_eq!(s(&st, "state"), "stopped");
+}
+
+#[test]
+fn status_answers_while_a_powerdown_waits() {
+    let env = Env::new("concurrent");
+    let args = env.launch_args(&["--no-share", "--append", "console=ttyS0 quiet qbuf.ignore_power=1"]);
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    env.run(&a).ok();
+    let mut pd =
+        env.cmd(&["--json", "powerdown", "--timeout", "8"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let t = Instant::now();
+    let (st, out) = env.json(&["status"]);
+    out.ok();
+    assert!(t.elapsed() < Duration::from_secs(4), "status took {:?} behind a powerdown", t.elapsed());
+    assert_eq!(s(&st, "state"), "stopping");
+    assert_eq!(s(&st, "stopping_step"), "powerdown");
+    let st = pd.wait().unwrap();
+    assert_eq!(st.code(), Some(3));
+}
+
+#[test]
+fn qemu_killed_behind_our_back_is_reported_and_relaunch_works() {
+    let env = Env::new("killed");
+    let v = env.launch(&["--no-share"]);
+    let pid = v["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_until("the supervisor to record the crash", Duration::from_secs(10), || {
+        env.instance_dir("dev").join("stopped.json").exists()
+    });
+    let (st, out) = env.json(&["status"]);
+    out.code_is(0);
+    assert_eq!(s(&st, "state"), "crashed");
+    assert!(s(&st, "stop_reason").contains("SIGKILL"), "{st}");
+    assert_eq!(st["exit"]["signal"], 9);
+    let (p, out) = env.json(&["powerdown"]);
+    out.code_is(0);
+    assert_eq!(s(&p, "method"), "already-stopped");
+    let v2 = env.launch(&[]);
+    assert!(pid_running(v2["pid"].as_i64().unwrap() as i32));
+    env.run(&["powerdown"]).code_is(0);
+}
+
+#[test]
+fn host_sigterm_to_qemu_or_supervisor_powers_the_guest_down() {
+    let env = Env::new("sigterm");
+    let v = env.launch(&["--no-share"]);
+    let pid = v["pid"].as_i64().unwrap() as i32;
+    let nixpid = nix::unistd::Pid::from_raw(pid);
+    // QEMU itself ignores the host's SIGTERM (blocked) ...
+    nix::sys::signal::kill(nixpid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(pid_running(pid), "SIGTERM cut QEMU off");
+    // ... and the supervisor turns it into a powerdown.
+    let run: Value = serde_json::from_slice(&std::fs::read(env.instance_dir("dev").join("run.json")).unwrap()).unwrap();
+    let sup = run["supervisor"]["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(sup), nix::sys::signal::Signal::SIGTERM).unwrap();
+    wait_until("QEMU to power off", Duration::from_secs(30), || !pid_running(pid));
+    wait_until("the stop record", Duration::from_secs(10), || env.instance_dir("dev").join("stopped.json").exists());
+    let (st, _) = env.json(&["status"]);
+    assert_eq!(s(&st, "state"), "stopped");
+    assert!(s(&st, "stop_reason").contains("guest-shutdown"), "{st}");
+}
+
+#[test]
+fn busy_port_is_a_clear_error_that_suggests_auto() {
+    let env = Env::new("busyport");
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port().to_string();
+    let args = env.launch_args(&["--no-share", "--ssh-port", &port]);
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = env.run(&a);
+    out.code_is(1);
+    assert!(out.stderr().contains(&port) && out.stderr().contains("--ssh-port auto"), "{}", out.text());
+    assert!(env.qemu_pids().is_empty());
+}
+
+#[test]
+fn two_concurrent_launches_start_one_qemu() {
+    let env = Env::new("twolaunch");
+    let args = env.launch_args(&["--no-share"]);
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut json = vec!["--json"];
+    json.extend(a.iter());
+    let c1 = env.cmd(&json).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let c2 = env.cmd(&json).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let o1 = c1.wait_with_output().unwrap();
+    let o2 = c2.wait_with_output().unwrap();
+    assert!(o1.status.success(), "{}", String::from_utf8_lossy(&o1.stderr));
+    assert!(o2.status.success(), "{}", String::from_utf8_lossy(&o2.stderr));
+    let v1: Value = serde_json::from_slice(&o1.stdout).unwrap();
+    let v2: Value = serde_json::from_slice(&o2.stdout).unwrap();
+    assert_eq!(v1["pid"], v2["pid"], "both report the one QEMU");
+    assert_eq!(v1["already_running"].as_bool().unwrap() ^ v2["already_running"].as_bool().unwrap(), true);
+    assert_eq!(env.qemu_pids().len(), 1);
+    // A plain launch on the running instance says so, exit 0, and saves a change for the next boot.
+    let (v3, out) = env.json(&["launch", "--cpus", "1"]);
+    out.code_is(0);
+    assert_eq!(v3["already_running"], true);
+    assert_eq!(v3["changes"][0]["setting"], "cpus");
+    let out = env.run(&["launch", "--cpus", "1"]);
+    assert!(out.stdout().contains("already running"), "{}", out.text());
+    env.run(&["powerdown"]).code_is(0);
+}
+
+#[test]
+fn failed_launch_shows_qemu_output_and_command_line_and_leaves_nothing_running() {
+    let env = Env::new("failing");
+    let args = env.launch_args(&["--no-share", "--memory", "9000000G"]);
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = env.run(&a);
+    out.code_is(1);
+    let err = out.stderr();
+    assert!(err.contains("QEMU said:"), "{err}");
+    assert!(err.contains("command line:") && err.contains("qemu-system-x86_64"), "{err}");
+    assert!(err.contains("exit status 1"), "{err}");
+    assert!(env.qemu_pids().is_empty());
+    let (st, _) = env.json(&["status"]);
+    assert_eq!(s(&st, "state"), "stopped");
+}
+
+#[test]
+fn qemu_7_2_runs_the_same_lifecycle() {
+    let (bin, fw) = qemu72();
+    let env =
+        Env::new("qemu72").with_env("QBUF_QEMU_SYSTEM", path_str(&bin)).with_env("QBUF_QEMU_FIRMWARE", path_str(&fw));
+    let v = env.launch(&["--no-share", "--image", path_str(&guest().disk)]);
+    let (st, _) = env.json(&["status"]);
+    assert!(s(&st, "qemu_version").starts_with("7.2"), "{st}");
+    env.ssh("dev", "true").ok();
+    let (p, out) = env.json(&["powerdown"]);
+    out.code_is(0);
+    assert_eq!(s(&p, "method"), "powerdown");
+    assert_eq!(s(&p, "shutdown_reason"), "guest-shutdown");
+    assert!(!pid_running(v["pid"].as_i64().unwrap() as i32));
+    // 7.2's quit path too.
+    let args = env.launch_args(&["--append", "console=ttyS0 quiet qbuf.ignore_power=1"]);
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    env.run(&a).ok();
+    let (p, out) = env.json(&["powerdown", "--force"]);
+    out.code_is(3);
+    assert_eq!(s(&p, "method"), "quit");
+}

@@ -1,0 +1,222 @@
+//! Shared test machinery: the test guest, a private state dir per test, and
+//! running the real `qbuf-qemu` binary. End-to-end tests need real QEMU and
+//! the test guest; when either is missing they fail loudly, never skip.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// TCG on two cores: one VM at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_qbuf-qemu"))
+}
+
+/// The busybox test guest built by `tests/guest/build.sh`.
+pub struct Guest {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub disk: PathBuf,
+}
+
+pub fn guest() -> Guest {
+    let dir =
+        std::env::var_os("QBUF_TEST_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join("tests/guest/out"));
+    let g = Guest { kernel: dir.join("vmlinuz"), initrd: dir.join("initrd.img"), disk: dir.join("disk.qcow2") };
+    for p in [&g.kernel, &g.initrd, &g.disk] {
+        assert!(
+            p.is_file(),
+            "test guest file {} is missing: run 'tests/guest/build.sh' (or .ci/run) first",
+            p.display()
+        );
+    }
+    g
+}
+
+/// QEMU 7.2 unpacked beside the system's QEMU by tests/support/install-host-qemu.sh.
+pub fn qemu72() -> (PathBuf, PathBuf) {
+    let dir = std::env::var_os("QBUF_TEST_QEMU72")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/opt/qbuf-qemu-test/qemu-7.2".into());
+    let bin = dir.join("usr/bin/qemu-system-x86_64");
+    assert!(bin.is_file(), "QEMU 7.2 is missing at {}: run 'tests/support/install-host-qemu.sh'", bin.display());
+    (bin, dir.join("usr/share/qemu"))
+}
+
+pub fn require_qemu() {
+    let ok = Command::new("qemu-system-x86_64").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    assert!(ok, "qemu-system-x86_64 is not installed: run 'tests/support/install-host-qemu.sh' (or .ci/run)");
+}
+
+/// One test's world: its own state dir and a lock that keeps VMs serial.
+pub struct Env {
+    pub dir: PathBuf,
+    pub state: PathBuf,
+    pub envs: Vec<(String, String)>,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl Env {
+    pub fn new(test: &str) -> Env {
+        require_qemu();
+        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        // Short paths: unix socket names are limited to 107 bytes.
+        let dir = PathBuf::from(format!("/tmp/qbq-{}-{}", std::process::id(), &test[..test.len().min(12)]));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let state = dir.join("s");
+        Env { dir, state, envs: vec![], _serial: serial }
+    }
+
+    pub fn with_env(mut self, k: &str, v: &str) -> Env {
+        self.envs.push((k.into(), v.into()));
+        self
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin());
+        c.arg("--state-dir").arg(&self.state).args(args).current_dir(&self.dir).stdin(Stdio::null());
+        c.env_remove("QBUF_QEMU_SYSTEM").env_remove("QBUF_QEMU_FIRMWARE").env_remove("QBUF_QEMU_STATE_DIR");
+        for (k, v) in &self.envs {
+            c.env(k, v);
+        }
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Out {
+        let o = self.cmd(args).output().expect("run qbuf-qemu");
+        Out(o, args.join(" "))
+    }
+
+    /// `--json` output parsed.
+    pub fn json(&self, args: &[&str]) -> (Value, Out) {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let out = self.run(&a);
+        let v = serde_json::from_slice(&out.0.stdout)
+            .unwrap_or_else(|e| panic!("{}: stdout is not one JSON document ({e}):\n{}", out.1, out.text()));
+        (v, out)
+    }
+
+    /// Direct kernel boot of the test guest under TCG on a free port; a flag
+    /// in `extra` replaces its default.
+    pub fn launch_args(&self, extra: &[&str]) -> Vec<String> {
+        let g = guest();
+        let defaults = [
+            ("--kernel", path_str(&g.kernel).to_string()),
+            ("--initrd", path_str(&g.initrd).to_string()),
+            ("--append", "console=ttyS0 quiet".to_string()),
+            ("--accel", "tcg".to_string()),
+            ("--memory", "512M".to_string()),
+            ("--ssh-port", "auto".to_string()),
+            ("--timeout", "120".to_string()),
+        ];
+        let mut v = vec!["launch".to_string()];
+        for (flag, value) in defaults {
+            if !extra.contains(&flag) {
+                v.push(flag.to_string());
+                v.push(value);
+            }
+        }
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    }
+
+    pub fn launch(&self, extra: &[&str]) -> Value {
+        let args = self.launch_args(extra);
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (v, out) = self.json(&a);
+        out.ok();
+        v
+    }
+
+    pub fn instance_dir(&self, name: &str) -> PathBuf {
+        self.state.join("instances").join(name)
+    }
+
+    pub fn ssh(&self, name: &str, cmd: &str) -> Out {
+        self.run(&["--name", name, "ssh", "--", cmd])
+    }
+
+    /// QEMU pids this test's state dir started and that still run.
+    pub fn qemu_pids(&self) -> Vec<i32> {
+        let needle = self.state.to_str().unwrap().to_string();
+        let mut v = vec![];
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+            let cmd = String::from_utf8_lossy(&cmd);
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let zombie = state.rsplit(')').next().map(|r| r.trim_start().starts_with('Z')).unwrap_or(true);
+            if cmd.contains("qemu-system") && cmd.contains(&needle) && !zombie {
+                v.push(pid);
+            }
+        }
+        v
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for pid in self.qemu_pids() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+        // Supervisors exit once their QEMU is gone.
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub struct Out(pub Output, pub String);
+
+impl Out {
+    pub fn code(&self) -> i32 {
+        self.0.status.code().unwrap_or(-1)
+    }
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.0.stdout).to_string()
+    }
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.0.stderr).to_string()
+    }
+    pub fn text(&self) -> String {
+        format!("exit {}\n--- stdout\n{}\n--- stderr\n{}", self.code(), self.stdout(), self.stderr())
+    }
+    pub fn ok(&self) -> &Self {
+        assert_eq!(self.code(), 0, "qbuf-qemu {} failed:\n{}", self.1, self.text());
+        self
+    }
+    pub fn code_is(&self, c: i32) -> &Self {
+        assert_eq!(self.code(), c, "qbuf-qemu {}: expected exit {c}:\n{}", self.1, self.text());
+        self
+    }
+}
+
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+pub fn pid_running(pid: i32) -> bool {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    !s.is_empty() && !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z')
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
