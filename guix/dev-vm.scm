@@ -1,0 +1,285 @@
+;; guix/dev-vm.scm -- the Guix System that runs inside the qbuf dev VM.
+;;
+;; How qbuf-qemu builds it
+;; -----------------------
+;; `qbuf-qemu build' runs, from the qbuf checkout:
+;;
+;;   QBUF_QEMU_SSH_PUBKEY="ssh-ed25519 AAAA... qbuf-qemu" \
+;;   guix time-machine -C guix/channels.scm -- \
+;;     system image -t qcow2 --image-size=20G --root=LINK /abs/path/guix/dev-vm.scm
+;;
+;; * guix/channels.scm pins the Guix revision, so everyone gets the same VM.
+;; * QBUF_QEMU_SSH_PUBKEY is the one-line OpenSSH public key of the key pair
+;;   qbuf-qemu generated for you; it becomes the only way to log in (user
+;;   `dev', over SSH).  Without it this file refuses to evaluate.
+;; * --root=LINK makes LINK a symlink to the resulting qcow2 image in the
+;;   store and registers it as a garbage-collector root.  Store items are
+;;   read-only: the VM must run on a writable copy of the image or on a
+;;   qcow2 overlay backed by it.
+;;
+;; qbuf-qemu then boots the image with QEMU: the qbuf checkout is shared over
+;; virtio-9p with mount tag "qbuf" and appears at /mnt/qbuf; the serial port
+;; is the console; the QEMU guest agent listens on the virtio-serial port
+;; org.qemu.guest_agent.0; QMP `system_powerdown' (ACPI power button) shuts
+;; the guest down cleanly.
+;;
+;; How to customize
+;; ----------------
+;; * To add a tool (compiler, library, editor...), add its package name to
+;;   guix/manifest.scm -- not here -- and run `qbuf-qemu build' again.
+;; * System-level changes (services, users, kernel arguments) go below.
+;;
+;; Every record field, service type and module used here was checked against
+;; Guix's own source (the 2025 versions of the files, the year of the pinned
+;; 1.5.0 release); the file a non-obvious fact comes from is named next to it.
+
+(use-modules (gnu)                      ;operating-system, file-system, ...
+             (gnu services dbus)        ;dbus-root-service-type, polkit-service-type
+             (gnu services desktop)     ;elogind-service-type
+             (gnu services networking)  ;dhcpcd-service-type
+             (gnu services ssh)         ;openssh-service-type
+             (gnu services virtualization) ;qemu-guest-agent-service-type
+             (gnu packages bash)        ;bash, the login shell of 'dev'
+             (guix packages)            ;package?, package-name
+             (guix profiles)            ;manifest-entries & co.
+             (srfi srfi-1)              ;remove
+             (srfi srfi-34)             ;raise
+             (srfi srfi-35))            ;condition, &message
+
+(define (qbuf-error text)
+  ;; Abort evaluation of this file.  'guix system' loads configuration files
+  ;; with 'load*' (guix/ui.scm), whose 'report-load-error' prints a
+  ;; &message condition as a single clean line:
+  ;;   guix system: error: TEXT
+  (raise (condition (&message (message text)))))
+
+
+;;;
+;;; Packages: the toolchain from manifest.scm, next to this file.
+;;;
+
+(define %qbuf-guix-directory
+  ;; The directory holding this file, independent of the caller's working
+  ;; directory.  'guix system' loads the file with
+  ;; (load (canonicalize-path FILE)) (guix/ui.scm, 'load*'), so
+  ;; (current-filename) is this file's absolute name.  It is #f only when the
+  ;; code is not read from a file (e.g. pasted into a REPL).
+  (let ((file (current-filename)))
+    (if file
+        (dirname file)
+        (qbuf-error "dev-vm.scm: cannot find its own directory; \
+pass the file name of dev-vm.scm to 'guix system'"))))
+
+(define %qbuf-manifest
+  ;; 'load' returns the value of the file's last expression: the manifest.
+  (load (string-append %qbuf-guix-directory "/manifest.scm")))
+
+(define %qbuf-manifest-packages
+  ;; (PACKAGE OUTPUT) lists: a form the 'packages' field accepts
+  ;; (gnu/system.scm: "list of (PACKAGE OUTPUT...) or just PACKAGE").
+  (map (lambda (entry)
+         (list (manifest-entry-item entry) (manifest-entry-output entry)))
+       (manifest-entries %qbuf-manifest)))
+
+(define %qbuf-manifest-names
+  (map manifest-entry-name (manifest-entries %qbuf-manifest)))
+
+(define (in-qbuf-manifest? thing)
+  ;; True when THING, an element of %base-packages, names a package that the
+  ;; manifest already provides.  Dropping those avoids two manifest entries
+  ;; with the same name but different store items (a profile collision
+  ;; error) if the manifest ever resolves to another version than
+  ;; %base-packages.
+  (let ((pkg (if (pair? thing) (car thing) thing)))
+    (and (package? pkg)
+         (member (package-name pkg) %qbuf-manifest-names)
+         #t)))
+
+
+;;;
+;;; Login: user 'dev', SSH key only.
+;;;
+
+(define %qbuf-ssh-public-key
+  (let ((key (getenv "QBUF_QEMU_SSH_PUBKEY")))
+    (if (and key (not (string-null? (string-trim-both key))))
+        (plain-file "qbuf-qemu.pub"
+                    (string-append (string-trim-both key) "\n"))
+        (qbuf-error "QBUF_QEMU_SSH_PUBKEY is not set: \
+build the image with 'qbuf-qemu build'"))))
+
+(define %qbuf-sudoers
+  ;; %sudoers-specification is a plain-file in gnu/system.scm ("root" and
+  ;; "%wheel" may do anything, with a password); 'plain-file-content' is
+  ;; exported by guix/gexp.scm.  Guix checks the result with 'visudo --check'
+  ;; when building the system.
+  (plain-file "sudoers"
+              (string-append (plain-file-content %sudoers-specification)
+                             "dev ALL=(ALL) NOPASSWD: ALL\n")))
+
+
+;;;
+;;; Services.
+;;;
+
+(define %qbuf-services
+  (list
+   ;; SSH on port 22, keys only.  Fields from <openssh-configuration> in
+   ;; gnu/services/ssh.scm; 'authorized-keys' is a list of
+   ;; (USER-NAME FILE-LIKE ...) lists, copied to /etc/ssh/authorized_keys.d.
+   (service openssh-service-type
+            (openssh-configuration
+             (port-number 22)
+             (permit-root-login #f)
+             (password-authentication? #f)
+             (authorized-keys `(("dev" ,%qbuf-ssh-public-key)))))
+
+   ;; DHCP on QEMU's user-mode NIC.  'dhcpcd-service-type' is in
+   ;; gnu/services/networking.scm (added in 2025, before the 1.5.0 release)
+   ;; and is preferred to the older isc-dhcp based 'dhcp-client-service-type',
+   ;; which is on its way out.  Its default <dhcpcd-configuration> has an
+   ;; empty 'interfaces' list, meaning every Ethernet interface dhcpcd finds,
+   ;; and its Shepherd service provides 'networking.
+   (service dhcpcd-service-type)
+
+   ;; QEMU guest agent, so qbuf-qemu can query and shut down the guest.
+   ;; <qemu-guest-agent-configuration> (gnu/services/virtualization.scm) has
+   ;; the fields 'qemu' and 'device'; an empty 'device' means qemu-ga's
+   ;; built-in default, spelled out here: the virtio-serial port named
+   ;; org.qemu.guest_agent.0.  The virtio_console driver behind it is in
+   ;; %base-initrd-modules.
+   (service qemu-guest-agent-service-type
+            (qemu-guest-agent-configuration
+             (device "/dev/virtio-ports/org.qemu.guest_agent.0")))
+
+   ;; ACPI power button => clean power-off, so QMP 'system_powerdown' works.
+   ;; A bare Guix System ignores the button: nothing in %base-services
+   ;; handles it, and Guix has no acpid service (no acpid-service-type in
+   ;; gnu/services/).  elogind is Guix's answer, the one %desktop-services
+   ;; uses: gnu/services/desktop.scm starts it from the Shepherd at boot
+   ;; "so that it can handle events like lid close" (no desktop or login
+   ;; session needed), adds elogind's udev rules to udev (they tag power-switch
+   ;; input devices such as the ACPI power button for elogind), and
+   ;; <elogind-configuration> 'handle-power-key' defaults to 'poweroff; it is
+   ;; set explicitly anyway.  elogind needs the system bus (its Shepherd
+   ;; service requires 'dbus-system) and extends polkit; both would be
+   ;; instantiated from their default values (gnu/services/dbus.scm) and are
+   ;; listed for clarity.
+   (service dbus-root-service-type)
+   (service polkit-service-type)
+   (service elogind-service-type
+            (elogind-configuration
+             (handle-power-key 'poweroff)))))
+
+(define %qbuf-base-services
+  ;; %base-services (gnu/services/base.scm) already contains what a headless
+  ;; VM needs, including an agetty with (tty #f): it runs on the serial
+  ;; console named by the "console=ttyS0,..." kernel argument below, so no
+  ;; extra getty is declared.  None of %qbuf-services is in %base-services,
+  ;; so nothing is duplicated; only the message of the day changes.
+  (modify-services %base-services
+    (login-service-type config =>
+                        (login-configuration
+                         (inherit config)
+                         (motd (plain-file "motd" "\
+This is the qbuf dev VM (Guix System).
+The qbuf checkout is mounted at /mnt/qbuf.
+Add tools in guix/manifest.scm, then run 'qbuf-qemu build'.\n\n"))))))
+
+
+;;;
+;;; The operating system.
+;;;
+
+(operating-system
+  (host-name "qbuf-dev")
+  (timezone "Etc/UTC")
+  (locale "en_US.utf8")
+
+  ;; No hardware firmware in a VM (default: %base-firmware; Guix's own
+  ;; gnu/system/examples/vm-image.tmpl does the same).
+  (firmware '())
+
+  ;; Serial console on ttyS0 (QEMU's first serial port), plus the VGA
+  ;; console; the last console= is /dev/console.  %default-kernel-arguments
+  ;; (gnu/system.scm) is kept.
+  (kernel-arguments (append %default-kernel-arguments
+                            (list "console=tty0" "console=ttyS0,115200")))
+
+  ;; BIOS GRUB.  For a qcow2 image, 'guix system image' writes GRUB into the
+  ;; image itself ('install-grub-disk-image', gnu/bootloader/grub.scm), so
+  ;; 'targets' is only used when reconfiguring from inside the VM, where the
+  ;; disk is virtio /dev/vda.  'terminal-outputs', 'terminal-inputs',
+  ;; 'serial-unit' and 'serial-speed' are <bootloader-configuration> fields
+  ;; (gnu/bootloader.scm) and turn into "serial --unit=0 --speed=115200" and
+  ;; "terminal_output serial console" in grub.cfg.
+  (bootloader (bootloader-configuration
+               (bootloader grub-bootloader)
+               (targets '("/dev/vda"))
+               (terminal-outputs '(serial console))
+               (terminal-inputs '(serial console))
+               (serial-unit 0)
+               (serial-speed 115200)))
+
+  ;; Kernel modules loaded from the initrd.  %base-initrd-modules
+  ;; (gnu/system/linux-initrd.scm) already has virtio_pci, virtio_blk (for
+  ;; /dev/vda), virtio_net and virtio_console (guest agent port); they are
+  ;; listed again to make the requirement explicit (duplicates removed).
+  ;; 9p and 9pnet_virtio are only added automatically for file systems
+  ;; needed at boot, which /mnt/qbuf is not, so they are added here.
+  (initrd-modules (delete-duplicates
+                   (append (list "virtio_pci" "virtio_blk" "virtio_console"
+                                 "9p" "9pnet_virtio")
+                           %base-initrd-modules)))
+
+  (file-systems
+   (cons* (file-system
+            ;; 'guix system image -t qcow2' makes an MBR disk with an ESP and
+            ;; an ext4 root partition labelled "Guix_image" (root-partition
+            ;; and root-label in gnu/system/image.scm).  While building the
+            ;; image, Guix swaps this entry for one naming the root partition
+            ;; by UUID ('operating-system-for-image'); the label is what a
+            ;; 'guix system reconfigure' run inside the VM will use.
+            (device (file-system-label "Guix_image"))
+            (mount-point "/")
+            (type "ext4"))
+          (file-system
+            ;; The qbuf checkout, shared by QEMU with
+            ;; -virtfs ...,mount_tag=qbuf.  Fields from <file-system> in
+            ;; gnu/system/file-systems.scm.  The device string is the 9p
+            ;; mount tag, passed as is to mount(2) ('canonicalize-device-spec'
+            ;; in gnu/build/file-systems.scm returns such strings unchanged);
+            ;; Guix's own 'guix system vm' shares are declared the same way
+            ;; (gnu/system/vm.scm).  Not needed for boot, so the Shepherd
+            ;; mounts it once the system is up; 'mount-may-fail?' keeps the
+            ;; boot going when the VM is started without the share.
+            (device "qbuf")
+            (mount-point "/mnt/qbuf")
+            (type "9p")
+            (options "trans=virtio,version=9p2000.L,msize=262144")
+            (mount? #t)
+            (mount-may-fail? #t)
+            (check? #f)
+            (create-mount-point? #t))
+          %base-file-systems))
+
+  ;; 'kvm' and the other groups are all in %base-groups
+  ;; (gnu/system/shadow.scm).  No 'password' field: it defaults to #f, which
+  ;; gnu/build/accounts.scm writes to /etc/shadow as "!" (locked), so there
+  ;; is no password login; SSH public-key login still works because sshd
+  ;; uses PAM (openssh-configuration 'use-pam?' defaults to #t).
+  (users (cons (user-account
+                (name "dev")
+                (comment "qbuf developer")
+                (group "users")
+                (supplementary-groups '("wheel" "netdev" "audio" "video" "kvm"))
+                (home-directory "/home/dev")
+                (shell (file-append bash "/bin/bash")))
+               %base-user-accounts))
+
+  (sudoers-file %qbuf-sudoers)
+
+  (packages (append %qbuf-manifest-packages
+                    (remove in-qbuf-manifest? %base-packages)))
+
+  (services (append %qbuf-services %qbuf-base-services)))
