@@ -38,7 +38,9 @@ pub struct Global {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Start the VM (or say it runs) and wait until SSH accepts a login
-    Launch(LaunchArgs),
+    Launch(Box<LaunchArgs>),
+    /// Build the Guix image from guix/ (or confirm the cached one is current)
+    Build(BuildArgs),
     /// Run OpenSSH into the VM: qbuf-qemu ssh [-- COMMAND ARGS…]
     Ssh {
         /// Passed to ssh after the destination, as OpenSSH does
@@ -111,6 +113,18 @@ pub struct LaunchArgs {
     /// Discard the guest's disk (guest-local state) and start from the base image
     #[arg(long)]
     pub recreate: bool,
+    #[command(flatten)]
+    pub guix: BuildArgs,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct BuildArgs {
+    /// Directory with channels.scm, manifest.scm, dev-vm.scm [default: guix/ of this checkout, else the built-in copy]
+    #[arg(long, value_name = "DIR")]
+    pub guix_dir: Option<PathBuf>,
+    /// Size of the Guix image's disk [default: 20G]
+    #[arg(long, value_name = "SIZE")]
+    pub image_size: Option<String>,
 }
 
 #[derive(Debug, Args, Clone)]

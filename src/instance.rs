@@ -137,8 +137,8 @@ files! {
     disks_dir => "disks";
     /// Devices and forwards recorded at runtime, restored at launch.
     devices => "devices.json";
-    /// GC-root link of the Guix image this instance boots.
-    gc_root => "image.gcroot";
+    /// Which Guix image this instance boots (its key and store path).
+    guix_image => "guix-image.json";
 }
 
 impl Instance {

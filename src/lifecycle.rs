@@ -56,6 +56,8 @@ pub struct LaunchOptions {
     pub recreate: bool,
     /// Serial silence after which an automatically chosen KVM is blamed.
     pub silence: Duration,
+    /// No progress on stderr (for --json and -q).
+    pub quiet: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -115,10 +117,55 @@ impl Launched {
     }
 }
 
-/// Image build hook: turns a `Source::Guix` into a base image path.
-pub type GuixBuild<'a> = &'a dyn Fn(&Instance, &Settings, &str) -> Result<PathBuf>;
+/// The Guix image an instance boots: its own while guix/ is unchanged, the
+/// old one (said so) when it changed, a fresh build at first launch or with
+/// `--recreate`.
+fn guix_image(
+    ctx: &Ctx,
+    inst: &Instance,
+    dir: Option<&Path>,
+    image_size: &str,
+    pubkey: &str,
+    opts: &LaunchOptions,
+    notes: &mut Vec<String>,
+) -> Result<PathBuf> {
+    use crate::guix::{self, Choice, InstanceImage};
+    let req = guix::Request {
+        guix_dir: guix::resolve_dir(dir, &ctx.state)?,
+        image_size: image_size.to_string(),
+        pubkey: pubkey.to_string(),
+    };
+    let key = req.key()?;
+    let recorded: Option<InstanceImage> = read_json(&inst.guix_image())?;
+    let rooted = match &recorded {
+        Some(r) => guix::cached(&ctx.state, &r.key)?.is_some(),
+        None => false,
+    };
+    match guix::choose(recorded.clone(), &key, opts.recreate, rooted) {
+        Choice::Current(r) => Ok(r.store_path),
+        Choice::Outdated { keep, .. } => {
+            notes.push(format!(
+                "{} (or the SSH key or image size) changed since this instance's image was built. It keeps booting its image, \
+                 which stays protected from 'guix gc'. To move to the new image run 'qbuf-qemu --name {} launch --recreate': \
+                 that discards the guest's disk, so guest-local state is lost",
+                req.guix_dir.display(),
+                ctx.name
+            ));
+            Ok(keep.store_path)
+        }
+        Choice::Build => {
+            let built = guix::ensure(&ctx.state, &req, opts.quiet)?;
+            if let Some(old) = recorded.filter(|r| r.key != built.key) {
+                guix::release_root(&ctx.state, inst);
+                tracing::info!(old = %old.store_path.display(), "instance moved to a new image");
+            }
+            write_json(&inst.guix_image(), &InstanceImage { key: built.key, store_path: built.store_path.clone() })?;
+            Ok(built.store_path)
+        }
+    }
+}
 
-pub fn launch(ctx: &Ctx, opts: &LaunchOptions, guix: GuixBuild) -> Result<Launched> {
+pub fn launch(ctx: &Ctx, opts: &LaunchOptions) -> Result<Launched> {
     ctx.state.ensure()?;
     let inst = ctx.instance();
     inst.ensure_dir()?;
@@ -136,7 +183,13 @@ pub fn launch(ctx: &Ctx, opts: &LaunchOptions, guix: GuixBuild) -> Result<Launch
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    boot(ctx, &inst, lock, opts, guix)
+    let fresh = read_json::<Settings>(&inst.settings())?.is_none();
+    let r = boot(ctx, &inst, lock, opts);
+    if r.is_err() && fresh && !Lock::is_held(&inst)? {
+        // A first launch that failed leaves no half-made instance behind.
+        let _ = std::fs::remove_dir_all(&inst.dir);
+    }
+    r
 }
 
 fn already_running(ctx: &Ctx, inst: &Instance, opts: &LaunchOptions) -> Result<Launched> {
@@ -183,7 +236,7 @@ fn absolute(p: &Path, what: &str) -> Result<PathBuf> {
     std::fs::canonicalize(p).with_context(|| format!("{what} {} does not exist", p.display()))
 }
 
-fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions, guix: GuixBuild) -> Result<Launched> {
+fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Result<Launched> {
     let started = Instant::now();
     let mut notes = Vec::new();
     let stale = inst.clean_stale();
@@ -244,8 +297,8 @@ fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions, guix: Guix
             image.as_ref().map(|i| crate::overlay::prepare(inst, &bins.img, i)).transpose()?,
             Some(KernelBoot { kernel: kernel.clone(), initrd: initrd.clone(), append: append.clone() }),
         ),
-        Source::Guix { .. } => {
-            let base = guix(inst, &s, &pubkey)?;
+        Source::Guix { guix_dir, image_size } => {
+            let base = guix_image(ctx, inst, guix_dir.as_deref(), image_size, &pubkey, opts, &mut notes)?;
             (Some(crate::overlay::prepare(inst, &bins.img, &base)?), None)
         }
     };
@@ -442,7 +495,7 @@ fn spawn_supervisor(ctx: &Ctx, inst: &Instance, lock: &Lock) -> Result<std::proc
 }
 
 enum Readiness {
-    Exited(StopRecord),
+    Exited(Box<StopRecord>),
     HostKey,
     Failed(String),
 }
@@ -464,7 +517,7 @@ fn wait_ready(
             let until = Instant::now() + Duration::from_secs(5);
             loop {
                 if let Ok(Some(rec)) = read_json::<StopRecord>(&inst.stop_record()) {
-                    return Err(Readiness::Exited(rec));
+                    return Err(Readiness::Exited(Box::new(rec)));
                 }
                 if Instant::now() > until {
                     return Err(Readiness::Failed("QEMU exited during boot and left no stop record".into()));

@@ -84,8 +84,8 @@ fn run(cli: Cli) -> Result<i32> {
                 kernel: a.kernel,
                 initrd: a.initrd,
                 append: a.append,
-                guix_dir: None,
-                image_size: None,
+                guix_dir: a.guix.guix_dir,
+                image_size: a.guix.image_size,
                 accel: a.accel,
                 ssh_user: a.ssh_user,
                 ssh_key: a.ssh_key,
@@ -98,11 +98,21 @@ fn run(cli: Cli) -> Result<i32> {
                 no_wait: a.no_wait,
                 recreate: a.recreate,
                 silence: Duration::from_secs(silence),
+                quiet: g.quiet,
             };
-            let no_guix = |_: &_, _: &_, _: &str| -> Result<std::path::PathBuf> {
-                bail!("no image given: pass --image FILE or --kernel FILE --initrd FILE (building the Guix image is not available in this version)")
+            let r = lifecycle::launch(&ctx, &opts)?;
+            emit(g.json, &r, |r| r.human())?;
+            Ok(0)
+        }
+        Command::Build(a) => {
+            ctx.state.ensure()?;
+            let key = qbuf_qemu::ssh::ensure_user_key(&ctx.state)?;
+            let req = qbuf_qemu::guix::Request {
+                guix_dir: qbuf_qemu::guix::resolve_dir(a.guix_dir.as_deref(), &ctx.state)?,
+                image_size: a.image_size.unwrap_or_else(|| qbuf_qemu::config::DEFAULT_IMAGE_SIZE.into()),
+                pubkey: qbuf_qemu::ssh::public_key_line(&key)?,
             };
-            let r = lifecycle::launch(&ctx, &opts, &no_guix)?;
+            let r = qbuf_qemu::guix::ensure(&ctx.state, &req, g.quiet)?;
             emit(g.json, &r, |r| r.human())?;
             Ok(0)
         }

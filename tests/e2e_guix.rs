@@ -1,0 +1,156 @@
+//! The Guix step end to end, with a fake `guix` on PATH that behaves like the
+//! real one and hands back the test guest's bootable qcow2: build → launch →
+//! ssh → powerdown, the cache, changed inputs, failures.
+
+mod support;
+
+use std::path::PathBuf;
+
+use serde_json::Value;
+use support::*;
+
+struct Guix {
+    env: Env,
+    log: PathBuf,
+    guix_dir: PathBuf,
+}
+
+fn setup(test: &str) -> Guix {
+    let env = Env::new(test);
+    let store = env.dir.join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    let log = env.dir.join("guix.log");
+    // A copy of guix/ the test may change.
+    let guix_dir = env.dir.join("guix");
+    std::fs::create_dir_all(&guix_dir).unwrap();
+    for f in ["channels.scm", "manifest.scm", "dev-vm.scm"] {
+        std::fs::copy(repo().join("guix").join(f), guix_dir.join(f)).unwrap();
+    }
+    let path = format!("{}:{}", repo().join("tests/support/fake-guix").display(), std::env::var("PATH").unwrap());
+    let env = env
+        .with_env("PATH", &path)
+        .with_env("FAKE_GUIX_STORE", path_str(&store))
+        .with_env("FAKE_GUIX_IMAGE", path_str(&guest().disk))
+        .with_env("FAKE_GUIX_LOG", path_str(&log));
+    Guix { env, log, guix_dir }
+}
+
+impl Guix {
+    fn calls(&self) -> usize {
+        std::fs::read_to_string(&self.log).map(|s| s.lines().count()).unwrap_or(0)
+    }
+    fn launch(&self, extra: &[&str]) -> (Value, Out) {
+        let mut a = vec![
+            "launch",
+            "--guix-dir",
+            path_str(&self.guix_dir),
+            "--accel",
+            "tcg",
+            "--memory",
+            "512M",
+            "--ssh-port",
+            "auto",
+            "--no-share",
+            "--timeout",
+            "120",
+        ];
+        a.extend_from_slice(extra);
+        self.env.json(&a)
+    }
+}
+
+#[test]
+fn launch_builds_the_image_once_boots_it_and_the_second_launch_runs_no_guix() {
+    let g = setup("guixonce");
+    let (v, out) = g.launch(&[]);
+    out.ok();
+    assert_eq!(g.calls(), 1);
+    let logged = std::fs::read_to_string(&g.log).unwrap();
+    assert!(logged.contains("time-machine -C") && logged.contains("system image -t qcow2"), "{logged}");
+    assert!(logged.contains("QBUF_QEMU_SSH_PUBKEY=ssh-ed25519 "), "the key reaches the build: {logged}");
+    assert!(out.stderr().contains("guix:"), "Guix's progress is shown: {}", out.stderr());
+    g.env.ssh("dev", "true").ok();
+    let (p, out) = g.env.json(&["powerdown"]);
+    out.code_is(0);
+    assert_eq!(p["shutdown_reason"], "guest-shutdown");
+
+    let (v2, out) = g.env.json(&["launch", "--timeout", "120"]);
+    out.ok();
+    assert_eq!(g.calls(), 1, "a cache hit must not run guix");
+    assert_ne!(v["pid"], v2["pid"]);
+    let (b, out) = g.env.json(&["build", "--guix-dir", path_str(&g.guix_dir)]);
+    out.ok();
+    assert_eq!(b["cache_hit"], true);
+    assert_eq!(g.calls(), 1);
+    g.env.run(&["powerdown"]).code_is(0);
+
+    // destroy drops the image's GC root when no instance needs it.
+    let root = PathBuf::from(b["gc_root"].as_str().unwrap());
+    assert!(std::fs::symlink_metadata(&root).is_ok());
+    g.env.run(&["destroy", "--yes"]).code_is(0);
+    assert!(std::fs::symlink_metadata(&root).is_err(), "GC root survives destroy");
+}
+
+#[test]
+fn changed_inputs_keep_the_old_image_until_recreate() {
+    let g = setup("guixchange");
+    g.launch(&[]).1.ok();
+    g.env.ssh("dev", "echo old > /data/state && sync").ok();
+    g.env.run(&["powerdown"]).code_is(0);
+    let manifest = g.guix_dir.join("manifest.scm");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(&manifest, format!("{text}\n;; a new package would go here\n")).unwrap();
+
+    let out = g.env.run(&["launch", "--timeout", "120"]);
+    out.ok();
+    assert_eq!(g.calls(), 1, "a changed guix/ does not rebuild behind an existing instance");
+    assert!(out.stdout().contains("--recreate") && out.stdout().contains("changed"), "{}", out.text());
+    assert_eq!(g.env.ssh("dev", "cat /data/state").stdout().trim(), "old");
+    g.env.run(&["powerdown"]).code_is(0);
+
+    let out = g.env.run(&["launch", "--recreate", "--timeout", "120"]);
+    out.ok();
+    assert_eq!(g.calls(), 2);
+    assert!(out.stdout().contains("discarded the guest's disk"), "{}", out.text());
+    g.env.ssh("dev", "test ! -e /data/state").ok();
+    g.env.run(&["powerdown"]).code_is(0);
+}
+
+#[test]
+fn a_failing_guix_shows_its_error_and_the_command_and_leaves_no_instance() {
+    let g = setup("guixfail");
+    let env = g.env.with_env("FAKE_GUIX_FAIL", "package 'clang' not found");
+    let out = env.run(&["launch", "--guix-dir", path_str(&g.guix_dir), "--accel", "tcg", "--no-share"]);
+    out.code_is(1);
+    let err = out.stderr();
+    assert!(err.contains("guix system: error: package 'clang' not found"), "{err}");
+    assert!(err.contains("guix time-machine -C"), "{err}");
+    assert!(!env.instance_dir("dev").exists(), "half-made instance left behind");
+}
+
+#[test]
+fn missing_guix_is_a_clear_error() {
+    let env = Env::new("guixmissing").with_env("PATH", "/usr/bin:/bin");
+    let dir = repo().join("guix");
+    let out = env.run(&["launch", "--guix-dir", path_str(&dir), "--accel", "tcg", "--no-share"]);
+    out.code_is(1);
+    assert!(out.stderr().contains("Guix is not installed"), "{}", out.text());
+    assert!(out.stderr().contains("--image"), "{}", out.text());
+    assert!(!env.instance_dir("dev").exists());
+}
+
+#[test]
+fn a_stale_gc_root_link_is_replaced_not_fatal() {
+    let g = setup("guixroot");
+    // First build, then break the cache record so the next build reuses the key dir.
+    let (b, out) = g.env.json(&["build", "--guix-dir", path_str(&g.guix_dir)]);
+    out.ok();
+    let root = PathBuf::from(b["gc_root"].as_str().unwrap());
+    std::fs::remove_file(root.parent().unwrap().join("build.json")).unwrap();
+    assert!(std::fs::symlink_metadata(&root).is_ok(), "the link is still there");
+    let (b2, out) = g.env.json(&["build", "--guix-dir", path_str(&g.guix_dir)]);
+    out.ok();
+    assert_eq!(b2["cache_hit"], false);
+    assert_eq!(g.calls(), 2);
+    assert_eq!(b2["store_path"], b["store_path"]);
+}
