@@ -48,6 +48,10 @@ impl Ctx {
 
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 
+const KVM_HINT: &str =
+    "QEMU ran with KVM because /dev/kvm is accessible (--accel auto), and KVM looks broken on this host \
+(common with nested virtualization): relaunch with '--accel tcg' (slower, always works), and see 'qbuf-qemu doctor'";
+
 #[derive(Debug, Clone)]
 pub struct LaunchOptions {
     pub flags: LaunchFlags,
@@ -371,6 +375,8 @@ fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Result<
     write_json(&inst.boot_plan(), &BootPlan { qemu: bins.system.clone(), argv, spec: spec.clone() })?;
     let serial_before = std::fs::metadata(inst.serial_log()).map(|m| m.len()).unwrap_or(0);
 
+    // Said with every failure of a KVM boot that qbuf-qemu chose by itself.
+    let hint = |e: anyhow::Error| if auto_kvm { anyhow!("{e}\n{KVM_HINT}") } else { e };
     let mut sup = spawn_supervisor(ctx, inst, &lock)?;
     drop(lock); // the supervisor and QEMU hold it now
 
@@ -379,11 +385,11 @@ fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Result<
     let run: RunRecord = loop {
         if let Some(f) = read_json::<LaunchFailure>(&inst.launch_failure())? {
             let _ = sup.wait();
-            return Err(launch_error(&f));
+            return Err(hint(launch_error(&f)));
         }
         if let Some(st) = sup.try_wait()? {
             if let Some(f) = read_json::<LaunchFailure>(&inst.launch_failure())? {
-                return Err(launch_error(&f));
+                return Err(hint(launch_error(&f)));
             }
             bail!(
                 "the instance supervisor exited ({st}) before QEMU came up; its log:\n{}",
@@ -419,17 +425,27 @@ fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Result<
     if opts.no_wait {
         return Ok(result);
     }
+    if !opts.quiet {
+        eprintln!(
+            "qbuf-qemu: QEMU {} runs ({}); waiting up to {}s for SSH on 127.0.0.1:{} (serial log: {})",
+            run.qemu.pid,
+            accel.as_str(),
+            opts.timeout.as_secs(),
+            s.ssh_port,
+            inst.serial_log().display()
+        );
+    }
     match wait_ready(inst, &t, &run, deadline_from(started, opts.timeout), auto_kvm, opts.silence, serial_before) {
         Ok(()) => {
             result.ready_seconds = Some(started.elapsed().as_secs_f64());
             Ok(result)
         }
-        Err(Readiness::Exited(rec)) => Err(anyhow!(
+        Err(Readiness::Exited(rec)) => Err(hint(anyhow!(
             "QEMU stopped while the guest was booting: {}\nQEMU's output:\n{}\nserial console (last lines):\n{}",
             rec.reason,
             tail_text(&inst.qemu_stderr(), 2000),
             tail_text(&inst.serial_log(), 1500)
-        )),
+        ))),
         Err(Readiness::HostKey) => Err(anyhow!(ssh::host_key_mismatch_message(&t, &ctx.name))),
         Err(Readiness::Failed(msg)) => {
             // Leave no process behind.

@@ -206,7 +206,10 @@ fn two_concurrent_launches_start_one_qemu() {
     let v1: Value = serde_json::from_slice(&o1.stdout).unwrap();
     let v2: Value = serde_json::from_slice(&o2.stdout).unwrap();
     assert_eq!(v1["pid"], v2["pid"], "both report the one QEMU");
-    assert!(v1["already_running"].as_bool().unwrap() ^ v2["already_running"].as_bool().unwrap(), "exactly one launch started QEMU");
+    assert!(
+        v1["already_running"].as_bool().unwrap() ^ v2["already_running"].as_bool().unwrap(),
+        "exactly one launch started QEMU"
+    );
     assert_eq!(env.qemu_pids().len(), 1);
     // A plain launch on the running instance says so, exit 0, and saves a change for the next boot.
     let (v3, out) = env.json(&["launch", "--cpus", "1"]);
@@ -257,4 +260,22 @@ fn qemu_7_2_runs_the_same_lifecycle() {
     let (p, out) = env.json(&["powerdown", "--force"]);
     out.code_is(3);
     assert_eq!(s(&p, "method"), "quit");
+}
+
+/// This host (and CI) has a /dev/kvm that opens but cannot run guests: QEMU
+/// aborts or the guest hangs. An automatically chosen KVM must end in a clear
+/// diagnosis, never a silent hang.
+#[test]
+fn auto_accel_on_a_broken_kvm_host_names_kvm_and_suggests_tcg() {
+    let env = Env::new("autokvm").with_env("QBUF_QEMU_SERIAL_SILENCE_SECS", "15");
+    assert!(std::path::Path::new("/dev/kvm").exists(), "this test is about hosts with a (broken) /dev/kvm");
+    let args = env.launch_args(&["--no-share", "--accel", "auto", "--timeout", "100"]);
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let t = Instant::now();
+    let out = env.run(&a);
+    out.code_is(1);
+    let err = out.stderr();
+    assert!(err.contains("KVM") && err.contains("--accel tcg"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(90), "took {:?}", t.elapsed());
+    assert!(env.qemu_pids().is_empty());
 }
