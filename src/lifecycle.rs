@@ -446,7 +446,10 @@ fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Result<
             tail_text(&inst.qemu_stderr(), 2000),
             tail_text(&inst.serial_log(), 1500)
         ))),
-        Err(Readiness::HostKey) => Err(anyhow!(ssh::host_key_mismatch_message(&t, &ctx.name))),
+        Err(Readiness::HostKey) => {
+            let _ = stop_running(inst, &StopOptions { timeout: Duration::from_secs(20), force: false });
+            Err(anyhow!("{}\nThe VM was powered down.", ssh::host_key_mismatch_message(&t, &ctx.name)))
+        }
         Err(Readiness::Failed(msg)) => {
             // Leave no process behind.
             let outcome = stop_running(inst, &StopOptions { timeout: Duration::ZERO, force: true });

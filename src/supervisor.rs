@@ -108,6 +108,8 @@ pub fn run(inst: Instance) -> Result<i32> {
 }
 
 async fn supervise(inst: Instance) -> Result<i32> {
+    // QEMU inherits this: its sockets and logs are the user's alone.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let plan: BootPlan = crate::instance::read_json(&inst.boot_plan())?.context("boot.json is missing")?;
     let _ = std::fs::remove_file(inst.launch_failure());
     let _ = std::fs::remove_file(inst.stop_record());

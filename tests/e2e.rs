@@ -279,3 +279,39 @@ fn auto_accel_on_a_broken_kvm_host_names_kvm_and_suggests_tcg() {
     assert!(t.elapsed() < Duration::from_secs(90), "took {:?}", t.elapsed());
     assert!(env.qemu_pids().is_empty());
 }
+
+#[test]
+fn a_given_ssh_key_is_used_and_a_changed_host_key_is_refused() {
+    let env = Env::new("sshkey");
+    let key = env.dir.join("mykey");
+    let st = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "mine", "-f"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // Kernel boot with the disk: the guest keeps its host key on /data.
+    env.launch(&["--no-share", "--image", path_str(&guest().disk), "--ssh-key", path_str(&key)]);
+    env.ssh("dev", "true").ok();
+    assert!(!env.state.join("ssh/id_ed25519").exists(), "qbuf-qemu made its own key although --ssh-key was given");
+    let inst = env.instance_dir("dev");
+    for f in ["qmp.sock", "control.sock", "console.sock"] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(inst.join(f)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode & 0o077, 0, "{f} is {mode:o}: sockets must be private to the user");
+    }
+    env.run(&["powerdown"]).code_is(0);
+
+    // Pin a different key for the guest: the next launch must refuse it.
+    let kh = inst.join("known_hosts");
+    let other = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let blob = other.split_whitespace().nth(1).unwrap();
+    let text = std::fs::read_to_string(&kh).unwrap();
+    let forged: String =
+        text.lines().map(|l| format!("{} ssh-ed25519 {blob}\n", l.split_whitespace().next().unwrap())).collect();
+    std::fs::write(&kh, forged).unwrap();
+    let out = env.run(&["launch", "--timeout", "120"]);
+    out.code_is(1);
+    assert!(out.stderr().contains("differs from the one pinned"), "{}", out.text());
+    assert!(env.qemu_pids().is_empty(), "the VM was left running");
+}
