@@ -76,20 +76,7 @@ fn launch_ssh_share_powerdown_relaunch_keeps_data_then_destroy_leaves_nothing() 
 fn boots_from_a_bootable_qcow2_disk_and_powers_off() {
     let env = Env::new("diskboot");
     let g = guest();
-    let (v, out) = env.json(&[
-        "launch",
-        "--image",
-        path_str(&g.disk),
-        "--accel",
-        "tcg",
-        "--memory",
-        "512M",
-        "--ssh-port",
-        "auto",
-        "--no-share",
-        "--timeout",
-        "120",
-    ]);
+    let (v, out) = env.json(&strs(&vm_args(&["--image", path_str(&g.disk), "--no-share"], &[])));
     out.ok();
     assert!(v["ready_seconds"].as_f64().unwrap() > 0.0);
     env.ssh("dev", "test -b /dev/vda").ok();
@@ -103,7 +90,7 @@ fn boots_from_a_bootable_qcow2_disk_and_powers_off() {
 fn guest_ignoring_the_power_button_is_stopped_by_quit_with_exit_3() {
     let env = Env::new("ignorepower");
     let args = env.launch_args(&["--no-share", "--append", "console=ttyS0 quiet qbuf.ignore_power=1"]);
-    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let a = strs(&args);
     env.run(&a).ok();
     let t = Instant::now();
     let (p, out) = env.json(&["powerdown", "--timeout", "3"]);
@@ -119,7 +106,7 @@ fn guest_ignoring_the_power_button_is_stopped_by_quit_with_exit_3() {
 fn status_answers_while_a_powerdown_waits() {
     let env = Env::new("concurrent");
     let args = env.launch_args(&["--no-share", "--append", "console=ttyS0 quiet qbuf.ignore_power=1"]);
-    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let a = strs(&args);
     env.run(&a).ok();
     let mut pd =
         env.cmd(&["--json", "powerdown", "--timeout", "8"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
@@ -183,7 +170,7 @@ fn busy_port_is_a_clear_error_that_suggests_auto() {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port().to_string();
     let args = env.launch_args(&["--no-share", "--ssh-port", &port]);
-    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let a = strs(&args);
     let out = env.run(&a);
     out.code_is(1);
     assert!(out.stderr().contains(&port) && out.stderr().contains("--ssh-port auto"), "{}", out.text());
@@ -194,7 +181,7 @@ fn busy_port_is_a_clear_error_that_suggests_auto() {
 fn two_concurrent_launches_start_one_qemu() {
     let env = Env::new("twolaunch");
     let args = env.launch_args(&["--no-share"]);
-    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let a = strs(&args);
     let mut json = vec!["--json"];
     json.extend(a.iter());
     let c1 = env.cmd(&json).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
@@ -225,7 +212,7 @@ fn two_concurrent_launches_start_one_qemu() {
 fn failed_launch_shows_qemu_output_and_command_line_and_leaves_nothing_running() {
     let env = Env::new("failing");
     let args = env.launch_args(&["--no-share", "--memory", "9000000G"]);
-    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let a = strs(&args);
     let out = env.run(&a);
     out.code_is(1);
     let err = out.stderr();
@@ -255,7 +242,7 @@ fn qemu_7_2_runs_the_same_lifecycle() {
     assert!(!pid_running(v["pid"].as_i64().unwrap() as i32));
     // 7.2's quit path too.
     let args = env.launch_args(&["--append", "console=ttyS0 quiet qbuf.ignore_power=1"]);
-    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let a = strs(&args);
     env.run(&a).ok();
     let (p, out) = env.json(&["powerdown", "--force"]);
     out.code_is(3);
@@ -270,7 +257,7 @@ fn auto_accel_on_a_broken_kvm_host_names_kvm_and_suggests_tcg() {
     let env = Env::new("autokvm").with_env("QBUF_QEMU_SERIAL_SILENCE_SECS", "15");
     assert!(std::path::Path::new("/dev/kvm").exists(), "this test is about hosts with a (broken) /dev/kvm");
     let args = env.launch_args(&["--no-share", "--accel", "auto", "--timeout", "100"]);
-    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let a = strs(&args);
     let t = Instant::now();
     let out = env.run(&a);
     out.code_is(1);

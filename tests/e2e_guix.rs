@@ -40,22 +40,7 @@ impl Guix {
         std::fs::read_to_string(&self.log).map(|s| s.lines().count()).unwrap_or(0)
     }
     fn launch(&self, extra: &[&str]) -> (Value, Out) {
-        let mut a = vec![
-            "launch",
-            "--guix-dir",
-            path_str(&self.guix_dir),
-            "--accel",
-            "tcg",
-            "--memory",
-            "512M",
-            "--ssh-port",
-            "auto",
-            "--no-share",
-            "--timeout",
-            "120",
-        ];
-        a.extend_from_slice(extra);
-        self.env.json(&a)
+        self.env.json(&strs(&vm_args(&["--guix-dir", path_str(&self.guix_dir), "--no-share"], extra)))
     }
 }
 

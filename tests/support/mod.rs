@@ -108,28 +108,14 @@ impl Env {
         (v, out)
     }
 
-    /// Direct kernel boot of the test guest under TCG on a free port; a flag
-    /// in `extra` replaces its default.
+    /// Direct kernel boot of the test guest (see [`vm_args`]).
     pub fn launch_args(&self, extra: &[&str]) -> Vec<String> {
         let g = guest();
-        let defaults = [
-            ("--kernel", path_str(&g.kernel).to_string()),
-            ("--initrd", path_str(&g.initrd).to_string()),
-            ("--append", "console=ttyS0 quiet".to_string()),
-            ("--accel", "tcg".to_string()),
-            ("--memory", "512M".to_string()),
-            ("--ssh-port", "auto".to_string()),
-            ("--timeout", "120".to_string()),
-        ];
-        let mut v = vec!["launch".to_string()];
-        for (flag, value) in defaults {
-            if !extra.contains(&flag) {
-                v.push(flag.to_string());
-                v.push(value);
-            }
+        let mut boot = vec!["--kernel", path_str(&g.kernel), "--initrd", path_str(&g.initrd)];
+        if !extra.contains(&"--append") {
+            boot.extend(["--append", "console=ttyS0 quiet"]);
         }
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
+        vm_args(&boot, extra)
     }
 
     pub fn launch(&self, extra: &[&str]) -> Value {
@@ -175,6 +161,25 @@ impl Drop for Env {
         std::thread::sleep(Duration::from_millis(300));
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// `launch` + `boot` + test defaults (TCG, small memory, a free port, a
+/// generous timeout) + `extra`; a flag in `extra` replaces its default.
+pub fn vm_args(boot: &[&str], extra: &[&str]) -> Vec<String> {
+    let defaults = [("--accel", "tcg"), ("--memory", "512M"), ("--ssh-port", "auto"), ("--timeout", "120")];
+    let mut v: Vec<String> = std::iter::once("launch").chain(boot.iter().copied()).map(String::from).collect();
+    for (flag, value) in defaults {
+        if !extra.contains(&flag) {
+            v.extend([flag.to_string(), value.to_string()]);
+        }
+    }
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+/// `Vec<String>` → `Vec<&str>` for [`Env::run`].
+pub fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
 }
 
 pub struct Out(pub Output, pub String);
