@@ -197,7 +197,19 @@ pub fn launch(ctx: &Ctx, opts: &LaunchOptions) -> Result<Launched> {
 }
 
 fn already_running(ctx: &Ctx, inst: &Instance, opts: &LaunchOptions) -> Result<Launched> {
-    let info = block_on(control::info(&inst.control(), CONTROL_TIMEOUT))?;
+    let mut notes = vec![];
+    let (pid, accel) = match block_on(control::info(&inst.control(), CONTROL_TIMEOUT)) {
+        Ok(info) => (info.qemu_pid, info.accel),
+        Err(e) => {
+            // QEMU may run on after its supervisor died; it still holds the lock.
+            let run: RunRecord = read_json(&inst.run_record())?.filter(|r: &RunRecord| r.qemu.is_running()).ok_or(e)?;
+            notes.push(format!(
+                "the instance's supervisor is gone, so events are not recorded; 'qbuf-qemu --name {} powerdown' still stops it",
+                ctx.name
+            ));
+            (run.qemu.pid, run.accel)
+        }
+    };
     let saved: Settings = read_json(&inst.settings())?.context("settings.json is missing")?;
     let (mut new, changes) = config::merge(Some(&saved), &opts.flags, &defaults())?;
     if new.ssh_port == 0 {
@@ -210,16 +222,16 @@ fn already_running(ctx: &Ctx, inst: &Instance, opts: &LaunchOptions) -> Result<L
     let t = ssh::Target::for_instance(inst, saved.ssh_port, &saved.ssh_user, &key);
     Ok(Launched {
         name: ctx.name.clone(),
-        pid: info.qemu_pid,
+        pid,
         ssh_port: saved.ssh_port,
         ssh_user: saved.ssh_user.clone(),
         qmp_socket: inst.qmp_user(),
         serial_log: inst.serial_log(),
         ready_seconds: None,
         already_running: true,
-        accel: info.accel,
+        accel,
         changes,
-        notes: vec![],
+        notes,
         ssh_command: qemu::shell_words(&t.command(&[])),
     })
 }
@@ -853,11 +865,17 @@ fn stop_orphan(inst: &Instance, opts: &StopOptions) -> Result<StopOutcome> {
         powerdown::stop(qmp.as_ref(), &proc, opts, None, &|_| {}).await
     });
     if outcome.method.is_some() {
-        let (crashed, reason) = crate::supervisor::describe_stop(None, None, Some(&outcome));
+        // The SHUTDOWN event the ladder saw on the user QMP socket.
+        let shutdown = outcome.shutdown_reason.as_ref().map(|r| crate::qmp::Event {
+            event: "SHUTDOWN".into(),
+            data: json!({ "guest": outcome.guest, "reason": r }),
+            timestamp: crate::supervisor::now(),
+        });
+        let (crashed, reason) = crate::supervisor::describe_stop(shutdown.as_ref(), None, Some(&outcome));
         let rec = StopRecord {
             stopped_at: crate::supervisor::now(),
             exit: None,
-            shutdown: None,
+            shutdown,
             outcome: Some(outcome.clone()),
             crashed,
             reason,

@@ -302,3 +302,35 @@ fn a_given_ssh_key_is_used_and_a_changed_host_key_is_refused() {
     assert!(out.stderr().contains("differs from the one pinned"), "{}", out.text());
     assert!(env.qemu_pids().is_empty(), "the VM was left running");
 }
+
+#[test]
+fn a_vm_whose_supervisor_died_is_still_reported_and_powered_down() {
+    let env = Env::new("orphan");
+    let v = env.launch(&["--no-share"]);
+    let pid = v["pid"].as_i64().unwrap() as i32;
+    let run: Value = serde_json::from_slice(&std::fs::read(env.instance_dir("dev").join("run.json")).unwrap()).unwrap();
+    let sup = run["supervisor"]["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(sup), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_until("the supervisor to die", Duration::from_secs(5), || !pid_running(sup));
+    assert!(pid_running(pid), "QEMU must outlive its supervisor");
+
+    let (st, out) = env.json(&["status"]);
+    out.code_is(0);
+    assert_eq!(s(&st, "state"), "unresponsive");
+    assert_eq!(st["pid"].as_i64().unwrap() as i32, pid);
+    // A second launch must not start another QEMU on the same sockets.
+    let (l, out) = env.json(&["launch", "--timeout", "5"]);
+    out.code_is(0);
+    assert_eq!(l["already_running"], true);
+    assert_eq!(env.qemu_pids(), vec![pid]);
+
+    // QEMU is now PID 1's child, reaped late: a zombie must count as gone.
+    let (p, out) = env.json(&["powerdown"]);
+    out.code_is(0);
+    assert_eq!(s(&p, "method"), "powerdown");
+    assert!(!pid_running(pid));
+    let (st, _) = env.json(&["status"]);
+    assert_eq!(s(&st, "state"), "stopped");
+    env.launch(&[]);
+    env.run(&["powerdown"]).code_is(0);
+}
