@@ -32,7 +32,9 @@ pub enum Request {
     Info,
     /// Run the stop ladder; answered once QEMU is gone.
     Powerdown { timeout_secs: f64, force: bool },
-    /// Stream every QMP event from now on.
+    /// Stream every QMP event from now on. The first answer line is
+    /// `Ok(null)`, sent once the subscription is in place: a command sent
+    /// after it cannot produce an event the stream misses.
     Subscribe,
 }
 
@@ -59,6 +61,13 @@ pub struct Info {
     pub stopping: Option<String>,
     /// The last SHUTDOWN event seen, if any.
     pub last_shutdown: Option<Event>,
+    /// GUEST_PANICKED, if the guest panicked during this boot.
+    #[serde(default)]
+    pub panicked: Option<Event>,
+    /// Whether the guest has the guest agent's virtio-serial port open (from
+    /// `VSERPORT_CHANGE`): no agent can answer while it is closed.
+    #[serde(default)]
+    pub agent_port_open: bool,
 }
 
 /// Connects, sends `req`, returns the first answer line.
@@ -104,11 +113,31 @@ pub async fn info(sock: &Path, timeout: Duration) -> Result<Info> {
     }
 }
 
-/// Opens an event stream; each `next_line` yields one event.
+/// Opens an event stream and returns once the supervisor has subscribed;
+/// read it with [`next_event`].
 pub async fn subscribe(sock: &Path) -> Result<BufReader<UnixStream>> {
     let mut s = UnixStream::connect(sock).await.with_context(|| format!("cannot connect to {}", sock.display()))?;
     let mut line = serde_json::to_string(&Request::Subscribe)?;
     line.push('\n');
     s.write_all(line.as_bytes()).await?;
-    Ok(BufReader::new(s))
+    let mut r = BufReader::new(s);
+    let mut ack = String::new();
+    let fut = r.read_line(&mut ack);
+    match tokio::time::timeout(Duration::from_secs(5), fut).await {
+        Ok(Ok(n)) if n > 0 && matches!(serde_json::from_str(&ack), Ok(Response::Ok(_))) => Ok(r),
+        _ => Err(anyhow!("the supervisor did not confirm the event subscription (is the VM stopping?)")),
+    }
+}
+
+/// The next event of a stream from [`subscribe`]; `None` when it ended.
+pub async fn next_event(stream: &mut BufReader<UnixStream>) -> Option<Event> {
+    loop {
+        let mut line = String::new();
+        if stream.read_line(&mut line).await.ok()? == 0 {
+            return None;
+        }
+        if let Ok(Response::Event(ev)) = serde_json::from_str(&line) {
+            return Some(ev);
+        }
+    }
 }

@@ -871,12 +871,13 @@ fn stop_orphan(inst: &Instance, opts: &StopOptions) -> Result<StopOutcome> {
             data: json!({ "guest": outcome.guest, "reason": r }),
             timestamp: crate::supervisor::now(),
         });
-        let (crashed, reason) = crate::supervisor::describe_stop(shutdown.as_ref(), None, Some(&outcome));
+        let (crashed, reason) = crate::supervisor::describe_stop(shutdown.as_ref(), None, None, Some(&outcome));
         let rec = StopRecord {
             stopped_at: crate::supervisor::now(),
             exit: None,
             shutdown,
             outcome: Some(outcome.clone()),
+            panicked: None,
             crashed,
             reason,
         };

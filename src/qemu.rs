@@ -104,6 +104,9 @@ impl Forward {
 pub const FW_CFG_AUTHORIZED_KEYS: &str = "opt/org.qbuf/authorized_keys";
 pub const NETDEV_ID: &str = "net0";
 pub const GUEST_AGENT_PORT: &str = "org.qemu.guest_agent.0";
+/// The agent port's device id: QEMU names it in `VSERPORT_CHANGE` when the
+/// guest opens or closes the port (no id, no event).
+pub const GUEST_AGENT_PORT_ID: &str = "qga0-port";
 
 /// Doubles every `,` so a value survives QEMU's option parser.
 pub fn escape_value(v: &str) -> String {
@@ -182,8 +185,13 @@ pub fn build_args(spec: &VmSpec) -> Result<Vec<String>> {
     for (i, d) in spec.extra_disks.iter().enumerate() {
         let file = path_value("disk", &d.path)?;
         let id = escape_value(&d.id);
-        push(&["-blockdev", &format!("driver=file,node-name={id}-file,filename={file}")]);
-        push(&["-blockdev", &format!("driver={},node-name={id},file={id}-file", escape_value(&d.format))]);
+        // One node with its file node inline, exactly as `disk add` does over
+        // QMP, so one `blockdev-del ID` removes both either way.
+        let fmt = escape_value(&d.format);
+        push(&[
+            "-blockdev",
+            &format!("driver={fmt},node-name={id},file.driver=file,file.node-name={id}-file,file.filename={file}"),
+        ]);
         // Recorded disks sit in the last root ports so the first stay free.
         let port = spec.hotplug_ports.saturating_sub(1 + i as u32);
         push(&["-device", &format!("virtio-blk-pci,drive={id},id={id},bus=hp{port}")]);
@@ -207,7 +215,14 @@ pub fn build_args(spec: &VmSpec) -> Result<Vec<String>> {
 
     push(&["-device", "virtio-serial-pci,id=vser0"]);
     push(&["-chardev", &chardev_socket("qga0", "guest agent", &e.guest_agent)?]);
-    push(&["-device", &format!("virtserialport,bus=vser0.0,chardev=qga0,name={GUEST_AGENT_PORT}")]);
+    push(&[
+        "-device",
+        &format!("virtserialport,bus=vser0.0,chardev=qga0,name={GUEST_AGENT_PORT},id={GUEST_AGENT_PORT_ID}"),
+    ]);
+    // Without a pvpanic device QEMU never learns that the guest panicked
+    // (no GUEST_PANICKED): the guest just hangs. QEMU's default panic action
+    // pauses the VM, which keeps it for inspection (`console`, `qmp`).
+    push(&["-device", "pvpanic"]);
 
     let key = path_value("authorized key", &spec.authorized_key)?;
     push(&["-fw_cfg", &format!("name={FW_CFG_AUTHORIZED_KEYS},file={key}")]);
@@ -371,6 +386,29 @@ mod tests {
         s.forwards.push(Forward { udp: true, host_addr: "127.0.0.1".into(), host_port: 5353, guest_port: 53 });
         let a = build_args(&s).unwrap();
         assert!(after(&a, "-netdev")[0].ends_with(",hostfwd=udp:127.0.0.1:5353-:53"));
+    }
+
+    #[test]
+    fn recorded_disks_take_the_last_ports_with_their_format_and_inline_file_node() {
+        let mut s = spec("/s");
+        s.extra_disks.push(ExtraDisk { id: "disk1".into(), path: "/d/a,b.img".into(), format: "raw".into() });
+        s.extra_disks.push(ExtraDisk { id: "disk2".into(), path: "/d/c.qcow2".into(), format: "qcow2".into() });
+        let a = build_args(&s).unwrap();
+        let bd = after(&a, "-blockdev");
+        assert!(bd.contains(
+            &"driver=raw,node-name=disk1,file.driver=file,file.node-name=disk1-file,file.filename=/d/a,,b.img"
+        ));
+        let devs = after(&a, "-device");
+        assert!(devs.contains(&"virtio-blk-pci,drive=disk1,id=disk1,bus=hp3"), "{devs:?}");
+        assert!(devs.contains(&"virtio-blk-pci,drive=disk2,id=disk2,bus=hp2"), "{devs:?}");
+    }
+
+    #[test]
+    fn guest_agent_port_has_an_id_and_panics_are_reported() {
+        let a = build_args(&spec("/s")).unwrap();
+        let devs = after(&a, "-device");
+        assert!(devs.iter().any(|d| d.ends_with(&format!("name={GUEST_AGENT_PORT},id={GUEST_AGENT_PORT_ID}"))));
+        assert!(devs.contains(&"pvpanic"));
     }
 
     #[test]

@@ -55,6 +55,9 @@ pub struct StopRecord {
     pub shutdown: Option<Event>,
     /// Set when the stop ladder ended it.
     pub outcome: Option<StopOutcome>,
+    /// GUEST_PANICKED, when the guest panicked before the end.
+    #[serde(default)]
+    pub panicked: Option<Event>,
     pub crashed: bool,
     /// One sentence for humans.
     pub reason: String,
@@ -64,21 +67,32 @@ pub fn now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
-/// Summarises why QEMU ended, from the last SHUTDOWN and the exit status.
+/// Summarises why QEMU ended, from a guest panic, the last SHUTDOWN and the
+/// exit status. Every cause gets a name: guest shutdown, guest panic, a
+/// signal from the host, QMP quit, or a crash with its exit code or signal.
 pub fn describe_stop(
     shutdown: Option<&Event>,
+    panicked: Option<&Event>,
     exit: Option<ExitInfo>,
     outcome: Option<&StopOutcome>,
 ) -> (bool, String) {
     let reason = shutdown.and_then(Event::shutdown);
     let by =
         outcome.and_then(|o| o.method).map(|m| format!(" (stopped by qbuf-qemu: {})", m.as_str())).unwrap_or_default();
+    if panicked.is_some() || reason.as_ref().is_some_and(|(_, r)| r == "guest-panic") {
+        return (true, format!("the guest kernel panicked (GUEST_PANICKED){by}"));
+    }
     match (reason, exit) {
-        (Some((_, r)), _) if r == "guest-panic" => (true, format!("the guest kernel panicked{by}")),
         (Some((true, r)), _) => (false, format!("the guest shut down ({r}){by}")),
+        (Some((false, r)), _) if r == "host-signal" => {
+            (false, format!("QEMU got a termination signal from the host (host-signal){by}"))
+        }
+        (Some((false, r)), _) if r == "host-qmp-quit" => {
+            (false, format!("QEMU was told to quit over QMP (host-qmp-quit){by}"))
+        }
         (Some((false, r)), _) => (false, format!("QEMU was told to stop ({r}){by}")),
         (None, Some(e)) if outcome.is_some() => (false, format!("QEMU ended, {e}{by}")),
-        (None, Some(e)) => (true, format!("QEMU ended unexpectedly, {e}, without a shutdown event")),
+        (None, Some(e)) => (true, format!("QEMU crashed or was killed: {e}, without a shutdown event")),
         (None, None) => (true, "QEMU ended unexpectedly; its exit status is unknown".into()),
     }
 }
@@ -225,6 +239,8 @@ async fn supervise(inst: Instance) -> Result<i32> {
             hotplug_ports: plan.spec.hotplug_ports,
             stopping: None,
             last_shutdown: None,
+            panicked: None,
+            agent_port_open: false,
         }),
         outcome,
         ladder_started: Mutex::new(false),
@@ -239,9 +255,7 @@ async fn supervise(inst: Instance) -> Result<i32> {
         loop {
             match events.recv().await {
                 Ok(ev) => {
-                    if ev.event == "SHUTDOWN" {
-                        sh.info.lock().unwrap().last_shutdown = Some(ev.clone());
-                    }
+                    note_event(&mut sh.info.lock().unwrap(), &ev);
                     if let Ok(line) = serde_json::to_string(&ev) {
                         let _ = writeln!(log, "{line}");
                     }
@@ -301,9 +315,12 @@ async fn supervise(inst: Instance) -> Result<i32> {
     } else {
         None
     };
-    let shutdown = shared.info.lock().unwrap().last_shutdown.clone();
-    let (crashed, reason) = describe_stop(shutdown.as_ref(), exit, outcome.as_ref());
-    let rec = StopRecord { stopped_at: now(), exit, shutdown, outcome, crashed, reason: reason.clone() };
+    let (shutdown, panicked) = {
+        let info = shared.info.lock().unwrap();
+        (info.last_shutdown.clone(), info.panicked.clone())
+    };
+    let (crashed, reason) = describe_stop(shutdown.as_ref(), panicked.as_ref(), exit, outcome.as_ref());
+    let rec = StopRecord { stopped_at: now(), exit, shutdown, outcome, panicked, crashed, reason: reason.clone() };
     tracing::info!("QEMU is gone: {reason}");
     write_json(&inst.stop_record(), &rec)?;
     for p in inst.runtime_files() {
@@ -314,6 +331,18 @@ async fn supervise(inst: Instance) -> Result<i32> {
     // Give waiting `powerdown` commands a moment to receive their answer.
     tokio::time::sleep(Duration::from_millis(300)).await;
     Ok(0)
+}
+
+/// Keeps what `Info` reports about the guest up to date.
+fn note_event(info: &mut Info, ev: &Event) {
+    match ev.event.as_str() {
+        "SHUTDOWN" => info.last_shutdown = Some(ev.clone()),
+        "GUEST_PANICKED" => info.panicked = Some(ev.clone()),
+        "VSERPORT_CHANGE" if ev.data.get("id").and_then(Value::as_str) == Some(crate::qemu::GUEST_AGENT_PORT_ID) => {
+            info.agent_port_open = ev.data.get("open").and_then(Value::as_bool).unwrap_or(false);
+        }
+        _ => {}
+    }
 }
 
 fn start_ladder(sh: &Arc<Shared>, opts: StopOptions) {
@@ -371,6 +400,9 @@ async fn serve(sh: Arc<Shared>, conn: UnixStream) {
         }
         Request::Subscribe => {
             let mut rx = sh.qmp.subscribe();
+            if w.write_all(send(Response::Ok(Value::Null)).as_bytes()).await.is_err() {
+                return;
+            }
             loop {
                 tokio::select! {
                     ev = rx.recv() => match ev {
@@ -408,19 +440,64 @@ mod tests {
 
     #[test]
     fn stop_reasons_name_the_cause() {
-        let (c, r) =
-            describe_stop(Some(&ev(true, "guest-shutdown")), Some(ExitInfo { code: Some(0), signal: None }), None);
+        let exit0 = Some(ExitInfo { code: Some(0), signal: None });
+        let (c, r) = describe_stop(Some(&ev(true, "guest-shutdown")), None, exit0, None);
         assert!(!c);
         assert!(r.contains("guest shut down (guest-shutdown)"), "{r}");
-        let (c, r) = describe_stop(None, Some(ExitInfo { code: None, signal: Some(9) }), None);
+        let (c, r) = describe_stop(None, None, Some(ExitInfo { code: None, signal: Some(9) }), None);
         assert!(c);
-        assert!(r.contains("SIGKILL"), "{r}");
-        let (c, r) = describe_stop(Some(&ev(true, "guest-panic")), None, None);
+        assert!(r.contains("SIGKILL") && r.contains("crashed or was killed"), "{r}");
+        let (c, r) = describe_stop(None, None, Some(ExitInfo { code: Some(1), signal: None }), None);
+        assert!(c);
+        assert!(r.contains("exit status 1"), "{r}");
+        let (c, r) = describe_stop(Some(&ev(true, "guest-panic")), None, None, None);
         assert!(c);
         assert!(r.contains("panicked"));
-        let (c, r) =
-            describe_stop(Some(&ev(false, "host-signal")), Some(ExitInfo { code: Some(0), signal: None }), None);
+        let (c, r) = describe_stop(Some(&ev(false, "host-signal")), None, exit0, None);
         assert!(!c);
-        assert!(r.contains("host-signal"));
+        assert!(r.contains("signal from the host (host-signal)"), "{r}");
+        let (_, r) = describe_stop(Some(&ev(false, "host-qmp-quit")), None, exit0, None);
+        assert!(r.contains("quit over QMP"), "{r}");
+    }
+
+    #[test]
+    fn a_panic_paused_vm_stopped_later_still_names_the_panic() {
+        let panic = Event { event: "GUEST_PANICKED".into(), data: json!({"action": "pause"}), timestamp: 1.0 };
+        let o = StopOutcome {
+            method: Some(crate::powerdown::StopMethod::Quit),
+            shutdown_reason: Some("host-qmp-quit".into()),
+            guest: false,
+            seconds: 1.0,
+            exit: None,
+            steps: vec![],
+        };
+        let (c, r) = describe_stop(Some(&ev(false, "host-qmp-quit")), Some(&panic), None, Some(&o));
+        assert!(c);
+        assert!(r.contains("panicked (GUEST_PANICKED)") && r.contains("stopped by qbuf-qemu: quit"), "{r}");
+    }
+
+    #[test]
+    fn agent_port_and_panic_are_tracked_from_events() {
+        let mut info = Info {
+            qemu_pid: 1,
+            supervisor_pid: 2,
+            started_at: 0.0,
+            accel: crate::qemu::Accel::Tcg,
+            qemu_version: "10.0.2".into(),
+            hotplug_ports: 4,
+            stopping: None,
+            last_shutdown: None,
+            panicked: None,
+            agent_port_open: false,
+        };
+        let e = |name: &str, data| Event { event: name.into(), data, timestamp: 1.0 };
+        note_event(&mut info, &e("VSERPORT_CHANGE", json!({"id": "other", "open": true})));
+        assert!(!info.agent_port_open);
+        note_event(&mut info, &e("VSERPORT_CHANGE", json!({"id": crate::qemu::GUEST_AGENT_PORT_ID, "open": true})));
+        assert!(info.agent_port_open);
+        note_event(&mut info, &e("VSERPORT_CHANGE", json!({"id": crate::qemu::GUEST_AGENT_PORT_ID, "open": false})));
+        assert!(!info.agent_port_open);
+        note_event(&mut info, &e("GUEST_PANICKED", json!({"action": "pause"})));
+        assert!(info.panicked.is_some());
     }
 }
