@@ -101,15 +101,31 @@ impl std::error::Error for QmpError {}
 type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Result<Value, QmpError>>>>>>;
 
 /// One QMP connection. Cheap to clone; all clones share the reader task.
+/// When the last clone is dropped the connection closes, so QEMU (which
+/// serves one client per socket) can greet the next one.
 #[derive(Clone)]
 pub struct Qmp {
     writer: Arc<tokio::sync::Mutex<Box<dyn AsyncWrite + Send + Unpin>>>,
     pending: Pending,
     next_id: Arc<AtomicU64>,
     events: broadcast::Sender<Event>,
+    /// Subscribed before negotiation, handed to the first `subscribe()`: an
+    /// event right after `qmp_capabilities` must not be lost.
+    first_events: Arc<Mutex<Option<broadcast::Receiver<Event>>>>,
     closed: watch::Receiver<Option<String>>,
+    /// Set when a write timed out half-way: the stream is no longer framed.
+    broken: Arc<Mutex<Option<String>>>,
+    _reader: Arc<AbortOnDrop>,
     /// QEMU's greeting (`{"QMP": {...}}`).
     pub greeting: Value,
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -141,16 +157,19 @@ impl Qmp {
         if greeting.get("QMP").is_none() {
             return Err(QmpError::Io(format!("not a QMP greeting: {}", line.trim_end())));
         }
-        let (events, _) = broadcast::channel(1024);
+        let (events, first) = broadcast::channel(1024);
         let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let (closed_tx, closed) = watch::channel(None);
-        tokio::spawn(read_loop(reader, pending.clone(), events.clone(), closed_tx));
+        let reader = tokio::spawn(read_loop(reader, pending.clone(), events.clone(), closed_tx));
         let qmp = Qmp {
             writer: Arc::new(tokio::sync::Mutex::new(Box::new(w))),
             pending,
             next_id: Arc::new(AtomicU64::new(1)),
             events,
+            first_events: Arc::new(Mutex::new(Some(first))),
             closed,
+            broken: Arc::new(Mutex::new(None)),
+            _reader: Arc::new(AbortOnDrop(reader.abort_handle())),
             greeting,
         };
         qmp.execute(&qapi::qmp::qmp_capabilities { enable: None }, timeout).await?;
@@ -169,7 +188,7 @@ impl Qmp {
     /// Subscribe before issuing the command whose event you wait for, so the
     /// event cannot slip past between the two.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.events.subscribe()
+        self.first_events.lock().unwrap().take().unwrap_or_else(|| self.events.subscribe())
     }
 
     /// Resolves when the connection has ended; the reason is EOF or reset.
@@ -200,6 +219,10 @@ impl Qmp {
 
     /// Any command by name (for `qbuf-qemu qmp`), reply as raw JSON.
     pub async fn execute_raw(&self, name: &str, args: Value, timeout: Duration) -> Result<Value, QmpError> {
+        if let Some(reason) = self.broken.lock().unwrap().clone() {
+            return Err(QmpError::Disconnected { command: name.into(), reason });
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
@@ -220,11 +243,24 @@ impl Qmp {
             w.write_all(line.as_bytes()).await?;
             w.flush().await
         };
-        if let Err(e) = write.await {
-            self.forget(id);
-            return Err(QmpError::Disconnected { command: name.into(), reason: e.to_string() });
+        // The timeout covers the write too: a QEMU that stopped reading fills
+        // the socket buffer and would block us (and every clone) for ever.
+        match tokio::time::timeout_at(deadline, write).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                self.forget(id);
+                return Err(QmpError::Disconnected { command: name.into(), reason: e.to_string() });
+            }
+            Err(_) => {
+                // Part of the line may be out; QEMU would glue the next command
+                // onto it, so this connection cannot be used any more.
+                self.forget(id);
+                let reason = format!("QEMU stopped reading QMP input ('{name}' could not be sent within {timeout:?})");
+                *self.broken.lock().unwrap() = Some(reason.clone());
+                return Err(QmpError::Timeout { command: name.into(), after: timeout });
+            }
         }
-        match tokio::time::timeout(timeout, rx).await {
+        match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(r)) => r.map_err(|e| match e {
                 QmpError::Disconnected { reason, .. } => QmpError::Disconnected { command: name.into(), reason },
                 other => other,
