@@ -108,6 +108,15 @@ pass the file name of dev-vm.scm to 'guix system'"))))
         (qbuf-error "QBUF_QEMU_SSH_PUBKEY is not set: \
 build the image with 'qbuf-qemu build'"))))
 
+(define %qbuf-dev-uid
+  ;; The host user's uid, when qbuf-qemu passes it (QBUF_QEMU_DEV_UID, set
+  ;; for host uids of 1000 and up).  Over 9p with security_model=none the
+  ;; guest sees the host's owners and modes, so 'dev' can write the checkout
+  ;; in /mnt/qbuf only with the host user's uid.  #f lets Guix choose (the
+  ;; 'uid' field of <user-account>, gnu/system/accounts.scm, defaults to #f).
+  (let ((uid (getenv "QBUF_QEMU_DEV_UID")))
+    (and uid (string->number uid))))
+
 (define %qbuf-sudoers
   ;; %sudoers-specification is a plain-file in gnu/system.scm ("root" and
   ;; "%wheel" may do anything, with a password); 'plain-file-content' is
@@ -270,6 +279,7 @@ Add tools in guix/manifest.scm, then run 'qbuf-qemu build'.\n\n"))))))
   ;; uses PAM (openssh-configuration 'use-pam?' defaults to #t).
   (users (cons (user-account
                 (name "dev")
+                (uid %qbuf-dev-uid)
                 (comment "qbuf developer")
                 (group "users")
                 (supplementary-groups '("wheel" "netdev" "audio" "video" "kvm"))

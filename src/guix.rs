@@ -105,8 +105,16 @@ pub struct Request {
 
 impl Request {
     pub fn key(&self) -> Result<String> {
-        Ok(cache_key(&scm_files(&self.guix_dir)?, &self.image_size, &self.pubkey))
+        let uid = dev_uid().map(|u| u.to_string()).unwrap_or_default();
+        Ok(cache_key(&scm_files(&self.guix_dir)?, &self.image_size, &format!("{}\0{uid}", self.pubkey.trim())))
     }
+}
+
+/// The uid `dev` gets in the image: the host user's, so the guest can write
+/// the 9p-shared checkout (it sees the host's owners). System uids (root in
+/// CI) are left to Guix.
+pub fn dev_uid() -> Option<u32> {
+    Some(nix::unistd::getuid().as_raw()).filter(|u| *u >= 1000)
 }
 
 /// images/KEY/build.json
@@ -200,6 +208,7 @@ pub fn ensure(state: &StateDir, req: &Request, quiet: bool) -> Result<BuildResul
     let mut child = Command::new(&guix)
         .args(&argv[1..])
         .env("QBUF_QEMU_SSH_PUBKEY", req.pubkey.trim())
+        .env("QBUF_QEMU_DEV_UID", dev_uid().map(|u| u.to_string()).unwrap_or_default())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
