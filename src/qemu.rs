@@ -142,6 +142,15 @@ fn chardev_socket(id: &str, what: &str, path: &Path) -> Result<String> {
     Ok(format!("socket,id={id},path={},server=on,wait=off", socket_value(what, path)?))
 }
 
+/// The accelerator and the CPU model that goes with it (also what `doctor`
+/// and `launch --accel auto` try KVM with).
+pub fn accel_args(accel: Accel) -> [&'static str; 4] {
+    match accel {
+        Accel::Kvm => ["-accel", "kvm", "-cpu", "host"],
+        Accel::Tcg => ["-accel", "tcg", "-cpu", "max"],
+    }
+}
+
 /// The full argument list after the binary name.
 pub fn build_args(spec: &VmSpec) -> Result<Vec<String>> {
     let mut a: Vec<String> = Vec::new();
@@ -150,10 +159,7 @@ pub fn build_args(spec: &VmSpec) -> Result<Vec<String>> {
     push(&["-name", &format!("qbuf-{name},process=qbuf-{name}")]);
     push(&["-nodefaults", "-no-user-config", "-display", "none"]);
     push(&["-machine", "q35"]);
-    match spec.accel {
-        Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
-        Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
-    }
+    push(&accel_args(spec.accel));
     push(&["-m", &format!("{}M", spec.memory_mib), "-smp", &spec.cpus.to_string()]);
 
     let e = &spec.endpoints;
