@@ -5,6 +5,9 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{AccelChoice, PortChoice, ShareMode};
+use crate::devices::DiskFormat;
+use crate::forwards::HostEnd;
+use crate::qemu::Forward;
 
 #[derive(Debug, Parser)]
 #[command(name = "qbuf-qemu", version, about = "One reproducible Guix System dev VM for qbuf, driven over QMP")]
@@ -59,9 +62,124 @@ pub enum Command {
         #[arg(long, short = 'y')]
         yes: bool,
     },
+    /// Disks of the running VM: hot-plugged virtio disks, recorded for the next launch
+    #[command(subcommand)]
+    Disk(DiskCommand),
+    /// Host ports forwarded to the guest (QEMU user network), on 127.0.0.1 unless an address is given
+    #[command(subcommand)]
+    Forward(ForwardCommand),
+    /// Extra 9p directory shares; QEMU cannot add one to a running VM, so they appear at the next boot
+    #[command(subcommand)]
+    Share(ShareCommand),
+    /// Send any QMP command to the running VM and print QEMU's raw reply as JSON
+    #[command(
+        after_help = "Example: qbuf-qemu qmp query-status\n         qbuf-qemu qmp device_del '{\"id\": \"disk1\"}'\n\
+A QMP error exits 1 with its class and description; arguments that are not a JSON object exit 2."
+    )]
+    Qmp {
+        /// QMP command name, e.g. query-status
+        command: String,
+        /// Arguments as one JSON object
+        #[arg(value_name = "JSON")]
+        arguments: Option<String>,
+        /// Seconds to wait for QEMU's answer
+        #[arg(long, value_name = "SECS", default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Every QMP event of the instance's life (kept across relaunches until destroy)
+    Events {
+        /// Keep printing new events until Ctrl-C (with --json: one JSON object per line)
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Attach this terminal to the guest's serial console; detach with Ctrl-]
+    #[command(long_about = "Attach this terminal to the guest's serial console (one client at a time).\n\n\
+The terminal is in raw mode while attached, so Ctrl-C and the like go to the guest. \
+Detach with Ctrl-] (the VM keeps running). Everything the guest prints is also kept in the serial log \
+('qbuf-qemu logs'), attached or not. Without a terminal, input is sent as is and the console detaches \
+when input ends and the guest falls quiet.")]
+    Console,
+    /// Print the guest's serial console log
+    Logs {
+        /// Keep printing what the guest writes until Ctrl-C
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Check QEMU, KVM, Guix, the SSH port, leftover state, permissions and free space, with fixes
+    Doctor,
     /// Internal: the per-instance supervisor started by launch
     #[command(name = "__supervise", hide = true)]
     Supervise,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DiskCommand {
+    /// Attach an image FILE, or a new one of --size, as a virtio disk (recorded unless --transient)
+    Add(DiskAddArgs),
+    /// Detach a disk once the guest released it (DEVICE_DELETED); its image is kept
+    Remove {
+        /// The disk's id (see 'disk list')
+        id: String,
+        /// Seconds to wait for the guest to release the disk
+        #[arg(long, value_name = "SECS", default_value_t = 10)]
+        timeout: u64,
+    },
+    /// The VM's disks as QEMU sees them, and the recorded ones
+    List,
+}
+
+#[derive(Debug, Args)]
+pub struct DiskAddArgs {
+    /// An existing disk image; never deleted by qbuf-qemu (destroy included)
+    #[arg(value_name = "FILE", required_unless_present = "size", conflicts_with = "size")]
+    pub file: Option<PathBuf>,
+    /// Create a new image of this size in the instance's disks dir, e.g. 20G
+    #[arg(long, value_name = "SIZE")]
+    pub size: Option<String>,
+    /// Device id [default: disk1, disk2, …]
+    #[arg(long, value_name = "ID")]
+    pub id: Option<String>,
+    /// The image's format; qcow2 is checked against the file's header, raw is never probed [default: qcow2]
+    #[arg(long, value_enum)]
+    pub format: Option<DiskFormat>,
+    /// Attach to the running VM only; do not record it for the next launch
+    #[arg(long)]
+    pub transient: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ForwardCommand {
+    /// Forward [ADDR:]HOST:GUEST[/udp], e.g. 8080:80 (recorded unless --transient)
+    Add {
+        #[arg(value_name = "[ADDR:]HOST:GUEST[/udp]", value_parser = crate::forwards::parse_forward)]
+        spec: Forward,
+        /// Set up in the running VM only; do not record it for the next launch
+        #[arg(long)]
+        transient: bool,
+    },
+    /// Stop forwarding a host port: [ADDR:]HOST[/udp]
+    Remove {
+        #[arg(value_name = "[ADDR:]HOST[/udp]", value_parser = crate::forwards::parse_host_end)]
+        host: HostEnd,
+    },
+    /// Forwarded ports (from QEMU's 'info usernet' while running)
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ShareCommand {
+    /// Record a directory shared as 9p tag TAG from the next boot on
+    Add {
+        dir: PathBuf,
+        tag: String,
+        /// Read-only for the guest
+        #[arg(long)]
+        ro: bool,
+    },
+    /// Stop sharing TAG from the next boot on
+    Remove { tag: String },
+    /// The default share and the recorded ones
+    List,
 }
 
 #[derive(Debug, Args)]

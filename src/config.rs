@@ -92,8 +92,18 @@ pub const DEFAULT_SSH_PORT: u16 = 10022;
 pub const DEFAULT_SSH_USER: &str = "dev";
 pub const DEFAULT_IMAGE_SIZE: &str = "20G";
 
-/// `4G`, `512M`, `4096` (MiB), `1T`, case-insensitive, optional `iB`/`B`.
+/// `4G`, `512M`, `4096` (MiB), `1T`, case-insensitive, optional `iB`/`B`;
+/// at least 64M (a VM's memory).
 pub fn parse_size_mib(s: &str) -> Result<u64> {
+    let mib = parse_mib(s)?;
+    if mib < 64 {
+        bail!("{s:?} is too small: a VM needs at least 64M");
+    }
+    Ok(mib)
+}
+
+/// A size in MiB, rounded: `4G`, `512M`, `4096` (MiB), `1T`, `100K`.
+pub fn parse_mib(s: &str) -> Result<u64> {
     let t = s.trim();
     let lower = t.to_ascii_lowercase();
     let body = lower.trim_end_matches("ib").trim_end_matches('b');
@@ -109,11 +119,7 @@ pub fn parse_size_mib(s: &str) -> Result<u64> {
         .ok()
         .filter(|n: &f64| n.is_finite() && *n > 0.0)
         .with_context(|| format!("{s:?} is not a size: write e.g. 4G, 512M or 4096 (MiB)"))?;
-    let mib = (n * mult).round() as u64;
-    if mib < 64 {
-        bail!("{s:?} is too small: a VM needs at least 64M");
-    }
-    Ok(mib)
+    Ok((n * mult).round() as u64)
 }
 
 /// One setting that differs from what the instance saved.

@@ -137,6 +137,8 @@ files! {
     disks_dir => "disks";
     /// Devices and forwards recorded at runtime, restored at launch.
     devices => "devices.json";
+    /// flock()ed while a command changes devices (devices.json, root ports).
+    devices_lock => "devices.lock";
     /// Which Guix image this instance boots (its key and store path).
     guix_image => "guix-image.json";
 }
@@ -169,14 +171,7 @@ pub struct Lock {
 impl Lock {
     /// Tries once to take the lock; `None` when another process holds it.
     pub fn try_acquire(inst: &Instance) -> Result<Option<Lock>> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(inst.lock())
-            .with_context(|| format!("cannot open lock file {}", inst.lock().display()))?;
+        let file = open_lock_file(&inst.lock())?;
         // nix's newer `Flock` owns the File; the raw call keeps the fd ours to
         // pass on to the supervisor and QEMU.
         #[allow(deprecated)]
@@ -202,6 +197,27 @@ impl Lock {
         nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))?;
         Ok(fd)
     }
+}
+
+fn open_lock_file(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot open lock file {}", path.display()))
+}
+
+/// Opens (creating) `path` and waits for an exclusive flock on it; the lock
+/// goes with the returned file.
+pub fn lock_file(path: &Path) -> Result<File> {
+    let file = open_lock_file(path)?;
+    #[allow(deprecated)]
+    nix::fcntl::flock(file.as_raw_fd(), nix::fcntl::FlockArg::LockExclusive)
+        .with_context(|| format!("cannot lock {}", path.display()))?;
+    Ok(file)
 }
 
 /// Writes JSON atomically (temp file + rename), private to the user.

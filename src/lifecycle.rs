@@ -605,7 +605,11 @@ pub struct Status {
     pub memory_mib: Option<u64>,
     pub cpus: Option<u32>,
     pub disks: Vec<Value>,
+    /// Reserved PCIe root ports, and how many carry a device now.
     pub hotplug_ports: Option<u32>,
+    pub hotplug_ports_used: Option<u32>,
+    pub hotplug_ports_free: Option<u32>,
+    pub guest_agent: Option<crate::agent::AgentState>,
     pub stopping_step: Option<String>,
     /// For a stopped instance: why it stopped.
     pub stop_reason: Option<String>,
@@ -631,6 +635,9 @@ pub fn status(ctx: &Ctx) -> Result<Status> {
         cpus: settings.as_ref().map(|s| s.cpus),
         disks: vec![],
         hotplug_ports: None,
+        hotplug_ports_used: None,
+        hotplug_ports_free: None,
+        guest_agent: None,
         stopping_step: None,
         stop_reason: None,
         last_shutdown: None,
@@ -694,6 +701,28 @@ pub fn status(ctx: &Ctx) -> Result<Status> {
             if let Ok(Ok(Value::Array(blocks))) = q("query-block") {
                 st.disks = blocks.into_iter().map(|b| crate::devices::summarize_block(&b)).collect();
             }
+            let vm = crate::vm::Vm { inst: inst.clone(), name: ctx.name.clone() };
+            if let Ok(used) = crate::devices::used_ports(&vm, info.hotplug_ports) {
+                let n = used.iter().filter(|u| **u).count() as u32;
+                st.hotplug_ports_used = Some(n);
+                st.hotplug_ports_free = Some(info.hotplug_ports.saturating_sub(n));
+            }
+            // The guest opens the agent's port only when an agent runs, so an
+            // agent-less guest costs no wait here.
+            st.guest_agent = Some(if !info.agent_port_open {
+                crate::agent::AgentState::NotRunning
+            } else if block_on(crate::agent::ping(&inst.guest_agent(), crate::agent::PING_TIMEOUT)).is_ok() {
+                crate::agent::AgentState::Answers
+            } else {
+                crate::agent::AgentState::NoAnswer
+            });
+            if info.panicked.is_some() {
+                st.notes.push(format!(
+                    "the guest kernel panicked; QEMU keeps the VM paused for inspection ('qbuf-qemu --name {n} console', \
+                     'qbuf-qemu --name {n} qmp …'); 'qbuf-qemu --name {n} powerdown' stops it",
+                    n = ctx.name
+                ));
+            }
         }
         Err(e) => {
             // The supervisor is gone but the lock is held: QEMU runs orphaned.
@@ -749,8 +778,15 @@ impl Status {
         for d in &self.disks {
             s.push_str(&format!("disk:       {}\n", d.get("summary").and_then(Value::as_str).unwrap_or("?")));
         }
-        if let Some(h) = self.hotplug_ports {
-            s.push_str(&format!("hot-plug:   {h} PCIe root ports reserved\n"));
+        match (self.hotplug_ports, self.hotplug_ports_used, self.hotplug_ports_free) {
+            (Some(h), Some(u), Some(f)) => {
+                s.push_str(&format!("hot-plug:   {h} PCIe root ports: {u} used, {f} free\n"))
+            }
+            (Some(h), _, _) => s.push_str(&format!("hot-plug:   {h} PCIe root ports reserved\n")),
+            _ => {}
+        }
+        if let Some(a) = self.guest_agent {
+            s.push_str(&format!("agent:      {}\n", a.human()));
         }
         if let Some(r) = &self.stop_reason {
             s.push_str(&format!("stopped:    {r}\n"));
@@ -861,7 +897,8 @@ fn stop_orphan(inst: &Instance, opts: &StopOptions) -> Result<StopOutcome> {
     let proc = ForeignProcess(run.qemu.clone());
     let outcome = block_on(async {
         let qmp = crate::qmp::Qmp::connect(&inst.qmp_user(), Duration::from_secs(3)).await.ok();
-        powerdown::stop(qmp.as_ref(), &proc, opts, None, &|_| {}).await
+        let agent = inst.guest_agent();
+        powerdown::stop(qmp.as_ref(), &proc, opts, None, Some(&agent), &|_| {}).await
     });
     if outcome.method.is_some() {
         // The SHUTDOWN event the ladder saw on the user QMP socket.

@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use clap::Parser;
 use serde::Serialize;
 
-use qbuf_qemu::cli::{Cli, Command, StopArgs};
+use qbuf_qemu::cli::{Cli, Command, DiskCommand, ForwardCommand, ShareCommand, StopArgs};
 use qbuf_qemu::config::LaunchFlags;
 use qbuf_qemu::instance::{default_state_dir, validate_name, StateDir};
 use qbuf_qemu::lifecycle::{self, Ctx, LaunchOptions};
@@ -162,6 +162,107 @@ fn run(cli: Cli) -> Result<i32> {
             let code = r.stop.as_ref().map(|s| s.code).unwrap_or(0);
             emit(g.json, &r, |r| r.human())?;
             Ok(code)
+        }
+        Command::Disk(DiskCommand::Add(a)) => {
+            let req = qbuf_qemu::devices::DiskAdd {
+                file: a.file,
+                size: a.size,
+                id: a.id,
+                format: a.format,
+                transient: a.transient,
+            };
+            let r = qbuf_qemu::devices::add_disk(&ctx, &req)?;
+            emit(g.json, &r, |r| r.human())?;
+            Ok(0)
+        }
+        Command::Disk(DiskCommand::Remove { id, timeout }) => {
+            let r = qbuf_qemu::devices::remove_disk(&ctx, &id, Duration::from_secs(timeout))?;
+            emit(g.json, &r, |r| r.human())?;
+            Ok(0)
+        }
+        Command::Disk(DiskCommand::List) => {
+            emit(g.json, &qbuf_qemu::devices::list_disks(&ctx)?, |r| r.human())?;
+            Ok(0)
+        }
+        Command::Forward(ForwardCommand::Add { spec, transient }) => {
+            emit(g.json, &qbuf_qemu::forwards::add(&ctx, &spec, transient)?, |r| r.human())?;
+            Ok(0)
+        }
+        Command::Forward(ForwardCommand::Remove { host }) => {
+            emit(g.json, &qbuf_qemu::forwards::remove(&ctx, &host)?, |r| r.human())?;
+            Ok(0)
+        }
+        Command::Forward(ForwardCommand::List) => {
+            emit(g.json, &qbuf_qemu::forwards::list(&ctx)?, |r| r.human())?;
+            Ok(0)
+        }
+        Command::Share(ShareCommand::Add { dir, tag, ro }) => {
+            emit(g.json, &qbuf_qemu::devices::add_share(&ctx, &dir, &tag, ro)?, |r| r.human())?;
+            Ok(0)
+        }
+        Command::Share(ShareCommand::Remove { tag }) => {
+            emit(g.json, &qbuf_qemu::devices::remove_share(&ctx, &tag)?, |r| r.human())?;
+            Ok(0)
+        }
+        Command::Share(ShareCommand::List) => {
+            emit(g.json, &qbuf_qemu::devices::list_shares(&ctx)?, |r| r.human())?;
+            Ok(0)
+        }
+        Command::Qmp { command, arguments, timeout } => {
+            let args = match qbuf_qemu::vm::parse_arguments(arguments.as_deref()) {
+                Ok(v) => v,
+                Err(m) => {
+                    eprintln!("qbuf-qemu: error: {m}");
+                    return Ok(2);
+                }
+            };
+            match qbuf_qemu::vm::raw(&ctx, &command, args, Duration::from_secs(timeout))? {
+                Ok(reply) => {
+                    println!("{}", serde_json::to_string_pretty(&reply)?);
+                    Ok(0)
+                }
+                Err((class, desc)) => {
+                    if g.json {
+                        println!("{}", serde_json::json!({ "error": { "class": class, "desc": desc } }));
+                    }
+                    eprintln!("qbuf-qemu: QEMU refused '{command}': {class}: {desc}");
+                    Ok(1)
+                }
+            }
+        }
+        Command::Events { follow: true } => {
+            qbuf_qemu::logs::follow_events(&ctx, g.json)?;
+            Ok(0)
+        }
+        Command::Events { follow: false } => {
+            emit(g.json, &qbuf_qemu::logs::events(&ctx)?, |r| r.human())?;
+            Ok(0)
+        }
+        Command::Console | Command::Logs { follow: true } if g.json => {
+            eprintln!("qbuf-qemu: error: this command streams the guest's console as text; --json does not apply");
+            Ok(2)
+        }
+        Command::Console => {
+            qbuf_qemu::console::attach(&ctx)?;
+            Ok(0)
+        }
+        Command::Logs { follow: true } => {
+            qbuf_qemu::logs::follow_serial_log(&ctx)?;
+            Ok(0)
+        }
+        Command::Logs { follow: false } => {
+            let log = qbuf_qemu::logs::serial_log(&ctx)?;
+            if g.json {
+                emit(true, &log, |_| String::new())?;
+            } else {
+                use std::io::Write;
+                std::io::stdout().write_all(log.text.as_bytes())?;
+            }
+            Ok(0)
+        }
+        Command::Doctor => {
+            emit(g.json, &qbuf_qemu::doctor::run(&ctx), |r| r.human())?;
+            Ok(0)
         }
         Command::Supervise => qbuf_qemu::supervisor::run(ctx.instance()),
     }

@@ -3,6 +3,9 @@
 //!
 //! 1. `system_powerdown` (ACPI power button), waiting up to `--timeout` for
 //!    QEMU to exit, ideally after `SHUTDOWN` with `guest: true`;
+//!    then, only if the guest agent answered a ping when the ladder started,
+//!    its `guest-shutdown`. The two share `--timeout`: with an agent the
+//!    power button gets the first half and the agent the rest;
 //! 2. QMP `quit`, [`QUIT_DEADLINE`];
 //! 3. a termination signal, [`SIGNAL_DEADLINE`];
 //! 4. SIGKILL, [`SIGNAL_DEADLINE`].
@@ -14,6 +17,7 @@
 //! one `termsig_handler` for SIGINT, SIGHUP and SIGTERM).
 
 use std::future::Future;
+use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -24,6 +28,8 @@ use crate::qmp::{Event, Qmp};
 pub const QUIT_DEADLINE: Duration = Duration::from_secs(10);
 pub const SIGNAL_DEADLINE: Duration = Duration::from_secs(5);
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the ladder asks whether the guest agent answers.
+const AGENT_PING: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -116,13 +122,15 @@ pub struct StopOptions {
 }
 
 /// Runs the ladder. `known_shutdown` is a `SHUTDOWN` seen before the call.
-/// `on_step` is told each step as it starts (the supervisor shows it in
-/// `status`).
+/// `agent` is the guest agent's socket when an agent may run (the guest
+/// opened its port). `on_step` is told each step as it starts (the
+/// supervisor shows it in `status`).
 pub async fn stop<P: QemuProcess + Sync>(
     qmp: Option<&Qmp>,
     proc: &P,
     opts: &StopOptions,
     known_shutdown: Option<Event>,
+    agent: Option<&Path>,
     on_step: &(dyn Fn(StopMethod) + Sync),
 ) -> StopOutcome {
     let start = Instant::now();
@@ -143,7 +151,16 @@ pub async fn stop<P: QemuProcess + Sync>(
 
     let mut ladder: Vec<(StopMethod, Instant)> = Vec::new();
     if !opts.force {
-        ladder.push((StopMethod::Powerdown, start + opts.timeout));
+        let agent_answers = match agent {
+            Some(sock) => crate::agent::ping(sock, opts.timeout.min(AGENT_PING)).await.is_ok(),
+            None => false,
+        };
+        if agent_answers {
+            ladder.push((StopMethod::Powerdown, start + opts.timeout / 2));
+            ladder.push((StopMethod::GuestAgent, start + opts.timeout));
+        } else {
+            ladder.push((StopMethod::Powerdown, start + opts.timeout));
+        }
     }
     ladder.push((StopMethod::Quit, Instant::now()));
     ladder.push((StopMethod::Sigterm, Instant::now()));
@@ -152,11 +169,11 @@ pub async fn stop<P: QemuProcess + Sync>(
     for (method, deadline) in ladder {
         on_step(method);
         let deadline = match method {
-            StopMethod::Powerdown => deadline,
+            StopMethod::Powerdown | StopMethod::GuestAgent => deadline,
             StopMethod::Quit => Instant::now() + QUIT_DEADLINE,
             _ => Instant::now() + SIGNAL_DEADLINE,
         };
-        let note = act(qmp, proc, method).await;
+        let note = act(qmp, proc, method, agent).await;
         tracing::info!(step = method.as_str(), "{note}");
         steps.push(format!("{}: {note}", method.as_str()));
         loop {
@@ -190,7 +207,7 @@ pub async fn stop<P: QemuProcess + Sync>(
     finish(None, shutdown, steps)
 }
 
-async fn act<P: QemuProcess>(qmp: Option<&Qmp>, proc: &P, method: StopMethod) -> String {
+async fn act<P: QemuProcess>(qmp: Option<&Qmp>, proc: &P, method: StopMethod, agent: Option<&Path>) -> String {
     use nix::sys::signal::{kill, Signal};
     let pid = nix::unistd::Pid::from_raw(proc.pid());
     let t = Duration::from_secs(5);
@@ -219,7 +236,11 @@ async fn act<P: QemuProcess>(qmp: Option<&Qmp>, proc: &P, method: StopMethod) ->
             Ok(()) => "sent SIGKILL".into(),
             Err(e) => format!("SIGKILL failed: {e}"),
         },
-        StopMethod::GuestAgent | StopMethod::AlreadyStopped => String::new(),
+        StopMethod::GuestAgent => match agent {
+            Some(sock) => crate::agent::shutdown(sock, t).await.unwrap_or_else(|e| e),
+            None => "no guest agent; skipped".into(),
+        },
+        StopMethod::AlreadyStopped => String::new(),
     }
 }
 

@@ -113,6 +113,8 @@ struct Shared {
     ladder_started: Mutex<bool>,
     /// Set once stopped.json is written: answers can go out.
     done: watch::Sender<bool>,
+    /// The guest agent's socket (qga.sock).
+    agent_sock: PathBuf,
 }
 
 /// Entry point of `qbuf-qemu __supervise`.
@@ -245,6 +247,7 @@ async fn supervise(inst: Instance) -> Result<i32> {
         outcome,
         ladder_started: Mutex::new(false),
         done,
+        agent_sock: inst.guest_agent(),
     });
 
     // Every event of the VM's life goes to events.jsonl, even with no
@@ -361,7 +364,8 @@ fn start_ladder(sh: &Arc<Shared>, opts: StopOptions) {
         let on_step = move |m: StopMethod| {
             sh2.info.lock().unwrap().stopping = Some(m.as_str().to_string());
         };
-        let o = powerdown::stop(Some(&sh.qmp), &proc, &opts, known, &on_step).await;
+        let agent = sh.info.lock().unwrap().agent_port_open.then(|| sh.agent_sock.clone());
+        let o = powerdown::stop(Some(&sh.qmp), &proc, &opts, known, agent.as_deref(), &on_step).await;
         sh.outcome.send_replace(Some(o));
     });
 }

@@ -1,0 +1,172 @@
+//! The QEMU guest agent, over the `qga.sock` chardev.
+//!
+//! QGA is line JSON like QMP but without a greeting or negotiation, and a
+//! fresh connection may find the agent's parser holding half a request from
+//! an earlier client. So every conversation starts with the documented
+//! resynchronisation: a 0xFF byte (which resets the agent's parser) and
+//! `guest-sync-delimited`, whose answer is prefixed by 0xFF so stale output
+//! can be skipped. With no agent in the guest nothing answers at all, so every
+//! step has a short deadline.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+/// How long a ping may take before the agent counts as absent.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Whether the guest agent answers, as `status` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AgentState {
+    Answers,
+    /// The guest has not opened the agent's port: no agent runs.
+    NotRunning,
+    /// The port is open but no answer came in time.
+    NoAnswer,
+}
+
+impl AgentState {
+    pub fn human(self) -> &'static str {
+        match self {
+            AgentState::Answers => "answers (guest-ping)",
+            AgentState::NotRunning => "not running in the guest",
+            AgentState::NoAnswer => "its port is open but it did not answer guest-ping",
+        }
+    }
+}
+
+fn request(name: &str, args: Value) -> Vec<u8> {
+    let mut v = json!({ "execute": name });
+    if !args.is_null() {
+        v["arguments"] = args;
+    }
+    let mut line = serde_json::to_vec(&v).expect("JSON serializes");
+    line.push(b'\n');
+    line
+}
+
+async fn read_json_line(r: &mut BufReader<UnixStream>) -> Result<Value, String> {
+    let mut line = String::new();
+    match r.read_line(&mut line).await {
+        Ok(0) => Err("the agent's socket closed".into()),
+        Ok(_) => {
+            serde_json::from_str(line.trim()).map_err(|e| format!("the agent sent something that is not JSON: {e}"))
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A connection on which the agent has just answered `guest-sync-delimited`.
+async fn synced(sock: &Path) -> Result<BufReader<UnixStream>, String> {
+    let mut s = UnixStream::connect(sock).await.map_err(|e| format!("cannot connect to {}: {e}", sock.display()))?;
+    // Unique enough that a reply to an earlier client's sync cannot match.
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let id = i64::from(std::process::id()) * 1_000_000_000 + i64::from(nanos);
+    let mut req = vec![0xFF];
+    req.extend(request(<qapi::qga::guest_sync_delimited as qapi::Command>::NAME, json!({ "id": id })));
+    s.write_all(&req).await.map_err(|e| e.to_string())?;
+    let mut r = BufReader::new(s);
+    loop {
+        let mut skipped = Vec::new();
+        if r.read_until(0xFF, &mut skipped).await.map_err(|e| e.to_string())? == 0 {
+            return Err("the agent's socket closed".into());
+        }
+        if read_json_line(&mut r).await?.get("return").and_then(Value::as_i64) == Some(id) {
+            return Ok(r);
+        }
+    }
+}
+
+async fn ping_inner(sock: &Path) -> Result<(), String> {
+    let mut r = synced(sock).await?;
+    r.get_mut()
+        .write_all(&request(<qapi::qga::guest_ping as qapi::Command>::NAME, Value::Null))
+        .await
+        .map_err(|e| e.to_string())?;
+    match read_json_line(&mut r).await? {
+        v if v.get("return").is_some() => Ok(()),
+        v => Err(format!("guest-ping failed: {v}")),
+    }
+}
+
+/// Whether the agent answers `guest-ping` within `timeout`.
+pub async fn ping(sock: &Path, timeout: Duration) -> Result<(), String> {
+    tokio::time::timeout(timeout, ping_inner(sock))
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {:.1}s", timeout.as_secs_f64())))
+}
+
+/// Asks the agent to power the guest off. `guest-shutdown` sends no reply
+/// when it works (the guest goes down), only an error when it does not;
+/// `Ok` says what was done, and the caller judges by QEMU exiting.
+pub async fn shutdown(sock: &Path, timeout: Duration) -> Result<String, String> {
+    let fut = async {
+        let mut r = synced(sock).await?;
+        let args = json!({ "mode": "powerdown" });
+        r.get_mut()
+            .write_all(&request(<qapi::qga::guest_shutdown as qapi::Command>::NAME, args))
+            .await
+            .map_err(|e| e.to_string())?;
+        match tokio::time::timeout(Duration::from_secs(1), read_json_line(&mut r)).await {
+            Ok(Ok(v)) if v.get("error").is_some() => {
+                Err(format!("the guest agent refused guest-shutdown: {}", v["error"]))
+            }
+            _ => Ok("asked the guest agent to power off (guest-shutdown)".to_string()),
+        }
+    };
+    tokio::time::timeout(timeout, fut).await.unwrap_or_else(|_| Err("the guest agent did not answer".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_one_json_line() {
+        assert_eq!(request("guest-ping", Value::Null), b"{\"execute\":\"guest-ping\"}\n");
+        let r = String::from_utf8(request("guest-sync-delimited", json!({"id": 5}))).unwrap();
+        assert_eq!(r, "{\"arguments\":{\"id\":5},\"execute\":\"guest-sync-delimited\"}\n");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_silent_socket_is_no_agent_and_a_fake_agent_answers_after_stale_output() {
+        let dir = std::env::temp_dir().join(format!("qbuf-qga-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("qga.sock");
+        let _ = std::fs::remove_file(&sock);
+        let l = tokio::net::UnixListener::bind(&sock).unwrap();
+        // Silent: like QEMU's chardev while no agent opened the guest's port.
+        let silent = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            drop(s);
+            l
+        });
+        let e = ping(&sock, Duration::from_millis(300)).await.unwrap_err();
+        assert!(e.contains("no answer"), "{e}");
+        let l = silent.await.unwrap();
+        // An agent that first sends leftovers of an earlier conversation.
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let mut r = BufReader::new(s);
+            let mut line = Vec::new();
+            r.read_until(b'\n', &mut line).await.unwrap();
+            let v: Value = serde_json::from_slice(&line[1..]).unwrap();
+            let id = v["arguments"]["id"].as_i64().unwrap();
+            r.get_mut().write_all(b"{\"return\": {}}\n\0").await.unwrap();
+            r.get_mut().write_all(&[0xFF]).await.unwrap();
+            r.get_mut().write_all(format!("{{\"return\": {id}}}\n").as_bytes()).await.unwrap();
+            line.clear();
+            r.read_until(b'\n', &mut line).await.unwrap();
+            assert!(String::from_utf8_lossy(&line).contains("guest-ping"));
+            r.get_mut().write_all(b"{\"return\": {}}\n").await.unwrap();
+        });
+        ping(&sock, Duration::from_secs(3)).await.unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
