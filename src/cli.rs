@@ -52,7 +52,7 @@ pub enum Command {
     },
     /// State, pid, uptime, resources and, for a stopped VM, why it stopped
     Status,
-    /// Power the VM off: ACPI power button, then QMP quit, then signals
+    /// Power the VM off: ACPI power button (then the guest agent, if one answers), then QMP quit, then signals
     Powerdown(StopArgs),
     /// Power the VM off and remove everything qbuf-qemu created for it
     Destroy {
@@ -247,7 +247,7 @@ pub struct BuildArgs {
 
 #[derive(Debug, Args, Clone)]
 pub struct StopArgs {
-    /// Seconds the guest gets to power off by itself before escalating
+    /// Seconds the guest gets to power off by itself before escalating: the ACPI button, and the guest agent's shutdown when an agent answers (each gets half then)
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     pub timeout: u64,
     /// Skip the guest's own shutdown: start at QMP quit

@@ -394,11 +394,21 @@ pub fn add_disk(ctx: &Ctx, req: &DiskAdd) -> Result<DiskAdded> {
             id.clone()
         }
         None => {
-            // A `--size` disk is named after its id: skip ids whose file exists.
+            // A `--size` image is named after its id, so its id skips the
+            // names of images there; an image from there keeps its name.
+            let stem = |p: &Path| p.file_stem()?.to_str().map(String::from);
             let existing: Vec<String> = std::fs::read_dir(inst.disks_dir())
-                .map(|rd| rd.filter_map(|e| e.ok()?.path().file_stem()?.to_str().map(String::from)).collect())
+                .map(|rd| rd.filter_map(|e| stem(&e.ok()?.path())).collect())
                 .unwrap_or_default();
-            next_disk_id(&[taken.clone(), existing].concat())
+            let own = req
+                .file
+                .as_deref()
+                .and_then(|f| std::fs::canonicalize(f).ok())
+                .filter(|f| f.starts_with(inst.disks_dir()));
+            match own.as_deref().and_then(stem) {
+                Some(name) if validate_id("disk id", &name).is_ok() && !taken.contains(&name) => name,
+                _ => next_disk_id(&[taken.clone(), existing].concat()),
+            }
         }
     };
     if vm.is_none() && rec.disks.len() as u32 >= HOTPLUG_PORTS {
