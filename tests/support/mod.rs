@@ -223,6 +223,11 @@ pub fn pid_running(pid: i32) -> bool {
     !s.is_empty() && !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z')
 }
 
+/// A string member of a JSON value, or a panic that shows the value.
+pub fn s(v: &Value, k: &str) -> String {
+    v.get(k).and_then(Value::as_str).unwrap_or_else(|| panic!("no string {k:?} in {v}")).to_string()
+}
+
 pub fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
