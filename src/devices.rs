@@ -599,9 +599,11 @@ pub fn remove_disk(ctx: &Ctx, id: &str, timeout: Duration) -> Result<DiskRemoved
     if let Some(vm) = &vm {
         let live = live_disks(vm)?.into_iter().find(|d| d.id == id);
         out.path = live.as_ref().map(|d| PathBuf::from(&d.file));
-        let has_device = peripherals(vm)?.iter().any(|p| p == id);
         let has_node = block_nodes(vm)?.iter().any(|n| n == id);
-        if !has_device && !has_node && recorded.is_none() {
+        // Only a disk's device: never unplug another device by its id.
+        let is_disk = live.is_some() || has_node || recorded.is_some();
+        let has_device = is_disk && peripherals(vm)?.iter().any(|p| p == id);
+        if !is_disk {
             bail!("instance '{}' has no disk '{id}' ('qbuf-qemu disk list' shows its disks)", ctx.name);
         }
         if has_device {
@@ -627,7 +629,7 @@ pub fn remove_disk(ctx: &Ctx, id: &str, timeout: Duration) -> Result<DiskRemoved
                 )
             })?;
         }
-        out.detached = true;
+        out.detached = has_device || has_node;
     } else if recorded.is_none() {
         bail!("instance '{}' has no recorded disk '{id}' ('qbuf-qemu disk list' shows its disks)", ctx.name);
     }

@@ -152,6 +152,10 @@ fn disk_remove_times_out_cleanly_when_the_guest_cannot_release_and_a_retry_finis
     let out = env.run(&["qmp", "query-status", "{not json"]);
     out.code_is(2);
     assert!(out.stderr().contains("not valid JSON"), "{}", out.text());
+    // Only disks are unplugged by `disk remove`.
+    let out = env.run(&["disk", "remove", "qga0-port"]);
+    out.code_is(1);
+    assert!(out.stderr().contains("has no disk 'qga0-port'"), "{}", out.text());
     env.run(&["powerdown"]).code_is(0);
     let out = env.run(&["qmp", "query-status"]);
     out.code_is(1);
