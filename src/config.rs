@@ -52,6 +52,29 @@ pub enum Source {
     Guix { guix_dir: Option<PathBuf>, image_size: String },
 }
 
+impl Source {
+    /// For messages: where the boot disk or kernel comes from.
+    pub fn describe(&self) -> String {
+        match self {
+            Source::Image { path } => format!("image {}", path.display()),
+            Source::Kernel { kernel, initrd, append, image } => {
+                let mut s = format!("kernel {} with initrd {}", kernel.display(), initrd.display());
+                if let Some(a) = append {
+                    s.push_str(&format!(" and command line {a:?}"));
+                }
+                if let Some(i) = image {
+                    s.push_str(&format!(", disk from image {}", i.display()));
+                }
+                s
+            }
+            Source::Guix { guix_dir, image_size } => match guix_dir {
+                Some(d) => format!("Guix image ({image_size}) from {}", d.display()),
+                None => format!("Guix image ({image_size}) from the checkout's guix/"),
+            },
+        }
+    }
+}
+
 /// What an instance keeps between launches.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Settings {
@@ -225,7 +248,7 @@ fn diff(a: &Settings, b: &Settings) -> Vec<Change> {
     let share = |s: &Settings| s.share.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into());
     cmp("share", share(a), share(b));
     cmp("share mode", format!("{:?}", a.share_mode).to_lowercase(), format!("{:?}", b.share_mode).to_lowercase());
-    cmp("image", serde_json::to_string(&a.source).unwrap(), serde_json::to_string(&b.source).unwrap());
+    cmp("image", a.source.describe(), b.source.describe());
     cmp("accel", format!("{:?}", a.accel).to_lowercase(), format!("{:?}", b.accel).to_lowercase());
     cmp("ssh user", a.ssh_user.clone(), b.ssh_user.clone());
     let key =

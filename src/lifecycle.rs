@@ -27,6 +27,30 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// A qbuf-qemu command line for the user to copy: with this run's
+    /// `--state-dir` and `--name` unless they are the defaults.
+    pub fn command(&self, rest: &str) -> String {
+        let mut words = vec!["qbuf-qemu".to_string()];
+        let default = std::env::var_os("QBUF_QEMU_STATE_DIR")
+            .map(PathBuf::from)
+            .map(Ok)
+            .unwrap_or_else(crate::instance::default_state_dir);
+        if default.ok().as_deref() != Some(self.state.root.as_path()) {
+            words.push("--state-dir".into());
+            words.push(self.state.root.display().to_string());
+        }
+        if self.name != "dev" {
+            words.push("--name".into());
+            words.push(self.name.clone());
+        }
+        let mut c = qemu::shell_words(&words);
+        if !rest.is_empty() {
+            c.push(' ');
+            c.push_str(rest);
+        }
+        c
+    }
+
     pub fn instance(&self) -> Instance {
         self.state.instance(&self.name)
     }
@@ -36,10 +60,10 @@ impl Ctx {
         let inst = self.instance();
         if !inst.exists() {
             bail!(
-                "no instance named '{}' in {}: create it with 'qbuf-qemu --name {} launch'",
+                "no instance named '{}' in {}: create it with '{}'",
                 self.name,
                 self.state.root.display(),
-                self.name
+                self.command("launch")
             );
         }
         Ok(inst)
@@ -79,6 +103,9 @@ pub struct Launched {
     /// Said to the user once (stale files cleaned, KVM fallback, …).
     pub notes: Vec<String>,
     pub ssh_command: String,
+    /// How to reach and stop it with qbuf-qemu (same state dir and name).
+    pub connect_command: String,
+    pub stop_command: String,
 }
 
 impl Launched {
@@ -91,8 +118,8 @@ impl Launched {
             s.push_str(&format!("Instance '{}' is already running (QEMU pid {}).\n", self.name, self.pid));
             for c in &self.changes {
                 s.push_str(&format!(
-                    "{} changed from {} to {}: saved, applies at the next boot (qbuf-qemu --name {} powerdown, then launch)\n",
-                    c.setting, c.from, c.to, self.name
+                    "{} changed from {} to {}: saved, applies at the next boot ({}, then launch)\n",
+                    c.setting, c.from, c.to, self.stop_command
                 ));
             }
         } else {
@@ -112,11 +139,11 @@ impl Launched {
                 )),
             }
         }
-        s.push_str(&format!("  connect:     qbuf-qemu --name {} ssh\n", self.name));
+        s.push_str(&format!("  connect:     {}\n", self.connect_command));
         s.push_str(&format!("  or:          {}\n", self.ssh_command));
         s.push_str(&format!("  serial log:  {}\n", self.serial_log.display()));
         s.push_str(&format!("  QMP socket:  {}\n", self.qmp_socket.display()));
-        s.push_str(&format!("  stop:        qbuf-qemu --name {} powerdown", self.name));
+        s.push_str(&format!("  stop:        {}", self.stop_command));
         s
     }
 }
@@ -150,10 +177,10 @@ fn guix_image(
         Choice::Outdated { keep, .. } => {
             notes.push(format!(
                 "{} (or the SSH key or image size) changed since this instance's image was built. It keeps booting its image, \
-                 which stays protected from 'guix gc'. To move to the new image run 'qbuf-qemu --name {} launch --recreate': \
+                 which stays protected from 'guix gc'. To move to the new image run '{} launch --recreate': \
                  that discards the guest's disk, so guest-local state is lost",
                 req.guix_dir.display(),
-                ctx.name
+                ctx.command("")
             ));
             Ok(keep.store_path)
         }
@@ -179,6 +206,13 @@ pub fn launch(ctx: &Ctx, opts: &LaunchOptions) -> Result<Launched> {
             break l;
         }
         // Held: a VM runs (or another launch is starting one).
+        if opts.recreate {
+            bail!(
+                "instance '{}' is running (or starting), and --recreate discards its disk: stop it first ('{}'), then launch --recreate",
+                ctx.name,
+                ctx.command("powerdown")
+            );
+        }
         if let Ok(r) = already_running(ctx, &inst, opts) {
             return Ok(r);
         }
@@ -204,8 +238,8 @@ fn already_running(ctx: &Ctx, inst: &Instance, opts: &LaunchOptions) -> Result<L
             // QEMU may run on after its supervisor died; it still holds the lock.
             let run: RunRecord = read_json(&inst.run_record())?.filter(|r: &RunRecord| r.qemu.is_running()).ok_or(e)?;
             notes.push(format!(
-                "the instance's supervisor is gone, so events are not recorded; 'qbuf-qemu --name {} powerdown' still stops it",
-                ctx.name
+                "the instance's supervisor is gone, so events are not recorded; '{}' still stops it",
+                ctx.command("powerdown")
             ));
             (run.qemu.pid, run.accel)
         }
@@ -233,6 +267,8 @@ fn already_running(ctx: &Ctx, inst: &Instance, opts: &LaunchOptions) -> Result<L
         changes,
         notes,
         ssh_command: qemu::shell_words(&t.command(&[])),
+        connect_command: ctx.command("ssh"),
+        stop_command: ctx.command("powerdown"),
     })
 }
 
@@ -289,6 +325,10 @@ fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Result<
     if s.ssh_port == 0 {
         s.ssh_port = host::pick_free_port()?;
         notes.push(format!("picked free port {} for SSH; it is kept for this instance", s.ssh_port));
+    } else if !host::port_free(s.ssh_port) && opts.flags.ssh_port == Some(config::PortChoice::Auto) {
+        let busy = s.ssh_port;
+        s.ssh_port = host::pick_free_port()?;
+        notes.push(format!("the saved SSH port {busy} is in use now; picked free port {} and kept it", s.ssh_port));
     } else if !host::port_free(s.ssh_port) {
         bail!(
             "port {} on 127.0.0.1 is already in use (another VM or program): choose another with --ssh-port N, or let qbuf-qemu pick one with --ssh-port auto",
@@ -442,6 +482,8 @@ fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Result<
         changes,
         notes,
         ssh_command: qemu::shell_words(&t.command(&[])),
+        connect_command: ctx.command("ssh"),
+        stop_command: ctx.command("powerdown"),
     };
     if opts.no_wait {
         return Ok(result);
@@ -465,7 +507,7 @@ fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Result<
             "QEMU stopped while the guest was booting: {}\nQEMU's output:\n{}\nserial console (last lines):\n{}",
             rec.reason,
             tail_text(&inst.qemu_stderr(), 2000),
-            tail_text(&inst.serial_log(), 1500)
+            serial_tail(&inst.serial_log(), serial_before)
         ))),
         Err(Readiness::HostKey) => {
             let _ = stop_running(inst, &StopOptions { timeout: Duration::from_secs(20), force: false });
@@ -477,7 +519,7 @@ fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Result<
             let how = outcome.ok().flatten().and_then(|o| o.method).map(|m| m.as_str()).unwrap_or("nothing");
             Err(anyhow!(
                 "{msg}\nThe VM was stopped ({how}). serial console (last lines):\n{}",
-                tail_text(&inst.serial_log(), 1500)
+                serial_tail(&inst.serial_log(), serial_before)
             ))
         }
     }
@@ -499,6 +541,20 @@ fn launch_error(f: &LaunchFailure) -> anyhow::Error {
     anyhow!(m)
 }
 
+/// The end of what the guest printed during this boot only: the serial log
+/// is appended across boots, and an older boot's lines would mislead.
+fn serial_tail(p: &Path, from: u64) -> String {
+    let b = std::fs::read(p).unwrap_or_default();
+    let this_boot = &b[(from as usize).min(b.len())..];
+    let s = String::from_utf8_lossy(&this_boot[this_boot.len().saturating_sub(1500)..]).to_string();
+    let s = s.trim();
+    if s.is_empty() {
+        "(nothing yet in this boot)".into()
+    } else {
+        s.to_string()
+    }
+}
+
 pub fn tail_text(p: &Path, max: usize) -> String {
     let b = std::fs::read(p).unwrap_or_default();
     let s = String::from_utf8_lossy(&b[b.len().saturating_sub(max)..]).to_string();
@@ -513,7 +569,10 @@ pub fn tail_text(p: &Path, max: usize) -> String {
 fn spawn_supervisor(ctx: &Ctx, inst: &Instance, lock: &Lock) -> Result<std::process::Child> {
     use std::os::unix::process::CommandExt;
     let fd = lock.inheritable()?;
-    let log = std::fs::File::create(inst.supervisor_log())?;
+    let log = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(inst.supervisor_log())?
+    };
     let exe = std::env::current_exe().context("cannot find the qbuf-qemu binary to start the supervisor")?;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("--state-dir")
@@ -858,6 +917,12 @@ impl Stopped {
                 self.name,
                 if self.method == Some("powerdown") { "the ACPI power button" } else { "the guest agent's shutdown" },
                 self.seconds
+            ),
+            Some(m) if !self.steps.iter().any(|s| s.starts_with("powerdown:")) => format!(
+                "Instance '{}' stopped by '{m}' ({reason}) after {:.1}s; --force skipped the guest's own shutdown.\nsteps:\n  {}",
+                self.name,
+                self.seconds,
+                self.steps.join("\n  ")
             ),
             Some(m) => format!(
                 "Instance '{}' did not power off by itself; stopped by '{m}' ({reason}) after {:.1}s.\nsteps:\n  {}",

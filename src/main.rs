@@ -21,10 +21,15 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&cli);
+    let json = cli.global.json;
     match run(cli) {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
             eprintln!("qbuf-qemu: error: {e:#}");
+            if json {
+                // --json promises one document on stdout, failures included.
+                println!("{}", serde_json::json!({ "error": format!("{e:#}"), "exit_code": 1 }));
+            }
             ExitCode::from(1)
         }
     }
@@ -44,8 +49,12 @@ fn init_logging(cli: &Cli) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("qbuf_qemu={default},qbuf_qemu_bin={default}")));
-    let _ =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .try_init();
 }
 
 /// Prints one result: JSON on stdout with --json, else the human form.
@@ -106,10 +115,23 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Command::Build(a) => {
             ctx.state.ensure()?;
-            let key = qbuf_qemu::ssh::ensure_user_key(&ctx.state)?;
+            // An existing instance's own choices, so build and a plain launch
+            // resolve the same image.
+            let saved: Option<qbuf_qemu::config::Settings> =
+                qbuf_qemu::instance::read_json(&ctx.instance().settings()).ok().flatten();
+            let (saved_dir, saved_size) = match saved.as_ref().map(|s| &s.source) {
+                Some(qbuf_qemu::config::Source::Guix { guix_dir, image_size }) => {
+                    (guix_dir.clone(), Some(image_size.clone()))
+                }
+                _ => (None, None),
+            };
+            let key = match saved.and_then(|s| s.ssh_key) {
+                Some(k) => k,
+                None => qbuf_qemu::ssh::ensure_user_key(&ctx.state)?,
+            };
             let req = qbuf_qemu::guix::Request {
-                guix_dir: qbuf_qemu::guix::resolve_dir(a.guix_dir.as_deref(), &ctx.state)?,
-                image_size: a.image_size.unwrap_or_else(|| qbuf_qemu::config::DEFAULT_IMAGE_SIZE.into()),
+                guix_dir: qbuf_qemu::guix::resolve_dir(a.guix_dir.or(saved_dir).as_deref(), &ctx.state)?,
+                image_size: a.image_size.or(saved_size).unwrap_or_else(|| qbuf_qemu::config::DEFAULT_IMAGE_SIZE.into()),
                 pubkey: qbuf_qemu::ssh::public_key_line(&key)?,
             };
             let r = qbuf_qemu::guix::ensure(&ctx.state, &req, g.quiet)?;
@@ -121,7 +143,7 @@ fn run(cli: Cli) -> Result<i32> {
             let s: qbuf_qemu::config::Settings = qbuf_qemu::instance::read_json(&inst.settings())?
                 .ok_or_else(|| anyhow::anyhow!("instance '{}' has no settings: launch it first", ctx.name))?;
             if !qbuf_qemu::instance::Lock::is_held(&inst)? {
-                bail!("instance '{}' is not running: start it with 'qbuf-qemu --name {} launch'", ctx.name, ctx.name);
+                bail!("instance '{}' is not running: start it with '{}'", ctx.name, ctx.command("launch"));
             }
             let key = match &s.ssh_key {
                 Some(k) => k.clone(),

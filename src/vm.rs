@@ -36,9 +36,9 @@ impl Vm {
         }
         if !inst.control().exists() {
             bail!(
-                "instance '{}' is starting or stopping (or its supervisor died): try again in a moment, or see 'qbuf-qemu --name {} status'",
+                "instance '{}' is starting or stopping (or its supervisor died): try again in a moment, or see '{}'",
                 ctx.name,
-                ctx.name
+                ctx.command("status")
             );
         }
         Ok(Some(Vm { inst, name: ctx.name.clone() }))
@@ -46,9 +46,8 @@ impl Vm {
 
     /// The running instance, or an error that says how to start it.
     pub fn running(ctx: &Ctx) -> Result<Vm> {
-        Vm::if_running(ctx)?.ok_or_else(|| {
-            anyhow!("instance '{}' is not running: start it with 'qbuf-qemu --name {} launch'", ctx.name, ctx.name)
-        })
+        Vm::if_running(ctx)?
+            .ok_or_else(|| anyhow!("instance '{}' is not running: start it with '{}'", ctx.name, ctx.command("launch")))
     }
 
     /// A QMP command; QEMU's own error comes back as `Err((class, desc))`.

@@ -46,7 +46,8 @@ fn global_flags_go_before_or_after_the_subcommand() {
         let o = run(&args);
         assert_eq!(o.status.code(), Some(1), "{args:?}");
         assert!(stderr(&o).contains("no instance named 'x'"), "{args:?}: {}", stderr(&o));
-        assert!(o.stdout.is_empty(), "nothing on stdout for an error");
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("--json: one JSON document, errors too");
+        assert!(v["error"].as_str().unwrap().contains("no instance named 'x'"), "{v}");
     }
 }
 

@@ -205,6 +205,19 @@ fn two_concurrent_launches_start_one_qemu() {
     assert_eq!(v3["changes"][0]["setting"], "cpus");
     let out = env.run(&["launch", "--cpus", "1"]);
     assert!(out.stdout().contains("already running"), "{}", out.text());
+    let out = env.run(&["launch", "--recreate"]);
+    out.code_is(1);
+    assert!(out.stderr().contains("stop it first"), "{}", out.text());
+    env.run(&["powerdown"]).code_is(0);
+
+    // The saved port is taken by something else now: 'auto' moves the instance.
+    let saved = v1["ssh_port"].as_u64().unwrap() as u16;
+    let _squatter = std::net::TcpListener::bind(("127.0.0.1", saved)).unwrap();
+    env.run(&["launch"]).code_is(1);
+    let (v4, out) = env.json(&["launch", "--ssh-port", "auto"]);
+    out.ok();
+    assert_ne!(v4["ssh_port"].as_u64().unwrap() as u16, saved);
+    assert!(v4["notes"][0].as_str().unwrap().contains("in use"), "{v4}");
     env.run(&["powerdown"]).code_is(0);
 }
 
