@@ -109,6 +109,35 @@ pub struct Launched {
 }
 
 impl Launched {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        ctx: &Ctx,
+        inst: &Instance,
+        t: &ssh::Target,
+        pid: i32,
+        accel: Accel,
+        already_running: bool,
+        changes: Vec<Change>,
+        notes: Vec<String>,
+    ) -> Launched {
+        Launched {
+            name: ctx.name.clone(),
+            pid,
+            ssh_port: t.port,
+            ssh_user: t.user.clone(),
+            qmp_socket: inst.qmp_user(),
+            serial_log: inst.serial_log(),
+            ready_seconds: None,
+            already_running,
+            accel,
+            changes,
+            notes,
+            ssh_command: qemu::shell_words(&t.command(&[])),
+            connect_command: ctx.command("ssh"),
+            stop_command: ctx.command("powerdown"),
+        }
+    }
+
     pub fn human(&self) -> String {
         let mut s = String::new();
         for n in &self.notes {
@@ -254,22 +283,7 @@ fn already_running(ctx: &Ctx, inst: &Instance, opts: &LaunchOptions) -> Result<L
     }
     let key = ssh_key_for(&ctx.state, &saved)?;
     let t = ssh::Target::for_instance(inst, saved.ssh_port, &saved.ssh_user, &key);
-    Ok(Launched {
-        name: ctx.name.clone(),
-        pid,
-        ssh_port: saved.ssh_port,
-        ssh_user: saved.ssh_user.clone(),
-        qmp_socket: inst.qmp_user(),
-        serial_log: inst.serial_log(),
-        ready_seconds: None,
-        already_running: true,
-        accel,
-        changes,
-        notes,
-        ssh_command: qemu::shell_words(&t.command(&[])),
-        connect_command: ctx.command("ssh"),
-        stop_command: ctx.command("powerdown"),
-    })
+    Ok(Launched::new(ctx, inst, &t, pid, accel, true, changes, notes))
 }
 
 fn defaults() -> config::Defaults {
@@ -469,22 +483,7 @@ fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Result<
     std::thread::spawn(move || sup.wait());
 
     let t = ssh::Target::for_instance(inst, s.ssh_port, &s.ssh_user, &key);
-    let mut result = Launched {
-        name: ctx.name.clone(),
-        pid: run.qemu.pid,
-        ssh_port: s.ssh_port,
-        ssh_user: s.ssh_user.clone(),
-        qmp_socket: inst.qmp_user(),
-        serial_log: inst.serial_log(),
-        ready_seconds: None,
-        already_running: false,
-        accel,
-        changes,
-        notes,
-        ssh_command: qemu::shell_words(&t.command(&[])),
-        connect_command: ctx.command("ssh"),
-        stop_command: ctx.command("powerdown"),
-    };
+    let mut result = Launched::new(ctx, inst, &t, run.qemu.pid, accel, false, changes, notes);
     if opts.no_wait {
         return Ok(result);
     }

@@ -8,10 +8,6 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use support::*;
 
-fn s(v: &Value, k: &str) -> String {
-    v.get(k).and_then(Value::as_str).unwrap_or_else(|| panic!("no string {k:?} in {v}")).to_string()
-}
-
 #[test]
 fn launch_ssh_share_powerdown_relaunch_keeps_data_then_destroy_leaves_nothing() {
     let env = Env::new("lifecycle");
