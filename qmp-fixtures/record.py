@@ -18,6 +18,7 @@ scenario; no process is left behind.
 
 import argparse
 import base64
+import contextlib
 import ctypes
 import errno
 import glob
@@ -312,6 +313,18 @@ class Qemu:
     def greeting(self):
         self.read(lambda o: "QMP" in o)
 
+    @contextlib.contextmanager
+    def session(self, negotiate=True):
+        """Connect (and negotiate); on any failure kill QEMU before re-raising."""
+        try:
+            self.connect()
+            if negotiate:
+                self.negotiate()
+            yield self
+        except BaseException:
+            self.abort()
+            raise
+
     def negotiate(self):
         self.greeting()
         return self.run("qmp_capabilities")
@@ -364,14 +377,9 @@ def sc_greeting_negotiation(tg, out, opts):
     q = Qemu(tg, "greeting-negotiation",
              "Connect, read the greeting, qmp_capabilities, query-status, query-version, "
              "then the client closes.")
-    try:
-        q.connect()
-        q.negotiate()
+    with q.session():
         q.run("query-status")
         q.run("query-version")
-    except BaseException:
-        q.abort()
-        raise
     return q.finish(out)
 
 
@@ -380,15 +388,11 @@ def sc_command_before_capabilities(tg, out, opts):
     q = Qemu(tg, "command-before-capabilities",
              "query-status sent before qmp_capabilities (error), then negotiation and "
              "query-status again.")
-    try:
-        q.connect()
+    with q.session(negotiate=False):
         q.greeting()
         q.run("query-status")
         q.run("qmp_capabilities")
         q.run("query-status")
-    except BaseException:
-        q.abort()
-        raise
     return q.finish(out)
 
 
@@ -398,9 +402,7 @@ def sc_errors(tg, out, opts):
              "Error replies: unknown command, device_del of a missing device, wrong "
              "argument type, 'arguments' not an object, missing/unknown arguments, "
              "no 'execute', then a good command.")
-    try:
-        q.connect()
-        q.negotiate()
+    with q.session():
         q.run("no-such-command")
         q.run("device_del", {"id": "nope"})
         q.run("device_del", {"id": 42})
@@ -416,9 +418,6 @@ def sc_errors(tg, out, opts):
         q.send_raw(b'{"execute":"query-status","id":%d,"extra":true}\n' % i)
         q.expect(i)
         q.run("query-status")
-    except BaseException:
-        q.abort()
-        raise
     return q.finish(out)
 
 
@@ -433,9 +432,7 @@ def sc_malformed_line(tg, out, opts):
              "in a string gives two errors, a bad keyword one, a missing comma one), JSON "
              "that is not an object, an extra closing brace after a good command; the "
              "stream stays usable.")
-    try:
-        q.connect()
-        q.negotiate()
+    with q.session():
         q.send_raw(b'{"execute":"query-status","id":%d,"x":"\x01"}\n' % q.next_id)
         q.header["expect_no_reply"] = [q.next_id]
         q.next_id += 1
@@ -457,9 +454,6 @@ def sc_malformed_line(tg, out, opts):
         q.send_raw(b'{"execute":"query-status","id":%d}}\n' % i)
         q.expect(i)
         q.run("query-status")
-    except BaseException:
-        q.abort()
-        raise
     return q.finish(out)
 
 
@@ -470,9 +464,7 @@ def sc_unbalanced_input(tg, out, opts):
              "swallow the next good command silently until braces balance; a lone '}' "
              "then yields one error. An unterminated command followed by a 0xFF byte "
              "(lexer reset) likewise yields one error. Then the stream works again.")
-    try:
-        q.connect()
-        q.negotiate()
+    with q.session():
         q.send_raw(b'{"execute":\njunk\n')
         q.read(_no_id_error, timeout=1.0)
         swallowed = [q.cmd("query-status")]
@@ -491,9 +483,6 @@ def sc_unbalanced_input(tg, out, opts):
         q.read(_no_id_error, timeout=2.0)
         q.run("query-status")
         q.header["expect_no_reply"] = swallowed
-    except BaseException:
-        q.abort()
-        raise
     return q.finish(out)
 
 
@@ -502,9 +491,7 @@ def sc_events_interleaved(tg, out, opts):
     q = Qemu(tg, "events-interleaved",
              "Started with -S: cont, stop, cont, query-status, system_powerdown with no "
              "guest OS (POWERDOWN only, no SHUTDOWN follows).")
-    try:
-        q.connect()
-        q.negotiate()
+    with q.session():
         q.run("cont")
         q.run("stop")
         q.run("cont")
@@ -512,9 +499,6 @@ def sc_events_interleaved(tg, out, opts):
         q.run("system_powerdown")
         q.wait_note(2.0, "after system_powerdown")
         q.run("query-status")
-    except BaseException:
-        q.abort()
-        raise
     return q.finish(out)
 
 
@@ -526,9 +510,7 @@ def _quit_tries(tg, out, opts, prefix, payload, about):
     tries = opts.quit_tries
     for n in range(1, tries + 1):
         q = Qemu(tg, prefix, about)
-        try:
-            q.connect()
-            q.negotiate()
+        with q.session():
             q.send_raw(payload)
             q.read(until_closed=True, timeout=10.0)
             if not q.closed:
@@ -538,9 +520,6 @@ def _quit_tries(tg, out, opts, prefix, payload, about):
                 q.t.note("QEMU exited by itself with status %d" % rc)
             except subprocess.TimeoutExpired:
                 pass
-        except BaseException:
-            q.abort()
-            raise
         outcome = q.closed or "open"
         got_reply = q.last_reply(2) is not None
         outcomes.append((outcome, got_reply))
@@ -594,18 +573,13 @@ def sc_eof_mid_command(tg, out, opts):
     q = Qemu(tg, "eof-mid-command",
              "Negotiate, then QEMU is SIGKILLed and the client sends query-status: no "
              "reply, the stream ends.")
-    try:
-        q.connect()
-        q.negotiate()
+    with q.session():
         q.proc.kill()
         q.proc.wait()
         q.t.note("QEMU killed with SIGKILL here (and reaped) before the next send")
         i = q.cmd("query-status")
         q.header["expect_no_reply"] = [i]
         q.read(until_closed=True, timeout=5.0)
-    except BaseException:
-        q.abort()
-        raise
     return q.finish(out)
 
 
@@ -615,9 +589,7 @@ def sc_killed_command_pending(tg, out, opts):
              "Negotiate, SIGSTOP QEMU, send query-status (delivered to the socket, never "
              "read), SIGKILL QEMU: what a client sees when QEMU dies with a command in "
              "flight.")
-    try:
-        q.connect()
-        q.negotiate()
+    with q.session():
         q.proc.send_signal(signal.SIGSTOP)
         q.t.note("QEMU stopped with SIGSTOP here")
         i = q.cmd("query-status")
@@ -627,9 +599,6 @@ def sc_killed_command_pending(tg, out, opts):
         q.proc.wait()
         q.t.note("QEMU killed with SIGKILL here (and reaped)")
         q.read(until_closed=True, timeout=5.0)
-    except BaseException:
-        q.abort()
-        raise
     return q.finish(out)
 
 
@@ -650,9 +619,7 @@ def sc_hmp_usernet(tg, out, opts):
              extra_args=["-netdev", "user,id=net0,hostfwd=tcp:127.0.0.1:0-:22",
                          "-device", "virtio-net-pci,netdev=net0"])
     hmp = lambda line: q.run("human-monitor-command", {"command-line": line})
-    try:
-        q.connect()
-        q.negotiate()
+    with q.session():
         hmp("info usernet")
         hmp("hostfwd_add net0 tcp:127.0.0.1:0-:80")
         i = hmp("info usernet")
@@ -677,9 +644,6 @@ def sc_hmp_usernet(tg, out, opts):
         hmp("hostfwd_add net0 tcp:127.0.0.1:%d-:81" % port)
         hmp("info usernet")
         hmp("no_such_hmp_command")
-    except BaseException:
-        q.abort()
-        raise
     return q.finish(out)
 
 
@@ -692,15 +656,10 @@ def sc_query_misc(tg, out, opts):
              extra_args=["-name", "qbuf-fixture", "-smp", "2",
                          "-blockdev", "driver=null-co,node-name=disk0node",
                          "-device", "virtio-blk-pci,drive=disk0node,id=disk0"])
-    try:
-        q.connect()
-        q.negotiate()
+    with q.session():
         for c in ("query-kvm", "query-cpus-fast", "query-block", "query-name",
                   "query-memory-size-summary", "query-pci"):
             q.run(c)
-    except BaseException:
-        q.abort()
-        raise
     return q.finish(out)
 
 
@@ -712,9 +671,7 @@ def sc_device_del_no_guest(tg, out, opts):
              "device_del again, qom-list of /machine/peripheral, blockdev-del.",
              paused=False,
              extra_args=["-device", "pcie-root-port,id=hp0,chassis=1,bus=pcie.0,addr=0x10"])
-    try:
-        q.connect()
-        q.negotiate()
+    with q.session():
         q.run("blockdev-add", {"driver": "null-co", "node-name": "n0"})
         q.run("device_add", {"driver": "virtio-blk-pci", "bus": "hp0", "id": "d0",
                              "drive": "n0"})
@@ -724,9 +681,6 @@ def sc_device_del_no_guest(tg, out, opts):
         q.wait_note(1.0, "after the second device_del")
         q.run("qom-list", {"path": "/machine/peripheral"})
         q.run("blockdev-del", {"node-name": "n0"})
-    except BaseException:
-        q.abort()
-        raise
     return q.finish(out)
 
 
@@ -735,13 +689,8 @@ def sc_qmp_schema(tg, out, opts):
     q = Qemu(tg, "qmp-schema",
              "query-qmp-schema: the full introspected QAPI schema of this QEMU (one "
              "long line), for diffing against the qapi crate's schema.")
-    try:
-        q.connect()
-        q.negotiate()
+    with q.session():
         q.run("query-qmp-schema", timeout=30.0)
-    except BaseException:
-        q.abort()
-        raise
     return q.finish(out)
 
 
@@ -831,19 +780,15 @@ def sc_unknown_event(tg, out, opts):
              "then the backend hangs up.",
              extra_args=["-chardev", "socket,id=vu0,path=%s" % vu_path])
     try:
-        q.connect()
-        q.negotiate()
-        q.run("netdev_add", {"type": "vhost-user", "id": "vunet0", "chardev": "vu0"})
-        q.wait_note(1.0, "after netdev_add")
-        backend.disconnect()
-        q.t.note("the recorder's fake vhost-user backend closed its end of the vhost-user "
-                 "socket here (it had handled vhost-user requests %s)"
-                 % ",".join(map(str, backend.requests)))
-        q.read(lambda o: o.get("event") == "NETDEV_VHOST_USER_DISCONNECTED", timeout=5.0)
-        q.run("query-status")
-    except BaseException:
-        q.abort()
-        raise
+        with q.session():
+            q.run("netdev_add", {"type": "vhost-user", "id": "vunet0", "chardev": "vu0"})
+            q.wait_note(1.0, "after netdev_add")
+            backend.disconnect()
+            q.t.note("the recorder's fake vhost-user backend closed its end of the vhost-user "
+                     "socket here (it had handled vhost-user requests %s)"
+                     % ",".join(map(str, backend.requests)))
+            q.read(lambda o: o.get("event") == "NETDEV_VHOST_USER_DISCONNECTED", timeout=5.0)
+            q.run("query-status")
     finally:
         backend.disconnect()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -858,15 +803,10 @@ def sc_unknown_enum_value(tg, out, opts):
              "Enum value MigMode 'cpr-transfer' (new in QEMU 10.0, absent from the QEMU 9.1 "
              "schema of the qapi crate 0.15) in the reply to query-migrate-parameters after "
              "migrate-set-parameters mode=cpr-transfer.")
-    try:
-        q.connect()
-        q.negotiate()
+    with q.session():
         q.run("query-migrate-parameters")
         q.run("migrate-set-parameters", {"mode": "cpr-transfer"})
         q.run("query-migrate-parameters")
-    except BaseException:
-        q.abort()
-        raise
     return q.finish(out)
 
 
