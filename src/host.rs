@@ -64,8 +64,31 @@ pub enum Kvm {
     Broken(String),
 }
 
+impl Kvm {
+    /// Why KVM cannot be used, for the user; `None` when it looks usable.
+    pub fn problem(&self) -> Option<String> {
+        match self {
+            Kvm::Usable => None,
+            Kvm::Missing => Some("/dev/kvm does not exist".into()),
+            Kvm::NoAccess(e) => Some(format!("cannot open /dev/kvm: {e}; add yourself to group kvm")),
+            Kvm::Broken(e) => Some(e.clone()),
+        }
+    }
+}
+
 /// How long a KVM test VM gets to show its vCPU runs.
 pub const KVM_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether guests can run under KVM with the options `launch` uses: the
+/// device checks of [`probe_kvm`], then a real test VM ([`vcpu_runs`]).
+pub fn kvm_runs(b: &QemuBinaries) -> Result<(), String> {
+    if let Some(p) = probe_kvm().problem() {
+        return Err(p);
+    }
+    vcpu_runs(b, &crate::qemu::accel_args(crate::qemu::Accel::Kvm), KVM_PROBE_TIMEOUT)
+        .map(|_| ())
+        .map_err(|e| format!("/dev/kvm opens, but {e}"))
+}
 
 pub fn probe_kvm() -> Kvm {
     use std::os::fd::AsRawFd;

@@ -380,24 +380,14 @@ fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Result<
     }
     let (accel, auto_kvm) = match s.accel {
         AccelChoice::Tcg => (Accel::Tcg, false),
-        AccelChoice::Kvm => match host::probe_kvm() {
-            host::Kvm::Usable => (Accel::Kvm, false),
-            other => bail!(
-                "--accel kvm, but KVM cannot be used here ({other:?}): use --accel tcg (slower) or fix /dev/kvm access"
-            ),
+        AccelChoice::Kvm => match host::kvm_runs(&bins) {
+            Ok(()) => (Accel::Kvm, false),
+            Err(e) => bail!("--accel kvm, but KVM cannot run guests here ({e}): use --accel tcg (slower) or fix KVM"),
         },
-        AccelChoice::Auto => match host::probe_kvm() {
-            host::Kvm::Usable => (Accel::Kvm, true),
-            other => {
-                notes.push(format!(
-                    "KVM is not usable ({}); using TCG software emulation, which is much slower",
-                    match other {
-                        host::Kvm::Missing => "/dev/kvm does not exist".to_string(),
-                        host::Kvm::NoAccess(e) => format!("cannot open /dev/kvm: {e}; add yourself to group kvm"),
-                        host::Kvm::Broken(e) => e,
-                        host::Kvm::Usable => unreachable!(),
-                    }
-                ));
+        AccelChoice::Auto => match host::kvm_runs(&bins) {
+            Ok(()) => (Accel::Kvm, true),
+            Err(e) => {
+                notes.push(format!("KVM is not usable ({e}); using TCG software emulation, which is much slower"));
                 (Accel::Tcg, false)
             }
         },

@@ -142,8 +142,8 @@ fn chardev_socket(id: &str, what: &str, path: &Path) -> Result<String> {
     Ok(format!("socket,id={id},path={},server=on,wait=off", socket_value(what, path)?))
 }
 
-/// The accelerator and the CPU model that goes with it (`doctor` tries KVM
-/// with exactly these).
+/// The accelerator and the CPU model that goes with it (also what `doctor`
+/// and `launch --accel auto` try KVM with).
 pub fn accel_args(accel: Accel) -> [&'static str; 4] {
     match accel {
         Accel::Kvm => ["-accel", "kvm", "-cpu", "host"],
