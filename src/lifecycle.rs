@@ -387,7 +387,11 @@ fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Result<
         AccelChoice::Auto => match host::kvm_runs(&bins) {
             Ok(()) => (Accel::Kvm, true),
             Err(e) => {
-                notes.push(format!("KVM is not usable ({e}); using TCG software emulation, which is much slower"));
+                let warning = format!("KVM is not usable ({e}); using TCG software emulation, which is much slower");
+                if !opts.quiet {
+                    eprintln!("qbuf-qemu: warning: {warning}");
+                }
+                notes.push(warning);
                 (Accel::Tcg, false)
             }
         },

@@ -259,21 +259,26 @@ fn qemu_7_2_runs_the_same_lifecycle() {
 }
 
 /// This host (and CI) has a /dev/kvm that opens but cannot run guests: QEMU
-/// aborts or the guest hangs. An automatically chosen KVM must end in a clear
-/// diagnosis, never a silent hang.
+/// aborts or the vCPU hangs. `--accel auto` must find out with its test VM
+/// and boot under TCG with a warning; `--accel kvm` must refuse clearly.
+/// Never a silent hang.
 #[test]
-fn auto_accel_on_a_broken_kvm_host_names_kvm_and_suggests_tcg() {
-    let env = Env::new("autokvm").with_env("QBUF_QEMU_SERIAL_SILENCE_SECS", "15");
+fn auto_accel_on_a_broken_kvm_host_falls_back_to_tcg_and_explicit_kvm_is_refused() {
+    let env = Env::new("autokvm");
     assert!(std::path::Path::new("/dev/kvm").exists(), "this test is about hosts with a (broken) /dev/kvm");
-    let args = env.launch_args(&["--no-share", "--accel", "auto", "--timeout", "100"]);
-    let a = strs(&args);
-    let t = Instant::now();
-    let out = env.run(&a);
+    let args = env.launch_args(&["--no-share", "--name", "kvm", "--accel", "kvm"]);
+    let out = env.run(&strs(&args));
     out.code_is(1);
-    let err = out.stderr();
-    assert!(err.contains("KVM") && err.contains("--accel tcg"), "{err}");
-    assert!(t.elapsed() < Duration::from_secs(90), "took {:?}", t.elapsed());
+    assert!(out.stderr().contains("KVM") && out.stderr().contains("--accel tcg"), "{}", out.text());
     assert!(env.qemu_pids().is_empty());
+
+    let args = env.launch_args(&["--no-share", "--accel", "auto"]);
+    let (v, out) = env.json(&strs(&args));
+    out.ok();
+    assert_eq!(v["accel"], "tcg");
+    assert!(out.stderr().contains("warning: KVM is not usable"), "{}", out.text());
+    assert!(v["notes"].to_string().contains("KVM is not usable"), "{v}");
+    env.run(&["powerdown"]).code_is(0);
 }
 
 #[test]
