@@ -462,7 +462,7 @@ fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Result<
             }
             bail!(
                 "the instance supervisor exited ({st}) before QEMU came up; its log:\n{}",
-                tail_text(&inst.supervisor_log(), 3000)
+                crate::logs::tail(&inst.supervisor_log(), 0, 3000, "(empty)")
             );
         }
         if let Some(r) = read_json::<RunRecord>(&inst.run_record())? {
@@ -491,7 +491,7 @@ fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Result<
             inst.serial_log().display()
         );
     }
-    match wait_ready(inst, &t, &run, deadline_from(started, opts.timeout), auto_kvm, opts.silence, serial_before) {
+    match wait_ready(inst, &t, &run, started + opts.timeout, auto_kvm, opts.silence, serial_before) {
         Ok(()) => {
             result.ready_seconds = Some(started.elapsed().as_secs_f64());
             Ok(result)
@@ -499,8 +499,8 @@ fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Result<
         Err(Readiness::Exited(rec)) => Err(hint(anyhow!(
             "QEMU stopped while the guest was booting: {}\nQEMU's output:\n{}\nserial console (last lines):\n{}",
             rec.reason,
-            tail_text(&inst.qemu_stderr(), 2000),
-            serial_tail(&inst.serial_log(), serial_before)
+            crate::logs::tail(&inst.qemu_stderr(), 0, 2000, "(nothing)"),
+            crate::logs::tail(&inst.serial_log(), serial_before, 1500, "(nothing yet in this boot)")
         ))),
         Err(Readiness::HostKey) => {
             let _ = stop_running(inst, &StopOptions { timeout: Duration::from_secs(20), force: false });
@@ -512,14 +512,10 @@ fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Result<
             let how = outcome.ok().flatten().and_then(|o| o.method).map(|m| m.as_str()).unwrap_or("nothing");
             Err(anyhow!(
                 "{msg}\nThe VM was stopped ({how}). serial console (last lines):\n{}",
-                serial_tail(&inst.serial_log(), serial_before)
+                crate::logs::tail(&inst.serial_log(), serial_before, 1500, "(nothing yet in this boot)")
             ))
         }
     }
-}
-
-fn deadline_from(start: Instant, t: Duration) -> Instant {
-    start + t
 }
 
 fn launch_error(f: &LaunchFailure) -> anyhow::Error {
@@ -532,31 +528,6 @@ fn launch_error(f: &LaunchFailure) -> anyhow::Error {
     }
     m.push_str(&format!("\ncommand line:\n{}", f.command_line));
     anyhow!(m)
-}
-
-/// The end of what the guest printed during this boot only: the serial log
-/// is appended across boots, and an older boot's lines would mislead.
-fn serial_tail(p: &Path, from: u64) -> String {
-    let b = std::fs::read(p).unwrap_or_default();
-    let this_boot = &b[(from as usize).min(b.len())..];
-    let s = String::from_utf8_lossy(&this_boot[this_boot.len().saturating_sub(1500)..]).to_string();
-    let s = s.trim();
-    if s.is_empty() {
-        "(nothing yet in this boot)".into()
-    } else {
-        s.to_string()
-    }
-}
-
-pub fn tail_text(p: &Path, max: usize) -> String {
-    let b = std::fs::read(p).unwrap_or_default();
-    let s = String::from_utf8_lossy(&b[b.len().saturating_sub(max)..]).to_string();
-    let s = s.trim();
-    if s.is_empty() {
-        "(empty)".into()
-    } else {
-        s.to_string()
-    }
 }
 
 fn spawn_supervisor(ctx: &Ctx, inst: &Instance, lock: &Lock) -> Result<std::process::Child> {

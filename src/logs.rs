@@ -17,6 +17,21 @@ use crate::lifecycle::Ctx;
 use crate::qmp::Event;
 
 /// Seconds since the epoch as `YYYY-MM-DD HH:MM:SS.mmm UTC`.
+/// The last `max` bytes of a log file from byte `from` on, trimmed, or
+/// `when_empty`: what error messages quote of QEMU's output, the supervisor
+/// log and the serial console (which is appended across boots, so a boot
+/// quotes only from where it started).
+pub fn tail(path: &Path, from: u64, max: usize, when_empty: &str) -> String {
+    let b = std::fs::read(path).unwrap_or_default();
+    let part = &b[(from as usize).min(b.len())..];
+    let s = String::from_utf8_lossy(&part[part.len().saturating_sub(max)..]).trim().to_string();
+    if s.is_empty() {
+        when_empty.to_string()
+    } else {
+        s
+    }
+}
+
 pub fn utc_time(ts: f64) -> String {
     let ms = (ts * 1000.0).round() as i64;
     let (days, ms_of_day) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
@@ -227,6 +242,19 @@ mod tests {
         writer.join().unwrap();
         assert_eq!(r.unwrap_err().to_string(), "done");
         assert_eq!(String::from_utf8(seen).unwrap(), "one\ntwo\nthree, replaced\n");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn tail_quotes_only_this_boot_and_only_the_end() {
+        let dir = std::env::temp_dir().join(format!("qbuf-tail-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("serial.log");
+        std::fs::write(&f, "old boot\n  new boot line 1\nline 2\n").unwrap();
+        assert_eq!(tail(&f, 9, 1000, "-"), "new boot line 1\nline 2");
+        assert_eq!(tail(&f, 0, 7, "-"), "line 2");
+        assert_eq!(tail(&f, 1000, 10, "(nothing)"), "(nothing)");
+        assert_eq!(tail(&dir.join("missing"), 0, 10, "(none)"), "(none)");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -97,12 +97,6 @@ pub fn describe_stop(
     }
 }
 
-fn tail(path: &std::path::Path, max: usize) -> String {
-    let b = std::fs::read(path).unwrap_or_default();
-    let s = String::from_utf8_lossy(&b[b.len().saturating_sub(max)..]).to_string();
-    s.trim().to_string()
-}
-
 struct Shared {
     qmp: Qmp,
     pid: i32,
@@ -180,7 +174,7 @@ async fn supervise(inst: Instance) -> Result<i32> {
                 let f = LaunchFailure {
                     message: format!("QEMU exited during start-up ({e})"),
                     exit: Some(e),
-                    stderr_tail: tail(&inst.qemu_stderr(), 4000),
+                    stderr_tail: crate::logs::tail(&inst.qemu_stderr(), 0, 4000, ""),
                     command_line,
                 };
                 write_json(&inst.launch_failure(), &f)?;
@@ -197,7 +191,7 @@ async fn supervise(inst: Instance) -> Result<i32> {
                 let f = LaunchFailure {
                     message: "QEMU did not open its QMP socket within 60s; it was killed".into(),
                     exit: None,
-                    stderr_tail: tail(&inst.qemu_stderr(), 4000),
+                    stderr_tail: crate::logs::tail(&inst.qemu_stderr(), 0, 4000, ""),
                     command_line,
                 };
                 write_json(&inst.launch_failure(), &f)?;
