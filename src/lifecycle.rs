@@ -246,7 +246,11 @@ pub fn launch(ctx: &Ctx, opts: &LaunchOptions) -> Result<Launched> {
             return Ok(r);
         }
         if Instant::now() > deadline {
-            bail!("instance '{}' is locked by another qbuf-qemu command that did not finish in time", ctx.name);
+            bail!(
+                "instance '{}' is locked by another qbuf-qemu command that did not finish in time: see what it is doing with '{}', then try again",
+                ctx.name,
+                ctx.command("status")
+            );
         }
         std::thread::sleep(Duration::from_millis(200));
     };

@@ -138,6 +138,10 @@ fn run(cli: Cli) -> Result<i32> {
             emit(g.json, &r, |r| r.human())?;
             Ok(0)
         }
+        Command::Ssh { .. } if g.json => {
+            eprintln!("qbuf-qemu: error: ssh passes the remote command's output through as it is; --json does not apply (drop it)");
+            Ok(2)
+        }
         Command::Ssh { args } => {
             let inst = ctx.existing()?;
             let s: qbuf_qemu::config::Settings = qbuf_qemu::instance::read_json(&inst.settings())?

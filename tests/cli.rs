@@ -58,6 +58,11 @@ fn usage_errors_exit_2() {
     assert!(stderr(&o).contains("auto"), "{}", stderr(&o));
     let o = run(&["no-such-command"]);
     assert_eq!(o.status.code(), Some(2));
+    // ssh's stdout is the remote command's: it cannot also be one JSON document.
+    let o = run(&["--json", "ssh", "--", "true"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--json does not apply"), "{}", stderr(&o));
+    assert!(o.stdout.is_empty());
 }
 
 #[test]
