@@ -1,9 +1,9 @@
 //! Resolved settings: the flags of one `launch` merged with what the instance
 //! saved at its first launch. Pure, so every merge rule is unit-tested.
 
-use std::path::PathBuf;
+use std::path::{Component, Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -92,7 +92,8 @@ pub struct Settings {
 /// The launch flags as given (None = not given).
 #[derive(Debug, Clone, Default)]
 pub struct LaunchFlags {
-    pub memory: Option<String>,
+    /// MiB, bounded by the parser.
+    pub memory: Option<u64>,
     pub cpus: Option<u32>,
     pub ssh_port: Option<PortChoice>,
     pub share: Option<PathBuf>,
@@ -109,40 +110,27 @@ pub struct LaunchFlags {
     pub ssh_key: Option<PathBuf>,
 }
 
-pub const DEFAULT_MEMORY: &str = "4G";
+pub const DEFAULT_MEMORY_MIB: u64 = 4096;
 pub const DEFAULT_CPUS: u32 = 2;
 pub const DEFAULT_SSH_PORT: u16 = 10022;
 pub const DEFAULT_SSH_USER: &str = "dev";
 pub const DEFAULT_IMAGE_SIZE: &str = "20G";
 
-/// `4G`, `512M`, `4096` (MiB), `1T`, case-insensitive, optional `iB`/`B`;
-/// at least 64M (a VM's memory).
-pub fn parse_size_mib(s: &str) -> Result<u64> {
-    let mib = parse_mib(s)?;
-    if mib < 64 {
-        bail!("{s:?} is too small: a VM needs at least 64M");
+/// Makes `p` (absolute) plain: `.` and `..` resolved lexically, without
+/// touching the file system, so a path that does not exist yet stays the
+/// path the user meant.
+pub fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
     }
-    Ok(mib)
-}
-
-/// A size in MiB, rounded: `4G`, `512M`, `4096` (MiB), `1T`, `100K`.
-pub fn parse_mib(s: &str) -> Result<u64> {
-    let t = s.trim();
-    let lower = t.to_ascii_lowercase();
-    let body = lower.trim_end_matches("ib").trim_end_matches('b');
-    let (num, mult) = match body.chars().last() {
-        Some('k') => (&body[..body.len() - 1], 1.0 / 1024.0),
-        Some('m') => (&body[..body.len() - 1], 1.0),
-        Some('g') => (&body[..body.len() - 1], 1024.0),
-        Some('t') => (&body[..body.len() - 1], 1024.0 * 1024.0),
-        _ => (body, 1.0),
-    };
-    let n: f64 = num
-        .parse()
-        .ok()
-        .filter(|n: &f64| n.is_finite() && *n > 0.0)
-        .with_context(|| format!("{s:?} is not a size: write e.g. 4G, 512M or 4096 (MiB)"))?;
-    Ok((n * mult).round() as u64)
+    out
 }
 
 /// One setting that differs from what the instance saved.
@@ -172,15 +160,8 @@ pub fn merge(saved: Option<&Settings>, f: &LaunchFlags, d: &Defaults) -> Result<
     if f.append.is_some() && f.kernel.is_none() && !matches!(saved.map(|s| &s.source), Some(Source::Kernel { .. })) {
         bail!("--append needs --kernel/--initrd: it is the kernel command line of a direct boot");
     }
-    let memory_mib = match &f.memory {
-        Some(m) => parse_size_mib(m).context("--memory")?,
-        None => saved.map(|s| s.memory_mib).unwrap_or(parse_size_mib(DEFAULT_MEMORY)?),
-    };
-    let cpus = match f.cpus {
-        Some(0) => bail!("--cpus must be at least 1"),
-        Some(c) => c,
-        None => saved.map(|s| s.cpus).unwrap_or(DEFAULT_CPUS),
-    };
+    let memory_mib = f.memory.or(saved.map(|s| s.memory_mib)).unwrap_or(DEFAULT_MEMORY_MIB);
+    let cpus = f.cpus.or(saved.map(|s| s.cpus)).unwrap_or(DEFAULT_CPUS);
     let ssh_port = match f.ssh_port {
         Some(PortChoice::Fixed(p)) => p,
         Some(PortChoice::Auto) => saved.map(|s| s.ssh_port).unwrap_or(0),
@@ -199,11 +180,18 @@ pub fn merge(saved: Option<&Settings>, f: &LaunchFlags, d: &Defaults) -> Result<
     let share_mode = f.share_mode.or(saved.map(|s| s.share_mode)).unwrap_or(ShareMode::Rw);
     let image_size = f.image_size.clone();
     let source = if let (Some(kernel), Some(initrd)) = (&f.kernel, &f.initrd) {
-        let image = f.image.clone().or_else(|| match saved.map(|s| &s.source) {
-            Some(Source::Kernel { image, .. }) => image.clone(),
-            _ => None,
-        });
-        Source::Kernel { kernel: kernel.clone(), initrd: initrd.clone(), append: f.append.clone(), image }
+        // A new kernel keeps the saved disk and command line unless given.
+        let (saved_image, saved_append) = match saved.map(|s| &s.source) {
+            Some(Source::Kernel { image, append, .. }) => (image.clone(), append.clone()),
+            _ => (None, None),
+        };
+        let image = f.image.clone().or(saved_image);
+        Source::Kernel {
+            kernel: kernel.clone(),
+            initrd: initrd.clone(),
+            append: f.append.clone().or(saved_append),
+            image,
+        }
     } else if let Some(image) = &f.image {
         Source::Image { path: image.clone() }
     } else if f.guix_dir.is_some() || image_size.is_some() {
@@ -266,19 +254,6 @@ mod tests {
     }
 
     #[test]
-    fn sizes_parse_in_common_forms() {
-        assert_eq!(parse_size_mib("4G").unwrap(), 4096);
-        assert_eq!(parse_size_mib("512m").unwrap(), 512);
-        assert_eq!(parse_size_mib("2GiB").unwrap(), 2048);
-        assert_eq!(parse_size_mib("1.5G").unwrap(), 1536);
-        assert_eq!(parse_size_mib("4096").unwrap(), 4096);
-        for bad in ["", "G", "-1G", "four", "1X", "10M"] {
-            assert!(parse_size_mib(bad).is_err(), "{bad}");
-        }
-        assert!(parse_size_mib("lots").unwrap_err().to_string().contains("4G"));
-    }
-
-    #[test]
     fn first_launch_uses_defaults() {
         let (s, ch) = merge(None, &LaunchFlags { image: Some("/i.qcow2".into()), ..Default::default() }, &d()).unwrap();
         assert_eq!(s.memory_mib, 4096);
@@ -291,12 +266,8 @@ mod tests {
 
     #[test]
     fn plain_launch_reuses_saved_settings_and_flags_are_reported_as_changes() {
-        let f = LaunchFlags {
-            image: Some("/i.qcow2".into()),
-            memory: Some("1G".into()),
-            no_share: true,
-            ..Default::default()
-        };
+        let f =
+            LaunchFlags { image: Some("/i.qcow2".into()), memory: Some(1024), no_share: true, ..Default::default() };
         let (saved, _) = merge(None, &f, &d()).unwrap();
         let (again, ch) = merge(Some(&saved), &LaunchFlags::default(), &d()).unwrap();
         assert_eq!(again, saved);
@@ -330,6 +301,30 @@ mod tests {
         assert!(e.to_string().contains("--kernel"));
         assert!("0".parse::<PortChoice>().is_err());
         assert!("70000".parse::<PortChoice>().unwrap_err().contains("auto"));
+    }
+
+    #[test]
+    fn paths_normalize_without_touching_the_disk() {
+        assert_eq!(normalize(Path::new("/a/b/../c/./d")), PathBuf::from("/a/c/d"));
+        assert_eq!(normalize(Path::new("/src/docs/..")), PathBuf::from("/src"));
+    }
+
+    #[test]
+    fn a_new_kernel_keeps_the_saved_command_line() {
+        let f = LaunchFlags {
+            kernel: Some("/k".into()),
+            initrd: Some("/i".into()),
+            append: Some("console=ttyS0".into()),
+            ..Default::default()
+        };
+        let (s, _) = merge(None, &f, &d()).unwrap();
+        let again = LaunchFlags { kernel: Some("/k2".into()), initrd: Some("/i2".into()), ..Default::default() };
+        let (s2, _) = merge(Some(&s), &again, &d()).unwrap();
+        assert!(
+            matches!(s2.source, Source::Kernel { append: Some(ref a), .. } if a == "console=ttyS0"),
+            "{:?}",
+            s2.source
+        );
     }
 
     #[test]

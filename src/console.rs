@@ -10,13 +10,11 @@
 use std::io::{IsTerminal, Read, Write};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 
 use anyhow::{Context, Result};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg, Termios};
-
-use crate::lifecycle::Ctx;
-use crate::vm::Vm;
 
 /// Ctrl-]: detaches from the console.
 pub const DETACH: u8 = 0x1d;
@@ -58,20 +56,19 @@ pub enum End {
     VmGone,
 }
 
-pub fn attach(ctx: &Ctx) -> Result<End> {
-    let vm = Vm::running(ctx)?;
-    let sock = vm.inst.console();
+/// Attaches to the console socket `sock` of instance `name`.
+pub fn attach(sock: &Path, name: &str) -> Result<End> {
     let mut conn =
-        UnixStream::connect(&sock).with_context(|| format!("cannot connect to the console {}", sock.display()))?;
+        UnixStream::connect(sock).with_context(|| format!("cannot connect to the console {}", sock.display()))?;
     let end = {
         let _raw = RawMode::enable()?;
-        eprint!("Connected to the serial console of '{}'. Detach with Ctrl-]. Press Enter for a prompt.\r\n", ctx.name);
+        eprint!("Connected to the serial console of '{}'. Detach with Ctrl-]. Press Enter for a prompt.\r\n", name);
         pump(&mut conn)?
     };
     match end {
-        End::Detached => eprintln!("\nDetached from the console of '{}'; the VM keeps running.", ctx.name),
-        End::InputEnded => eprintln!("\nInput ended; detached from the console of '{}'.", ctx.name),
-        End::VmGone => eprintln!("\nThe console closed: instance '{}' stopped.", ctx.name),
+        End::Detached => eprintln!("\nDetached from the console of '{}'; the VM keeps running.", name),
+        End::InputEnded => eprintln!("\nInput ended; detached from the console of '{}'.", name),
+        End::VmGone => eprintln!("\nThe console closed: instance '{}' stopped.", name),
     }
     Ok(end)
 }

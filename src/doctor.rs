@@ -6,33 +6,18 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use serde::Serialize;
-
 use crate::config::{Settings, DEFAULT_SSH_PORT};
-use crate::host::{self, Kvm};
-use crate::instance::{read_json, Lock, StateDir};
-use crate::lifecycle::Ctx;
+use crate::host;
+use crate::instance::{read_json, Instance, Lock, StateDir};
+use crate::qemu::args::{accel_args, Accel};
+use crate::qemu::host::{self as qemu_host, Kvm, QemuBinaries};
+use crate::qemu::parse::parse_qemu_version;
+use crate::report::doctor::{Check, Level, Report};
 
 /// A Guix image is 20G by default and grows into it.
 pub const SPACE_WANTED: u64 = 25 << 30;
 /// The oldest QEMU the tests run.
 const OLDEST_TESTED: (u32, u32) = (7, 2);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Level {
-    Ok,
-    Warn,
-    Fail,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Check {
-    pub name: &'static str,
-    pub level: Level,
-    pub detail: String,
-    pub fix: Option<String>,
-}
 
 fn ok(name: &'static str, detail: impl Into<String>) -> Check {
     Check { name, level: Level::Ok, detail: detail.into(), fix: None }
@@ -42,58 +27,24 @@ fn problem(name: &'static str, level: Level, detail: impl Into<String>, fix: imp
     Check { name, level, detail: detail.into(), fix: Some(fix.into()) }
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct Report {
-    pub checks: Vec<Check>,
-    /// Checks at `warn` or `fail`.
-    pub problems: usize,
-}
-
-impl Report {
-    pub fn human(&self) -> String {
-        let mut s = String::new();
-        for c in &self.checks {
-            let level = match c.level {
-                Level::Ok => "ok",
-                Level::Warn => "WARN",
-                Level::Fail => "FAIL",
-            };
-            s.push_str(&format!("{level:<5} {:<11} {}\n", c.name, c.detail));
-            if let Some(f) = &c.fix {
-                s.push_str(&format!("{:17} fix: {f}\n", ""));
-            }
-        }
-        match self.problems {
-            0 => s.push_str("No problems found."),
-            n => s.push_str(&format!("{n} problem(s) found.")),
-        }
-        s
-    }
-}
-
-pub fn run(ctx: &Ctx) -> Report {
+/// Runs every check for the instance `inst` (its SSH port) and its state dir.
+pub fn run(inst: &Instance) -> Report {
+    let state = inst.state();
     let (qemu, bins) = check_qemu();
     let mut checks = vec![qemu];
     checks.push(check_kvm(bins.as_ref()));
     checks.push(check_guix());
     checks.push(check_ssh_client());
-    checks.push(check_ssh_port(ctx));
-    checks.push(check_stale(&ctx.state));
-    checks.push(check_state_dir(&ctx.state));
-    checks.push(check_space(&ctx.state.root));
+    checks.push(check_ssh_port(inst));
+    checks.push(check_stale(&state));
+    checks.push(check_state_dir(&state));
+    checks.push(check_space(&state.root));
     let problems = checks.iter().filter(|c| c.level != Level::Ok).count();
     Report { checks, problems }
 }
 
-/// `(major, minor)` from `QEMU emulator version 10.0.2 (Debian …)`.
-pub fn parse_qemu_version(line: &str) -> Option<(u32, u32)> {
-    let v = line.split("version ").nth(1)?.split_whitespace().next()?;
-    let mut it = v.split('.').map(|n| n.parse::<u32>().ok());
-    Some((it.next()??, it.next()??))
-}
-
-fn check_qemu() -> (Check, Option<host::QemuBinaries>) {
-    let bins = match host::qemu_binaries() {
+fn check_qemu() -> (Check, Option<QemuBinaries>) {
+    let bins = match qemu_host::qemu_binaries() {
         Ok(b) => b,
         Err(e) => {
             return (
@@ -107,7 +58,7 @@ fn check_qemu() -> (Check, Option<host::QemuBinaries>) {
             )
         }
     };
-    let line = host::qemu_version(&bins).unwrap_or_default();
+    let line = qemu_host::qemu_version(&bins).unwrap_or_default();
     let c = match parse_qemu_version(&line) {
         Some(v) if v < OLDEST_TESTED => problem(
             "qemu",
@@ -126,9 +77,9 @@ fn check_qemu() -> (Check, Option<host::QemuBinaries>) {
     (c, Some(bins))
 }
 
-fn check_kvm(bins: Option<&host::QemuBinaries>) -> Check {
+fn check_kvm(bins: Option<&QemuBinaries>) -> Check {
     let tcg = "launch uses TCG software emulation (slow: expect minutes to boot)";
-    match host::probe_kvm() {
+    match qemu_host::probe_kvm() {
         Kvm::Missing => problem(
             "kvm",
             Level::Warn,
@@ -146,11 +97,11 @@ fn check_kvm(bins: Option<&host::QemuBinaries>) -> Check {
             let Some(b) = bins else {
                 return problem("kvm", Level::Warn, "/dev/kvm opens, but without QEMU a test VM cannot be run", "install QEMU first");
             };
-            let tcg_args = crate::qemu::accel_args(crate::qemu::Accel::Tcg);
-            if let Err(e) = host::vcpu_runs(b, &tcg_args, host::KVM_PROBE_TIMEOUT) {
+            let tcg_args = accel_args(Accel::Tcg);
+            if let Err(e) = qemu_host::vcpu_runs(b, &tcg_args, qemu_host::KVM_PROBE_TIMEOUT) {
                 return problem("kvm", Level::Warn, format!("could not run the test VM even under TCG: {e}"), "check the QEMU installation");
             }
-            match host::vcpu_runs(b, &crate::qemu::accel_args(crate::qemu::Accel::Kvm), host::KVM_PROBE_TIMEOUT) {
+            match qemu_host::vcpu_runs(b, &accel_args(Accel::Kvm), qemu_host::KVM_PROBE_TIMEOUT) {
                 Ok(t) => ok("kvm", format!("KVM runs guests (a test VM reached protected mode in {:.2}s)", t.as_secs_f64())),
                 Err(e) => problem(
                     "kvm",
@@ -200,15 +151,14 @@ fn check_ssh_client() -> Check {
     }
 }
 
-fn check_ssh_port(ctx: &Ctx) -> Check {
-    let inst = ctx.instance();
+fn check_ssh_port(inst: &Instance) -> Check {
     let saved = read_json::<Settings>(&inst.settings()).ok().flatten().map(|s| s.ssh_port);
     let port = saved.unwrap_or(DEFAULT_SSH_PORT);
     let what = match saved {
-        Some(p) => format!("port {p} (SSH of instance '{}')", ctx.name),
+        Some(p) => format!("port {p} (SSH of instance '{}')", inst.name),
         None => format!("port {port} (the default SSH port)"),
     };
-    if inst.exists() && Lock::is_held(&inst).unwrap_or(false) {
+    if inst.exists() && Lock::is_held(inst).unwrap_or(false) {
         return ok("ssh-port", format!("{what} is in use by the running instance itself"));
     }
     if host::port_free(port) {
@@ -244,12 +194,12 @@ fn check_stale(state: &StateDir) -> Check {
         return ok("stale", "no instance has runtime files left by a crash");
     }
     let detail = stale.iter().map(|(n, f)| format!("'{n}' ({})", f.join(", "))).collect::<Vec<_>>().join("; ");
-    let names = stale.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(" ");
+    let commands = stale.iter().map(|(n, _)| format!("'{}'", state.command(n, "status"))).collect::<Vec<_>>();
     problem(
         "stale",
         Level::Warn,
         format!("stopped instances with sockets or run records left by a crash: {detail}"),
-        format!("'qbuf-qemu --name NAME status' removes them (launch does too), for NAME in: {names}"),
+        format!("{} removes them (launch does too)", commands.join(", ")),
     )
 }
 

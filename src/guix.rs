@@ -138,16 +138,6 @@ pub struct BuildResult {
     pub seconds: f64,
 }
 
-impl BuildResult {
-    pub fn human(&self) -> String {
-        if self.cache_hit {
-            format!("Image is up to date (guix/ unchanged; Guix not run): {}", self.store_path.display())
-        } else {
-            format!("Built {} in {:.0}s (GC root {})", self.store_path.display(), self.seconds, self.gc_root.display())
-        }
-    }
-}
-
 fn entry_dir(state: &StateDir, key: &str) -> PathBuf {
     state.images_dir().join(key)
 }
@@ -180,7 +170,8 @@ pub fn command(req: &Request, root: &Path) -> Vec<String> {
 
 /// Returns the image for `req`, building it only when the inputs changed or
 /// the rooted image is gone.
-pub fn ensure(state: &StateDir, req: &Request, quiet: bool) -> Result<BuildResult> {
+/// `retry` is the command that runs the build again, for the error message.
+pub fn ensure(state: &StateDir, req: &Request, quiet: bool, retry: &str) -> Result<BuildResult> {
     let start = Instant::now();
     let key = req.key()?;
     if let Some(b) = cached(state, &key)? {
@@ -205,7 +196,49 @@ pub fn ensure(state: &StateDir, req: &Request, quiet: bool) -> Result<BuildResul
     if !quiet {
         eprintln!("qbuf-qemu: building the Guix image (first time or guix/ changed); this can take a while");
     }
-    let mut child = Command::new(&guix)
+    let (status, stdout, tail) = run_guix(&guix, &argv, req, quiet)?;
+    let shown = shell_words::join(&argv);
+    if !status.success() {
+        let _ = std::fs::remove_file(&root);
+        bail!(
+            "the Guix build failed ({status}).\nGuix said:\n{}\ncommand (with QBUF_QEMU_SSH_PUBKEY set):\n{shown}\nFix the error in {} and run '{retry}' again",
+            tail.join("\n"),
+            req.guix_dir.display()
+        );
+    }
+    let store_path = stdout
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('/'))
+        .map(PathBuf::from)
+        .ok_or_else(|| anyhow!("Guix succeeded but printed no store path on stdout; command:\n{shown}"))?;
+    let image = if store_path.is_dir() { store_path.join("disk.qcow2") } else { store_path.clone() };
+    if !image.is_file() {
+        bail!("Guix printed {} but there is no image file there", store_path.display());
+    }
+    let built = Built {
+        key: key.clone(),
+        store_path: image.clone(),
+        gc_root: root.clone(),
+        guix_dir: req.guix_dir.clone(),
+        image_size: req.image_size.clone(),
+        built_at: crate::clock::now(),
+    };
+    write_json(&dir.join("build.json"), &built)?;
+    Ok(BuildResult { store_path: image, gc_root: root, key, cache_hit: false, seconds: start.elapsed().as_secs_f64() })
+}
+
+/// Runs Guix with its progress (stderr) passed through, shortened, unless
+/// `quiet`; returns its status, its stdout (store paths) and the last lines
+/// of its stderr for an error message.
+fn run_guix(
+    guix: &Path,
+    argv: &[String],
+    req: &Request,
+    quiet: bool,
+) -> Result<(std::process::ExitStatus, String, Vec<String>)> {
+    let mut child = Command::new(guix)
         .args(&argv[1..])
         .env("QBUF_QEMU_SSH_PUBKEY", req.pubkey.trim())
         .env("QBUF_QEMU_DEV_UID", dev_uid().map(|u| u.to_string()).unwrap_or_default())
@@ -233,36 +266,7 @@ pub fn ensure(state: &StateDir, req: &Request, quiet: bool) -> Result<BuildResul
     }
     let status = child.wait()?;
     let stdout = out_thread.join().unwrap_or_default();
-    let shown = crate::qemu::shell_words(&argv);
-    if !status.success() {
-        let _ = std::fs::remove_file(&root);
-        bail!(
-            "the Guix build failed ({status}).\nGuix said:\n{}\ncommand (with QBUF_QEMU_SSH_PUBKEY set):\n{shown}\nFix the error in {} and run 'qbuf-qemu build' again",
-            tail.iter().cloned().collect::<Vec<_>>().join("\n"),
-            req.guix_dir.display()
-        );
-    }
-    let store_path = stdout
-        .lines()
-        .rev()
-        .map(str::trim)
-        .find(|l| l.starts_with('/'))
-        .map(PathBuf::from)
-        .ok_or_else(|| anyhow!("Guix succeeded but printed no store path on stdout; command:\n{shown}"))?;
-    let image = if store_path.is_dir() { store_path.join("disk.qcow2") } else { store_path.clone() };
-    if !image.is_file() {
-        bail!("Guix printed {} but there is no image file there", store_path.display());
-    }
-    let built = Built {
-        key: key.clone(),
-        store_path: image.clone(),
-        gc_root: root.clone(),
-        guix_dir: req.guix_dir.clone(),
-        image_size: req.image_size.clone(),
-        built_at: crate::supervisor::now(),
-    };
-    write_json(&dir.join("build.json"), &built)?;
-    Ok(BuildResult { store_path: image, gc_root: root, key, cache_hit: false, seconds: start.elapsed().as_secs_f64() })
+    Ok((status, stdout, tail.into()))
 }
 
 /// One progress line, shortened: store hashes are noise to a reader.
@@ -304,7 +308,6 @@ pub enum Choice {
     /// The inputs changed but the instance keeps its image until --recreate.
     Outdated {
         keep: InstanceImage,
-        new_key: String,
     },
     Build,
 }
@@ -312,7 +315,7 @@ pub enum Choice {
 pub fn choose(recorded: Option<InstanceImage>, new_key: &str, recreate: bool, still_rooted: bool) -> Choice {
     match recorded {
         Some(r) if r.key == new_key && still_rooted => Choice::Current(r),
-        Some(r) if !recreate && still_rooted => Choice::Outdated { keep: r, new_key: new_key.to_string() },
+        Some(r) if !recreate && still_rooted => Choice::Outdated { keep: r },
         _ => Choice::Build,
     }
 }

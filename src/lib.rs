@@ -1,26 +1,28 @@
 //! qbuf-qemu: one reproducible development VM for qbuf contributors.
 //!
-//! Data flows one way: `cli` → `config` (resolved settings) → `qemu` (pure
-//! argv) → `supervisor` (process + `qmp`) → records in `instance`. Commands
-//! reach a running VM through `control`; `powerdown` is the stop ladder.
+//! Layers, lowest first (see docs/architecture.md): `clock`, `host`,
+//! `instance`, `qmp`, `qga`, `config`; `qemu` (pure argv, images, parsers,
+//! binaries); `ssh`, `guix`, `logs`, `console`; `supervisor` (QEMU's
+//! parent: start, dispatcher, protocol, client, ladder); `report` (typed
+//! outcomes and their renderers); `cli`, `doctor`; `app`, the command layer
+//! that only `main` uses. A module imports only from its own layer or below.
 
-pub mod agent;
+mod app;
 pub mod cli;
-pub mod config;
-pub mod console;
-pub mod control;
-pub mod devices;
-pub mod doctor;
-pub mod forwards;
-pub mod guix;
+mod clock;
+mod config;
+mod console;
+mod doctor;
+mod guix;
 pub mod host;
-pub mod instance;
-pub mod lifecycle;
-pub mod logs;
-pub mod overlay;
-pub mod powerdown;
-pub mod qemu;
+mod instance;
+mod logs;
+mod qemu;
+mod qga;
 pub mod qmp;
-pub mod ssh;
-pub mod supervisor;
-pub mod vm;
+mod report;
+mod ssh;
+mod supervisor;
+
+pub use app::run;
+pub use report::{error_document, print_line, StdoutClosed};

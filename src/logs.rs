@@ -1,22 +1,15 @@
-//! What an instance recorded about its life, printed or followed: the QMP
-//! event log (events.jsonl, written by the supervisor, appended across
-//! relaunches) and the serial console log (serial.log, written by QEMU's
-//! chardev logfile). Both are plain files, so they can be read and followed
-//! whether or not the VM runs.
+//! The logs an instance keeps, read as files: the end of one for an error
+//! message, or everything appended to one as it comes (`--follow`). They are
+//! plain files (serial.log from QEMU's chardev logfile, events.jsonl from the
+//! supervisor), so they can be read whether or not the VM runs.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
-use serde::Serialize;
-use serde_json::Value;
+use anyhow::Result;
 
-use crate::lifecycle::Ctx;
-use crate::qmp::Event;
-
-/// Seconds since the epoch as `YYYY-MM-DD HH:MM:SS.mmm UTC`.
 /// The last `max` bytes of a log file from byte `from` on, trimmed, or
 /// `when_empty`: what error messages quote of QEMU's output, the supervisor
 /// log and the serial console (which is appended across boots, so a boot
@@ -30,77 +23,6 @@ pub fn tail(path: &Path, from: u64, max: usize, when_empty: &str) -> String {
     } else {
         s
     }
-}
-
-pub fn utc_time(ts: f64) -> String {
-    let ms = (ts * 1000.0).round() as i64;
-    let (days, ms_of_day) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    let s = ms_of_day / 1000;
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}.{:03} UTC", s / 3600, s / 60 % 60, s % 60, ms_of_day % 1000)
-}
-
-/// One event as `events` prints it.
-#[derive(Debug, Clone, Serialize)]
-pub struct EventLine {
-    #[serde(flatten)]
-    pub event: Event,
-    /// `timestamp`, readable.
-    pub time: String,
-}
-
-impl EventLine {
-    pub fn parse(line: &str) -> Option<EventLine> {
-        let event: Event = serde_json::from_str(line.trim()).ok()?;
-        Some(EventLine { time: utc_time(event.timestamp), event })
-    }
-
-    pub fn human(&self) -> String {
-        match &self.event.data {
-            Value::Null => format!("{}  {}", self.time, self.event.event),
-            Value::Object(m) if m.is_empty() => format!("{}  {}", self.time, self.event.event),
-            d => format!("{}  {}  {d}", self.time, self.event.event),
-        }
-    }
-}
-
-/// Every event recorded so far.
-pub fn read_events(path: &Path) -> Result<Vec<EventLine>> {
-    match std::fs::read_to_string(path) {
-        Ok(s) => Ok(s.lines().filter_map(EventLine::parse).collect()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vec![]),
-        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
-    }
-}
-
-/// `events` without `--follow`.
-#[derive(Debug, Clone, Serialize)]
-pub struct Events {
-    pub name: String,
-    pub events: Vec<EventLine>,
-}
-
-impl Events {
-    pub fn human(&self) -> String {
-        if self.events.is_empty() {
-            return format!("(no events recorded for instance '{}')", self.name);
-        }
-        self.events.iter().map(EventLine::human).collect::<Vec<_>>().join("\n")
-    }
-}
-
-pub fn events(ctx: &Ctx) -> Result<Events> {
-    let inst = ctx.existing()?;
-    Ok(Events { name: ctx.name.clone(), events: read_events(&inst.events_log())? })
 }
 
 /// Calls `emit` with each chunk appended to `path` from `offset` on, forever
@@ -142,80 +64,10 @@ pub fn follow(path: &Path, mut offset: u64, mut emit: impl FnMut(&[u8]) -> Resul
     }
 }
 
-/// `events --follow`: what was recorded, then each new event as it comes;
-/// with `json`, one JSON object per line (JSON Lines).
-pub fn follow_events(ctx: &Ctx, json: bool) -> Result<()> {
-    let path = ctx.existing()?.events_log();
-    let mut out = std::io::stdout();
-    let mut partial = Vec::new();
-    follow(&path, 0, |chunk| {
-        partial.extend_from_slice(chunk);
-        while let Some(end) = partial.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = partial.drain(..=end).collect();
-            if let Some(ev) = EventLine::parse(&String::from_utf8_lossy(&line)) {
-                let text = if json { serde_json::to_string(&ev)? } else { ev.human() };
-                writeln!(out, "{text}")?;
-            }
-        }
-        Ok(out.flush()?)
-    })
-}
-
-/// `logs`: the serial console log as the guest wrote it.
-#[derive(Debug, Clone, Serialize)]
-pub struct SerialLog {
-    pub name: String,
-    pub path: std::path::PathBuf,
-    pub text: String,
-}
-
-pub fn serial_log(ctx: &Ctx) -> Result<SerialLog> {
-    let path = ctx.existing()?.serial_log();
-    let text = match std::fs::read(&path) {
-        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-    };
-    Ok(SerialLog { name: ctx.name.clone(), path, text })
-}
-
-/// `logs --follow`: the log so far, then whatever the guest prints.
-pub fn follow_serial_log(ctx: &Ctx) -> Result<()> {
-    let path = ctx.existing()?.serial_log();
-    let mut out = std::io::stdout();
-    follow(&path, 0, |chunk| {
-        out.write_all(chunk)?;
-        Ok(out.flush()?)
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn timestamps_read_as_utc() {
-        assert_eq!(utc_time(0.0), "1970-01-01 00:00:00.000 UTC");
-        assert_eq!(utc_time(1_764_093_781.123_4), "2025-11-25 18:03:01.123 UTC");
-        assert_eq!(utc_time(951_782_400.0), "2000-02-29 00:00:00.000 UTC");
-        assert_eq!(utc_time(4_107_542_399.999), "2100-02-28 23:59:59.999 UTC");
-    }
-
-    #[test]
-    fn event_lines_parse_and_render() {
-        let e = EventLine::parse(
-            r#"{"event":"SHUTDOWN","data":{"guest":true,"reason":"guest-shutdown"},"timestamp":1764093781.5}"#,
-        )
-        .unwrap();
-        assert_eq!(e.human(), r#"2025-11-25 18:03:01.500 UTC  SHUTDOWN  {"guest":true,"reason":"guest-shutdown"}"#);
-        let p = EventLine::parse(r#"{"event":"POWERDOWN","data":null,"timestamp":1.0}"#).unwrap();
-        assert_eq!(p.human(), "1970-01-01 00:00:01.000 UTC  POWERDOWN");
-        assert!(EventLine::parse("not json").is_none());
-        let v = serde_json::to_value(&e).unwrap();
-        assert_eq!(v["event"], "SHUTDOWN");
-        assert_eq!(v["time"], "2025-11-25 18:03:01.500 UTC");
-        assert_eq!(v["timestamp"], 1764093781.5);
-    }
+    use std::io::Write;
 
     #[test]
     fn follow_sees_appends_and_a_recreated_file() {

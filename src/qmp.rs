@@ -128,8 +128,6 @@ impl Drop for AbortOnDrop {
     }
 }
 
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
-
 impl Qmp {
     /// Reads the greeting and negotiates capabilities (before
     /// `qmp_capabilities` every command is `CommandNotFound`).
@@ -375,23 +373,6 @@ async fn read_loop<R: AsyncRead + Unpin>(
         let _ = tx.send(Err(QmpError::Disconnected { command: String::new(), reason: reason.clone() }));
     }
     let _ = closed.send(Some(reason));
-}
-
-/// Waits for the first event that `pred` accepts, up to `deadline`.
-pub async fn wait_event(
-    rx: &mut broadcast::Receiver<Event>,
-    deadline: tokio::time::Instant,
-    mut pred: impl FnMut(&Event) -> bool,
-) -> Option<Event> {
-    loop {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Err(_) => return None,
-            Ok(Ok(ev)) if pred(&ev) => return Some(ev),
-            Ok(Ok(_)) => {}
-            Ok(Err(broadcast::error::RecvError::Lagged(_))) => {}
-            Ok(Err(broadcast::error::RecvError::Closed)) => return None,
-        }
-    }
 }
 
 #[cfg(test)]

@@ -140,10 +140,12 @@ impl Target {
 pub const HOST_KEY_CHANGED: &str = "REMOTE HOST IDENTIFICATION HAS CHANGED";
 
 /// The explanation that replaces OpenSSH's warning banner.
-pub fn host_key_mismatch_message(t: &Target, instance: &str) -> String {
+pub fn host_key_mismatch_message(t: &Target, inst: &Instance) -> String {
+    let instance = &inst.name;
+    let destroy = inst.command("destroy");
     format!(
         "the guest's SSH host key differs from the one pinned for instance '{instance}' in {}.\n\
-         If the guest's disk was recreated, that is expected: remove that file (or run 'qbuf-qemu --name {instance} destroy' to start over).\n\
+         If the guest's disk was recreated, that is expected: remove that file (or run '{destroy}' to start over).\n\
          Otherwise something else answers on port {}: do not connect.",
         t.known_hosts.display(),
         t.port
@@ -207,7 +209,7 @@ pub fn try_login(t: &Target, timeout: Duration) -> Result<Login> {
 
 /// Runs OpenSSH for the user with the terminal attached; stderr is passed
 /// through line by line so a host-key mismatch gets our explanation too.
-pub fn run_interactive(t: &Target, instance: &str, remote: &[String]) -> Result<i32> {
+pub fn run_interactive(t: &Target, inst: &Instance, remote: &[String]) -> Result<i32> {
     let argv = t.command(remote);
     let mut child = Command::new(&argv[0])
         .args(&argv[1..])
@@ -226,7 +228,7 @@ pub fn run_interactive(t: &Target, instance: &str, remote: &[String]) -> Result<
     }
     let status = child.wait()?;
     if mismatch {
-        eprintln!("qbuf-qemu: {}", host_key_mismatch_message(t, instance));
+        eprintln!("qbuf-qemu: {}", host_key_mismatch_message(t, inst));
     }
     Ok(status.code().unwrap_or(255))
 }

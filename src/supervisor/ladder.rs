@@ -20,91 +20,16 @@ use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use crate::instance::proc::{ExitInfo, ProcIdentity};
+use crate::instance::records::{StopMethod, StopOutcome};
 use crate::qmp::{Event, Qmp};
 
 pub const QUIT_DEADLINE: Duration = Duration::from_secs(10);
 pub const SIGNAL_DEADLINE: Duration = Duration::from_secs(5);
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the ladder asks whether the guest agent answers.
 const AGENT_PING: Duration = Duration::from_secs(1);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum StopMethod {
-    Powerdown,
-    GuestAgent,
-    Quit,
-    Sigterm,
-    Sigkill,
-    AlreadyStopped,
-}
-
-impl StopMethod {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StopMethod::Powerdown => "powerdown",
-            StopMethod::GuestAgent => "guest-agent",
-            StopMethod::Quit => "quit",
-            StopMethod::Sigterm => "sigterm",
-            StopMethod::Sigkill => "sigkill",
-            StopMethod::AlreadyStopped => "already-stopped",
-        }
-    }
-
-    /// The guest shut itself down (or nothing had to be done).
-    pub fn graceful(self) -> bool {
-        matches!(self, StopMethod::Powerdown | StopMethod::GuestAgent | StopMethod::AlreadyStopped)
-    }
-}
-
-/// How QEMU's process ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ExitInfo {
-    pub code: Option<i32>,
-    pub signal: Option<i32>,
-}
-
-impl std::fmt::Display for ExitInfo {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match (self.code, self.signal) {
-            (_, Some(s)) => {
-                let name = nix::sys::signal::Signal::try_from(s).map(|s| s.as_str()).unwrap_or("?");
-                write!(f, "killed by signal {s} ({name})")
-            }
-            (Some(c), None) => write!(f, "exit status {c}"),
-            (None, None) => write!(f, "exit status unknown (not QEMU's parent)"),
-        }
-    }
-}
-
-/// The result of a stop, as the user sees it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StopOutcome {
-    /// The step that stopped the VM; `None` if nothing could.
-    pub method: Option<StopMethod>,
-    /// The last `SHUTDOWN` reason QEMU reported, e.g. `guest-shutdown`.
-    pub shutdown_reason: Option<String>,
-    /// `SHUTDOWN`'s `guest` flag: the guest powered itself off.
-    pub guest: bool,
-    pub seconds: f64,
-    pub exit: Option<ExitInfo>,
-    /// What happened at each step, for the log and the user.
-    pub steps: Vec<String>,
-}
-
-impl StopOutcome {
-    /// 0 graceful, 3 escalated but stopped, 1 still running.
-    pub fn exit_code(&self) -> i32 {
-        match self.method {
-            Some(m) if m.graceful() => 0,
-            Some(_) => 3,
-            None => 1,
-        }
-    }
-}
 
 /// QEMU's process as the ladder sees it.
 pub trait QemuProcess {
@@ -134,8 +59,8 @@ pub async fn stop<P: QemuProcess + Sync>(
     on_step: &(dyn Fn(StopMethod) + Sync),
 ) -> StopOutcome {
     let start = Instant::now();
-    let mut events = qmp.map(|q| q.subscribe());
-    let mut shutdown = known_shutdown.as_ref().and_then(Event::shutdown);
+    let mut watch =
+        Watch { events: qmp.map(|q| q.subscribe()), shutdown: known_shutdown.as_ref().and_then(Event::shutdown) };
     let mut steps = Vec::new();
     let finish = |method: Option<StopMethod>, shutdown: Option<(bool, String)>, steps: Vec<String>| StopOutcome {
         method,
@@ -146,27 +71,14 @@ pub async fn stop<P: QemuProcess + Sync>(
         steps,
     };
     if proc.wait_gone(Instant::now()).await {
-        return finish(Some(StopMethod::AlreadyStopped), shutdown, steps);
+        return finish(Some(StopMethod::AlreadyStopped), watch.shutdown, steps);
     }
-
-    let mut ladder: Vec<(StopMethod, Instant)> = Vec::new();
     if !opts.force {
-        let agent_answers = match agent {
-            Some(sock) => crate::agent::ping(sock, opts.timeout.min(AGENT_PING)).await.is_ok(),
-            None => false,
-        };
-        if agent_answers {
-            ladder.push((StopMethod::Powerdown, start + opts.timeout / 2));
-            ladder.push((StopMethod::GuestAgent, start + opts.timeout));
-        } else {
-            ladder.push((StopMethod::Powerdown, start + opts.timeout));
+        if let Some(note) = resume_if_paused(qmp).await {
+            steps.push(format!("powerdown: {note}"));
         }
     }
-    ladder.push((StopMethod::Quit, Instant::now()));
-    ladder.push((StopMethod::Sigterm, Instant::now()));
-    ladder.push((StopMethod::Sigkill, Instant::now()));
-
-    for (method, deadline) in ladder {
+    for (method, deadline) in plan(opts, agent, start).await {
         on_step(method);
         let deadline = match method {
             StopMethod::Powerdown | StopMethod::GuestAgent => deadline,
@@ -176,35 +88,93 @@ pub async fn stop<P: QemuProcess + Sync>(
         let note = act(qmp, proc, method, agent).await;
         tracing::info!(step = method.as_str(), "{note}");
         steps.push(format!("{}: {note}", method.as_str()));
-        loop {
-            let gone = match events.as_mut() {
-                Some(rx) => {
-                    tokio::select! {
-                        g = proc.wait_gone(deadline) => g,
-                        ev = rx.recv() => {
-                            if let Ok(ev) = ev { if let Some(s) = ev.shutdown() { shutdown = Some(s); } }
-                            else { events = None; }
-                            continue;
-                        }
-                    }
-                }
-                None => proc.wait_gone(deadline).await,
-            };
-            if gone {
-                if let Some(rx) = events.as_mut() {
-                    while let Ok(ev) = rx.try_recv() {
-                        if let Some(s) = ev.shutdown() {
-                            shutdown = Some(s);
-                        }
-                    }
-                }
-                return finish(Some(method), shutdown, steps);
-            }
-            steps.push(format!("{}: QEMU still running after {:.0}s", method.as_str(), start.elapsed().as_secs_f64()));
-            break;
+        if watch.until_gone(proc, deadline).await {
+            return finish(Some(method), watch.shutdown, steps);
+        }
+        steps.push(format!("{}: QEMU still running after {:.0}s", method.as_str(), start.elapsed().as_secs_f64()));
+    }
+    finish(None, watch.shutdown, steps)
+}
+
+/// The steps to try and when each gives up. The guest's own steps share
+/// `--timeout` (with an agent that answers, the button gets the first half);
+/// the later steps' deadlines start when they do.
+async fn plan(opts: &StopOptions, agent: Option<&Path>, start: Instant) -> Vec<(StopMethod, Instant)> {
+    let mut ladder = Vec::new();
+    if !opts.force {
+        let agent_answers = match agent {
+            Some(sock) => crate::qga::ping(sock, opts.timeout.min(AGENT_PING)).await.is_ok(),
+            None => false,
+        };
+        if agent_answers {
+            ladder.push((StopMethod::Powerdown, start + opts.timeout / 2));
+            ladder.push((StopMethod::GuestAgent, start + opts.timeout));
+        } else {
+            ladder.push((StopMethod::Powerdown, start + opts.timeout));
         }
     }
-    finish(None, shutdown, steps)
+    for m in [StopMethod::Quit, StopMethod::Sigterm, StopMethod::Sigkill] {
+        ladder.push((m, start));
+    }
+    ladder
+}
+
+/// A paused guest (QMP `stop`, a debugger) cannot see the power button, so
+/// it is resumed first; says so when it did.
+async fn resume_if_paused(qmp: Option<&Qmp>) -> Option<String> {
+    let q = qmp?;
+    let t = Duration::from_secs(2);
+    // Raw, not qapi's RunState: a state newer than its schema must not fail.
+    let status = q.execute_raw("query-status", serde_json::json!({}), t).await.ok()?;
+    if status.get("status").and_then(serde_json::Value::as_str) != Some("paused") {
+        // Running needs nothing; guest-panicked or shutdown would not be
+        // helped by resuming.
+        return None;
+    }
+    Some(match q.execute(&qapi::qmp::cont {}, t).await {
+        Ok(_) => "the VM was paused, where the guest cannot see the power button: resumed it (cont) first".into(),
+        Err(e) => format!("the VM is paused and could not be resumed ({e}): the guest cannot see the power button"),
+    })
+}
+
+/// Follows QMP events while waiting for QEMU to exit, keeping the last
+/// `SHUTDOWN` (its reason names what ended the VM).
+struct Watch {
+    events: Option<tokio::sync::broadcast::Receiver<Event>>,
+    shutdown: Option<(bool, String)>,
+}
+
+impl Watch {
+    async fn until_gone<P: QemuProcess + Sync>(&mut self, proc: &P, deadline: Instant) -> bool {
+        use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+        loop {
+            let Some(rx) = self.events.as_mut() else { return proc.wait_gone(deadline).await };
+            tokio::select! {
+                gone = proc.wait_gone(deadline) => {
+                    // Events QEMU sent just before it exited are still queued.
+                    loop {
+                        match rx.try_recv() {
+                            Ok(ev) => note(&mut self.shutdown, &ev),
+                            Err(TryRecvError::Lagged(_)) => continue,
+                            Err(_) => break,
+                        }
+                    }
+                    return gone;
+                }
+                ev = rx.recv() => match ev {
+                    Ok(ev) => note(&mut self.shutdown, &ev),
+                    Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => self.events = None,
+                },
+            }
+        }
+    }
+}
+
+fn note(shutdown: &mut Option<(bool, String)>, ev: &Event) {
+    if let Some(s) = ev.shutdown() {
+        *shutdown = Some(s);
+    }
 }
 
 async fn act<P: QemuProcess>(qmp: Option<&Qmp>, proc: &P, method: StopMethod, agent: Option<&Path>) -> String {
@@ -237,7 +207,7 @@ async fn act<P: QemuProcess>(qmp: Option<&Qmp>, proc: &P, method: StopMethod, ag
             Err(e) => format!("SIGKILL failed: {e}"),
         },
         StopMethod::GuestAgent => match agent {
-            Some(sock) => crate::agent::shutdown(sock, t).await.unwrap_or_else(|e| e),
+            Some(sock) => crate::qga::shutdown(sock, t).await.unwrap_or_else(|e| e),
             None => "no guest agent; skipped".into(),
         },
         StopMethod::AlreadyStopped => String::new(),
@@ -246,7 +216,7 @@ async fn act<P: QemuProcess>(qmp: Option<&Qmp>, proc: &P, method: StopMethod, ag
 
 /// A QEMU we are not the parent of: gone when not running by its identity
 /// (a zombie waiting for a slow PID 1 counts as gone).
-pub struct ForeignProcess(pub crate::instance::ProcIdentity);
+pub struct ForeignProcess(pub ProcIdentity);
 
 impl QemuProcess for ForeignProcess {
     fn pid(&self) -> i32 {
@@ -289,44 +259,5 @@ impl QemuProcess for ChildProcess {
     }
     fn exit_info(&self) -> Option<ExitInfo> {
         *self.exited.borrow()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn exit_codes_follow_the_contract() {
-        let o =
-            |m| StopOutcome { method: m, shutdown_reason: None, guest: false, seconds: 0.0, exit: None, steps: vec![] };
-        assert_eq!(o(Some(StopMethod::Powerdown)).exit_code(), 0);
-        assert_eq!(o(Some(StopMethod::GuestAgent)).exit_code(), 0);
-        assert_eq!(o(Some(StopMethod::AlreadyStopped)).exit_code(), 0);
-        assert_eq!(o(Some(StopMethod::Quit)).exit_code(), 3);
-        assert_eq!(o(Some(StopMethod::Sigkill)).exit_code(), 3);
-        assert_eq!(o(None).exit_code(), 1);
-    }
-
-    #[test]
-    fn method_names_are_the_documented_ones() {
-        let names: Vec<_> = [
-            StopMethod::Powerdown,
-            StopMethod::GuestAgent,
-            StopMethod::Quit,
-            StopMethod::Sigterm,
-            StopMethod::Sigkill,
-            StopMethod::AlreadyStopped,
-        ]
-        .iter()
-        .map(|m| serde_json::to_value(m).unwrap().as_str().unwrap().to_string())
-        .collect();
-        assert_eq!(names, ["powerdown", "guest-agent", "quit", "sigterm", "sigkill", "already-stopped"]);
-    }
-
-    #[test]
-    fn exit_info_names_the_signal() {
-        assert_eq!(ExitInfo { code: None, signal: Some(9) }.to_string(), "killed by signal 9 (SIGKILL)");
-        assert_eq!(ExitInfo { code: Some(0), signal: None }.to_string(), "exit status 0");
     }
 }

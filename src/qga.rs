@@ -19,7 +19,7 @@ use tokio::net::UnixStream;
 pub const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Whether the guest agent answers, as `status` shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AgentState {
     Answers,
@@ -27,16 +27,6 @@ pub enum AgentState {
     NotRunning,
     /// The port is open but no answer came in time.
     NoAnswer,
-}
-
-impl AgentState {
-    pub fn human(self) -> &'static str {
-        match self {
-            AgentState::Answers => "answers (guest-ping)",
-            AgentState::NotRunning => "not running in the guest",
-            AgentState::NoAnswer => "its port is open but it did not answer guest-ping",
-        }
-    }
 }
 
 fn request(name: &str, args: Value) -> Vec<u8> {

@@ -83,6 +83,9 @@ pub struct VmSpec {
     /// Empty PCIe root ports reserved for hot-plugged devices: q35 cannot
     /// hot-plug onto its root bus.
     pub hotplug_ports: u32,
+    /// An extra firmware directory (`-L`), e.g. QEMU 7.2's beside 10.0.
+    #[serde(default)]
+    pub firmware: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,12 +104,34 @@ impl Forward {
     }
 }
 
+/// The default share's 9p tag (the guest mounts it at /mnt/qbuf).
+pub const DEFAULT_SHARE_TAG: &str = "qbuf";
+/// PCIe root ports reserved at launch for hot-plugged disks.
+pub const HOTPLUG_PORTS: u32 = 4;
+/// The boot disk's device id (its block node is `disk0`).
+pub const BOOT_DISK_DEVICE: &str = "disk0-dev";
 pub const FW_CFG_AUTHORIZED_KEYS: &str = "opt/org.qbuf/authorized_keys";
 pub const NETDEV_ID: &str = "net0";
 pub const GUEST_AGENT_PORT: &str = "org.qemu.guest_agent.0";
 /// The agent port's device id: QEMU names it in `VSERPORT_CHANGE` when the
 /// guest opens or closes the port (no id, no event).
 pub const GUEST_AGENT_PORT_ID: &str = "qga0-port";
+
+/// Disk and share ids become QEMU ids and node names: a letter, then
+/// letters, digits, '-' and '_'; at most 31 characters.
+pub fn validate_id(what: &str, id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 31
+        && id.starts_with(|c: char| c.is_ascii_alphabetic())
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !ok {
+        bail!("invalid {what} {id:?}: use 1-31 letters, digits, '-' and '_', starting with a letter");
+    }
+    if what == "disk id" && (id.starts_with("disk0") || id.ends_with("-file") || id.starts_with("hp")) {
+        bail!("disk id {id:?} is reserved for qbuf-qemu's own devices: choose another, e.g. 'data'");
+    }
+    Ok(())
+}
 
 /// Doubles every `,` so a value survives QEMU's option parser.
 pub fn escape_value(v: &str) -> String {
@@ -128,7 +153,7 @@ pub fn path_value(what: &str, p: &Path) -> Result<String> {
 /// A unix socket path must fit `sun_path` (108 bytes with the NUL).
 pub fn socket_value(what: &str, p: &Path) -> Result<String> {
     let v = path_value(what, p)?;
-    if p.as_os_str().len() > 107 {
+    if p.as_os_str().len() > crate::instance::paths::MAX_SOCKET_PATH {
         bail!(
             "{what} socket path {} is {} bytes, over the 107 a unix socket allows: use a shorter --state-dir",
             p.display(),
@@ -151,42 +176,70 @@ pub fn accel_args(accel: Accel) -> [&'static str; 4] {
     }
 }
 
+/// An argv under construction.
+#[derive(Default)]
+struct Argv(Vec<String>);
+
+impl Argv {
+    fn push(&mut self, xs: &[&str]) {
+        self.0.extend(xs.iter().map(|s| s.to_string()));
+    }
+}
+
 /// The full argument list after the binary name.
 pub fn build_args(spec: &VmSpec) -> Result<Vec<String>> {
-    let mut a: Vec<String> = Vec::new();
-    let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
+    let mut a = Argv::default();
+    if let Some(fw) = &spec.firmware {
+        // -L takes a plain path, not an option string: no comma escaping.
+        let fw = fw.to_str().ok_or_else(|| anyhow::anyhow!("firmware path {} is not valid UTF-8", fw.display()))?;
+        a.push(&["-L", fw]);
+    }
     let name = escape_value(&spec.name);
-    push(&["-name", &format!("qbuf-{name},process=qbuf-{name}")]);
-    push(&["-nodefaults", "-no-user-config", "-display", "none"]);
-    push(&["-machine", "q35"]);
-    push(&accel_args(spec.accel));
-    push(&["-m", &format!("{}M", spec.memory_mib), "-smp", &spec.cpus.to_string()]);
+    a.push(&["-name", &format!("qbuf-{name},process=qbuf-{name}")]);
+    a.push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+    a.push(&["-machine", "q35"]);
+    a.push(&accel_args(spec.accel));
+    a.push(&["-m", &format!("{}M", spec.memory_mib), "-smp", &spec.cpus.to_string()]);
+    monitors_and_serial(&mut a, &spec.endpoints)?;
+    disks(&mut a, spec)?;
+    network(&mut a, spec);
+    shares(&mut a, &spec.shares)?;
+    agent_and_panic(&mut a, &spec.endpoints)?;
+    let key = path_value("authorized key", &spec.authorized_key)?;
+    a.push(&["-fw_cfg", &format!("name={FW_CFG_AUTHORIZED_KEYS},file={key}")]);
+    if let Some(k) = &spec.kernel {
+        kernel(&mut a, k)?;
+    }
+    Ok(a.0)
+}
 
-    let e = &spec.endpoints;
-    push(&["-chardev", &chardev_socket("qmp-sup", "supervisor QMP", &e.qmp_supervisor)?]);
-    push(&["-mon", "chardev=qmp-sup,mode=control"]);
-    push(&["-chardev", &chardev_socket("qmp", "QMP", &e.qmp_user)?]);
-    push(&["-mon", "chardev=qmp,mode=control"]);
+fn monitors_and_serial(a: &mut Argv, e: &Endpoints) -> Result<()> {
+    a.push(&["-chardev", &chardev_socket("qmp-sup", "supervisor QMP", &e.qmp_supervisor)?]);
+    a.push(&["-mon", "chardev=qmp-sup,mode=control"]);
+    a.push(&["-chardev", &chardev_socket("qmp", "QMP", &e.qmp_user)?]);
+    a.push(&["-mon", "chardev=qmp,mode=control"]);
     let serial = format!(
         "{},logfile={},logappend=on",
         chardev_socket("serial0", "serial console", &e.console)?,
         path_value("serial log", &e.serial_log)?
     );
-    push(&["-chardev", &serial, "-serial", "chardev:serial0"]);
+    a.push(&["-chardev", &serial, "-serial", "chardev:serial0"]);
+    Ok(())
+}
 
+fn disks(a: &mut Argv, spec: &VmSpec) -> Result<()> {
     for i in 0..spec.hotplug_ports {
         // Root ports on pcie.0 from slot 0x10 up, one chassis each.
         let rp = format!("pcie-root-port,id=hp{i},chassis={},bus=pcie.0,addr={:#x}", i + 1, 0x10 + i);
-        push(&["-device", &rp]);
+        a.push(&["-device", &rp]);
     }
-
     if let Some(disk) = &spec.disk {
         let file = path_value("boot disk", disk)?;
-        push(&["-blockdev", &format!("driver=file,node-name=disk0-file,filename={file},discard=unmap")]);
-        push(&["-blockdev", "driver=qcow2,node-name=disk0,file=disk0-file,discard=unmap"]);
+        a.push(&["-blockdev", &format!("driver=file,node-name=disk0-file,filename={file},discard=unmap")]);
+        a.push(&["-blockdev", "driver=qcow2,node-name=disk0,file=disk0-file,discard=unmap"]);
         // With -kernel, QEMU's linuxboot ROM already holds boot index 0.
         let boot = if spec.kernel.is_some() { "" } else { ",bootindex=0" };
-        push(&["-device", &format!("virtio-blk-pci,drive=disk0,id=disk0-dev{boot}")]);
+        a.push(&["-device", &format!("virtio-blk-pci,drive=disk0,id={BOOT_DISK_DEVICE}{boot}")]);
     }
     for (i, d) in spec.extra_disks.iter().enumerate() {
         let file = path_value("disk", &d.path)?;
@@ -194,73 +247,65 @@ pub fn build_args(spec: &VmSpec) -> Result<Vec<String>> {
         // One node with its file node inline, exactly as `disk add` does over
         // QMP, so one `blockdev-del ID` removes both either way.
         let fmt = escape_value(&d.format);
-        push(&[
+        a.push(&[
             "-blockdev",
             &format!("driver={fmt},node-name={id},file.driver=file,file.node-name={id}-file,file.filename={file}"),
         ]);
         // Recorded disks sit in the last root ports so the first stay free.
         let port = spec.hotplug_ports.saturating_sub(1 + i as u32);
-        push(&["-device", &format!("virtio-blk-pci,drive={id},id={id},bus=hp{port}")]);
+        a.push(&["-device", &format!("virtio-blk-pci,drive={id},id={id},bus=hp{port}")]);
     }
+    Ok(())
+}
 
+fn network(a: &mut Argv, spec: &VmSpec) {
     let mut netdev = format!("user,id={NETDEV_ID},hostfwd=tcp:127.0.0.1:{}-:22", spec.ssh_port);
     for f in &spec.forwards {
         netdev.push_str(",hostfwd=");
         netdev.push_str(&escape_value(&f.rule()));
     }
-    push(&["-netdev", &netdev, "-device", &format!("virtio-net-pci,netdev={NETDEV_ID}")]);
+    a.push(&["-netdev", &netdev, "-device", &format!("virtio-net-pci,netdev={NETDEV_ID}")]);
+}
 
-    for (i, s) in spec.shares.iter().enumerate() {
+fn shares(a: &mut Argv, shares: &[Share]) -> Result<()> {
+    for (i, s) in shares.iter().enumerate() {
         let path = path_value("share", &s.path)?;
         let ro = if s.readonly { ",readonly=on" } else { "" };
         // security_model=none: files the guest creates belong to the host
         // user running QEMU, as they would for a local edit.
-        push(&["-fsdev", &format!("local,id=share{i},path={path},security_model=none{ro}")]);
-        push(&["-device", &format!("virtio-9p-pci,fsdev=share{i},mount_tag={}", escape_value(&s.tag))]);
+        a.push(&["-fsdev", &format!("local,id=share{i},path={path},security_model=none{ro}")]);
+        a.push(&["-device", &format!("virtio-9p-pci,fsdev=share{i},mount_tag={}", escape_value(&s.tag))]);
     }
+    Ok(())
+}
 
-    push(&["-device", "virtio-serial-pci,id=vser0"]);
-    push(&["-chardev", &chardev_socket("qga0", "guest agent", &e.guest_agent)?]);
-    push(&[
+fn agent_and_panic(a: &mut Argv, e: &Endpoints) -> Result<()> {
+    a.push(&["-device", "virtio-serial-pci,id=vser0"]);
+    a.push(&["-chardev", &chardev_socket("qga0", "guest agent", &e.guest_agent)?]);
+    a.push(&[
         "-device",
         &format!("virtserialport,bus=vser0.0,chardev=qga0,name={GUEST_AGENT_PORT},id={GUEST_AGENT_PORT_ID}"),
     ]);
     // Without a pvpanic device QEMU never learns that the guest panicked
     // (no GUEST_PANICKED): the guest just hangs. QEMU's default panic action
     // pauses the VM, which keeps it for inspection (`console`, `qmp`).
-    push(&["-device", "pvpanic"]);
-
-    let key = path_value("authorized key", &spec.authorized_key)?;
-    push(&["-fw_cfg", &format!("name={FW_CFG_AUTHORIZED_KEYS},file={key}")]);
-
-    if let Some(k) = &spec.kernel {
-        // -kernel/-initrd are not QemuOpts, so no escaping; but -initrd
-        // splits on ',' for multiboot kernels, so refuse that.
-        let kernel = k.kernel.to_str().ok_or_else(|| anyhow::anyhow!("--kernel path is not valid UTF-8"))?;
-        let initrd = k.initrd.to_str().ok_or_else(|| anyhow::anyhow!("--initrd path is not valid UTF-8"))?;
-        if initrd.contains(',') {
-            bail!("--initrd path {initrd:?} contains ',', which QEMU reads as a list of files: rename or link it");
-        }
-        push(&["-kernel", kernel, "-initrd", initrd]);
-        if let Some(ap) = &k.append {
-            push(&["-append", ap]);
-        }
-    }
-    Ok(a)
+    a.push(&["-device", "pvpanic"]);
+    Ok(())
 }
 
-/// Renders an argv for error messages, quoting what a shell would need.
-pub fn shell_words(argv: &[String]) -> String {
-    argv.iter()
-        .map(|w| {
-            if !w.is_empty() && w.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c)) {
-                w.clone()
-            } else {
-                format!("'{}'", w.replace('\'', "'\\''"))
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+fn kernel(a: &mut Argv, k: &KernelBoot) -> Result<()> {
+    // -kernel/-initrd are not QemuOpts, so no escaping; but -initrd
+    // splits on ',' for multiboot kernels, so refuse that.
+    let kernel = k.kernel.to_str().ok_or_else(|| anyhow::anyhow!("--kernel path is not valid UTF-8"))?;
+    let initrd = k.initrd.to_str().ok_or_else(|| anyhow::anyhow!("--initrd path is not valid UTF-8"))?;
+    if initrd.contains(',') {
+        bail!("--initrd path {initrd:?} contains ',', which QEMU reads as a list of files: rename or link it");
+    }
+    a.push(&["-kernel", kernel, "-initrd", initrd]);
+    if let Some(ap) = &k.append {
+        a.push(&["-append", ap]);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -289,6 +334,7 @@ mod tests {
                 guest_agent: d.join("qga.sock"),
             },
             hotplug_ports: 4,
+            firmware: None,
         }
     }
 
@@ -347,6 +393,24 @@ mod tests {
         let rps: Vec<_> = after(&a, "-device").into_iter().filter(|d| d.starts_with("pcie-root-port")).collect();
         assert_eq!(rps.len(), 4);
         assert_eq!(rps[0], "pcie-root-port,id=hp0,chassis=1,bus=pcie.0,addr=0x10");
+    }
+
+    #[test]
+    fn device_ids_are_plain_and_ours_are_reserved() {
+        for ok in ["data", "disk1", "scratch_2", "a-b"] {
+            validate_id("disk id", ok).unwrap();
+        }
+        for bad in ["", "1disk", "a b", "a,b", "disk0", "x-file", "hp0", &"a".repeat(32)] {
+            assert!(validate_id("disk id", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_firmware_dir_comes_first_as_minus_l() {
+        let mut s = spec("/s");
+        s.firmware = Some("/opt/q/share,x".into());
+        let a = build_args(&s).unwrap();
+        assert_eq!(&a[..2], ["-L", "/opt/q/share,x"]);
     }
 
     #[test]
@@ -415,10 +479,5 @@ mod tests {
         let devs = after(&a, "-device");
         assert!(devs.iter().any(|d| d.ends_with(&format!("name={GUEST_AGENT_PORT},id={GUEST_AGENT_PORT_ID}"))));
         assert!(devs.contains(&"pvpanic"));
-    }
-
-    #[test]
-    fn shell_words_quotes_what_needs_it() {
-        assert_eq!(shell_words(&["-m".into(), "a b".into(), "it's".into()]), "-m 'a b' 'it'\\''s'");
     }
 }

@@ -1,13 +1,17 @@
-//! Command-line types only (clap derive); no behaviour here.
+//! Command-line types (clap derive) and, in [`parse`], the bounded parsers
+//! of their values; no behaviour here.
+
+pub mod parse;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{AccelChoice, PortChoice, ShareMode};
-use crate::devices::DiskFormat;
-use crate::forwards::HostEnd;
-use crate::qemu::Forward;
+use crate::qemu::args::Forward;
+use crate::qemu::image::DiskFormat;
+use parse::HostEnd;
 
 #[derive(Debug, Parser)]
 #[command(name = "qbuf-qemu", version, about = "One reproducible Guix System dev VM for qbuf, driven over QMP")]
@@ -22,10 +26,10 @@ pub struct Cli {
 #[derive(Debug, Args)]
 pub struct Global {
     /// Where instances live [default: $XDG_STATE_HOME/qbuf-qemu or ~/.local/state/qbuf-qemu]
-    #[arg(long, global = true, env = "QBUF_QEMU_STATE_DIR", value_name = "DIR")]
+    #[arg(long, global = true, env = "QBUF_QEMU_STATE_DIR", value_name = "DIR", value_parser = parse::path())]
     pub state_dir: Option<PathBuf>,
     /// Instance name: [a-z0-9][a-z0-9_-]{0,62}
-    #[arg(long, global = true, default_value = "dev", value_name = "NAME")]
+    #[arg(long, global = true, default_value = "dev", value_name = "NAME", value_parser = parse::name)]
     pub name: String,
     /// Print exactly one JSON document on stdout; progress goes to stderr
     #[arg(long, global = true)]
@@ -82,9 +86,9 @@ A QMP error exits 1 with its class and description; arguments that are not a JSO
         /// Arguments as one JSON object
         #[arg(value_name = "JSON")]
         arguments: Option<String>,
-        /// Seconds to wait for QEMU's answer
-        #[arg(long, value_name = "SECS", default_value_t = 30)]
-        timeout: u64,
+        /// How long to wait for QEMU's answer (seconds, or e.g. 2m)
+        #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse::timeout)]
+        timeout: Duration,
     },
     /// Every QMP event of the instance's life (kept across relaunches until destroy)
     Events {
@@ -120,9 +124,9 @@ pub enum DiskCommand {
     Remove {
         /// The disk's id (see 'disk list')
         id: String,
-        /// Seconds to wait for the guest to release the disk
-        #[arg(long, value_name = "SECS", default_value_t = 10)]
-        timeout: u64,
+        /// How long to wait for the guest to release the disk (seconds, or e.g. 1m)
+        #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse::timeout)]
+        timeout: Duration,
     },
     /// The VM's disks as QEMU sees them, and the recorded ones
     List,
@@ -131,11 +135,11 @@ pub enum DiskCommand {
 #[derive(Debug, Args)]
 pub struct DiskAddArgs {
     /// An existing disk image; never deleted by qbuf-qemu (destroy included)
-    #[arg(value_name = "FILE", required_unless_present = "size", conflicts_with = "size")]
+    #[arg(value_name = "FILE", required_unless_present = "size", conflicts_with = "size", value_parser = parse::path())]
     pub file: Option<PathBuf>,
-    /// Create a new image of this size in the instance's disks dir, e.g. 20G
-    #[arg(long, value_name = "SIZE")]
-    pub size: Option<String>,
+    /// Create a new image of this size in the instance's disks dir, e.g. 20G (at most 64T)
+    #[arg(long, value_name = "SIZE", value_parser = parse::disk_bytes)]
+    pub size: Option<u64>,
     /// Device id [default: disk1, disk2, …]
     #[arg(long, value_name = "ID")]
     pub id: Option<String>,
@@ -151,15 +155,16 @@ pub struct DiskAddArgs {
 pub enum ForwardCommand {
     /// Forward [ADDR:]HOST:GUEST[/udp], e.g. 8080:80 (recorded unless --transient)
     Add {
-        #[arg(value_name = "[ADDR:]HOST:GUEST[/udp]", value_parser = crate::forwards::parse_forward)]
+        #[arg(value_name = "[ADDR:]HOST:GUEST[/udp]", value_parser = parse::parse_forward)]
         spec: Forward,
         /// Set up in the running VM only; do not record it for the next launch
         #[arg(long)]
         transient: bool,
     },
-    /// Stop forwarding a host port: [ADDR:]HOST[/udp]
+    /// Stop forwarding a host port: [ADDR:]HOST[/tcp|/udp]
     Remove {
-        #[arg(value_name = "[ADDR:]HOST[/udp]", value_parser = crate::forwards::parse_host_end)]
+        /// The host port (with its address and protocol when more than one forward uses it)
+        #[arg(value_name = "[ADDR:]HOST[/tcp|/udp]", value_parser = parse::parse_host_end)]
         host: HostEnd,
     },
     /// Forwarded ports (from QEMU's 'info usernet' while running)
@@ -170,14 +175,22 @@ pub enum ForwardCommand {
 pub enum ShareCommand {
     /// Record a directory shared as 9p tag TAG from the next boot on
     Add {
+        /// The host directory to share
+        #[arg(value_name = "DIR", value_parser = parse::path())]
         dir: PathBuf,
+        /// The 9p mount tag the guest mounts it by (letters, digits, '-', '_')
+        #[arg(value_name = "TAG")]
         tag: String,
         /// Read-only for the guest
         #[arg(long)]
         ro: bool,
     },
     /// Stop sharing TAG from the next boot on
-    Remove { tag: String },
+    Remove {
+        /// The share's 9p mount tag (see 'share list')
+        #[arg(value_name = "TAG")]
+        tag: String,
+    },
     /// The default share and the recorded ones
     List,
 }
@@ -185,27 +198,28 @@ pub enum ShareCommand {
 #[derive(Debug, Args)]
 pub struct LaunchArgs {
     /// Base disk image (qcow2 or raw); never written, an overlay keeps changes
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", value_parser = parse::path())]
     pub image: Option<PathBuf>,
     /// Boot this kernel directly (with --initrd)
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", value_parser = parse::path())]
     pub kernel: Option<PathBuf>,
-    #[arg(long, value_name = "FILE")]
+    /// The initial ramdisk for --kernel
+    #[arg(long, value_name = "FILE", value_parser = parse::path())]
     pub initrd: Option<PathBuf>,
     /// Kernel command line for --kernel
     #[arg(long, value_name = "CMDLINE", allow_hyphen_values = true)]
     pub append: Option<String>,
-    /// Guest memory, e.g. 4G or 2048M [default: 4G]
-    #[arg(long, value_name = "SIZE")]
-    pub memory: Option<String>,
-    /// Virtual CPUs [default: 2]
-    #[arg(long, value_name = "N")]
+    /// Guest memory, e.g. 4G or 2048M, at most the host's [default: 4G]
+    #[arg(long, value_name = "SIZE", value_parser = parse::memory_mib)]
+    pub memory: Option<u64>,
+    /// Virtual CPUs, at most the host's [default: 2]
+    #[arg(long, value_name = "N", value_parser = parse::cpus)]
     pub cpus: Option<u32>,
     /// Host port forwarded to the guest's SSH, on 127.0.0.1; 'auto' picks a free one once [default: 10022]
     #[arg(long, value_name = "PORT|auto")]
     pub ssh_port: Option<PortChoice>,
     /// Host directory shared at /mnt/qbuf (9p tag qbuf) [default: the git checkout you are in]
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", value_parser = parse::path())]
     pub share: Option<PathBuf>,
     /// Do not share a directory
     #[arg(long)]
@@ -220,11 +234,11 @@ pub struct LaunchArgs {
     #[arg(long, value_name = "USER")]
     pub ssh_user: Option<String>,
     /// Private key to use instead of qbuf-qemu's own
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", value_parser = parse::path())]
     pub ssh_key: Option<PathBuf>,
-    /// Seconds to wait for SSH to accept a login
-    #[arg(long, value_name = "SECS", default_value_t = 300)]
-    pub timeout: u64,
+    /// How long to wait for SSH to accept a login (seconds, or e.g. 5m)
+    #[arg(long, value_name = "SECS", default_value = "300", value_parser = parse::timeout)]
+    pub timeout: Duration,
     /// Return once QEMU runs, without waiting for SSH
     #[arg(long)]
     pub no_wait: bool,
@@ -238,18 +252,18 @@ pub struct LaunchArgs {
 #[derive(Debug, Args, Clone)]
 pub struct BuildArgs {
     /// Directory with channels.scm, manifest.scm, dev-vm.scm [default: guix/ of this checkout, else the built-in copy]
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", value_parser = parse::path())]
     pub guix_dir: Option<PathBuf>,
     /// Size of the Guix image's disk [default: 20G]
-    #[arg(long, value_name = "SIZE")]
+    #[arg(long, value_name = "SIZE", value_parser = parse::image_size)]
     pub image_size: Option<String>,
 }
 
 #[derive(Debug, Args, Clone)]
 pub struct StopArgs {
-    /// Seconds the guest gets to power off by itself before escalating: the ACPI button, and the guest agent's shutdown when an agent answers (each gets half then)
-    #[arg(long, value_name = "SECS", default_value_t = 60)]
-    pub timeout: u64,
+    /// How long the guest gets to power off by itself before escalating (seconds, or e.g. 2m): the ACPI button, and the guest agent's shutdown when an agent answers (each gets half then)
+    #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse::timeout)]
+    pub timeout: Duration,
     /// Skip the guest's own shutdown: start at QMP quit
     #[arg(long)]
     pub force: bool,

@@ -1,0 +1,412 @@
+//! One boot, step by step: resolve the settings, make the boot disk, choose
+//! the accelerator, build QEMU's argv (pure), start the supervisor and wait
+//! for QEMU to be up, then wait for SSH ([`super::ready`]).
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use super::ready;
+use super::{absolute_flag, Ctx};
+use crate::cli::LaunchArgs;
+use crate::config::{self, AccelChoice, Change, LaunchFlags, PortChoice, Settings, Source};
+use crate::host;
+use crate::instance::records::{BootPlan, DevicesRecord, LaunchFailure, RunRecord};
+use crate::instance::{read_json, write_json, Instance, Lock, StateDir};
+use crate::qemu::args::{Accel, Endpoints, KernelBoot, Share, VmSpec, DEFAULT_SHARE_TAG, HOTPLUG_PORTS};
+use crate::qemu::host::{kvm_runs, qemu_binaries, QemuBinaries};
+use crate::report::error::Failure;
+use crate::report::launch::Launched;
+use crate::ssh;
+
+#[derive(Debug, Clone)]
+pub struct LaunchOptions {
+    pub flags: LaunchFlags,
+    pub timeout: Duration,
+    pub no_wait: bool,
+    pub recreate: bool,
+    /// Serial silence after which an automatically chosen KVM is blamed.
+    pub silence: Duration,
+}
+
+impl LaunchOptions {
+    /// The flags as given, with every path made absolute against the
+    /// current directory (a saved relative path would mean another
+    /// directory at the next launch).
+    pub fn from_args(a: LaunchArgs) -> Result<LaunchOptions> {
+        let flags = LaunchFlags {
+            memory: a.memory,
+            cpus: a.cpus,
+            ssh_port: a.ssh_port,
+            share: absolute_flag(a.share)?,
+            no_share: a.no_share,
+            share_mode: a.share_mode,
+            image: absolute_flag(a.image)?,
+            kernel: absolute_flag(a.kernel)?,
+            initrd: absolute_flag(a.initrd)?,
+            append: a.append,
+            guix_dir: absolute_flag(a.guix.guix_dir)?,
+            image_size: a.guix.image_size,
+            accel: a.accel,
+            ssh_user: a.ssh_user,
+            ssh_key: absolute_flag(a.ssh_key)?,
+        };
+        let silence = std::env::var("QBUF_QEMU_SERIAL_SILENCE_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
+        Ok(LaunchOptions {
+            flags,
+            timeout: a.timeout,
+            no_wait: a.no_wait,
+            recreate: a.recreate,
+            silence: Duration::from_secs(silence),
+        })
+    }
+}
+
+/// The connection info `launch` prints.
+#[allow(clippy::too_many_arguments)]
+pub fn launched(
+    ctx: &Ctx,
+    inst: &Instance,
+    t: &ssh::Target,
+    pid: i32,
+    accel: Accel,
+    already_running: bool,
+    changes: Vec<Change>,
+    notes: Vec<String>,
+) -> Launched {
+    Launched {
+        name: ctx.name.clone(),
+        pid,
+        ssh_port: t.port,
+        ssh_user: t.user.clone(),
+        qmp_socket: inst.qmp_user(),
+        serial_log: inst.serial_log(),
+        ready_seconds: None,
+        already_running,
+        accel,
+        changes,
+        notes,
+        ssh_command: shell_words::join(t.command(&[])),
+        connect_command: ctx.command("ssh"),
+        stop_command: ctx.command("powerdown"),
+    }
+}
+
+/// A user's file, canonical; a clear error when it does not exist.
+pub fn must_exist(p: &std::path::Path, what: &str) -> Result<PathBuf> {
+    std::fs::canonicalize(p).with_context(|| format!("{what} {} does not exist", p.display()))
+}
+
+const KVM_HINT: &str =
+    "QEMU ran with KVM because /dev/kvm is accessible (--accel auto), and KVM looks broken on this host \
+(common with nested virtualization): relaunch with '--accel tcg' (slower, always works), and see 'qbuf-qemu doctor'";
+
+/// How long QEMU may take to come up (its QMP socket answering).
+const UP_DEADLINE: Duration = Duration::from_secs(90);
+
+/// Defaults that come from where the command runs: the checkout to share.
+pub fn defaults() -> config::Defaults {
+    let share = std::env::current_dir().ok().and_then(|d| host::git_toplevel(&d));
+    config::Defaults { share }
+}
+
+pub fn ssh_key_for(state: &StateDir, s: &Settings) -> Result<PathBuf> {
+    match &s.ssh_key {
+        Some(k) => Ok(k.clone()),
+        None => ssh::ensure_user_key(state),
+    }
+}
+
+pub fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Result<Launched> {
+    let started = Instant::now();
+    let mut notes = Vec::new();
+    let stale = inst.clean_stale();
+    if !stale.is_empty() {
+        let names: Vec<_> = stale.iter().filter_map(|p| p.file_name()?.to_str().map(String::from)).collect();
+        notes.push(format!("removed stale files left by an earlier crash: {}", names.join(", ")));
+    }
+    let saved: Option<Settings> = read_json(&inst.settings())?;
+    let (mut s, changes) = config::merge(saved.as_ref(), &opts.flags, &defaults())?;
+    check_paths(&mut s)?;
+    choose_port(&mut s, opts, &mut notes)?;
+    let devices = DevicesRecord::load(inst)?;
+    check_devices(ctx, &s, &devices)?;
+    if saved.as_ref().is_some_and(|old| old.source != s.source) && std::fs::remove_file(inst.known_hosts()).is_ok() {
+        notes.push("the boot source changed, so this is a new guest: its SSH host key is pinned anew".into());
+    }
+    let bins = qemu_binaries()?;
+    let key = ssh_key_for(&ctx.state, &s)?;
+    let pubkey = ssh::public_key_line(&key)?;
+    std::fs::write(inst.authorized_key(), format!("{pubkey}\n"))
+        .with_context(|| format!("cannot write {}", inst.authorized_key().display()))?;
+    let (disk, kernel) = boot_disk(ctx, inst, &s, opts, &bins, &pubkey, &mut notes)?;
+    if disk.is_none() {
+        // A diskless guest has no place to keep a host key: it makes a new
+        // one every boot, so the pin can only hold for one boot.
+        let _ = std::fs::remove_file(inst.known_hosts());
+    }
+    let (accel, auto_kvm) = choose_accel(ctx, &s, &bins, &mut notes)?;
+    let spec = vm_spec(inst, &s, accel, disk, kernel, &devices, bins.firmware.clone());
+    let plan = BootPlan { qemu: bins.system.clone(), argv: crate::qemu::args::build_args(&spec)?, spec };
+    write_json(&inst.boot_plan(), &plan)?;
+    let serial_before = std::fs::metadata(inst.serial_log()).map(|m| m.len()).unwrap_or(0);
+    let hint = auto_kvm.then(|| KVM_HINT.to_string());
+    let run = start(ctx, inst, lock, serial_before, hint.clone())?;
+    // Saved once QEMU came up with them: a setting QEMU refuses is not kept.
+    write_json(&inst.settings(), &s)?;
+
+    let t = ssh::Target::for_instance(inst, s.ssh_port, &s.ssh_user, &key);
+    let mut result = launched(ctx, inst, &t, run.qemu.pid, accel, false, changes, notes);
+    if opts.no_wait {
+        return Ok(result);
+    }
+    ctx.progress(&format!(
+        "QEMU {} runs ({}); waiting up to {}s for SSH on 127.0.0.1:{} (serial log: {})",
+        run.qemu.pid,
+        accel.as_str(),
+        opts.timeout.as_secs(),
+        s.ssh_port,
+        inst.serial_log().display()
+    ));
+    let watch = ready::Watch { auto_kvm, silence: opts.silence, serial_before };
+    match ready::wait(inst, &t, &run.qemu, started + opts.timeout, &watch) {
+        Ok(()) => {
+            result.ready_seconds = Some(started.elapsed().as_secs_f64());
+            Ok(result)
+        }
+        Err(r) => Err(ready::failed(ctx, inst, &t, &plan, serial_before, hint, r)),
+    }
+}
+
+/// User paths must exist and be what they claim; they are absolute already
+/// (the flags were made so), canonical from here on.
+fn check_paths(s: &mut Settings) -> Result<()> {
+    if let Some(sh) = &s.share {
+        let p = must_exist(sh, "share directory")?;
+        if !p.is_dir() {
+            bail!("share {} is not a directory: give a directory with --share, or --no-share", p.display());
+        }
+        s.share = Some(p);
+    }
+    if let Some(k) = &s.ssh_key {
+        let k = must_exist(k, "SSH key")?;
+        ssh::check_private_key(&k)?;
+        s.ssh_key = Some(k);
+    }
+    s.source = match s.source.clone() {
+        Source::Image { path } => Source::Image { path: must_exist(&path, "image")? },
+        Source::Kernel { kernel, initrd, append, image } => Source::Kernel {
+            kernel: must_exist(&kernel, "kernel")?,
+            initrd: must_exist(&initrd, "initrd")?,
+            append,
+            image: image.map(|i| must_exist(&i, "image")).transpose()?,
+        },
+        g @ Source::Guix { .. } => g,
+    };
+    Ok(())
+}
+
+/// The SSH port: the saved or given one when it is free, a free one picked
+/// for `--ssh-port auto`.
+fn choose_port(s: &mut Settings, opts: &LaunchOptions, notes: &mut Vec<String>) -> Result<()> {
+    if s.ssh_port == 0 {
+        s.ssh_port = host::pick_free_port()?;
+        notes.push(format!("picked free port {} for SSH; it is kept for this instance", s.ssh_port));
+    } else if !host::port_free(s.ssh_port) && opts.flags.ssh_port == Some(PortChoice::Auto) {
+        let busy = s.ssh_port;
+        s.ssh_port = host::pick_free_port()?;
+        notes.push(format!("the saved SSH port {busy} is in use now; picked free port {} and kept it", s.ssh_port));
+    } else if !host::port_free(s.ssh_port) {
+        bail!(
+            "port {} on 127.0.0.1 is already in use (another VM or program): choose another with --ssh-port N, or let qbuf-qemu pick one with --ssh-port auto",
+            s.ssh_port
+        );
+    }
+    Ok(())
+}
+
+/// Recorded disks must exist and recorded forwards' host ports be free, as
+/// for the SSH port: QEMU would fail on either with a raw message.
+fn check_devices(ctx: &Ctx, s: &Settings, devices: &DevicesRecord) -> Result<()> {
+    if let Some(d) = devices.disks.iter().find(|d| !d.path.is_file()) {
+        bail!(
+            "disk '{}' recorded for this instance is missing ({}): restore it, or stop attaching it with '{}'",
+            d.id,
+            d.path.display(),
+            ctx.command(&format!("disk remove {}", d.id))
+        );
+    }
+    for f in &devices.forwards {
+        let proto = if f.udp { "udp" } else { "tcp" };
+        if (!f.udp && f.host_port == s.ssh_port) || !host::addr_free(&f.host_addr, f.host_port, f.udp) {
+            bail!(
+                "host port {}:{}/{proto}, recorded as a forward to guest port {}, is in use by another program: free it, or stop forwarding it with '{}'",
+                f.host_addr,
+                f.host_port,
+                f.guest_port,
+                ctx.command(&format!("forward remove {}:{}/{proto}", f.host_addr, f.host_port))
+            );
+        }
+    }
+    Ok(())
+}
+
+fn boot_disk(
+    ctx: &Ctx,
+    inst: &Instance,
+    s: &Settings,
+    opts: &LaunchOptions,
+    bins: &QemuBinaries,
+    pubkey: &str,
+    notes: &mut Vec<String>,
+) -> Result<(Option<PathBuf>, Option<KernelBoot>)> {
+    use crate::qemu::image;
+    if opts.recreate && !image::discard(inst).is_empty() {
+        notes.push("discarded the guest's disk (--recreate): guest-local state is gone".into());
+    }
+    Ok(match &s.source {
+        Source::Image { path } => (Some(image::prepare(inst, &bins.img, path)?), None),
+        Source::Kernel { kernel, initrd, append, image } => (
+            image.as_ref().map(|i| image::prepare(inst, &bins.img, i)).transpose()?,
+            Some(KernelBoot { kernel: kernel.clone(), initrd: initrd.clone(), append: append.clone() }),
+        ),
+        Source::Guix { guix_dir, image_size } => {
+            let base =
+                super::build::instance_image(ctx, inst, guix_dir.as_deref(), image_size, pubkey, opts.recreate, notes)?;
+            (Some(image::prepare(inst, &bins.img, &base)?), None)
+        }
+    })
+}
+
+/// The accelerator, and whether qbuf-qemu chose KVM by itself (then a
+/// failure says KVM may be to blame).
+fn choose_accel(ctx: &Ctx, s: &Settings, bins: &QemuBinaries, notes: &mut Vec<String>) -> Result<(Accel, bool)> {
+    Ok(match s.accel {
+        AccelChoice::Tcg => (Accel::Tcg, false),
+        AccelChoice::Kvm => match kvm_runs(bins) {
+            Ok(()) => (Accel::Kvm, false),
+            Err(e) => bail!("--accel kvm, but KVM cannot run guests here ({e}): use --accel tcg (slower) or fix KVM"),
+        },
+        AccelChoice::Auto => match kvm_runs(bins) {
+            Ok(()) => (Accel::Kvm, true),
+            Err(e) => {
+                let warning = format!("KVM is not usable ({e}); using TCG software emulation, which is much slower");
+                ctx.progress(&format!("warning: {warning}"));
+                notes.push(warning);
+                (Accel::Tcg, false)
+            }
+        },
+    })
+}
+
+/// Everything QEMU needs, resolved (pure).
+fn vm_spec(
+    inst: &Instance,
+    s: &Settings,
+    accel: Accel,
+    disk: Option<PathBuf>,
+    kernel: Option<KernelBoot>,
+    devices: &DevicesRecord,
+    firmware: Option<PathBuf>,
+) -> VmSpec {
+    let readonly = s.share_mode == config::ShareMode::Ro;
+    let mut shares: Vec<Share> =
+        s.share.iter().map(|p| Share { path: p.clone(), tag: DEFAULT_SHARE_TAG.into(), readonly }).collect();
+    shares.extend(devices.shares.iter().cloned());
+    VmSpec {
+        name: inst.name.clone(),
+        accel,
+        memory_mib: s.memory_mib,
+        cpus: s.cpus,
+        ssh_port: s.ssh_port,
+        disk,
+        kernel,
+        shares,
+        extra_disks: devices.disks.clone(),
+        forwards: devices.forwards.clone(),
+        authorized_key: inst.authorized_key(),
+        endpoints: Endpoints {
+            qmp_supervisor: inst.qmp_supervisor(),
+            qmp_user: inst.qmp_user(),
+            console: inst.console(),
+            serial_log: inst.serial_log(),
+            guest_agent: inst.guest_agent(),
+        },
+        hotplug_ports: HOTPLUG_PORTS,
+        firmware,
+    }
+}
+
+/// Starts the supervisor (which starts QEMU) and waits until QEMU is up or
+/// failed. Records of an earlier boot go first, so they cannot be mistaken
+/// for this boot's.
+fn start(ctx: &Ctx, inst: &Instance, lock: Lock, serial_before: u64, hint: Option<String>) -> Result<RunRecord> {
+    for old in [inst.launch_failure(), inst.stop_record(), inst.run_record()] {
+        let _ = std::fs::remove_file(old);
+    }
+    let mut sup = spawn_supervisor(ctx, inst, &lock)?;
+    drop(lock); // the supervisor and QEMU hold it now
+    let failed = |mut f: LaunchFailure| -> anyhow::Error {
+        f.serial_tail = crate::logs::tail(&inst.serial_log(), serial_before, 1500, "");
+        Failure::LaunchFailed { failure: f, hint: hint.clone() }.into()
+    };
+    let deadline = Instant::now() + UP_DEADLINE;
+    loop {
+        if let Some(r) = read_json::<RunRecord>(&inst.run_record())? {
+            // Reap the supervisor later without blocking: it is detached (setsid).
+            std::thread::spawn(move || sup.wait());
+            return Ok(r);
+        }
+        if let Some(f) = read_json::<LaunchFailure>(&inst.launch_failure())? {
+            let _ = sup.wait();
+            return Err(failed(f));
+        }
+        if let Some(st) = sup.try_wait()? {
+            if let Some(f) = read_json::<LaunchFailure>(&inst.launch_failure())? {
+                return Err(failed(f));
+            }
+            bail!(
+                "the instance supervisor exited ({st}) before QEMU came up; its log:\n{}",
+                crate::logs::tail(&inst.supervisor_log(), 0, 3000, "(empty)")
+            );
+        }
+        if Instant::now() > deadline {
+            bail!("QEMU did not come up within {}s; see {}", UP_DEADLINE.as_secs(), inst.supervisor_log().display());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn spawn_supervisor(ctx: &Ctx, inst: &Instance, lock: &Lock) -> Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    lock.inheritable()?;
+    let log = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(inst.supervisor_log())
+            .with_context(|| format!("cannot create {}", inst.supervisor_log().display()))?
+    };
+    let exe = std::env::current_exe().context("cannot find the qbuf-qemu binary to start the supervisor")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("--state-dir")
+        .arg(&ctx.state.root)
+        .arg("--name")
+        .arg(&ctx.name)
+        .arg("__supervise")
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe. Own session: the user's terminal
+    // closing must not signal the VM.
+    unsafe {
+        cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
+    }
+    cmd.spawn().context("cannot start the instance supervisor")
+}

@@ -1,0 +1,101 @@
+//! `launch`: start the instance (or say it runs) and wait until an SSH
+//! login works. Data flows one way: flags + saved settings → resolved
+//! settings ([`crate::config`]) → QEMU's argv (pure, [`crate::qemu::args`])
+//! → the supervisor and QEMU → records in the instance dir.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use super::boot::{self, launched, LaunchOptions};
+use super::{block_on, Ctx};
+use crate::config::{self, Settings};
+use crate::instance::records::RunRecord;
+use crate::instance::{read_json, write_json, Instance, Lock};
+use crate::report::launch::Launched;
+use crate::ssh;
+use crate::supervisor::client;
+
+pub fn launch(ctx: &Ctx, opts: &LaunchOptions) -> Result<Launched> {
+    ctx.state.ensure()?;
+    let inst = ctx.instance();
+    // Before anything slow (a Guix build): a launch that must fail does so now.
+    inst.check_socket_paths()?;
+    let fresh = !inst.exists();
+    inst.ensure_dir()?;
+    let lock = match take_lock(ctx, &inst, opts) {
+        Ok(Taken::Lock(l)) => l,
+        Ok(Taken::Running(r)) => return Ok(*r),
+        Err(e) => return Err(e),
+    };
+    let r = boot::boot(ctx, &inst, lock, opts);
+    if r.is_err() && fresh && !Lock::is_held(&inst)? {
+        // A first launch that failed leaves no half-made instance behind.
+        let _ = std::fs::remove_dir_all(&inst.dir);
+    }
+    r
+}
+
+enum Taken {
+    Lock(Lock),
+    Running(Box<Launched>),
+}
+
+/// The instance lock, or the running instance's connection info when a VM
+/// holds it. A lock held by another `launch` that is still starting the VM
+/// is waited for.
+fn take_lock(ctx: &Ctx, inst: &Instance, opts: &LaunchOptions) -> Result<Taken> {
+    let deadline = Instant::now() + opts.timeout;
+    loop {
+        if let Some(l) = Lock::try_acquire(inst)? {
+            return Ok(Taken::Lock(l));
+        }
+        if opts.recreate {
+            bail!(
+                "instance '{}' is running (or starting), and --recreate discards its disk: stop it first ('{}'), then launch --recreate",
+                ctx.name,
+                ctx.command("powerdown")
+            );
+        }
+        if let Ok(r) = already_running(ctx, inst, opts) {
+            return Ok(Taken::Running(Box::new(r)));
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "instance '{}' is locked by another qbuf-qemu command that did not finish in time: see what it is doing with '{}', then try again",
+                ctx.name,
+                ctx.command("status")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `launch` on a running instance: the same connection info, and changed
+/// flags saved for the next boot.
+fn already_running(ctx: &Ctx, inst: &Instance, opts: &LaunchOptions) -> Result<Launched> {
+    let mut notes = vec![];
+    let (pid, accel) = match block_on(client::status(&inst.control(), Duration::from_secs(5))) {
+        Ok(vm) => (vm.qemu_pid, vm.accel),
+        Err(e) => {
+            // QEMU may run on after its supervisor died; it still holds the lock.
+            let run: RunRecord = read_json(&inst.run_record())?.filter(|r: &RunRecord| r.qemu.is_running()).ok_or(e)?;
+            notes.push(format!(
+                "the instance's supervisor is gone, so events are not recorded; '{}' still stops it",
+                ctx.command("powerdown")
+            ));
+            (run.qemu.pid, run.accel)
+        }
+    };
+    let saved: Settings = read_json(&inst.settings())?.context("settings.json is missing")?;
+    let (mut new, changes) = config::merge(Some(&saved), &opts.flags, &boot::defaults())?;
+    if new.ssh_port == 0 {
+        new.ssh_port = saved.ssh_port;
+    }
+    if !changes.is_empty() {
+        write_json(&inst.settings(), &new)?;
+    }
+    let key = boot::ssh_key_for(&ctx.state, &saved)?;
+    let t = ssh::Target::for_instance(inst, saved.ssh_port, &saved.ssh_user, &key);
+    Ok(launched(ctx, inst, &t, pid, accel, true, changes, notes))
+}

@@ -1,0 +1,177 @@
+//! The command layer: one function per verb group, each parsing nothing and
+//! printing nothing. It resolves what the user asked (`config`), drives the
+//! lower layers, and returns a typed outcome from `report` for `main` to
+//! print. Nothing imports this layer but `main`.
+
+pub mod boot;
+pub mod build;
+pub mod disks;
+pub mod forwards;
+pub mod launch;
+pub mod observe;
+pub mod ready;
+pub mod shares;
+pub mod status;
+pub mod stop;
+pub mod vm;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use anyhow::{bail, Result};
+
+use crate::cli::{Cli, Command, DiskCommand, ForwardCommand, ShareCommand, StopArgs};
+use crate::instance::{default_state_dir, Instance, StateDir};
+use crate::report::{emit, Render};
+use crate::supervisor::ladder::StopOptions;
+
+/// What every command knows: where state lives, which instance, and how
+/// to print.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    pub state: StateDir,
+    pub name: String,
+    pub json: bool,
+    pub quiet: bool,
+}
+
+impl Ctx {
+    /// A qbuf-qemu command line for the user to copy, with this run's
+    /// `--state-dir` and `--name` (the one hint builder).
+    pub fn command(&self, rest: &str) -> String {
+        self.state.command(&self.name, rest)
+    }
+
+    pub fn instance(&self) -> Instance {
+        self.state.instance(&self.name)
+    }
+
+    /// The instance, or a clear error when it was never launched.
+    pub fn existing(&self) -> Result<Instance> {
+        let inst = self.instance();
+        if !inst.exists() {
+            bail!(
+                "no instance named '{}' in {}: create it with '{}'",
+                self.name,
+                self.state.root.display(),
+                self.command("launch")
+            );
+        }
+        Ok(inst)
+    }
+
+    /// Progress for people on stderr, unless `-q` or `--json`.
+    pub fn progress(&self, line: &str) {
+        if !self.quiet && !self.json {
+            eprintln!("qbuf-qemu: {line}");
+        }
+    }
+}
+
+/// Runs a future on the process's one runtime; commands are synchronous
+/// otherwise.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime"))
+        .block_on(f)
+}
+
+fn context(cli: &Cli) -> Result<Ctx> {
+    let g = &cli.global;
+    let root = match &g.state_dir {
+        Some(d) => d.clone(),
+        None => default_state_dir()?,
+    };
+    let root = if root.is_relative() { std::env::current_dir()?.join(root) } else { root };
+    Ok(Ctx { state: StateDir::new(root), name: g.name.clone(), json: g.json, quiet: g.quiet })
+}
+
+fn stop_opts(a: &StopArgs) -> StopOptions {
+    StopOptions { timeout: a.timeout, force: a.force }
+}
+
+/// Prints `value` and returns exit status 0.
+fn done<T: Render>(ctx: &Ctx, value: &T) -> Result<i32> {
+    emit(ctx.json, value)?;
+    Ok(0)
+}
+
+/// Runs one command line; the result is the process's exit status.
+pub fn run(cli: Cli) -> Result<i32> {
+    let ctx = context(&cli)?;
+    match cli.command {
+        Command::Launch(a) => done(&ctx, &launch::launch(&ctx, &boot::LaunchOptions::from_args(*a)?)?),
+        Command::Build(a) => done(&ctx, &build::build(&ctx, a)?),
+        Command::Status => done(&ctx, &status::status(&ctx)?),
+        Command::Powerdown(a) => {
+            let r = stop::powerdown(&ctx, &stop_opts(&a))?;
+            emit(ctx.json, &r)?;
+            Ok(r.exit_code())
+        }
+        Command::Destroy { stop, yes } => destroy(&ctx, &stop, yes),
+        Command::Disk(c) => disk(&ctx, c),
+        Command::Forward(c) => forward(&ctx, c),
+        Command::Share(c) => share(&ctx, c),
+        Command::Supervise => crate::supervisor::run(ctx.instance()),
+        other => observe::run(&ctx, other),
+    }
+}
+
+fn destroy(ctx: &Ctx, stop: &StopArgs, yes: bool) -> Result<i32> {
+    ctx.existing()?;
+    if !yes {
+        if !std::io::stdin().is_terminal() {
+            eprintln!("qbuf-qemu: destroy deletes instance '{}' and its disk; without a terminal pass --yes", ctx.name);
+            return Ok(2);
+        }
+        eprint!("Destroy instance '{}' and delete its disk (guest data is lost)? [y/N] ", ctx.name);
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            eprintln!("Nothing was done.");
+            return Ok(1);
+        }
+    }
+    let r = stop::destroy(ctx, &stop_opts(stop))?;
+    emit(ctx.json, &r)?;
+    Ok(r.stop.as_ref().map(|s| s.exit_code()).unwrap_or(0))
+}
+
+fn disk(ctx: &Ctx, c: DiskCommand) -> Result<i32> {
+    match c {
+        DiskCommand::Add(a) => {
+            let req = disks::DiskAdd { file: a.file, size: a.size, id: a.id, format: a.format, transient: a.transient };
+            done(ctx, &disks::add(ctx, &req)?)
+        }
+        DiskCommand::Remove { id, timeout } => done(ctx, &disks::remove(ctx, &id, timeout)?),
+        DiskCommand::List => done(ctx, &disks::list(ctx)?),
+    }
+}
+
+fn forward(ctx: &Ctx, c: ForwardCommand) -> Result<i32> {
+    match c {
+        ForwardCommand::Add { spec, transient } => done(ctx, &forwards::add(ctx, &spec, transient)?),
+        ForwardCommand::Remove { host } => done(ctx, &forwards::remove(ctx, &host)?),
+        ForwardCommand::List => done(ctx, &forwards::list(ctx)?),
+    }
+}
+
+fn share(ctx: &Ctx, c: ShareCommand) -> Result<i32> {
+    match c {
+        ShareCommand::Add { dir, tag, ro } => done(ctx, &shares::add(ctx, &dir, &tag, ro)?),
+        ShareCommand::Remove { tag } => done(ctx, &shares::remove(ctx, &tag)?),
+        ShareCommand::List => done(ctx, &shares::list(ctx)?),
+    }
+}
+
+/// Makes a user-given path absolute against the current directory, so a
+/// saved setting means the same from anywhere (the supervisor runs
+/// elsewhere, and the next `launch` may run from another directory).
+pub fn absolute_flag(p: Option<PathBuf>) -> Result<Option<PathBuf>> {
+    Ok(match p {
+        Some(p) if p.is_relative() => Some(crate::config::normalize(&std::env::current_dir()?.join(p))),
+        other => other,
+    })
+}

@@ -1,0 +1,136 @@
+//! Readiness: a boot is done when an SSH login with the instance key works
+//! (the contract), not when a banner shows. The banner is the cheap probe
+//! polled often; a login is tried as soon as one appears.
+
+use std::time::{Duration, Instant};
+
+use anyhow::anyhow;
+
+use super::stop;
+use super::Ctx;
+use crate::instance::proc::ProcIdentity;
+use crate::instance::records::{BootPlan, LaunchFailure, StopRecord};
+use crate::instance::{read_json, Instance};
+use crate::report::error::Failure;
+use crate::ssh;
+use crate::supervisor::ladder::StopOptions;
+
+/// How often the banner is probed while the guest boots.
+const POLL: Duration = Duration::from_millis(50);
+/// How long one banner probe may wait for the guest's first line.
+const BANNER: Duration = Duration::from_secs(1);
+
+/// What else to watch while waiting.
+pub struct Watch {
+    /// KVM was chosen by qbuf-qemu, so a silent guest blames it.
+    pub auto_kvm: bool,
+    pub silence: Duration,
+    /// Where this boot's serial output starts in serial.log.
+    pub serial_before: u64,
+}
+
+/// Why a boot did not become ready.
+#[derive(Debug)]
+pub enum Readiness {
+    Exited(Box<StopRecord>),
+    HostKey,
+    Failed(String),
+}
+
+/// Waits until a login works, QEMU ends, or `deadline`.
+pub fn wait(
+    inst: &Instance,
+    t: &ssh::Target,
+    qemu: &ProcIdentity,
+    deadline: Instant,
+    w: &Watch,
+) -> Result<(), Readiness> {
+    let start = Instant::now();
+    let mut last = String::from("no SSH banner yet");
+    loop {
+        if !qemu.is_running() {
+            return Err(exited(inst));
+        }
+        let serial_now = std::fs::metadata(inst.serial_log()).map(|m| m.len()).unwrap_or(0);
+        if w.auto_kvm && serial_now == w.serial_before && start.elapsed() > w.silence {
+            return Err(Readiness::Failed(format!(
+                "the guest printed nothing on its serial console for {}s under KVM, which qbuf-qemu chose because /dev/kvm is accessible. \
+                 KVM that opens but does not run guests is common in broken nested-virtualization setups: relaunch with '--accel tcg'",
+                w.silence.as_secs()
+            )));
+        }
+        if Instant::now() > deadline {
+            return Err(Readiness::Failed(format!(
+                "the guest did not accept an SSH login on port {} within {}s (last: {last}); raise --timeout, or look at the serial log {}",
+                t.port,
+                deadline.saturating_duration_since(start).as_secs().max(start.elapsed().as_secs()),
+                inst.serial_log().display()
+            )));
+        }
+        if ssh::banner(t.port, BANNER).is_some() {
+            match ssh::try_login(t, Duration::from_secs(10)) {
+                Ok(ssh::Login::Ok) => return Ok(()),
+                Ok(ssh::Login::HostKeyChanged) => return Err(Readiness::HostKey),
+                Ok(ssh::Login::Failed(e)) => last = format!("banner seen, login failed: {e}"),
+                Err(e) => return Err(Readiness::Failed(e.to_string())),
+            }
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// QEMU ended during the boot: its stop record, written by the supervisor
+/// right after it reaped QEMU.
+fn exited(inst: &Instance) -> Readiness {
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Ok(Some(rec)) = read_json::<StopRecord>(&inst.stop_record()) {
+            return Readiness::Exited(Box::new(rec));
+        }
+        if Instant::now() > until {
+            return Readiness::Failed("QEMU exited during boot and left no stop record".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The error a boot that did not become ready ends with; the VM is stopped
+/// first, so nothing is left running.
+pub fn failed(
+    ctx: &Ctx,
+    inst: &Instance,
+    t: &ssh::Target,
+    plan: &BootPlan,
+    serial_before: u64,
+    hint: Option<String>,
+    r: Readiness,
+) -> anyhow::Error {
+    let serial_tail = || crate::logs::tail(&inst.serial_log(), serial_before, 1500, "(nothing yet in this boot)");
+    match r {
+        Readiness::Exited(rec) => Failure::LaunchFailed {
+            failure: LaunchFailure {
+                message: format!("QEMU stopped while the guest was booting: {}", rec.reason),
+                exit: rec.exit,
+                command_line: plan.command_line(),
+                stderr_tail: crate::logs::tail(&inst.qemu_stderr(), 0, 2000, ""),
+                serial_tail: serial_tail(),
+            },
+            hint,
+        }
+        .into(),
+        Readiness::HostKey => {
+            let _ = stop::stop_running(ctx, inst, &StopOptions { timeout: Duration::from_secs(20), force: false });
+            anyhow!("{}\nThe VM was powered down.", ssh::host_key_mismatch_message(t, inst))
+        }
+        Readiness::Failed(msg) => {
+            let outcome = stop::stop_running(ctx, inst, &StopOptions { timeout: Duration::ZERO, force: true });
+            let how = outcome.ok().flatten().and_then(|o| o.method).map(|m| m.as_str()).unwrap_or("nothing");
+            let mut m = format!("{msg}\nThe VM was stopped ({how}). serial console (last lines):\n{}", serial_tail());
+            if let Some(h) = hint {
+                m.push('\n');
+                m.push_str(&h);
+            }
+            anyhow!(m)
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! `status`: one question to the supervisor, answered in one reply, or the
+//! records of a stopped instance.
+
+use std::time::Duration;
+
+use anyhow::Result;
+
+use super::{block_on, Ctx};
+use crate::config::Settings;
+use crate::instance::records::{RunRecord, StopRecord};
+use crate::instance::{read_json, Lock};
+use crate::report::status::{State, Status};
+use crate::supervisor::client;
+
+/// Longer than the supervisor's own per-query deadline (2 s), so a frozen
+/// QEMU is reported by the supervisor rather than by a timeout here.
+const ANSWER: Duration = Duration::from_secs(5);
+
+pub fn status(ctx: &Ctx) -> Result<Status> {
+    let inst = ctx.existing()?;
+    let settings: Option<Settings> = read_json(&inst.settings())?;
+    let mut st = Status {
+        name: ctx.name.clone(),
+        state: State::Stopped,
+        qemu_status: None,
+        pid: None,
+        ssh_port: settings.as_ref().map(|s| s.ssh_port),
+        ssh_user: settings.as_ref().map(|s| s.ssh_user.clone()),
+        uptime_seconds: None,
+        accel: None,
+        qemu_version: None,
+        memory_mib: settings.as_ref().map(|s| s.memory_mib),
+        cpus: settings.as_ref().map(|s| s.cpus),
+        disks: vec![],
+        hotplug_ports: None,
+        hotplug_ports_used: None,
+        hotplug_ports_free: None,
+        guest_agent: None,
+        stopping_step: None,
+        stop_reason: None,
+        last_shutdown: None,
+        exit: None,
+        notes: vec![],
+    };
+    if !Lock::is_held(&inst)? {
+        if !inst.clean_stale().is_empty() {
+            st.notes.push("removed stale runtime files left by a crash".into());
+        }
+        st.apply_record(read_json::<StopRecord>(&inst.stop_record())?);
+        return Ok(st);
+    }
+    match block_on(client::status(&inst.control(), ANSWER)) {
+        Ok(vm) => {
+            let panicked = vm.panicked.is_some() && vm.ended.is_none();
+            st.apply_vm(vm, crate::clock::now());
+            if panicked {
+                st.notes.push(format!(
+                    "the guest kernel panicked; QEMU keeps the VM paused for inspection ('{}', '{}'); '{}' stops it",
+                    ctx.command("console"),
+                    ctx.command("qmp …"),
+                    ctx.command("powerdown")
+                ));
+            }
+        }
+        Err(e) => {
+            // No supervisor answers, yet the lock is held: QEMU runs orphaned,
+            // or another command is starting (or finishing with) the VM.
+            match read_json::<RunRecord>(&inst.run_record())?.filter(|r| r.qemu.is_running()) {
+                Some(r) => {
+                    st.state = State::Unresponsive;
+                    st.pid = Some(r.qemu.pid);
+                    st.accel = Some(r.accel);
+                    st.notes.push(format!(
+                        "QEMU runs but its supervisor does not answer ({e}); '{}' still stops it",
+                        ctx.command("powerdown")
+                    ));
+                }
+                None if inst.stop_record().exists() && !inst.control().exists() => {
+                    // QEMU is gone; its supervisor is exiting.
+                    st.apply_record(read_json::<StopRecord>(&inst.stop_record())?);
+                }
+                None => {
+                    st.state = State::Starting;
+                    st.notes.push("another qbuf-qemu command holds the instance (starting or stopping)".into());
+                }
+            }
+        }
+    }
+    Ok(st)
+}

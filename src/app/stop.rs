@@ -1,0 +1,179 @@
+//! `powerdown` and `destroy`. A running instance is stopped by its
+//! supervisor's ladder; a QEMU whose supervisor died is stopped here by the
+//! same ladder over the user QMP socket, judged by the process's identity.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::json;
+
+use super::{block_on, Ctx};
+use crate::instance::records::{RunRecord, StopOutcome, StopRecord};
+use crate::instance::{read_json, write_json, Instance, Lock};
+use crate::qmp::{Event, Qmp};
+use crate::report::stop::{Destroyed, StopReport};
+use crate::supervisor::client;
+use crate::supervisor::ladder::{self, ForeignProcess, StopOptions, QUIT_DEADLINE, SIGNAL_DEADLINE};
+use crate::supervisor::protocol::Stopped;
+
+/// How long the supervisor may take to exit after it answered.
+const EXIT_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Stops a running instance; `None` when nothing was running.
+pub fn stop_running(ctx: &Ctx, inst: &Instance, opts: &StopOptions) -> Result<Option<StopOutcome>> {
+    Ok(stop(ctx, inst, opts)?.map(|s| s.outcome))
+}
+
+fn stop(ctx: &Ctx, inst: &Instance, opts: &StopOptions) -> Result<Option<Stopped>> {
+    if !Lock::is_held(inst)? {
+        return Ok(None);
+    }
+    let budget = opts.timeout + QUIT_DEADLINE + SIGNAL_DEADLINE * 2 + Duration::from_secs(15);
+    ctx.progress(&match opts.force {
+        false => format!(
+            "pressing the power button of '{}', waiting up to {}s for the guest to power off; then QMP quit, then signals",
+            ctx.name,
+            opts.timeout.as_secs()
+        ),
+        true => format!("stopping '{}' with QMP quit (--force), then signals", ctx.name),
+    });
+    let stopped = match block_on(client::powerdown(&inst.control(), opts.timeout, opts.force, budget)) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("supervisor unreachable ({e}); stopping QEMU directly");
+            stop_orphan(inst, opts)?
+        }
+    };
+    // The supervisor exits right after answering; wait so the lock is free
+    // for the next command.
+    let until = Instant::now() + EXIT_DEADLINE;
+    while Lock::is_held(inst)? && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(Some(stopped))
+}
+
+/// QEMU whose supervisor died: run the ladder over the user QMP socket and
+/// judge the process by its identity.
+fn stop_orphan(inst: &Instance, opts: &StopOptions) -> Result<Stopped> {
+    let run: RunRecord = read_json(&inst.run_record())?.ok_or_else(|| {
+        anyhow!("the instance is locked but has no run record: another qbuf-qemu command is using it; try again")
+    })?;
+    let proc = ForeignProcess(run.qemu.clone());
+    let outcome = block_on(async {
+        let qmp = Qmp::connect(&inst.qmp_user(), Duration::from_secs(3)).await.ok();
+        let agent = inst.guest_agent();
+        ladder::stop(qmp.as_ref(), &proc, opts, None, Some(&agent), &|_| {}).await
+    });
+    let mut record = None;
+    if outcome.method.is_some() {
+        // The SHUTDOWN event the ladder saw on the user QMP socket.
+        let shutdown = outcome.shutdown_reason.as_ref().map(|r| Event {
+            event: "SHUTDOWN".into(),
+            data: json!({ "guest": outcome.guest, "reason": r }),
+            timestamp: crate::clock::now(),
+        });
+        let (crashed, reason) = crate::supervisor::describe_stop(shutdown.as_ref(), None, None, Some(&outcome));
+        let rec = StopRecord {
+            stopped_at: crate::clock::now(),
+            exit: None,
+            shutdown,
+            outcome: Some(outcome.clone()),
+            panicked: None,
+            crashed,
+            reason,
+        };
+        if let Err(e) = write_json(&inst.stop_record(), &rec) {
+            tracing::warn!("cannot record how the VM stopped: {e:#}");
+        }
+        inst.clean_stale();
+        record = Some(rec);
+    }
+    Ok(Stopped { outcome, record })
+}
+
+fn report(ctx: &Ctx, s: &Stopped) -> StopReport {
+    StopReport::from_outcome(&ctx.name, &s.outcome, s.record.as_ref().map(|r| r.reason.clone()), ctx.command("status"))
+}
+
+pub fn powerdown(ctx: &Ctx, opts: &StopOptions) -> Result<StopReport> {
+    let inst = ctx.existing()?;
+    match stop(ctx, &inst, opts)? {
+        Some(s) => Ok(report(ctx, &s)),
+        None => {
+            inst.clean_stale();
+            let outcome = StopOutcome {
+                method: Some(crate::instance::records::StopMethod::AlreadyStopped),
+                shutdown_reason: None,
+                guest: false,
+                seconds: 0.0,
+                exit: None,
+                steps: vec![],
+            };
+            Ok(report(ctx, &Stopped { outcome, record: None }))
+        }
+    }
+}
+
+pub fn destroy(ctx: &Ctx, opts: &StopOptions) -> Result<Destroyed> {
+    let inst = ctx.existing()?;
+    let stop = stop(ctx, &inst, opts)?.map(|s| report(ctx, &s));
+    if let Some(st) = &stop {
+        if st.method.is_none() {
+            bail!("{}\nNothing was removed.", crate::report::Render::human(st));
+        }
+    }
+    // Take the lock so no launch races the removal.
+    let lock = Lock::try_acquire(&inst)?
+        .ok_or_else(|| anyhow!("instance '{}' is busy (a launch started meanwhile); nothing was removed", ctx.name))?;
+    crate::guix::release_root(&ctx.state, &inst);
+    let removed = remove_files(&inst)?;
+    drop(lock);
+    let kept: Vec<PathBuf> =
+        std::fs::read_dir(&inst.dir).map(|rd| rd.filter_map(|e| Some(e.ok()?.path())).collect()).unwrap_or_default();
+    if kept.is_empty() {
+        std::fs::remove_dir(&inst.dir).with_context(|| format!("cannot remove {}", inst.dir.display()))?;
+    }
+    Ok(Destroyed { name: ctx.name.clone(), stop, removed, kept })
+}
+
+/// Removes what the tool created for the instance, and nothing else: the
+/// files in the instance table and the images `disk add --size` made.
+fn remove_files(inst: &Instance) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let disks = inst.disks_dir();
+    if disks.is_dir() {
+        for d in created_images(inst) {
+            if std::fs::remove_file(&d).is_ok() {
+                removed.push(d);
+            }
+        }
+        let _ = std::fs::remove_dir(&disks);
+    }
+    for name in crate::instance::paths::INSTANCE_FILES {
+        if *name == "lock" || *name == "disks" {
+            continue;
+        }
+        let p = inst.dir.join(name);
+        if std::fs::symlink_metadata(&p).is_ok() && std::fs::remove_file(&p).is_ok() {
+            removed.push(p);
+        }
+    }
+    for tmp in inst.temp_files() {
+        let _ = std::fs::remove_file(tmp);
+    }
+    std::fs::remove_file(inst.lock()).ok();
+    Ok(removed)
+}
+
+/// Disk images the tool created (in the instance's disks dir); a file the
+/// user gave to `disk add FILE` is never among them.
+fn created_images(inst: &Instance) -> Vec<PathBuf> {
+    let dir = inst.disks_dir();
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map(|rd| rd.filter_map(|e| Some(e.ok()?.path())).filter(|p| p.starts_with(&dir)).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}

@@ -1,0 +1,284 @@
+//! Value parsers for the command line: every flag value is checked and
+//! bounded here, so a bad value is a usage error (exit 2) before any file
+//! is touched or any process started.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::qemu::args::Forward;
+
+/// The longest timeout any flag takes: one day.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// The least memory a VM gets.
+pub const MIN_MEMORY_MIB: u64 = 64;
+/// The largest disk image: QEMU's qcow2 refuses more than 64 TiB with its
+/// default 64 KiB clusters.
+pub const MAX_DISK_BYTES: u64 = 64 << 40;
+
+/// An instance name: `[a-z0-9][a-z0-9_-]{0,62}`.
+pub fn name(s: &str) -> Result<String, String> {
+    crate::instance::validate_name(s).map(|()| s.to_string()).map_err(|e| e.to_string())
+}
+
+/// A size in bytes: `4G`, `512M`, `1.5G`, `4096` (a bare number is MiB),
+/// binary units (`G` is GiB), case-insensitive, optional `iB`/`B`. No
+/// exponents or signs: `1e3` is more likely a typo than a size.
+pub fn size_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let unit = unit.trim();
+    let plain = !num.is_empty() && num.matches('.').count() <= 1 && !num.starts_with('.') && !num.ends_with('.');
+    if !plain || !unit.chars().all(|c| c.is_ascii_alphabetic()) {
+        return Err(format!("{s:?} is not a size: write e.g. 4G, 512M, 1.5G or 4096 (MiB)"));
+    }
+    let cfg = parse_size::Config::new().with_binary().with_default_factor(1 << 20);
+    match cfg.parse_size(t) {
+        Err(parse_size::Error::PosOverflow) => Err(format!("{s:?} is too large: sizes go up to 16E")),
+        Ok(0) | Err(_) => Err(format!("{s:?} is not a size: write e.g. 4G, 512M, 1.5G or 4096 (MiB)")),
+        Ok(b) => Ok(b),
+    }
+}
+
+/// The host's memory in MiB (MemTotal), when it can be read.
+pub fn host_memory_mib() -> Option<u64> {
+    let m = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = m.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+/// `--memory`: at least 64M, at most the host's memory (QEMU could not
+/// allocate more, and a guest that swaps the host is no dev VM).
+pub fn memory_mib(s: &str) -> Result<u64, String> {
+    let mib = size_bytes(s)?.div_ceil(1 << 20);
+    if mib < MIN_MEMORY_MIB {
+        return Err(format!("{s:?} is too small: a VM needs at least {MIN_MEMORY_MIB}M"));
+    }
+    match host_memory_mib() {
+        Some(host) if mib > host => {
+            Err(format!("{s:?} is more than this host's memory ({host}M): give at most {host}M"))
+        }
+        _ => Ok(mib),
+    }
+}
+
+/// A new disk's size: at least 1M, at most 64T.
+pub fn disk_bytes(s: &str) -> Result<u64, String> {
+    let b = size_bytes(s)?;
+    if b < 1 << 20 {
+        return Err(format!("{s:?} is too small: a disk needs at least 1M"));
+    }
+    if b > MAX_DISK_BYTES {
+        return Err(format!("{s:?} is too large: qcow2 images hold at most 64T"));
+    }
+    Ok(b)
+}
+
+/// The Guix image's size, passed to Guix as given once it is known valid.
+pub fn image_size(s: &str) -> Result<String, String> {
+    let b = disk_bytes(s)?;
+    if b < 2 << 30 {
+        return Err(format!("{s:?} is too small for a Guix System image: give at least 2G"));
+    }
+    Ok(s.trim().to_string())
+}
+
+/// `--cpus`: 1 up to this host's logical CPUs (more vCPUs than host CPUs
+/// only slow the guest down, and QEMU's limits are far above any host's).
+pub fn cpus(s: &str) -> Result<u32, String> {
+    let host = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+    match s.trim().parse::<u32>() {
+        Ok(n) if (1..=host).contains(&n) => Ok(n),
+        Ok(0) => Err("--cpus must be at least 1".into()),
+        Ok(n) => Err(format!("{n} CPUs is more than this host has ({host}): give 1-{host}")),
+        Err(_) => Err(format!("{s:?} is not a number of CPUs: give 1-{host}")),
+    }
+}
+
+/// A timeout: whole seconds (`90`) or a duration (`90s`, `2m`, `1h`), at
+/// most a day.
+pub fn timeout(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let d = match t.parse::<u64>() {
+        Ok(n) if n <= MAX_TIMEOUT.as_secs() => Duration::from_secs(n),
+        Ok(_) => return Err(format!("{s:?} is too long: give at most {}s (a day)", MAX_TIMEOUT.as_secs())),
+        Err(_) => humantime::parse_duration(t)
+            .map_err(|_| format!("{s:?} is not a duration: give seconds, e.g. 60, or 2m"))?,
+    };
+    if d > MAX_TIMEOUT {
+        return Err(format!("{s:?} is too long: give at most {}s (a day)", MAX_TIMEOUT.as_secs()));
+    }
+    Ok(d)
+}
+
+/// A path that must be valid UTF-8 (QEMU options and our JSON records are
+/// text): refused with the path shown, not serde's bare message.
+pub fn utf8_path(s: std::ffi::OsString) -> Result<PathBuf, String> {
+    match s.to_str() {
+        Some("") => Err("the path is empty".into()),
+        Some(t) => Ok(PathBuf::from(t)),
+        None => Err(format!("{} is not valid UTF-8: rename or move it", PathBuf::from(s).display())),
+    }
+}
+
+/// The clap parser for path flags ([`utf8_path`]).
+pub fn path() -> impl clap::builder::TypedValueParser<Value = PathBuf> {
+    use clap::builder::TypedValueParser;
+    clap::builder::OsStringValueParser::new().try_map(utf8_path)
+}
+
+/// Where forwards listen unless an address is given.
+pub const LOOPBACK: &str = "127.0.0.1";
+
+/// The body and the protocol: `Some(true)` for `/udp`, `Some(false)` for
+/// `/tcp`, `None` when not given.
+fn split_proto(s: &str) -> Result<(&str, Option<bool>), String> {
+    match s.rsplit_once('/') {
+        Some((rest, "udp")) => Ok((rest, Some(true))),
+        Some((rest, "tcp")) => Ok((rest, Some(false))),
+        Some((_, p)) => Err(format!("unknown protocol {p:?}: use /tcp (the default) or /udp")),
+        None => Ok((s, None)),
+    }
+}
+
+fn port(what: &str, s: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(format!("{what} port {s:?} is not a port: give 1-65535")),
+    }
+}
+
+fn addr(s: &str) -> Result<String, String> {
+    s.parse::<Ipv4Addr>()
+        .map(|a| a.to_string())
+        .map_err(|_| format!("{s:?} is not an IPv4 address to listen on (e.g. 127.0.0.1 or 0.0.0.0)"))
+}
+
+/// `[ADDR:]HOST:GUEST[/udp]`, e.g. `8080:80`, `0.0.0.0:8080:80`, `5353:53/udp`.
+pub fn parse_forward(s: &str) -> Result<Forward, String> {
+    let (body, udp) = split_proto(s)?;
+    let parts: Vec<&str> = body.split(':').collect();
+    let (host_addr, host, guest) = match parts.as_slice() {
+        [h, g] => (LOOPBACK.to_string(), *h, *g),
+        [a, h, g] => (addr(a)?, *h, *g),
+        _ => return Err(format!("{s:?} is not a forward: write [ADDR:]HOST_PORT:GUEST_PORT[/udp], e.g. 8080:80")),
+    };
+    Ok(Forward {
+        udp: udp.unwrap_or(false),
+        host_addr,
+        host_port: port("host", host)?,
+        guest_port: port("guest", guest)?,
+    })
+}
+
+/// What `forward remove` names: `[ADDR:]HOST[/tcp|/udp]`; without a
+/// protocol, whichever forwards that port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostEnd {
+    pub udp: Option<bool>,
+    pub addr: Option<String>,
+    pub port: u16,
+}
+
+impl HostEnd {
+    pub fn matches(&self, f: &Forward) -> bool {
+        self.udp.is_none_or(|u| u == f.udp)
+            && f.host_port == self.port
+            && self.addr.as_ref().is_none_or(|a| *a == f.host_addr)
+    }
+}
+
+pub fn parse_host_end(s: &str) -> Result<HostEnd, String> {
+    let (body, udp) = split_proto(s)?;
+    match body.split(':').collect::<Vec<_>>().as_slice() {
+        [p] => Ok(HostEnd { udp, addr: None, port: port("host", p)? }),
+        [a, p] => Ok(HostEnd { udp, addr: Some(addr(a)?), port: port("host", p)? }),
+        _ => Err(format!("{s:?} is not a host port: write [ADDR:]HOST_PORT[/udp], e.g. 8080")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fwd(udp: bool, a: &str, h: u16, g: u16) -> Forward {
+        Forward { udp, host_addr: a.into(), host_port: h, guest_port: g }
+    }
+
+    #[test]
+    fn forward_specs_default_to_loopback_and_tcp() {
+        assert_eq!(parse_forward("8080:80").unwrap(), fwd(false, "127.0.0.1", 8080, 80));
+        assert_eq!(parse_forward("0.0.0.0:8080:80").unwrap(), fwd(false, "0.0.0.0", 8080, 80));
+        assert_eq!(parse_forward("5353:53/udp").unwrap(), fwd(true, "127.0.0.1", 5353, 53));
+        assert_eq!(parse_forward("10.1.2.3:1:2/tcp").unwrap(), fwd(false, "10.1.2.3", 1, 2));
+        for bad in ["8080", "a:80", "8080:0", "8080:80/sctp", "host:1:2", "1:2:3:4", "70000:80", ""] {
+            assert!(parse_forward(bad).is_err(), "{bad}");
+        }
+        assert!(parse_forward("8080:80/sctp").unwrap_err().contains("/udp"));
+        assert_eq!(parse_host_end("8080").unwrap(), HostEnd { udp: None, addr: None, port: 8080 });
+        assert_eq!(
+            parse_host_end("0.0.0.0:53/udp").unwrap(),
+            HostEnd { udp: Some(true), addr: Some("0.0.0.0".into()), port: 53 }
+        );
+        assert!(parse_host_end("8080:80:1").is_err());
+        assert_eq!(fwd(true, "127.0.0.1", 5353, 53).rule(), "udp:127.0.0.1:5353-:53");
+    }
+
+    #[test]
+    fn sizes_parse_in_common_forms_and_nothing_else() {
+        assert_eq!(size_bytes("4G"), Ok(4 << 30));
+        assert_eq!(size_bytes("512m"), Ok(512 << 20));
+        assert_eq!(size_bytes("2GiB"), Ok(2 << 30));
+        assert_eq!(size_bytes("1.5G"), Ok(1536 << 20));
+        assert_eq!(size_bytes("4096"), Ok(4096 << 20));
+        for bad in ["", "G", "-1G", "four", "1X", "1e3", "1e3G", "+4G", ".5G", "1..5G", "0", "99999999999999999999"] {
+            assert!(size_bytes(bad).is_err(), "{bad}");
+        }
+        assert!(size_bytes("lots").unwrap_err().contains("4G"));
+    }
+
+    #[test]
+    fn memory_is_bounded_by_qemu_and_the_host() {
+        assert_eq!(memory_mib("512M"), Ok(512));
+        assert!(memory_mib("10M").unwrap_err().contains("at least 64M"));
+        let host = host_memory_mib().expect("/proc/meminfo");
+        let e = memory_mib(&format!("{}M", host + 1)).unwrap_err();
+        assert!(e.contains("more than this host"), "{e}");
+        assert!(memory_mib("200000G").is_err());
+        assert!(memory_mib("1e3").is_err());
+    }
+
+    #[test]
+    fn cpus_timeouts_and_disks_are_bounded() {
+        assert_eq!(cpus("1"), Ok(1));
+        assert!(cpus("0").is_err());
+        assert!(cpus("999").unwrap_err().contains("more than this host"));
+        assert!(cpus("4294967295").is_err());
+        assert!(cpus("4294967296").is_err());
+        assert_eq!(timeout("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(timeout("2m"), Ok(Duration::from_secs(120)));
+        assert!(timeout("18446744073709551615").unwrap_err().contains("too long"));
+        assert!(timeout("2 weeks").is_err());
+        assert!(timeout("soon").is_err());
+        assert_eq!(disk_bytes("20G"), Ok(20 << 30));
+        assert!(disk_bytes("65T").unwrap_err().contains("at most 64T"));
+        assert!(disk_bytes("20000000T").unwrap_err().contains("too large"));
+        assert!(disk_bytes("100K").is_err());
+        assert!(image_size("1G").is_err());
+        assert_eq!(image_size("20G"), Ok("20G".into()));
+    }
+
+    #[test]
+    fn names_are_checked_by_the_parser() {
+        assert_eq!(name("dev"), Ok("dev".into()));
+        assert!(name("../x").unwrap_err().contains("invalid instance name"));
+    }
+
+    #[test]
+    fn non_utf8_paths_are_refused_with_the_path() {
+        use std::os::unix::ffi::OsStrExt;
+        let e = utf8_path(std::ffi::OsStr::from_bytes(b"/tmp/\xff.img").to_os_string()).unwrap_err();
+        assert!(e.contains("/tmp/") && e.contains("UTF-8"), "{e}");
+    }
+}

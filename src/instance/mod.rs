@@ -1,0 +1,12 @@
+//! One instance on disk: where its files are ([`paths`]), the lock held for
+//! the VM's whole life ([`lock`]), the JSON records that survive QEMU
+//! ([`records`]), and process identities ([`proc`]).
+
+pub mod lock;
+pub mod paths;
+pub mod proc;
+pub mod records;
+
+pub use lock::Lock;
+pub use paths::{default_state_dir, private_dir, validate_name, Instance, StateDir};
+pub use records::{read_json, write_json};

@@ -1,0 +1,277 @@
+//! Where state lives: the state dir, one instance's directory, and every
+//! file name in it (one table, so `destroy` knows exactly what the tool
+//! created and a socket path that is too long is caught before anything
+//! slow runs).
+
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+/// The instance a command means when `--name` is not given.
+pub const DEFAULT_NAME: &str = "dev";
+
+/// `[a-z0-9][a-z0-9_-]{0,62}`: checked before any file is touched.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if !ok {
+        bail!(
+            "invalid instance name {name:?}: use 1-63 characters from a-z, 0-9, '_' and '-', starting with a letter or digit"
+        );
+    }
+    Ok(())
+}
+
+/// The state dir: `--state-dir`, else `$QBUF_QEMU_STATE_DIR`, else
+/// `$XDG_STATE_HOME/qbuf-qemu`, else `~/.local/state/qbuf-qemu`.
+pub fn default_state_dir() -> Result<PathBuf> {
+    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(x).join("qbuf-qemu"));
+    }
+    let home = std::env::var_os("HOME")
+        .filter(|v| !v.is_empty())
+        .context("neither XDG_STATE_HOME nor HOME is set: pass --state-dir")?;
+    Ok(PathBuf::from(home).join(".local/state/qbuf-qemu"))
+}
+
+/// Creates `dir` (and parents) private to the user; tightens an existing one.
+pub fn private_dir(dir: &Path) -> Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let meta = fs::metadata(dir)?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot make {} private (chmod 700)", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// The state dir's shared parts.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    pub root: PathBuf,
+}
+
+impl StateDir {
+    pub fn new(root: PathBuf) -> StateDir {
+        StateDir { root }
+    }
+    pub fn ensure(&self) -> Result<()> {
+        private_dir(&self.root)?;
+        private_dir(&self.root.join("instances"))
+    }
+    pub fn ssh_dir(&self) -> PathBuf {
+        self.root.join("ssh")
+    }
+    pub fn user_key(&self) -> PathBuf {
+        self.ssh_dir().join("id_ed25519")
+    }
+    pub fn images_dir(&self) -> PathBuf {
+        self.root.join("images")
+    }
+    pub fn instance(&self, name: &str) -> Instance {
+        Instance { name: name.to_string(), dir: self.root.join("instances").join(name) }
+    }
+
+    /// The one builder of the command lines hints show: `qbuf-qemu` with
+    /// this state dir unless it is the default, `--name` unless it is
+    /// `dev`, then `rest` (already shell-quoted where it needs to be).
+    pub fn command(&self, name: &str, rest: &str) -> String {
+        let mut words = vec!["qbuf-qemu".to_string()];
+        let default = std::env::var_os("QBUF_QEMU_STATE_DIR")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .map(Ok)
+            .unwrap_or_else(default_state_dir);
+        if default.ok().as_deref() != Some(self.root.as_path()) {
+            words.push("--state-dir".into());
+            words.push(self.root.display().to_string());
+        }
+        if name != DEFAULT_NAME {
+            words.push("--name".into());
+            words.push(name.to_string());
+        }
+        let mut c = shell_words::join(&words);
+        if !rest.is_empty() {
+            c.push(' ');
+            c.push_str(rest);
+        }
+        c
+    }
+    pub fn instance_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(self.root.join("instances"))
+            .map(|rd| rd.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+/// The longest path a unix socket address holds.
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// One instance's directory. All per-instance file names live here.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    pub name: String,
+    pub dir: PathBuf,
+}
+
+macro_rules! files {
+    ($($(#[$m:meta])* $f:ident => $n:literal;)*) => {
+        impl Instance { $( $(#[$m])* pub fn $f(&self) -> PathBuf { self.dir.join($n) } )* }
+        /// Every file name the tool may create in an instance dir; destroy
+        /// removes these and nothing else.
+        pub const INSTANCE_FILES: &[&str] = &[$($n),*];
+    };
+}
+
+files! {
+    /// flock()ed for the VM's whole life.
+    lock => "lock";
+    /// Settings saved at first launch and reused by a plain `launch`.
+    settings => "settings.json";
+    overlay => "overlay.qcow2";
+    /// The base image's identity, recorded when the overlay was made.
+    base_identity => "base.json";
+    /// What the supervisor runs: the resolved spec and argv.
+    boot_plan => "boot.json";
+    /// Written by the supervisor once QEMU is up: pids and identities.
+    run_record => "run.json";
+    /// Written when QEMU is gone: how and why it stopped.
+    stop_record => "stopped.json";
+    /// Written by the supervisor when QEMU failed to start.
+    launch_failure => "launch-failure.json";
+    events_log => "events.jsonl";
+    qmp_supervisor => "qmp-sup.sock";
+    qmp_user => "qmp.sock";
+    control => "control.sock";
+    console => "console.sock";
+    guest_agent => "qga.sock";
+    serial_log => "serial.log";
+    qemu_stderr => "qemu.log";
+    supervisor_log => "supervisor.log";
+    known_hosts => "known_hosts";
+    authorized_key => "authorized_key.pub";
+    /// Images and disks created for this instance by `disk add --size`.
+    disks_dir => "disks";
+    /// Devices and forwards recorded at runtime, restored at launch.
+    devices => "devices.json";
+    /// flock()ed while a command changes devices (devices.json, root ports).
+    devices_lock => "devices.lock";
+    /// Which Guix image this instance boots (its key and store path).
+    guix_image => "guix-image.json";
+}
+
+impl Instance {
+    /// The state dir this instance lives in.
+    pub fn state(&self) -> StateDir {
+        let root = self.dir.parent().and_then(Path::parent).unwrap_or(Path::new("/"));
+        StateDir::new(root.to_path_buf())
+    }
+
+    /// A `qbuf-qemu` command line for this instance (see [`StateDir::command`]).
+    pub fn command(&self, rest: &str) -> String {
+        self.state().command(&self.name, rest)
+    }
+
+    pub fn exists(&self) -> bool {
+        self.dir.is_dir()
+    }
+
+    pub fn ensure_dir(&self) -> Result<()> {
+        private_dir(&self.dir)
+    }
+
+    /// The unix sockets QEMU and the supervisor create.
+    pub fn sockets(&self) -> [PathBuf; 5] {
+        [self.qmp_supervisor(), self.qmp_user(), self.control(), self.console(), self.guest_agent()]
+    }
+
+    /// Sockets and run records a crashed supervisor may leave behind.
+    pub fn runtime_files(&self) -> Vec<PathBuf> {
+        let mut v = self.sockets().to_vec();
+        v.push(self.run_record());
+        v
+    }
+
+    /// Refuses a state dir whose socket paths do not fit a unix socket
+    /// address (`sun_path`: 108 bytes with the NUL). Checked before anything
+    /// slow runs, so a Guix build is not wasted on a launch that must fail.
+    pub fn check_socket_paths(&self) -> Result<()> {
+        let longest = self.sockets().into_iter().max_by_key(|p| p.as_os_str().len()).expect("five sockets");
+        let len = longest.as_os_str().len();
+        if len > MAX_SOCKET_PATH {
+            bail!(
+                "socket path {} is {len} bytes, over the {MAX_SOCKET_PATH} a unix socket allows: use a shorter --state-dir",
+                longest.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Temp files an interrupted record write may leave (see `write_json`).
+    pub fn temp_files(&self) -> Vec<PathBuf> {
+        INSTANCE_FILES
+            .iter()
+            .filter(|n| n.ends_with(".json"))
+            .map(|n| self.dir.join(Path::new(n).with_extension("tmp")))
+            .collect()
+    }
+
+    /// Removes runtime leftovers; returns the ones that existed.
+    pub fn clean_stale(&self) -> Vec<PathBuf> {
+        self.runtime_files().into_iter().filter(|p| fs::remove_file(p).is_ok()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_contract() {
+        for ok in ["dev", "a", "0", "x_y-z", &"a".repeat(63)] {
+            assert!(validate_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "Dev", "-a", "_a", "a/b", "..", "a b", "a.b", &"a".repeat(64), "é"] {
+            let e = validate_name(bad).unwrap_err().to_string();
+            assert!(e.contains("invalid instance name"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn hints_keep_the_state_dir_and_the_name() {
+        let i = StateDir::new("/tmp/my state".into()).instance("web");
+        assert_eq!(i.command("status"), "qbuf-qemu --state-dir '/tmp/my state' --name web status");
+        assert_eq!(i.state().root, PathBuf::from("/tmp/my state"));
+        let d = StateDir::new("/tmp/s".into()).instance(DEFAULT_NAME);
+        assert_eq!(d.command(""), "qbuf-qemu --state-dir /tmp/s");
+    }
+
+    #[test]
+    fn a_state_dir_too_deep_for_sockets_is_refused_up_front() {
+        let short = StateDir::new("/tmp/s".into()).instance("dev");
+        short.check_socket_paths().unwrap();
+        let deep = StateDir::new(format!("/tmp/{}", "d".repeat(90)).into()).instance("dev");
+        let e = deep.check_socket_paths().unwrap_err().to_string();
+        assert!(e.contains("shorter --state-dir") && e.contains(".sock is 122 bytes"), "{e}");
+    }
+
+    #[test]
+    fn private_dir_tightens_permissions() {
+        let dir = std::env::temp_dir().join(format!("qbuf-priv-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        private_dir(&dir).unwrap();
+        assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+        fs::remove_dir_all(dir).unwrap();
+    }
+}

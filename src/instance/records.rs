@@ -1,0 +1,218 @@
+//! The JSON records an instance keeps, and how they are read and written:
+//! atomically (temp file + rename), private to the user, and with a message
+//! that names the file when one is damaged.
+//!
+//! Who writes what: `launch` writes settings.json and boot.json; the
+//! supervisor writes run.json once QEMU is up, launch-failure.json when it
+//! is not, and stopped.json when QEMU is gone; device commands write
+//! devices.json.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use super::paths::Instance;
+use super::proc::{ExitInfo, ProcIdentity};
+use crate::qemu::args::{Accel, ExtraDisk, Forward, Share, VmSpec};
+use crate::qmp::Event;
+
+/// Writes JSON atomically (temp file + rename), private to the user. A
+/// write that fails (a full disk) leaves the old record and no temp file.
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let written = (|| -> Result<()> {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        serde_json::to_writer_pretty(&mut f, value)?;
+        f.write_all(b"\n")?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        Ok(())
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written.with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Reads a JSON record; `Ok(None)` when it does not exist.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+    match fs::read(path) {
+        Ok(b) => Ok(Some(
+            serde_json::from_slice(&b)
+                .with_context(|| format!("{} is damaged: remove it or run 'qbuf-qemu destroy'", path.display()))?,
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// What `launch` hands the supervisor (boot.json).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BootPlan {
+    pub qemu: PathBuf,
+    pub argv: Vec<String>,
+    pub spec: VmSpec,
+}
+
+impl BootPlan {
+    /// QEMU's whole command line, binary first.
+    pub fn command_line(&self) -> Vec<String> {
+        std::iter::once(self.qemu.display().to_string()).chain(self.argv.iter().cloned()).collect()
+    }
+}
+
+/// Written by the supervisor when QEMU is up (run.json).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub qemu: ProcIdentity,
+    pub supervisor: ProcIdentity,
+    /// Unix time QEMU started.
+    pub started_at: f64,
+    pub accel: Accel,
+    pub qemu_version: String,
+    pub argv: Vec<String>,
+}
+
+/// Why QEMU did not come up (launch-failure.json), in parts, as QEMU's own
+/// `machine.py` keeps a `VMLaunchFailure`: what happened, how QEMU ended,
+/// its command line and its output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LaunchFailure {
+    pub message: String,
+    pub exit: Option<ExitInfo>,
+    /// QEMU's argv, binary first.
+    pub command_line: Vec<String>,
+    /// The end of what QEMU wrote to stderr.
+    pub stderr_tail: String,
+    /// The end of what this boot printed on the serial console.
+    #[serde(default)]
+    pub serial_tail: String,
+}
+
+/// The step of the stop ladder that ended the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StopMethod {
+    Powerdown,
+    GuestAgent,
+    Quit,
+    Sigterm,
+    Sigkill,
+    AlreadyStopped,
+}
+
+impl StopMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopMethod::Powerdown => "powerdown",
+            StopMethod::GuestAgent => "guest-agent",
+            StopMethod::Quit => "quit",
+            StopMethod::Sigterm => "sigterm",
+            StopMethod::Sigkill => "sigkill",
+            StopMethod::AlreadyStopped => "already-stopped",
+        }
+    }
+
+    /// The guest shut itself down (or nothing had to be done).
+    pub fn graceful(self) -> bool {
+        matches!(self, StopMethod::Powerdown | StopMethod::GuestAgent | StopMethod::AlreadyStopped)
+    }
+}
+
+/// The result of a stop, as the user sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StopOutcome {
+    /// The step that stopped the VM; `None` if nothing could.
+    pub method: Option<StopMethod>,
+    /// The last `SHUTDOWN` reason QEMU reported, e.g. `guest-shutdown`.
+    pub shutdown_reason: Option<String>,
+    /// `SHUTDOWN`'s `guest` flag: the guest powered itself off.
+    pub guest: bool,
+    pub seconds: f64,
+    pub exit: Option<ExitInfo>,
+    /// What happened at each step, for the log and the user.
+    pub steps: Vec<String>,
+}
+
+/// How the VM ended (stopped.json); `status` reads it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StopRecord {
+    pub stopped_at: f64,
+    pub exit: Option<ExitInfo>,
+    pub shutdown: Option<Event>,
+    /// Set when the stop ladder ended it.
+    pub outcome: Option<StopOutcome>,
+    /// GUEST_PANICKED, when the guest panicked before the end.
+    #[serde(default)]
+    pub panicked: Option<Event>,
+    pub crashed: bool,
+    /// One sentence for humans.
+    pub reason: String,
+}
+
+/// devices.json: runtime additions that persist across launches.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DevicesRecord {
+    #[serde(default)]
+    pub disks: Vec<ExtraDisk>,
+    #[serde(default)]
+    pub shares: Vec<Share>,
+    #[serde(default)]
+    pub forwards: Vec<Forward>,
+}
+
+impl DevicesRecord {
+    pub fn load(inst: &Instance) -> Result<DevicesRecord> {
+        Ok(read_json(&inst.devices())?.unwrap_or_default())
+    }
+
+    pub fn save(&self, inst: &Instance) -> Result<()> {
+        write_json(&inst.devices(), self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_names_are_the_documented_ones() {
+        let names: Vec<_> = [
+            StopMethod::Powerdown,
+            StopMethod::GuestAgent,
+            StopMethod::Quit,
+            StopMethod::Sigterm,
+            StopMethod::Sigkill,
+            StopMethod::AlreadyStopped,
+        ]
+        .iter()
+        .map(|m| serde_json::to_value(m).unwrap().as_str().unwrap().to_string())
+        .collect();
+        assert_eq!(names, ["powerdown", "guest-agent", "quit", "sigterm", "sigkill", "already-stopped"]);
+    }
+
+    #[test]
+    fn a_failed_write_keeps_the_old_record_and_no_temp_file() {
+        let dir = std::env::temp_dir().join(format!("qbuf-rec-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("r.json");
+        write_json(&p, &1).unwrap();
+        assert_eq!(read_json::<i32>(&p).unwrap(), Some(1));
+        // A value serde cannot write fails after the temp file was opened.
+        let bad: std::collections::HashMap<(i32, i32), i32> = [((1, 2), 3)].into();
+        assert!(write_json(&p, &bad).is_err());
+        assert_eq!(read_json::<i32>(&p).unwrap(), Some(1));
+        assert!(!dir.join("r.tmp").exists());
+        fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,307 @@
+//! Disk images: what a file's header says (one qcow2 parser for the boot
+//! base and for `disk add`), the instance's boot overlay on a base that is
+//! never written, and new images made with `qemu-img`.
+//!
+//! The overlay records the base's identity; a changed base would silently
+//! corrupt the guest's view of its disk, so booting on one is refused. The
+//! format always goes to QEMU explicitly, so QEMU never probes a raw image
+//! (whose first bytes a guest controls).
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::instance::{read_json, write_json, Instance};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    Qcow2,
+    Raw,
+}
+
+impl DiskFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Qcow2 => "qcow2",
+            DiskFormat::Raw => "raw",
+        }
+    }
+}
+
+/// What an image's first bytes say about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Header {
+    /// qcow2; `backing` is its backing file's format when it has one
+    /// (`Some(None)`: a backing file without a recorded format).
+    Qcow2 {
+        backing: Option<Option<String>>,
+    },
+    Other,
+}
+
+const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
+/// qcow2 header extension "backing file format name".
+const QCOW2_EXT_BACKING_FORMAT: u32 = 0xE279_2ACA;
+
+fn be32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn be64(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_be_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// Reads a qcow2 header (docs/interop/qcow2.txt in QEMU): magic, version,
+/// backing file offset, and for a backing file the format extension that
+/// spares QEMU from probing it.
+pub fn inspect_header(b: &[u8]) -> Header {
+    if b.len() < 4 || &b[..4] != QCOW2_MAGIC {
+        return Header::Other;
+    }
+    if be64(b, 8).unwrap_or(0) == 0 {
+        return Header::Qcow2 { backing: None };
+    }
+    // Version 2 headers are 72 bytes; version 3 states its length at 100.
+    let mut at = match be32(b, 4) {
+        Some(2) => 72,
+        _ => be32(b, 100).unwrap_or(104) as usize,
+    };
+    let mut format = None;
+    while let (Some(kind), Some(len)) = (be32(b, at), be32(b, at + 4)) {
+        if kind == 0 {
+            break;
+        }
+        let data = at + 8;
+        if kind == QCOW2_EXT_BACKING_FORMAT {
+            format = b.get(data..data + len as usize).map(|d| String::from_utf8_lossy(d).into_owned());
+        }
+        at = data + (len as usize).div_ceil(8) * 8;
+    }
+    Header::Qcow2 { backing: Some(format) }
+}
+
+/// Refuses an image QEMU would misread: a non-qcow2 file given as qcow2
+/// (the default), a qcow2 given as raw (the guest would see the container),
+/// or a qcow2 whose backing file QEMU would have to probe.
+pub fn check_image(path: &Path, format: DiskFormat) -> Result<()> {
+    match (format, inspect_header(&read_head(path)?)) {
+        (DiskFormat::Qcow2, Header::Other) => bail!(
+            "{} is not a qcow2 image (no qcow2 header); if it is a raw disk image, pass --format raw",
+            path.display()
+        ),
+        (DiskFormat::Qcow2, Header::Qcow2 { backing: Some(None) }) => bail!(
+            "{} has a backing file but does not record its format, so QEMU would have to guess it; record it with \
+             'qemu-img rebase -u -F FORMAT -b BACKING {}'",
+            path.display(),
+            path.display()
+        ),
+        (DiskFormat::Raw, Header::Qcow2 { .. }) => bail!(
+            "{} is a qcow2 image, not raw: drop --format raw (the guest would see the qcow2 container as its disk)",
+            path.display()
+        ),
+        _ => Ok(()),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseIdentity {
+    pub path: PathBuf,
+    pub size: u64,
+    pub mtime_ns: i128,
+    pub format: String,
+}
+
+impl BaseIdentity {
+    pub fn of(path: &Path) -> Result<BaseIdentity> {
+        let meta = std::fs::metadata(path).with_context(|| format!("image {} does not exist", path.display()))?;
+        if !meta.is_file() {
+            bail!("image {} is not a file", path.display());
+        }
+        Ok(BaseIdentity {
+            path: path.to_path_buf(),
+            size: meta.size(),
+            mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
+            format: detect_format(path)?.as_str().to_string(),
+        })
+    }
+}
+
+/// The first 64 KiB of an image: enough for a qcow2 header and its
+/// extensions.
+fn read_head(path: &Path) -> Result<Vec<u8>> {
+    let mut head = Vec::new();
+    File::open(path)
+        .with_context(|| format!("cannot read disk image {}", path.display()))?
+        .take(64 * 1024)
+        .read_to_end(&mut head)?;
+    Ok(head)
+}
+
+/// `qcow2` when the header says so, else `raw`.
+pub fn detect_format(path: &Path) -> Result<DiskFormat> {
+    Ok(match inspect_header(&read_head(path)?) {
+        Header::Qcow2 { .. } => DiskFormat::Qcow2,
+        Header::Other => DiskFormat::Raw,
+    })
+}
+
+/// What to say when the recorded base and the given one differ.
+pub fn compare(recorded: &BaseIdentity, now: &BaseIdentity) -> Result<()> {
+    if recorded.path != now.path {
+        bail!(
+            "this instance's disk is an overlay on {}, not {}: to boot the new image discard the guest's disk with 'launch --recreate', or use another --name",
+            recorded.path.display(),
+            now.path.display()
+        );
+    }
+    if recorded.size != now.size || recorded.mtime_ns != now.mtime_ns {
+        bail!(
+            "base image {} changed since this instance's overlay was made on it (size or modification time differ); booting would corrupt the guest's disk. Restore the original image, or discard the guest's disk with 'launch --recreate'",
+            now.path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Returns the overlay, creating it on first use; refuses a changed base.
+pub fn prepare(inst: &Instance, qemu_img: &Path, base: &Path) -> Result<PathBuf> {
+    let base = std::fs::canonicalize(base).with_context(|| format!("image {} does not exist", base.display()))?;
+    let id = BaseIdentity::of(&base)?;
+    let overlay = inst.overlay();
+    if overlay.exists() {
+        match read_json::<BaseIdentity>(&inst.base_identity())? {
+            Some(rec) => compare(&rec, &id)?,
+            None => bail!(
+                "{} exists but its base is not recorded: run '{}' to make it again",
+                overlay.display(),
+                inst.command("launch --recreate")
+            ),
+        }
+        return Ok(overlay);
+    }
+    let out = Command::new(qemu_img)
+        .args(["create", "-q", "-f", "qcow2", "-F", &id.format, "-b"])
+        .arg(&base)
+        .arg(&overlay)
+        .output()
+        .with_context(|| format!("cannot run {}", qemu_img.display()))?;
+    if !out.status.success() {
+        bail!(
+            "qemu-img could not create the overlay on {}: {}",
+            base.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&overlay, std::fs::Permissions::from_mode(0o600))?;
+    write_json(&inst.base_identity(), &id)?;
+    Ok(overlay)
+}
+
+/// Drops the overlay (guest-local state) and what depends on it.
+pub fn discard(inst: &Instance) -> Vec<PathBuf> {
+    [inst.overlay(), inst.base_identity(), inst.known_hosts()]
+        .into_iter()
+        .filter(|p| std::fs::remove_file(p).is_ok())
+        .collect()
+}
+
+/// Makes a new, empty image of `bytes` at `path` (private to the user).
+pub fn create(qemu_img: &Path, path: &Path, format: DiskFormat, bytes: u64) -> Result<()> {
+    let out = Command::new(qemu_img)
+        .args(["create", "-q", "-f", format.as_str()])
+        .arg(path)
+        .arg(bytes.to_string())
+        .output()
+        .with_context(|| format!("cannot run {}", qemu_img.display()))?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(path);
+        bail!("qemu-img could not create {}: {}", path.display(), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("qbuf-img-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn qemu_img(args: &[&str]) {
+        let ok = std::process::Command::new("qemu-img").args(args).status().map(|s| s.success()).unwrap_or(false);
+        assert!(ok, "qemu-img {args:?} failed (is qemu-utils installed?)");
+    }
+
+    #[test]
+    fn qcow2_is_the_default_and_a_raw_file_is_refused_without_format_raw() {
+        let d = tmp("fmt");
+        let raw = d.join("a.img");
+        std::fs::write(&raw, vec![0u8; 4096]).unwrap();
+        let e = check_image(&raw, DiskFormat::Qcow2).unwrap_err().to_string();
+        assert!(e.contains("not a qcow2 image") && e.contains("--format raw"), "{e}");
+        check_image(&raw, DiskFormat::Raw).unwrap();
+        let q = d.join("b.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", q.to_str().unwrap(), "1M"]);
+        check_image(&q, DiskFormat::Qcow2).unwrap();
+        let e = check_image(&q, DiskFormat::Raw).unwrap_err().to_string();
+        assert!(e.contains("drop --format raw"), "{e}");
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn a_backing_file_needs_its_format_recorded() {
+        let d = tmp("backing");
+        let base = d.join("base.img");
+        std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+        let top = d.join("top.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", "-F", "raw", "-b", base.to_str().unwrap(), top.to_str().unwrap()]);
+        let head = std::fs::read(&top).unwrap();
+        assert_eq!(inspect_header(&head), Header::Qcow2 { backing: Some(Some("raw".into())) });
+        check_image(&top, DiskFormat::Qcow2).unwrap();
+        // A version 2 header naming a backing file but no format extension.
+        let mut v2 = vec![0u8; 512];
+        v2[..4].copy_from_slice(QCOW2_MAGIC);
+        v2[4..8].copy_from_slice(&2u32.to_be_bytes());
+        v2[8..16].copy_from_slice(&200u64.to_be_bytes());
+        assert_eq!(inspect_header(&v2), Header::Qcow2 { backing: Some(None) });
+        let old = d.join("old.qcow2");
+        std::fs::write(&old, &v2).unwrap();
+        let e = check_image(&old, DiskFormat::Qcow2).unwrap_err().to_string();
+        assert!(e.contains("qemu-img rebase -u -F"), "{e}");
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn format_comes_from_the_header() {
+        let d = std::env::temp_dir().join(format!("qbuf-fmt-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("a"), b"QFI\xfb\0\0\0\x03").unwrap();
+        std::fs::write(d.join("b"), b"\xeb\x3c\x90mkfs").unwrap();
+        assert_eq!(detect_format(&d.join("a")).unwrap(), DiskFormat::Qcow2);
+        assert_eq!(detect_format(&d.join("b")).unwrap(), DiskFormat::Raw);
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn a_changed_base_is_refused_with_the_way_out() {
+        let a = BaseIdentity { path: "/img".into(), size: 10, mtime_ns: 5, format: "qcow2".into() };
+        assert!(compare(&a, &a.clone()).is_ok());
+        let e = compare(&a, &BaseIdentity { size: 11, ..a.clone() }).unwrap_err().to_string();
+        assert!(e.contains("changed") && e.contains("--recreate"), "{e}");
+        let e = compare(&a, &BaseIdentity { path: "/other".into(), ..a.clone() }).unwrap_err().to_string();
+        assert!(e.contains("/other") && e.contains("--recreate"), "{e}");
+    }
+}

@@ -1,0 +1,86 @@
+//! Failures with parts. Most errors are a sentence (anyhow's chain); the
+//! ones a script wants to take apart are a [`Failure`], carried inside the
+//! anyhow error and shown as fields under `detail` with `--json`.
+//!
+//! With `--json` every failure prints one document on stdout:
+//! `{"error": "<the message>", "exit_code": N, "detail": {...} | null}`;
+//! the message goes to stderr too.
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::instance::records::LaunchFailure;
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Failure {
+    /// QEMU did not come up, or stopped while the guest was booting.
+    LaunchFailed {
+        #[serde(flatten)]
+        failure: LaunchFailure,
+        /// What to do about it.
+        hint: Option<String>,
+    },
+    /// QEMU refused a QMP command.
+    QmpError { command: String, class: String, desc: String },
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::LaunchFailed { failure: l, hint } => {
+                write!(f, "{}", l.message)?;
+                if let Some(e) = l.exit {
+                    write!(f, "\nQEMU: {e}")?;
+                }
+                if !l.stderr_tail.is_empty() {
+                    write!(f, "\nQEMU said:\n{}", l.stderr_tail)?;
+                }
+                if !l.serial_tail.is_empty() {
+                    write!(f, "\nserial console (last lines):\n{}", l.serial_tail)?;
+                }
+                write!(f, "\ncommand line:\n{}", shell_words::join(&l.command_line))?;
+                if let Some(h) = hint {
+                    write!(f, "\n{h}")?;
+                }
+                Ok(())
+            }
+            Failure::QmpError { command, class, desc } => write!(f, "QEMU refused '{command}': {class}: {desc}"),
+        }
+    }
+}
+
+impl std::error::Error for Failure {}
+
+/// The `--json` document for a failure.
+pub fn error_document(e: &anyhow::Error, exit_code: i32) -> Value {
+    let detail = e.downcast_ref::<Failure>().map(|f| serde_json::to_value(f).unwrap_or(Value::Null));
+    json!({ "error": format!("{e:#}"), "exit_code": exit_code, "detail": detail })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_launch_failure_keeps_its_parts_as_fields() {
+        let f = Failure::LaunchFailed {
+            failure: LaunchFailure {
+                message: "QEMU exited during start-up (exit status 1)".into(),
+                exit: Some(crate::instance::proc::ExitInfo { code: Some(1), signal: None }),
+                command_line: vec!["qemu-system-x86_64".into(), "-m".into(), "1T M".into()],
+                stderr_tail: "cannot set up guest memory".into(),
+                serial_tail: String::new(),
+            },
+            hint: None,
+        };
+        let e = anyhow::Error::new(f).context("launching 'dev'");
+        let doc = error_document(&e, 1);
+        assert_eq!(doc["detail"]["kind"], "launch-failed");
+        assert_eq!(doc["detail"]["exit"]["code"], 1);
+        assert_eq!(doc["detail"]["command_line"][2], "1T M");
+        assert!(doc["error"].as_str().unwrap().contains("'1T M'"), "{doc}");
+        let plain = error_document(&anyhow::anyhow!("no instance"), 1);
+        assert_eq!(plain["detail"], Value::Null);
+    }
+}

@@ -1,0 +1,228 @@
+//! What `status` reports, and how the supervisor's answer becomes it.
+
+use serde::Serialize;
+
+use super::Render;
+use crate::clock::human_duration;
+use crate::instance::proc::ExitInfo;
+use crate::instance::records::{StopMethod, StopRecord};
+use crate::qemu::args::Accel;
+use crate::qemu::parse::LiveDisk;
+use crate::qga::AgentState;
+use crate::qmp::Event;
+use crate::supervisor::protocol::{Live, VmState};
+
+/// The instance's state as the user sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum State {
+    Running,
+    Paused,
+    /// Locked by a command that is starting (or stopping) it.
+    Starting,
+    Stopping,
+    /// QEMU runs but does not answer QMP (frozen, or its supervisor died).
+    Unresponsive,
+    Stopped,
+    Crashed,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Running => "running",
+            State::Paused => "paused",
+            State::Starting => "starting",
+            State::Stopping => "stopping",
+            State::Unresponsive => "unresponsive",
+            State::Stopped => "stopped",
+            State::Crashed => "crashed",
+        }
+    }
+
+    /// From QEMU's run state while no stop is under way.
+    pub fn of_run_state(run_state: &str) -> State {
+        match run_state {
+            "running" => State::Running,
+            "guest-panicked" => State::Crashed,
+            "shutdown" => State::Stopping,
+            _ => State::Paused,
+        }
+    }
+
+    pub fn of_record(rec: &StopRecord) -> State {
+        if rec.crashed {
+            State::Crashed
+        } else {
+            State::Stopped
+        }
+    }
+}
+
+/// One disk line of `status`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DiskLine {
+    pub device: String,
+    pub node: String,
+    pub file: String,
+    pub format: String,
+    pub summary: String,
+}
+
+impl From<&LiveDisk> for DiskLine {
+    fn from(d: &LiveDisk) -> DiskLine {
+        DiskLine {
+            device: d.id.clone(),
+            node: d.node.clone(),
+            file: d.file.clone(),
+            format: d.format.clone(),
+            summary: d.summary(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub name: String,
+    pub state: State,
+    /// QEMU's own run state, e.g. `running`, `paused`, `guest-panicked`.
+    pub qemu_status: Option<String>,
+    pub pid: Option<i32>,
+    pub ssh_port: Option<u16>,
+    pub ssh_user: Option<String>,
+    pub uptime_seconds: Option<f64>,
+    pub accel: Option<Accel>,
+    pub qemu_version: Option<String>,
+    pub memory_mib: Option<u64>,
+    pub cpus: Option<u32>,
+    pub disks: Vec<DiskLine>,
+    /// Reserved PCIe root ports, and how many carry a device now.
+    pub hotplug_ports: Option<u32>,
+    pub hotplug_ports_used: Option<u32>,
+    pub hotplug_ports_free: Option<u32>,
+    pub guest_agent: Option<AgentState>,
+    pub stopping_step: Option<StopMethod>,
+    /// For a stopped instance: why it stopped.
+    pub stop_reason: Option<String>,
+    pub last_shutdown: Option<Event>,
+    pub exit: Option<ExitInfo>,
+    pub notes: Vec<String>,
+}
+
+impl Status {
+    /// A stopped instance, as its records tell it.
+    pub fn apply_record(&mut self, rec: Option<StopRecord>) {
+        match rec {
+            Some(rec) => {
+                self.state = State::of_record(&rec);
+                self.stop_reason = Some(rec.reason);
+                self.last_shutdown = rec.shutdown;
+                self.exit = rec.exit;
+            }
+            None => {
+                self.state = State::Stopped;
+                self.stop_reason = Some("never started, or stopped before qbuf-qemu recorded why".into());
+            }
+        }
+    }
+
+    /// A running (or just ended) instance, as its supervisor answered.
+    pub fn apply_vm(&mut self, vm: VmState, now: f64) {
+        self.pid = Some(vm.qemu_pid);
+        self.accel = Some(vm.accel);
+        self.qemu_version = Some(vm.qemu_version);
+        self.hotplug_ports = Some(vm.hotplug_ports);
+        self.stopping_step = vm.stopping;
+        self.last_shutdown = vm.last_shutdown;
+        if let Some(ended) = vm.ended {
+            // QEMU has exited; the supervisor is finishing its records.
+            self.exit = Some(ended.exit);
+            match ended.record {
+                Some(rec) => self.apply_record(Some(rec)),
+                None => self.state = State::Stopping,
+            }
+            return;
+        }
+        self.uptime_seconds = Some((now - vm.started_at).max(0.0));
+        match vm.live {
+            Some(Live::Answered(l)) => {
+                self.state = if vm.stopping.is_some() { State::Stopping } else { State::of_run_state(&l.run_state) };
+                self.qemu_status = Some(l.run_state);
+                self.memory_mib = l.memory_mib.or(self.memory_mib);
+                self.cpus = l.cpus.or(self.cpus);
+                self.disks = l.disks.iter().map(DiskLine::from).collect();
+                self.hotplug_ports_used = l.hotplug_ports_used;
+                self.hotplug_ports_free = l.hotplug_ports_used.map(|u| vm.hotplug_ports.saturating_sub(u));
+                self.guest_agent = Some(l.guest_agent);
+            }
+            Some(Live::Unresponsive { reason }) => {
+                self.state = if vm.stopping.is_some() { State::Stopping } else { State::Unresponsive };
+                self.notes.push(format!("QEMU does not answer QMP ({reason}); it may be frozen or overloaded"));
+            }
+            None => self.state = State::Stopping,
+        }
+    }
+}
+
+fn agent_human(a: AgentState) -> &'static str {
+    match a {
+        AgentState::Answers => "answers (guest-ping)",
+        AgentState::NotRunning => "not running in the guest",
+        AgentState::NoAnswer => "its port is open but it did not answer guest-ping",
+    }
+}
+
+impl Render for Status {
+    fn human(&self) -> String {
+        let mut s = format!("instance:   {}\nstate:      {}", self.name, self.state.as_str());
+        if let Some(q) = &self.qemu_status {
+            s.push_str(&format!(" (QEMU: {q})"));
+        }
+        s.push('\n');
+        let mut line = |label: &str, value: String| s.push_str(&format!("{label:<11} {value}\n"));
+        if let Some(step) = self.stopping_step {
+            line("stopping:", format!("at step '{}'", step.as_str()));
+        }
+        if let Some(p) = self.pid {
+            line("pid:", p.to_string());
+        }
+        if let Some(u) = self.uptime_seconds {
+            line("uptime:", human_duration(u));
+        }
+        if let Some(a) = self.accel {
+            line("accel:", a.as_str().into());
+        }
+        if let Some(v) = &self.qemu_version {
+            line("QEMU:", v.clone());
+        }
+        if let (Some(m), Some(c)) = (self.memory_mib, self.cpus) {
+            line("resources:", format!("{m} MiB, {c} CPUs"));
+        }
+        if let Some(p) = self.ssh_port {
+            line("ssh:", format!("{}@127.0.0.1 port {p}", self.ssh_user.clone().unwrap_or_default()));
+        }
+        for d in &self.disks {
+            line("disk:", d.summary.clone());
+        }
+        match (self.hotplug_ports, self.hotplug_ports_used, self.hotplug_ports_free) {
+            (Some(h), Some(u), Some(f)) => line("hot-plug:", format!("{h} PCIe root ports: {u} used, {f} free")),
+            (Some(h), _, _) if self.state != State::Stopped => {
+                line("hot-plug:", format!("{h} PCIe root ports reserved"))
+            }
+            _ => {}
+        }
+        if let Some(a) = self.guest_agent {
+            line("agent:", agent_human(a).into());
+        }
+        if let Some(r) = &self.stop_reason {
+            line("stopped:", r.clone());
+        }
+        if let Some(e) = &self.exit {
+            line("QEMU exit:", e.to_string());
+        }
+        for n in &self.notes {
+            line("note:", n.clone());
+        }
+        s.trim_end().to_string()
+    }
+}

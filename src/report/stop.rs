@@ -1,0 +1,131 @@
+//! What `powerdown` and `destroy` report.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use super::Render;
+use crate::instance::proc::ExitInfo;
+use crate::instance::records::{StopMethod, StopOutcome};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StopReport {
+    pub name: String,
+    /// The step that stopped the VM; `None` when nothing could.
+    pub method: Option<StopMethod>,
+    pub shutdown_reason: Option<String>,
+    pub guest: bool,
+    pub seconds: f64,
+    pub exit: Option<ExitInfo>,
+    pub steps: Vec<String>,
+    /// Why QEMU ended, in one sentence (from the stop record).
+    pub reason: Option<String>,
+    /// The command that stops it by hand when nothing could.
+    #[serde(skip)]
+    pub status_command: String,
+}
+
+impl StopReport {
+    pub fn from_outcome(name: &str, o: &StopOutcome, reason: Option<String>, status_command: String) -> StopReport {
+        StopReport {
+            name: name.into(),
+            method: o.method,
+            shutdown_reason: o.shutdown_reason.clone(),
+            guest: o.guest,
+            seconds: o.seconds,
+            exit: o.exit,
+            steps: o.steps.clone(),
+            reason,
+            status_command,
+        }
+    }
+
+    /// The contract's exit code: 0 graceful or already stopped, 3
+    /// escalated but stopped, 1 still running.
+    pub fn exit_code(&self) -> i32 {
+        match self.method {
+            Some(m) if m.graceful() => 0,
+            Some(_) => 3,
+            None => 1,
+        }
+    }
+}
+
+impl Render for StopReport {
+    fn human(&self) -> String {
+        let reason = self.shutdown_reason.clone().unwrap_or_else(|| "no SHUTDOWN event".into());
+        let steps = || self.steps.join("\n  ");
+        match self.method {
+            Some(StopMethod::AlreadyStopped) => format!("Instance '{}' is already stopped.", self.name),
+            Some(m @ (StopMethod::Powerdown | StopMethod::GuestAgent)) => format!(
+                "Instance '{}' powered off by itself after {} ({reason}) in {:.1}s.",
+                self.name,
+                if m == StopMethod::Powerdown { "the ACPI power button" } else { "the guest agent's shutdown" },
+                self.seconds
+            ),
+            Some(m) if !self.steps.iter().any(|s| s.starts_with("powerdown:")) => format!(
+                "Instance '{}' stopped by '{}' ({reason}) after {:.1}s; --force skipped the guest's own shutdown.\nsteps:\n  {}",
+                self.name,
+                m.as_str(),
+                self.seconds,
+                steps()
+            ),
+            Some(m) => format!(
+                "Instance '{}' did not power off by itself; stopped by '{}' ({reason}) after {:.1}s.\nsteps:\n  {}",
+                self.name,
+                m.as_str(),
+                self.seconds,
+                steps()
+            ),
+            None => format!(
+                "Instance '{}' could NOT be stopped; QEMU is still running.\nsteps:\n  {}\nKill it yourself (kill -9 PID, see '{}').",
+                self.name,
+                steps(),
+                self.status_command
+            ),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Destroyed {
+    pub name: String,
+    pub stop: Option<StopReport>,
+    pub removed: Vec<PathBuf>,
+    pub kept: Vec<PathBuf>,
+}
+
+impl Render for Destroyed {
+    fn human(&self) -> String {
+        let mut s = String::new();
+        if let Some(st) = &self.stop {
+            s.push_str(&st.human());
+            s.push('\n');
+        }
+        s.push_str(&format!("Instance '{}' destroyed ({} files removed).", self.name, self.removed.len()));
+        for k in &self.kept {
+            s.push_str(&format!("\nkept (not created by qbuf-qemu): {}", k.display()));
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_the_contract() {
+        let o = |method| {
+            let outcome =
+                StopOutcome { method, shutdown_reason: None, guest: false, seconds: 0.0, exit: None, steps: vec![] };
+            StopReport::from_outcome("dev", &outcome, None, String::new()).exit_code()
+        };
+        assert_eq!(o(Some(StopMethod::Powerdown)), 0);
+        assert_eq!(o(Some(StopMethod::GuestAgent)), 0);
+        assert_eq!(o(Some(StopMethod::AlreadyStopped)), 0);
+        assert_eq!(o(Some(StopMethod::Quit)), 3);
+        assert_eq!(o(Some(StopMethod::Sigkill)), 3);
+        assert_eq!(o(None), 1);
+    }
+}

@@ -1,0 +1,398 @@
+//! The supervisor's one task that owns the VM's state. Everything that
+//! happens reaches it as a typed [`Msg`] on one channel (QMP events, QEMU's
+//! exit, requests from clients, the ladder's progress, host signals), in
+//! the order it happened; it decides, and spawns the slow parts (QMP
+//! queries, the stop ladder) so that no request waits behind another. This
+//! is the shape of nextest's runner dispatcher: no shared mutable state, no
+//! sleeps standing in for joins.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::describe_stop;
+use super::ladder::{self, ChildProcess, StopOptions};
+use super::protocol::{Ended, Live, LiveState, Request, Response, Stopped, VmState};
+use crate::instance::proc::ExitInfo;
+use crate::instance::records::{write_json, StopMethod, StopOutcome, StopRecord};
+use crate::instance::Instance;
+use crate::qemu::args::GUEST_AGENT_PORT_ID;
+use crate::qmp::{Event, Qmp};
+
+/// How long the ladder gives the guest when the host asks us to go away.
+pub const HOST_SIGNAL_TIMEOUT: Duration = Duration::from_secs(45);
+/// After QEMU's exit, how long to wait for the rest of its QMP output (its
+/// last events come before EOF, which follows the exit within milliseconds).
+const DRAIN: Duration = Duration::from_secs(2);
+/// How long one QMP query of `status` may take.
+const QUERY: Duration = Duration::from_secs(2);
+
+/// Everything the dispatcher hears about.
+#[derive(Debug)]
+pub enum Msg {
+    Event(Event),
+    EventsLost(u64),
+    QmpClosed,
+    Exited(ExitInfo),
+    Request(Request, oneshot::Sender<Response>),
+    LadderStep(StopMethod),
+    LadderDone(StopOutcome),
+    HostSignal,
+}
+
+enum Ladder {
+    Idle,
+    Running,
+    Done(StopOutcome),
+}
+
+pub struct Dispatcher {
+    inst: Instance,
+    qmp: Qmp,
+    exited: watch::Receiver<Option<ExitInfo>>,
+    tx: mpsc::UnboundedSender<Msg>,
+    state: VmState,
+    events_log: Option<File>,
+    ladder: Ladder,
+    waiters: Vec<oneshot::Sender<Response>>,
+    qmp_closed: bool,
+}
+
+impl Dispatcher {
+    pub fn new(
+        inst: Instance,
+        qmp: Qmp,
+        exited: watch::Receiver<Option<ExitInfo>>,
+        tx: mpsc::UnboundedSender<Msg>,
+        state: VmState,
+    ) -> Dispatcher {
+        let events_log = open_events_log(&inst);
+        Dispatcher {
+            inst,
+            qmp,
+            exited,
+            tx,
+            state,
+            events_log,
+            ladder: Ladder::Idle,
+            waiters: vec![],
+            qmp_closed: false,
+        }
+    }
+
+    /// Runs until QEMU is gone and everything it said is recorded; then
+    /// answers whoever waits and returns.
+    pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
+        let mut drain_until: Option<tokio::time::Instant> = None;
+        while !self.finished() {
+            let msg = match drain_until {
+                None => rx.recv().await,
+                Some(t) => match tokio::time::timeout_at(t, rx.recv()).await {
+                    Ok(m) => m,
+                    Err(_) => {
+                        tracing::warn!("QMP did not close within {DRAIN:?} of QEMU's exit; recording what is known");
+                        break;
+                    }
+                },
+            };
+            let Some(msg) = msg else { break };
+            self.handle(msg);
+            if self.state.ended.is_some() && drain_until.is_none() {
+                drain_until = Some(tokio::time::Instant::now() + DRAIN);
+            }
+        }
+        self.finish(&mut rx);
+    }
+
+    fn finished(&self) -> bool {
+        self.state.ended.is_some() && self.qmp_closed && !matches!(self.ladder, Ladder::Running)
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Event(ev) => self.note_event(ev),
+            Msg::EventsLost(n) => self.log_event(&Event {
+                event: "QBUF_EVENTS_LOST".into(),
+                data: json!({ "count": n }),
+                timestamp: crate::clock::now(),
+            }),
+            Msg::QmpClosed => self.qmp_closed = true,
+            Msg::Exited(e) => {
+                tracing::info!("QEMU exited: {e}");
+                self.state.ended = Some(Ended { exit: e, record: None });
+            }
+            Msg::Request(req, reply) => self.request(req, reply),
+            Msg::LadderStep(m) => self.state.stopping = Some(m),
+            Msg::LadderDone(o) => self.ladder = Ladder::Done(o),
+            Msg::HostSignal => {
+                tracing::info!("host signal received: powering the guest down");
+                self.start_ladder(StopOptions { timeout: HOST_SIGNAL_TIMEOUT, force: false });
+            }
+        }
+    }
+
+    fn note_event(&mut self, ev: Event) {
+        note_event(&mut self.state, &ev);
+        self.log_event(&ev);
+    }
+
+    /// Every event of the VM's life goes to events.jsonl. A write that fails
+    /// (a full disk) loses that line, never the VM's supervision.
+    fn log_event(&mut self, ev: &Event) {
+        if let (Some(f), Ok(line)) = (self.events_log.as_mut(), serde_json::to_string(ev)) {
+            if let Err(e) = writeln!(f, "{line}") {
+                tracing::warn!("cannot append to events.jsonl: {e}");
+            }
+        }
+    }
+
+    fn request(&mut self, req: Request, reply: oneshot::Sender<Response>) {
+        match req {
+            Request::Status if self.state.ended.is_some() => {
+                let _ = reply.send(Response::Status(Box::new(self.state.clone())));
+            }
+            Request::Status => {
+                let mut state = self.state.clone();
+                let (qmp, agent) = (self.qmp.clone(), self.agent_socket());
+                tokio::spawn(async move {
+                    state.live = Some(live(&qmp, state.hotplug_ports, agent).await);
+                    let _ = reply.send(Response::Status(Box::new(state)));
+                });
+            }
+            Request::Qmp { .. } if self.state.ended.is_some() => {
+                let _ = reply.send(Response::Failed("QEMU has exited: the VM is stopping".into()));
+            }
+            Request::Qmp { command, arguments, timeout_ms } => {
+                let qmp = self.qmp.clone();
+                tokio::spawn(async move {
+                    let answer = match qmp.execute_raw(&command, arguments, Duration::from_millis(timeout_ms)).await {
+                        Ok(v) => Response::Return(v),
+                        Err(crate::qmp::QmpError::Qemu { class, desc }) => Response::QmpError { class, desc },
+                        Err(e) => Response::Failed(e.to_string()),
+                    };
+                    let _ = reply.send(answer);
+                });
+            }
+            Request::Powerdown { timeout_secs, force } => {
+                let timeout = Duration::try_from_secs_f64(timeout_secs).unwrap_or(Duration::ZERO);
+                self.start_ladder(StopOptions { timeout, force });
+                self.waiters.push(reply);
+            }
+            Request::Subscribe => {
+                let _ = reply.send(Response::Failed("subscriptions are served by the connection".into()));
+            }
+        }
+    }
+
+    /// The guest agent's socket when the guest opened the agent's port.
+    fn agent_socket(&self) -> Option<PathBuf> {
+        self.state.agent_port_open.then(|| self.inst.guest_agent())
+    }
+
+    fn start_ladder(&mut self, opts: StopOptions) {
+        if !matches!(self.ladder, Ladder::Idle) {
+            return;
+        }
+        self.ladder = Ladder::Running;
+        let qmp = self.qmp.clone();
+        let proc = ChildProcess { pid: self.state.qemu_pid, exited: self.exited.clone() };
+        let known = self.state.last_shutdown.clone();
+        let agent = self.agent_socket();
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let step_tx = tx.clone();
+            let on_step = move |m: StopMethod| {
+                let _ = step_tx.send(Msg::LadderStep(m));
+            };
+            let o = ladder::stop(Some(&qmp), &proc, &opts, known, agent.as_deref(), &on_step).await;
+            let _ = tx.send(Msg::LadderDone(o));
+        });
+    }
+
+    /// Records how the VM ended and answers everyone who waits, including
+    /// requests still queued. A record that cannot be written (a full disk)
+    /// is logged; the answer carries it all the same.
+    fn finish(&mut self, rx: &mut mpsc::UnboundedReceiver<Msg>) {
+        let exit = self.state.ended.as_ref().map(|e| e.exit);
+        let outcome = match &self.ladder {
+            Ladder::Done(o) => Some(o.clone()),
+            _ => None,
+        };
+        let (crashed, reason) =
+            describe_stop(self.state.last_shutdown.as_ref(), self.state.panicked.as_ref(), exit, outcome.as_ref());
+        tracing::info!("QEMU is gone: {reason}");
+        let record = StopRecord {
+            stopped_at: crate::clock::now(),
+            exit,
+            shutdown: self.state.last_shutdown.clone(),
+            outcome: outcome.clone(),
+            panicked: self.state.panicked.clone(),
+            crashed,
+            reason,
+        };
+        if let Err(e) = write_json(&self.inst.stop_record(), &record) {
+            tracing::error!("cannot record how the VM stopped: {e:#}");
+        }
+        for p in self.inst.runtime_files() {
+            let _ = std::fs::remove_file(p);
+        }
+        self.state.ended =
+            Some(Ended { exit: exit.unwrap_or(ExitInfo { code: None, signal: None }), record: Some(record.clone()) });
+        self.state.stopping = None;
+        let stopped = Stopped { outcome: outcome.unwrap_or_else(|| already_stopped(&record)), record: Some(record) };
+        for w in self.waiters.drain(..) {
+            let _ = w.send(Response::Stopped(Box::new(stopped.clone())));
+        }
+        rx.close();
+        while let Ok(msg) = rx.try_recv() {
+            if let Msg::Request(req, reply) = msg {
+                let answer = match req {
+                    Request::Powerdown { .. } => Response::Stopped(Box::new(stopped.clone())),
+                    Request::Status => Response::Status(Box::new(self.state.clone())),
+                    _ => Response::Failed("QEMU has exited".into()),
+                };
+                let _ = reply.send(answer);
+            }
+        }
+    }
+}
+
+/// What a `powerdown` that found QEMU already gone reports.
+fn already_stopped(record: &StopRecord) -> StopOutcome {
+    let shutdown = record.shutdown.as_ref().and_then(Event::shutdown);
+    StopOutcome {
+        method: Some(StopMethod::AlreadyStopped),
+        guest: shutdown.as_ref().is_some_and(|s| s.0),
+        shutdown_reason: shutdown.map(|s| s.1),
+        seconds: 0.0,
+        exit: record.exit,
+        steps: vec![],
+    }
+}
+
+fn open_events_log(inst: &Instance) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(inst.events_log())
+        .map_err(|e| tracing::warn!("cannot open events.jsonl: {e}"))
+        .ok()
+}
+
+/// Keeps what `status` reports about the guest up to date.
+pub fn note_event(state: &mut VmState, ev: &Event) {
+    match ev.event.as_str() {
+        "SHUTDOWN" => state.last_shutdown = Some(ev.clone()),
+        "GUEST_PANICKED" => state.panicked = Some(ev.clone()),
+        "VSERPORT_CHANGE" if ev.data.get("id").and_then(Value::as_str) == Some(GUEST_AGENT_PORT_ID) => {
+            state.agent_port_open = ev.data.get("open").and_then(Value::as_bool).unwrap_or(false);
+        }
+        _ => {}
+    }
+}
+
+/// QEMU's answers for `status`. The first query decides: a QEMU that does
+/// not answer it (frozen, SIGSTOPped) is reported at once instead of every
+/// further query waiting out its own timeout.
+async fn live(qmp: &Qmp, hotplug_ports: u32, agent: Option<PathBuf>) -> Live {
+    let q = |cmd: &'static str, args: Value| qmp.execute_raw(cmd, args, QUERY);
+    let run_state = match q("query-status", json!({})).await {
+        Ok(v) => v.get("status").and_then(Value::as_str).unwrap_or("unknown").to_string(),
+        Err(e) => return Live::Unresponsive { reason: e.to_string() },
+    };
+    let ports = async {
+        let mut used = 0;
+        for i in 0..hotplug_ports {
+            let v = q("qom-list", json!({ "path": format!("/machine/peripheral/hp{i}/hp{i}") })).await.ok()?;
+            used += u32::from(crate::qemu::parse::port_has_device(&v));
+        }
+        Some(used)
+    };
+    let agent_state = async {
+        match agent {
+            None => crate::qga::AgentState::NotRunning,
+            Some(sock) => match crate::qga::ping(&sock, crate::qga::PING_TIMEOUT).await {
+                Ok(()) => crate::qga::AgentState::Answers,
+                Err(_) => crate::qga::AgentState::NoAnswer,
+            },
+        }
+    };
+    let (mem, cpus, blocks, ports, guest_agent) = tokio::join!(
+        q("query-memory-size-summary", json!({})),
+        q("query-cpus-fast", json!({})),
+        q("query-block", json!({})),
+        ports,
+        agent_state
+    );
+    Live::Answered(LiveState {
+        run_state,
+        memory_mib: mem.ok().and_then(|v| v.get("base-memory")?.as_u64()).map(|b| b / (1024 * 1024)),
+        cpus: cpus.ok().and_then(|v| v.as_array().map(|a| a.len() as u32)),
+        disks: blocks.map(|b| crate::qemu::parse::parse_query_block(&b)).unwrap_or_default(),
+        hotplug_ports_used: ports,
+        guest_agent,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> VmState {
+        VmState {
+            qemu_pid: 1,
+            supervisor_pid: 2,
+            started_at: 0.0,
+            accel: crate::qemu::args::Accel::Tcg,
+            qemu_version: "10.0.2".into(),
+            hotplug_ports: 4,
+            stopping: None,
+            last_shutdown: None,
+            panicked: None,
+            agent_port_open: false,
+            ended: None,
+            live: None,
+        }
+    }
+
+    #[test]
+    fn agent_port_and_panic_are_tracked_from_events() {
+        let mut s = state();
+        let e = |name: &str, data| Event { event: name.into(), data, timestamp: 1.0 };
+        note_event(&mut s, &e("VSERPORT_CHANGE", json!({"id": "other", "open": true})));
+        assert!(!s.agent_port_open);
+        note_event(&mut s, &e("VSERPORT_CHANGE", json!({"id": GUEST_AGENT_PORT_ID, "open": true})));
+        assert!(s.agent_port_open);
+        note_event(&mut s, &e("VSERPORT_CHANGE", json!({"id": GUEST_AGENT_PORT_ID, "open": false})));
+        assert!(!s.agent_port_open);
+        note_event(&mut s, &e("GUEST_PANICKED", json!({"action": "pause"})));
+        assert!(s.panicked.is_some());
+    }
+
+    #[test]
+    fn a_powerdown_after_the_end_reports_already_stopped_with_the_reason() {
+        let rec = StopRecord {
+            stopped_at: 1.0,
+            exit: Some(ExitInfo { code: Some(0), signal: None }),
+            shutdown: Some(Event {
+                event: "SHUTDOWN".into(),
+                data: json!({"guest": true, "reason": "guest-shutdown"}),
+                timestamp: 1.0,
+            }),
+            outcome: None,
+            panicked: None,
+            crashed: false,
+            reason: "the guest shut down (guest-shutdown)".into(),
+        };
+        let o = already_stopped(&rec);
+        assert_eq!(o.method, Some(StopMethod::AlreadyStopped));
+        assert_eq!(o.shutdown_reason.as_deref(), Some("guest-shutdown"));
+        assert!(o.guest);
+    }
+}

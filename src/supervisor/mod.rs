@@ -1,0 +1,310 @@
+//! The per-instance supervisor: a detached `qbuf-qemu __supervise` process
+//! that is QEMU's parent for the VM's whole life.
+//!
+//! It exists because QEMU outlives `launch` and somebody must (a) hold a QMP
+//! connection to record every event, (b) reap QEMU and record its exit status
+//! (a zombie is not "running", and this host's PID 1 reaps late), (c) serve
+//! many commands at once over one QMP connection, and (d) turn a host
+//! SIGTERM/SIGHUP into a graceful powerdown. It inherits the instance lock
+//! from `launch` and passes it on to QEMU, so the lock is held until both
+//! are gone.
+//!
+//! [`start`] brings QEMU up; [`dispatcher`] owns the state from then on;
+//! [`protocol`] is what clients and the supervisor say; [`client`] is the
+//! commands' side of it; [`ladder`] is the stop ladder.
+
+pub mod client;
+pub mod dispatcher;
+pub mod ladder;
+pub mod protocol;
+pub mod start;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::instance::proc::{ExitInfo, ProcIdentity};
+use crate::instance::records::{read_json, write_json, BootPlan, RunRecord, StopOutcome};
+use crate::instance::Instance;
+use crate::qmp::{Event, Qmp};
+use dispatcher::{Dispatcher, Msg};
+use protocol::{Request, Response, VmState};
+
+/// How long a client may take to send its request line.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
+/// How long answers already decided may take to reach their clients.
+const FLUSH_DEADLINE: Duration = Duration::from_secs(1);
+
+/// Entry point of `qbuf-qemu __supervise`.
+pub fn run(inst: Instance) -> Result<i32> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(supervise(inst))
+}
+
+async fn supervise(inst: Instance) -> Result<i32> {
+    // QEMU inherits this: its sockets and logs are the user's alone.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    let plan: BootPlan = read_json(&inst.boot_plan())?.context("boot.json is missing")?;
+    for p in inst.runtime_files() {
+        let _ = std::fs::remove_file(p);
+    }
+    tracing::info!("starting {}", shell_words::join(plan.command_line()));
+    let started = match start::start(&inst, &plan).await {
+        Ok(s) => s,
+        Err(failure) => {
+            tracing::error!("{}", failure.message);
+            write_json(&inst.launch_failure(), &failure)?;
+            return Ok(1);
+        }
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    // Subscribed before anything else: no event of the VM's life is missed.
+    forward_events(&started.qmp, tx.clone());
+    forward_exit(started.exited.clone(), tx.clone());
+    forward_host_signals(tx.clone());
+
+    let listener = UnixListener::bind(inst.control()).context("cannot create the control socket")?;
+    for s in inst.sockets() {
+        let _ = std::fs::set_permissions(s, std::fs::Permissions::from_mode(0o600));
+    }
+    let me = std::process::id() as i32;
+    let state = VmState {
+        qemu_pid: started.pid,
+        supervisor_pid: me,
+        started_at: crate::clock::now(),
+        accel: plan.spec.accel,
+        qemu_version: started.version.clone(),
+        hotplug_ports: plan.spec.hotplug_ports,
+        stopping: None,
+        last_shutdown: None,
+        panicked: None,
+        agent_port_open: false,
+        ended: None,
+        live: None,
+    };
+    let record = RunRecord {
+        qemu: ProcIdentity::of(started.pid).unwrap_or(ProcIdentity {
+            pid: started.pid,
+            start_ticks: 0,
+            boot_id: crate::instance::proc::boot_id(),
+        }),
+        supervisor: ProcIdentity::of(me).context("cannot read own /proc entry")?,
+        started_at: state.started_at,
+        accel: plan.spec.accel,
+        qemu_version: started.version.clone(),
+        argv: plan.argv.clone(),
+    };
+    // `launch` waits for run.json: the control socket is ready by then.
+    write_json(&inst.run_record(), &record)?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let acceptor = tokio::spawn(accept(listener, tx.clone(), started.qmp.clone(), stop_rx));
+    Dispatcher::new(inst, started.qmp, started.exited, tx, state).run(rx).await;
+    let _ = stop_tx.send(true);
+    let _ = acceptor.await;
+    Ok(0)
+}
+
+/// QMP events in the order QEMU sent them, then `QmpClosed` once the
+/// connection ended (QEMU sends its last events before EOF).
+fn forward_events(qmp: &Qmp, tx: mpsc::UnboundedSender<Msg>) {
+    use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+    let mut events = qmp.subscribe();
+    let qmp = qmp.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                biased;
+                ev = events.recv() => match ev {
+                    Ok(ev) => { let _ = tx.send(Msg::Event(ev)); }
+                    Err(RecvError::Lagged(n)) => { let _ = tx.send(Msg::EventsLost(n)); }
+                    Err(RecvError::Closed) => break,
+                },
+                _ = qmp.closed() => {
+                    loop {
+                        match events.try_recv() {
+                            Ok(ev) => { let _ = tx.send(Msg::Event(ev)); }
+                            Err(TryRecvError::Lagged(n)) => { let _ = tx.send(Msg::EventsLost(n)); }
+                            Err(_) => break,
+                        }
+                    }
+                    break;
+                }
+            }
+        }
+        let _ = tx.send(Msg::QmpClosed);
+    });
+}
+
+fn forward_exit(mut exited: watch::Receiver<Option<ExitInfo>>, tx: mpsc::UnboundedSender<Msg>) {
+    tokio::spawn(async move {
+        if let Ok(e) = exited.wait_for(|e| e.is_some()).await {
+            let _ = tx.send(Msg::Exited(e.expect("waited for Some")));
+        }
+    });
+}
+
+/// The host asks us to go away (logout, shutdown): power the guest down
+/// rather than cut it off.
+fn forward_host_signals(tx: mpsc::UnboundedSender<Msg>) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut hup), Ok(mut int)) =
+            (signal(SignalKind::terminate()), signal(SignalKind::hangup()), signal(SignalKind::interrupt()))
+        else {
+            return;
+        };
+        loop {
+            tokio::select! { _ = term.recv() => {}, _ = hup.recv() => {}, _ = int.recv() => {} }
+            if tx.send(Msg::HostSignal).is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// Serves control connections until told to stop, then gives answers
+/// already decided a moment to go out.
+async fn accept(listener: UnixListener, tx: mpsc::UnboundedSender<Msg>, qmp: Qmp, mut stop: watch::Receiver<bool>) {
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            c = listener.accept() => match c {
+                Ok((conn, _)) => { conns.spawn(serve(conn, tx.clone(), qmp.clone())); }
+                Err(e) => { tracing::warn!("control socket: {e}"); break; }
+            },
+            _ = stop.wait_for(|s| *s) => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(FLUSH_DEADLINE, async { while conns.join_next().await.is_some() {} }).await;
+    conns.abort_all();
+}
+
+async fn serve(conn: UnixStream, tx: mpsc::UnboundedSender<Msg>, qmp: Qmp) {
+    let (r, mut w) = conn.into_split();
+    let mut r = BufReader::new(r);
+    let mut line = String::new();
+    match tokio::time::timeout(REQUEST_DEADLINE, r.read_line(&mut line)).await {
+        Ok(Ok(n)) if n > 0 => {}
+        _ => return,
+    }
+    let send = |resp: &Response| {
+        let mut s = serde_json::to_string(resp).expect("protocol types serialize");
+        s.push('\n');
+        s
+    };
+    let req: Request = match serde_json::from_str(&line) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = w.write_all(send(&Response::Failed(format!("bad request: {e}"))).as_bytes()).await;
+            return;
+        }
+    };
+    if req == Request::Subscribe {
+        let mut rx = qmp.subscribe();
+        if w.write_all(send(&Response::Subscribed).as_bytes()).await.is_err() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                ev = rx.recv() => match ev {
+                    Ok(ev) => if w.write_all(send(&Response::Event(ev)).as_bytes()).await.is_err() { return },
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => return,
+                },
+                _ = qmp.closed() => return,
+            }
+        }
+    }
+    let (reply, answer) = oneshot::channel();
+    let resp = match tx.send(Msg::Request(req, reply)) {
+        Ok(()) => answer.await.unwrap_or_else(|_| Response::Failed("the supervisor is exiting".into())),
+        Err(_) => Response::Failed("the supervisor is exiting: QEMU has stopped".into()),
+    };
+    let _ = w.write_all(send(&resp).as_bytes()).await;
+    let _ = w.flush().await;
+}
+
+/// Summarises why QEMU ended, from a guest panic, the last SHUTDOWN and the
+/// exit status. Every cause gets a name: guest shutdown, guest panic, a
+/// signal from the host, QMP quit, or a crash with its exit code or signal.
+pub fn describe_stop(
+    shutdown: Option<&Event>,
+    panicked: Option<&Event>,
+    exit: Option<ExitInfo>,
+    outcome: Option<&StopOutcome>,
+) -> (bool, String) {
+    let reason = shutdown.and_then(Event::shutdown);
+    let by =
+        outcome.and_then(|o| o.method).map(|m| format!(" (stopped by qbuf-qemu: {})", m.as_str())).unwrap_or_default();
+    if panicked.is_some() || reason.as_ref().is_some_and(|(_, r)| r == "guest-panic") {
+        return (true, format!("the guest kernel panicked (GUEST_PANICKED){by}"));
+    }
+    match (reason, exit) {
+        (Some((true, r)), _) => (false, format!("the guest shut down ({r}){by}")),
+        (Some((false, r)), _) if r == "host-signal" => {
+            (false, format!("QEMU got a termination signal from the host (host-signal){by}"))
+        }
+        (Some((false, r)), _) if r == "host-qmp-quit" => {
+            (false, format!("QEMU was told to quit over QMP (host-qmp-quit){by}"))
+        }
+        (Some((false, r)), _) => (false, format!("QEMU was told to stop ({r}){by}")),
+        (None, Some(e)) if outcome.is_some() => (false, format!("QEMU ended, {e}{by}")),
+        (None, Some(e)) => (true, format!("QEMU crashed or was killed: {e}, without a shutdown event")),
+        (None, None) => (true, "QEMU ended unexpectedly; its exit status is unknown".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ev(guest: bool, reason: &str) -> Event {
+        Event { event: "SHUTDOWN".into(), data: json!({"guest": guest, "reason": reason}), timestamp: 1.0 }
+    }
+
+    #[test]
+    fn stop_reasons_name_the_cause() {
+        let exit0 = Some(ExitInfo { code: Some(0), signal: None });
+        let (c, r) = describe_stop(Some(&ev(true, "guest-shutdown")), None, exit0, None);
+        assert!(!c);
+        assert!(r.contains("guest shut down (guest-shutdown)"), "{r}");
+        let (c, r) = describe_stop(None, None, Some(ExitInfo { code: None, signal: Some(9) }), None);
+        assert!(c);
+        assert!(r.contains("SIGKILL") && r.contains("crashed or was killed"), "{r}");
+        let (c, r) = describe_stop(None, None, Some(ExitInfo { code: Some(1), signal: None }), None);
+        assert!(c);
+        assert!(r.contains("exit status 1"), "{r}");
+        let (c, r) = describe_stop(Some(&ev(true, "guest-panic")), None, None, None);
+        assert!(c);
+        assert!(r.contains("panicked"));
+        let (c, r) = describe_stop(Some(&ev(false, "host-signal")), None, exit0, None);
+        assert!(!c);
+        assert!(r.contains("signal from the host (host-signal)"), "{r}");
+        let (_, r) = describe_stop(Some(&ev(false, "host-qmp-quit")), None, exit0, None);
+        assert!(r.contains("quit over QMP"), "{r}");
+    }
+
+    #[test]
+    fn a_panic_paused_vm_stopped_later_still_names_the_panic() {
+        let panic = Event { event: "GUEST_PANICKED".into(), data: json!({"action": "pause"}), timestamp: 1.0 };
+        let o = StopOutcome {
+            method: Some(crate::instance::records::StopMethod::Quit),
+            shutdown_reason: Some("host-qmp-quit".into()),
+            guest: false,
+            seconds: 1.0,
+            exit: None,
+            steps: vec![],
+        };
+        let (c, r) = describe_stop(Some(&ev(false, "host-qmp-quit")), Some(&panic), None, Some(&o));
+        assert!(c);
+        assert!(r.contains("panicked (GUEST_PANICKED)") && r.contains("stopped by qbuf-qemu: quit"), "{r}");
+    }
+}

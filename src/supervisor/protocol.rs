@@ -1,0 +1,149 @@
+//! The supervisor's control protocol on `control.sock`: a client sends one
+//! JSON request line and reads one JSON answer line; a `Subscribe` stream
+//! goes on with one line per QMP event. Both ends are typed here, and both
+//! are serde: no JSON is built by hand.
+//!
+//! QMP serves one client per socket, so commands never talk to QEMU's own
+//! socket: the supervisor holds the one QMP connection and answers many
+//! clients at once, so `status` answers while a `powerdown` waits.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::instance::proc::ExitInfo;
+use crate::instance::records::{StopMethod, StopOutcome, StopRecord};
+use crate::qemu::args::Accel;
+use crate::qemu::parse::LiveDisk;
+use crate::qga::AgentState;
+use crate::qmp::Event;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    /// A QMP command forwarded as is.
+    Qmp {
+        command: String,
+        #[serde(default)]
+        arguments: Value,
+        timeout_ms: u64,
+    },
+    /// Everything `status` shows, in one answer.
+    Status,
+    /// Run the stop ladder; answered once QEMU is gone.
+    Powerdown { timeout_secs: f64, force: bool },
+    /// Stream every QMP event from now on. The first answer is `Subscribed`,
+    /// sent once the subscription is in place: a command sent after it
+    /// cannot produce an event the stream misses.
+    Subscribe,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "answer", content = "body", rename_all = "kebab-case")]
+pub enum Response {
+    /// A QMP command's return value.
+    Return(Value),
+    /// QEMU's error for a QMP command.
+    QmpError {
+        class: String,
+        desc: String,
+    },
+    /// The supervisor could not do what was asked.
+    Failed(String),
+    Status(Box<VmState>),
+    Stopped(Box<Stopped>),
+    Subscribed,
+    Event(Event),
+}
+
+/// The supervisor's view of its VM, with QEMU's own answers while it runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmState {
+    pub qemu_pid: i32,
+    pub supervisor_pid: i32,
+    pub started_at: f64,
+    pub accel: Accel,
+    pub qemu_version: String,
+    pub hotplug_ports: u32,
+    /// The stop ladder's current step while it runs.
+    pub stopping: Option<StopMethod>,
+    /// The last SHUTDOWN event seen, if any.
+    pub last_shutdown: Option<Event>,
+    /// GUEST_PANICKED, if the guest panicked during this boot.
+    pub panicked: Option<Event>,
+    /// Whether the guest has the guest agent's virtio-serial port open (from
+    /// `VSERPORT_CHANGE`): no agent can answer while it is closed.
+    pub agent_port_open: bool,
+    /// Set once QEMU has exited: how, and why once the supervisor knows.
+    pub ended: Option<Ended>,
+    /// QEMU's answers; `None` once it has exited.
+    pub live: Option<Live>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ended {
+    pub exit: ExitInfo,
+    /// The stop record, once written (or composed when it could not be).
+    pub record: Option<StopRecord>,
+}
+
+/// What QEMU itself says while it runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Live {
+    Answered(LiveState),
+    /// `query-status` got no answer: QEMU is frozen or overloaded.
+    Unresponsive {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LiveState {
+    /// QEMU's run state (`running`, `paused`, `guest-panicked`, …), raw so a
+    /// state newer than qapi's schema still reaches the user.
+    pub run_state: String,
+    pub memory_mib: Option<u64>,
+    pub cpus: Option<u32>,
+    pub disks: Vec<LiveDisk>,
+    /// How many reserved root ports carry a device now.
+    pub hotplug_ports_used: Option<u32>,
+    pub guest_agent: AgentState,
+}
+
+/// The answer to `Powerdown`: what the ladder did, and why QEMU ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stopped {
+    pub outcome: StopOutcome,
+    pub record: Option<StopRecord>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_and_answers_survive_a_round_trip() {
+        let reqs = [
+            Request::Qmp { command: "query-status".into(), arguments: serde_json::json!({}), timeout_ms: 5 },
+            Request::Status,
+            Request::Powerdown { timeout_secs: 1.5, force: true },
+            Request::Subscribe,
+        ];
+        for r in reqs {
+            let line = serde_json::to_string(&r).unwrap();
+            assert!(!line.contains('\n'));
+            assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), r);
+        }
+        let answers = [
+            Response::Return(serde_json::json!({"a": 1})),
+            Response::QmpError { class: "GenericError".into(), desc: "x \"quoted\"\n".into() },
+            Response::Failed("no".into()),
+            Response::Subscribed,
+        ];
+        for a in answers {
+            let line = serde_json::to_string(&a).unwrap();
+            assert!(!line.contains('\n'), "one line: {line}");
+            assert_eq!(serde_json::from_str::<Response>(&line).unwrap(), a);
+        }
+    }
+}

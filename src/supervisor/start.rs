@@ -1,0 +1,120 @@
+//! Bringing QEMU up: spawn it as our child (its SIGTERM and SIGHUP blocked,
+//! so a host-wide signal reaches only the supervisor, which powers the guest
+//! down), reap it in a task, and open the supervisor's QMP connection. A
+//! failure comes back as a [`LaunchFailure`] with its parts.
+
+use std::fs::File;
+use std::time::Duration;
+
+use tokio::net::UnixStream;
+use tokio::sync::watch;
+
+use crate::instance::proc::ExitInfo;
+use crate::instance::records::{BootPlan, LaunchFailure};
+use crate::instance::Instance;
+use crate::qmp::{Qmp, QmpError};
+
+/// How long QEMU may take to create its QMP socket.
+const SOCKET_DEADLINE: Duration = Duration::from_secs(60);
+/// How long QEMU may take to greet once it accepted the connection.
+const GREETING_DEADLINE: Duration = Duration::from_secs(10);
+
+/// QEMU running, with the supervisor's QMP connection.
+pub struct Started {
+    pub pid: i32,
+    pub qmp: Qmp,
+    /// `Some` once the reaper task has collected QEMU's exit status.
+    pub exited: watch::Receiver<Option<ExitInfo>>,
+    pub version: String,
+}
+
+pub async fn start(inst: &Instance, plan: &BootPlan) -> Result<Started, LaunchFailure> {
+    let fail = |message: String, exit: Option<ExitInfo>| LaunchFailure {
+        message,
+        exit,
+        command_line: plan.command_line(),
+        stderr_tail: crate::logs::tail(&inst.qemu_stderr(), 0, 4000, ""),
+        serial_tail: String::new(),
+    };
+    let (pid, exited) = spawn(inst, plan).map_err(|m| fail(m, None))?;
+    let qmp = match connect(inst, &exited).await {
+        Ok(q) => q,
+        Err(Early::Exited(e)) => return Err(fail(format!("QEMU exited during start-up ({e})"), Some(e))),
+        Err(Early::Stuck(m)) => {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let mut rx = exited.clone();
+            let _ = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|e| e.is_some())).await;
+            let exit = *exited.borrow();
+            return Err(fail(format!("{m}; it was killed"), exit));
+        }
+    };
+    let version = qmp
+        .execute(&qapi::qmp::query_version {}, Duration::from_secs(5))
+        .await
+        .map(|v| format!("{}.{}.{}", v.qemu.major, v.qemu.minor, v.qemu.micro))
+        .unwrap_or_else(|_| "unknown".into());
+    Ok(Started { pid, qmp, exited, version })
+}
+
+/// Starts QEMU as our child; a task reaps it and publishes its exit.
+fn spawn(inst: &Instance, plan: &BootPlan) -> Result<(i32, watch::Receiver<Option<ExitInfo>>), String> {
+    let stderr = File::create(inst.qemu_stderr()).map_err(|e| format!("cannot create qemu.log: {e}"))?;
+    let stdout = stderr.try_clone().map_err(|e| e.to_string())?;
+    let mut cmd = tokio::process::Command::new(&plan.qemu);
+    cmd.args(&plan.argv).stdin(std::process::Stdio::null()).stdout(stdout).stderr(stderr);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+            let mut set = SigSet::empty();
+            set.add(Signal::SIGTERM);
+            set.add(Signal::SIGHUP);
+            nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), None).map_err(std::io::Error::from)
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| format!("cannot run {}: {e}", plan.qemu.display()))?;
+    let pid = child.id().ok_or("QEMU has no pid")? as i32;
+    let (tx, rx) = watch::channel(None);
+    tokio::spawn(async move {
+        let info = match child.wait().await {
+            Ok(s) => ExitInfo::from(s),
+            Err(_) => ExitInfo { code: None, signal: None },
+        };
+        let _ = tx.send(Some(info));
+    });
+    Ok((pid, rx))
+}
+
+enum Early {
+    Exited(ExitInfo),
+    Stuck(String),
+}
+
+/// Connects as soon as QEMU has created its socket. A QEMU that accepts
+/// but never greets is told apart from one that never opened the socket.
+async fn connect(inst: &Instance, exited: &watch::Receiver<Option<ExitInfo>>) -> Result<Qmp, Early> {
+    let deadline = tokio::time::Instant::now() + SOCKET_DEADLINE;
+    loop {
+        if let Some(e) = *exited.borrow() {
+            return Err(Early::Exited(e));
+        }
+        if let Ok(s) = UnixStream::connect(inst.qmp_supervisor()).await {
+            return match Qmp::handshake(s, GREETING_DEADLINE).await {
+                Ok(q) => Ok(q),
+                Err(_) if exited.borrow().is_some() => Err(Early::Exited(exited.borrow().expect("checked"))),
+                Err(QmpError::Timeout { .. }) => Err(Early::Stuck(format!(
+                    "QEMU opened its QMP socket but never answered on it (no greeting within {}s)",
+                    GREETING_DEADLINE.as_secs()
+                ))),
+                Err(e) => Err(Early::Stuck(format!("QEMU's QMP greeting failed: {e}"))),
+            };
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(Early::Stuck(format!(
+                "QEMU did not open its QMP socket within {}s",
+                SOCKET_DEADLINE.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
