@@ -25,4 +25,4 @@ mod ssh;
 mod supervisor;
 
 pub use app::run;
-pub use report::{error_document, print_line, StdoutClosed};
+pub use report::{error_document, exit_code, print_line, StdoutClosed};

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use qbuf_qemu::cli::{Cli, Command};
-use qbuf_qemu::{error_document, StdoutClosed};
+use qbuf_qemu::{error_document, exit_code, StdoutClosed};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -23,11 +23,12 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) if e.downcast_ref::<StdoutClosed>().is_some() => ExitCode::SUCCESS,
         Err(e) => {
+            let code = exit_code(&e);
             eprintln!("qbuf-qemu: error: {e:#}");
             if json {
-                let _ = qbuf_qemu::print_line(&error_document(&e, 1).to_string());
+                let _ = qbuf_qemu::print_line(&error_document(&e, code).to_string());
             }
-            ExitCode::from(1)
+            ExitCode::from(code as u8)
         }
     }
 }

@@ -29,7 +29,7 @@ fn bad_instance_names_are_refused_before_any_file_is_touched() {
     for bad in ["../x", "a/b", "A", "a b", "-x", ".."] {
         let name = format!("--name={bad}");
         let o = run(&["--state-dir", s.to_str().unwrap(), &name, "launch", "--image", "/nonexistent"]);
-        assert_eq!(o.status.code(), Some(1), "{bad}: {}", stderr(&o));
+        assert_eq!(o.status.code(), Some(2), "{bad}: {}", stderr(&o));
         assert!(stderr(&o).contains("invalid instance name"), "{bad}: {}", stderr(&o));
         assert!(!s.exists(), "{bad}: the state dir was created");
     }

@@ -12,11 +12,13 @@ use super::{block_on, Ctx};
 use crate::config::{self, Settings};
 use crate::instance::records::RunRecord;
 use crate::instance::{read_json, write_json, Instance, Lock};
+use crate::report::error::Usage;
 use crate::report::launch::Launched;
 use crate::ssh;
 use crate::supervisor::client;
 
 pub fn launch(ctx: &Ctx, opts: &LaunchOptions) -> Result<Launched> {
+    crate::cli::parse::fits_host(opts.flags.memory, opts.flags.cpus).map_err(Usage)?;
     ctx.state.ensure()?;
     let inst = ctx.instance();
     // Before anything slow (a Guix build): a launch that must fail does so now.

@@ -123,8 +123,8 @@ fn destroy(ctx: &Ctx, stop: &StopArgs, yes: bool) -> Result<i32> {
     ctx.existing()?;
     if !yes {
         if !std::io::stdin().is_terminal() {
-            eprintln!("qbuf-qemu: destroy deletes instance '{}' and its disk; without a terminal pass --yes", ctx.name);
-            return Ok(2);
+            let m = format!("destroy deletes instance '{}' and its disk; without a terminal pass --yes", ctx.name);
+            return Err(crate::report::error::Usage(m).into());
         }
         eprint!("Destroy instance '{}' and delete its disk (guest data is lost)? [y/N] ", ctx.name);
         let mut answer = String::new();

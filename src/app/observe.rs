@@ -54,6 +54,8 @@ pub fn run(ctx: &Ctx, command: Command) -> Result<i32> {
     }
 }
 
+/// `--json` given to a command whose stdout is a stream of text: refused
+/// as a usage error with stdout left empty (no document could describe it).
 fn usage(msg: &str) -> Result<i32> {
     eprintln!("qbuf-qemu: error: {msg}");
     Ok(2)

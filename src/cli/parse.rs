@@ -48,18 +48,36 @@ pub fn host_memory_mib() -> Option<u64> {
     Some(kib / 1024)
 }
 
-/// `--memory`: at least 64M, at most the host's memory (QEMU could not
-/// allocate more, and a guest that swaps the host is no dev VM).
+/// The most memory QEMU's x86_64 machines address (`-m` above it fails).
+pub const MAX_MEMORY_MIB: u64 = 4 << 20;
+
+/// `--memory`: at least 64M, at most what QEMU's x86_64 machines take.
+/// What this host can give is checked by `launch` ([`fits_host`]).
 pub fn memory_mib(s: &str) -> Result<u64, String> {
     let mib = size_bytes(s)?.div_ceil(1 << 20);
     if mib < MIN_MEMORY_MIB {
         return Err(format!("{s:?} is too small: a VM needs at least {MIN_MEMORY_MIB}M"));
     }
-    match host_memory_mib() {
-        Some(host) if mib > host => {
-            Err(format!("{s:?} is more than this host's memory ({host}M): give at most {host}M"))
+    if mib > MAX_MEMORY_MIB {
+        return Err(format!("{s:?} is too large: QEMU gives a VM at most 4T"));
+    }
+    Ok(mib)
+}
+
+/// Whether `memory_mib` and `cpus` fit this host: more memory than it has
+/// cannot be allocated, and more vCPUs than it has only slow the guest.
+pub fn fits_host(memory_mib: Option<u64>, cpus: Option<u32>) -> Result<(), String> {
+    if let (Some(m), Some(host)) = (memory_mib, host_memory_mib()) {
+        if m > host {
+            return Err(format!("--memory {m}M is more than this host's memory ({host}M): give at most {host}M"));
         }
-        _ => Ok(mib),
+    }
+    let host_cpus = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+    match cpus {
+        Some(n) if n > host_cpus => {
+            Err(format!("--cpus {n} is more than this host has ({host_cpus}): give 1-{host_cpus}"))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -84,15 +102,16 @@ pub fn image_size(s: &str) -> Result<String, String> {
     Ok(s.trim().to_string())
 }
 
-/// `--cpus`: 1 up to this host's logical CPUs (more vCPUs than host CPUs
-/// only slow the guest down, and QEMU's limits are far above any host's).
+/// The most vCPUs QEMU's q35 machine takes (7.2 and 10.0).
+pub const MAX_CPUS: u32 = 288;
+
+/// `--cpus`: 1 to 288 (q35's limit); what this host has is checked by
+/// `launch` ([`fits_host`]).
 pub fn cpus(s: &str) -> Result<u32, String> {
-    let host = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
     match s.trim().parse::<u32>() {
-        Ok(n) if (1..=host).contains(&n) => Ok(n),
+        Ok(n) if (1..=MAX_CPUS).contains(&n) => Ok(n),
         Ok(0) => Err("--cpus must be at least 1".into()),
-        Ok(n) => Err(format!("{n} CPUs is more than this host has ({host}): give 1-{host}")),
-        Err(_) => Err(format!("{s:?} is not a number of CPUs: give 1-{host}")),
+        _ => Err(format!("{s:?} is not a number of CPUs QEMU takes: give 1-{MAX_CPUS}")),
     }
 }
 
@@ -242,18 +261,24 @@ mod tests {
     fn memory_is_bounded_by_qemu_and_the_host() {
         assert_eq!(memory_mib("512M"), Ok(512));
         assert!(memory_mib("10M").unwrap_err().contains("at least 64M"));
-        let host = host_memory_mib().expect("/proc/meminfo");
-        let e = memory_mib(&format!("{}M", host + 1)).unwrap_err();
-        assert!(e.contains("more than this host"), "{e}");
-        assert!(memory_mib("200000G").is_err());
+        assert!(memory_mib("200000G").unwrap_err().contains("at most 4T"));
+        assert!(memory_mib("99999999999999999999").is_err());
         assert!(memory_mib("1e3").is_err());
+        let host = host_memory_mib().expect("/proc/meminfo");
+        assert!(fits_host(Some(host), Some(1)).is_ok());
+        let e = fits_host(Some(host + 1), None).unwrap_err();
+        assert!(e.contains("more than this host's memory"), "{e}");
+        let cpus = std::thread::available_parallelism().unwrap().get() as u32;
+        assert!(fits_host(None, Some(cpus)).is_ok());
+        assert!(fits_host(None, Some(cpus + 1)).unwrap_err().contains("more than this host has"));
     }
 
     #[test]
     fn cpus_timeouts_and_disks_are_bounded() {
         assert_eq!(cpus("1"), Ok(1));
         assert!(cpus("0").is_err());
-        assert!(cpus("999").unwrap_err().contains("more than this host"));
+        assert_eq!(cpus("288"), Ok(288));
+        assert!(cpus("999").unwrap_err().contains("1-288"));
         assert!(cpus("4294967295").is_err());
         assert!(cpus("4294967296").is_err());
         assert_eq!(timeout("90"), Ok(Duration::from_secs(90)));

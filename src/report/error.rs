@@ -52,6 +52,28 @@ impl std::fmt::Display for Failure {
 
 impl std::error::Error for Failure {}
 
+/// A bad value the parser could not judge alone (it needs the host or the
+/// instance): a usage error, exit 2, before anything is touched.
+#[derive(Debug, Clone)]
+pub struct Usage(pub String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// The exit status an error ends the process with: 2 for usage, else 1.
+pub fn exit_code(e: &anyhow::Error) -> i32 {
+    if e.downcast_ref::<Usage>().is_some() {
+        2
+    } else {
+        1
+    }
+}
+
 /// The `--json` document for a failure.
 pub fn error_document(e: &anyhow::Error, exit_code: i32) -> Value {
     let detail = e.downcast_ref::<Failure>().map(|f| serde_json::to_value(f).unwrap_or(Value::Null));

@@ -15,7 +15,7 @@ use std::io::Write;
 
 use serde::Serialize;
 
-pub use error::error_document;
+pub use error::{error_document, exit_code};
 
 /// An outcome that prints for people; its JSON form is its `Serialize`.
 pub trait Render: Serialize {
