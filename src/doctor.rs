@@ -79,23 +79,24 @@ fn check_qemu() -> (Check, Option<QemuBinaries>) {
 
 fn check_kvm(bins: Option<&QemuBinaries>) -> Check {
     let tcg = "launch uses TCG software emulation (slow: expect minutes to boot)";
+    let dev = qemu_host::kvm_device().display().to_string();
     match qemu_host::probe_kvm() {
         Kvm::Missing => problem(
             "kvm",
             Level::Warn,
-            format!("/dev/kvm does not exist: {tcg}"),
+            format!("{dev} does not exist: {tcg}"),
             "enable virtualization (VT-x/AMD-V) in the firmware and load kvm_intel or kvm_amd; in a VM, enable nested virtualization",
         ),
         Kvm::NoAccess(e) => problem(
             "kvm",
             Level::Warn,
-            format!("/dev/kvm is present but cannot be opened ({e}): {tcg}"),
+            format!("{dev} is present but cannot be opened ({e}): {tcg}"),
             "add yourself to group kvm ('sudo usermod -aG kvm $USER') and log in again",
         ),
-        Kvm::Broken(e) => problem("kvm", Level::Warn, format!("/dev/kvm is present but unusable ({e}): {tcg}"), "fix the host's KVM, or use --accel tcg"),
+        Kvm::Broken(e) => problem("kvm", Level::Warn, format!("{dev} is present but unusable ({e}): {tcg}"), "fix the host's KVM, or use --accel tcg"),
         Kvm::Usable => {
             let Some(b) = bins else {
-                return problem("kvm", Level::Warn, "/dev/kvm opens, but without QEMU a test VM cannot be run", "install QEMU first");
+                return problem("kvm", Level::Warn, format!("{dev} opens, but without QEMU a test VM cannot be run"), "install QEMU first");
             };
             let tcg_args = accel_args(Accel::Tcg);
             if let Err(e) = qemu_host::vcpu_runs(b, &tcg_args, qemu_host::KVM_PROBE_TIMEOUT) {
@@ -106,7 +107,7 @@ fn check_kvm(bins: Option<&QemuBinaries>) -> Check {
                 Err(e) => problem(
                     "kvm",
                     Level::Warn,
-                    format!("/dev/kvm is present but unusable: {e}. 'launch' falls back to TCG (slow)"),
+                    format!("{dev} is present but unusable: {e}. 'launch' falls back to TCG (slow)"),
                     "common in broken nested virtualization: fix the host's KVM, or pass --accel tcg",
                 ),
             }

@@ -26,3 +26,6 @@ mod supervisor;
 
 pub use app::run;
 pub use report::{error_document, exit_code, print_line, StdoutClosed};
+
+#[cfg(test)]
+mod fuzz;

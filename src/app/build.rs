@@ -29,7 +29,7 @@ pub fn build(ctx: &Ctx, a: BuildArgs) -> Result<BuildResult> {
         image_size: a.image_size.or(saved_size).unwrap_or_else(|| DEFAULT_IMAGE_SIZE.into()),
         pubkey: crate::ssh::public_key_line(&key)?,
     };
-    guix::ensure(&ctx.state, &req, ctx.quiet || ctx.json, &ctx.command("build"))
+    guix::ensure(&ctx.state, &req, ctx.quiet, &ctx.command("build"))
 }
 
 /// The Guix image an instance boots: its own while guix/ is unchanged, the
@@ -68,7 +68,7 @@ pub fn instance_image(
             Ok(keep.store_path)
         }
         Choice::Build => {
-            let built = guix::ensure(&ctx.state, &req, ctx.quiet || ctx.json, &ctx.command("build"))?;
+            let built = guix::ensure(&ctx.state, &req, ctx.quiet, &ctx.command("build"))?;
             if let Some(old) = recorded.filter(|r| r.key != built.key) {
                 guix::release_root(&ctx.state, inst);
                 tracing::info!(old = %old.store_path.display(), "instance moved to a new image");

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use super::boot::{self, launched, LaunchOptions};
+use super::ready;
 use super::{block_on, Ctx};
 use crate::config::{self, Settings};
 use crate::instance::records::RunRecord;
@@ -99,5 +100,13 @@ fn already_running(ctx: &Ctx, inst: &Instance, opts: &LaunchOptions) -> Result<L
     }
     let key = boot::ssh_key_for(&ctx.state, &saved)?;
     let t = ssh::Target::for_instance(inst, saved.ssh_port, &saved.ssh_user, &key);
+    // Another launch may still be booting it: answer when a login works,
+    // as that launch will.
+    if let (false, Some(run)) = (opts.no_wait, read_json::<RunRecord>(&inst.run_record())?) {
+        let watch = ready::Watch { auto_kvm: false, silence: opts.silence, serial_before: 0 };
+        if let Err(r) = ready::wait(inst, &t, &run.qemu, Instant::now() + opts.timeout, &watch) {
+            bail!("instance '{}' runs (QEMU pid {pid}), but it is not reachable: {}", ctx.name, r.describe(&t, inst));
+        }
+    }
     Ok(launched(ctx, inst, &t, pid, accel, true, changes, notes))
 }

@@ -61,9 +61,10 @@ impl Ctx {
         Ok(inst)
     }
 
-    /// Progress for people on stderr, unless `-q` or `--json`.
+    /// Progress for people on stderr (with `--json` too: stdout holds the
+    /// document), unless `-q`.
     pub fn progress(&self, line: &str) {
-        if !self.quiet && !self.json {
+        if !self.quiet {
             eprintln!("qbuf-qemu: {line}");
         }
     }

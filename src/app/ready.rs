@@ -37,6 +37,17 @@ pub enum Readiness {
     Failed(String),
 }
 
+impl Readiness {
+    /// One sentence for a VM that is left running.
+    pub fn describe(&self, t: &ssh::Target, inst: &Instance) -> String {
+        match self {
+            Readiness::Exited(rec) => format!("QEMU stopped: {}", rec.reason),
+            Readiness::HostKey => ssh::host_key_mismatch_message(t, inst),
+            Readiness::Failed(m) => m.clone(),
+        }
+    }
+}
+
 /// Waits until a login works, QEMU ends, or `deadline`.
 pub fn wait(
     inst: &Instance,

@@ -22,7 +22,7 @@ pub fn proc_stat(pid: i32) -> Option<(char, u64)> {
 
 /// Parses `/proc/PID/stat`; the command name may contain spaces and ')'.
 pub fn parse_stat(s: &str) -> Option<(char, u64)> {
-    let rest = &s[s.rfind(')')? + 2..];
+    let rest = s.get(s.rfind(')')? + 1..)?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let state = fields.first()?.chars().next()?;
     // Field 22 (starttime) is index 19 after the state (field 3).
@@ -86,6 +86,8 @@ mod tests {
         let line = "1234 (qemu) sys (x)) S 1 1234 1234 0 -1 4194560 100 0 0 0 5 6 0 0 20 0 3 0 98765 1000 10 18446744073709551615 1 1 0 0 0 0 0 4096 0 0 0 0 17 1 0 0 0 0 0";
         assert_eq!(parse_stat(line), Some(('S', 98765)));
         assert_eq!(parse_stat("garbage"), None);
+        // Found by the property test: nothing after the name.
+        assert_eq!(parse_stat("1 (x)"), None);
     }
 
     #[test]

@@ -61,13 +61,23 @@ pub enum Kvm {
 impl Kvm {
     /// Why KVM cannot be used, for the user; `None` when it looks usable.
     pub fn problem(&self) -> Option<String> {
+        let dev = kvm_device();
         match self {
             Kvm::Usable => None,
-            Kvm::Missing => Some("/dev/kvm does not exist".into()),
-            Kvm::NoAccess(e) => Some(format!("cannot open /dev/kvm: {e}; add yourself to group kvm")),
+            Kvm::Missing => Some(format!("{} does not exist", dev.display())),
+            Kvm::NoAccess(e) => Some(format!("cannot open {}: {e}; add yourself to group kvm", dev.display())),
             Kvm::Broken(e) => Some(e.clone()),
         }
     }
+}
+
+/// The KVM device: `/dev/kvm`, or `$QBUF_QEMU_KVM_DEVICE` (a stand-in that
+/// keeps the broken-KVM path testable on hosts whose KVM works).
+pub fn kvm_device() -> PathBuf {
+    std::env::var_os("QBUF_QEMU_KVM_DEVICE")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/dev/kvm".into())
 }
 
 /// How long a KVM test VM gets to show its vCPU runs.
@@ -81,12 +91,12 @@ pub fn kvm_runs(b: &QemuBinaries) -> Result<(), String> {
     }
     vcpu_runs(b, &super::args::accel_args(super::args::Accel::Kvm), KVM_PROBE_TIMEOUT)
         .map(|_| ())
-        .map_err(|e| format!("/dev/kvm opens, but {e}"))
+        .map_err(|e| format!("{} opens, but {e}", kvm_device().display()))
 }
 
 pub fn probe_kvm() -> Kvm {
     use std::os::fd::AsRawFd;
-    let f = match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    let f = match std::fs::OpenOptions::new().read(true).write(true).open(kvm_device()) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Kvm::Missing,
         Err(e) => return Kvm::NoAccess(e.to_string()),

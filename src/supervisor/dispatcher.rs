@@ -42,6 +42,8 @@ pub enum Msg {
     LadderStep(StopMethod),
     LadderDone(StopOutcome),
     HostSignal,
+    /// The instance's directory was deleted under the running VM.
+    InstanceGone,
 }
 
 enum Ladder {
@@ -130,6 +132,12 @@ impl Dispatcher {
             Msg::LadderDone(o) => self.ladder = Ladder::Done(o),
             Msg::HostSignal => {
                 tracing::info!("host signal received: powering the guest down");
+                self.start_ladder(StopOptions { timeout: HOST_SIGNAL_TIMEOUT, force: false });
+            }
+            Msg::InstanceGone => {
+                // No command can reach this VM any more (its sockets and lock
+                // file are gone): power it down rather than leave an orphan.
+                tracing::warn!("the instance directory was deleted: powering the guest down");
                 self.start_ladder(StopOptions { timeout: HOST_SIGNAL_TIMEOUT, force: false });
             }
         }
@@ -307,10 +315,16 @@ async fn live(qmp: &Qmp, hotplug_ports: u32, agent: Option<PathBuf>) -> Live {
         Err(e) => return Live::Unresponsive { reason: e.to_string() },
     };
     let ports = async {
-        let mut used = 0;
+        // One question per root port, all in flight at once.
+        let mut asks = tokio::task::JoinSet::new();
         for i in 0..hotplug_ports {
-            let v = q("qom-list", json!({ "path": format!("/machine/peripheral/hp{i}/hp{i}") })).await.ok()?;
-            used += u32::from(crate::qemu::parse::port_has_device(&v));
+            let qmp = qmp.clone();
+            let path = format!("/machine/peripheral/hp{i}/hp{i}");
+            asks.spawn(async move { qmp.execute_raw("qom-list", json!({ "path": path }), QUERY).await });
+        }
+        let mut used = 0;
+        while let Some(answer) = asks.join_next().await {
+            used += u32::from(crate::qemu::parse::port_has_device(&answer.ok()?.ok()?));
         }
         Some(used)
     };

@@ -66,6 +66,7 @@ async fn supervise(inst: Instance) -> Result<i32> {
     forward_events(&started.qmp, tx.clone());
     forward_exit(started.exited.clone(), tx.clone());
     forward_host_signals(tx.clone());
+    watch_instance_dir(inst.dir.clone(), tx.clone());
 
     let listener = UnixListener::bind(inst.control()).context("cannot create the control socket")?;
     for s in inst.sockets() {
@@ -161,6 +162,24 @@ fn forward_host_signals(tx: mpsc::UnboundedSender<Msg>) {
         loop {
             tokio::select! { _ = term.recv() => {}, _ = hup.recv() => {}, _ = int.recv() => {} }
             if tx.send(Msg::HostSignal).is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// Tells the dispatcher when the instance's directory is deleted under the
+/// running VM (checked once a second: nothing else would notice).
+fn watch_instance_dir(dir: std::path::PathBuf, tx: mpsc::UnboundedSender<Msg>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            if !dir.is_dir() {
+                let _ = tx.send(Msg::InstanceGone);
+                return;
+            }
+            if tx.is_closed() {
                 return;
             }
         }

@@ -231,3 +231,13 @@ pub fn s(v: &Value, k: &str) -> String {
 pub fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// A content hash of a file (FNV-1a), to prove it was not written.
+pub fn file_hash(p: &Path) -> u64 {
+    let mut h = 0xcbf29ce484222325u64;
+    for b in std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
