@@ -10,6 +10,15 @@ fn state(test: &str) -> PathBuf {
     d
 }
 
+/// A stopped instance as far as the tool can tell: its directory with a
+/// file qbuf-qemu makes (a bare directory is not an instance).
+fn stopped_instance(s: &std::path::Path, name: &str) -> PathBuf {
+    let inst = s.join("instances").join(name);
+    std::fs::create_dir_all(&inst).unwrap();
+    std::fs::write(inst.join("serial.log"), "booted once\n").unwrap();
+    inst
+}
+
 fn run(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_qbuf-qemu"))
         .args(args)
@@ -68,8 +77,7 @@ fn usage_errors_exit_2() {
 #[test]
 fn destroy_without_a_terminal_needs_yes() {
     let s = state("destroy");
-    let inst = s.join("instances").join("dev");
-    std::fs::create_dir_all(&inst).unwrap();
+    let inst = stopped_instance(&s, "dev");
     let o = run(&["--state-dir", s.to_str().unwrap(), "destroy"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("--yes"));
@@ -85,7 +93,7 @@ fn destroy_without_a_terminal_needs_yes() {
 #[test]
 fn powerdown_of_a_stopped_instance_is_already_stopped_exit_0() {
     let s = state("stopped");
-    std::fs::create_dir_all(s.join("instances").join("dev")).unwrap();
+    stopped_instance(&s, "dev");
     let o = run(&["--state-dir", s.to_str().unwrap(), "powerdown", "--json"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -111,4 +119,48 @@ fn launch_without_guix_or_image_says_what_to_do() {
     assert!(!s.join("instances/dev").exists(), "no half-made instance");
     let _ = std::fs::remove_dir_all(&s);
     let _ = std::fs::remove_dir_all(&empty);
+}
+
+#[test]
+fn destroy_says_what_it_kept_and_leaves_no_ghost_instance() {
+    let s = state("ghost");
+    let sd = s.to_str().unwrap();
+    let inst = stopped_instance(&s, "dev");
+    std::fs::write(inst.join("my-notes.txt"), "mine").unwrap();
+    let o = run(&["--state-dir", sd, "destroy", "--yes"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("Kept") && out.contains("my-notes.txt") && out.contains("did not create"), "{out}");
+    assert!(inst.join("my-notes.txt").is_file(), "the user's file stays");
+    // The directory that stays is no instance: not listed, no stopped ghost.
+    let o = run(&["--state-dir", sd, "--json", "list"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["instances"], serde_json::json!([]), "{v}");
+    let o = run(&["--state-dir", sd, "status"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("no instance named 'dev'") && stderr(&o).contains("destroy kept them"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::remove_dir_all(&s).unwrap();
+}
+
+#[test]
+fn an_unknown_name_lists_the_instances_and_suggests_the_closest() {
+    let s = state("didyoumean");
+    let sd = s.to_str().unwrap();
+    stopped_instance(&s, "review");
+    stopped_instance(&s, "dev");
+    let o = run(&["--state-dir", sd, "--name", "reveiw", "status"]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(e.contains("did you mean 'review'?") && e.contains("Instances: dev, review"), "{e}");
+    let o = run(&["--state-dir", sd, "--name", "zzzzzz", "logs"]);
+    assert!(!stderr(&o).contains("did you mean"), "{}", stderr(&o));
+    let o = run(&["--state-dir", sd, "ls"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.starts_with("NAME") && out.contains("\ndev ") && out.contains("\nreview "), "{out}");
+    std::fs::remove_dir_all(&s).unwrap();
 }

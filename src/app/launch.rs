@@ -24,7 +24,9 @@ pub fn launch(ctx: &Ctx, opts: &LaunchOptions) -> Result<Launched> {
     let inst = ctx.instance();
     // Before anything slow (a Guix build): a launch that must fail does so now.
     inst.check_socket_paths()?;
-    let fresh = !inst.exists();
+    // Only a directory this launch made is removed on failure: one that
+    // `destroy` left with the user's files keeps them.
+    let fresh = !inst.dir.exists();
     inst.ensure_dir()?;
     let lock = match take_lock(ctx, &inst, opts) {
         Ok(Taken::Lock(l)) => l,

@@ -8,6 +8,7 @@ pub mod build;
 pub mod disks;
 pub mod forwards;
 pub mod launch;
+pub mod list;
 pub mod observe;
 pub mod ready;
 pub mod shares;
@@ -15,11 +16,10 @@ pub mod status;
 pub mod stop;
 pub mod vm;
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 use crate::cli::{Cli, Command, DiskCommand, ForwardCommand, ShareCommand, StopArgs};
 use crate::instance::{default_state_dir, Instance, StateDir};
@@ -51,12 +51,7 @@ impl Ctx {
     pub fn existing(&self) -> Result<Instance> {
         let inst = self.instance();
         if !inst.exists() {
-            bail!(
-                "no instance named '{}' in {}: create it with '{}'",
-                self.name,
-                self.state.root.display(),
-                self.command("launch")
-            );
+            return Err(list::unknown_instance(self));
         }
         Ok(inst)
     }
@@ -106,38 +101,23 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Launch(a) => done(&ctx, &launch::launch(&ctx, &boot::LaunchOptions::from_args(*a)?)?),
         Command::Build(a) => done(&ctx, &build::build(&ctx, a)?),
         Command::Status => done(&ctx, &status::status(&ctx)?),
+        Command::List => done(&ctx, &list::list(&ctx)?),
         Command::Powerdown(a) => {
             let r = stop::powerdown(&ctx, &stop_opts(&a))?;
             emit(ctx.json, &r)?;
             Ok(r.exit_code())
         }
-        Command::Destroy { stop, yes } => destroy(&ctx, &stop, yes),
+        Command::Destroy { stop, yes } => {
+            let r = stop::destroy_asking(&ctx, &stop_opts(&stop), yes)?;
+            emit(ctx.json, &r)?;
+            Ok(r.exit_code())
+        }
         Command::Disk(c) => disk(&ctx, c),
         Command::Forward(c) => forward(&ctx, c),
         Command::Share(c) => share(&ctx, c),
         Command::Supervise => crate::supervisor::run(ctx.instance()),
         other => observe::run(&ctx, other),
     }
-}
-
-fn destroy(ctx: &Ctx, stop: &StopArgs, yes: bool) -> Result<i32> {
-    ctx.existing()?;
-    if !yes {
-        if !std::io::stdin().is_terminal() {
-            let m = format!("destroy deletes instance '{}' and its disk; without a terminal pass --yes", ctx.name);
-            return Err(crate::report::error::Usage(m).into());
-        }
-        eprint!("Destroy instance '{}' and delete its disk (guest data is lost)? [y/N] ", ctx.name);
-        let mut answer = String::new();
-        std::io::stdin().read_line(&mut answer)?;
-        if !matches!(answer.trim(), "y" | "Y" | "yes") {
-            eprintln!("Nothing was done.");
-            return Ok(1);
-        }
-    }
-    let r = stop::destroy(ctx, &stop_opts(stop))?;
-    emit(ctx.json, &r)?;
-    Ok(r.stop.as_ref().map(|s| s.exit_code()).unwrap_or(0))
 }
 
 fn disk(ctx: &Ctx, c: DiskCommand) -> Result<i32> {

@@ -116,6 +116,34 @@ pub fn powerdown(ctx: &Ctx, opts: &StopOptions) -> Result<StopReport> {
     }
 }
 
+/// `destroy`: asks first on a terminal unless `yes`; without a terminal
+/// `--yes` is required (a usage error). Declining does nothing and is no
+/// failure.
+pub fn destroy_asking(ctx: &Ctx, opts: &StopOptions, yes: bool) -> Result<Destroyed> {
+    use std::io::IsTerminal;
+    ctx.existing()?;
+    if !yes {
+        if !std::io::stdin().is_terminal() {
+            let m = format!("destroy deletes instance '{}' and its disk; without a terminal pass --yes", ctx.name);
+            return Err(crate::report::error::Usage(m).into());
+        }
+        eprint!("Destroy instance '{}' and delete its disk (guest data is lost)? [y/N] ", ctx.name);
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            return Ok(Destroyed {
+                name: ctx.name.clone(),
+                declined: true,
+                stop: None,
+                removed: vec![],
+                kept: vec![],
+                kept_dir: None,
+            });
+        }
+    }
+    destroy(ctx, opts)
+}
+
 pub fn destroy(ctx: &Ctx, opts: &StopOptions) -> Result<Destroyed> {
     let inst = ctx.existing()?;
     let stop = stop(ctx, &inst, opts)?.map(|s| report(ctx, &s));
@@ -130,12 +158,12 @@ pub fn destroy(ctx: &Ctx, opts: &StopOptions) -> Result<Destroyed> {
     crate::guix::release_root(&ctx.state, &inst);
     let removed = remove_files(&inst)?;
     drop(lock);
-    let kept: Vec<PathBuf> =
-        std::fs::read_dir(&inst.dir).map(|rd| rd.filter_map(|e| Some(e.ok()?.path())).collect()).unwrap_or_default();
+    let kept = inst.kept_files();
     if kept.is_empty() {
         std::fs::remove_dir(&inst.dir).with_context(|| format!("cannot remove {}", inst.dir.display()))?;
     }
-    Ok(Destroyed { name: ctx.name.clone(), stop, removed, kept })
+    let kept_dir = (!kept.is_empty()).then(|| inst.dir.clone());
+    Ok(Destroyed { name: ctx.name.clone(), declined: false, stop, removed, kept, kept_dir })
 }
 
 /// Removes what the tool created for the instance, and nothing else: the

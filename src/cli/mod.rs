@@ -56,6 +56,9 @@ pub enum Command {
     },
     /// State, pid, uptime, resources and, for a stopped VM, why it stopped
     Status,
+    /// Every instance: state, QEMU pid, SSH port, uptime, disk use and boot source
+    #[command(visible_alias = "ls")]
+    List,
     /// Power the VM off: ACPI power button (then the guest agent, if one answers), then QMP quit, then signals
     Powerdown(StopArgs),
     /// Power the VM off and remove everything qbuf-qemu created for it

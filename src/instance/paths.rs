@@ -105,10 +105,13 @@ impl StateDir {
         }
         c
     }
+    /// The instances that exist, sorted. A directory that holds only files
+    /// qbuf-qemu did not create (kept by `destroy`) is not an instance.
     pub fn instance_names(&self) -> Vec<String> {
         let mut v: Vec<String> = fs::read_dir(self.root.join("instances"))
             .map(|rd| rd.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
             .unwrap_or_default();
+        v.retain(|n| validate_name(n).is_ok() && self.instance(n).exists());
         v.sort();
         v
     }
@@ -182,8 +185,20 @@ impl Instance {
         self.state().command(&self.name, rest)
     }
 
+    /// Whether the instance exists: its directory holds a file qbuf-qemu
+    /// made. A directory left with only the user's files (which `destroy`
+    /// keeps) is not an instance, so it is never listed as a stopped one.
     pub fn exists(&self) -> bool {
-        self.dir.is_dir()
+        INSTANCE_FILES.iter().any(|n| fs::symlink_metadata(self.dir.join(n)).is_ok())
+    }
+
+    /// The user's files in an instance directory that is not an instance
+    /// (see [`Instance::exists`]), as `destroy` left them.
+    pub fn kept_files(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> =
+            fs::read_dir(&self.dir).map(|rd| rd.filter_map(|e| Some(e.ok()?.path())).collect()).unwrap_or_default();
+        v.sort();
+        v
     }
 
     pub fn ensure_dir(&self) -> Result<()> {

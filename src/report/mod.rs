@@ -8,6 +8,7 @@ pub mod doctor;
 pub mod error;
 pub mod events;
 pub mod launch;
+pub mod list;
 pub mod status;
 pub mod stop;
 

@@ -90,21 +90,45 @@ impl Render for StopReport {
 #[derive(Debug, Clone, Serialize)]
 pub struct Destroyed {
     pub name: String,
+    /// The user answered no at the prompt: nothing was done (exit 0).
+    pub declined: bool,
     pub stop: Option<StopReport>,
     pub removed: Vec<PathBuf>,
+    /// Files in the instance directory that qbuf-qemu did not create.
     pub kept: Vec<PathBuf>,
+    /// The instance directory, when it stays because of `kept`; it is no
+    /// instance any more (`list` and `status` do not show it).
+    pub kept_dir: Option<PathBuf>,
+}
+
+impl Destroyed {
+    /// The stop's exit code (the contract's 0 or 3; 3 when the guest's own
+    /// shutdown was skipped or ignored, `--force` included); 0 when nothing
+    /// had to be stopped or the user declined.
+    pub fn exit_code(&self) -> i32 {
+        self.stop.as_ref().map(StopReport::exit_code).unwrap_or(0)
+    }
 }
 
 impl Render for Destroyed {
     fn human(&self) -> String {
+        if self.declined {
+            return format!("Nothing was done: instance '{}' is kept.", self.name);
+        }
         let mut s = String::new();
         if let Some(st) = &self.stop {
             s.push_str(&st.human());
             s.push('\n');
         }
         s.push_str(&format!("Instance '{}' destroyed ({} files removed).", self.name, self.removed.len()));
-        for k in &self.kept {
-            s.push_str(&format!("\nkept (not created by qbuf-qemu): {}", k.display()));
+        if let Some(dir) = &self.kept_dir {
+            let names: Vec<String> =
+                self.kept.iter().map(|k| k.file_name().unwrap_or(k.as_os_str()).to_string_lossy().into()).collect();
+            s.push_str(&format!(
+                "\nKept {} because it holds files qbuf-qemu did not create: {}. They are yours: remove them when you no longer need them.",
+                dir.display(),
+                names.join(", ")
+            ));
         }
         s
     }
