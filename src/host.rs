@@ -6,6 +6,10 @@ use std::process::Command;
 
 use anyhow::Result;
 
+/// Where forwards listen unless an address is given, and where every
+/// instance's SSH port is.
+pub const LOOPBACK: &str = "127.0.0.1";
+
 /// An executable `name` on PATH.
 pub fn find_in_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
@@ -17,7 +21,7 @@ pub fn find_in_path(name: &str) -> Option<PathBuf> {
 
 /// Whether 127.0.0.1:port can be bound now.
 pub fn port_free(port: u16) -> bool {
-    TcpListener::bind(("127.0.0.1", port)).is_ok()
+    TcpListener::bind((LOOPBACK, port)).is_ok()
 }
 
 /// Whether `addr:port` can be bound now, for TCP or UDP (a forward's host
@@ -33,7 +37,7 @@ pub fn addr_free(addr: &str, port: u16, udp: bool) -> bool {
 
 /// A free loopback port chosen by the kernel.
 pub fn pick_free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(TcpListener::bind((LOOPBACK, 0))?.local_addr()?.port())
 }
 
 /// The git top level of `dir`, if it is in a checkout.
@@ -52,7 +56,7 @@ mod tests {
 
     #[test]
     fn a_bound_port_is_not_free_and_a_picked_one_is() {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let l = TcpListener::bind((LOOPBACK, 0)).unwrap();
         let p = l.local_addr().unwrap().port();
         assert!(!port_free(p));
         let q = pick_free_port().unwrap();

@@ -25,17 +25,24 @@ pub fn tail(path: &Path, from: u64, max: usize, when_empty: &str) -> String {
     }
 }
 
-/// Calls `emit` with each chunk appended to `path` from `offset` on, forever
-/// (until the process is interrupted or `emit` fails). A file that does not
-/// exist yet is waited for; one that was replaced or shrank (destroyed and
-/// made again) is read from its start.
-pub fn follow(path: &Path, mut offset: u64, mut emit: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
+/// Calls `emit` with each chunk appended to `path` from `offset` on, while
+/// `alive()` says the writer is there: once it says no, what was written
+/// until then is read and `follow` returns (or earlier, when `emit` fails).
+/// A file that does not exist yet is waited for; one that was replaced or
+/// shrank (destroyed and made again) is read from its start.
+pub fn follow(
+    path: &Path,
+    mut offset: u64,
+    mut alive: impl FnMut() -> bool,
+    mut emit: impl FnMut(&[u8]) -> Result<()>,
+) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     let id = |m: &std::fs::Metadata| (m.dev(), m.ino());
     let mut buf = vec![0u8; 64 * 1024];
     // The file is kept open, so its inode cannot be reused by a new file at
     // the same path: a different inode there means the file was replaced.
     let mut open: Option<(File, (u64, u64))> = None;
+    let mut last_look = false;
     loop {
         let at_path = std::fs::metadata(path).ok().map(|m| id(&m));
         if at_path.is_some() && at_path != open.as_ref().map(|o| o.1) {
@@ -60,7 +67,102 @@ pub fn follow(path: &Path, mut offset: u64, mut emit: impl FnMut(&[u8]) -> Resul
                 continue;
             }
         }
-        std::thread::sleep(Duration::from_millis(200));
+        if last_look {
+            return Ok(());
+        }
+        // The writer's last words are in before it lets go: one more read.
+        last_look = !alive();
+        if !last_look {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// The byte offset in `text` where its last `n` lines start (a final line
+/// without a newline counts).
+pub fn last_lines_start(text: &[u8], n: usize) -> usize {
+    let body = text.strip_suffix(b"\n").unwrap_or(text);
+    if n == 0 {
+        return text.len();
+    }
+    body.iter().enumerate().rev().filter(|(_, b)| **b == b'\n').nth(n - 1).map(|(i, _)| i + 1).unwrap_or(0)
+}
+
+/// Removes the terminal control sequences a guest prints on its console
+/// (cursor moves, colours, `ESC[6n` which would make the user's terminal
+/// type an answer, OSC titles) and other control characters, keeping text,
+/// newlines and tabs. Fed in chunks: a sequence split between two chunks is
+/// still recognised.
+#[derive(Debug, Default)]
+pub struct TerminalFilter {
+    state: Filter,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Filter {
+    #[default]
+    Text,
+    Esc,
+    /// `ESC [` … a final byte in `@`..`~`.
+    Csi,
+    /// OSC, DCS and the like: up to BEL or `ESC \`.
+    Str,
+    StrEsc,
+    /// 0xC2: maybe the UTF-8 form of a C1 control.
+    C2,
+}
+
+impl TerminalFilter {
+    pub fn push(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        for &b in input {
+            self.state = match (self.state, b) {
+                (Filter::C2, 0x9b) => Filter::Csi,
+                (Filter::C2, 0x90 | 0x9d..=0x9f) => Filter::Str,
+                (Filter::C2, 0x80..=0x9f) => Filter::Text,
+                (Filter::C2, _) => {
+                    out.push(0xc2);
+                    self.text(b, out)
+                }
+                (Filter::Text, _) => self.text(b, out),
+                (Filter::Esc, b'[') => Filter::Csi,
+                (Filter::Esc, b']' | b'P' | b'X' | b'^' | b'_') => Filter::Str,
+                (Filter::Esc, 0x20..=0x2f) => Filter::Esc,
+                (Filter::Esc | Filter::Csi, b'\n') => {
+                    out.push(b);
+                    Filter::Text
+                }
+                (Filter::Esc, _) => Filter::Text,
+                (Filter::Csi, 0x40..=0x7e) => Filter::Text,
+                (Filter::Csi, _) => Filter::Csi,
+                (Filter::Str | Filter::StrEsc, 0x07) => Filter::Text,
+                (Filter::Str | Filter::StrEsc, 0x1b) => Filter::StrEsc,
+                (Filter::StrEsc, b'\\') => Filter::Text,
+                (Filter::Str | Filter::StrEsc, _) => Filter::Str,
+            };
+        }
+    }
+
+    fn text(&mut self, b: u8, out: &mut Vec<u8>) -> Filter {
+        match b {
+            0x1b => Filter::Esc,
+            0xc2 => Filter::C2,
+            b'\n' | b'\t' | b'\r' => {
+                out.push(b);
+                Filter::Text
+            }
+            0x00..=0x1f | 0x7f => Filter::Text,
+            _ => {
+                out.push(b);
+                Filter::Text
+            }
+        }
+    }
+
+    /// `input` filtered in one go.
+    pub fn clean(input: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(input.len());
+        TerminalFilter::default().push(input, &mut out);
+        out
     }
 }
 
@@ -84,17 +186,71 @@ mod tests {
             std::fs::write(&p2, "three, replaced\n").unwrap();
         });
         let mut seen = Vec::new();
-        let r = follow(&p, 0, |c| {
-            seen.extend_from_slice(c);
-            if seen.ends_with(b"three, replaced\n") {
-                anyhow::bail!("done")
-            }
-            Ok(())
-        });
+        let r = follow(
+            &p,
+            0,
+            || true,
+            |c| {
+                seen.extend_from_slice(c);
+                if seen.ends_with(b"three, replaced\n") {
+                    anyhow::bail!("done")
+                }
+                Ok(())
+            },
+        );
         writer.join().unwrap();
         assert_eq!(r.unwrap_err().to_string(), "done");
         assert_eq!(String::from_utf8(seen).unwrap(), "one\ntwo\nthree, replaced\n");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn follow_ends_once_the_writer_is_gone_with_its_last_words() {
+        let dir = std::env::temp_dir().join(format!("qbuf-follow-end-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("log");
+        std::fs::write(&p, "one\n").unwrap();
+        let mut seen = Vec::new();
+        let mut checks = 0;
+        follow(
+            &p,
+            0,
+            || {
+                checks += 1;
+                // The writer's last line lands between its last check and its exit.
+                std::fs::OpenOptions::new().append(true).open(&p).unwrap().write_all(b"last\n").unwrap();
+                checks < 2
+            },
+            |c| {
+                seen.extend_from_slice(c);
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(String::from_utf8(seen).unwrap(), "one\nlast\nlast\n");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn terminal_escapes_from_the_guest_are_not_passed_on() {
+        let raw = b"a\x1b[6nb\x1b[1;31mred\x1b[0m\x1b]0;title\x07c\x1b(Bd\x07\x08e\r\n\tf\xc2\x9b2Jg \xc3\xa9\xc2\xa0";
+        assert_eq!(TerminalFilter::clean(raw), "ab\u{72}edcde\r\n\tfg \u{e9}\u{a0}".as_bytes());
+        // Split anywhere, the same.
+        for cut in 0..raw.len() {
+            let mut f = TerminalFilter::default();
+            let mut out = Vec::new();
+            f.push(&raw[..cut], &mut out);
+            f.push(&raw[cut..], &mut out);
+            assert_eq!(out, TerminalFilter::clean(raw), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn the_last_lines_start_where_tail_would() {
+        assert_eq!(last_lines_start(b"a\nb\nc\n", 2), 2);
+        assert_eq!(last_lines_start(b"a\nb\nc", 1), 4);
+        assert_eq!(last_lines_start(b"a\nb\n", 5), 0);
+        assert_eq!(last_lines_start(b"a\n", 0), 2);
     }
 
     #[test]

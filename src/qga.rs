@@ -95,18 +95,31 @@ pub async fn ping(sock: &Path, timeout: Duration) -> Result<(), String> {
 /// when it works (the guest goes down), only an error when it does not;
 /// `Ok` says what was done, and the caller judges by QEMU exiting.
 pub async fn shutdown(sock: &Path, timeout: Duration) -> Result<String, String> {
+    guest_shutdown(sock, "powerdown", timeout).await
+}
+
+/// Asks the agent to reboot the guest (`guest-shutdown` with mode
+/// `reboot`); judged by the caller from QEMU's `RESET` event.
+pub async fn reboot(sock: &Path, timeout: Duration) -> Result<String, String> {
+    guest_shutdown(sock, "reboot", timeout).await
+}
+
+async fn guest_shutdown(sock: &Path, mode: &str, timeout: Duration) -> Result<String, String> {
     let fut = async {
         let mut r = synced(sock).await?;
-        let args = json!({ "mode": "powerdown" });
+        let args = json!({ "mode": mode });
         r.get_mut()
             .write_all(&request(<qapi::qga::guest_shutdown as qapi::Command>::NAME, args))
             .await
             .map_err(|e| e.to_string())?;
         match tokio::time::timeout(Duration::from_secs(1), read_json_line(&mut r)).await {
             Ok(Ok(v)) if v.get("error").is_some() => {
-                Err(format!("the guest agent refused guest-shutdown: {}", v["error"]))
+                Err(format!("the guest agent refused guest-shutdown ({mode}): {}", v["error"]))
             }
-            _ => Ok("asked the guest agent to power off (guest-shutdown)".to_string()),
+            _ => Ok(format!(
+                "asked the guest agent to {} (guest-shutdown)",
+                if mode == "powerdown" { "power off" } else { mode }
+            )),
         }
     };
     tokio::time::timeout(timeout, fut).await.unwrap_or_else(|_| Err("the guest agent did not answer".into()))

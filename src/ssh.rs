@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::host::LOOPBACK;
 use crate::instance::{private_dir, Instance, StateDir};
 
 /// Creates the tool's ed25519 key once (private 0600) and returns its path.
@@ -100,31 +101,78 @@ impl Target {
         }
     }
 
-    /// Options before the destination. The host key is pinned under an
-    /// alias, so a changed port does not lose the pin; `accept-new` records
-    /// it at first connect and refuses a different key afterwards.
+    /// Every OpenSSH setting the tool uses, as `ssh_config` keywords: one
+    /// table, rendered as `ssh` flags ([`Target::options`]), as `scp` flags
+    /// ([`Target::scp_command`]) and as a `Host` block
+    /// ([`Target::config_lines`]), so `ssh`, `copy` and `ssh-config` cannot
+    /// drift apart. The host key is pinned under an alias, so a changed port
+    /// does not lose the pin; `accept-new` records it at first connect and
+    /// refuses a different key afterwards.
+    pub fn settings(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("IdentityFile", self.key.display().to_string()),
+            ("Port", self.port.to_string()),
+            ("IdentitiesOnly", "yes".into()),
+            ("IdentityAgent", "none".into()),
+            ("PasswordAuthentication", "no".into()),
+            ("KbdInteractiveAuthentication", "no".into()),
+            ("StrictHostKeyChecking", "accept-new".into()),
+            ("UserKnownHostsFile", config_value(&self.known_hosts.display().to_string())),
+            ("GlobalKnownHostsFile", "/dev/null".into()),
+            ("HostKeyAlias", self.alias.clone()),
+            ("CheckHostIP", "no".into()),
+            ("LogLevel", "ERROR".into()),
+        ]
+    }
+
+    /// Options before the destination: `-i KEY -p PORT`, then `-o K=V`.
     pub fn options(&self) -> Vec<String> {
-        let o = |s: String| ["-o".to_string(), s];
-        let mut v = vec!["-i".to_string(), self.key.display().to_string(), "-p".into(), self.port.to_string()];
-        for opt in [
-            "IdentitiesOnly=yes".to_string(),
-            "IdentityAgent=none".to_string(),
-            "PasswordAuthentication=no".to_string(),
-            "KbdInteractiveAuthentication=no".to_string(),
-            "StrictHostKeyChecking=accept-new".to_string(),
-            format!("UserKnownHostsFile={}", self.known_hosts.display()),
-            "GlobalKnownHostsFile=/dev/null".to_string(),
-            format!("HostKeyAlias={}", self.alias),
-            "CheckHostIP=no".to_string(),
-            "LogLevel=ERROR".to_string(),
-        ] {
-            v.extend(o(opt));
+        let mut v = Vec::new();
+        for (k, val) in self.settings() {
+            match k {
+                "IdentityFile" => v.extend(["-i".to_string(), val]),
+                "Port" => v.extend(["-p".to_string(), val]),
+                _ => v.extend(["-o".to_string(), format!("{k}={val}")]),
+            }
         }
         v
     }
 
+    /// The `Host` block lines for `~/.ssh/config` (after `Host ALIAS`).
+    pub fn config_lines(&self) -> Vec<(&'static str, String)> {
+        let mut v = vec![("HostName", LOOPBACK.to_string()), ("User", config_value(&self.user))];
+        v.extend(self.settings().into_iter().map(|(k, val)| match k {
+            "IdentityFile" => (k, config_value(&val)),
+            _ => (k, val),
+        }));
+        v
+    }
+
+    /// `scp -r` with the same settings (`-o` only: scp's `-p` is not the
+    /// port). `sftp` says the scp speaks SFTP, where the remote path reaches
+    /// no shell; the old protocol hands it to the guest's shell, so it is
+    /// quoted then.
+    pub fn scp_command(&self, sources: &[ScpPath], dest: &ScpPath, sftp: bool, quiet: bool) -> Vec<String> {
+        let mut v = vec!["scp".to_string(), "-r".to_string()];
+        if quiet {
+            v.push("-q".into());
+        }
+        for (k, val) in self.settings() {
+            v.extend(["-o".to_string(), format!("{k}={}", config_value(&val))]);
+        }
+        v.push("--".into());
+        let spec = |p: &ScpPath| match p {
+            ScpPath::Local(l) => l.clone(),
+            ScpPath::Guest(g) if sftp => format!("{}:{g}", self.destination()),
+            ScpPath::Guest(g) => format!("{}:{}", self.destination(), shell_words::quote(g)),
+        };
+        v.extend(sources.iter().map(spec));
+        v.push(spec(dest));
+        v
+    }
+
     pub fn destination(&self) -> String {
-        format!("{}@127.0.0.1", self.user)
+        format!("{}@{LOOPBACK}", self.user)
     }
 
     /// argv for `ssh … DEST ARGS…`; ARGS are passed as given, like OpenSSH.
@@ -135,6 +183,36 @@ impl Target {
         v.extend(remote.iter().cloned());
         v
     }
+}
+
+/// One side of an `scp`: a host path, or a path in the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScpPath {
+    Local(String),
+    Guest(String),
+}
+
+/// A value as `ssh_config` (and `ssh -o`) reads it: one with blanks in
+/// double quotes, or it would be split into several.
+pub fn config_value(v: &str) -> String {
+    if v.contains(char::is_whitespace) {
+        format!("\"{v}\"")
+    } else {
+        v.to_string()
+    }
+}
+
+/// Whether this host's `scp` speaks SFTP by default (OpenSSH 9.0 and
+/// later), from `ssh -V`; older ones use the old protocol.
+pub fn scp_speaks_sftp() -> bool {
+    let out = Command::new("ssh").arg("-V").stdin(Stdio::null()).output();
+    let text = out.map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).unwrap_or_default();
+    openssh_major(&text).is_some_and(|v| v >= 9)
+}
+
+/// `OpenSSH_9.2p1 Debian-2, …` → 9.
+fn openssh_major(version: &str) -> Option<u32> {
+    version.trim().strip_prefix("OpenSSH_")?.split('.').next()?.parse().ok()
 }
 
 pub const HOST_KEY_CHANGED: &str = "REMOTE HOST IDENTIFICATION HAS CHANGED";
@@ -185,18 +263,25 @@ pub enum Login {
     Failed(String),
 }
 
-/// `ssh … true` with the instance key: readiness means a login works.
-pub fn try_login(t: &Target, timeout: Duration) -> Result<Login> {
-    let mut argv = t.command(&["true".into()]);
+/// Runs `remote` (one shell command line, already quoted) over SSH with no
+/// terminal and no prompts, and returns its output.
+pub fn run_batch(t: &Target, remote: &str, connect_timeout: Duration) -> Result<std::process::Output> {
+    let mut argv = t.command(&[remote.to_string()]);
     argv.insert(1, "-o".into());
-    argv.insert(2, format!("ConnectTimeout={}", timeout.as_secs().max(1)));
+    argv.insert(2, format!("ConnectTimeout={}", connect_timeout.as_secs().max(1)));
     argv.insert(1, "-o".into());
     argv.insert(2, "BatchMode=yes".into());
-    let out = Command::new(&argv[0])
+    tracing::debug!("running {}", shell_words::join(&argv));
+    Command::new(&argv[0])
         .args(&argv[1..])
         .stdin(Stdio::null())
         .output()
-        .context("cannot run 'ssh': install OpenSSH's client (Debian: apt-get install openssh-client)")?;
+        .context("cannot run 'ssh': install OpenSSH's client (Debian: apt-get install openssh-client)")
+}
+
+/// `ssh … true` with the instance key: readiness means a login works.
+pub fn try_login(t: &Target, timeout: Duration) -> Result<Login> {
+    let out = run_batch(t, "true", timeout)?;
     let err = String::from_utf8_lossy(&out.stderr);
     if out.status.success() {
         Ok(Login::Ok)
@@ -210,12 +295,17 @@ pub fn try_login(t: &Target, timeout: Duration) -> Result<Login> {
 /// Runs OpenSSH for the user with the terminal attached; stderr is passed
 /// through line by line so a host-key mismatch gets our explanation too.
 pub fn run_interactive(t: &Target, inst: &Instance, remote: &[String]) -> Result<i32> {
-    let argv = t.command(remote);
-    let mut child = Command::new(&argv[0])
-        .args(&argv[1..])
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("cannot run 'ssh': install OpenSSH's client (Debian: apt-get install openssh-client)")?;
+    run_explained(&t.command(remote), t, inst)
+}
+
+/// Runs `argv` (ssh or scp to `t`) with the terminal attached and its
+/// stderr passed through; a host-key mismatch gets our explanation after
+/// OpenSSH's warning. Returns the program's exit status.
+pub fn run_explained(argv: &[String], t: &Target, inst: &Instance) -> Result<i32> {
+    tracing::info!("running {}", shell_words::join(argv));
+    let mut child = Command::new(&argv[0]).args(&argv[1..]).stderr(Stdio::piped()).spawn().with_context(|| {
+        format!("cannot run '{}': install OpenSSH's client (Debian: apt-get install openssh-client)", argv[0])
+    })?;
     let stderr = child.stderr.take().expect("piped");
     let mut mismatch = false;
     let mut out = std::io::stderr();
@@ -263,6 +353,28 @@ mod tests {
         assert!(o.contains("PasswordAuthentication=no"));
         assert!(o.contains("IdentitiesOnly=yes"));
         assert!(!o.contains("StrictHostKeyChecking=no"));
+    }
+
+    #[test]
+    fn ssh_scp_and_the_config_block_share_one_set_of_options() {
+        let t = Target { known_hosts: "/s s/instances/dev/known_hosts".into(), ..target() };
+        let ssh = t.options().join(" ");
+        assert!(ssh.starts_with("-i /s/ssh/id_ed25519 -p 2222 -o IdentitiesOnly=yes"), "{ssh}");
+        assert!(ssh.contains("UserKnownHostsFile=\"/s s/instances/dev/known_hosts\""), "{ssh}");
+        let scp = t.scp_command(&[ScpPath::Local("a b".into())], &ScpPath::Guest("/tmp/x y".into()), false, true);
+        assert_eq!(&scp[..3], ["scp", "-r", "-q"]);
+        assert!(scp.contains(&"Port=2222".to_string()) && !scp.contains(&"-p".to_string()), "{scp:?}");
+        assert_eq!(scp[scp.len() - 2..], ["a b", "dev@127.0.0.1:'/tmp/x y'"], "old scp: the guest's shell reads it");
+        let sftp = t.scp_command(&[ScpPath::Guest("/tmp/x y".into())], &ScpPath::Local(".".into()), true, false);
+        assert_eq!(sftp[sftp.len() - 2..], ["dev@127.0.0.1:/tmp/x y", "."]);
+        let block: Vec<String> = t.config_lines().iter().map(|(k, v)| format!("{k} {v}")).collect();
+        for (k, _) in t.settings() {
+            assert!(block.iter().any(|l| l.starts_with(k)), "{k} missing from {block:?}");
+        }
+        assert!(block.contains(&"HostKeyAlias qbuf-qemu-dev".to_string()), "{block:?}");
+        assert_eq!(openssh_major("OpenSSH_9.2p1 Debian-2+deb12u10, OpenSSL 3.0.19"), Some(9));
+        assert_eq!(openssh_major("OpenSSH_8.4p1"), Some(8));
+        assert_eq!(openssh_major("Dropbear"), None);
     }
 
     #[test]

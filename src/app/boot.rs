@@ -27,6 +27,8 @@ pub struct LaunchOptions {
     pub timeout: Duration,
     pub no_wait: bool,
     pub recreate: bool,
+    /// `--disk-size`: grow the boot disk to this many bytes first.
+    pub disk_size: Option<u64>,
     /// Serial silence after which an automatically chosen KVM is blamed.
     pub silence: Duration,
 }
@@ -59,6 +61,7 @@ impl LaunchOptions {
             timeout: a.timeout,
             no_wait: a.no_wait,
             recreate: a.recreate,
+            disk_size: a.disk_size,
             silence: Duration::from_secs(silence),
         })
     }
@@ -142,6 +145,12 @@ pub fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Res
     std::fs::write(inst.authorized_key(), format!("{pubkey}\n"))
         .with_context(|| format!("cannot write {}", inst.authorized_key().display()))?;
     let (disk, kernel) = boot_disk(ctx, inst, &s, opts, &bins, &pubkey, &mut notes)?;
+    if let Some(bytes) = opts.disk_size {
+        let d = disk
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("--disk-size grows the boot disk, and this boot has none"))?;
+        notes.extend(super::resize::grow_before_boot(&bins.img, d, bytes)?);
+    }
     if disk.is_none() {
         // A diskless guest has no place to keep a host key: it makes a new
         // one every boot, so the pin can only hold for one boot.
@@ -149,9 +158,10 @@ pub fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Res
     }
     let (accel, auto_kvm) = choose_accel(ctx, &s, &bins, &mut notes)?;
     let spec = vm_spec(inst, &s, accel, disk, kernel, &devices, bins.firmware.clone());
-    let plan = BootPlan { qemu: bins.system.clone(), argv: crate::qemu::args::build_args(&spec)?, spec };
-    write_json(&inst.boot_plan(), &plan)?;
     let serial_before = std::fs::metadata(inst.serial_log()).map(|m| m.len()).unwrap_or(0);
+    let argv = crate::qemu::args::build_args(&spec)?;
+    let plan = BootPlan { qemu: bins.system.clone(), argv, spec, serial_start: serial_before };
+    write_json(&inst.boot_plan(), &plan)?;
     let hint = auto_kvm.then(|| KVM_HINT.to_string());
     let run = start(ctx, inst, lock, serial_before, hint.clone())?;
     // Saved once QEMU came up with them: a setting QEMU refuses is not kept.

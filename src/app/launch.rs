@@ -100,6 +100,10 @@ fn already_running(ctx: &Ctx, inst: &Instance, opts: &LaunchOptions) -> Result<L
     if !changes.is_empty() {
         write_json(&inst.settings(), &new)?;
     }
+    if let Some(bytes) = opts.disk_size {
+        let grown = super::resize::resize(ctx, crate::qemu::args::BOOT_DISK_DEVICE, bytes)?;
+        notes.push(crate::report::Render::human(&grown).replace('\n', " "));
+    }
     let key = boot::ssh_key_for(&ctx.state, &saved)?;
     let t = ssh::Target::for_instance(inst, saved.ssh_port, &saved.ssh_user, &key);
     // Another launch may still be booting it: answer when a login works,

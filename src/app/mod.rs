@@ -5,13 +5,18 @@
 
 pub mod boot;
 pub mod build;
+pub mod copy;
 pub mod disks;
 pub mod forwards;
 pub mod launch;
 pub mod list;
+pub mod logs;
 pub mod observe;
+pub mod power;
 pub mod ready;
+pub mod resize;
 pub mod shares;
+pub mod ssh_config;
 pub mod status;
 pub mod stop;
 pub mod vm;
@@ -102,6 +107,19 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Build(a) => done(&ctx, &build::build(&ctx, a)?),
         Command::Status => done(&ctx, &status::status(&ctx)?),
         Command::List => done(&ctx, &list::list(&ctx)?),
+        Command::SshConfig { instance, all } => done(&ctx, &ssh_config::ssh_config(&ctx, instance.as_deref(), all)?),
+        Command::Copy { paths } => done(&ctx, &copy::copy(&ctx, &paths)?),
+        Command::Pause => done(&ctx, &power::pause(&ctx)?),
+        Command::Resume => done(&ctx, &power::resume(&ctx)?),
+        Command::Reboot(a) => {
+            let opts = power::RebootOptions {
+                timeout: a.timeout,
+                force: a.force,
+                no_wait: a.no_wait,
+                ssh_timeout: a.ssh_timeout,
+            };
+            done(&ctx, &power::reboot(&ctx, &opts)?)
+        }
         Command::Powerdown(a) => {
             let r = stop::powerdown(&ctx, &stop_opts(&a))?;
             emit(ctx.json, &r)?;
@@ -128,6 +146,7 @@ fn disk(ctx: &Ctx, c: DiskCommand) -> Result<i32> {
         }
         DiskCommand::Remove { id, timeout } => done(ctx, &disks::remove(ctx, &id, timeout)?),
         DiskCommand::List => done(ctx, &disks::list(ctx)?),
+        DiskCommand::Resize { id, size } => done(ctx, &resize::resize(ctx, &id, size)?),
     }
 }
 

@@ -1,19 +1,17 @@
 //! Reaching into a VM to look and poke: `ssh`, `qmp`, `events`, `logs`,
 //! `console` and `doctor`.
 
-use std::io::Write;
-
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde_json::{json, Value};
 
 use super::vm::Vm;
 use super::{done, Ctx};
 use crate::cli::Command;
 use crate::config::Settings;
-use crate::instance::{read_json, Lock};
+use crate::instance::{read_json, Instance, Lock};
 use crate::report::error::Failure;
-use crate::report::events::{EventLine, Events, SerialLog};
-use crate::report::{print_line, write_stdout};
+use crate::report::print_line;
+use crate::ssh::Target;
 
 pub fn run(ctx: &Ctx, command: Command) -> Result<i32> {
     match command {
@@ -22,12 +20,8 @@ pub fn run(ctx: &Ctx, command: Command) -> Result<i32> {
         }
         Command::Ssh { args } => ssh(ctx, &args),
         Command::Qmp { command, arguments, timeout } => qmp(ctx, &command, arguments.as_deref(), timeout),
-        Command::Events { follow: true } => follow_events(ctx),
-        Command::Events { follow: false } => {
-            let inst = ctx.existing()?;
-            done(ctx, &Events { name: ctx.name.clone(), events: read_events(&inst.events_log())? })
-        }
-        Command::Console | Command::Logs { follow: true } if ctx.json => {
+        Command::Events { follow } => super::logs::events(ctx, follow),
+        Command::Console if ctx.json => {
             usage("this command streams the guest's console as text; --json does not apply")
         }
         Command::Console => {
@@ -35,20 +29,7 @@ pub fn run(ctx: &Ctx, command: Command) -> Result<i32> {
             crate::console::attach(&vm.inst.console(), &ctx.name)?;
             Ok(0)
         }
-        Command::Logs { follow: true } => {
-            let path = ctx.existing()?.serial_log();
-            crate::logs::follow(&path, 0, write_stdout)?;
-            Ok(0)
-        }
-        Command::Logs { follow: false } => {
-            let log = serial_log(ctx)?;
-            if ctx.json {
-                done(ctx, &log)
-            } else {
-                write_stdout(log.text.as_bytes())?;
-                Ok(0)
-            }
-        }
+        Command::Logs(a) => super::logs::logs(ctx, &a),
         Command::Doctor => done(ctx, &crate::doctor::run(&ctx.instance())),
         other => unreachable!("{other:?} is dispatched by app::run"),
     }
@@ -56,25 +37,36 @@ pub fn run(ctx: &Ctx, command: Command) -> Result<i32> {
 
 /// `--json` given to a command whose stdout is a stream of text: refused
 /// as a usage error with stdout left empty (no document could describe it).
-fn usage(msg: &str) -> Result<i32> {
+pub fn usage(msg: &str) -> Result<i32> {
     eprintln!("qbuf-qemu: error: {msg}");
     Ok(2)
 }
 
 /// `ssh -- ARGS…`: OpenSSH with the instance's key and pinned host key.
 fn ssh(ctx: &Ctx, args: &[String]) -> Result<i32> {
+    let (inst, t) = running_target(ctx)?;
+    crate::ssh::run_interactive(&t, &inst, args)
+}
+
+/// How OpenSSH reaches the instance, from its saved settings (it need not
+/// run).
+pub fn ssh_target(ctx: &Ctx) -> Result<(Instance, Target)> {
     let inst = ctx.existing()?;
-    let s: Settings = read_json(&inst.settings())?
-        .ok_or_else(|| anyhow::anyhow!("instance '{}' has no settings: launch it first", ctx.name))?;
+    let s: Settings = read_json(&inst.settings())?.ok_or_else(|| {
+        anyhow::anyhow!("instance '{}' has no settings yet: launch it first ('{}')", ctx.name, ctx.command("launch"))
+    })?;
+    let key = super::boot::ssh_key_for(&ctx.state, &s)?;
+    let t = Target::for_instance(&inst, s.ssh_port, &s.ssh_user, &key);
+    Ok((inst, t))
+}
+
+/// [`ssh_target`] of an instance that runs now.
+pub fn running_target(ctx: &Ctx) -> Result<(Instance, Target)> {
+    let (inst, t) = ssh_target(ctx)?;
     if !Lock::is_held(&inst)? {
         anyhow::bail!("instance '{}' is not running: start it with '{}'", ctx.name, ctx.command("launch"));
     }
-    let key = match &s.ssh_key {
-        Some(k) => k.clone(),
-        None => crate::ssh::ensure_user_key(&ctx.state)?,
-    };
-    let t = crate::ssh::Target::for_instance(&inst, s.ssh_port, &s.ssh_user, &key);
-    crate::ssh::run_interactive(&t, &inst, args)
+    Ok((inst, t))
 }
 
 /// `qmp COMMAND [JSON]`: QEMU's raw reply; a refusal is a typed failure.
@@ -108,45 +100,6 @@ pub fn parse_arguments(text: Option<&str>) -> Result<Value, String> {
             "QMP arguments are not valid JSON ({e}): e.g. '{{\"id\": \"disk1\"}}' (quote it for the shell)"
         )),
     }
-}
-
-/// Every event recorded so far.
-fn read_events(path: &std::path::Path) -> Result<Vec<EventLine>> {
-    match std::fs::read_to_string(path) {
-        Ok(s) => Ok(s.lines().filter_map(EventLine::parse).collect()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vec![]),
-        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
-    }
-}
-
-/// `events --follow`: what was recorded, then each new event as it comes;
-/// with `--json`, one JSON object per line (JSON Lines).
-fn follow_events(ctx: &Ctx) -> Result<i32> {
-    let path = ctx.existing()?.events_log();
-    let mut partial = Vec::new();
-    crate::logs::follow(&path, 0, |chunk| {
-        partial.extend_from_slice(chunk);
-        let mut out = Vec::new();
-        while let Some(end) = partial.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = partial.drain(..=end).collect();
-            if let Some(ev) = EventLine::parse(&String::from_utf8_lossy(&line)) {
-                let text = if ctx.json { serde_json::to_string(&ev)? } else { ev.human() };
-                writeln!(out, "{text}")?;
-            }
-        }
-        write_stdout(&out)
-    })?;
-    Ok(0)
-}
-
-fn serial_log(ctx: &Ctx) -> Result<SerialLog> {
-    let path = ctx.existing()?.serial_log();
-    let text = match std::fs::read(&path) {
-        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-    };
-    Ok(SerialLog { name: ctx.name.clone(), path, text })
 }
 
 #[cfg(test)]

@@ -53,6 +53,12 @@ pub fn status(ctx: &Ctx) -> Result<Status> {
         Ok(vm) => {
             let panicked = vm.panicked.is_some() && vm.ended.is_none();
             st.apply_vm(vm, crate::clock::now());
+            if st.state == State::Paused && !panicked {
+                st.notes.push(format!(
+                    "the VM is paused (its CPUs are stopped; SSH does not answer): '{}' resumes it",
+                    ctx.command("resume")
+                ));
+            }
             if panicked {
                 st.notes.push(format!(
                     "the guest kernel panicked; QEMU keeps the VM paused for inspection ('{}', '{}'); '{}' stops it",

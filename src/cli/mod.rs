@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::{AccelChoice, PortChoice, ShareMode};
 use crate::qemu::args::Forward;
 use crate::qemu::image::DiskFormat;
-use parse::HostEnd;
+use parse::{CopyPath, HostEnd};
 
 #[derive(Debug, Parser)]
 #[command(name = "qbuf-qemu", version, about = "One reproducible Guix System dev VM for qbuf, driven over QMP")]
@@ -54,6 +54,29 @@ pub enum Command {
         #[arg(last = true, value_name = "ARGS")]
         args: Vec<String>,
     },
+    /// Print an OpenSSH 'Host qbuf-qemu-NAME' block, so scp, rsync, sftp, git and editors reach the VM
+    #[command(after_help = "Save it, then include it at the top of ~/.ssh/config (before any Host line):\n  \
+qbuf-qemu ssh-config --all > ~/.ssh/qbuf-qemu.conf\n  \
+Include qbuf-qemu.conf            (the first line of ~/.ssh/config)\n\
+Then: scp FILE qbuf-qemu-dev:   rsync -a DIR qbuf-qemu-dev:   sftp qbuf-qemu-dev\n\
+Run it again when an instance's SSH port or user changes.")]
+    SshConfig {
+        /// The instance [default: --name]
+        #[arg(value_name = "NAME", value_parser = parse::name)]
+        instance: Option<String>,
+        /// A block for every instance that was launched
+        #[arg(long, conflicts_with = "instance")]
+        all: bool,
+    },
+    /// Copy files and directories (recursively) between the host and the VM over the pinned SSH
+    #[command(after_help = "A guest path is NAME:PATH, or :PATH for the --name instance; a relative PATH is \
+in the guest user's home. Either every SRC is in the guest and DEST on the host, or the other way round.\n\
+Examples: qbuf-qemu copy notes.txt build/ :/tmp/\n          qbuf-qemu copy dev:/var/log/messages .")]
+    Copy {
+        /// SRC… DEST
+        #[arg(value_name = "PATH", num_args = 2.., required = true, value_parser = parse::copy_path)]
+        paths: Vec<CopyPath>,
+    },
     /// State, pid, uptime, resources and, for a stopped VM, why it stopped
     Status,
     /// Every instance: state, QEMU pid, SSH port, uptime, disk use and boot source
@@ -61,6 +84,12 @@ pub enum Command {
     List,
     /// Power the VM off: ACPI power button (then the guest agent, if one answers), then QMP quit, then signals
     Powerdown(StopArgs),
+    /// Pause the VM: its CPUs stop (QMP stop); memory and devices are kept. 'status' shows it paused
+    Pause,
+    /// Resume a paused VM (QMP cont)
+    Resume,
+    /// Reboot the guest: its own reboot (guest agent, else 'reboot' over SSH), else a reset (QMP system_reset)
+    Reboot(RebootArgs),
     /// Power the VM off and remove everything qbuf-qemu created for it
     Destroy {
         #[command(flatten)]
@@ -95,7 +124,7 @@ A QMP error exits 1 with its class and description; arguments that are not a JSO
     },
     /// Every QMP event of the instance's life (kept across relaunches until destroy)
     Events {
-        /// Keep printing new events until Ctrl-C (with --json: one JSON object per line)
+        /// Keep printing new events until the VM stops or Ctrl-C (with --json: one JSON object per line)
         #[arg(long, short)]
         follow: bool,
     },
@@ -106,12 +135,8 @@ Detach with Ctrl-] (the VM keeps running). Everything the guest prints is also k
 ('qbuf-qemu logs'), attached or not. Without a terminal, input is sent as is and the console detaches \
 when input ends and the guest falls quiet.")]
     Console,
-    /// Print the guest's serial console log
-    Logs {
-        /// Keep printing what the guest writes until Ctrl-C
-        #[arg(long, short)]
-        follow: bool,
-    },
+    /// Print the guest's serial console log (terminal control sequences removed)
+    Logs(LogsArgs),
     /// Check QEMU, KVM, Guix, the SSH port, leftover state, permissions and free space, with fixes
     Doctor,
     /// Internal: the per-instance supervisor started by launch
@@ -133,6 +158,14 @@ pub enum DiskCommand {
     },
     /// The VM's disks as QEMU sees them, and the recorded ones
     List,
+    /// Grow a disk to SIZE (never shrink): live while attached, else the image file; the boot disk is disk0-dev
+    Resize {
+        /// The disk's id (see 'disk list'); disk0-dev is the boot disk
+        id: String,
+        /// The new size, e.g. 40G (at most 64T)
+        #[arg(value_name = "SIZE", value_parser = parse::disk_bytes)]
+        size: u64,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -248,6 +281,9 @@ pub struct LaunchArgs {
     /// Discard the guest's disk (guest-local state) and start from the base image
     #[arg(long)]
     pub recreate: bool,
+    /// Grow the boot disk to SIZE before it boots (never shrinks), e.g. 40G; the guest then grows its file system
+    #[arg(long, value_name = "SIZE", value_parser = parse::disk_bytes)]
+    pub disk_size: Option<u64>,
     #[command(flatten)]
     pub guix: BuildArgs,
 }
@@ -260,6 +296,35 @@ pub struct BuildArgs {
     /// Size of the Guix image's disk [default: 20G]
     #[arg(long, value_name = "SIZE", value_parser = parse::image_size)]
     pub image_size: Option<String>,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct LogsArgs {
+    /// Keep printing what the guest writes until the VM stops or Ctrl-C
+    #[arg(long, short)]
+    pub follow: bool,
+    /// Only the last N lines
+    #[arg(short = 'n', long = "lines", value_name = "N")]
+    pub lines: Option<usize>,
+    /// Only the current boot (or the last one, when the VM is stopped); the log keeps every boot
+    #[arg(long)]
+    pub boot: bool,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct RebootArgs {
+    /// How long the guest gets to reboot by itself before it is reset (seconds, or e.g. 2m)
+    #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse::timeout)]
+    pub timeout: Duration,
+    /// Reset at once (QMP system_reset), like the reset button: no clean shutdown
+    #[arg(long)]
+    pub force: bool,
+    /// Return once the guest was reset, without waiting for SSH
+    #[arg(long)]
+    pub no_wait: bool,
+    /// How long to wait for SSH to accept a login again (seconds, or e.g. 5m)
+    #[arg(long, value_name = "SECS", default_value = "300", value_parser = parse::timeout)]
+    pub ssh_timeout: Duration,
 }
 
 #[derive(Debug, Args, Clone)]

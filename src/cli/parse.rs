@@ -147,8 +147,7 @@ pub fn path() -> impl clap::builder::TypedValueParser<Value = PathBuf> {
     clap::builder::OsStringValueParser::new().try_map(utf8_path)
 }
 
-/// Where forwards listen unless an address is given.
-pub const LOOPBACK: &str = "127.0.0.1";
+pub use crate::host::LOOPBACK;
 
 /// The body and the protocol: `Some(true)` for `/udp`, `Some(false)` for
 /// `/tcp`, `None` when not given.
@@ -214,6 +213,34 @@ pub fn parse_host_end(s: &str) -> Result<HostEnd, String> {
         [p] => Ok(HostEnd { udp, addr: None, port: port("host", p)? }),
         [a, p] => Ok(HostEnd { udp, addr: Some(addr(a)?), port: port("host", p)? }),
         _ => Err(format!("{s:?} is not a host port: write [ADDR:]HOST_PORT[/udp], e.g. 8080")),
+    }
+}
+
+/// One path of `copy`: on the host, or in a guest as `NAME:PATH` (or
+/// `:PATH` for the `--name` instance), as scp writes a remote path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CopyPath {
+    Host(String),
+    Guest { name: Option<String>, path: String },
+}
+
+/// `NAME:PATH`, `:PATH` or a host path; a host path with a `:` before any
+/// `/` needs `./` in front (as with scp).
+pub fn copy_path(s: &str) -> Result<CopyPath, String> {
+    if s.is_empty() {
+        return Err("the path is empty".into());
+    }
+    if let Some(path) = s.strip_prefix(':') {
+        return Ok(CopyPath::Guest { name: None, path: path.into() });
+    }
+    match s.split_once(':') {
+        Some((n, path)) if !n.contains('/') => match crate::instance::validate_name(n) {
+            Ok(()) => Ok(CopyPath::Guest { name: Some(n.into()), path: path.into() }),
+            Err(_) => Err(format!(
+                "{s:?}: '{n}' is not an instance name; write a guest path as NAME:PATH or :PATH, and a host path with ':' as ./{s}"
+            )),
+        },
+        _ => Ok(CopyPath::Host(s.into())),
     }
 }
 
@@ -292,6 +319,19 @@ mod tests {
         assert!(disk_bytes("100K").is_err());
         assert!(image_size("1G").is_err());
         assert_eq!(image_size("20G"), Ok("20G".into()));
+    }
+
+    #[test]
+    fn copy_paths_are_guest_paths_only_with_an_instance_name_or_a_colon() {
+        let guest = |n: Option<&str>, p: &str| CopyPath::Guest { name: n.map(String::from), path: p.into() };
+        assert_eq!(copy_path(":/tmp/x"), Ok(guest(None, "/tmp/x")));
+        assert_eq!(copy_path("dev:src"), Ok(guest(Some("dev"), "src")));
+        assert_eq!(copy_path("web-2:"), Ok(guest(Some("web-2"), "")));
+        assert_eq!(copy_path("./a:b"), Ok(CopyPath::Host("./a:b".into())));
+        assert_eq!(copy_path("/x/a:b"), Ok(CopyPath::Host("/x/a:b".into())));
+        assert_eq!(copy_path("notes.txt"), Ok(CopyPath::Host("notes.txt".into())));
+        assert!(copy_path("Dev:x").unwrap_err().contains("./Dev:x"));
+        assert!(copy_path("").is_err());
     }
 
     #[test]

@@ -62,6 +62,10 @@ pub struct BootPlan {
     pub qemu: PathBuf,
     pub argv: Vec<String>,
     pub spec: VmSpec,
+    /// Where this boot's output starts in serial.log (appended across
+    /// boots), for `logs --boot`.
+    #[serde(default)]
+    pub serial_start: u64,
 }
 
 impl BootPlan {

@@ -229,6 +229,37 @@ pub fn create(qemu_img: &Path, path: &Path, format: DiskFormat, bytes: u64) -> R
     Ok(())
 }
 
+/// The size the guest sees of image `path` (`qemu-img info`, the format
+/// given so nothing is probed).
+pub fn virtual_size(qemu_img: &Path, path: &Path, format: &str) -> Result<u64> {
+    let out = Command::new(qemu_img)
+        .args(["info", "--output=json", "-f", format])
+        .arg(path)
+        .output()
+        .with_context(|| format!("cannot run {}", qemu_img.display()))?;
+    if !out.status.success() {
+        bail!("qemu-img cannot read {}: {}", path.display(), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    v["virtual-size"].as_u64().with_context(|| format!("qemu-img info of {} has no virtual-size", path.display()))
+}
+
+/// Grows image `path` to `bytes` with `qemu-img resize` (never shrinks:
+/// the caller compared sizes). The image must not be open in a VM.
+pub fn grow(qemu_img: &Path, path: &Path, format: &str, bytes: u64) -> Result<()> {
+    tracing::info!("qemu-img resize -f {format} {} {bytes}", path.display());
+    let out = Command::new(qemu_img)
+        .args(["resize", "-q", "-f", format])
+        .arg(path)
+        .arg(bytes.to_string())
+        .output()
+        .with_context(|| format!("cannot run {}", qemu_img.display()))?;
+    if !out.status.success() {
+        bail!("qemu-img could not resize {}: {}", path.display(), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,6 +312,20 @@ mod tests {
         std::fs::write(&old, &v2).unwrap();
         let e = check_image(&old, DiskFormat::Qcow2).unwrap_err().to_string();
         assert!(e.contains("qemu-img rebase -u -F"), "{e}");
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn images_grow_and_report_their_size() {
+        let d = tmp("grow");
+        let img = Path::new("qemu-img");
+        for (format, name) in [("qcow2", "a.qcow2"), ("raw", "a.img")] {
+            let p = d.join(name);
+            qemu_img(&["create", "-q", "-f", format, p.to_str().unwrap(), "1M"]);
+            assert_eq!(virtual_size(img, &p, format).unwrap(), 1 << 20);
+            grow(img, &p, format, 3 << 20).unwrap();
+            assert_eq!(virtual_size(img, &p, format).unwrap(), 3 << 20, "{format}");
+        }
         std::fs::remove_dir_all(d).unwrap();
     }
 

@@ -42,6 +42,15 @@ pub fn parse_query_block(blocks: &Value) -> Vec<LiveDisk> {
         .collect()
 }
 
+/// The size the guest sees of disk `id` (its device id, as in
+/// [`parse_query_block`]), from `query-block`'s `inserted.image`.
+pub fn disk_virtual_size(blocks: &Value, id: &str) -> Option<u64> {
+    let disks = parse_query_block(blocks);
+    let i = disks.iter().position(|d| d.id == id)?;
+    let with_media: Vec<&Value> = blocks.as_array()?.iter().filter(|b| b.get("inserted").is_some()).collect();
+    with_media.get(i)?.get("inserted")?.get("image")?.get("virtual-size")?.as_u64()
+}
+
 impl LiveDisk {
     pub fn is_boot(&self) -> bool {
         self.id == BOOT_DISK_DEVICE
@@ -146,6 +155,22 @@ mod tests {
 
     fn fwd(udp: bool, a: &str, h: u16, g: u16) -> Forward {
         Forward { udp, host_addr: a.into(), host_port: h, guest_port: g }
+    }
+
+    #[test]
+    fn disk_sizes_come_from_a_recorded_query_block() {
+        for version in ["qemu-7.2", "qemu-10.0"] {
+            let path = format!("{}/qmp-fixtures/{version}/query-misc.jsonl", env!("CARGO_MANIFEST_DIR"));
+            let text = std::fs::read_to_string(&path).unwrap();
+            let reply = text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok()?.get("s")?.as_str().map(String::from))
+                .find(|s| s.contains("virtual-size"))
+                .unwrap();
+            let blocks = &serde_json::from_str::<Value>(&reply).unwrap()["return"];
+            assert_eq!(disk_virtual_size(blocks, "disk0"), Some(1 << 30), "{version}");
+            assert_eq!(disk_virtual_size(blocks, "nope"), None);
+        }
     }
 
     #[test]

@@ -102,6 +102,50 @@ impl Render for DiskRemoved {
     }
 }
 
+/// What the guest does after its boot disk grew: the partition table and
+/// the root file system still have their old size.
+pub const GROW_IN_GUEST_BOOT: &str = "in the guest, grow the root partition and its file system into the new space \
+(the Guix image: 'sudo parted /dev/vda resizepart 2 100%' then 'sudo resize2fs /dev/vda2'; \
+a guest with cloud-utils: 'sudo growpart /dev/vda 2')";
+
+/// `disk resize`: a disk that grew (or already had the size).
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskResized {
+    pub name: String,
+    pub id: String,
+    pub path: PathBuf,
+    pub from_bytes: u64,
+    pub to_bytes: u64,
+    /// Grown in the running VM (`block_resize`): the guest sees it now.
+    pub live: bool,
+    /// The boot disk (the instance's overlay).
+    pub boot: bool,
+}
+
+impl Render for DiskResized {
+    fn human(&self) -> String {
+        use super::list::human_bytes;
+        if self.from_bytes == self.to_bytes {
+            return format!("Disk '{}' is already {}; nothing changed.", self.id, human_bytes(self.to_bytes));
+        }
+        let when = if self.live { "the guest sees the new size now" } else { "the guest sees it at the next boot" };
+        let guest = if self.boot {
+            GROW_IN_GUEST_BOOT.to_string()
+        } else {
+            "in the guest, grow what is on it: a file system on the whole disk with e.g. 'sudo resize2fs /dev/vdX', \
+a partition first with 'sudo parted /dev/vdX resizepart N 100%'"
+                .to_string()
+        };
+        format!(
+            "Disk '{}' ({}) grew from {} to {}: {when}.\nOnly the disk grew: {guest}.",
+            self.id,
+            self.path.display(),
+            human_bytes(self.from_bytes),
+            human_bytes(self.to_bytes)
+        )
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct DiskEntry {
     pub id: String,

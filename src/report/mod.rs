@@ -2,6 +2,7 @@
 //! human one and JSON (through serde only). Commands build these values;
 //! `main` prints them with [`emit`], and errors with [`error`].
 
+pub mod access;
 pub mod build;
 pub mod devices;
 pub mod doctor;
@@ -9,6 +10,7 @@ pub mod error;
 pub mod events;
 pub mod launch;
 pub mod list;
+pub mod power;
 pub mod status;
 pub mod stop;
 

@@ -1,0 +1,168 @@
+//! `pause`, `resume` and `reboot` of a running VM, as QMP `stop`, `cont`
+//! and (when the guest does not reboot itself) `system_reset`, through the
+//! supervisor.
+//!
+//! A reboot prefers the guest's own: the guest agent's `guest-shutdown`
+//! (mode `reboot`) when an agent answers, else `reboot` over SSH. QEMU's
+//! `RESET` event says it happened; events are subscribed to *before* the
+//! guest is asked, so the event cannot be missed. A guest that does not
+//! reboot within `--timeout` is reset.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Result};
+use serde_json::{json, Value};
+
+use super::observe::running_target;
+use super::vm::{Vm, QUERY_TIMEOUT};
+use super::{block_on, ready, Ctx};
+use crate::instance::records::{BootPlan, RunRecord};
+use crate::instance::{read_json, Instance};
+use crate::qga::AgentState;
+use crate::report::power::{RebootMethod, Rebooted, RunStateChanged};
+use crate::ssh::Target;
+use crate::supervisor::client;
+
+/// QEMU's run state (`running`, `paused`, …).
+fn run_state(vm: &Vm) -> Result<String> {
+    let v = vm.execute("query-status", json!({}))?;
+    Ok(v.get("status").and_then(Value::as_str).unwrap_or("unknown").to_string())
+}
+
+pub fn pause(ctx: &Ctx) -> Result<RunStateChanged> {
+    let vm = Vm::running(ctx)?;
+    let before = run_state(&vm)?;
+    if before == "running" {
+        vm.execute("stop", json!({}))?;
+    }
+    let after = run_state(&vm)?;
+    Ok(RunStateChanged { name: ctx.name.clone(), action: "pause", before, after, undo_command: ctx.command("resume") })
+}
+
+pub fn resume(ctx: &Ctx) -> Result<RunStateChanged> {
+    let vm = Vm::running(ctx)?;
+    let before = run_state(&vm)?;
+    if before != "running" {
+        vm.execute("cont", json!({}))?;
+    }
+    let after = run_state(&vm)?;
+    Ok(RunStateChanged { name: ctx.name.clone(), action: "resume", before, after, undo_command: ctx.command("pause") })
+}
+
+#[derive(Debug, Clone)]
+pub struct RebootOptions {
+    /// How long the guest gets to reboot itself before it is reset.
+    pub timeout: Duration,
+    /// Reset at once.
+    pub force: bool,
+    pub no_wait: bool,
+    /// How long to wait for SSH afterwards.
+    pub ssh_timeout: Duration,
+}
+
+pub fn reboot(ctx: &Ctx, opts: &RebootOptions) -> Result<Rebooted> {
+    let vm = Vm::running(ctx)?;
+    let (inst, t) = running_target(ctx)?;
+    let mut notes = vec![];
+    if run_state(&vm)? != "running" {
+        vm.execute("cont", json!({}))?;
+        notes.push("the VM was paused: resumed it first, since a paused guest cannot reboot".into());
+    }
+    let agent = block_on(client::status(&inst.control(), QUERY_TIMEOUT))
+        .ok()
+        .and_then(|s| match s.live {
+            Some(crate::supervisor::protocol::Live::Answered(l)) => Some(l.guest_agent),
+            _ => None,
+        })
+        .is_some_and(|a| a == AgentState::Answers);
+    let started = Instant::now();
+    let serial_before = std::fs::metadata(inst.serial_log()).map(|m| m.len()).unwrap_or(0);
+    let method = block_on(reset(ctx, &inst, &t, agent, opts, &mut notes))?;
+    let seconds = started.elapsed().as_secs_f64();
+    let mut out = Rebooted { name: ctx.name.clone(), method, seconds, ready_seconds: None, notes };
+    if opts.no_wait {
+        return Ok(out);
+    }
+    // A guest without a disk makes a new host key every boot (as at launch).
+    let plan: Option<BootPlan> = read_json(&inst.boot_plan())?;
+    if plan.is_some_and(|p| p.spec.disk.is_none()) {
+        let _ = std::fs::remove_file(inst.known_hosts());
+    }
+    let run: RunRecord = read_json(&inst.run_record())?.ok_or_else(|| anyhow!("run.json is missing"))?;
+    let watch = ready::Watch { auto_kvm: false, silence: Duration::MAX, serial_before };
+    if let Err(r) = ready::wait(&inst, &t, &run.qemu, Instant::now() + opts.ssh_timeout, &watch) {
+        bail!("instance '{}' was reset, but {}", ctx.name, r.describe(&t, &inst));
+    }
+    out.ready_seconds = Some(started.elapsed().as_secs_f64());
+    Ok(out)
+}
+
+/// Asks the guest to reboot and waits for QEMU's `RESET`; resets the VM
+/// when the guest did not within the timeout (or at once with `force`).
+async fn reset(
+    ctx: &Ctx,
+    inst: &Instance,
+    t: &Target,
+    agent: bool,
+    opts: &RebootOptions,
+    notes: &mut Vec<String>,
+) -> Result<RebootMethod> {
+    let sock = inst.control();
+    let mut events = client::subscribe(&sock).await?;
+    let mut wait = async |limit: Duration| {
+        let reset = async {
+            while let Some(ev) = events.next().await {
+                if ev.event == "RESET" {
+                    return Ok(());
+                }
+            }
+            Err(anyhow!("instance '{}' stopped while rebooting (see '{}')", ctx.name, ctx.command("status")))
+        };
+        tokio::time::timeout(limit, reset).await.ok()
+    };
+    if !opts.force {
+        let asked = match agent {
+            true => {
+                crate::qga::reboot(&inst.guest_agent(), Duration::from_secs(5)).await.map(|_| RebootMethod::GuestAgent)
+            }
+            false => ask_over_ssh(t.clone()).await.map(|()| RebootMethod::Ssh),
+        };
+        match asked {
+            Ok(m) => {
+                ctx.progress(&format!(
+                    "asked the guest to reboot; waiting up to {}s before resetting it",
+                    opts.timeout.as_secs()
+                ));
+                if let Some(r) = wait(opts.timeout).await {
+                    return r.map(|()| m);
+                }
+                notes.push(format!("the guest did not reboot within {}s, so it was reset", opts.timeout.as_secs()));
+            }
+            Err(e) => notes.push(format!("the guest could not be asked to reboot ({e}), so it was reset")),
+        }
+    }
+    match client::qmp(&sock, "system_reset", json!({}), QUERY_TIMEOUT).await? {
+        Ok(_) => {}
+        Err(e) => bail!("QEMU refused system_reset: {e}"),
+    }
+    wait(QUERY_TIMEOUT).await.unwrap_or(Ok(()))?;
+    Ok(RebootMethod::SystemReset)
+}
+
+/// `reboot` over SSH, as root or with `sudo -n`. The connection may drop
+/// as the guest goes down (ssh's 255): only a refusal from the guest's
+/// side (another status) counts as a failure.
+async fn ask_over_ssh(t: Target) -> Result<(), String> {
+    let cmd = if t.user == "root" { "reboot" } else { "sudo -n reboot" };
+    let out = tokio::task::spawn_blocking(move || crate::ssh::run_batch(&t, cmd, Duration::from_secs(10)))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    match out.status.code() {
+        Some(0) | Some(255) | None => Ok(()),
+        Some(c) => Err(format!(
+            "'{cmd}' exited with {c}: {}",
+            String::from_utf8_lossy(&out.stderr).trim().lines().last().unwrap_or("")
+        )),
+    }
+}

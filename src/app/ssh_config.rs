@@ -1,0 +1,37 @@
+//! `ssh-config`: the instance's OpenSSH settings as a `Host` block, from
+//! the same table `ssh` and `copy` use ([`crate::ssh::Target::settings`]).
+
+use anyhow::{bail, Result};
+
+use super::observe::ssh_target;
+use super::Ctx;
+use crate::report::access::{SshConfig, SshHost};
+
+/// `instance` (else `--name`), or every launched instance with `all`.
+pub fn ssh_config(ctx: &Ctx, instance: Option<&str>, all: bool) -> Result<SshConfig> {
+    let names = match (all, instance) {
+        (true, _) => {
+            let names: Vec<String> =
+                ctx.state.instance_names().into_iter().filter(|n| ctx.state.instance(n).settings().is_file()).collect();
+            if names.is_empty() {
+                bail!("no instance has been launched yet: start one with '{}'", ctx.command("launch"));
+            }
+            names
+        }
+        (false, Some(n)) => vec![n.to_string()],
+        (false, None) => vec![ctx.name.clone()],
+    };
+    let mut hosts = Vec::new();
+    for name in names {
+        let one = Ctx { name: name.clone(), ..ctx.clone() };
+        let (_, t) = ssh_target(&one)?;
+        let options = t.config_lines().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        hosts.push(SshHost { name, host: t.alias.clone(), options });
+    }
+    let rest = match (all, instance) {
+        (true, _) => "ssh-config --all".to_string(),
+        (false, Some(n)) => format!("ssh-config {n}"),
+        (false, None) => "ssh-config".to_string(),
+    };
+    Ok(SshConfig { hosts, generated_by: ctx.command(&rest) })
+}

@@ -1,0 +1,235 @@
+//! Everyday use, end to end against real QEMU (TCG) and the busybox test
+//! guest: list, ssh-config with a real scp, copy both ways, disk resize seen
+//! by the guest, pause/resume/reboot, logs, the progress line, completions.
+//! One VM at a time (see support::Env). Run with: cargo test --test everyday
+
+mod support;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::*;
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+#[test]
+fn copy_goes_both_ways_and_ssh_config_serves_a_real_scp_and_list_shows_two_instances() {
+    let env = Env::new("copy");
+    env.launch(&["--no-share"]);
+    let up = env.dir.join("up");
+    std::fs::create_dir_all(up.join("sub")).unwrap();
+    std::fs::write(up.join("sub/b.txt"), "from the host\n").unwrap();
+    std::fs::write(env.dir.join("my file.txt"), "spaced\n").unwrap();
+
+    // Host → guest, recursive, and a name with a blank.
+    let (c, out) = env.json(&["copy", path_str(&up), "my file.txt", ":/tmp/"]);
+    out.ok();
+    assert_eq!((c["to_guest"].as_bool(), c["name"].as_str()), (Some(true), Some("dev")), "{c}");
+    assert_eq!(env.ssh("dev", "cat /tmp/up/sub/b.txt").stdout(), "from the host\n");
+    assert_eq!(env.ssh("dev", "cat '/tmp/my file.txt'").stdout(), "spaced\n");
+
+    // Guest → host, recursive, with the instance named.
+    env.ssh("dev", "mkdir -p /tmp/made/deep && echo from-the-guest > /tmp/made/deep/g.txt").ok();
+    let down = env.dir.join("down");
+    let out = env.run(&["copy", "dev:/tmp/made", path_str(&down)]);
+    out.ok();
+    assert!(out.stdout().contains("Copied the guest's dev:/tmp/made"), "{}", out.text());
+    assert_eq!(read(&down.join("deep/g.txt")), "from-the-guest\n");
+    let out = env.run(&["copy", ":/tmp/no-such-file", path_str(&env.dir)]);
+    out.code_is(1);
+    assert!(out.stderr().contains("no-such-file"), "scp's own message is shown: {}", out.text());
+    env.run(&["copy", "a", "b"]).code_is(2);
+
+    // ssh-config: a real scp with only that file, through the pinned host key.
+    let kh = env.instance_dir("dev").join("known_hosts");
+    let pinned = read(&kh);
+    let cfg = env.dir.join("ssh_config");
+    let out = env.run(&["ssh-config"]);
+    out.ok();
+    std::fs::write(&cfg, out.stdout()).unwrap();
+    assert!(out.stdout().contains("Host qbuf-qemu-dev\n"), "{}", out.stdout());
+    let scp = std::process::Command::new("scp")
+        .args(["-F", path_str(&cfg), "-q", path_str(&up.join("sub/b.txt")), "qbuf-qemu-dev:/tmp/via-config"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(scp.status.success(), "scp -F failed: {}", String::from_utf8_lossy(&scp.stderr));
+    assert_eq!(env.ssh("dev", "cat /tmp/via-config").stdout(), "from the host\n");
+    assert_eq!(read(&kh), pinned, "the pinned key was used, nothing new recorded");
+    let (j, out) = env.json(&["ssh-config", "dev"]);
+    out.ok();
+    assert_eq!(j["hosts"][0]["host"], "qbuf-qemu-dev", "{j}");
+
+    // A second instance: list shows both, running, on their own ports.
+    env.launch(&["--no-share", "--name", "two"]);
+    let (l, out) = env.json(&["list"]);
+    out.ok();
+    let rows = l["instances"].as_array().unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["dev", "two"], "{l}");
+    for r in rows {
+        assert_eq!(r["state"], "running", "{r}");
+        assert!(r["pid"].as_i64().is_some() && r["uptime_seconds"].as_f64().is_some(), "{r}");
+        assert!(s(r, "boot").starts_with("kernel vmlinux"), "{r}");
+        assert!(r["disk_bytes"].as_u64().unwrap() > 0, "{r}");
+    }
+    assert_ne!(rows[0]["ssh_port"], rows[1]["ssh_port"]);
+    let all = env.run(&["ssh-config", "--all"]);
+    assert!(all.stdout().contains("Host qbuf-qemu-two\n") && all.stdout().contains("Host qbuf-qemu-dev\n"));
+    env.run(&["--name", "two", "powerdown"]).code_is(0);
+    let table = env.run(&["ls"]);
+    table.ok();
+    let two = table.stdout().lines().find(|l| l.starts_with("two ")).map(String::from).unwrap_or_default();
+    assert!(two.contains("stopped"), "{}", table.stdout());
+    env.run(&["powerdown"]).code_is(0);
+}
+
+/// `/sbin/reboot` in the busybox guest signals PID 1, which the test
+/// guest's shell init ignores; a real init reboots. This stands in for one.
+const GUEST_REBOOT: &str =
+    "rm -f /sbin/reboot && printf '#!/bin/sh\\nexec busybox reboot -f\\n' > /sbin/reboot && chmod +x /sbin/reboot";
+
+fn count_events(env: &Env, name: &str) -> usize {
+    let text = std::fs::read_to_string(env.instance_dir("dev").join("events.jsonl")).unwrap_or_default();
+    text.lines().filter(|l| serde_json::from_str::<Value>(l).map(|e| e["event"] == name).unwrap_or(false)).count()
+}
+
+#[test]
+fn pause_resume_and_reboot_by_the_guest_or_by_a_reset() {
+    let env = Env::new("power");
+    env.launch(&["--no-share", "--ssh-user", "root"]);
+    let (p, out) = env.json(&["pause"]);
+    out.ok();
+    assert_eq!((s(&p, "before").as_str(), s(&p, "after").as_str()), ("running", "paused"), "{p}");
+    let (st, _) = env.json(&["status"]);
+    assert_eq!(s(&st, "state"), "paused", "{st}");
+    assert!(st["notes"].to_string().contains("resume"), "{st}");
+    let again = env.run(&["pause"]);
+    assert!(again.stdout().contains("already paused"), "{}", again.text());
+    let (r, out) = env.json(&["resume"]);
+    out.ok();
+    assert_eq!(s(&r, "after"), "running");
+    env.ssh("dev", "true").ok();
+
+    // The guest's own reboot over SSH: QEMU reports a guest reset.
+    env.ssh("dev", GUEST_REBOOT).ok();
+    env.ssh("dev", "touch /tmp/before-reboot").ok();
+    let (b, out) = env.json(&["reboot"]);
+    out.ok();
+    assert_eq!(s(&b, "method"), "ssh", "{b}");
+    assert!(b["ready_seconds"].as_f64().is_some(), "{b}");
+    assert_ne!(env.ssh("dev", "test -e /tmp/before-reboot").code(), 0, "the guest booted again (its /tmp is new)");
+    assert_eq!(count_events(&env, "RESET"), 1);
+
+    // A guest that does not reboot itself (the stock busybox 'reboot') is reset.
+    let (b, out) = env.json(&["reboot", "--timeout", "3"]);
+    out.ok();
+    assert_eq!(s(&b, "method"), "system-reset", "{b}");
+    assert!(b["notes"].to_string().contains("did not reboot within 3s"), "{b}");
+    env.ssh("dev", "true").ok();
+    let out = env.run(&["reboot", "--force", "--no-wait"]);
+    out.ok();
+    assert!(out.stdout().contains("system_reset"), "{}", out.text());
+    assert_eq!(count_events(&env, "RESET"), 3);
+    env.run(&["powerdown"]).code_is(0);
+}
+
+#[test]
+fn disk_resize_is_seen_by_the_guest_live_and_offline_and_launch_grows_the_boot_disk() {
+    let env = Env::new("resize");
+    let boot = guest().disk;
+    env.launch(&["--no-share", "--image", path_str(&boot), "--ssh-user", "root"]);
+    env.run(&["disk", "add", "--size", "32M"]).ok();
+    let sectors = |dev: &str| -> u64 {
+        let out = env.ssh(
+            "dev",
+            &format!(
+                "for i in $(seq 50); do test -e /sys/block/{dev} && break; sleep 0.1; done; cat /sys/block/{dev}/size"
+            ),
+        );
+        out.stdout().trim().parse().unwrap_or_else(|_| panic!("{}", out.text()))
+    };
+    assert_eq!(sectors("vdb"), 32 << 11);
+    let (r, out) = env.json(&["disk", "resize", "disk1", "48M"]);
+    out.ok();
+    assert_eq!((r["live"].as_bool(), r["from_bytes"].as_u64()), (Some(true), Some(32 << 20)), "{r}");
+    assert_eq!(sectors("vdb"), 48 << 11, "the guest sees the new size at once");
+    let out = env.run(&["disk", "resize", "disk1", "16M"]);
+    out.code_is(2);
+    assert!(out.stderr().contains("only grow"), "{}", out.text());
+    let vda = sectors("vda");
+
+    env.run(&["powerdown"]).code_is(0);
+    let (r, out) = env.json(&["disk", "resize", "disk1", "64M"]);
+    out.ok();
+    assert_eq!(r["live"], false, "{r}");
+    let grown = (vda * 512 + (16 << 20)).to_string();
+    let out = env.run(&["launch", "--disk-size", &format!("{grown}B")]);
+    out.ok();
+    assert!(out.stdout().contains("boot disk grew") && out.stdout().contains("resize2fs"), "{}", out.text());
+    assert_eq!(sectors("vdb"), 64 << 11);
+    assert_eq!(sectors("vda"), vda + (16 << 11));
+    env.run(&["powerdown"]).code_is(0);
+}
+
+#[test]
+fn logs_hide_guest_escapes_show_the_last_lines_or_this_boot_and_follow_ends_with_the_vm() {
+    let env = Env::new("logs");
+    env.launch(&["--no-share", "--ssh-user", "root"]);
+    env.ssh("dev", r"printf 'esc-test \033[6n \033]0;title\007done\n' > /dev/ttyS0").ok();
+    let serial = env.instance_dir("dev").join("serial.log");
+    wait_until("the guest's line in serial.log", Duration::from_secs(10), || read(&serial).contains("esc-test"));
+    assert!(read(&serial).contains("\x1b[6n"), "the guest did print the escape");
+    let out = env.run(&["logs"]);
+    out.ok();
+    assert!(out.stdout().contains("esc-test  done"), "{}", out.text());
+    assert!(!out.stdout().contains('\x1b') && !out.stdout().contains('\x07'), "no raw escapes reach the terminal");
+    let last = env.run(&["logs", "-n", "2"]).stdout();
+    assert!((1..=2).contains(&last.lines().count()), "{last:?}");
+    assert!(read(&serial).ends_with(&last), "the last lines: {last:?}");
+
+    // Rough edges from issue 11, on the same VM.
+    let port = qbuf_qemu::host::pick_free_port().unwrap().to_string();
+    env.run(&["forward", "add", &format!("{port}:53/udp")]).ok();
+    let out = env.run(&["forward", "remove", &port]);
+    out.ok();
+    assert!(out.stdout().contains("/udp"), "a bare port removes the UDP forward: {}", out.text());
+    let raw = env.dir.join("raw.img");
+    std::fs::write(&raw, vec![0u8; 8 << 20]).unwrap();
+    let (d, out) = env.json(&["disk", "add", path_str(&raw), "--format", "raw"]);
+    out.ok();
+    let out = env.run(&["disk", "remove", &s(&d, "id")]);
+    out.ok();
+    assert!(out.stdout().contains("--format raw"), "the re-attach hint keeps the format: {}", out.text());
+    let (d, out) = env.json(&["disk", "add", "--size", "8M", "--id", "gone"]);
+    out.ok();
+    env.run(&["powerdown"]).code_is(0);
+    std::fs::remove_file(s(&d, "path")).unwrap();
+    let out = env.run(&["disk", "remove", "gone"]);
+    out.ok();
+    assert!(out.stdout().contains("no longer exists") && !out.stdout().contains("stays at"), "{}", out.text());
+
+    // This boot only; --follow ends by itself when the VM stops.
+    env.launch(&[]);
+    let out = env.run(&["logs", "--boot"]);
+    assert!(!out.stdout().contains("esc-test") && out.stdout().contains("qbuf-test-guest: ready"), "{}", out.text());
+    let follow =
+        env.cmd(&["logs", "--follow", "--boot"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    env.ssh("dev", "echo follow-me > /dev/ttyS0").ok();
+    std::thread::sleep(Duration::from_millis(500));
+    env.run(&["powerdown"]).code_is(0);
+    let t = Instant::now();
+    let done = follow.wait_with_output().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(20), "--follow ended after the VM stopped");
+    assert!(done.status.success());
+    let text = String::from_utf8_lossy(&done.stdout);
+    assert!(text.contains("follow-me") && !text.contains("esc-test"), "{text}");
+    assert!(String::from_utf8_lossy(&done.stderr).contains("stopped"));
+    let out = env.run(&["events", "--follow"]);
+    out.ok();
+    assert!(out.stdout().contains("SHUTDOWN"), "a stopped VM's events, and the end: {}", out.text());
+}
