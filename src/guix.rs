@@ -194,7 +194,7 @@ pub fn ensure(state: &StateDir, req: &Request, quiet: bool, retry: &str) -> Resu
     }
     let argv = command(req, &root);
     if !quiet {
-        eprintln!("qbuf-qemu: building the Guix image (first time or guix/ changed); this can take a while");
+        crate::progress::stage("building the Guix image (first time, or guix/ changed); this can take a while");
     }
     let (status, stdout, tail) = run_guix(&guix, &argv, req, quiet)?;
     let shown = shell_words::join(&argv);
@@ -257,7 +257,8 @@ fn run_guix(
     for line in BufReader::new(child.stderr.take().expect("piped")).lines() {
         let Ok(line) = line else { break };
         if !quiet {
-            eprintln!("  guix: {}", compact(&line));
+            // Guix's own progress, passed through above the status line.
+            crate::progress::println(&format!("  guix: {}", compact(&line)));
         }
         tail.push_back(line);
         if tail.len() > 30 {

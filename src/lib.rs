@@ -17,6 +17,7 @@ mod guix;
 pub mod host;
 mod instance;
 mod logs;
+mod progress;
 mod qemu;
 mod qga;
 pub mod qmp;
@@ -25,6 +26,7 @@ mod ssh;
 mod supervisor;
 
 pub use app::run;
+pub use progress::{finish as finish_progress, Stderr as ProgressStderr};
 pub use report::{error_document, exit_code, print_line, StdoutClosed};
 
 #[cfg(test)]

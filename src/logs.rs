@@ -25,6 +25,20 @@ pub fn tail(path: &Path, from: u64, max: usize, when_empty: &str) -> String {
     }
 }
 
+/// The last line of `path` after byte `from`, without terminal control
+/// sequences, read from the file's end only (a serial log grows to
+/// megabytes over many boots); `None` when there is none yet.
+pub fn last_line(path: &Path, from: u64) -> Option<String> {
+    let mut f = File::open(path).ok()?;
+    let len = f.metadata().ok()?.len();
+    let start = from.max(len.saturating_sub(1024));
+    f.seek(SeekFrom::Start(start)).ok()?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf).ok()?;
+    let clean = String::from_utf8_lossy(&TerminalFilter::clean(&buf)).into_owned();
+    clean.lines().map(str::trim).rfind(|l| !l.is_empty()).map(String::from)
+}
+
 /// Calls `emit` with each chunk appended to `path` from `offset` on, while
 /// `alive()` says the writer is there: once it says no, what was written
 /// until then is read and `follow` returns (or earlier, when `emit` fails).
@@ -243,6 +257,19 @@ mod tests {
             f.push(&raw[cut..], &mut out);
             assert_eq!(out, TerminalFilter::clean(raw), "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn the_last_line_is_clean_and_from_this_boot() {
+        let dir = std::env::temp_dir().join(format!("qbuf-last-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("serial.log");
+        std::fs::write(&p, "old boot\n").unwrap();
+        assert_eq!(last_line(&p, 9), None);
+        std::fs::write(&p, "old boot\n[ 1.0] virtio\r\n\x1b[6nlogin: \r\n\r\n").unwrap();
+        assert_eq!(last_line(&p, 9).as_deref(), Some("login:"));
+        assert_eq!(last_line(&dir.join("none"), 0), None);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

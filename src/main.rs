@@ -23,6 +23,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) if e.downcast_ref::<StdoutClosed>().is_some() => ExitCode::SUCCESS,
         Err(e) => {
+            qbuf_qemu::finish_progress();
             let code = exit_code(&e);
             eprintln!("qbuf-qemu: error: {e:#}");
             if json {
@@ -49,7 +50,7 @@ fn init_logging(cli: &Cli) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("qbuf_qemu={default},qbuf_qemu_bin={default}")));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| qbuf_qemu::ProgressStderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();

@@ -236,6 +236,7 @@ impl Qmp {
             };
         }
         let line = request_line(name, &args, id);
+        tracing::debug!("QMP → {}", line.trim_end());
         let write = async {
             let mut w = self.writer.lock().await;
             w.write_all(line.as_bytes()).await?;
@@ -258,7 +259,11 @@ impl Qmp {
                 return Err(QmpError::Timeout { command: name.into(), after: timeout });
             }
         }
-        match tokio::time::timeout_at(deadline, rx).await {
+        let answer = tokio::time::timeout_at(deadline, rx).await;
+        if let Ok(Ok(r)) = &answer {
+            tracing::debug!("QMP ← {id}: {r:?}");
+        }
+        match answer {
             Ok(Ok(r)) => r.map_err(|e| match e {
                 QmpError::Disconnected { reason, .. } => QmpError::Disconnected { command: name.into(), reason },
                 other => other,

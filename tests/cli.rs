@@ -164,3 +164,103 @@ fn an_unknown_name_lists_the_instances_and_suggests_the_closest() {
     assert!(out.starts_with("NAME") && out.contains("\ndev ") && out.contains("\nreview "), "{out}");
     std::fs::remove_dir_all(&s).unwrap();
 }
+
+#[test]
+fn every_command_flag_and_argument_is_described_and_global_options_are_grouped() {
+    use clap::CommandFactory;
+    fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help") {
+            let p = format!("{path} {}", sub.get_name());
+            if sub.get_about().is_none() {
+                missing.push(format!("{p}: no description"));
+            }
+            for a in sub.get_arguments().filter(|a| !a.is_hide_set()) {
+                let id = a.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{p}: {id} has no description"));
+                }
+                if a.is_global_set() && a.get_help_heading() != Some(qbuf_qemu::cli::GLOBAL) {
+                    missing.push(format!("{p}: global {id} is not under '{}'", qbuf_qemu::cli::GLOBAL));
+                }
+            }
+            walk(sub, &p, missing);
+        }
+    }
+    let mut cmd = qbuf_qemu::cli::Cli::command();
+    cmd.build();
+    let mut missing = vec![];
+    walk(&cmd, "qbuf-qemu", &mut missing);
+    assert!(missing.is_empty(), "{}", missing.join("\n"));
+    let help = String::from_utf8_lossy(&run(&["status", "--help"]).stdout).to_string();
+    let (own, global) = help.split_once("Global options:").expect(&help);
+    assert!(global.contains("--state-dir") && !own.contains("--state-dir"), "{help}");
+}
+
+#[test]
+fn usage_lines_do_not_change_when_the_state_dir_variable_is_set() {
+    let plain = run(&["share", "add"]);
+    let with_env = Command::new(env!("CARGO_BIN_EXE_qbuf-qemu"))
+        .args(["share", "add"])
+        .env("QBUF_QEMU_STATE_DIR", "/tmp/qbuf-cli-env")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(plain.status.code(), Some(2));
+    assert_eq!(stderr(&plain), stderr(&with_env));
+    assert!(stderr(&plain).contains("Usage: qbuf-qemu share add <DIR> <TAG>"), "{}", stderr(&plain));
+}
+
+#[test]
+fn bash_loads_the_generated_completions_and_completes_subcommands_and_values() {
+    let script = run(&["completions", "bash"]);
+    assert_eq!(script.status.code(), Some(0));
+    let dir = state("completions");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("qbuf-qemu.bash");
+    std::fs::write(&file, &script.stdout).unwrap();
+    // COMP_WORDS as bash sets them for "qbuf-qemu <words> <TAB>", and the
+    // function bash would call.
+    let complete = |words: &str| -> String {
+        let test = format!(
+            r#"source "$1" || exit 9
+complete -p qbuf-qemu >/dev/null || exit 8
+COMP_WORDS=({words}); COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1))
+fn=$(complete -p qbuf-qemu | sed 's/.* -F \([^ ]*\) .*/\1/')
+"$fn" qbuf-qemu "${{COMP_WORDS[COMP_CWORD]}}" "${{COMP_WORDS[COMP_CWORD-1]}}"
+echo "${{COMPREPLY[*]}}""#
+        );
+        let o = Command::new("bash").args(["-c", &test, "bash", file.to_str().unwrap()]).output().unwrap();
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    assert_eq!(complete("qbuf-qemu co"), "copy console completions");
+    assert_eq!(complete("qbuf-qemu disk re"), "remove resize", "after a subcommand (clap-rs/clap#6421)");
+    assert_eq!(complete("qbuf-qemu launch --accel ''"), "auto kvm tcg");
+    for shell in ["zsh", "fish"] {
+        let o = run(&["completions", shell]);
+        assert_eq!(o.status.code(), Some(0));
+        assert!(String::from_utf8_lossy(&o.stdout).contains("ssh-config"), "{shell}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_man_page_is_generated_with_a_page_per_command() {
+    let page = run(&["man"]);
+    assert_eq!(page.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&page.stdout);
+    assert!(text.starts_with(".ie") && text.contains(".TH qbuf-qemu 1"), "{}", &text[..200.min(text.len())]);
+    let dir = state("man");
+    let o = run(&["man", "--dir", dir.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    for page in ["qbuf-qemu.1", "qbuf-qemu-copy.1", "qbuf-qemu-disk-resize.1", "qbuf-qemu-ssh-config.1"] {
+        assert!(dir.join(page).is_file(), "{page} missing");
+    }
+    let o = run(&["--json", "man"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(o.stdout.is_empty());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

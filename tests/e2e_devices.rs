@@ -412,24 +412,6 @@ fn doctor_reports_the_hosts_kvm_and_a_stand_in_that_cannot_run_guests() {
     assert!(human.stdout().contains("fix: "), "{}", human.text());
 }
 
-/// A stand-in for qemu-ga in the busybox guest: answers the resync and
-/// guest-ping on the agent's virtio-serial port and powers off on
-/// guest-shutdown. The port stays open (reads end while no host is
-/// connected), as qemu-ga keeps it.
-const FAKE_AGENT: &str = r#"p=$(grep -l org.qemu.guest_agent.0 /sys/class/virtio-ports/*/name | head -n1)
-exec 3<>/dev/$(basename $(dirname $p))
-while :; do
-  while IFS= read -r line <&3; do
-    case "$line" in
-      *guest-sync-delimited*) id=$(echo "$line" | sed 's/.*"id": *\([0-9-]*\).*/\1/'); printf '\377{"return": %s}\n' "$id" >&3 ;;
-      *guest-ping*) printf '{"return": {}}\n' >&3 ;;
-      *guest-shutdown*) poweroff -f ;;
-    esac
-  done
-  sleep 0.2
-done
-"#;
-
 #[test]
 fn guest_agent_is_reported_and_powers_off_a_guest_that_ignores_acpi() {
     let env = Env::new("guestagent");
@@ -439,11 +421,7 @@ fn guest_agent_is_reported_and_powers_off_a_guest_that_ignores_acpi() {
     assert_eq!(s(&st, "guest_agent"), "not-running");
     assert!(t.elapsed() < Duration::from_secs(2), "no agent is quick to tell: {:?}", t.elapsed());
 
-    let mut put = env.cmd(&["ssh", "--", "cat > /tmp/agent.sh"]).stdin(Stdio::piped()).spawn().unwrap();
-    put.stdin.take().unwrap().write_all(FAKE_AGENT.as_bytes()).unwrap();
-    assert!(put.wait().unwrap().success());
-    env.ssh("dev", "setsid sh /tmp/agent.sh </dev/null >/dev/null 2>&1 &").ok();
-    wait_until("the agent to answer", Duration::from_secs(10), || env.json(&["status"]).0["guest_agent"] == "answers");
+    env.start_fake_agent();
 
     let (p, out) = env.json(&["powerdown", "--timeout", "6"]);
     out.code_is(0);

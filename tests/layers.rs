@@ -19,6 +19,7 @@ const LAYERS: &[&[&str]] = &[
         "instance/paths.rs",
         "instance/proc.rs",
         "instance/lock.rs",
+        "progress.rs",
     ],
     // QEMU as data: the pure argv builder, parsers of its output, its binaries.
     &["qemu/args.rs", "qemu/parse.rs", "qemu/host.rs"],

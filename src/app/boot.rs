@@ -156,13 +156,17 @@ pub fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Res
         // one every boot, so the pin can only hold for one boot.
         let _ = std::fs::remove_file(inst.known_hosts());
     }
-    let (accel, auto_kvm) = choose_accel(ctx, &s, &bins, &mut notes)?;
+    if s.accel != AccelChoice::Tcg {
+        ctx.stage("testing KVM with a tiny VM");
+    }
+    let (accel, auto_kvm) = choose_accel(ctx, &s, &bins)?;
     let spec = vm_spec(inst, &s, accel, disk, kernel, &devices, bins.firmware.clone());
     let serial_before = std::fs::metadata(inst.serial_log()).map(|m| m.len()).unwrap_or(0);
     let argv = crate::qemu::args::build_args(&spec)?;
     let plan = BootPlan { qemu: bins.system.clone(), argv, spec, serial_start: serial_before };
     write_json(&inst.boot_plan(), &plan)?;
     let hint = auto_kvm.then(|| KVM_HINT.to_string());
+    ctx.stage("starting QEMU");
     let run = start(ctx, inst, lock, serial_before, hint.clone())?;
     // Saved once QEMU came up with them: a setting QEMU refuses is not kept.
     write_json(&inst.settings(), &s)?;
@@ -292,7 +296,7 @@ fn boot_disk(
 
 /// The accelerator, and whether qbuf-qemu chose KVM by itself (then a
 /// failure says KVM may be to blame).
-fn choose_accel(ctx: &Ctx, s: &Settings, bins: &QemuBinaries, notes: &mut Vec<String>) -> Result<(Accel, bool)> {
+fn choose_accel(ctx: &Ctx, s: &Settings, bins: &QemuBinaries) -> Result<(Accel, bool)> {
     Ok(match s.accel {
         AccelChoice::Tcg => (Accel::Tcg, false),
         AccelChoice::Kvm => match kvm_runs(bins) {
@@ -302,9 +306,12 @@ fn choose_accel(ctx: &Ctx, s: &Settings, bins: &QemuBinaries, notes: &mut Vec<St
         AccelChoice::Auto => match kvm_runs(bins) {
             Ok(()) => (Accel::Kvm, true),
             Err(e) => {
-                let warning = format!("KVM is not usable ({e}); using TCG software emulation, which is much slower");
-                ctx.progress(&format!("warning: {warning}"));
-                notes.push(warning);
+                // Said once, short; the reason is doctor's (and -v's).
+                tracing::info!("KVM cannot run guests here: {e}");
+                ctx.progress(&format!(
+                    "warning: KVM is not usable here, so the VM runs under TCG (much slower); '{}' says why",
+                    ctx.command("doctor")
+                ));
                 (Accel::Tcg, false)
             }
         },

@@ -5,6 +5,7 @@
 
 pub mod boot;
 pub mod build;
+pub mod completions;
 pub mod copy;
 pub mod disks;
 pub mod forwards;
@@ -62,11 +63,15 @@ impl Ctx {
     }
 
     /// Progress for people on stderr (with `--json` too: stdout holds the
-    /// document), unless `-q`.
+    /// document), unless `-q`: a line of its own.
     pub fn progress(&self, line: &str) {
-        if !self.quiet {
-            eprintln!("qbuf-qemu: {line}");
-        }
+        crate::progress::println(&format!("qbuf-qemu: {line}"));
+    }
+
+    /// The stage a long command is at, on the status line (a terminal) or
+    /// as a plain line (see [`crate::progress`]).
+    pub fn stage(&self, name: &str) {
+        crate::progress::stage(name);
     }
 }
 
@@ -86,6 +91,7 @@ fn context(cli: &Cli) -> Result<Ctx> {
         None => default_state_dir()?,
     };
     let root = if root.is_relative() { std::env::current_dir()?.join(root) } else { root };
+    crate::progress::init(g.quiet);
     Ok(Ctx { state: StateDir::new(root), name: g.name.clone(), json: g.json, quiet: g.quiet })
 }
 
@@ -109,6 +115,8 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::List => done(&ctx, &list::list(&ctx)?),
         Command::SshConfig { instance, all } => done(&ctx, &ssh_config::ssh_config(&ctx, instance.as_deref(), all)?),
         Command::Copy { paths } => done(&ctx, &copy::copy(&ctx, &paths)?),
+        Command::Completions { shell } => completions::completions(&ctx, shell),
+        Command::Man { dir } => completions::man(&ctx, dir.as_deref()),
         Command::Pause => done(&ctx, &power::pause(&ctx)?),
         Command::Resume => done(&ctx, &power::resume(&ctx)?),
         Command::Reboot(a) => {

@@ -58,11 +58,19 @@ pub fn wait(
 ) -> Result<(), Readiness> {
     let start = Instant::now();
     let mut last = String::from("no SSH banner yet");
+    let mut serial_seen = w.serial_before;
+    crate::progress::stage("waiting for the guest: firmware, then its kernel");
     loop {
         if !qemu.is_running() {
             return Err(exited(inst));
         }
         let serial_now = std::fs::metadata(inst.serial_log()).map(|m| m.len()).unwrap_or(0);
+        if serial_now != serial_seen {
+            // The status line shows what the guest is doing now.
+            serial_seen = serial_now;
+            crate::progress::stage("the guest is booting (waiting for SSH)");
+            crate::progress::detail(&crate::logs::last_line(&inst.serial_log(), w.serial_before).unwrap_or_default());
+        }
         if w.auto_kvm && serial_now == w.serial_before && start.elapsed() > w.silence {
             return Err(Readiness::Failed(format!(
                 "the guest printed nothing on its serial console for {}s under KVM, which qbuf-qemu chose because /dev/kvm is accessible. \
@@ -79,10 +87,20 @@ pub fn wait(
             )));
         }
         if ssh::banner(t.port, BANNER).is_some() {
+            crate::progress::stage("SSH answered; logging in");
+            tracing::info!(
+                "SSH banner on port {} after {:.1}s; trying a login as {}",
+                t.port,
+                start.elapsed().as_secs_f64(),
+                t.user
+            );
             match ssh::try_login(t, Duration::from_secs(10)) {
                 Ok(ssh::Login::Ok) => return Ok(()),
                 Ok(ssh::Login::HostKeyChanged) => return Err(Readiness::HostKey),
-                Ok(ssh::Login::Failed(e)) => last = format!("banner seen, login failed: {e}"),
+                Ok(ssh::Login::Failed(e)) => {
+                    tracing::info!("login failed, trying again: {e}");
+                    last = format!("banner seen, login failed: {e}")
+                }
                 Err(e) => return Err(Readiness::Failed(e.to_string())),
             }
         }

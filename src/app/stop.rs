@@ -9,13 +9,14 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::json;
 
 use super::{block_on, Ctx};
-use crate::instance::records::{RunRecord, StopOutcome, StopRecord};
+use crate::instance::records::{RunRecord, StopMethod, StopOutcome, StopRecord};
 use crate::instance::{read_json, write_json, Instance, Lock};
+use crate::qga::AgentState;
 use crate::qmp::{Event, Qmp};
 use crate::report::stop::{Destroyed, StopReport};
 use crate::supervisor::client;
 use crate::supervisor::ladder::{self, ForeignProcess, StopOptions, QUIT_DEADLINE, SIGNAL_DEADLINE};
-use crate::supervisor::protocol::Stopped;
+use crate::supervisor::protocol::{Live, Stopped};
 
 /// How long the supervisor may take to exit after it answered.
 const EXIT_DEADLINE: Duration = Duration::from_secs(10);
@@ -30,15 +31,7 @@ fn stop(ctx: &Ctx, inst: &Instance, opts: &StopOptions) -> Result<Option<Stopped
         return Ok(None);
     }
     let budget = opts.timeout + QUIT_DEADLINE + SIGNAL_DEADLINE * 2 + Duration::from_secs(15);
-    ctx.progress(&match opts.force {
-        false => format!(
-            "pressing the power button of '{}', waiting up to {}s for the guest to power off; then QMP quit, then signals",
-            ctx.name,
-            opts.timeout.as_secs()
-        ),
-        true => format!("stopping '{}' with QMP quit (--force), then signals", ctx.name),
-    });
-    let stopped = match block_on(client::powerdown(&inst.control(), opts.timeout, opts.force, budget)) {
+    let stopped = match block_on(powerdown_showing_steps(ctx, inst, opts, budget)) {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!("supervisor unreachable ({e}); stopping QEMU directly");
@@ -52,6 +45,49 @@ fn stop(ctx: &Ctx, inst: &Instance, opts: &StopOptions) -> Result<Option<Stopped
         std::thread::sleep(Duration::from_millis(2));
     }
     Ok(Some(stopped))
+}
+
+/// What the ladder is doing at `step`, and how long it waits there.
+pub fn step_message(step: StopMethod, opts: &StopOptions, agent: bool) -> String {
+    let secs = |d: Duration| d.as_secs();
+    let graceful = if agent { opts.timeout / 2 } else { opts.timeout };
+    match step {
+        StopMethod::Powerdown => format!(
+            "pressed the power button, waiting up to {} s for the guest to power off; then QMP quit and signals (Ctrl-C stops waiting; the stop goes on)",
+            secs(graceful)
+        ),
+        StopMethod::GuestAgent => {
+            format!("asked the guest agent to shut down, waiting up to {} s", secs(opts.timeout - graceful))
+        }
+        StopMethod::Quit => format!("sent QMP quit, waiting up to {} s for QEMU to exit", secs(QUIT_DEADLINE)),
+        StopMethod::Sigterm => format!("sent QEMU SIGINT, waiting up to {} s", secs(SIGNAL_DEADLINE)),
+        StopMethod::Sigkill => format!("sent QEMU SIGKILL, waiting up to {} s", secs(SIGNAL_DEADLINE)),
+        StopMethod::AlreadyStopped => "already stopped".into(),
+    }
+}
+
+/// The supervisor's stop ladder, with the step it is at on the status line:
+/// `status` answers while the ladder waits, and names its step.
+async fn powerdown_showing_steps(ctx: &Ctx, inst: &Instance, opts: &StopOptions, budget: Duration) -> Result<Stopped> {
+    let sock = inst.control();
+    let agent = match client::status(&sock, Duration::from_secs(3)).await {
+        Ok(s) => matches!(s.live, Some(Live::Answered(l)) if l.guest_agent == AgentState::Answers),
+        Err(_) => false,
+    };
+    let first = if opts.force { StopMethod::Quit } else { StopMethod::Powerdown };
+    ctx.stage(&step_message(first, opts, agent));
+    let stop = client::powerdown(&sock, opts.timeout, opts.force, budget);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            r = &mut stop => return r,
+            () = tokio::time::sleep(Duration::from_millis(500)) => {
+                if let Ok(Some(step)) = client::status(&sock, Duration::from_secs(3)).await.map(|s| s.stopping) {
+                    ctx.stage(&step_message(step, opts, agent));
+                }
+            }
+        }
+    }
 }
 
 /// QEMU whose supervisor died: run the ladder over the user QMP socket and

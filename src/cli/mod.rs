@@ -22,25 +22,28 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// Accepted before or after the subcommand.
+/// Accepted before or after the subcommand; listed under their own heading.
 #[derive(Debug, Args)]
 pub struct Global {
-    /// Where instances live [default: $XDG_STATE_HOME/qbuf-qemu or ~/.local/state/qbuf-qemu]
-    #[arg(long, global = true, env = "QBUF_QEMU_STATE_DIR", value_name = "DIR", value_parser = parse::path())]
+    /// Where instances live [default: $QBUF_QEMU_STATE_DIR, else $XDG_STATE_HOME/qbuf-qemu, else ~/.local/state/qbuf-qemu]
+    #[arg(long, global = true, value_name = "DIR", value_parser = parse::path(), help_heading = GLOBAL)]
     pub state_dir: Option<PathBuf>,
     /// Instance name: [a-z0-9][a-z0-9_-]{0,62}
-    #[arg(long, global = true, default_value = "dev", value_name = "NAME", value_parser = parse::name)]
+    #[arg(long, global = true, default_value = "dev", value_name = "NAME", value_parser = parse::name, help_heading = GLOBAL)]
     pub name: String,
     /// Print exactly one JSON document on stdout; progress goes to stderr
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = GLOBAL)]
     pub json: bool,
-    /// More log output on stderr (-v info, -vv debug); RUST_LOG overrides
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    /// More detail on stderr: -v what is run and why, -vv every request to the VM and its answer; RUST_LOG overrides
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, help_heading = GLOBAL)]
     pub verbose: u8,
-    /// Only errors on stderr
-    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    /// Only errors on stderr (no progress)
+    #[arg(short, long, global = true, conflicts_with = "verbose", help_heading = GLOBAL)]
     pub quiet: bool,
 }
+
+/// The heading of the options every command takes.
+pub const GLOBAL: &str = "Global options";
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -139,6 +142,23 @@ when input ends and the guest falls quiet.")]
     Logs(LogsArgs),
     /// Check QEMU, KVM, Guix, the SSH port, leftover state, permissions and free space, with fixes
     Doctor,
+    /// Print shell completions for bash, zsh, fish, elvish or powershell
+    #[command(after_help = "Install (then open a new shell):\n  \
+bash: qbuf-qemu completions bash > ~/.local/share/bash-completion/completions/qbuf-qemu\n  \
+zsh:  qbuf-qemu completions zsh > ~/.zfunc/_qbuf-qemu   (with fpath+=(~/.zfunc) before compinit in ~/.zshrc)\n  \
+fish: qbuf-qemu completions fish > ~/.config/fish/completions/qbuf-qemu.fish")]
+    Completions {
+        /// The shell to complete for
+        #[arg(value_enum, value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), or write a page per command with --dir
+    #[command(after_help = "Install: qbuf-qemu man --dir ~/.local/share/man/man1, then: man qbuf-qemu")]
+    Man {
+        /// Write qbuf-qemu.1 and one page per command (qbuf-qemu-launch.1, …) into DIR
+        #[arg(long, value_name = "DIR", value_parser = parse::path())]
+        dir: Option<PathBuf>,
+    },
     /// Internal: the per-instance supervisor started by launch
     #[command(name = "__supervise", hide = true)]
     Supervise,
@@ -191,6 +211,7 @@ pub struct DiskAddArgs {
 pub enum ForwardCommand {
     /// Forward [ADDR:]HOST:GUEST[/udp], e.g. 8080:80 (recorded unless --transient)
     Add {
+        /// The host address (default 127.0.0.1) and port, the guest port, and /udp for UDP (TCP otherwise)
         #[arg(value_name = "[ADDR:]HOST:GUEST[/udp]", value_parser = parse::parse_forward)]
         spec: Forward,
         /// Set up in the running VM only; do not record it for the next launch

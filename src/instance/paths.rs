@@ -26,9 +26,20 @@ pub fn validate_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// The state dir: `--state-dir`, else `$QBUF_QEMU_STATE_DIR`, else
-/// `$XDG_STATE_HOME/qbuf-qemu`, else `~/.local/state/qbuf-qemu`.
+/// The state dir when `--state-dir` is not given: `$QBUF_QEMU_STATE_DIR`,
+/// else `$XDG_STATE_HOME/qbuf-qemu`, else `~/.local/state/qbuf-qemu`. The
+/// variable is read here rather than by clap, whose usage lines would
+/// otherwise change when it is set.
 pub fn default_state_dir() -> Result<PathBuf> {
+    if let Some(d) = std::env::var_os("QBUF_QEMU_STATE_DIR").filter(|v| !v.is_empty()) {
+        let d = d.into_string().map_err(|d| {
+            anyhow::anyhow!(
+                "QBUF_QEMU_STATE_DIR ({}) is not valid UTF-8: rename the directory",
+                PathBuf::from(d).display()
+            )
+        })?;
+        return Ok(PathBuf::from(d));
+    }
     if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
         return Ok(PathBuf::from(x).join("qbuf-qemu"));
     }
@@ -85,12 +96,7 @@ impl StateDir {
     /// `dev`, then `rest` (already shell-quoted where it needs to be).
     pub fn command(&self, name: &str, rest: &str) -> String {
         let mut words = vec!["qbuf-qemu".to_string()];
-        let default = std::env::var_os("QBUF_QEMU_STATE_DIR")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-            .map(Ok)
-            .unwrap_or_else(default_state_dir);
-        if default.ok().as_deref() != Some(self.root.as_path()) {
+        if default_state_dir().ok().as_deref() != Some(self.root.as_path()) {
             words.push("--state-dir".into());
             words.push(self.root.display().to_string());
         }

@@ -28,6 +28,7 @@ pub trait Render: Serialize {
 /// Prints one result on stdout: the JSON document with `--json`, else the
 /// human form.
 pub fn emit<T: Render>(json: bool, value: &T) -> anyhow::Result<()> {
+    crate::progress::finish();
     let text = if json { serde_json::to_string_pretty(value)? } else { value.human() };
     print_line(&text)
 }

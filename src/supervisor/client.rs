@@ -16,6 +16,7 @@ use crate::qmp::{Event, QmpError};
 async fn send(sock: &Path, req: &Request) -> Result<BufReader<UnixStream>> {
     let mut s = UnixStream::connect(sock).await.with_context(|| format!("cannot connect to {}", sock.display()))?;
     let mut line = serde_json::to_string(req)?;
+    tracing::debug!("→ supervisor: {line}");
     line.push('\n');
     s.write_all(line.as_bytes()).await?;
     Ok(BufReader::new(s))
@@ -26,6 +27,7 @@ async fn answer(r: &mut BufReader<UnixStream>) -> Result<Response> {
     if r.read_line(&mut line).await? == 0 {
         return Err(anyhow!("the supervisor closed the connection without answering (is the VM stopping?)"));
     }
+    tracing::debug!("← supervisor: {}", line.trim_end());
     serde_json::from_str(&line).context("the supervisor's answer is not one this qbuf-qemu understands")
 }
 

@@ -152,6 +152,40 @@ impl Env {
     }
 }
 
+impl Env {
+    /// Starts [`FAKE_AGENT`] in instance `dev`'s guest and waits until
+    /// `status` says the agent answers.
+    pub fn start_fake_agent(&self) {
+        use std::io::Write;
+        let mut put = self.cmd(&["ssh", "--", "cat > /tmp/agent.sh"]).stdin(Stdio::piped()).spawn().unwrap();
+        put.stdin.take().unwrap().write_all(FAKE_AGENT.as_bytes()).unwrap();
+        assert!(put.wait().unwrap().success());
+        self.ssh("dev", "setsid sh /tmp/agent.sh </dev/null >/dev/null 2>&1 &").ok();
+        wait_until("the agent to answer", Duration::from_secs(10), || {
+            self.json(&["status"]).0["guest_agent"] == "answers"
+        });
+    }
+}
+
+/// A stand-in for qemu-ga in the busybox guest: answers the resync and
+/// guest-ping on the agent's virtio-serial port and powers off (or reboots)
+/// on guest-shutdown. The port stays open (reads end while no host is
+/// connected), as qemu-ga keeps it.
+const FAKE_AGENT: &str = r#"p=$(grep -l org.qemu.guest_agent.0 /sys/class/virtio-ports/*/name | head -n1)
+exec 3<>/dev/$(basename $(dirname $p))
+while :; do
+  while IFS= read -r line <&3; do
+    case "$line" in
+      *guest-sync-delimited*) id=$(echo "$line" | sed 's/.*"id": *\([0-9-]*\).*/\1/'); printf '\377{"return": %s}\n' "$id" >&3 ;;
+      *guest-ping*) printf '{"return": {}}\n' >&3 ;;
+      *'"reboot"'*) reboot -f ;;
+      *guest-shutdown*) poweroff -f ;;
+    esac
+  done
+  sleep 0.2
+done
+"#;
+
 impl Drop for Env {
     fn drop(&mut self) {
         for pid in self.qemu_pids() {
