@@ -75,6 +75,61 @@ impl Source {
     }
 }
 
+/// Where a saved setting came from, for `show`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Origin {
+    /// Given as a flag to `launch` (this one or an earlier one).
+    Flag,
+    /// qbuf-qemu's default.
+    Default,
+    /// The git checkout `launch` first ran in (the share's default).
+    Checkout,
+    /// `--ssh-port auto`.
+    Auto,
+}
+
+/// The origin of each saved setting; `None` for one saved before
+/// qbuf-qemu recorded origins.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Origins {
+    pub memory: Option<Origin>,
+    pub cpus: Option<Origin>,
+    pub ssh_port: Option<Origin>,
+    pub share: Option<Origin>,
+    pub share_mode: Option<Origin>,
+    pub source: Option<Origin>,
+    pub accel: Option<Origin>,
+    pub ssh_user: Option<Origin>,
+    pub ssh_key: Option<Origin>,
+}
+
+/// Each setting's origin after a launch with flags `f` (pure).
+fn origins(saved: Option<&Settings>, f: &LaunchFlags, d: &Defaults) -> Origins {
+    let keep = |given: bool, old: fn(&Origins) -> Option<Origin>, default: Origin| match (given, saved) {
+        (true, _) => Some(Origin::Flag),
+        (false, Some(s)) => old(&s.origins),
+        (false, None) => Some(default),
+    };
+    let source_given = f.kernel.is_some() || f.image.is_some() || f.guix_dir.is_some() || f.image_size.is_some();
+    let share_default = if d.share.is_some() { Origin::Checkout } else { Origin::Default };
+    Origins {
+        memory: keep(f.memory.is_some(), |o| o.memory, Origin::Default),
+        cpus: keep(f.cpus.is_some(), |o| o.cpus, Origin::Default),
+        ssh_port: match f.ssh_port {
+            Some(PortChoice::Auto) => Some(Origin::Auto),
+            other => keep(other.is_some(), |o| o.ssh_port, Origin::Default),
+        },
+        share: keep(f.share.is_some() || f.no_share, |o| o.share, share_default),
+        share_mode: keep(f.share_mode.is_some(), |o| o.share_mode, Origin::Default),
+        source: keep(source_given || f.append.is_some(), |o| o.source, Origin::Default),
+        accel: keep(f.accel.is_some(), |o| o.accel, Origin::Default),
+        ssh_user: keep(f.ssh_user.is_some(), |o| o.ssh_user, Origin::Default),
+        ssh_key: keep(f.ssh_key.is_some(), |o| o.ssh_key, Origin::Default),
+    }
+}
+
 /// What an instance keeps between launches.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Settings {
@@ -87,6 +142,9 @@ pub struct Settings {
     pub accel: AccelChoice,
     pub ssh_user: String,
     pub ssh_key: Option<PathBuf>,
+    /// Where each came from (not a setting: never reported as a change).
+    #[serde(default)]
+    pub origins: Origins,
 }
 
 /// The launch flags as given (None = not given).
@@ -218,6 +276,7 @@ pub fn merge(saved: Option<&Settings>, f: &LaunchFlags, d: &Defaults) -> Result<
         accel: f.accel.or(saved.map(|s| s.accel)).unwrap_or(AccelChoice::Auto),
         ssh_user: f.ssh_user.clone().or(saved.map(|s| s.ssh_user.clone())).unwrap_or_else(|| DEFAULT_SSH_USER.into()),
         ssh_key: f.ssh_key.clone().or(saved.and_then(|s| s.ssh_key.clone())),
+        origins: origins(saved, f, d),
     };
     let changes = saved.map(|old| diff(old, &s)).unwrap_or_default();
     Ok((s, changes))
@@ -301,6 +360,27 @@ mod tests {
         assert!(e.to_string().contains("--kernel"));
         assert!("0".parse::<PortChoice>().is_err());
         assert!("70000".parse::<PortChoice>().unwrap_err().contains("auto"));
+    }
+
+    #[test]
+    fn each_setting_remembers_where_it_came_from() {
+        let first = LaunchFlags { memory: Some(1024), ssh_port: Some(PortChoice::Auto), ..Default::default() };
+        let (s, _) = merge(None, &first, &d()).unwrap();
+        let o = &s.origins;
+        assert_eq!((o.memory, o.cpus, o.ssh_port), (Some(Origin::Flag), Some(Origin::Default), Some(Origin::Auto)));
+        assert_eq!(o.share, Some(Origin::Checkout), "the checkout launch ran in");
+        let (again, _) = merge(Some(&s), &LaunchFlags { cpus: Some(1), ..Default::default() }, &d()).unwrap();
+        assert_eq!((again.origins.memory, again.origins.cpus), (Some(Origin::Flag), Some(Origin::Flag)));
+        // Settings saved before origins were recorded: unknown, not invented.
+        let old: Settings = serde_json::from_value({
+            let mut v = serde_json::to_value(&s).unwrap();
+            v.as_object_mut().unwrap().remove("origins");
+            v
+        })
+        .unwrap();
+        let (kept, ch) = merge(Some(&old), &LaunchFlags::default(), &d()).unwrap();
+        assert_eq!(kept.origins, Origins::default());
+        assert!(ch.is_empty());
     }
 
     #[test]

@@ -116,6 +116,7 @@ fn launch_without_guix_or_image_says_what_to_do() {
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
     assert!(e.contains("Guix is not installed") && e.contains("--image"), "{e}");
+    assert!(e.contains("--kernel FILE --initrd FILE") && e.contains("tests/guest/out/vmlinux"), "{e}");
     assert!(!s.join("instances/dev").exists(), "no half-made instance");
     let _ = std::fs::remove_dir_all(&s);
     let _ = std::fs::remove_dir_all(&empty);

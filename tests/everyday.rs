@@ -64,6 +64,20 @@ fn copy_goes_both_ways_and_ssh_config_serves_a_real_scp_and_list_shows_two_insta
     out.ok();
     assert_eq!(j["hosts"][0]["host"], "qbuf-qemu-dev", "{j}");
 
+    // show: the saved settings and where each came from.
+    let (sh, out) = env.json(&["show"]);
+    out.ok();
+    let origin = |name: &str| {
+        let row = sh["settings"].as_array().unwrap().iter().find(|r| r["setting"] == name).cloned();
+        row.unwrap_or_else(|| panic!("no {name} in {sh}"))["origin"].as_str().unwrap().to_string()
+    };
+    assert_eq!(
+        [origin("memory"), origin("cpus"), origin("ssh"), origin("share"), origin("boot"), origin("qemu")],
+        ["flag", "default", "auto", "flag", "flag", "path"],
+        "{sh}"
+    );
+    assert!(env.run(&["show"]).stdout().contains("flag (given to launch)"));
+
     // A second instance: list shows both, running, on their own ports.
     env.launch(&["--no-share", "--name", "two"]);
     let (l, out) = env.json(&["list"]);
@@ -230,4 +244,70 @@ fn logs_hide_guest_escapes_show_the_last_lines_or_this_boot_and_follow_ends_with
     let out = env.run(&["events", "--follow"]);
     out.ok();
     assert!(out.stdout().contains("SHUTDOWN"), "a stopped VM's events, and the end: {}", out.text());
+}
+
+/// Runs qbuf-qemu with stdin and stderr on a new terminal (120 columns)
+/// and stdout piped, typing `input`; returns its exit code, its stdout and
+/// everything the terminal showed.
+fn on_pty(env: &Env, args: &[&str], input: &[u8]) -> (i32, String, String) {
+    use std::io::{Read, Write};
+    let size = nix::pty::Winsize { ws_row: 40, ws_col: 120, ws_xpixel: 0, ws_ypixel: 0 };
+    let pty = nix::pty::openpty(Some(&size), None).unwrap();
+    // Not inherited by the VM's supervisor, or the terminal would never end.
+    for fd in [&pty.master, &pty.slave] {
+        use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+        fcntl(std::os::fd::AsRawFd::as_raw_fd(fd), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).unwrap();
+    }
+    let slave = || Stdio::from(pty.slave.try_clone().unwrap());
+    let child = env.cmd(args).stdin(slave()).stderr(slave()).stdout(Stdio::piped()).spawn().unwrap();
+    drop(pty.slave);
+    let mut master = std::fs::File::from(pty.master);
+    master.write_all(input).unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        // EIO once the child, the last holder of the terminal, is gone.
+        while let Ok(n @ 1..) = master.read(&mut buf) {
+            seen.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    });
+    let out = child.wait_with_output().unwrap();
+    let tty = reader.join().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), tty)
+}
+
+#[test]
+fn progress_is_one_updating_line_on_a_terminal_and_plain_lines_in_a_pipe() {
+    let env = Env::new("progress");
+    let args = env.launch_args(&["--no-share"]);
+    let (code, stdout, tty) = on_pty(&env, &strs(&args), b"");
+    assert_eq!(code, 0, "{stdout}\n{tty}");
+    assert!(stdout.contains("is up") && !stdout.contains("starting QEMU"), "only the result on stdout: {stdout}");
+    for stage in ["starting QEMU", "waiting for the guest", "logging in"] {
+        assert!(tty.contains(stage), "stage {stage:?} not shown: {tty:?}");
+    }
+    assert!(tty.contains("\r") && tty.contains("\x1b["), "the line is redrawn in place: {tty:?}");
+    let (code, _, tty) = on_pty(&env, &["powerdown"], b"");
+    assert_eq!(code, 0, "{tty}");
+    assert!(tty.contains("pressed the power button, waiting up to 60 s"), "{tty:?}");
+
+    // In a pipe: each stage once, as a plain line; nothing redrawn.
+    let out = env.run(&strs(&env.launch_args(&[])));
+    out.ok();
+    let err = out.stderr();
+    assert_eq!(err.matches("qbuf-qemu: starting QEMU\n").count(), 1, "{err}");
+    assert!(!err.contains('\r') && !err.contains('\x1b'), "{err:?}");
+    assert!(!out.stdout().contains("starting QEMU"));
+    let out = env.run(&["powerdown"]);
+    out.code_is(0);
+    assert!(out.stderr().contains("qbuf-qemu: pressed the power button, waiting up to 60 s"), "{}", out.text());
+    let quiet = env.run(&["-q", "status"]);
+    assert!(quiet.stderr().is_empty(), "{}", quiet.text());
+
+    // destroy asks on a terminal; no is no failure, and nothing is removed.
+    let (code, stdout, tty) = on_pty(&env, &["destroy"], b"n\n");
+    assert_eq!(code, 0, "{stdout}\n{tty}");
+    assert!(tty.contains("[y/N]") && stdout.contains("Nothing was done"), "{stdout}\n{tty}");
+    assert!(env.instance_dir("dev").join("settings.json").is_file());
 }

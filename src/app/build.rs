@@ -32,6 +32,21 @@ pub fn build(ctx: &Ctx, a: BuildArgs) -> Result<BuildResult> {
     guix::ensure(&ctx.state, &req, ctx.quiet, &ctx.command("build"))
 }
 
+/// What to boot on a host without Guix: an image, a kernel, or (in a qbuf
+/// checkout after tests/setup.sh) the busybox test guest.
+fn without_guix(ctx: &Ctx) -> String {
+    format!(
+        "Without Guix, boot one of these:\n  an image you have:   {}\n  a kernel and initrd: {}\n  \
+         the test guest (in a qbuf checkout, after tests/setup.sh):\n    {}",
+        ctx.command("launch --image FILE"),
+        ctx.command("launch --kernel FILE --initrd FILE --append \"console=ttyS0\""),
+        ctx.command(
+            "launch --kernel tests/guest/out/vmlinux --initrd tests/guest/out/initrd.img \
+             --append \"console=ttyS0 quiet\" --memory 512M --ssh-port auto --no-share"
+        )
+    )
+}
+
 /// The Guix image an instance boots: its own while guix/ is unchanged, the
 /// old one (said so) when it changed, a fresh build at first launch or with
 /// `--recreate`.
@@ -68,7 +83,12 @@ pub fn instance_image(
             Ok(keep.store_path)
         }
         Choice::Build => {
-            let built = guix::ensure(&ctx.state, &req, ctx.quiet, &ctx.command("build"))?;
+            let built = guix::ensure(&ctx.state, &req, ctx.quiet, &ctx.command("build")).map_err(|e| {
+                match crate::host::find_in_path("guix") {
+                    Some(_) => e,
+                    None => anyhow::anyhow!("{e:#}\n{}", without_guix(ctx)),
+                }
+            })?;
             if let Some(old) = recorded.filter(|r| r.key != built.key) {
                 guix::release_root(&ctx.state, inst);
                 tracing::info!(old = %old.store_path.display(), "instance moved to a new image");

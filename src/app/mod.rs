@@ -17,6 +17,7 @@ pub mod power;
 pub mod ready;
 pub mod resize;
 pub mod shares;
+pub mod show;
 pub mod ssh_config;
 pub mod status;
 pub mod stop;
@@ -113,6 +114,9 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Build(a) => done(&ctx, &build::build(&ctx, a)?),
         Command::Status => done(&ctx, &status::status(&ctx)?),
         Command::List => done(&ctx, &list::list(&ctx)?),
+        Command::Show => done(&ctx, &show::show(&ctx)?),
+        Command::Logs(a) => logs::logs(&ctx, &a),
+        Command::Events { follow } => logs::events(&ctx, follow),
         Command::SshConfig { instance, all } => done(&ctx, &ssh_config::ssh_config(&ctx, instance.as_deref(), all)?),
         Command::Copy { paths } => done(&ctx, &copy::copy(&ctx, &paths)?),
         Command::Completions { shell } => completions::completions(&ctx, shell),

@@ -1,5 +1,5 @@
-//! Reaching into a VM to look and poke: `ssh`, `qmp`, `events`, `logs`,
-//! `console` and `doctor`.
+//! Reaching into a VM to look and poke: `ssh` (and the SSH target that
+//! `copy`, `ssh-config` and `reboot` use), `qmp`, `console` and `doctor`.
 
 use anyhow::Result;
 use serde_json::{json, Value};
@@ -20,7 +20,6 @@ pub fn run(ctx: &Ctx, command: Command) -> Result<i32> {
         }
         Command::Ssh { args } => ssh(ctx, &args),
         Command::Qmp { command, arguments, timeout } => qmp(ctx, &command, arguments.as_deref(), timeout),
-        Command::Events { follow } => super::logs::events(ctx, follow),
         Command::Console if ctx.json => {
             usage("this command streams the guest's console as text; --json does not apply")
         }
@@ -29,7 +28,6 @@ pub fn run(ctx: &Ctx, command: Command) -> Result<i32> {
             crate::console::attach(&vm.inst.console(), &ctx.name)?;
             Ok(0)
         }
-        Command::Logs(a) => super::logs::logs(ctx, &a),
         Command::Doctor => done(ctx, &crate::doctor::run(&ctx.instance())),
         other => unreachable!("{other:?} is dispatched by app::run"),
     }

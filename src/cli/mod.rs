@@ -82,6 +82,8 @@ Examples: qbuf-qemu copy notes.txt build/ :/tmp/\n          qbuf-qemu copy dev:/
     },
     /// State, pid, uptime, resources and, for a stopped VM, why it stopped
     Status,
+    /// The saved settings (memory, CPUs, SSH, share, boot source, QEMU, recorded devices) and where each came from
+    Show,
     /// Every instance: state, QEMU pid, SSH port, uptime, disk use and boot source
     #[command(visible_alias = "ls")]
     List,

@@ -11,6 +11,7 @@ pub mod events;
 pub mod launch;
 pub mod list;
 pub mod power;
+pub mod show;
 pub mod status;
 pub mod stop;
 

@@ -1,0 +1,83 @@
+//! `show`: the saved settings of an instance and where each came from (a
+//! launch flag, a default, `--ssh-port auto`, the environment), with the
+//! QEMU binary the next launch runs and the recorded devices.
+
+use anyhow::{anyhow, Result};
+
+use super::Ctx;
+use crate::config::{Origin, Settings, ShareMode};
+use crate::instance::read_json;
+use crate::instance::records::DevicesRecord;
+use crate::report::devices::describe;
+use crate::report::show::{ShowReport, Shown, ShownOrigin};
+
+fn shown(o: Option<Origin>) -> ShownOrigin {
+    match o {
+        Some(Origin::Flag) => ShownOrigin::Flag,
+        Some(Origin::Default) => ShownOrigin::Default,
+        Some(Origin::Checkout) => ShownOrigin::Checkout,
+        Some(Origin::Auto) => ShownOrigin::Auto,
+        None => ShownOrigin::Saved,
+    }
+}
+
+pub fn show(ctx: &Ctx) -> Result<ShowReport> {
+    let inst = ctx.existing()?;
+    let s: Settings = read_json(&inst.settings())?
+        .ok_or_else(|| anyhow!("instance '{}' has no saved settings yet: launch it first", ctx.name))?;
+    let o = &s.origins;
+    let row = |setting, value: String, origin| Shown { setting, value, origin };
+    let share = match (&s.share, s.share_mode) {
+        (Some(p), ShareMode::Rw) => format!("{} at /mnt/qbuf, read-write", p.display()),
+        (Some(p), ShareMode::Ro) => format!("{} at /mnt/qbuf, read-only", p.display()),
+        (None, _) => "none".into(),
+    };
+    let key = match &s.ssh_key {
+        Some(k) => k.display().to_string(),
+        None => format!("qbuf-qemu's own ({})", ctx.state.user_key().display()),
+    };
+    let mut settings = vec![
+        row("memory", format!("{} MiB", s.memory_mib), shown(o.memory)),
+        row("cpus", s.cpus.to_string(), shown(o.cpus)),
+        row("ssh", format!("{}@127.0.0.1 port {}", s.ssh_user, s.ssh_port), shown(o.ssh_port)),
+        row("ssh key", key, shown(o.ssh_key)),
+        row("share", share, shown(o.share)),
+        row("boot", s.source.describe(), shown(o.source)),
+        row("accel", format!("{:?}", s.accel).to_lowercase(), shown(o.accel)),
+    ];
+    settings.push(match std::env::var_os("QBUF_QEMU_SYSTEM").filter(|v| !v.is_empty()) {
+        Some(p) => row("qemu", format!("{} (QBUF_QEMU_SYSTEM)", p.to_string_lossy()), ShownOrigin::Environment),
+        None => match crate::host::find_in_path("qemu-system-x86_64") {
+            Some(p) => row("qemu", p.display().to_string(), ShownOrigin::Path),
+            None => row("qemu", "not found: no qemu-system-x86_64 on PATH".into(), ShownOrigin::Path),
+        },
+    });
+    if let Some(f) = std::env::var_os("QBUF_QEMU_FIRMWARE").filter(|v| !v.is_empty()) {
+        settings.push(row(
+            "firmware",
+            format!("{} (QBUF_QEMU_FIRMWARE)", f.to_string_lossy()),
+            ShownOrigin::Environment,
+        ));
+    }
+    let rec = DevicesRecord::load(&inst)?;
+    let mut devices: Vec<Shown> = rec
+        .disks
+        .iter()
+        .map(|d| row("disk", format!("{} {} ({})", d.id, d.path.display(), d.format), ShownOrigin::Recorded))
+        .collect();
+    devices.extend(rec.shares.iter().map(|sh| {
+        let mode = if sh.readonly { "read-only" } else { "read-write" };
+        row("share", format!("{} {} ({mode})", sh.tag, sh.path.display()), ShownOrigin::Recorded)
+    }));
+    devices.extend(rec.forwards.iter().map(|f| row("forward", describe(f), ShownOrigin::Recorded)));
+    Ok(ShowReport {
+        name: ctx.name.clone(),
+        settings_file: inst.settings(),
+        settings,
+        devices,
+        change_hint: format!(
+            "Change a setting with its flag, e.g. '{}' (applied at the next boot).",
+            ctx.command("launch --memory 8G")
+        ),
+    })
+}
