@@ -21,13 +21,8 @@ fn wait_in_guest(env: &Env, what: &str, cmd: &str) {
     assert_eq!(out.code(), 0, "guest never saw {what}:\n{}", out.text());
 }
 
-fn events(env: &Env) -> Vec<Value> {
-    let text = std::fs::read_to_string(env.instance_dir("dev").join("events.jsonl")).unwrap_or_default();
-    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-}
-
 fn count_events(env: &Env, name: &str) -> usize {
-    events(env).iter().filter(|e| e["event"] == name).count()
+    env.events("dev").iter().filter(|e| e["event"] == name).count()
 }
 
 fn http_get(port: u16) -> std::io::Result<String> {
@@ -70,7 +65,7 @@ fn hot_disk_is_seen_by_the_guest_keeps_its_data_across_remove_and_readd_and_come
     assert_eq!(r["detached"], true);
     assert!(r["seconds"].as_f64().unwrap() < 10.0);
     assert!(
-        events(&env).iter().any(|e| e["event"] == "DEVICE_DELETED" && e["data"]["device"] == "disk1"),
+        env.events("dev").iter().any(|e| e["event"] == "DEVICE_DELETED" && e["data"]["device"] == "disk1"),
         "DEVICE_DELETED is in the event log"
     );
     env.ssh("dev", "test ! -e /sys/block/vdb").ok();

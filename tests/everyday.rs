@@ -102,11 +102,6 @@ fn copy_goes_both_ways_and_ssh_config_serves_a_real_scp_and_list_shows_two_insta
     env.run(&["powerdown"]).code_is(0);
 }
 
-fn events(env: &Env) -> Vec<Value> {
-    let text = std::fs::read_to_string(env.instance_dir("dev").join("events.jsonl")).unwrap_or_default();
-    text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
-}
-
 #[test]
 fn pause_resume_and_reboot_by_the_guest_or_by_a_reset() {
     let env = Env::new("power");
@@ -132,7 +127,7 @@ fn pause_resume_and_reboot_by_the_guest_or_by_a_reset() {
     assert_eq!(s(&b, "method"), "guest-agent", "{b}");
     assert!(b["ready_seconds"].as_f64().is_some(), "{b}");
     assert_ne!(env.ssh("dev", "test -e /tmp/before-reboot").code(), 0, "the guest booted again (its /tmp is new)");
-    assert!(events(&env).iter().any(|e| e["event"] == "RESET" && e["data"]["guest"] == true), "a guest reset");
+    assert!(env.events("dev").iter().any(|e| e["event"] == "RESET" && e["data"]["guest"] == true), "a guest reset");
 
     // Without an agent, 'reboot' over SSH; the test guest's shell init
     // ignores it (busybox reboot signals PID 1), so after --timeout it is reset.
@@ -145,7 +140,7 @@ fn pause_resume_and_reboot_by_the_guest_or_by_a_reset() {
     out.ok();
     assert!(out.stdout().contains("system_reset"), "{}", out.text());
     let by_qemu = |e: &Value| e["event"] == "RESET" && e["data"]["reason"] == "host-qmp-system-reset";
-    assert_eq!(events(&env).iter().filter(|e| by_qemu(e)).count(), 2, "two resets by QEMU");
+    assert_eq!(env.events("dev").iter().filter(|e| by_qemu(e)).count(), 2, "two resets by QEMU");
     // --force skips the guest's shutdown: stopped, and exit 3 says how.
     env.run(&["powerdown", "--force"]).code_is(3);
 }

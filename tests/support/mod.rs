@@ -130,6 +130,12 @@ impl Env {
         self.state.join("instances").join(name)
     }
 
+    /// Every QMP event recorded for instance `name` (its events.jsonl).
+    pub fn events(&self, name: &str) -> Vec<Value> {
+        let text = std::fs::read_to_string(self.instance_dir(name).join("events.jsonl")).unwrap_or_default();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
     pub fn ssh(&self, name: &str, cmd: &str) -> Out {
         self.run(&["--name", name, "ssh", "--", cmd])
     }
