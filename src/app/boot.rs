@@ -10,7 +10,11 @@ use anyhow::{bail, Context, Result};
 
 use super::ready;
 use super::{absolute_flag, Ctx};
-use crate::cli::LaunchArgs;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use super::snapshot::{self, Resume};
+use crate::cli::{LaunchArgs, VmArgs};
 use crate::config::{self, AccelChoice, Change, LaunchFlags, PortChoice, Settings, Source};
 use crate::host;
 use crate::instance::records::{BootPlan, DevicesRecord, LaunchFailure, RunRecord};
@@ -20,6 +24,7 @@ use crate::qemu::host::{kvm_runs, qemu_binaries, QemuBinaries};
 use crate::report::error::Failure;
 use crate::report::launch::Launched;
 use crate::ssh;
+use crate::supervisor::ladder::StopOptions;
 
 #[derive(Debug, Clone)]
 pub struct LaunchOptions {
@@ -29,6 +34,19 @@ pub struct LaunchOptions {
     pub recreate: bool,
     /// Serial silence after which an automatically chosen KVM is blamed.
     pub silence: Duration,
+    /// Start from a saved VM instead of booting.
+    pub resume: Option<ResumeFrom>,
+    /// Set from outside (a signal, a deadline): stop waiting.
+    pub cancel: Option<Arc<AtomicBool>>,
+}
+
+/// Which saved VM a launch starts from.
+#[derive(Debug, Clone)]
+pub enum ResumeFrom {
+    /// One of this instance's snapshots (`launch --resume`).
+    Own(String),
+    /// Another instance's, under a fresh overlay (`run --from-snapshot`).
+    Other(Box<Resume>),
 }
 
 impl LaunchOptions {
@@ -36,32 +54,50 @@ impl LaunchOptions {
     /// current directory (a saved relative path would mean another
     /// directory at the next launch).
     pub fn from_args(a: LaunchArgs) -> Result<LaunchOptions> {
-        let flags = LaunchFlags {
-            memory: a.memory,
-            cpus: a.cpus,
-            ssh_port: a.ssh_port,
-            share: absolute_flag(a.share)?,
-            no_share: a.no_share,
-            share_mode: a.share_mode,
-            image: absolute_flag(a.image)?,
-            kernel: absolute_flag(a.kernel)?,
-            initrd: absolute_flag(a.initrd)?,
-            append: a.append,
-            guix_dir: absolute_flag(a.guix.guix_dir)?,
-            image_size: a.guix.image_size,
-            accel: a.accel,
-            ssh_user: a.ssh_user,
-            ssh_key: absolute_flag(a.ssh_key)?,
-        };
-        let silence = std::env::var("QBUF_QEMU_SERIAL_SILENCE_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
-        Ok(LaunchOptions {
-            flags,
-            timeout: a.timeout,
-            no_wait: a.no_wait,
-            recreate: a.recreate,
-            silence: Duration::from_secs(silence),
-        })
+        let mut o = LaunchOptions::plain(a.timeout);
+        o.flags = vm_flags(a.vm, a.ssh_port)?;
+        o.no_wait = a.no_wait;
+        o.recreate = a.recreate;
+        o.resume = a.resume.map(ResumeFrom::Own);
+        Ok(o)
     }
+
+    /// A plain `launch`: the saved settings, waiting up to `timeout`.
+    pub fn plain(timeout: Duration) -> LaunchOptions {
+        let silence = std::env::var("QBUF_QEMU_SERIAL_SILENCE_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
+        LaunchOptions {
+            flags: LaunchFlags::default(),
+            timeout,
+            no_wait: false,
+            recreate: false,
+            silence: Duration::from_secs(silence),
+            resume: None,
+            cancel: None,
+        }
+    }
+}
+
+/// The VM flags as given, with every path made absolute against the current
+/// directory (a saved relative path would mean another directory at the
+/// next launch).
+pub fn vm_flags(a: VmArgs, ssh_port: Option<PortChoice>) -> Result<LaunchFlags> {
+    Ok(LaunchFlags {
+        memory: a.memory,
+        cpus: a.cpus,
+        ssh_port,
+        share: absolute_flag(a.share)?,
+        no_share: a.no_share,
+        share_mode: a.share_mode,
+        image: absolute_flag(a.image)?,
+        kernel: absolute_flag(a.kernel)?,
+        initrd: absolute_flag(a.initrd)?,
+        append: a.append,
+        guix_dir: absolute_flag(a.guix.guix_dir)?,
+        image_size: a.guix.image_size,
+        accel: a.accel,
+        ssh_user: a.ssh_user,
+        ssh_key: absolute_flag(a.ssh_key)?,
+    })
 }
 
 /// The connection info `launch` prints.
@@ -127,57 +163,113 @@ pub fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Res
         let names: Vec<_> = stale.iter().filter_map(|p| p.file_name()?.to_str().map(String::from)).collect();
         notes.push(format!("removed stale files left by an earlier crash: {}", names.join(", ")));
     }
-    let saved: Option<Settings> = read_json(&inst.settings())?;
-    let (mut s, changes) = config::merge(saved.as_ref(), &opts.flags, &defaults())?;
-    check_paths(&mut s)?;
-    choose_port(&mut s, opts, &mut notes)?;
-    let devices = DevicesRecord::load(inst)?;
-    check_devices(ctx, &s, &devices)?;
-    if saved.as_ref().is_some_and(|old| old.source != s.source) && std::fs::remove_file(inst.known_hosts()).is_ok() {
-        notes.push("the boot source changed, so this is a new guest: its SSH host key is pinned anew".into());
-    }
+    let resume = match &opts.resume {
+        Some(ResumeFrom::Own(name)) => Some(snapshot::resume_from(ctx, inst, name, false)?),
+        Some(ResumeFrom::Other(r)) => Some((**r).clone()),
+        None => None,
+    };
+    let (s, changes) = settings(ctx, inst, opts, resume.as_ref(), &mut notes)?;
     let bins = qemu_binaries()?;
     let key = ssh_key_for(&ctx.state, &s)?;
     let pubkey = ssh::public_key_line(&key)?;
     std::fs::write(inst.authorized_key(), format!("{pubkey}\n"))
         .with_context(|| format!("cannot write {}", inst.authorized_key().display()))?;
-    let (disk, kernel) = boot_disk(ctx, inst, &s, opts, &bins, &pubkey, &mut notes)?;
-    if disk.is_none() {
-        // A diskless guest has no place to keep a host key: it makes a new
-        // one every boot, so the pin can only hold for one boot.
-        let _ = std::fs::remove_file(inst.known_hosts());
-    }
-    let (accel, auto_kvm) = choose_accel(ctx, &s, &bins, &mut notes)?;
-    let spec = vm_spec(inst, &s, accel, disk, kernel, &devices, bins.firmware.clone());
-    let plan = BootPlan { qemu: bins.system.clone(), argv: crate::qemu::args::build_args(&spec)?, spec };
-    write_json(&inst.boot_plan(), &plan)?;
+    let (plan, auto_kvm) = plan(ctx, inst, &s, opts, &bins, &pubkey, resume.as_ref(), &mut notes)?;
     let serial_before = std::fs::metadata(inst.serial_log()).map(|m| m.len()).unwrap_or(0);
     let hint = auto_kvm.then(|| KVM_HINT.to_string());
     let run = start(ctx, inst, lock, serial_before, hint.clone())?;
+    if let Some(r) = &resume {
+        if let Err(e) = snapshot::load_state(ctx, inst, r) {
+            let _ = super::stop::stop_running(ctx, inst, &StopOptions { timeout: Duration::ZERO, force: true });
+            return Err(e.context("the VM was stopped"));
+        }
+    }
     // Saved once QEMU came up with them: a setting QEMU refuses is not kept.
-    write_json(&inst.settings(), &s)?;
+    if let Err(e) = write_json(&inst.settings(), &s) {
+        let _ = super::stop::stop_running(ctx, inst, &StopOptions { timeout: Duration::ZERO, force: true });
+        return Err(e.context("the VM was stopped: its settings could not be saved"));
+    }
 
     let t = ssh::Target::for_instance(inst, s.ssh_port, &s.ssh_user, &key);
-    let mut result = launched(ctx, inst, &t, run.qemu.pid, accel, false, changes, notes);
+    let mut result = launched(ctx, inst, &t, run.qemu.pid, plan.spec.accel, false, changes, notes);
     if opts.no_wait {
         return Ok(result);
     }
     ctx.progress(&format!(
         "QEMU {} runs ({}); waiting up to {}s for SSH on 127.0.0.1:{} (serial log: {})",
         run.qemu.pid,
-        accel.as_str(),
+        plan.spec.accel.as_str(),
         opts.timeout.as_secs(),
         s.ssh_port,
         inst.serial_log().display()
     ));
-    let watch = ready::Watch { auto_kvm, silence: opts.silence, serial_before };
+    let watch = ready::Watch { auto_kvm, silence: opts.silence, serial_before, cancel: opts.cancel.clone() };
     match ready::wait(inst, &t, &run.qemu, started + opts.timeout, &watch) {
         Ok(()) => {
+            if let Some(r) = &resume {
+                snapshot::after_resume(&t, r, &mut result.notes);
+            }
             result.ready_seconds = Some(started.elapsed().as_secs_f64());
             Ok(result)
         }
         Err(r) => Err(ready::failed(ctx, inst, &t, &plan, serial_before, hint, r)),
     }
+}
+
+/// The settings of this boot: the flags over the saved ones, checked; a
+/// resumed VM keeps the saved VM's resources.
+fn settings(
+    ctx: &Ctx,
+    inst: &Instance,
+    opts: &LaunchOptions,
+    resume: Option<&Resume>,
+    notes: &mut Vec<String>,
+) -> Result<(Settings, Vec<Change>)> {
+    let saved: Option<Settings> = read_json(&inst.settings())?;
+    let (mut s, changes) = config::merge(saved.as_ref(), &opts.flags, &defaults())?;
+    if let Some(r) = resume {
+        s.memory_mib = r.record.spec.memory_mib;
+        s.cpus = r.record.spec.cpus;
+    }
+    check_paths(&mut s)?;
+    choose_port(&mut s, opts, notes)?;
+    check_devices(ctx, &s, &DevicesRecord::load(inst)?)?;
+    if saved.as_ref().is_some_and(|old| old.source != s.source) && std::fs::remove_file(inst.known_hosts()).is_ok() {
+        notes.push("the boot source changed, so this is a new guest: its SSH host key is pinned anew".into());
+    }
+    Ok((s, changes))
+}
+
+/// What QEMU runs (boot.json): the boot disk made, the accelerator chosen,
+/// the argv built. Also whether qbuf-qemu chose KVM by itself.
+#[allow(clippy::too_many_arguments)]
+fn plan(
+    ctx: &Ctx,
+    inst: &Instance,
+    s: &Settings,
+    opts: &LaunchOptions,
+    bins: &QemuBinaries,
+    pubkey: &str,
+    resume: Option<&Resume>,
+    notes: &mut Vec<String>,
+) -> Result<(BootPlan, bool)> {
+    let devices = DevicesRecord::load(inst)?;
+    let (spec, auto_kvm) = match resume {
+        Some(r) => (snapshot::resume_spec(ctx, inst, s, bins, &devices, r)?, false),
+        None => {
+            let (disk, kernel) = boot_disk(ctx, inst, s, opts, bins, pubkey, notes)?;
+            if disk.is_none() {
+                // A diskless guest has no place to keep a host key: it makes a
+                // new one every boot, so the pin can only hold for one boot.
+                let _ = std::fs::remove_file(inst.known_hosts());
+            }
+            let (accel, auto_kvm) = choose_accel(ctx, s, bins, notes)?;
+            (vm_spec(inst, s, accel, disk, kernel, &devices, bins.firmware.clone()), auto_kvm)
+        }
+    };
+    let plan = BootPlan { qemu: bins.system.clone(), argv: crate::qemu::args::build_args(&spec)?, spec };
+    write_json(&inst.boot_plan(), &plan)?;
+    Ok((plan, auto_kvm))
 }
 
 /// User paths must exist and be what they claim; they are absolute already
@@ -302,7 +394,7 @@ fn choose_accel(ctx: &Ctx, s: &Settings, bins: &QemuBinaries, notes: &mut Vec<St
 }
 
 /// Everything QEMU needs, resolved (pure).
-fn vm_spec(
+pub fn vm_spec(
     inst: &Instance,
     s: &Settings,
     accel: Accel,
@@ -336,6 +428,7 @@ fn vm_spec(
         },
         hotplug_ports: HOTPLUG_PORTS,
         firmware,
+        incoming: false,
     }
 }
 

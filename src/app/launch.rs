@@ -53,9 +53,10 @@ fn take_lock(ctx: &Ctx, inst: &Instance, opts: &LaunchOptions) -> Result<Taken> 
         if let Some(l) = Lock::try_acquire(inst)? {
             return Ok(Taken::Lock(l));
         }
-        if opts.recreate {
+        if opts.recreate || opts.resume.is_some() {
+            let flag = if opts.recreate { "--recreate discards its disk" } else { "--resume replaces its VM" };
             bail!(
-                "instance '{}' is running (or starting), and --recreate discards its disk: stop it first ('{}'), then launch --recreate",
+                "instance '{}' is running (or starting), and {flag}: stop it first ('{}'), then launch again",
                 ctx.name,
                 ctx.command("powerdown")
             );
@@ -103,7 +104,8 @@ fn already_running(ctx: &Ctx, inst: &Instance, opts: &LaunchOptions) -> Result<L
     // Another launch may still be booting it: answer when a login works,
     // as that launch will.
     if let (false, Some(run)) = (opts.no_wait, read_json::<RunRecord>(&inst.run_record())?) {
-        let watch = ready::Watch { auto_kvm: false, silence: opts.silence, serial_before: 0 };
+        let watch =
+            ready::Watch { auto_kvm: false, silence: opts.silence, serial_before: 0, cancel: opts.cancel.clone() };
         if let Err(r) = ready::wait(inst, &t, &run.qemu, Instant::now() + opts.timeout, &watch) {
             bail!("instance '{}' runs (QEMU pid {pid}), but it is not reachable: {}", ctx.name, r.describe(&t, inst));
         }

@@ -7,10 +7,13 @@ pub mod boot;
 pub mod build;
 pub mod disks;
 pub mod forwards;
+pub mod guest;
 pub mod launch;
 pub mod observe;
 pub mod ready;
+pub mod run;
 pub mod shares;
+pub mod snapshot;
 pub mod status;
 pub mod stop;
 pub mod vm;
@@ -21,7 +24,7 @@ use std::sync::OnceLock;
 
 use anyhow::{bail, Result};
 
-use crate::cli::{Cli, Command, DiskCommand, ForwardCommand, ShareCommand, StopArgs};
+use crate::cli::{Cli, Command, DiskCommand, ForwardCommand, ShareCommand, SnapshotCommand, StopArgs};
 use crate::instance::{default_state_dir, Instance, StateDir};
 use crate::report::{emit, Render};
 use crate::supervisor::ladder::StopOptions;
@@ -32,6 +35,8 @@ use crate::supervisor::ladder::StopOptions;
 pub struct Ctx {
     pub state: StateDir,
     pub name: String,
+    /// `--name` was given (not the default).
+    pub named: bool,
     pub json: bool,
     pub quiet: bool,
 }
@@ -86,7 +91,8 @@ fn context(cli: &Cli) -> Result<Ctx> {
         None => default_state_dir()?,
     };
     let root = if root.is_relative() { std::env::current_dir()?.join(root) } else { root };
-    Ok(Ctx { state: StateDir::new(root), name: g.name.clone(), json: g.json, quiet: g.quiet })
+    let name = g.name.clone().unwrap_or_else(|| crate::instance::paths::DEFAULT_NAME.into());
+    Ok(Ctx { state: StateDir::new(root), name, named: g.name.is_some(), json: g.json, quiet: g.quiet })
 }
 
 fn stop_opts(a: &StopArgs) -> StopOptions {
@@ -115,6 +121,8 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Disk(c) => disk(&ctx, c),
         Command::Forward(c) => forward(&ctx, c),
         Command::Share(c) => share(&ctx, c),
+        Command::Snapshot(c) => snapshots(&ctx, c),
+        Command::Run(a) => run::run(&ctx, *a),
         Command::Supervise => crate::supervisor::run(ctx.instance()),
         other => observe::run(&ctx, other),
     }
@@ -164,6 +172,15 @@ fn share(ctx: &Ctx, c: ShareCommand) -> Result<i32> {
         ShareCommand::Add { dir, tag, ro } => done(ctx, &shares::add(ctx, &dir, &tag, ro)?),
         ShareCommand::Remove { tag } => done(ctx, &shares::remove(ctx, &tag)?),
         ShareCommand::List => done(ctx, &shares::list(ctx)?),
+    }
+}
+
+fn snapshots(ctx: &Ctx, c: SnapshotCommand) -> Result<i32> {
+    match c {
+        SnapshotCommand::Save { name } => done(ctx, &snapshot::save(ctx, &name)?),
+        SnapshotCommand::Load { name } => done(ctx, &snapshot::load(ctx, &name, std::time::Duration::from_secs(300))?),
+        SnapshotCommand::List => done(ctx, &snapshot::list(ctx)?),
+        SnapshotCommand::Delete { name } => done(ctx, &snapshot::delete(ctx, &name)?),
     }
 }
 

@@ -160,6 +160,45 @@ pub struct StopRecord {
     pub reason: String,
 }
 
+/// base.json: the identity of the image under the boot overlay (a base
+/// that changed would silently corrupt the guest's view of its disk).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseIdentity {
+    pub path: PathBuf,
+    pub size: u64,
+    pub mtime_ns: i128,
+    pub format: String,
+}
+
+/// snapshots/NAME/snapshot.json: a saved VM (its paused state in
+/// `state.bin`, its boot disk frozen in `disk.qcow2`) and what a VM must be
+/// like to load it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub name: String,
+    pub created_at: f64,
+    /// QEMU's version at save time: the state loads only into the same one.
+    pub qemu_version: String,
+    /// The saved VM's devices and resources; a loading VM gets the same.
+    pub spec: VmSpec,
+    /// The image under the frozen disk, which must not change.
+    pub base: Option<BaseIdentity>,
+    pub state_bytes: u64,
+    /// Seconds the save took (state and disk).
+    pub seconds: f64,
+    /// The 9p shares the guest had mounted: unmounted for the save (QEMU
+    /// refuses to migrate while one is mounted), mounted again on resume.
+    #[serde(default)]
+    pub mounts: Vec<GuestMount>,
+}
+
+/// A 9p share mounted in the guest: its tag and where.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestMount {
+    pub tag: String,
+    pub path: String,
+}
+
 /// devices.json: runtime additions that persist across launches.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct DevicesRecord {

@@ -8,6 +8,8 @@ pub mod doctor;
 pub mod error;
 pub mod events;
 pub mod launch;
+pub mod run;
+pub mod snapshot;
 pub mod status;
 pub mod stop;
 
