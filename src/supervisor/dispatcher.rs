@@ -363,20 +363,7 @@ mod tests {
     use super::*;
 
     fn state() -> VmState {
-        VmState {
-            qemu_pid: 1,
-            supervisor_pid: 2,
-            started_at: 0.0,
-            accel: crate::qemu::args::Accel::Tcg,
-            qemu_version: "10.0.2".into(),
-            hotplug_ports: 4,
-            stopping: None,
-            last_shutdown: None,
-            panicked: None,
-            agent_port_open: false,
-            ended: None,
-            live: None,
-        }
+        VmState::new(1, 2, 0.0, crate::qemu::args::Accel::Tcg, "10.0.2", 4)
     }
 
     #[test]
