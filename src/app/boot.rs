@@ -9,131 +9,19 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use super::ready;
-use super::{absolute_flag, Ctx};
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
-
-use super::snapshot::{self, Resume};
-use crate::cli::{LaunchArgs, VmArgs};
-use crate::config::{self, AccelChoice, Change, LaunchFlags, PortChoice, Settings, Source};
+use super::resume::{self, Resume};
+use super::spec::{defaults, launched, must_exist, ssh_key_for, vm_spec, LaunchOptions, ResumeFrom};
+use super::Ctx;
+use crate::config::{self, AccelChoice, Change, PortChoice, Settings, Source};
 use crate::host;
 use crate::instance::records::{BootPlan, DevicesRecord, LaunchFailure, RunRecord};
-use crate::instance::{read_json, write_json, Instance, Lock, StateDir};
-use crate::qemu::args::{Accel, Endpoints, KernelBoot, Share, VmSpec, DEFAULT_SHARE_TAG, HOTPLUG_PORTS};
+use crate::instance::{read_json, write_json, Instance, Lock};
+use crate::qemu::args::{Accel, KernelBoot};
 use crate::qemu::host::{kvm_runs, qemu_binaries, QemuBinaries};
 use crate::report::error::Failure;
 use crate::report::launch::Launched;
 use crate::ssh;
 use crate::supervisor::ladder::StopOptions;
-
-#[derive(Debug, Clone)]
-pub struct LaunchOptions {
-    pub flags: LaunchFlags,
-    pub timeout: Duration,
-    pub no_wait: bool,
-    pub recreate: bool,
-    /// Serial silence after which an automatically chosen KVM is blamed.
-    pub silence: Duration,
-    /// Start from a saved VM instead of booting.
-    pub resume: Option<ResumeFrom>,
-    /// Set from outside (a signal, a deadline): stop waiting.
-    pub cancel: Option<Arc<AtomicBool>>,
-}
-
-/// Which saved VM a launch starts from.
-#[derive(Debug, Clone)]
-pub enum ResumeFrom {
-    /// One of this instance's snapshots (`launch --resume`).
-    Own(String),
-    /// Another instance's, under a fresh overlay (`run --from-snapshot`).
-    Other(Box<Resume>),
-}
-
-impl LaunchOptions {
-    /// The flags as given, with every path made absolute against the
-    /// current directory (a saved relative path would mean another
-    /// directory at the next launch).
-    pub fn from_args(a: LaunchArgs) -> Result<LaunchOptions> {
-        let mut o = LaunchOptions::plain(a.timeout);
-        o.flags = vm_flags(a.vm, a.ssh_port)?;
-        o.no_wait = a.no_wait;
-        o.recreate = a.recreate;
-        o.resume = a.resume.map(ResumeFrom::Own);
-        Ok(o)
-    }
-
-    /// A plain `launch`: the saved settings, waiting up to `timeout`.
-    pub fn plain(timeout: Duration) -> LaunchOptions {
-        let silence = std::env::var("QBUF_QEMU_SERIAL_SILENCE_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
-        LaunchOptions {
-            flags: LaunchFlags::default(),
-            timeout,
-            no_wait: false,
-            recreate: false,
-            silence: Duration::from_secs(silence),
-            resume: None,
-            cancel: None,
-        }
-    }
-}
-
-/// The VM flags as given, with every path made absolute against the current
-/// directory (a saved relative path would mean another directory at the
-/// next launch).
-pub fn vm_flags(a: VmArgs, ssh_port: Option<PortChoice>) -> Result<LaunchFlags> {
-    Ok(LaunchFlags {
-        memory: a.memory,
-        cpus: a.cpus,
-        ssh_port,
-        share: absolute_flag(a.share)?,
-        no_share: a.no_share,
-        share_mode: a.share_mode,
-        image: absolute_flag(a.image)?,
-        kernel: absolute_flag(a.kernel)?,
-        initrd: absolute_flag(a.initrd)?,
-        append: a.append,
-        guix_dir: absolute_flag(a.guix.guix_dir)?,
-        image_size: a.guix.image_size,
-        accel: a.accel,
-        ssh_user: a.ssh_user,
-        ssh_key: absolute_flag(a.ssh_key)?,
-    })
-}
-
-/// The connection info `launch` prints.
-#[allow(clippy::too_many_arguments)]
-pub fn launched(
-    ctx: &Ctx,
-    inst: &Instance,
-    t: &ssh::Target,
-    pid: i32,
-    accel: Accel,
-    already_running: bool,
-    changes: Vec<Change>,
-    notes: Vec<String>,
-) -> Launched {
-    Launched {
-        name: ctx.name.clone(),
-        pid,
-        ssh_port: t.port,
-        ssh_user: t.user.clone(),
-        qmp_socket: inst.qmp_user(),
-        serial_log: inst.serial_log(),
-        ready_seconds: None,
-        already_running,
-        accel,
-        changes,
-        notes,
-        ssh_command: shell_words::join(t.command(&[])),
-        connect_command: ctx.command("ssh"),
-        stop_command: ctx.command("powerdown"),
-    }
-}
-
-/// A user's file, canonical; a clear error when it does not exist.
-pub fn must_exist(p: &std::path::Path, what: &str) -> Result<PathBuf> {
-    std::fs::canonicalize(p).with_context(|| format!("{what} {} does not exist", p.display()))
-}
 
 const KVM_HINT: &str =
     "QEMU ran with KVM because /dev/kvm is accessible (--accel auto), and KVM looks broken on this host \
@@ -141,19 +29,6 @@ const KVM_HINT: &str =
 
 /// How long QEMU may take to come up (its QMP socket answering).
 const UP_DEADLINE: Duration = Duration::from_secs(90);
-
-/// Defaults that come from where the command runs: the checkout to share.
-pub fn defaults() -> config::Defaults {
-    let share = std::env::current_dir().ok().and_then(|d| host::git_toplevel(&d));
-    config::Defaults { share }
-}
-
-pub fn ssh_key_for(state: &StateDir, s: &Settings) -> Result<PathBuf> {
-    match &s.ssh_key {
-        Some(k) => Ok(k.clone()),
-        None => ssh::ensure_user_key(state),
-    }
-}
 
 pub fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Result<Launched> {
     let started = Instant::now();
@@ -164,7 +39,7 @@ pub fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Res
         notes.push(format!("removed stale files left by an earlier crash: {}", names.join(", ")));
     }
     let resume = match &opts.resume {
-        Some(ResumeFrom::Own(name)) => Some(snapshot::resume_from(ctx, inst, name, false)?),
+        Some(ResumeFrom::Own(name)) => Some(resume::resume_from(ctx, inst, name, false)?),
         Some(ResumeFrom::Other(r)) => Some((**r).clone()),
         None => None,
     };
@@ -179,7 +54,7 @@ pub fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Res
     let hint = auto_kvm.then(|| KVM_HINT.to_string());
     let run = start(ctx, inst, lock, serial_before, hint.clone())?;
     if let Some(r) = &resume {
-        if let Err(e) = snapshot::load_state(ctx, inst, r) {
+        if let Err(e) = resume::load_state(ctx, inst, r) {
             let _ = super::stop::stop_running(ctx, inst, &StopOptions { timeout: Duration::ZERO, force: true });
             return Err(e.context("the VM was stopped"));
         }
@@ -207,7 +82,7 @@ pub fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Res
     match ready::wait(inst, &t, &run.qemu, started + opts.timeout, &watch) {
         Ok(()) => {
             if let Some(r) = &resume {
-                snapshot::after_resume(&t, r, &mut result.notes);
+                resume::after_resume(&t, r, &mut result.notes);
             }
             result.ready_seconds = Some(started.elapsed().as_secs_f64());
             Ok(result)
@@ -255,7 +130,14 @@ fn plan(
 ) -> Result<(BootPlan, bool)> {
     let devices = DevicesRecord::load(inst)?;
     let (spec, auto_kvm) = match resume {
-        Some(r) => (snapshot::resume_spec(ctx, inst, s, bins, &devices, r)?, false),
+        Some(r) => {
+            resume::check(ctx, &devices, bins, r)?;
+            let disk = resume::disk(inst, bins, r)?;
+            let saved = &r.record.spec;
+            let mut spec = vm_spec(inst, s, saved.accel, disk, saved.kernel.clone(), &devices, bins.firmware.clone());
+            resume::adapt(&mut spec, s, r);
+            (spec, false)
+        }
         None => {
             let (disk, kernel) = boot_disk(ctx, inst, s, opts, bins, pubkey, notes)?;
             if disk.is_none() {
@@ -391,45 +273,6 @@ fn choose_accel(ctx: &Ctx, s: &Settings, bins: &QemuBinaries, notes: &mut Vec<St
             }
         },
     })
-}
-
-/// Everything QEMU needs, resolved (pure).
-pub fn vm_spec(
-    inst: &Instance,
-    s: &Settings,
-    accel: Accel,
-    disk: Option<PathBuf>,
-    kernel: Option<KernelBoot>,
-    devices: &DevicesRecord,
-    firmware: Option<PathBuf>,
-) -> VmSpec {
-    let readonly = s.share_mode == config::ShareMode::Ro;
-    let mut shares: Vec<Share> =
-        s.share.iter().map(|p| Share { path: p.clone(), tag: DEFAULT_SHARE_TAG.into(), readonly }).collect();
-    shares.extend(devices.shares.iter().cloned());
-    VmSpec {
-        name: inst.name.clone(),
-        accel,
-        memory_mib: s.memory_mib,
-        cpus: s.cpus,
-        ssh_port: s.ssh_port,
-        disk,
-        kernel,
-        shares,
-        extra_disks: devices.disks.clone(),
-        forwards: devices.forwards.clone(),
-        authorized_key: inst.authorized_key(),
-        endpoints: Endpoints {
-            qmp_supervisor: inst.qmp_supervisor(),
-            qmp_user: inst.qmp_user(),
-            console: inst.console(),
-            serial_log: inst.serial_log(),
-            guest_agent: inst.guest_agent(),
-        },
-        hotplug_ports: HOTPLUG_PORTS,
-        firmware,
-        incoming: false,
-    }
 }
 
 /// Starts the supervisor (which starts QEMU) and waits until QEMU is up or

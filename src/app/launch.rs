@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use super::boot::{self, launched, LaunchOptions};
+use super::boot;
 use super::ready;
+use super::spec::{self, launched, LaunchOptions};
 use super::{block_on, Ctx};
 use crate::config::{self, Settings};
 use crate::instance::records::RunRecord;
@@ -92,14 +93,14 @@ fn already_running(ctx: &Ctx, inst: &Instance, opts: &LaunchOptions) -> Result<L
         }
     };
     let saved: Settings = read_json(&inst.settings())?.context("settings.json is missing")?;
-    let (mut new, changes) = config::merge(Some(&saved), &opts.flags, &boot::defaults())?;
+    let (mut new, changes) = config::merge(Some(&saved), &opts.flags, &spec::defaults())?;
     if new.ssh_port == 0 {
         new.ssh_port = saved.ssh_port;
     }
     if !changes.is_empty() {
         write_json(&inst.settings(), &new)?;
     }
-    let key = boot::ssh_key_for(&ctx.state, &saved)?;
+    let key = spec::ssh_key_for(&ctx.state, &saved)?;
     let t = ssh::Target::for_instance(inst, saved.ssh_port, &saved.ssh_user, &key);
     // Another launch may still be booting it: answer when a login works,
     // as that launch will.

@@ -11,9 +11,11 @@ pub mod guest;
 pub mod launch;
 pub mod observe;
 pub mod ready;
+pub mod resume;
 pub mod run;
 pub mod shares;
 pub mod snapshot;
+pub mod spec;
 pub mod status;
 pub mod stop;
 pub mod vm;
@@ -109,7 +111,7 @@ fn done<T: Render>(ctx: &Ctx, value: &T) -> Result<i32> {
 pub fn run(cli: Cli) -> Result<i32> {
     let ctx = context(&cli)?;
     match cli.command {
-        Command::Launch(a) => done(&ctx, &launch::launch(&ctx, &boot::LaunchOptions::from_args(*a)?)?),
+        Command::Launch(a) => done(&ctx, &launch::launch(&ctx, &spec::LaunchOptions::from_args(*a)?)?),
         Command::Build(a) => done(&ctx, &build::build(&ctx, a)?),
         Command::Status => done(&ctx, &status::status(&ctx)?),
         Command::Powerdown(a) => {

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use super::boot::{vm_flags, LaunchOptions, ResumeFrom};
-use super::{launch, snapshot, stop, Ctx};
+use super::spec::{vm_flags, LaunchOptions, ResumeFrom};
+use super::{launch, resume, stop, Ctx};
 use crate::cli::RunArgs;
 use crate::config::{PortChoice, Settings};
 use crate::instance::records::RunRecord;
@@ -111,7 +111,7 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<i32> {
     let (name, resume) = match &a.from_snapshot {
         Some(snap) => {
             let source = ctx.existing()?;
-            (throwaway_name(ctx), Some(snapshot::resume_from(ctx, &source, snap, true)?))
+            (throwaway_name(ctx), Some(resume::resume_from(ctx, &source, snap, true)?))
         }
         None if ctx.named => {
             if ctx.instance().exists() {
@@ -209,7 +209,7 @@ fn command_then_artifacts(
 
 fn target(ctx: &Ctx, inst: &Instance) -> Result<Target> {
     let s: Settings = read_json(&inst.settings())?.context("settings.json is missing")?;
-    let key = super::boot::ssh_key_for(&ctx.state, &s)?;
+    let key = super::spec::ssh_key_for(&ctx.state, &s)?;
     Ok(Target::for_instance(inst, s.ssh_port, &s.ssh_user, &key))
 }
 

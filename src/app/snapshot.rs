@@ -10,175 +10,24 @@
 //! on a disk that is either a copy of that one (`launch --resume`) or a
 //! fresh overlay on it (`run`), so the snapshot is never written.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde_json::{json, Value};
+use serde_json::json;
 
+use super::resume::{exec_uri, resume_from, wait_migration};
 use super::vm::Vm;
 use super::{guest, Ctx};
 use crate::config::Settings;
 use crate::instance::paths::Snapshot;
-use crate::instance::records::{BootPlan, DevicesRecord, RunRecord, SnapshotRecord};
+use crate::instance::records::{BootPlan, RunRecord, SnapshotRecord};
 use crate::instance::{read_json, write_json, Instance};
-use crate::qemu::args::{validate_id, Accel, Share, VmSpec, DEFAULT_SHARE_TAG};
-use crate::qemu::host::QemuBinaries;
+use crate::qemu::args::validate_id;
 use crate::report::snapshot::{SnapshotDone, SnapshotEntry, SnapshotList};
 use crate::ssh;
 
-/// How long saving or loading the state may take.
-const MIGRATION_DEADLINE: Duration = Duration::from_secs(300);
 /// No bandwidth cap: the VM is paused, the file is local.
 const UNLIMITED: u64 = 1 << 40;
-
-/// A saved VM to start from, checked against this host.
-#[derive(Debug, Clone)]
-pub struct Resume {
-    pub snapshot: Snapshot,
-    pub record: SnapshotRecord,
-    /// The boot disk is a fresh overlay on the snapshot's disk (a throwaway
-    /// run), not a copy of it (the instance's own resume).
-    pub layered: bool,
-}
-
-/// Snapshot `name` of `inst`, ready to resume: it exists, its base image is
-/// unchanged, and this host's QEMU is the one that saved it.
-pub fn resume_from(ctx: &Ctx, inst: &Instance, name: &str, layered: bool) -> Result<Resume> {
-    validate_id("snapshot name", name)?;
-    let snapshot = inst.snapshot(name);
-    let record: SnapshotRecord = read_json(&snapshot.record())?.ok_or_else(|| {
-        anyhow!("instance '{}' has no snapshot '{name}' ('{}' lists them)", inst.name, ctx.command("snapshot list"))
-    })?;
-    if let Some(base) = &record.base {
-        let now = crate::qemu::image::identity(&base.path)
-            .with_context(|| format!("snapshot '{name}' was saved on {}", base.path.display()))?;
-        crate::qemu::image::compare(base, &now)
-            .with_context(|| format!("snapshot '{name}' cannot be used: its base image changed; save it again"))?;
-    }
-    let bins = crate::qemu::host::qemu_binaries()?;
-    let version = crate::qemu::host::qemu_version(&bins).unwrap_or_default();
-    if !version.contains(&format!("version {}", record.qemu_version)) {
-        bail!(
-            "snapshot '{name}' was saved by QEMU {}, and this is {version:?}: a saved state loads only into the QEMU that wrote it",
-            record.qemu_version
-        );
-    }
-    Ok(Resume { snapshot, record, layered })
-}
-
-/// The VM a resume starts: the saved VM's devices and resources, this
-/// instance's paths and port, a boot disk that holds the saved disk, and
-/// QEMU waiting for the saved state.
-pub fn resume_spec(
-    ctx: &Ctx,
-    inst: &Instance,
-    s: &Settings,
-    bins: &QemuBinaries,
-    devices: &DevicesRecord,
-    r: &Resume,
-) -> Result<VmSpec> {
-    if let Some(d) = devices.disks.first() {
-        bail!(
-            "disk '{}' is recorded for this instance, and a snapshot has the boot disk only: remove it first ('{}')",
-            d.id,
-            ctx.command(&format!("disk remove {}", d.id))
-        );
-    }
-    let saved = &r.record.spec;
-    let disk = match (&saved.disk, r.layered) {
-        (None, _) => None,
-        (Some(_), true) => Some(crate::qemu::image::prepare(inst, &bins.img, &r.snapshot.disk())?),
-        (Some(_), false) => Some(copy_disk(inst, r)?),
-    };
-    if saved.accel == Accel::Kvm {
-        crate::qemu::host::kvm_runs(bins).map_err(|e| {
-            anyhow!("snapshot '{}' was saved under KVM, which cannot run guests here ({e})", r.record.name)
-        })?;
-    }
-    let mut spec =
-        super::boot::vm_spec(inst, s, saved.accel, disk, saved.kernel.clone(), devices, bins.firmware.clone());
-    // The same devices as the saved VM, or its state does not load; the
-    // default share may point at another directory (this checkout).
-    spec.shares = saved
-        .shares
-        .iter()
-        .map(|sh| match (&s.share, sh.tag == DEFAULT_SHARE_TAG) {
-            (Some(p), true) => Share { path: p.clone(), ..sh.clone() },
-            _ => sh.clone(),
-        })
-        .collect();
-    spec.hotplug_ports = saved.hotplug_ports;
-    spec.incoming = true;
-    Ok(spec)
-}
-
-/// The instance's own resume: its disk becomes a copy of the saved one (the
-/// snapshot stays as it was for the next resume).
-fn copy_disk(inst: &Instance, r: &Resume) -> Result<std::path::PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::remove_file(inst.overlay());
-    std::fs::copy(r.snapshot.disk(), inst.overlay()).context("cannot copy the snapshot's disk")?;
-    std::fs::set_permissions(inst.overlay(), std::fs::Permissions::from_mode(0o600))?;
-    match &r.record.base {
-        Some(b) => write_json(&inst.base_identity(), b)?,
-        None => {
-            let _ = std::fs::remove_file(inst.base_identity());
-        }
-    }
-    Ok(inst.overlay())
-}
-
-/// The QMP `exec:` URI that reads or writes `path` (quoted for the shell
-/// QEMU runs it with).
-fn exec_uri(write: bool, path: &Path) -> String {
-    let p = shell_words::quote(&path.display().to_string()).into_owned();
-    if write {
-        format!("exec:cat > {p}")
-    } else {
-        format!("exec:cat {p}")
-    }
-}
-
-/// Waits for QEMU's migration to end; its error when it failed.
-fn wait_migration(vm: &Vm) -> Result<()> {
-    let start = Instant::now();
-    loop {
-        let v = vm.execute("query-migrate", json!({}))?;
-        match v.get("status").and_then(Value::as_str) {
-            Some("completed") => return Ok(()),
-            Some("failed") | Some("cancelled") => {
-                let why = v.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given");
-                bail!("QEMU's migration failed: {why}");
-            }
-            _ if start.elapsed() > MIGRATION_DEADLINE => {
-                bail!("QEMU's migration did not end within {MIGRATION_DEADLINE:?}")
-            }
-            _ => std::thread::sleep(Duration::from_millis(5)),
-        }
-    }
-}
-
-/// Loads the saved state into a QEMU started with `-incoming defer`, then
-/// lets the guest run.
-pub fn load_state(ctx: &Ctx, inst: &Instance, r: &Resume) -> Result<()> {
-    let vm = Vm { inst: inst.clone(), name: ctx.name.clone() };
-    vm.execute("migrate-incoming", json!({ "uri": exec_uri(false, &r.snapshot.state()) }))?;
-    wait_migration(&vm).with_context(|| format!("loading snapshot '{}'", r.record.name))?;
-    vm.execute("cont", json!({}))?;
-    Ok(())
-}
-
-/// After a resume: the clock set, the shares mounted again. What could not
-/// be done is a note, not a failure: the VM runs.
-pub fn after_resume(t: &ssh::Target, r: &Resume, notes: &mut Vec<String>) {
-    if let Err(e) = guest::set_clock(t) {
-        notes.push(format!("could not set the resumed guest's clock ({e}); it stands where it was saved"));
-    }
-    if let Err(e) = guest::mount_shares(t, &r.record.mounts) {
-        notes.push(format!("{e}; mount it in the guest yourself"));
-    }
-}
 
 /// `snapshot save NAME`.
 pub fn save(ctx: &Ctx, name: &str) -> Result<SnapshotDone> {
@@ -250,7 +99,7 @@ fn freeze(vm: &Vm, inst: &Instance, snap: &Snapshot, plan: &BootPlan) -> Result<
 
 fn target(ctx: &Ctx, inst: &Instance) -> Result<ssh::Target> {
     let s: Settings = read_json(&inst.settings())?.context("settings.json is missing")?;
-    let key = super::boot::ssh_key_for(&ctx.state, &s)?;
+    let key = super::spec::ssh_key_for(&ctx.state, &s)?;
     Ok(ssh::Target::for_instance(inst, s.ssh_port, &s.ssh_user, &key))
 }
 
@@ -285,8 +134,8 @@ pub fn load(ctx: &Ctx, name: &str, timeout: Duration) -> Result<crate::report::l
         &inst,
         &crate::supervisor::ladder::StopOptions { timeout: Duration::ZERO, force: true },
     )?;
-    let mut opts = super::boot::LaunchOptions::plain(timeout);
-    opts.resume = Some(super::boot::ResumeFrom::Own(name.to_string()));
+    let mut opts = super::spec::LaunchOptions::plain(timeout);
+    opts.resume = Some(super::spec::ResumeFrom::Own(name.to_string()));
     super::launch::launch(ctx, &opts)
 }
 
