@@ -71,7 +71,7 @@ fn a_good_launch_after_a_failed_one_returns_once_ssh_answers_and_keeps_the_setti
 #[test]
 fn status_tells_the_end_at_once_when_qemu_exits_never_unresponsive() {
     let env = Env::new("exitstatus");
-    let v = env.launch(&["--no-share"]);
+    let v = env.launch(&["--no-share", "--ssh-user", "root"]);
     let pid = pid_of(&v);
     signal(pid, Signal::SIGKILL);
     // From the kill on, every answer is the truth: stopping or crashed.

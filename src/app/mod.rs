@@ -179,10 +179,12 @@ fn share(ctx: &Ctx, c: ShareCommand) -> Result<i32> {
 
 fn snapshots(ctx: &Ctx, c: SnapshotCommand) -> Result<i32> {
     match c {
-        SnapshotCommand::Save { name } => done(ctx, &snapshot::save(ctx, &name)?),
-        SnapshotCommand::Load { name } => done(ctx, &snapshot::load(ctx, &name, std::time::Duration::from_secs(300))?),
+        SnapshotCommand::Save { snapshot: s } => done(ctx, &snapshot::save(ctx, &s)?),
+        SnapshotCommand::Load { snapshot: s } => {
+            done(ctx, &snapshot::load(ctx, &s, std::time::Duration::from_secs(300))?)
+        }
         SnapshotCommand::List => done(ctx, &snapshot::list(ctx)?),
-        SnapshotCommand::Delete { name } => done(ctx, &snapshot::delete(ctx, &name)?),
+        SnapshotCommand::Delete { snapshot: s } => done(ctx, &snapshot::delete(ctx, &s)?),
     }
 }
 

@@ -303,20 +303,23 @@ pub struct RunArgs {
 pub enum SnapshotCommand {
     /// Save the running VM (memory and disk) as NAME; the share is unmounted in the guest meanwhile
     Save {
+        /// The snapshot's name (letters, digits, '-', '_')
         #[arg(value_name = "NAME")]
-        name: String,
+        snapshot: String,
     },
     /// Replace the instance's VM with snapshot NAME (a running VM is stopped first) and resume it
     Load {
+        /// The snapshot to load (see 'snapshot list')
         #[arg(value_name = "NAME")]
-        name: String,
+        snapshot: String,
     },
     /// The instance's snapshots
     List,
     /// Delete snapshot NAME
     Delete {
+        /// The snapshot to delete
         #[arg(value_name = "NAME")]
-        name: String,
+        snapshot: String,
     },
 }
 

@@ -128,7 +128,10 @@ impl Raw {
     }
     fn call(&mut self, cmd: &str) {
         self.id += 1;
-        writeln!(self.w, "{{\"execute\":\"{cmd}\",\"id\":{}}}", self.id).unwrap();
+        // One write(2) per request: `writeln!` on the bare socket would issue
+        // one per format piece, and QEMU wakes up for each of them.
+        let req = format!("{{\"execute\":\"{cmd}\",\"id\":{}}}\n", self.id);
+        self.w.write_all(req.as_bytes()).unwrap();
         let mut line = String::new();
         loop {
             line.clear();

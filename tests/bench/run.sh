@@ -148,12 +148,17 @@ print("\n".join(a[:1] + ["-o", "BatchMode=yes"] + sys.argv[2:] + a[1:]))' "$@")
 
 cd "$work"
 log "work dir $work; binary $bin"
+if awk -v n="$(nproc)" '{exit !($1 > n / 2)}' /proc/loadavg; then
+  log "warning: the host is busy (load average $(cut -d' ' -f1-3 /proc/loadavg)): figures will be noisy"
+fi
 log "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo) RAM; $(qemu-system-x86_64 --version | head -1)"
 
 for r in $(seq 1 "$rounds"); do
   # --- Round part 1: qbuf-qemu's own readiness, the ssh floor, status, RSS, stop.
   name=bench
-  log "round $r/$rounds: launch (readiness, floor, status, RSS, stop)"
+  load=$(cut -d' ' -f1 /proc/loadavg)
+  put load "$load"
+  log "round $r/$rounds: launch (readiness, floor, status, RSS, stop); load average $load"
   watch_serial
   tm run "$work/launch.t" -- "$bin" --state-dir "$state" --name "$name" "${launch_args[@]}" \
     > "$work/launch.json"

@@ -137,6 +137,7 @@ ROWS = [
     ("qmp_ours", "QMP `query-status` round trip, qbuf-qemu client", "us", ["qmp_raw"], ["qmp_qapi", "qmp_python"], "<= 1.1x raw"),
     ("rss", "supervisor VmRSS while the VM runs", "MiB", [], [], "<= 10 MiB"),
     ("build", "`cargo build --release` in a fresh clone", "s", [], [], None),
+    ("load", "host 1-min load average at each round's start (context: 2 cores)", "", [], [], "quiet host: < 1"),
 ]
 LABELS = {
     "ready_floor": "one `ssh true` into the ready guest",
@@ -155,6 +156,8 @@ def fmt(x, unit):
         return f"{x / 1000:.1f} s"
     if unit in ("us", "ms"):
         return f"{x:.1f} {unit}" if x < 100 else f"{x:.0f} {unit}"
+    if unit == "":
+        return f"{x:.2f}"
     if unit == "MiB":
         return f"{x:.1f} MiB"
     return f"{x:.0f} s"
