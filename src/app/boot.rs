@@ -23,9 +23,14 @@ use crate::report::launch::Launched;
 use crate::ssh;
 use crate::supervisor::ladder::StopOptions;
 
-const KVM_HINT: &str =
-    "QEMU ran with KVM because /dev/kvm is accessible (--accel auto), and KVM looks broken on this host \
-(common with nested virtualization): relaunch with '--accel tcg' (slower, always works), and see 'qbuf-qemu doctor'";
+/// Said with every failure of a KVM boot that qbuf-qemu chose by itself.
+fn kvm_hint(ctx: &Ctx) -> String {
+    format!(
+        "QEMU ran with KVM because /dev/kvm is accessible (--accel auto), and KVM looks broken on this host \
+         (common with nested virtualization): relaunch with '--accel tcg' (slower, always works), and see '{}'",
+        ctx.command("doctor")
+    )
+}
 
 /// How long QEMU may take to come up (its QMP socket answering).
 const UP_DEADLINE: Duration = Duration::from_secs(90);
@@ -51,7 +56,7 @@ pub fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Res
         .with_context(|| format!("cannot write {}", inst.authorized_key().display()))?;
     let (plan, auto_kvm) = plan(ctx, inst, &s, opts, &bins, &pubkey, resume.as_ref(), &mut notes)?;
     let serial_before = std::fs::metadata(inst.serial_log()).map(|m| m.len()).unwrap_or(0);
-    let hint = auto_kvm.then(|| KVM_HINT.to_string());
+    let hint = auto_kvm.then(|| kvm_hint(ctx));
     let run = start(ctx, inst, lock, serial_before, hint.clone())?;
     if let Some(r) = &resume {
         if let Err(e) = resume::load_state(ctx, inst, r) {

@@ -47,12 +47,25 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
 /// Reads a JSON record; `Ok(None)` when it does not exist.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     match fs::read(path) {
-        Ok(b) => Ok(Some(
-            serde_json::from_slice(&b)
-                .with_context(|| format!("{} is damaged: remove it or run 'qbuf-qemu destroy'", path.display()))?,
-        )),
+        Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| {
+            format!(
+                "{} is damaged: remove it, or start the instance over with '{}'",
+                path.display(),
+                destroy_hint(path)
+            )
+        })?)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// `destroy` for the instance a record belongs to (STATE/instances/NAME/x).
+fn destroy_hint(record: &Path) -> String {
+    let dir = record.parent().unwrap_or(Path::new("."));
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("NAME");
+    match dir.parent().and_then(Path::parent) {
+        Some(root) => super::paths::StateDir::new(root.to_path_buf()).command(name, "destroy"),
+        None => "qbuf-qemu destroy".into(),
     }
 }
 
@@ -238,6 +251,17 @@ mod tests {
         .map(|m| serde_json::to_value(m).unwrap().as_str().unwrap().to_string())
         .collect();
         assert_eq!(names, ["powerdown", "guest-agent", "quit", "sigterm", "sigkill", "already-stopped"]);
+    }
+
+    #[test]
+    fn a_damaged_record_names_itself_and_the_way_out() {
+        let dir = std::env::temp_dir().join(format!("qbuf-dmg-{}/instances/web", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("settings.json");
+        fs::write(&p, "{not json").unwrap();
+        let e = format!("{:#}", read_json::<i32>(&p).unwrap_err());
+        assert!(e.contains("settings.json is damaged") && e.contains("--name web destroy"), "{e}");
+        fs::remove_dir_all(dir.parent().unwrap().parent().unwrap()).unwrap();
     }
 
     #[test]
