@@ -96,11 +96,8 @@ proptest! {
         let data = serde_json::from_str(&data).unwrap_or(serde_json::Value::Null);
         let ev = crate::qmp::Event { event: name, data, timestamp: 1.0 };
         let _ = ev.shutdown();
-        let mut state = crate::supervisor::protocol::VmState {
-            qemu_pid: 1, supervisor_pid: 2, started_at: 0.0, accel: crate::qemu::args::Accel::Tcg,
-            qemu_version: String::new(), hotplug_ports: 4, stopping: None, last_shutdown: None,
-            panicked: None, agent_port_open: false, ended: None, live: None,
-        };
+        let mut state =
+            crate::supervisor::protocol::VmState::new(1, 2, 0.0, crate::qemu::args::Accel::Tcg, "", 4);
         crate::supervisor::dispatcher::note_event(&mut state, &ev);
     }
 }

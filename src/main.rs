@@ -19,11 +19,12 @@ fn main() -> ExitCode {
     };
     init_logging(&cli);
     let json = cli.global.json;
-    match qbuf_qemu::run(cli) {
+    let result = qbuf_qemu::run(cli);
+    qbuf_qemu::finish_progress();
+    match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) if e.downcast_ref::<StdoutClosed>().is_some() => ExitCode::SUCCESS,
         Err(e) => {
-            qbuf_qemu::finish_progress();
             let code = exit_code(&e);
             eprintln!("qbuf-qemu: error: {e:#}");
             if json {

@@ -263,25 +263,31 @@ pub enum Login {
     Failed(String),
 }
 
-/// Runs `remote` (one shell command line, already quoted) over SSH with no
-/// terminal and no prompts, and returns its output.
-pub fn run_batch(t: &Target, remote: &str, connect_timeout: Duration) -> Result<std::process::Output> {
-    let mut argv = t.command(&[remote.to_string()]);
-    argv.insert(1, "-o".into());
-    argv.insert(2, format!("ConnectTimeout={}", connect_timeout.as_secs().max(1)));
-    argv.insert(1, "-o".into());
-    argv.insert(2, "BatchMode=yes".into());
-    tracing::debug!("running {}", shell_words::join(&argv));
+/// argv for a non-interactive `ssh … DEST REMOTE` that never prompts.
+fn batch(t: &Target, remote: &[String], connect_timeout: Duration) -> Vec<String> {
+    let mut argv = t.command(remote);
+    let extra = [
+        "-o".to_string(),
+        "BatchMode=yes".into(),
+        "-o".into(),
+        format!("ConnectTimeout={}", connect_timeout.as_secs().max(1)),
+    ];
+    argv.splice(1..1, extra);
+    argv
+}
+
+fn run(argv: &[String], stdin: Stdio) -> Result<std::process::Output> {
+    tracing::debug!("running {}", shell_words::join(argv));
     Command::new(&argv[0])
         .args(&argv[1..])
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .output()
         .context("cannot run 'ssh': install OpenSSH's client (Debian: apt-get install openssh-client)")
 }
 
 /// `ssh … true` with the instance key: readiness means a login works.
 pub fn try_login(t: &Target, timeout: Duration) -> Result<Login> {
-    let out = run_batch(t, "true", timeout)?;
+    let out = run(&batch(t, &["true".into()], timeout), Stdio::null())?;
     let err = String::from_utf8_lossy(&out.stderr);
     if out.status.success() {
         Ok(Login::Ok)
@@ -290,6 +296,17 @@ pub fn try_login(t: &Target, timeout: Duration) -> Result<Login> {
     } else {
         Ok(Login::Failed(err.trim().lines().last().unwrap_or("").to_string()))
     }
+}
+
+/// Runs the shell command line `remote` in the guest, output captured.
+pub fn capture(t: &Target, remote: &str) -> Result<std::process::Output> {
+    run(&batch(t, &[remote.to_string()], Duration::from_secs(10)), Stdio::null())
+}
+
+/// argv of a non-interactive ssh running `remote` with the terminal's
+/// streams (for `run`: COMMAND's output goes straight through).
+pub fn streaming_command(t: &Target, remote: &str) -> Vec<String> {
+    batch(t, &[remote.to_string()], Duration::from_secs(10))
 }
 
 /// Runs OpenSSH for the user with the terminal attached; stderr is passed

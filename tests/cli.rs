@@ -265,3 +265,53 @@ fn the_man_page_is_generated_with_a_page_per_command() {
     assert!(o.stdout.is_empty());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn out_of_range_values_are_usage_errors_and_touch_nothing() {
+    use std::os::unix::ffi::OsStrExt;
+    let s = state("values");
+    let sd = s.to_str().unwrap();
+    let host_mib = std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap()
+        / 1024;
+    let too_much = format!("{}M", host_mib + 1024);
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["launch", "--timeout", "18446744073709551615"],
+        vec!["powerdown", "--timeout", "18446744073709551615"],
+        vec!["disk", "add", "--size", "20000000T"],
+        vec!["launch", "--cpus", "999"],
+        vec!["launch", "--cpus", "4294967295"],
+        vec!["launch", "--memory", "99999999999999999999"],
+        vec!["launch", "--memory", "1e3"],
+        vec!["launch", "--memory", "200000G"],
+        vec!["launch", "--kernel", "/k", "--initrd", "/i", "--memory", &too_much],
+        vec!["run", "--timeout", "1e9", "--", "true"],
+    ];
+    for args in cases {
+        let mut a = vec!["--state-dir", sd];
+        a.extend(args.iter().copied());
+        let o = run(&a);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(!stderr(&o).contains("panicked"), "{args:?}: {}", stderr(&o));
+        assert!(!s.exists(), "{args:?}: the state dir was created");
+    }
+    // A path that is not UTF-8 is named in the message.
+    let bad = std::ffi::OsStr::from_bytes(b"/tmp/disk-\xff.qcow2");
+    let o = Command::new(env!("CARGO_BIN_EXE_qbuf-qemu"))
+        .arg("--state-dir")
+        .arg(&s)
+        .arg("launch")
+        .arg("--image")
+        .arg(bad)
+        .env_remove("QBUF_QEMU_STATE_DIR")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("/tmp/disk-") && stderr(&o).contains("UTF-8"), "{}", stderr(&o));
+    assert!(!s.exists());
+}

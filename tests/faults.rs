@@ -35,7 +35,8 @@ fn settings(env: &Env) -> Value {
 /// Ends the test's VM and checks the instance can be destroyed without a
 /// trace.
 fn destroy_leaves_nothing(env: &Env) {
-    env.run(&["destroy", "--yes", "--force"]).ok();
+    let out = env.run(&["destroy", "--yes"]);
+    assert!([0, 3].contains(&out.code()), "{}", out.text());
     assert!(!env.instance_dir("dev").exists(), "destroy left the instance dir");
     assert!(env.qemu_pids().is_empty(), "destroy left QEMU running");
 }
@@ -70,7 +71,7 @@ fn a_good_launch_after_a_failed_one_returns_once_ssh_answers_and_keeps_the_setti
 #[test]
 fn status_tells_the_end_at_once_when_qemu_exits_never_unresponsive() {
     let env = Env::new("exitstatus");
-    let v = env.launch(&["--no-share"]);
+    let v = env.launch(&["--no-share", "--ssh-user", "root"]);
     let pid = pid_of(&v);
     signal(pid, Signal::SIGKILL);
     // From the kill on, every answer is the truth: stopping or crashed.
@@ -123,7 +124,8 @@ fn status_of_a_frozen_qemu_answers_quickly_and_powerdown_reaches_sigkill() {
     assert_eq!(s(&p, "method"), "sigkill", "{p}");
     assert!(!pid_running(pid));
     let (st, _) = env.json(&["status"]);
-    assert_eq!(s(&st, "state"), "crashed", "{st}");
+    assert_eq!(s(&st, "state"), "stopped", "{st}");
+    assert!(s(&st, "stop_reason").contains("sigkill"), "{st}");
     env.launch(&[]);
     destroy_leaves_nothing(&env);
 }
@@ -337,7 +339,7 @@ impl Tmpfs {
 
     /// Fills the file system; the returned file frees it when removed.
     fn fill(&self) -> std::path::PathBuf {
-        let f = self.0.join("filler");
+        let f = (0..).map(|i| self.0.join(format!("filler{i}"))).find(|f| !f.exists()).unwrap();
         let _ = std::process::Command::new("dd")
             .arg("if=/dev/zero")
             .arg(format!("of={}", f.display()))
@@ -370,10 +372,12 @@ fn a_full_state_dir_neither_fails_a_clean_stop_nor_loses_its_reason() {
     assert!(s(&p, "reason").contains("guest shut down"), "the reason reached the command: {p}");
     assert!(!pid_running(pid_of(&v)));
     // Full before a launch: a clear failure, nothing left running.
+    let filler2 = fs.fill();
     let out = env.run(&["launch"]);
     out.code_is(1);
     assert!(env.qemu_pids().is_empty());
     std::fs::remove_file(filler).unwrap();
+    std::fs::remove_file(filler2).unwrap();
     env.launch(&[]);
     destroy_leaves_nothing(&env);
 }
@@ -393,7 +397,7 @@ fn marker_on_disk(env: &Env) -> bool {
 #[test]
 fn unsynced_guest_writes_survive_powerdown_and_a_kill_loses_them() {
     let env = Env::new("datasafety");
-    env.launch(&["--no-share", "--image", path_str(&guest().disk)]);
+    env.launch(&["--no-share", "--image", path_str(&guest().disk), "--ssh-user", "root"]);
     env.run(&["disk", "add", "--size", "16M", "--id", "scratch"]).ok();
     // Each trial: an unsynced write, the ladder's powerdown, a fresh boot.
     for trial in 0..3 {

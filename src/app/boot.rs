@@ -6,121 +6,34 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 
 use super::ready;
-use super::{absolute_flag, Ctx};
-use crate::cli::LaunchArgs;
-use crate::config::{self, AccelChoice, Change, LaunchFlags, PortChoice, Settings, Source};
+use super::resume::{self, Resume};
+use super::spec::{defaults, launched, must_exist, ssh_key_for, vm_spec, LaunchOptions, ResumeFrom};
+use super::Ctx;
+use crate::config::{self, AccelChoice, Change, PortChoice, Settings, Source};
 use crate::host;
 use crate::instance::records::{BootPlan, DevicesRecord, LaunchFailure, RunRecord};
-use crate::instance::{read_json, write_json, Instance, Lock, StateDir};
-use crate::qemu::args::{Accel, Endpoints, KernelBoot, Share, VmSpec, DEFAULT_SHARE_TAG, HOTPLUG_PORTS};
+use crate::instance::{read_json, write_json, Instance, Lock};
+use crate::qemu::args::{Accel, KernelBoot};
 use crate::qemu::host::{kvm_runs, qemu_binaries, QemuBinaries};
 use crate::report::error::Failure;
 use crate::report::launch::Launched;
 use crate::ssh;
+use crate::supervisor::ladder::StopOptions;
 
-#[derive(Debug, Clone)]
-pub struct LaunchOptions {
-    pub flags: LaunchFlags,
-    pub timeout: Duration,
-    pub no_wait: bool,
-    pub recreate: bool,
-    /// `--disk-size`: grow the boot disk to this many bytes first.
-    pub disk_size: Option<u64>,
-    /// Serial silence after which an automatically chosen KVM is blamed.
-    pub silence: Duration,
+/// Said with every failure of a KVM boot that qbuf-qemu chose by itself.
+fn kvm_hint(ctx: &Ctx) -> String {
+    format!(
+        "QEMU ran with KVM because /dev/kvm is accessible (--accel auto), and KVM looks broken on this host \
+         (common with nested virtualization): relaunch with '--accel tcg' (slower, always works), and see '{}'",
+        ctx.command("doctor")
+    )
 }
-
-impl LaunchOptions {
-    /// The flags as given, with every path made absolute against the
-    /// current directory (a saved relative path would mean another
-    /// directory at the next launch).
-    pub fn from_args(a: LaunchArgs) -> Result<LaunchOptions> {
-        let flags = LaunchFlags {
-            memory: a.memory,
-            cpus: a.cpus,
-            ssh_port: a.ssh_port,
-            share: absolute_flag(a.share)?,
-            no_share: a.no_share,
-            share_mode: a.share_mode,
-            image: absolute_flag(a.image)?,
-            kernel: absolute_flag(a.kernel)?,
-            initrd: absolute_flag(a.initrd)?,
-            append: a.append,
-            guix_dir: absolute_flag(a.guix.guix_dir)?,
-            image_size: a.guix.image_size,
-            accel: a.accel,
-            ssh_user: a.ssh_user,
-            ssh_key: absolute_flag(a.ssh_key)?,
-        };
-        let silence = std::env::var("QBUF_QEMU_SERIAL_SILENCE_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
-        Ok(LaunchOptions {
-            flags,
-            timeout: a.timeout,
-            no_wait: a.no_wait,
-            recreate: a.recreate,
-            disk_size: a.disk_size,
-            silence: Duration::from_secs(silence),
-        })
-    }
-}
-
-/// The connection info `launch` prints.
-#[allow(clippy::too_many_arguments)]
-pub fn launched(
-    ctx: &Ctx,
-    inst: &Instance,
-    t: &ssh::Target,
-    pid: i32,
-    accel: Accel,
-    already_running: bool,
-    changes: Vec<Change>,
-    notes: Vec<String>,
-) -> Launched {
-    Launched {
-        name: ctx.name.clone(),
-        pid,
-        ssh_port: t.port,
-        ssh_user: t.user.clone(),
-        qmp_socket: inst.qmp_user(),
-        serial_log: inst.serial_log(),
-        ready_seconds: None,
-        already_running,
-        accel,
-        changes,
-        notes,
-        ssh_command: shell_words::join(t.command(&[])),
-        connect_command: ctx.command("ssh"),
-        stop_command: ctx.command("powerdown"),
-    }
-}
-
-/// A user's file, canonical; a clear error when it does not exist.
-pub fn must_exist(p: &std::path::Path, what: &str) -> Result<PathBuf> {
-    std::fs::canonicalize(p).with_context(|| format!("{what} {} does not exist", p.display()))
-}
-
-const KVM_HINT: &str =
-    "QEMU ran with KVM because /dev/kvm is accessible (--accel auto), and KVM looks broken on this host \
-(common with nested virtualization): relaunch with '--accel tcg' (slower, always works), and see 'qbuf-qemu doctor'";
 
 /// How long QEMU may take to come up (its QMP socket answering).
 const UP_DEADLINE: Duration = Duration::from_secs(90);
-
-/// Defaults that come from where the command runs: the checkout to share.
-pub fn defaults() -> config::Defaults {
-    let share = std::env::current_dir().ok().and_then(|d| host::git_toplevel(&d));
-    config::Defaults { share }
-}
-
-pub fn ssh_key_for(state: &StateDir, s: &Settings) -> Result<PathBuf> {
-    match &s.ssh_key {
-        Some(k) => Ok(k.clone()),
-        None => ssh::ensure_user_key(state),
-    }
-}
 
 pub fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Result<Launched> {
     let started = Instant::now();
@@ -130,68 +43,132 @@ pub fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Res
         let names: Vec<_> = stale.iter().filter_map(|p| p.file_name()?.to_str().map(String::from)).collect();
         notes.push(format!("removed stale files left by an earlier crash: {}", names.join(", ")));
     }
-    let saved: Option<Settings> = read_json(&inst.settings())?;
-    let (mut s, changes) = config::merge(saved.as_ref(), &opts.flags, &defaults())?;
-    check_paths(&mut s)?;
-    choose_port(&mut s, opts, &mut notes)?;
-    let devices = DevicesRecord::load(inst)?;
-    check_devices(ctx, &s, &devices)?;
-    if saved.as_ref().is_some_and(|old| old.source != s.source) && std::fs::remove_file(inst.known_hosts()).is_ok() {
-        notes.push("the boot source changed, so this is a new guest: its SSH host key is pinned anew".into());
-    }
+    let resume = match &opts.resume {
+        Some(ResumeFrom::Own(name)) => Some(resume::resume_from(ctx, inst, name, false)?),
+        Some(ResumeFrom::Other(r)) => Some((**r).clone()),
+        None => None,
+    };
+    let (s, changes) = settings(ctx, inst, opts, resume.as_ref(), &mut notes)?;
     let bins = qemu_binaries()?;
     let key = ssh_key_for(&ctx.state, &s)?;
     let pubkey = ssh::public_key_line(&key)?;
     std::fs::write(inst.authorized_key(), format!("{pubkey}\n"))
         .with_context(|| format!("cannot write {}", inst.authorized_key().display()))?;
-    let (disk, kernel) = boot_disk(ctx, inst, &s, opts, &bins, &pubkey, &mut notes)?;
-    if let Some(bytes) = opts.disk_size {
-        let d = disk
-            .as_deref()
-            .ok_or_else(|| anyhow::anyhow!("--disk-size grows the boot disk, and this boot has none"))?;
-        notes.extend(super::resize::grow_before_boot(&bins.img, d, bytes)?);
-    }
-    if disk.is_none() {
-        // A diskless guest has no place to keep a host key: it makes a new
-        // one every boot, so the pin can only hold for one boot.
-        let _ = std::fs::remove_file(inst.known_hosts());
-    }
-    if s.accel != AccelChoice::Tcg {
-        ctx.stage("testing KVM with a tiny VM");
-    }
-    let (accel, auto_kvm) = choose_accel(ctx, &s, &bins)?;
-    let spec = vm_spec(inst, &s, accel, disk, kernel, &devices, bins.firmware.clone());
-    let serial_before = std::fs::metadata(inst.serial_log()).map(|m| m.len()).unwrap_or(0);
-    let argv = crate::qemu::args::build_args(&spec)?;
-    let plan = BootPlan { qemu: bins.system.clone(), argv, spec, serial_start: serial_before };
-    write_json(&inst.boot_plan(), &plan)?;
-    let hint = auto_kvm.then(|| KVM_HINT.to_string());
+    let (plan, auto_kvm) = plan(ctx, inst, &s, opts, &bins, &pubkey, resume.as_ref(), &mut notes)?;
+    let serial_before = plan.serial_start;
+    let hint = auto_kvm.then(|| kvm_hint(ctx));
     ctx.stage("starting QEMU");
     let run = start(ctx, inst, lock, serial_before, hint.clone())?;
+    if let Some(r) = &resume {
+        if let Err(e) = resume::load_state(ctx, inst, r) {
+            let _ = super::stop::stop_running(ctx, inst, &StopOptions { timeout: Duration::ZERO, force: true });
+            return Err(e.context("the VM was stopped"));
+        }
+    }
     // Saved once QEMU came up with them: a setting QEMU refuses is not kept.
-    write_json(&inst.settings(), &s)?;
+    if let Err(e) = write_json(&inst.settings(), &s) {
+        let _ = super::stop::stop_running(ctx, inst, &StopOptions { timeout: Duration::ZERO, force: true });
+        return Err(e.context("the VM was stopped: its settings could not be saved"));
+    }
 
     let t = ssh::Target::for_instance(inst, s.ssh_port, &s.ssh_user, &key);
-    let mut result = launched(ctx, inst, &t, run.qemu.pid, accel, false, changes, notes);
+    let mut result = launched(ctx, inst, &t, run.qemu.pid, plan.spec.accel, false, changes, notes);
     if opts.no_wait {
         return Ok(result);
     }
     ctx.progress(&format!(
         "QEMU {} runs ({}); waiting up to {}s for SSH on 127.0.0.1:{} (serial log: {})",
         run.qemu.pid,
-        accel.as_str(),
+        plan.spec.accel.as_str(),
         opts.timeout.as_secs(),
         s.ssh_port,
         inst.serial_log().display()
     ));
-    let watch = ready::Watch { auto_kvm, silence: opts.silence, serial_before };
+    let watch = ready::Watch { auto_kvm, silence: opts.silence, serial_before, cancel: opts.cancel.clone() };
     match ready::wait(inst, &t, &run.qemu, started + opts.timeout, &watch) {
         Ok(()) => {
+            if let Some(r) = &resume {
+                resume::after_resume(&t, r, &mut result.notes);
+            }
             result.ready_seconds = Some(started.elapsed().as_secs_f64());
             Ok(result)
         }
         Err(r) => Err(ready::failed(ctx, inst, &t, &plan, serial_before, hint, r)),
     }
+}
+
+/// The settings of this boot: the flags over the saved ones, checked; a
+/// resumed VM keeps the saved VM's resources.
+fn settings(
+    ctx: &Ctx,
+    inst: &Instance,
+    opts: &LaunchOptions,
+    resume: Option<&Resume>,
+    notes: &mut Vec<String>,
+) -> Result<(Settings, Vec<Change>)> {
+    let saved: Option<Settings> = read_json(&inst.settings())?;
+    let (mut s, changes) = config::merge(saved.as_ref(), &opts.flags, &defaults())?;
+    if let Some(r) = resume {
+        s.memory_mib = r.record.spec.memory_mib;
+        s.cpus = r.record.spec.cpus;
+    }
+    check_paths(&mut s)?;
+    choose_port(&mut s, opts, notes)?;
+    check_devices(ctx, &s, &DevicesRecord::load(inst)?)?;
+    if saved.as_ref().is_some_and(|old| old.source != s.source) && std::fs::remove_file(inst.known_hosts()).is_ok() {
+        notes.push("the boot source changed, so this is a new guest: its SSH host key is pinned anew".into());
+    }
+    Ok((s, changes))
+}
+
+/// What QEMU runs (boot.json): the boot disk made, the accelerator chosen,
+/// the argv built. Also whether qbuf-qemu chose KVM by itself.
+#[allow(clippy::too_many_arguments)]
+fn plan(
+    ctx: &Ctx,
+    inst: &Instance,
+    s: &Settings,
+    opts: &LaunchOptions,
+    bins: &QemuBinaries,
+    pubkey: &str,
+    resume: Option<&Resume>,
+    notes: &mut Vec<String>,
+) -> Result<(BootPlan, bool)> {
+    let devices = DevicesRecord::load(inst)?;
+    let (spec, auto_kvm) = match resume {
+        Some(r) => {
+            resume::check(ctx, &devices, bins, r)?;
+            let disk = resume::disk(inst, bins, r)?;
+            let saved = &r.record.spec;
+            let mut spec = vm_spec(inst, s, saved.accel, disk, saved.kernel.clone(), &devices, bins.firmware.clone());
+            resume::adapt(&mut spec, s, r);
+            (spec, false)
+        }
+        None => {
+            let (disk, kernel) = boot_disk(ctx, inst, s, opts, bins, pubkey, notes)?;
+            if let Some(bytes) = opts.disk_size {
+                let d = disk
+                    .as_deref()
+                    .ok_or_else(|| anyhow!("--disk-size grows the boot disk, and this boot has none"))?;
+                notes.extend(super::resize::grow_before_boot(&bins.img, d, bytes)?);
+            }
+            if disk.is_none() {
+                // A diskless guest has no place to keep a host key: it makes a
+                // new one every boot, so the pin can only hold for one boot.
+                let _ = std::fs::remove_file(inst.known_hosts());
+            }
+            if s.accel != AccelChoice::Tcg {
+                ctx.stage("testing KVM with a tiny VM");
+            }
+            let (accel, auto_kvm) = choose_accel(ctx, s, bins)?;
+            (vm_spec(inst, s, accel, disk, kernel, &devices, bins.firmware.clone()), auto_kvm)
+        }
+    };
+    let argv = crate::qemu::args::build_args(&spec)?;
+    let serial_start = std::fs::metadata(inst.serial_log()).map(|m| m.len()).unwrap_or(0);
+    let plan = BootPlan { qemu: bins.system.clone(), argv, spec, serial_start };
+    write_json(&inst.boot_plan(), &plan)?;
+    Ok((plan, auto_kvm))
 }
 
 /// User paths must exist and be what they claim; they are absolute already
@@ -316,44 +293,6 @@ fn choose_accel(ctx: &Ctx, s: &Settings, bins: &QemuBinaries) -> Result<(Accel, 
             }
         },
     })
-}
-
-/// Everything QEMU needs, resolved (pure).
-fn vm_spec(
-    inst: &Instance,
-    s: &Settings,
-    accel: Accel,
-    disk: Option<PathBuf>,
-    kernel: Option<KernelBoot>,
-    devices: &DevicesRecord,
-    firmware: Option<PathBuf>,
-) -> VmSpec {
-    let readonly = s.share_mode == config::ShareMode::Ro;
-    let mut shares: Vec<Share> =
-        s.share.iter().map(|p| Share { path: p.clone(), tag: DEFAULT_SHARE_TAG.into(), readonly }).collect();
-    shares.extend(devices.shares.iter().cloned());
-    VmSpec {
-        name: inst.name.clone(),
-        accel,
-        memory_mib: s.memory_mib,
-        cpus: s.cpus,
-        ssh_port: s.ssh_port,
-        disk,
-        kernel,
-        shares,
-        extra_disks: devices.disks.clone(),
-        forwards: devices.forwards.clone(),
-        authorized_key: inst.authorized_key(),
-        endpoints: Endpoints {
-            qmp_supervisor: inst.qmp_supervisor(),
-            qmp_user: inst.qmp_user(),
-            console: inst.console(),
-            serial_log: inst.serial_log(),
-            guest_agent: inst.guest_agent(),
-        },
-        hotplug_ports: HOTPLUG_PORTS,
-        firmware,
-    }
 }
 
 /// Starts the supervisor (which starts QEMU) and waits until QEMU is up or

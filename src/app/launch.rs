@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use super::boot::{self, launched, LaunchOptions};
+use super::boot;
 use super::ready;
+use super::spec::{self, launched, LaunchOptions};
 use super::{block_on, Ctx};
 use crate::config::{self, Settings};
 use crate::instance::records::RunRecord;
@@ -34,6 +35,8 @@ pub fn launch(ctx: &Ctx, opts: &LaunchOptions) -> Result<Launched> {
         Err(e) => return Err(e),
     };
     let r = boot::boot(ctx, &inst, lock, opts);
+    // The status line ends with the launch: `run` streams COMMAND next.
+    crate::progress::finish();
     if r.is_err() && fresh && !Lock::is_held(&inst)? {
         // A first launch that failed leaves no half-made instance behind.
         let _ = std::fs::remove_dir_all(&inst.dir);
@@ -55,9 +58,10 @@ fn take_lock(ctx: &Ctx, inst: &Instance, opts: &LaunchOptions) -> Result<Taken> 
         if let Some(l) = Lock::try_acquire(inst)? {
             return Ok(Taken::Lock(l));
         }
-        if opts.recreate {
+        if opts.recreate || opts.resume.is_some() {
+            let flag = if opts.recreate { "--recreate discards its disk" } else { "--resume replaces its VM" };
             bail!(
-                "instance '{}' is running (or starting), and --recreate discards its disk: stop it first ('{}'), then launch --recreate",
+                "instance '{}' is running (or starting), and {flag}: stop it first ('{}'), then launch again",
                 ctx.name,
                 ctx.command("powerdown")
             );
@@ -93,7 +97,7 @@ fn already_running(ctx: &Ctx, inst: &Instance, opts: &LaunchOptions) -> Result<L
         }
     };
     let saved: Settings = read_json(&inst.settings())?.context("settings.json is missing")?;
-    let (mut new, changes) = config::merge(Some(&saved), &opts.flags, &boot::defaults())?;
+    let (mut new, changes) = config::merge(Some(&saved), &opts.flags, &spec::defaults())?;
     if new.ssh_port == 0 {
         new.ssh_port = saved.ssh_port;
     }
@@ -104,12 +108,13 @@ fn already_running(ctx: &Ctx, inst: &Instance, opts: &LaunchOptions) -> Result<L
         let grown = super::resize::resize(ctx, crate::qemu::args::BOOT_DISK_DEVICE, bytes)?;
         notes.push(crate::report::Render::human(&grown).replace('\n', " "));
     }
-    let key = boot::ssh_key_for(&ctx.state, &saved)?;
+    let key = spec::ssh_key_for(&ctx.state, &saved)?;
     let t = ssh::Target::for_instance(inst, saved.ssh_port, &saved.ssh_user, &key);
     // Another launch may still be booting it: answer when a login works,
     // as that launch will.
     if let (false, Some(run)) = (opts.no_wait, read_json::<RunRecord>(&inst.run_record())?) {
-        let watch = ready::Watch { auto_kvm: false, silence: opts.silence, serial_before: 0 };
+        let watch =
+            ready::Watch { auto_kvm: false, silence: opts.silence, serial_before: 0, cancel: opts.cancel.clone() };
         if let Err(r) = ready::wait(inst, &t, &run.qemu, Instant::now() + opts.timeout, &watch) {
             bail!("instance '{}' runs (QEMU pid {pid}), but it is not reachable: {}", ctx.name, r.describe(&t, inst));
         }

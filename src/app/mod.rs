@@ -9,6 +9,7 @@ pub mod completions;
 pub mod copy;
 pub mod disks;
 pub mod forwards;
+pub mod guest;
 pub mod launch;
 pub mod list;
 pub mod logs;
@@ -16,8 +17,12 @@ pub mod observe;
 pub mod power;
 pub mod ready;
 pub mod resize;
+pub mod resume;
+pub mod run;
 pub mod shares;
 pub mod show;
+pub mod snapshot;
+pub mod spec;
 pub mod ssh_config;
 pub mod status;
 pub mod stop;
@@ -28,7 +33,7 @@ use std::sync::OnceLock;
 
 use anyhow::Result;
 
-use crate::cli::{Cli, Command, DiskCommand, ForwardCommand, ShareCommand, StopArgs};
+use crate::cli::{Cli, Command, DiskCommand, ForwardCommand, ShareCommand, SnapshotCommand, StopArgs};
 use crate::instance::{default_state_dir, Instance, StateDir};
 use crate::report::{emit, Render};
 use crate::supervisor::ladder::StopOptions;
@@ -39,6 +44,8 @@ use crate::supervisor::ladder::StopOptions;
 pub struct Ctx {
     pub state: StateDir,
     pub name: String,
+    /// `--name` was given (not the default).
+    pub named: bool,
     pub json: bool,
     pub quiet: bool,
 }
@@ -93,7 +100,8 @@ fn context(cli: &Cli) -> Result<Ctx> {
     };
     let root = if root.is_relative() { std::env::current_dir()?.join(root) } else { root };
     crate::progress::init(g.quiet);
-    Ok(Ctx { state: StateDir::new(root), name: g.name.clone(), json: g.json, quiet: g.quiet })
+    let name = g.name.clone().unwrap_or_else(|| crate::instance::paths::DEFAULT_NAME.into());
+    Ok(Ctx { state: StateDir::new(root), name, named: g.name.is_some(), json: g.json, quiet: g.quiet })
 }
 
 fn stop_opts(a: &StopArgs) -> StopOptions {
@@ -110,7 +118,7 @@ fn done<T: Render>(ctx: &Ctx, value: &T) -> Result<i32> {
 pub fn run(cli: Cli) -> Result<i32> {
     let ctx = context(&cli)?;
     match cli.command {
-        Command::Launch(a) => done(&ctx, &launch::launch(&ctx, &boot::LaunchOptions::from_args(*a)?)?),
+        Command::Launch(a) => done(&ctx, &launch::launch(&ctx, &spec::LaunchOptions::from_args(*a)?)?),
         Command::Build(a) => done(&ctx, &build::build(&ctx, a)?),
         Command::Status => done(&ctx, &status::status(&ctx)?),
         Command::List => done(&ctx, &list::list(&ctx)?),
@@ -145,6 +153,8 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Disk(c) => disk(&ctx, c),
         Command::Forward(c) => forward(&ctx, c),
         Command::Share(c) => share(&ctx, c),
+        Command::Snapshot(c) => snapshots(&ctx, c),
+        Command::Run(a) => run::run(&ctx, *a),
         Command::Supervise => crate::supervisor::run(ctx.instance()),
         other => observe::run(&ctx, other),
     }
@@ -175,6 +185,17 @@ fn share(ctx: &Ctx, c: ShareCommand) -> Result<i32> {
         ShareCommand::Add { dir, tag, ro } => done(ctx, &shares::add(ctx, &dir, &tag, ro)?),
         ShareCommand::Remove { tag } => done(ctx, &shares::remove(ctx, &tag)?),
         ShareCommand::List => done(ctx, &shares::list(ctx)?),
+    }
+}
+
+fn snapshots(ctx: &Ctx, c: SnapshotCommand) -> Result<i32> {
+    match c {
+        SnapshotCommand::Save { snapshot: s } => done(ctx, &snapshot::save(ctx, &s)?),
+        SnapshotCommand::Load { snapshot: s } => {
+            done(ctx, &snapshot::load(ctx, &s, std::time::Duration::from_secs(300))?)
+        }
+        SnapshotCommand::List => done(ctx, &snapshot::list(ctx)?),
+        SnapshotCommand::Delete { snapshot: s } => done(ctx, &snapshot::delete(ctx, &s)?),
     }
 }
 

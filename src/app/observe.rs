@@ -53,7 +53,7 @@ pub fn ssh_target(ctx: &Ctx) -> Result<(Instance, Target)> {
     let s: Settings = read_json(&inst.settings())?.ok_or_else(|| {
         anyhow::anyhow!("instance '{}' has no settings yet: launch it first ('{}')", ctx.name, ctx.command("launch"))
     })?;
-    let key = super::boot::ssh_key_for(&ctx.state, &s)?;
+    let key = super::spec::ssh_key_for(&ctx.state, &s)?;
     let t = Target::for_instance(&inst, s.ssh_port, &s.ssh_user, &key);
     Ok((inst, t))
 }

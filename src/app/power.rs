@@ -89,7 +89,7 @@ pub fn reboot(ctx: &Ctx, opts: &RebootOptions) -> Result<Rebooted> {
         let _ = std::fs::remove_file(inst.known_hosts());
     }
     let run: RunRecord = read_json(&inst.run_record())?.ok_or_else(|| anyhow!("run.json is missing"))?;
-    let watch = ready::Watch { auto_kvm: false, silence: Duration::MAX, serial_before };
+    let watch = ready::Watch { auto_kvm: false, silence: Duration::MAX, serial_before, cancel: None };
     if let Err(r) = ready::wait(&inst, &t, &run.qemu, Instant::now() + opts.ssh_timeout, &watch) {
         bail!("instance '{}' was reset, but {}", ctx.name, r.describe(&t, &inst));
     }
@@ -154,7 +154,7 @@ async fn reset(
 /// side (another status) counts as a failure.
 async fn ask_over_ssh(t: Target) -> Result<(), String> {
     let cmd = if t.user == "root" { "reboot" } else { "sudo -n reboot" };
-    let out = tokio::task::spawn_blocking(move || crate::ssh::run_batch(&t, cmd, Duration::from_secs(10)))
+    let out = tokio::task::spawn_blocking(move || crate::ssh::capture(&t, cmd))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;

@@ -27,6 +27,8 @@ pub struct Watch {
     pub silence: Duration,
     /// Where this boot's serial output starts in serial.log.
     pub serial_before: u64,
+    /// Set from outside (a signal, a deadline): stop waiting.
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// Why a boot did not become ready.
@@ -35,6 +37,8 @@ pub enum Readiness {
     Exited(Box<StopRecord>),
     HostKey,
     Failed(String),
+    /// Told to stop waiting.
+    Cancelled,
 }
 
 impl Readiness {
@@ -44,6 +48,7 @@ impl Readiness {
             Readiness::Exited(rec) => format!("QEMU stopped: {}", rec.reason),
             Readiness::HostKey => ssh::host_key_mismatch_message(t, inst),
             Readiness::Failed(m) => m.clone(),
+            Readiness::Cancelled => "stopped waiting (cancelled)".into(),
         }
     }
 }
@@ -61,6 +66,9 @@ pub fn wait(
     let mut serial_seen = w.serial_before;
     crate::progress::stage("waiting for the guest: firmware, then its kernel");
     loop {
+        if w.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst)) {
+            return Err(Readiness::Cancelled);
+        }
         if !qemu.is_running() {
             return Err(exited(inst));
         }
@@ -150,6 +158,10 @@ pub fn failed(
         Readiness::HostKey => {
             let _ = stop::stop_running(ctx, inst, &StopOptions { timeout: Duration::from_secs(20), force: false });
             anyhow!("{}\nThe VM was powered down.", ssh::host_key_mismatch_message(t, inst))
+        }
+        Readiness::Cancelled => {
+            let _ = stop::stop_running(ctx, inst, &StopOptions { timeout: Duration::from_secs(10), force: false });
+            anyhow!("stopped waiting for SSH (cancelled); the VM was stopped")
         }
         Readiness::Failed(msg) => {
             let outcome = stop::stop_running(ctx, inst, &StopOptions { timeout: Duration::ZERO, force: true });

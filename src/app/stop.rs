@@ -31,7 +31,9 @@ fn stop(ctx: &Ctx, inst: &Instance, opts: &StopOptions) -> Result<Option<Stopped
         return Ok(None);
     }
     let budget = opts.timeout + QUIT_DEADLINE + SIGNAL_DEADLINE * 2 + Duration::from_secs(15);
-    let stopped = match block_on(powerdown_showing_steps(ctx, inst, opts, budget)) {
+    let shown = block_on(powerdown_showing_steps(ctx, inst, opts, budget));
+    crate::progress::finish();
+    let stopped = match shown {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!("supervisor unreachable ({e}); stopping QEMU directly");
@@ -215,8 +217,13 @@ fn remove_files(inst: &Instance) -> Result<Vec<PathBuf>> {
         }
         let _ = std::fs::remove_dir(&disks);
     }
+    // Every file under snapshots/ is made by `snapshot save`.
+    let snapshots = inst.snapshots_dir();
+    if snapshots.is_dir() && std::fs::remove_dir_all(&snapshots).is_ok() {
+        removed.push(snapshots);
+    }
     for name in crate::instance::paths::INSTANCE_FILES {
-        if *name == "lock" || *name == "disks" {
+        if ["lock", "disks", "snapshots"].contains(name) {
             continue;
         }
         let p = inst.dir.join(name);

@@ -28,9 +28,9 @@ pub struct Global {
     /// Where instances live [default: $QBUF_QEMU_STATE_DIR, else $XDG_STATE_HOME/qbuf-qemu, else ~/.local/state/qbuf-qemu]
     #[arg(long, global = true, value_name = "DIR", value_parser = parse::path(), help_heading = GLOBAL)]
     pub state_dir: Option<PathBuf>,
-    /// Instance name: [a-z0-9][a-z0-9_-]{0,62}
-    #[arg(long, global = true, default_value = "dev", value_name = "NAME", value_parser = parse::name, help_heading = GLOBAL)]
-    pub name: String,
+    /// Instance name: [a-z0-9][a-z0-9_-]{0,62} [default: dev]
+    #[arg(long, global = true, value_name = "NAME", value_parser = parse::name, help_heading = GLOBAL)]
+    pub name: Option<String>,
     /// Print exactly one JSON document on stdout; progress goes to stderr
     #[arg(long, global = true, help_heading = GLOBAL)]
     pub json: bool,
@@ -161,6 +161,15 @@ fish: qbuf-qemu completions fish > ~/.config/fish/completions/qbuf-qemu.fish")]
         #[arg(long, value_name = "DIR", value_parser = parse::path())]
         dir: Option<PathBuf>,
     },
+    /// Boot a throwaway VM, run COMMAND in it, stop and remove it; exits with COMMAND's status
+    #[command(
+        after_help = "Exit status: COMMAND's; 124 when --timeout expired, 125 when the VM could not be started or reached \
+(the VM is then stopped and removed), 128+N when run got signal N.\nExample: qbuf-qemu run --image disk.qcow2 -- make -j2 check"
+    )]
+    Run(Box<RunArgs>),
+    /// Save, load, list and delete snapshots of the instance (memory and disk)
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Internal: the per-instance supervisor started by launch
     #[command(name = "__supervise", hide = true)]
     Supervise,
@@ -254,8 +263,9 @@ pub enum ShareCommand {
     List,
 }
 
+/// What a VM is made of: shared by `launch` and `run`.
 #[derive(Debug, Args)]
-pub struct LaunchArgs {
+pub struct VmArgs {
     /// Base disk image (qcow2 or raw); never written, an overlay keeps changes
     #[arg(long, value_name = "FILE", value_parser = parse::path())]
     pub image: Option<PathBuf>,
@@ -274,9 +284,6 @@ pub struct LaunchArgs {
     /// Virtual CPUs, at most the host's [default: 2]
     #[arg(long, value_name = "N", value_parser = parse::cpus)]
     pub cpus: Option<u32>,
-    /// Host port forwarded to the guest's SSH, on 127.0.0.1; 'auto' picks a free one once [default: 10022]
-    #[arg(long, value_name = "PORT|auto")]
-    pub ssh_port: Option<PortChoice>,
     /// Host directory shared at /mnt/qbuf (9p tag qbuf) [default: the git checkout you are in]
     #[arg(long, value_name = "DIR", value_parser = parse::path())]
     pub share: Option<PathBuf>,
@@ -295,6 +302,17 @@ pub struct LaunchArgs {
     /// Private key to use instead of qbuf-qemu's own
     #[arg(long, value_name = "FILE", value_parser = parse::path())]
     pub ssh_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub guix: BuildArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct LaunchArgs {
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// Host port forwarded to the guest's SSH, on 127.0.0.1; 'auto' picks a free one once [default: 10022]
+    #[arg(long, value_name = "PORT|auto")]
+    pub ssh_port: Option<PortChoice>,
     /// How long to wait for SSH to accept a login (seconds, or e.g. 5m)
     #[arg(long, value_name = "SECS", default_value = "300", value_parser = parse::timeout)]
     pub timeout: Duration,
@@ -302,13 +320,69 @@ pub struct LaunchArgs {
     #[arg(long)]
     pub no_wait: bool,
     /// Discard the guest's disk (guest-local state) and start from the base image
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     pub recreate: bool,
     /// Grow the boot disk to SIZE before it boots (never shrinks), e.g. 40G; the guest then grows its file system
-    #[arg(long, value_name = "SIZE", value_parser = parse::disk_bytes)]
+    #[arg(long, value_name = "SIZE", value_parser = parse::disk_bytes, conflicts_with = "resume")]
     pub disk_size: Option<u64>,
+    /// Start straight into snapshot NAME of this instance instead of booting (its disk becomes the snapshot's)
+    #[arg(long, value_name = "NAME")]
+    pub resume: Option<String>,
+}
+
+/// `run`: a throwaway VM for one command.
+#[derive(Debug, Args)]
+pub struct RunArgs {
     #[command(flatten)]
-    pub guix: BuildArgs,
+    pub vm: VmArgs,
+    /// Start from snapshot NAME of the instance --name names (default dev) instead of booting; it is left as it was
+    #[arg(long, value_name = "NAME")]
+    pub from_snapshot: Option<String>,
+    /// Where COMMAND runs in the guest [default: /mnt/qbuf with a share, else the login directory]
+    #[arg(long, value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// After COMMAND, copy GUEST_PATH (recursively) to HOST_PATH, before the VM stops; repeatable
+    #[arg(long = "copy-out", value_name = "GUEST_PATH:HOST_PATH", value_parser = parse::copy_out)]
+    pub copy_out: Vec<(String, PathBuf)>,
+    /// The whole run's deadline; when it expires the VM is stopped and removed and run exits 124
+    #[arg(long, value_name = "SECS", default_value = "3600", value_parser = parse::timeout)]
+    pub timeout: Duration,
+    /// Leave the VM running afterwards (say how to reach and remove it)
+    #[arg(long, conflicts_with = "keep_on_failure")]
+    pub keep: bool,
+    /// Leave the VM running when COMMAND fails or the run breaks
+    #[arg(long)]
+    pub keep_on_failure: bool,
+    /// Also write the JSON summary to FILE (with --json it goes to stderr)
+    #[arg(long, value_name = "FILE", value_parser = parse::path())]
+    pub summary: Option<PathBuf>,
+    /// The command and its arguments, run in the guest as given (each word quoted)
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Save the running VM (memory and disk) as NAME; the share is unmounted in the guest meanwhile
+    Save {
+        /// The snapshot's name (letters, digits, '-', '_')
+        #[arg(value_name = "NAME")]
+        snapshot: String,
+    },
+    /// Replace the instance's VM with snapshot NAME (a running VM is stopped first) and resume it
+    Load {
+        /// The snapshot to load (see 'snapshot list')
+        #[arg(value_name = "NAME")]
+        snapshot: String,
+    },
+    /// The instance's snapshots
+    List,
+    /// Delete snapshot NAME
+    Delete {
+        /// The snapshot to delete
+        #[arg(value_name = "NAME")]
+        snapshot: String,
+    },
 }
 
 #[derive(Debug, Args, Clone)]

@@ -131,6 +131,15 @@ pub fn timeout(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// `--copy-out GUEST_PATH:HOST_PATH`: split at the first `:` (guest paths
+/// are absolute or relative to the login directory and rarely hold a `:`).
+pub fn copy_out(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once(':') {
+        Some((g, h)) if !g.is_empty() && !h.is_empty() => Ok((g.to_string(), PathBuf::from(h))),
+        _ => Err(format!("{s:?} is not GUEST_PATH:HOST_PATH, e.g. /mnt/build/report.xml:out/report.xml")),
+    }
+}
+
 /// A path that must be valid UTF-8 (QEMU options and our JSON records are
 /// text): refused with the path shown, not serde's bare message.
 pub fn utf8_path(s: std::ffi::OsString) -> Result<PathBuf, String> {
@@ -332,6 +341,13 @@ mod tests {
         assert_eq!(copy_path("notes.txt"), Ok(CopyPath::Host("notes.txt".into())));
         assert!(copy_path("Dev:x").unwrap_err().contains("./Dev:x"));
         assert!(copy_path("").is_err());
+    }
+
+    #[test]
+    fn copy_out_splits_guest_and_host() {
+        assert_eq!(copy_out("/g/a:b/c"), Ok(("/g/a".into(), PathBuf::from("b/c"))));
+        assert!(copy_out("nocolon").is_err());
+        assert!(copy_out(":x").is_err());
     }
 
     #[test]

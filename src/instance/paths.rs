@@ -177,9 +177,36 @@ files! {
     devices_lock => "devices.lock";
     /// Which Guix image this instance boots (its key and store path).
     guix_image => "guix-image.json";
+    /// Saved VMs (`snapshot save`), one directory each.
+    snapshots_dir => "snapshots";
+}
+
+/// A saved VM: its files, all made by `snapshot save`.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub dir: PathBuf,
+}
+
+impl Snapshot {
+    /// The paused VM's state, as QEMU's migration wrote it.
+    pub fn state(&self) -> PathBuf {
+        self.dir.join("state.bin")
+    }
+    /// The boot disk at the moment of the save; only ever a backing file.
+    pub fn disk(&self) -> PathBuf {
+        self.dir.join("disk.qcow2")
+    }
+    pub fn record(&self) -> PathBuf {
+        self.dir.join("snapshot.json")
+    }
 }
 
 impl Instance {
+    /// One saved VM's directory.
+    pub fn snapshot(&self, name: &str) -> Snapshot {
+        Snapshot { dir: self.snapshots_dir().join(name) }
+    }
+
     /// The state dir this instance lives in.
     pub fn state(&self) -> StateDir {
         let root = self.dir.parent().and_then(Path::parent).unwrap_or(Path::new("/"));

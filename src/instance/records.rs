@@ -47,12 +47,25 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
 /// Reads a JSON record; `Ok(None)` when it does not exist.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     match fs::read(path) {
-        Ok(b) => Ok(Some(
-            serde_json::from_slice(&b)
-                .with_context(|| format!("{} is damaged: remove it or run 'qbuf-qemu destroy'", path.display()))?,
-        )),
+        Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| {
+            format!(
+                "{} is damaged: remove it, or start the instance over with '{}'",
+                path.display(),
+                destroy_hint(path)
+            )
+        })?)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// `destroy` for the instance a record belongs to (STATE/instances/NAME/x).
+fn destroy_hint(record: &Path) -> String {
+    let dir = record.parent().unwrap_or(Path::new("."));
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("NAME");
+    match dir.parent().and_then(Path::parent) {
+        Some(root) => super::paths::StateDir::new(root.to_path_buf()).command(name, "destroy"),
+        None => "qbuf-qemu destroy".into(),
     }
 }
 
@@ -164,6 +177,45 @@ pub struct StopRecord {
     pub reason: String,
 }
 
+/// base.json: the identity of the image under the boot overlay (a base
+/// that changed would silently corrupt the guest's view of its disk).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseIdentity {
+    pub path: PathBuf,
+    pub size: u64,
+    pub mtime_ns: i128,
+    pub format: String,
+}
+
+/// snapshots/NAME/snapshot.json: a saved VM (its paused state in
+/// `state.bin`, its boot disk frozen in `disk.qcow2`) and what a VM must be
+/// like to load it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub name: String,
+    pub created_at: f64,
+    /// QEMU's version at save time: the state loads only into the same one.
+    pub qemu_version: String,
+    /// The saved VM's devices and resources; a loading VM gets the same.
+    pub spec: VmSpec,
+    /// The image under the frozen disk, which must not change.
+    pub base: Option<BaseIdentity>,
+    pub state_bytes: u64,
+    /// Seconds the save took (state and disk).
+    pub seconds: f64,
+    /// The 9p shares the guest had mounted: unmounted for the save (QEMU
+    /// refuses to migrate while one is mounted), mounted again on resume.
+    #[serde(default)]
+    pub mounts: Vec<GuestMount>,
+}
+
+/// A 9p share mounted in the guest: its tag and where.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestMount {
+    pub tag: String,
+    pub path: String,
+}
+
 /// devices.json: runtime additions that persist across launches.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct DevicesRecord {
@@ -203,6 +255,17 @@ mod tests {
         .map(|m| serde_json::to_value(m).unwrap().as_str().unwrap().to_string())
         .collect();
         assert_eq!(names, ["powerdown", "guest-agent", "quit", "sigterm", "sigkill", "already-stopped"]);
+    }
+
+    #[test]
+    fn a_damaged_record_names_itself_and_the_way_out() {
+        let dir = std::env::temp_dir().join(format!("qbuf-dmg-{}/instances/web", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("settings.json");
+        fs::write(&p, "{not json").unwrap();
+        let e = format!("{:#}", read_json::<i32>(&p).unwrap_err());
+        assert!(e.contains("settings.json is damaged") && e.contains("--name web destroy"), "{e}");
+        fs::remove_dir_all(dir.parent().unwrap().parent().unwrap()).unwrap();
     }
 
     #[test]

@@ -86,6 +86,10 @@ pub struct VmSpec {
     /// An extra firmware directory (`-L`), e.g. QEMU 7.2's beside 10.0.
     #[serde(default)]
     pub firmware: Option<PathBuf>,
+    /// Start paused, waiting for a saved state (`-incoming defer`, then QMP
+    /// `migrate-incoming`), instead of booting.
+    #[serde(default)]
+    pub incoming: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -209,6 +213,9 @@ pub fn build_args(spec: &VmSpec) -> Result<Vec<String>> {
     a.push(&["-fw_cfg", &format!("name={FW_CFG_AUTHORIZED_KEYS},file={key}")]);
     if let Some(k) = &spec.kernel {
         kernel(&mut a, k)?;
+    }
+    if spec.incoming {
+        a.push(&["-incoming", "defer"]);
     }
     Ok(a.0)
 }
@@ -335,6 +342,7 @@ mod tests {
             },
             hotplug_ports: 4,
             firmware: None,
+            incoming: false,
         }
     }
 
@@ -403,6 +411,14 @@ mod tests {
         for bad in ["", "1disk", "a b", "a,b", "disk0", "x-file", "hp0", &"a".repeat(32)] {
             assert!(validate_id("disk id", bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_resumed_vm_waits_for_its_state() {
+        let mut s = spec("/s");
+        assert!(!build_args(&s).unwrap().contains(&"-incoming".to_string()));
+        s.incoming = true;
+        assert_eq!(after(&build_args(&s).unwrap(), "-incoming"), ["defer"]);
     }
 
     #[test]

@@ -16,6 +16,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::instance::records::BaseIdentity;
 use crate::instance::{read_json, write_json, Instance};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -109,27 +110,18 @@ pub fn check_image(path: &Path, format: DiskFormat) -> Result<()> {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BaseIdentity {
-    pub path: PathBuf,
-    pub size: u64,
-    pub mtime_ns: i128,
-    pub format: String,
-}
-
-impl BaseIdentity {
-    pub fn of(path: &Path) -> Result<BaseIdentity> {
-        let meta = std::fs::metadata(path).with_context(|| format!("image {} does not exist", path.display()))?;
-        if !meta.is_file() {
-            bail!("image {} is not a file", path.display());
-        }
-        Ok(BaseIdentity {
-            path: path.to_path_buf(),
-            size: meta.size(),
-            mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
-            format: detect_format(path)?.as_str().to_string(),
-        })
+/// The identity of a base image now.
+pub fn identity(path: &Path) -> Result<BaseIdentity> {
+    let meta = std::fs::metadata(path).with_context(|| format!("image {} does not exist", path.display()))?;
+    if !meta.is_file() {
+        bail!("image {} is not a file", path.display());
     }
+    Ok(BaseIdentity {
+        path: path.to_path_buf(),
+        size: meta.size(),
+        mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
+        format: detect_format(path)?.as_str().to_string(),
+    })
 }
 
 /// The first 64 KiB of an image: enough for a qcow2 header and its
@@ -172,7 +164,7 @@ pub fn compare(recorded: &BaseIdentity, now: &BaseIdentity) -> Result<()> {
 /// Returns the overlay, creating it on first use; refuses a changed base.
 pub fn prepare(inst: &Instance, qemu_img: &Path, base: &Path) -> Result<PathBuf> {
     let base = std::fs::canonicalize(base).with_context(|| format!("image {} does not exist", base.display()))?;
-    let id = BaseIdentity::of(&base)?;
+    let id = identity(&base)?;
     let overlay = inst.overlay();
     if overlay.exists() {
         match read_json::<BaseIdentity>(&inst.base_identity())? {

@@ -11,7 +11,9 @@ pub mod events;
 pub mod launch;
 pub mod list;
 pub mod power;
+pub mod run;
 pub mod show;
+pub mod snapshot;
 pub mod status;
 pub mod stop;
 

@@ -42,7 +42,9 @@ pub async fn call(sock: &Path, req: &Request, timeout: Duration) -> Result<Respo
 fn unexpected(r: Response) -> anyhow::Error {
     match r {
         Response::Failed(m) => anyhow!(m),
-        other => anyhow!("unexpected answer from the supervisor: {other:?}"),
+        other => {
+            anyhow!("unexpected answer from the supervisor: {}", serde_json::to_string(&other).unwrap_or_default())
+        }
     }
 }
 

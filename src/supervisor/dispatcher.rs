@@ -160,14 +160,15 @@ impl Dispatcher {
 
     fn request(&mut self, req: Request, reply: oneshot::Sender<Response>) {
         match req {
-            Request::Status if self.state.ended.is_some() => {
+            // QEMU has exited, or is exiting (its QMP connection closed).
+            Request::Status if self.state.ended.is_some() || self.qmp_closed => {
                 let _ = reply.send(Response::Status(Box::new(self.state.clone())));
             }
             Request::Status => {
                 let mut state = self.state.clone();
                 let (qmp, agent) = (self.qmp.clone(), self.agent_socket());
                 tokio::spawn(async move {
-                    state.live = Some(live(&qmp, state.hotplug_ports, agent).await);
+                    state.live = live(&qmp, state.hotplug_ports, agent).await;
                     let _ = reply.send(Response::Status(Box::new(state)));
                 });
             }
@@ -308,11 +309,14 @@ pub fn note_event(state: &mut VmState, ev: &Event) {
 /// QEMU's answers for `status`. The first query decides: a QEMU that does
 /// not answer it (frozen, SIGSTOPped) is reported at once instead of every
 /// further query waiting out its own timeout.
-async fn live(qmp: &Qmp, hotplug_ports: u32, agent: Option<PathBuf>) -> Live {
+/// `None` when QEMU is exiting.
+async fn live(qmp: &Qmp, hotplug_ports: u32, agent: Option<PathBuf>) -> Option<Live> {
     let q = |cmd: &'static str, args: Value| qmp.execute_raw(cmd, args, QUERY);
     let run_state = match q("query-status", json!({})).await {
         Ok(v) => v.get("status").and_then(Value::as_str).unwrap_or("unknown").to_string(),
-        Err(e) => return Live::Unresponsive { reason: e.to_string() },
+        // The connection ended under the question: QEMU is exiting.
+        Err(crate::qmp::QmpError::Disconnected { .. }) => return None,
+        Err(e) => return Some(Live::Unresponsive { reason: e.to_string() }),
     };
     let ports = async {
         // One question per root port, all in flight at once.
@@ -344,14 +348,14 @@ async fn live(qmp: &Qmp, hotplug_ports: u32, agent: Option<PathBuf>) -> Live {
         ports,
         agent_state
     );
-    Live::Answered(LiveState {
+    Some(Live::Answered(LiveState {
         run_state,
         memory_mib: mem.ok().and_then(|v| v.get("base-memory")?.as_u64()).map(|b| b / (1024 * 1024)),
         cpus: cpus.ok().and_then(|v| v.as_array().map(|a| a.len() as u32)),
         disks: blocks.map(|b| crate::qemu::parse::parse_query_block(&b)).unwrap_or_default(),
         hotplug_ports_used: ports,
         guest_agent,
-    })
+    }))
 }
 
 #[cfg(test)]
@@ -359,20 +363,7 @@ mod tests {
     use super::*;
 
     fn state() -> VmState {
-        VmState {
-            qemu_pid: 1,
-            supervisor_pid: 2,
-            started_at: 0.0,
-            accel: crate::qemu::args::Accel::Tcg,
-            qemu_version: "10.0.2".into(),
-            hotplug_ports: 4,
-            stopping: None,
-            last_shutdown: None,
-            panicked: None,
-            agent_port_open: false,
-            ended: None,
-            live: None,
-        }
+        VmState::new(1, 2, 0.0, crate::qemu::args::Accel::Tcg, "10.0.2", 4)
     }
 
     #[test]

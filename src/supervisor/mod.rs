@@ -73,20 +73,8 @@ async fn supervise(inst: Instance) -> Result<i32> {
         let _ = std::fs::set_permissions(s, std::fs::Permissions::from_mode(0o600));
     }
     let me = std::process::id() as i32;
-    let state = VmState {
-        qemu_pid: started.pid,
-        supervisor_pid: me,
-        started_at: crate::clock::now(),
-        accel: plan.spec.accel,
-        qemu_version: started.version.clone(),
-        hotplug_ports: plan.spec.hotplug_ports,
-        stopping: None,
-        last_shutdown: None,
-        panicked: None,
-        agent_port_open: false,
-        ended: None,
-        live: None,
-    };
+    let state =
+        VmState::new(started.pid, me, crate::clock::now(), plan.spec.accel, &started.version, plan.spec.hotplug_ports);
     let record = RunRecord {
         qemu: ProcIdentity::of(started.pid).unwrap_or(ProcIdentity {
             pid: started.pid,

@@ -79,6 +79,33 @@ pub struct VmState {
     pub live: Option<Live>,
 }
 
+impl VmState {
+    /// A VM that just came up: nothing has happened to it yet.
+    pub fn new(
+        qemu_pid: i32,
+        supervisor_pid: i32,
+        started_at: f64,
+        accel: Accel,
+        version: &str,
+        ports: u32,
+    ) -> VmState {
+        VmState {
+            qemu_pid,
+            supervisor_pid,
+            started_at,
+            accel,
+            qemu_version: version.into(),
+            hotplug_ports: ports,
+            stopping: None,
+            last_shutdown: None,
+            panicked: None,
+            agent_port_open: false,
+            ended: None,
+            live: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Ended {
     pub exit: ExitInfo,

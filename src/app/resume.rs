@@ -1,0 +1,170 @@
+//! Starting a VM from a saved state: which snapshot, checked against this
+//! host; the VM it needs (the saved VM's devices, this instance's paths);
+//! loading the state into a QEMU waiting with `-incoming defer`; and the
+//! guest's clock and shares afterwards. See app/snapshot.rs for saving.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+
+use super::vm::Vm;
+use super::{guest, Ctx};
+use crate::config::Settings;
+use crate::instance::paths::Snapshot;
+use crate::instance::records::{DevicesRecord, SnapshotRecord};
+use crate::instance::{read_json, write_json, Instance};
+use crate::qemu::args::{validate_id, Accel, Share, VmSpec, DEFAULT_SHARE_TAG};
+use crate::qemu::host::QemuBinaries;
+use crate::ssh;
+
+/// How long saving or loading the state may take.
+const MIGRATION_DEADLINE: Duration = Duration::from_secs(300);
+
+/// A saved VM to start from, checked against this host.
+#[derive(Debug, Clone)]
+pub struct Resume {
+    pub snapshot: Snapshot,
+    pub record: SnapshotRecord,
+    /// The boot disk is a fresh overlay on the snapshot's disk (a throwaway
+    /// run), not a copy of it (the instance's own resume).
+    pub layered: bool,
+}
+
+/// Snapshot `name` of `inst`, ready to resume: it exists, its base image is
+/// unchanged, and this host's QEMU is the one that saved it.
+pub fn resume_from(ctx: &Ctx, inst: &Instance, name: &str, layered: bool) -> Result<Resume> {
+    validate_id("snapshot name", name)?;
+    let snapshot = inst.snapshot(name);
+    let record: SnapshotRecord = read_json(&snapshot.record())?.ok_or_else(|| {
+        anyhow!("instance '{}' has no snapshot '{name}' ('{}' lists them)", inst.name, ctx.command("snapshot list"))
+    })?;
+    if let Some(base) = &record.base {
+        let now = crate::qemu::image::identity(&base.path)
+            .with_context(|| format!("snapshot '{name}' was saved on {}", base.path.display()))?;
+        crate::qemu::image::compare(base, &now)
+            .with_context(|| format!("snapshot '{name}' cannot be used: its base image changed; save it again"))?;
+    }
+    let bins = crate::qemu::host::qemu_binaries()?;
+    let version = crate::qemu::host::qemu_version(&bins).unwrap_or_default();
+    if !version.contains(&format!("version {}", record.qemu_version)) {
+        bail!(
+            "snapshot '{name}' was saved by QEMU {}, and this is {version:?}: a saved state loads only into the QEMU that wrote it",
+            record.qemu_version
+        );
+    }
+    Ok(Resume { snapshot, record, layered })
+}
+
+/// Whether `r` can start here: a snapshot has the boot disk only, and a
+/// state saved under KVM loads only under KVM.
+pub fn check(ctx: &Ctx, devices: &DevicesRecord, bins: &QemuBinaries, r: &Resume) -> Result<()> {
+    if let Some(d) = devices.disks.first() {
+        bail!(
+            "disk '{}' is recorded for this instance, and a snapshot has the boot disk only: remove it first ('{}')",
+            d.id,
+            ctx.command(&format!("disk remove {}", d.id))
+        );
+    }
+    if r.record.spec.accel == Accel::Kvm {
+        crate::qemu::host::kvm_runs(bins).map_err(|e| {
+            anyhow!("snapshot '{}' was saved under KVM, which cannot run guests here ({e})", r.record.name)
+        })?;
+    }
+    Ok(())
+}
+
+/// The boot disk of a resume: a fresh overlay on the snapshot's disk (a
+/// run), or a copy of it (the instance's own); none for a diskless VM.
+pub fn disk(inst: &Instance, bins: &QemuBinaries, r: &Resume) -> Result<Option<std::path::PathBuf>> {
+    Ok(match (&r.record.spec.disk, r.layered) {
+        (None, _) => None,
+        (Some(_), true) => Some(crate::qemu::image::prepare(inst, &bins.img, &r.snapshot.disk())?),
+        (Some(_), false) => Some(copy_disk(inst, r)?),
+    })
+}
+
+/// Makes `spec` the saved VM's: the same devices, or its state does not
+/// load (the default share may point at another directory: this
+/// checkout), and QEMU waiting for the state.
+pub fn adapt(spec: &mut VmSpec, s: &Settings, r: &Resume) {
+    let saved = &r.record.spec;
+    spec.shares = saved
+        .shares
+        .iter()
+        .map(|sh| match (&s.share, sh.tag == DEFAULT_SHARE_TAG) {
+            (Some(p), true) => Share { path: p.clone(), ..sh.clone() },
+            _ => sh.clone(),
+        })
+        .collect();
+    spec.hotplug_ports = saved.hotplug_ports;
+    spec.incoming = true;
+}
+
+/// The instance's own resume: its disk becomes a copy of the saved one (the
+/// snapshot stays as it was for the next resume).
+fn copy_disk(inst: &Instance, r: &Resume) -> Result<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::remove_file(inst.overlay());
+    std::fs::copy(r.snapshot.disk(), inst.overlay()).context("cannot copy the snapshot's disk")?;
+    std::fs::set_permissions(inst.overlay(), std::fs::Permissions::from_mode(0o600))?;
+    match &r.record.base {
+        Some(b) => write_json(&inst.base_identity(), b)?,
+        None => {
+            let _ = std::fs::remove_file(inst.base_identity());
+        }
+    }
+    Ok(inst.overlay())
+}
+
+/// The QMP `exec:` URI that reads or writes `path` (quoted for the shell
+/// QEMU runs it with).
+pub fn exec_uri(write: bool, path: &Path) -> String {
+    let p = shell_words::quote(&path.display().to_string()).into_owned();
+    if write {
+        format!("exec:cat > {p}")
+    } else {
+        format!("exec:cat {p}")
+    }
+}
+
+/// Waits for QEMU's migration to end; its error when it failed.
+pub fn wait_migration(vm: &Vm) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let v = vm.execute("query-migrate", json!({}))?;
+        match v.get("status").and_then(Value::as_str) {
+            Some("completed") => return Ok(()),
+            Some("failed") | Some("cancelled") => {
+                let why = v.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given");
+                bail!("QEMU's migration failed: {why}");
+            }
+            _ if start.elapsed() > MIGRATION_DEADLINE => {
+                bail!("QEMU's migration did not end within {MIGRATION_DEADLINE:?}")
+            }
+            _ => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+/// Loads the saved state into a QEMU started with `-incoming defer`, then
+/// lets the guest run.
+pub fn load_state(ctx: &Ctx, inst: &Instance, r: &Resume) -> Result<()> {
+    let vm = Vm { inst: inst.clone(), name: ctx.name.clone() };
+    vm.execute("migrate-incoming", json!({ "uri": exec_uri(false, &r.snapshot.state()) }))?;
+    wait_migration(&vm).with_context(|| format!("loading snapshot '{}'", r.record.name))?;
+    vm.execute("cont", json!({}))?;
+    Ok(())
+}
+
+/// After a resume: the clock set, the shares mounted again. What could not
+/// be done is a note, not a failure: the VM runs.
+pub fn after_resume(t: &ssh::Target, r: &Resume, notes: &mut Vec<String>) {
+    if let Err(e) = guest::set_clock(t) {
+        notes.push(format!("could not set the resumed guest's clock ({e}); it stands where it was saved"));
+    }
+    if let Err(e) = guest::mount_shares(t, &r.record.mounts) {
+        notes.push(format!("{e}; mount it in the guest yourself"));
+    }
+}

@@ -1,0 +1,166 @@
+//! `snapshot save|load|list|delete`, `launch --resume` and the start of
+//! `run --from-snapshot`: a VM saved and resumed without booting.
+//!
+//! Layout (see docs/architecture.md, "Snapshots"): QEMU's internal qcow2
+//! snapshots live inside the image that holds them, so a fresh overlay on
+//! top could not load them and a run would write into the saved state.
+//! Instead the paused VM's state goes to a file through QMP `migrate`
+//! (`exec:` works on QEMU 7.2 and 10.0 alike), and the boot disk at that
+//! instant is copied beside it. A resume starts QEMU with `-incoming defer`
+//! on a disk that is either a copy of that one (`launch --resume`) or a
+//! fresh overlay on it (`run`), so the snapshot is never written.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::json;
+
+use super::resume::{exec_uri, resume_from, wait_migration};
+use super::vm::Vm;
+use super::{guest, Ctx};
+use crate::config::Settings;
+use crate::instance::paths::Snapshot;
+use crate::instance::records::{BootPlan, RunRecord, SnapshotRecord};
+use crate::instance::{read_json, write_json, Instance};
+use crate::qemu::args::validate_id;
+use crate::report::snapshot::{SnapshotDone, SnapshotEntry, SnapshotList};
+use crate::ssh;
+
+/// No bandwidth cap: the VM is paused, the file is local.
+const UNLIMITED: u64 = 1 << 40;
+
+/// `snapshot save NAME`.
+pub fn save(ctx: &Ctx, name: &str) -> Result<SnapshotDone> {
+    validate_id("snapshot name", name)?;
+    let vm = Vm::running(ctx)?;
+    let inst = vm.inst.clone();
+    let snap = inst.snapshot(name);
+    if snap.dir.exists() {
+        bail!(
+            "instance '{}' already has a snapshot '{name}': delete it first ('{}')",
+            ctx.name,
+            ctx.command(&format!("snapshot delete {name}"))
+        );
+    }
+    let plan: BootPlan = read_json(&inst.boot_plan())?.context("boot.json is missing")?;
+    let live = crate::qemu::parse::parse_query_block(&vm.execute("query-block", json!({}))?);
+    if let Some(d) = live.iter().find(|d| !d.is_boot()) {
+        bail!(
+            "disk '{}' is attached: snapshots cover the boot disk only; remove it first ('{}')",
+            d.id,
+            ctx.command(&format!("disk remove {}", d.id))
+        );
+    }
+    let t = target(ctx, &inst)?;
+    let mounts = guest::mounted_shares(&t)?;
+    guest::unmount_shares(&t, &mounts)?;
+    ctx.progress(&format!("saving instance '{}' as snapshot '{name}' (the VM pauses meanwhile)", ctx.name));
+    let start = Instant::now();
+    crate::instance::private_dir(&snap.dir)?;
+    let saved = freeze(&vm, &inst, &snap, &plan);
+    let resumed = vm.execute("cont", json!({}));
+    let remounted = guest::mount_shares(&t, &mounts);
+    if let Err(e) = saved {
+        let _ = std::fs::remove_dir_all(&snap.dir);
+        return Err(e.context(format!("saving snapshot '{name}' (nothing was kept; the VM runs on)")));
+    }
+    resumed?;
+    let record = SnapshotRecord {
+        name: name.into(),
+        created_at: crate::clock::now(),
+        qemu_version: read_json::<RunRecord>(&inst.run_record())?.map(|r| r.qemu_version).unwrap_or_default(),
+        spec: plan.spec,
+        base: read_json(&inst.base_identity())?,
+        state_bytes: std::fs::metadata(snap.state()).map(|m| m.len()).unwrap_or(0),
+        seconds: start.elapsed().as_secs_f64(),
+        mounts,
+    };
+    write_json(&snap.record(), &record)?;
+    let mut notes = vec![];
+    if let Err(e) = remounted {
+        notes.push(format!("{e}; mount it in the guest yourself"));
+    }
+    Ok(done(ctx, "saved", record, notes))
+}
+
+/// Pauses the VM, writes its state and copies its boot disk. QEMU flushes
+/// and lets go of the disk when the migration completes, so the copy is the
+/// disk at that instant.
+fn freeze(vm: &Vm, inst: &Instance, snap: &Snapshot, plan: &BootPlan) -> Result<()> {
+    vm.execute("stop", json!({}))?;
+    let _ = vm.execute("migrate-set-parameters", json!({ "max-bandwidth": UNLIMITED }));
+    vm.execute("migrate", json!({ "uri": exec_uri(true, &snap.state()) }))?;
+    wait_migration(vm)?;
+    if plan.spec.disk.is_some() {
+        std::fs::copy(inst.overlay(), snap.disk()).context("cannot copy the boot disk into the snapshot")?;
+    }
+    Ok(())
+}
+
+fn target(ctx: &Ctx, inst: &Instance) -> Result<ssh::Target> {
+    let s: Settings = read_json(&inst.settings())?.context("settings.json is missing")?;
+    let key = super::spec::ssh_key_for(&ctx.state, &s)?;
+    Ok(ssh::Target::for_instance(inst, s.ssh_port, &s.ssh_user, &key))
+}
+
+fn done(ctx: &Ctx, what: &'static str, record: SnapshotRecord, notes: Vec<String>) -> SnapshotDone {
+    SnapshotDone {
+        instance: ctx.name.clone(),
+        what,
+        snapshot: entry(&record),
+        notes,
+        load_command: ctx.command(&format!("snapshot load {}", record.name)),
+        run_command: ctx.command(&format!("run --from-snapshot {} -- COMMAND", record.name)),
+    }
+}
+
+fn entry(r: &SnapshotRecord) -> SnapshotEntry {
+    SnapshotEntry {
+        name: r.name.clone(),
+        created_at: r.created_at,
+        qemu_version: r.qemu_version.clone(),
+        state_bytes: r.state_bytes,
+        seconds: r.seconds,
+        shares: r.mounts.iter().map(|m| m.tag.clone()).collect(),
+    }
+}
+
+/// `snapshot load NAME`: the running VM (if any) is replaced.
+pub fn load(ctx: &Ctx, name: &str, timeout: Duration) -> Result<crate::report::launch::Launched> {
+    let inst = ctx.existing()?;
+    resume_from(ctx, &inst, name, false)?;
+    super::stop::stop_running(
+        ctx,
+        &inst,
+        &crate::supervisor::ladder::StopOptions { timeout: Duration::ZERO, force: true },
+    )?;
+    let mut opts = super::spec::LaunchOptions::plain(timeout);
+    opts.resume = Some(super::spec::ResumeFrom::Own(name.to_string()));
+    super::launch::launch(ctx, &opts)
+}
+
+pub fn list(ctx: &Ctx) -> Result<SnapshotList> {
+    let inst = ctx.existing()?;
+    let mut snapshots: Vec<SnapshotEntry> = std::fs::read_dir(inst.snapshots_dir())
+        .map(|rd| {
+            rd.filter_map(|e| {
+                read_json::<SnapshotRecord>(&inst.snapshot(e.ok()?.file_name().to_str()?).record()).ok()?
+            })
+            .map(|r| entry(&r))
+            .collect()
+        })
+        .unwrap_or_default();
+    snapshots.sort_by(|a, b| a.created_at.total_cmp(&b.created_at));
+    Ok(SnapshotList { instance: ctx.name.clone(), snapshots })
+}
+
+pub fn delete(ctx: &Ctx, name: &str) -> Result<SnapshotDone> {
+    validate_id("snapshot name", name)?;
+    let inst = ctx.existing()?;
+    let snap = inst.snapshot(name);
+    let record: SnapshotRecord = read_json(&snap.record())?.ok_or_else(|| {
+        anyhow!("instance '{}' has no snapshot '{name}' ('{}' lists them)", ctx.name, ctx.command("snapshot list"))
+    })?;
+    std::fs::remove_dir_all(&snap.dir).with_context(|| format!("cannot remove {}", snap.dir.display()))?;
+    Ok(done(ctx, "deleted", record, vec![]))
+}

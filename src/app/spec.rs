@@ -1,0 +1,186 @@
+//! What a launch is asked for and what it builds from it: the options of
+//! one launch, the flags made absolute, the defaults that come from where
+//! the command runs, QEMU's spec (pure) and the connection info returned.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use super::resume::Resume;
+use super::{absolute_flag, Ctx};
+use crate::cli::{LaunchArgs, VmArgs};
+use crate::config::{self, Change, LaunchFlags, PortChoice, Settings};
+use crate::host;
+use crate::instance::records::DevicesRecord;
+use crate::instance::{Instance, StateDir};
+use crate::qemu::args::{Accel, Endpoints, KernelBoot, Share, VmSpec, DEFAULT_SHARE_TAG, HOTPLUG_PORTS};
+use crate::report::launch::Launched;
+use crate::ssh;
+
+#[derive(Debug, Clone)]
+pub struct LaunchOptions {
+    pub flags: LaunchFlags,
+    pub timeout: Duration,
+    pub no_wait: bool,
+    pub recreate: bool,
+    /// `--disk-size`: grow the boot disk to this many bytes first.
+    pub disk_size: Option<u64>,
+    /// Serial silence after which an automatically chosen KVM is blamed.
+    pub silence: Duration,
+    /// Start from a saved VM instead of booting.
+    pub resume: Option<ResumeFrom>,
+    /// Set from outside (a signal, a deadline): stop waiting.
+    pub cancel: Option<Arc<AtomicBool>>,
+}
+
+/// Which saved VM a launch starts from.
+#[derive(Debug, Clone)]
+pub enum ResumeFrom {
+    /// One of this instance's snapshots (`launch --resume`).
+    Own(String),
+    /// Another instance's, under a fresh overlay (`run --from-snapshot`).
+    Other(Box<Resume>),
+}
+
+impl LaunchOptions {
+    /// The flags as given, with every path made absolute against the
+    /// current directory (a saved relative path would mean another
+    /// directory at the next launch).
+    pub fn from_args(a: LaunchArgs) -> Result<LaunchOptions> {
+        let mut o = LaunchOptions::plain(a.timeout);
+        o.flags = vm_flags(a.vm, a.ssh_port)?;
+        o.no_wait = a.no_wait;
+        o.recreate = a.recreate;
+        o.disk_size = a.disk_size;
+        o.resume = a.resume.map(ResumeFrom::Own);
+        Ok(o)
+    }
+
+    /// A plain `launch`: the saved settings, waiting up to `timeout`.
+    pub fn plain(timeout: Duration) -> LaunchOptions {
+        let silence = std::env::var("QBUF_QEMU_SERIAL_SILENCE_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
+        LaunchOptions {
+            flags: LaunchFlags::default(),
+            timeout,
+            no_wait: false,
+            recreate: false,
+            disk_size: None,
+            silence: Duration::from_secs(silence),
+            resume: None,
+            cancel: None,
+        }
+    }
+}
+
+/// The VM flags as given, with every path made absolute against the current
+/// directory (a saved relative path would mean another directory at the
+/// next launch).
+pub fn vm_flags(a: VmArgs, ssh_port: Option<PortChoice>) -> Result<LaunchFlags> {
+    Ok(LaunchFlags {
+        memory: a.memory,
+        cpus: a.cpus,
+        ssh_port,
+        share: absolute_flag(a.share)?,
+        no_share: a.no_share,
+        share_mode: a.share_mode,
+        image: absolute_flag(a.image)?,
+        kernel: absolute_flag(a.kernel)?,
+        initrd: absolute_flag(a.initrd)?,
+        append: a.append,
+        guix_dir: absolute_flag(a.guix.guix_dir)?,
+        image_size: a.guix.image_size,
+        accel: a.accel,
+        ssh_user: a.ssh_user,
+        ssh_key: absolute_flag(a.ssh_key)?,
+    })
+}
+
+/// The connection info `launch` prints.
+#[allow(clippy::too_many_arguments)]
+pub fn launched(
+    ctx: &Ctx,
+    inst: &Instance,
+    t: &ssh::Target,
+    pid: i32,
+    accel: Accel,
+    already_running: bool,
+    changes: Vec<Change>,
+    notes: Vec<String>,
+) -> Launched {
+    Launched {
+        name: ctx.name.clone(),
+        pid,
+        ssh_port: t.port,
+        ssh_user: t.user.clone(),
+        qmp_socket: inst.qmp_user(),
+        serial_log: inst.serial_log(),
+        ready_seconds: None,
+        already_running,
+        accel,
+        changes,
+        notes,
+        ssh_command: shell_words::join(t.command(&[])),
+        connect_command: ctx.command("ssh"),
+        stop_command: ctx.command("powerdown"),
+    }
+}
+
+/// A user's file, canonical; a clear error when it does not exist.
+pub fn must_exist(p: &std::path::Path, what: &str) -> Result<PathBuf> {
+    std::fs::canonicalize(p).with_context(|| format!("{what} {} does not exist", p.display()))
+}
+
+/// Defaults that come from where the command runs: the checkout to share.
+pub fn defaults() -> config::Defaults {
+    let share = std::env::current_dir().ok().and_then(|d| host::git_toplevel(&d));
+    config::Defaults { share }
+}
+
+pub fn ssh_key_for(state: &StateDir, s: &Settings) -> Result<PathBuf> {
+    match &s.ssh_key {
+        Some(k) => Ok(k.clone()),
+        None => ssh::ensure_user_key(state),
+    }
+}
+
+/// Everything QEMU needs, resolved (pure).
+pub fn vm_spec(
+    inst: &Instance,
+    s: &Settings,
+    accel: Accel,
+    disk: Option<PathBuf>,
+    kernel: Option<KernelBoot>,
+    devices: &DevicesRecord,
+    firmware: Option<PathBuf>,
+) -> VmSpec {
+    let readonly = s.share_mode == config::ShareMode::Ro;
+    let mut shares: Vec<Share> =
+        s.share.iter().map(|p| Share { path: p.clone(), tag: DEFAULT_SHARE_TAG.into(), readonly }).collect();
+    shares.extend(devices.shares.iter().cloned());
+    VmSpec {
+        name: inst.name.clone(),
+        accel,
+        memory_mib: s.memory_mib,
+        cpus: s.cpus,
+        ssh_port: s.ssh_port,
+        disk,
+        kernel,
+        shares,
+        extra_disks: devices.disks.clone(),
+        forwards: devices.forwards.clone(),
+        authorized_key: inst.authorized_key(),
+        endpoints: Endpoints {
+            qmp_supervisor: inst.qmp_supervisor(),
+            qmp_user: inst.qmp_user(),
+            console: inst.console(),
+            serial_log: inst.serial_log(),
+            guest_agent: inst.guest_agent(),
+        },
+        hotplug_ports: HOTPLUG_PORTS,
+        firmware,
+        incoming: false,
+    }
+}

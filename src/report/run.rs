@@ -1,0 +1,87 @@
+//! What `run` reports, on stderr or in `--summary FILE` (its stdout is
+//! COMMAND's).
+
+use serde::Serialize;
+
+use super::Render;
+use crate::instance::records::StopMethod;
+
+/// How the run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    Ok,
+    CommandFailed,
+    /// `--timeout` expired (exit 124).
+    TimedOut,
+    /// A signal ended the run (exit 128+N).
+    Interrupted,
+    /// The VM could not be started or reached (exit 125).
+    VmFailed,
+}
+
+/// Seconds each phase took; `None` for a phase that did not run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Phases {
+    /// From `run` starting to an SSH login working (boot or resume).
+    pub boot: Option<f64>,
+    pub command: Option<f64>,
+    pub copy_out: Option<f64>,
+    /// Stopping the VM and removing the instance.
+    pub stop: Option<f64>,
+    pub total: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    pub name: String,
+    pub command: Vec<String>,
+    pub from_snapshot: Option<String>,
+    pub outcome: Outcome,
+    /// The run's exit status.
+    pub exit_code: i32,
+    /// COMMAND's own exit status, when it ran to its end.
+    pub command_exit: Option<i32>,
+    pub phases: Phases,
+    /// The stop ladder's step that stopped the VM.
+    pub stop_method: Option<StopMethod>,
+    /// The VM was left running (`--keep`, `--keep-on-failure`).
+    pub kept: bool,
+    pub error: Option<String>,
+}
+
+impl RunSummary {
+    pub fn new(name: &str, from_snapshot: Option<String>, command: &[String]) -> RunSummary {
+        RunSummary {
+            name: name.into(),
+            command: command.to_vec(),
+            from_snapshot,
+            outcome: Outcome::VmFailed,
+            exit_code: 0,
+            command_exit: None,
+            phases: Phases::default(),
+            stop_method: None,
+            kept: false,
+            error: None,
+        }
+    }
+}
+
+impl Render for RunSummary {
+    fn human(&self) -> String {
+        let what = match (self.outcome, self.command_exit) {
+            (Outcome::TimedOut, _) => "--timeout expired".to_string(),
+            (Outcome::Interrupted, _) => format!("interrupted by a signal (exit {})", self.exit_code),
+            (Outcome::VmFailed, _) => "the VM could not be started or reached".to_string(),
+            (_, Some(c)) => format!("COMMAND exited {c}"),
+            (_, None) => "COMMAND did not finish".to_string(),
+        };
+        let vm = match (self.kept, self.stop_method) {
+            (true, _) => "VM kept running".to_string(),
+            (false, Some(m)) => format!("VM stopped by {} and removed", m.as_str()),
+            (false, None) => "nothing left running".to_string(),
+        };
+        let boot = self.phases.boot.map(|b| format!(", up in {b:.1}s")).unwrap_or_default();
+        format!("{what}; {vm} (total {:.1}s{boot})", self.phases.total)
+    }
+}

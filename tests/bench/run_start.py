@@ -1,0 +1,71 @@
+#!/usr/bin/env python3
+"""`qbuf-qemu run`: cold boot vs from a snapshot, side by side in one run.
+
+For each round, interleaved: `run -- sh -c 'echo started; true'` booting the
+test guest, and the same from a snapshot of a booted test guest. Measured on
+the host: from starting `run` to the first line of COMMAND's output
+(COMMAND started) and to `run` returning (the whole run, VM stopped and
+removed). Prints medians and the ratio.
+
+Usage: tests/bench/run_start.py QBUF_QEMU_BIN [ROUNDS]   (run from the repo)
+Targets (issue: one-shot CI runs): from a snapshot, COMMAND starts within
+1.5 s and the whole `run -- true` takes at most 2.5 s.
+"""
+import json, os, shutil, statistics, subprocess, sys, tempfile, time
+
+BIN = sys.argv[1] if len(sys.argv) > 1 else "target/release/qbuf-qemu"
+ROUNDS = int(sys.argv[2]) if len(sys.argv) > 2 else 5
+GUEST = os.environ.get("QBUF_TEST_GUEST_DIR", "tests/guest/out")
+BOOT = ["--kernel", f"{GUEST}/vmlinux", "--initrd", f"{GUEST}/initrd.img", "--append", "console=ttyS0 quiet",
+        "--image", f"{GUEST}/disk.qcow2", "--memory", "512M", "--accel", "tcg", "--no-share", "--ssh-user", "root"]
+
+
+def q(state, *args, **kw):
+    return subprocess.run([BIN, "--state-dir", state, *args], capture_output=True, text=True, **kw)
+
+
+def timed_run(state, extra):
+    """Seconds to COMMAND's first output line, and to run's end."""
+    start = time.monotonic()
+    p = subprocess.Popen([BIN, "--state-dir", state, "-q", "run", *extra, "--", "sh", "-c", "echo started"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = p.stdout.readline()
+    first = time.monotonic() - start
+    p.communicate()
+    total = time.monotonic() - start
+    if line.strip() != "started" or p.returncode != 0:
+        sys.exit(f"run failed ({p.returncode}): {line!r}")
+    return first, total
+
+
+def main():
+    state = tempfile.mkdtemp(prefix="qbr-", dir="/tmp")
+    try:
+        r = q(state, "--name", "warm", "launch", *BOOT, "--ssh-port", "auto", "--timeout", "300")
+        if r.returncode != 0:
+            sys.exit(r.stderr)
+        r = q(state, "--name", "warm", "snapshot", "save", "ready")
+        if r.returncode != 0:
+            sys.exit(r.stderr)
+        q(state, "--name", "warm", "powerdown")
+        cold, warm = [], []
+        for i in range(ROUNDS):
+            cold.append(timed_run(state, BOOT))
+            warm.append(timed_run(state, ["--name", "warm", "--from-snapshot", "ready"]))
+            print(f"round {i + 1}: cold {cold[-1][0]:.2f}s/{cold[-1][1]:.2f}s  "
+                  f"snapshot {warm[-1][0]:.2f}s/{warm[-1][1]:.2f}s", file=sys.stderr)
+        med = lambda xs, k: statistics.median(x[k] for x in xs)
+        out = {
+            "rounds": ROUNDS,
+            "cold_command_start_s": med(cold, 0), "cold_total_s": med(cold, 1),
+            "snapshot_command_start_s": med(warm, 0), "snapshot_total_s": med(warm, 1),
+        }
+        out["command_start_ratio"] = out["cold_command_start_s"] / out["snapshot_command_start_s"]
+        print(json.dumps(out, indent=2))
+    finally:
+        q(state, "--name", "warm", "destroy", "--yes")
+        shutil.rmtree(state, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+//! `qbuf-qemu run` and snapshots, end to end against real QEMU and the test
+//! guest: exit statuses, streaming, artifacts, cleanup on every path, and
+//! resuming saved VMs. One VM at a time (see support::Env).
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use support::*;
+
+/// `run` with the test guest's kernel boot and the test defaults.
+fn run_args(extra: &[&str], command: &[&str]) -> Vec<String> {
+    let g = guest();
+    let mut v: Vec<String> = ["run", "--kernel", path_str(&g.kernel), "--initrd", path_str(&g.initrd)]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    if !extra.contains(&"--append") {
+        v.extend(["--append".into(), "console=ttyS0 quiet".into()]);
+    }
+    for (flag, value) in [("--accel", "tcg"), ("--memory", "512M")] {
+        if !extra.contains(&flag) {
+            v.extend([flag.to_string(), value.to_string()]);
+        }
+    }
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v.push("--".into());
+    v.extend(command.iter().map(|s| s.to_string()));
+    v
+}
+
+/// Nothing of a throwaway run is left: no instance, no QEMU.
+fn nothing_left(env: &Env) {
+    let left: Vec<_> = std::fs::read_dir(env.state.join("instances"))
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    let left: Vec<_> = left.into_iter().filter(|n| n.to_string_lossy().starts_with("run-")).collect();
+    assert!(left.is_empty(), "run left instances behind: {left:?}");
+    let qemus: Vec<i32> = env
+        .qemu_pids()
+        .into_iter()
+        .filter(|p| {
+            String::from_utf8_lossy(&std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default())
+                .contains("instances/run-")
+        })
+        .collect();
+    assert!(qemus.is_empty(), "run left QEMU running: {qemus:?}");
+}
+
+#[test]
+fn run_true_exits_0_and_leaves_nothing() {
+    let env = Env::new("runtrue");
+    let out = env.run(&strs(&run_args(&["--no-share"], &["true"])));
+    out.code_is(0);
+    assert!(out.stderr().contains("COMMAND exited 0"), "{}", out.text());
+    nothing_left(&env);
+}
+
+#[test]
+fn run_exits_with_the_commands_status_and_streams_its_output_in_order() {
+    let env = Env::new("runexit7");
+    let args = run_args(&["--no-share", "--json"], &["sh", "-c", "echo one; echo two >&2; echo three; exit 7"]);
+    let out = env.run(&strs(&args));
+    out.code_is(7);
+    assert_eq!(out.stdout(), "one\nthree\n", "stdout is COMMAND's alone:\n{}", out.text());
+    let err = out.stderr();
+    assert!(err.contains("two"), "{err}");
+    let summary: serde_json::Value =
+        serde_json::from_str(err.lines().last().unwrap()).expect("--json summary on stderr");
+    assert_eq!(summary["command_exit"], 7);
+    assert_eq!(summary["outcome"], "command-failed");
+    assert_eq!(summary["stop_method"], "powerdown");
+    assert!(summary["phases"]["boot"].as_f64().unwrap() > 0.0, "{summary}");
+    nothing_left(&env);
+}
+
+#[test]
+fn copy_out_brings_guest_files_home_without_a_share() {
+    let env = Env::new("copyout");
+    let dest = env.dir.join("artifacts");
+    let summary = env.dir.join("summary.json");
+    let copy = format!("/tmp/out:{}", path_str(&dest));
+    let args = run_args(
+        &["--no-share", "--copy-out", &copy, "--summary", path_str(&summary)],
+        &["sh", "-c", "mkdir -p /tmp/out/sub && echo built > /tmp/out/sub/report.txt"],
+    );
+    env.run(&strs(&args)).code_is(0);
+    assert_eq!(std::fs::read_to_string(dest.join("sub/report.txt")).unwrap(), "built\n");
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary).unwrap()).unwrap();
+    assert_eq!(s["exit_code"], 0);
+    nothing_left(&env);
+}
+
+#[test]
+fn the_checkout_is_the_working_directory() {
+    let env = Env::new("runshare");
+    let checkout = env.dir.join("checkout");
+    std::fs::create_dir_all(&checkout).unwrap();
+    std::fs::write(checkout.join("Makefile"), "all:\n").unwrap();
+    let args = run_args(&["--share", path_str(&checkout)], &["sh", "-c", "ls; pwd; echo out > result.txt"]);
+    let out = env.run(&strs(&args));
+    out.code_is(0);
+    assert!(out.stdout().contains("Makefile") && out.stdout().contains("/mnt/qbuf"), "{}", out.text());
+    assert_eq!(std::fs::read_to_string(checkout.join("result.txt")).unwrap(), "out\n");
+    nothing_left(&env);
+}
+
+/// Starts a run of `command` and returns it once the guest printed `started`.
+fn started_run(env: &Env, extra: &[&str], command: &str) -> std::process::Child {
+    let args = run_args(extra, &["sh", "-c", command]);
+    let mut child = env.cmd(&strs(&args)).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    match lines.next() {
+        Some(Ok(l)) if l == "started" => {}
+        other => panic!("COMMAND did not start: {other:?}"),
+    }
+    // Keep draining stdout so the guest never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    child
+}
+
+#[test]
+fn sigterm_to_run_mid_command_stops_the_vm_and_leaves_nothing() {
+    let env = Env::new("runsigterm");
+    let mut child = started_run(&env, &["--no-share"], "echo started; sleep 1000");
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let st = child.wait().unwrap();
+    assert_eq!(st.code(), Some(128 + 15), "SIGTERM: 128+15");
+    nothing_left(&env);
+}
+
+#[test]
+fn an_expired_timeout_exits_124_and_leaves_nothing() {
+    let env = Env::new("runtimeout");
+    let out = env.run(&strs(&run_args(&["--no-share", "--timeout", "90"], &["sh", "-c", "echo started; sleep 1000"])));
+    out.code_is(124);
+    assert!(out.stdout().contains("started"), "{}", out.text());
+    assert!(out.stderr().contains("--timeout expired"), "{}", out.text());
+    nothing_left(&env);
+}
+
+#[test]
+fn qemu_killed_mid_run_exits_125_and_leaves_nothing() {
+    let env = Env::new("runqemukill");
+    let mut child = started_run(&env, &["--no-share"], "echo started; sleep 1000");
+    for pid in env.qemu_pids() {
+        kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    }
+    let st = child.wait().unwrap();
+    assert_eq!(st.code(), Some(125), "the VM broke, whatever ssh said");
+    nothing_left(&env);
+}
+
+#[test]
+fn keep_on_failure_leaves_the_vm_and_says_how_to_remove_it() {
+    let env = Env::new("runkeep");
+    let out = env.run(&strs(&run_args(&["--no-share", "--name", "kept", "--keep-on-failure"], &["false"])));
+    out.code_is(1);
+    assert!(out.stderr().contains("destroy --yes"), "{}", out.text());
+    env.ssh("kept", "true").ok();
+    env.run(&["--name", "kept", "destroy", "--yes"]).ok();
+    assert!(env.qemu_pids().is_empty());
+}
+
+/// The test guest with its data disk, as root (resuming sets the clock and
+/// mounts shares, which needs root in a guest without sudo).
+fn launch_with_disk(env: &Env, extra: &[&str]) {
+    let disk = guest().disk;
+    let mut a = vec!["--image", path_str(&disk), "--ssh-user", "root"];
+    a.extend_from_slice(extra);
+    env.launch(&a);
+}
+
+#[test]
+fn a_loaded_snapshot_forgets_what_came_after_it() {
+    let env = Env::new("snapload");
+    launch_with_disk(&env, &["--no-share"]);
+    env.ssh("dev", "echo before > /data/marker && sync").ok();
+    let (s, out) = env.json(&["snapshot", "save", "s1"]);
+    out.ok();
+    assert_eq!(s["snapshot"]["name"], "s1");
+    env.ssh("dev", "echo after > /data/marker && sync").ok();
+    let (v, out) = env.json(&["snapshot", "load", "s1"]);
+    out.ok();
+    assert!(v["ready_seconds"].as_f64().is_some(), "{v}");
+    assert_eq!(env.ssh("dev", "cat /data/marker").stdout(), "before\n");
+    // The clock was set: not the saved instant.
+    let guest_now: i64 = env.ssh("dev", "date +%s").stdout().trim().parse().unwrap();
+    let host_now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert!((guest_now - host_now).abs() < 30, "guest clock {guest_now} vs host {host_now}");
+    let (list, _) = env.json(&["snapshot", "list"]);
+    assert_eq!(list["snapshots"].as_array().unwrap().len(), 1);
+    env.run(&["powerdown"]).ok();
+    // launch --resume reaches SSH from the saved state.
+    let (v, out) = env.json(&["launch", "--resume", "s1"]);
+    out.ok();
+    env.ssh("dev", "test \"$(cat /data/marker)\" = before").ok();
+    assert!(v["ready_seconds"].as_f64().is_some());
+    env.run(&["snapshot", "delete", "s1"]).ok();
+    let (list, _) = env.json(&["snapshot", "list"]);
+    assert!(list["snapshots"].as_array().unwrap().is_empty());
+    env.run(&["destroy", "--yes"]).ok();
+}
+
+#[test]
+fn a_run_from_a_snapshot_leaves_the_snapshot_unchanged_for_the_next_run() {
+    let env = Env::new("snaprun");
+    launch_with_disk(&env, &["--no-share"]);
+    env.ssh("dev", "echo saved > /data/marker && sync").ok();
+    env.run(&["snapshot", "save", "ci"]).ok();
+    let snap = env.instance_dir("dev").join("snapshots/ci");
+    let hashes = || (file_hash(&snap.join("disk.qcow2")), file_hash(&snap.join("state.bin")));
+    let before = hashes();
+    let out = env.run(&[
+        "run",
+        "--from-snapshot",
+        "ci",
+        "--",
+        "sh",
+        "-c",
+        "cat /data/marker; echo changed > /data/marker; sync",
+    ]);
+    out.code_is(0);
+    assert_eq!(out.stdout(), "saved\n", "{}", out.text());
+    let out = env.run(&["run", "--from-snapshot", "ci", "--", "cat", "/data/marker"]);
+    out.code_is(0);
+    assert_eq!(out.stdout(), "saved\n", "the first run wrote into the snapshot: {}", out.text());
+    assert_eq!(hashes(), before, "the snapshot's files changed");
+    env.ssh("dev", "test \"$(cat /data/marker)\" = saved").ok();
+    nothing_left(&env);
+    env.run(&["destroy", "--yes"]).ok();
+}
+
+#[test]
+fn saving_with_the_share_mounted_unmounts_and_mounts_it_again() {
+    let env = Env::new("snapshare");
+    let checkout = env.dir.join("checkout");
+    std::fs::create_dir_all(&checkout).unwrap();
+    std::fs::write(checkout.join("file.txt"), "from the host\n").unwrap();
+    launch_with_disk(&env, &["--share", path_str(&checkout)]);
+    env.ssh("dev", "cat /mnt/qbuf/file.txt").ok();
+    let (s, out) = env.json(&["snapshot", "save", "withshare"]);
+    out.ok();
+    assert_eq!(s["snapshot"]["shares"][0], "qbuf", "{s}");
+    assert_eq!(env.ssh("dev", "cat /mnt/qbuf/file.txt").stdout(), "from the host\n", "mounted again after the save");
+    env.run(&["snapshot", "load", "withshare"]).ok();
+    assert_eq!(env.ssh("dev", "cat /mnt/qbuf/file.txt").stdout(), "from the host\n", "mounted again after a load");
+    env.run(&["destroy", "--yes"]).ok();
+}
+
+#[test]
+fn qemu_7_2_saves_and_loads_snapshots_too() {
+    let (bin, fw) = qemu72();
+    let env =
+        Env::new("snap72").with_env("QBUF_QEMU_SYSTEM", path_str(&bin)).with_env("QBUF_QEMU_FIRMWARE", path_str(&fw));
+    launch_with_disk(&env, &["--no-share"]);
+    env.ssh("dev", "echo before > /data/marker && sync").ok();
+    env.run(&["snapshot", "save", "s"]).ok();
+    env.ssh("dev", "echo after > /data/marker && sync").ok();
+    env.run(&["snapshot", "load", "s"]).ok();
+    assert_eq!(env.ssh("dev", "cat /data/marker").stdout(), "before\n");
+    env.run(&["destroy", "--yes"]).ok();
+}
+
+#[test]
+fn bad_run_values_are_usage_errors_before_anything_starts() {
+    let env = Env::new("runusage");
+    let out = env.run(&["run", "--timeout", "forever", "--", "true"]);
+    out.code_is(2);
+    let out = env.run(&["run", "--copy-out", "nocolon", "--", "true"]);
+    out.code_is(2);
+    let out = env.run(&["run", "--from-snapshot", "none", "--", "true"]);
+    out.code_is(1);
+    assert!(out.stderr().contains("no instance named 'dev'"), "{}", out.text());
+    assert!(env.qemu_pids().is_empty());
+}
