@@ -72,20 +72,25 @@ pub fn step_message(step: StopMethod, opts: &StopOptions, agent: bool) -> String
 /// `status` answers while the ladder waits, and names its step.
 async fn powerdown_showing_steps(ctx: &Ctx, inst: &Instance, opts: &StopOptions, budget: Duration) -> Result<Stopped> {
     let sock = inst.control();
-    let agent = match client::status(&sock, Duration::from_secs(3)).await {
-        Ok(s) => matches!(s.live, Some(Live::Answered(l)) if l.guest_agent == AgentState::Answers),
-        Err(_) => false,
-    };
-    let first = if opts.force { StopMethod::Quit } else { StopMethod::Powerdown };
-    ctx.stage(&step_message(first, opts, agent));
+    // The request is sent first (`biased`): a supervisor that is just
+    // finishing still answers it, where a question asked before it could
+    // find the supervisor gone.
     let stop = client::powerdown(&sock, opts.timeout, opts.force, budget);
     tokio::pin!(stop);
+    let mut agent = None;
+    let mut tick = Duration::from_millis(100);
     loop {
         tokio::select! {
+            biased;
             r = &mut stop => return r,
-            () = tokio::time::sleep(Duration::from_millis(500)) => {
-                if let Ok(Some(step)) = client::status(&sock, Duration::from_secs(3)).await.map(|s| s.stopping) {
-                    ctx.stage(&step_message(step, opts, agent));
+            () = tokio::time::sleep(tick) => {
+                tick = Duration::from_millis(500);
+                if let Ok(s) = client::status(&sock, Duration::from_secs(3)).await {
+                    let answers = matches!(&s.live, Some(Live::Answered(l)) if l.guest_agent == AgentState::Answers);
+                    let agent = *agent.get_or_insert(answers);
+                    if let Some(step) = s.stopping {
+                        ctx.stage(&step_message(step, opts, agent));
+                    }
                 }
             }
         }
@@ -95,9 +100,12 @@ async fn powerdown_showing_steps(ctx: &Ctx, inst: &Instance, opts: &StopOptions,
 /// QEMU whose supervisor died: run the ladder over the user QMP socket and
 /// judge the process by its identity.
 fn stop_orphan(inst: &Instance, opts: &StopOptions) -> Result<Stopped> {
-    let run: RunRecord = read_json(&inst.run_record())?.ok_or_else(|| {
-        anyhow!("the instance is locked but has no run record: another qbuf-qemu command is using it; try again")
-    })?;
+    let Some(run) = read_json::<RunRecord>(&inst.run_record())? else {
+        if let Some(done) = supervisor_finishing(inst)? {
+            return Ok(done);
+        }
+        bail!("the instance is locked but has no run record: another qbuf-qemu command is using it; try again");
+    };
     let proc = ForeignProcess(run.qemu.clone());
     let outcome = block_on(async {
         let qmp = Qmp::connect(&inst.qmp_user(), Duration::from_secs(3)).await.ok();
@@ -129,6 +137,30 @@ fn stop_orphan(inst: &Instance, opts: &StopOptions) -> Result<Stopped> {
         record = Some(rec);
     }
     Ok(Stopped { outcome, record })
+}
+
+/// QEMU ended by itself and its supervisor is exiting: it wrote this boot's
+/// stop record, then removed its socket and run.json, and still holds the
+/// lock for a moment. Waits for it; the VM was already stopped.
+fn supervisor_finishing(inst: &Instance) -> Result<Option<Stopped>> {
+    let Some(record) = read_json::<StopRecord>(&inst.stop_record())? else { return Ok(None) };
+    let until = Instant::now() + EXIT_DEADLINE;
+    while Lock::is_held(inst)? {
+        if Instant::now() > until {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let shutdown = record.shutdown.as_ref().and_then(Event::shutdown);
+    let outcome = StopOutcome {
+        method: Some(crate::instance::records::StopMethod::AlreadyStopped),
+        guest: shutdown.as_ref().is_some_and(|s| s.0),
+        shutdown_reason: shutdown.map(|s| s.1),
+        seconds: 0.0,
+        exit: record.exit,
+        steps: vec![],
+    };
+    Ok(Some(Stopped { outcome, record: Some(record) }))
 }
 
 fn report(ctx: &Ctx, s: &Stopped) -> StopReport {
