@@ -306,18 +306,11 @@ pub fn note_event(state: &mut VmState, ev: &Event) {
     }
 }
 
-/// QEMU's answers for `status`. The first query decides: a QEMU that does
-/// not answer it (frozen, SIGSTOPped) is reported at once instead of every
-/// further query waiting out its own timeout.
+/// QEMU's answers for `status`. `query-status` decides: a QEMU that does
+/// not answer it (frozen, SIGSTOPped) is reported as unresponsive.
 /// `None` when QEMU is exiting.
 async fn live(qmp: &Qmp, hotplug_ports: u32, agent: Option<PathBuf>) -> Option<Live> {
     let q = |cmd: &'static str, args: Value| qmp.execute_raw(cmd, args, QUERY);
-    let run_state = match q("query-status", json!({})).await {
-        Ok(v) => v.get("status").and_then(Value::as_str).unwrap_or("unknown").to_string(),
-        // The connection ended under the question: QEMU is exiting.
-        Err(crate::qmp::QmpError::Disconnected { .. }) => return None,
-        Err(e) => return Some(Live::Unresponsive { reason: e.to_string() }),
-    };
     let ports = async {
         // One question per root port, all in flight at once.
         let mut asks = tokio::task::JoinSet::new();
@@ -341,13 +334,22 @@ async fn live(qmp: &Qmp, hotplug_ports: u32, agent: Option<PathBuf>) -> Option<L
             },
         }
     };
-    let (mem, cpus, blocks, ports, guest_agent) = tokio::join!(
+    // All in flight at once: one round trip, and a frozen QEMU costs one
+    // deadline, not one per question.
+    let (status, mem, cpus, blocks, ports, guest_agent) = tokio::join!(
+        q("query-status", json!({})),
         q("query-memory-size-summary", json!({})),
         q("query-cpus-fast", json!({})),
         q("query-block", json!({})),
         ports,
         agent_state
     );
+    let run_state = match status {
+        Ok(v) => v.get("status").and_then(Value::as_str).unwrap_or("unknown").to_string(),
+        // The connection ended under the question: QEMU is exiting.
+        Err(crate::qmp::QmpError::Disconnected { .. }) => return None,
+        Err(e) => return Some(Live::Unresponsive { reason: e.to_string() }),
+    };
     Some(Live::Answered(LiveState {
         run_state,
         memory_mib: mem.ok().and_then(|v| v.get("base-memory")?.as_u64()).map(|b| b / (1024 * 1024)),
