@@ -112,8 +112,11 @@ fn pause_resume_and_reboot_by_the_guest_or_by_a_reset() {
     let (st, _) = env.json(&["status"]);
     assert_eq!(s(&st, "state"), "paused", "{st}");
     assert!(st["notes"].to_string().contains("resume"), "{st}");
-    let again = env.run(&["pause"]);
+    // -vv shows every request to the supervisor and its answer (QMP's here).
+    let again = env.run(&["-vv", "pause"]);
     assert!(again.stdout().contains("already paused"), "{}", again.text());
+    let err = again.stderr();
+    assert!(err.contains("→ supervisor") && err.contains("query-status") && err.contains("← supervisor"), "{err}");
     let (r, out) = env.json(&["resume"]);
     out.ok();
     assert_eq!(s(&r, "after"), "running");
