@@ -16,7 +16,7 @@ use crate::ssh;
 use crate::supervisor::ladder::StopOptions;
 
 /// How often the banner is probed while the guest boots.
-const POLL: Duration = Duration::from_millis(50);
+const POLL: Duration = Duration::from_millis(20);
 /// How long one banner probe may wait for the guest's first line.
 const BANNER: Duration = Duration::from_secs(1);
 

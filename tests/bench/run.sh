@@ -207,7 +207,10 @@ for r in $(seq 1 "$rounds"); do
     key=ready_peer; [ "$variant" = ct1 ] && key=ready_peer_ct1
     case "$(jget "$work/peer.t" rc)" in
       0) ;;
-      124) log "the $variant retry loop hit the ${peer_cap}s cap"; put "${key}_capped" 1 ;;
+      124)
+        log "the $variant retry loop hit the ${peer_cap}s cap; the guest's own lines on its serial console:"
+        grep -a 'qbuf-test-guest:' "$state/instances/$name/serial.log" >&2 || true
+        put "${key}_capped" 1 ;;
       *) log "the $variant retry loop failed"; exit 1 ;;
     esac
     put "$key" "$(ms "$t_marker" "$(jget "$work/peer.t" end)")"
