@@ -313,8 +313,16 @@ fn a_qemu_that_never_greets_on_qmp_is_named_as_such_and_killed() {
     assert!(out.stderr().contains("never answered"), "{}", out.text());
     assert!(!out.stderr().contains("did not open"), "{}", out.text());
     assert_eq!(e["detail"]["kind"], "launch-failed", "{e}");
-    let left = std::process::Command::new("pgrep").args(["-f", path_str(&fake)]).output().unwrap();
-    assert!(left.stdout.is_empty(), "the fake QEMU was left running");
+    let left: Vec<_> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmd).contains(path_str(&fake))
+                && pid_running(e.file_name().to_string_lossy().parse().unwrap_or(0))
+        })
+        .collect();
+    assert!(left.is_empty(), "the fake QEMU was left running");
     assert!(!env.instance_dir("dev").exists(), "a failed first launch leaves no instance");
 }
 

@@ -7,7 +7,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 export DEBIAN_FRONTEND=noninteractive
 
 need=()
-for p in openssh-client guile-3.0 git python3; do
+for p in openssh-client guile-3.0 git python3 bash tar util-linux coreutils; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
