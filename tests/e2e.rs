@@ -198,6 +198,8 @@ fn two_concurrent_launches_start_one_qemu() {
         "exactly one launch started QEMU"
     );
     assert_eq!(env.qemu_pids().len(), 1);
+    // Both returned once SSH answered, the one that found the VM starting too.
+    env.ssh("dev", "true").ok();
     // A plain launch on the running instance says so, exit 0, and saves a change for the next boot.
     let (v3, out) = env.json(&["launch", "--cpus", "1"]);
     out.code_is(0);
