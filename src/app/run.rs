@@ -290,7 +290,7 @@ fn finish(ctx: &Ctx, keep: bool, summary: &mut RunSummary, start: Instant) {
     } else if inst.exists() {
         let t = Instant::now();
         match stop::destroy(ctx, &StopOptions { timeout: STOP_TIMEOUT, force: false }) {
-            Ok(d) => summary.stop_method = d.stop.and_then(|s| s.method),
+            Ok(d) => summary.stop_method = d.stop.and_then(|s| s.method()),
             Err(e) => {
                 eprintln!("qbuf-qemu: run: could not remove instance '{}': {e:#}", ctx.name);
                 summary.error.get_or_insert_with(|| format!("{e:#}"));

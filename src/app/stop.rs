@@ -218,7 +218,7 @@ pub fn destroy(ctx: &Ctx, opts: &StopOptions) -> Result<Destroyed> {
     let inst = ctx.existing()?;
     let stop = stop(ctx, &inst, opts)?.map(|s| report(ctx, &s));
     if let Some(st) = &stop {
-        if st.method.is_none() {
+        if st.method().is_none() {
             bail!("{}\nNothing was removed.", crate::report::Render::human(st));
         }
     }

@@ -5,19 +5,16 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use super::Render;
-use crate::instance::proc::ExitInfo;
 use crate::instance::records::{StopMethod, StopOutcome};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct StopReport {
     pub name: String,
-    /// The step that stopped the VM; `None` when nothing could.
-    pub method: Option<StopMethod>,
-    pub shutdown_reason: Option<String>,
-    pub guest: bool,
-    pub seconds: f64,
-    pub exit: Option<ExitInfo>,
-    pub steps: Vec<String>,
+    /// What the ladder did: `method` (the step that stopped the VM; `None`
+    /// when nothing could), `shutdown_reason`, `guest`, `seconds`, `exit`,
+    /// `steps`.
+    #[serde(flatten)]
+    pub outcome: StopOutcome,
     /// Why QEMU ended, in one sentence (from the stop record).
     pub reason: Option<String>,
     /// The command that stops it by hand when nothing could.
@@ -27,23 +24,18 @@ pub struct StopReport {
 
 impl StopReport {
     pub fn from_outcome(name: &str, o: &StopOutcome, reason: Option<String>, status_command: String) -> StopReport {
-        StopReport {
-            name: name.into(),
-            method: o.method,
-            shutdown_reason: o.shutdown_reason.clone(),
-            guest: o.guest,
-            seconds: o.seconds,
-            exit: o.exit,
-            steps: o.steps.clone(),
-            reason,
-            status_command,
-        }
+        StopReport { name: name.into(), outcome: o.clone(), reason, status_command }
+    }
+
+    /// The step that stopped the VM.
+    pub fn method(&self) -> Option<StopMethod> {
+        self.outcome.method
     }
 
     /// The contract's exit code: 0 graceful or already stopped, 3
     /// escalated but stopped, 1 still running.
     pub fn exit_code(&self) -> i32 {
-        match self.method {
+        match self.outcome.method {
             Some(m) if m.graceful() => 0,
             Some(_) => 3,
             None => 1,
@@ -53,28 +45,29 @@ impl StopReport {
 
 impl Render for StopReport {
     fn human(&self) -> String {
-        let reason = self.shutdown_reason.clone().unwrap_or_else(|| "no SHUTDOWN event".into());
-        let steps = || self.steps.join("\n  ");
-        match self.method {
+        let o = &self.outcome;
+        let reason = o.shutdown_reason.clone().unwrap_or_else(|| "no SHUTDOWN event".into());
+        let steps = || o.steps.join("\n  ");
+        match o.method {
             Some(StopMethod::AlreadyStopped) => format!("Instance '{}' is already stopped.", self.name),
             Some(m @ (StopMethod::Powerdown | StopMethod::GuestAgent)) => format!(
                 "Instance '{}' powered off by itself after {} ({reason}) in {:.1}s.",
                 self.name,
                 if m == StopMethod::Powerdown { "the ACPI power button" } else { "the guest agent's shutdown" },
-                self.seconds
+                o.seconds
             ),
-            Some(m) if !self.steps.iter().any(|s| s.starts_with("powerdown:")) => format!(
+            Some(m) if !o.steps.iter().any(|s| s.starts_with("powerdown:")) => format!(
                 "Instance '{}' stopped by '{}' ({reason}) after {:.1}s; --force skipped the guest's own shutdown.\nsteps:\n  {}",
                 self.name,
                 m.as_str(),
-                self.seconds,
+                o.seconds,
                 steps()
             ),
             Some(m) => format!(
                 "Instance '{}' did not power off by itself; stopped by '{}' ({reason}) after {:.1}s.\nsteps:\n  {}",
                 self.name,
                 m.as_str(),
-                self.seconds,
+                o.seconds,
                 steps()
             ),
             None => format!(
