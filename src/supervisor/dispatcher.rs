@@ -168,7 +168,7 @@ impl Dispatcher {
                 let mut state = self.state.clone();
                 let (qmp, agent) = (self.qmp.clone(), self.agent_socket());
                 tokio::spawn(async move {
-                    state.live = live(&qmp, state.hotplug_ports, agent).await;
+                    state.live = live(&qmp, agent).await;
                     let _ = reply.send(Response::Status(Box::new(state)));
                 });
             }
@@ -309,22 +309,8 @@ pub fn note_event(state: &mut VmState, ev: &Event) {
 /// QEMU's answers for `status`. `query-status` decides: a QEMU that does
 /// not answer it (frozen, SIGSTOPped) is reported as unresponsive.
 /// `None` when QEMU is exiting.
-async fn live(qmp: &Qmp, hotplug_ports: u32, agent: Option<PathBuf>) -> Option<Live> {
+async fn live(qmp: &Qmp, agent: Option<PathBuf>) -> Option<Live> {
     let q = |cmd: &'static str, args: Value| qmp.execute_raw(cmd, args, QUERY);
-    let ports = async {
-        // One question per root port, all in flight at once.
-        let mut asks = tokio::task::JoinSet::new();
-        for i in 0..hotplug_ports {
-            let qmp = qmp.clone();
-            let path = format!("/machine/peripheral/hp{i}/hp{i}");
-            asks.spawn(async move { qmp.execute_raw("qom-list", json!({ "path": path }), QUERY).await });
-        }
-        let mut used = 0;
-        while let Some(answer) = asks.join_next().await {
-            used += u32::from(crate::qemu::parse::port_has_device(&answer.ok()?.ok()?));
-        }
-        Some(used)
-    };
     let agent_state = async {
         match agent {
             None => crate::qga::AgentState::NotRunning,
@@ -336,14 +322,14 @@ async fn live(qmp: &Qmp, hotplug_ports: u32, agent: Option<PathBuf>) -> Option<L
     };
     // All in flight at once: one round trip, and a frozen QEMU costs one
     // deadline, not one per question.
-    let (status, mem, cpus, blocks, ports, guest_agent) = tokio::join!(
+    let (status, mem, cpus, blocks, guest_agent) = tokio::join!(
         q("query-status", json!({})),
         q("query-memory-size-summary", json!({})),
         q("query-cpus-fast", json!({})),
         q("query-block", json!({})),
-        ports,
         agent_state
     );
+    let disks = blocks.map(|b| crate::qemu::parse::parse_query_block(&b)).ok();
     let run_state = match status {
         Ok(v) => v.get("status").and_then(Value::as_str).unwrap_or("unknown").to_string(),
         // The connection ended under the question: QEMU is exiting.
@@ -354,8 +340,10 @@ async fn live(qmp: &Qmp, hotplug_ports: u32, agent: Option<PathBuf>) -> Option<L
         run_state,
         memory_mib: mem.ok().and_then(|v| v.get("base-memory")?.as_u64()).map(|b| b / (1024 * 1024)),
         cpus: cpus.ok().and_then(|v| v.as_array().map(|a| a.len() as u32)),
-        disks: blocks.map(|b| crate::qemu::parse::parse_query_block(&b)).unwrap_or_default(),
-        hotplug_ports_used: ports,
+        // Only disks go on the reserved root ports (disk add), one each:
+        // counting them spares QEMU a QOM question per port.
+        hotplug_ports_used: disks.as_ref().map(|d| d.iter().filter(|d| !d.is_boot()).count() as u32),
+        disks: disks.unwrap_or_default(),
         guest_agent,
     }))
 }
