@@ -122,6 +122,16 @@ impl Env {
         let args = self.launch_args(extra);
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
         let (v, out) = self.json(&a);
+        if out.code() != 0 && guest_kernel_stalled(&out) {
+            // The busybox guest's kernel sometimes stalls under TCG on a
+            // loaded 2-core host (RCU: "timer wakeup didn't happen"); the VM
+            // was stopped and reported as it should be. That is the guest,
+            // not qbuf-qemu: boot it once more.
+            eprintln!("test guest kernel stalled under TCG (RCU stall); launching once more:\n{}", out.text());
+            let (v, out) = self.json(&a);
+            out.ok();
+            return v;
+        }
         out.ok();
         v
     }
@@ -280,4 +290,10 @@ pub fn file_hash(p: &Path) -> u64 {
         h = h.wrapping_mul(0x100000001b3);
     }
     h
+}
+
+/// Whether a failed launch shows the test guest's kernel stalling (RCU).
+pub fn guest_kernel_stalled(out: &Out) -> bool {
+    let text = out.text();
+    text.contains("did not accept an SSH login") && text.contains("rcu_preempt detected stalls")
 }
