@@ -77,19 +77,15 @@ fn watch(deadline: Instant) -> Arc<Interrupt> {
                 return;
             };
             let why = tokio::select! {
-                _ = a.recv() => libc_sig(nix::sys::signal::Signal::SIGINT),
-                _ = b.recv() => libc_sig(nix::sys::signal::Signal::SIGTERM),
-                _ = c.recv() => libc_sig(nix::sys::signal::Signal::SIGHUP),
+                _ = a.recv() => nix::sys::signal::Signal::SIGINT as i32,
+                _ = b.recv() => nix::sys::signal::Signal::SIGTERM as i32,
+                _ = c.recv() => nix::sys::signal::Signal::SIGHUP as i32,
                 _ = tokio::time::sleep_until(deadline.into()) => -1,
             };
             i.set(why);
         });
     });
     int
-}
-
-fn libc_sig(s: nix::sys::signal::Signal) -> i32 {
-    s as i32
 }
 
 /// A name no instance has: `run-` and 8 hex digits.
