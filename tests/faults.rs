@@ -232,6 +232,31 @@ fn both_processes_killed_then_a_relaunch_works() {
 }
 
 #[test]
+fn a_lock_held_a_moment_longer_by_a_dead_boots_last_threads_is_no_start() {
+    // After `kill -9` of supervisor and QEMU, QEMU's main thread is gone
+    // (status reads it as not running) while its other threads still hold
+    // the inherited instance lock: stand in for them with a short-lived holder.
+    let env = Env::new("dyinglock");
+    let dir = env.instance_dir("dev");
+    std::fs::create_dir_all(&dir).unwrap();
+    let dead = serde_json::json!({"pid": 1, "start_ticks": 0, "boot_id": "an-earlier-boot"});
+    let run = serde_json::json!({"qemu": dead, "supervisor": dead, "started_at": 1.0, "accel": "tcg",
+                                 "qemu_version": "10.0.2", "argv": []});
+    std::fs::write(dir.join("run.json"), run.to_string()).unwrap();
+    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("lock")).unwrap();
+    lock.lock().unwrap();
+    let holder = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(700));
+        drop(lock);
+    });
+    let (st, out) = env.json(&["status"]);
+    out.ok();
+    holder.join().unwrap();
+    assert_eq!(s(&st, "state"), "stopped", "{st}");
+    assert!(!dir.join("run.json").exists(), "the stale run record is cleaned up");
+}
+
+#[test]
 fn stale_run_record_and_sockets_do_not_fool_status_or_launch() {
     let env = Env::new("stale");
     env.launch(&["--no-share"]);

@@ -42,7 +42,7 @@ pub fn status(ctx: &Ctx) -> Result<Status> {
         exit: None,
         notes: vec![],
     };
-    if !Lock::is_held(&inst)? {
+    if !Lock::is_held(&inst)? || released_by_the_dead(&inst)? {
         if !inst.clean_stale().is_empty() {
             st.notes.push("removed stale runtime files left by a crash".into());
         }
@@ -93,4 +93,29 @@ pub fn status(ctx: &Ctx) -> Result<Status> {
         }
     }
     Ok(st)
+}
+
+/// How long the last threads of a killed QEMU may take to let go of the
+/// lock (freeing guest RAM on a loaded host) after its main thread ended.
+const DYING: Duration = Duration::from_secs(5);
+
+/// Whether the lock, held now, is let go within [`DYING`] because both
+/// processes of the last boot have ended: after `kill -9` of both, QEMU's
+/// main thread is gone while its other threads still hold the inherited
+/// lock for a moment, which is no one "starting" the VM.
+fn released_by_the_dead(inst: &crate::instance::Instance) -> Result<bool> {
+    let Some(run) = read_json::<RunRecord>(&inst.run_record())? else {
+        return Ok(false);
+    };
+    if run.qemu.is_running() || run.supervisor.is_running() {
+        return Ok(false);
+    }
+    let deadline = std::time::Instant::now() + DYING;
+    while std::time::Instant::now() < deadline {
+        if !Lock::is_held(inst)? {
+            return Ok(true);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(false)
 }
