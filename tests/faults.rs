@@ -452,3 +452,58 @@ fn unsynced_guest_writes_survive_powerdown_and_a_kill_loses_them() {
     assert!(!marker_on_disk(&env), "the control write survived a kill: the test cannot tell");
     destroy_leaves_nothing(&env);
 }
+
+/// A `powerdown` waiting for the guest, and the status it shows.
+fn powerdown_waiting(env: &Env) -> std::process::Child {
+    let child = env
+        .cmd(&["--json", "powerdown", "--timeout", "120"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the ladder to press the power button", Duration::from_secs(20), || {
+        env.json(&["status"]).0.get("stopping_step").and_then(Value::as_str) == Some("powerdown")
+    });
+    child
+}
+
+#[test]
+fn ctrl_c_during_powerdown_forces_the_stop_and_a_second_one_stops_waiting() {
+    let env = Env::new("ctrlc");
+    let ignore = ["--no-share", "--append", "console=ttyS0 quiet qbuf.ignore_power=1"];
+    env.launch(&ignore);
+    let t = Instant::now();
+    let child = powerdown_waiting(&env);
+    signal(child.id() as i32, Signal::SIGINT);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "went past the guest's shutdown: {err}");
+    let p: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s(&p, "method"), "quit", "{p}");
+    assert!(p["steps"].to_string().contains("forced on request"), "{p}");
+    assert!(err.contains("Ctrl-C: forcing the stop"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(100), "did not wait out --timeout 120");
+    assert_eq!(s(&env.json(&["status"]).0, "state"), "stopped");
+
+    // A second Ctrl-C leaves the stop to the supervisor, which finishes it.
+    // A frozen QEMU keeps the forced stop busy (quit goes unanswered) long
+    // enough to press Ctrl-C again.
+    let v = env.launch(&ignore);
+    signal(pid_of(&v), Signal::SIGSTOP);
+    let child = powerdown_waiting(&env);
+    signal(child.id() as i32, Signal::SIGINT);
+    wait_until("the stop to be forced to quit", Duration::from_secs(30), || {
+        env.json(&["status"]).0.get("stopping_step").and_then(Value::as_str) == Some("quit")
+    });
+    signal(child.id() as i32, Signal::SIGINT);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("stopped waiting") && err.contains("status"), "{err}");
+    wait_until("the supervisor to finish the stop", Duration::from_secs(60), || {
+        s(&env.json(&["status"]).0, "state") == "stopped"
+    });
+    let (st, _) = env.json(&["status"]);
+    assert!(st["stop_reason"].to_string().contains("sigkill"), "{st}");
+    destroy_leaves_nothing(&env);
+}

@@ -13,6 +13,7 @@ use crate::instance::records::{RunRecord, StopMethod, StopOutcome, StopRecord};
 use crate::instance::{read_json, write_json, Instance, Lock};
 use crate::qga::AgentState;
 use crate::qmp::{Event, Qmp};
+use crate::report::error::Interrupted;
 use crate::report::stop::{Destroyed, StopReport};
 use crate::supervisor::client;
 use crate::supervisor::ladder::{self, ForeignProcess, StopOptions, QUIT_DEADLINE, SIGNAL_DEADLINE};
@@ -35,9 +36,10 @@ fn stop(ctx: &Ctx, inst: &Instance, opts: &StopOptions) -> Result<Option<Stopped
     crate::progress::finish();
     let stopped = match shown {
         Ok(s) => s,
+        Err(e) if e.is::<Interrupted>() => return Err(e),
         Err(e) => {
             tracing::warn!("supervisor unreachable ({e}); stopping QEMU directly");
-            stop_orphan(inst, opts)?
+            stop_orphan(ctx, inst, opts)?
         }
     };
     // The supervisor exits right after answering; wait so the lock is free
@@ -55,7 +57,7 @@ pub fn step_message(step: StopMethod, opts: &StopOptions, agent: bool) -> String
     let graceful = if agent { opts.timeout / 2 } else { opts.timeout };
     match step {
         StopMethod::Powerdown => format!(
-            "pressed the power button, waiting up to {} s for the guest to power off; then QMP quit and signals (Ctrl-C stops waiting; the stop goes on)",
+            "pressed the power button, waiting up to {} s for the guest to power off; then QMP quit and signals (Ctrl-C to force)",
             secs(graceful)
         ),
         StopMethod::GuestAgent => {
@@ -69,20 +71,38 @@ pub fn step_message(step: StopMethod, opts: &StopOptions, agent: bool) -> String
 }
 
 /// The supervisor's stop ladder, with the step it is at on the status line:
-/// `status` answers while the ladder waits, and names its step.
+/// `status` answers while the ladder waits, and names its step. The first
+/// Ctrl-C forces the stop (the supervisor goes on at QMP `quit`); the next
+/// one stops waiting, and the supervisor finishes the stop alone.
 async fn powerdown_showing_steps(ctx: &Ctx, inst: &Instance, opts: &StopOptions, budget: Duration) -> Result<Stopped> {
     let sock = inst.control();
+    let mut ctrl_c = ctrl_c()?;
     // The request is sent first (`biased`): a supervisor that is just
     // finishing still answers it, where a question asked before it could
     // find the supervisor gone.
     let stop = client::powerdown(&sock, opts.timeout, opts.force, budget);
     tokio::pin!(stop);
+    let mut forced = opts.force;
     let mut agent = None;
     let mut tick = Duration::from_millis(100);
     loop {
         tokio::select! {
             biased;
             r = &mut stop => return r,
+            _ = ctrl_c.recv() => {
+                if forced {
+                    return Err(Interrupted(format!(
+                        "stopped waiting: the instance's supervisor goes on stopping the VM; '{}' shows when it is done",
+                        ctx.command("status")
+                    )).into());
+                }
+                forced = true;
+                // The first request's answer reports how the stop ended.
+                match client::force_stop(&sock).await {
+                    Ok(()) => ctx.stage("Ctrl-C: forcing the stop (QMP quit, then signals); Ctrl-C again stops waiting"),
+                    Err(e) => ctx.stage(&format!("Ctrl-C: cannot force the stop ({e:#}); Ctrl-C again stops waiting")),
+                }
+            }
             () = tokio::time::sleep(tick) => {
                 tick = Duration::from_millis(500);
                 if let Ok(s) = client::status(&sock, Duration::from_secs(3)).await {
@@ -97,9 +117,40 @@ async fn powerdown_showing_steps(ctx: &Ctx, inst: &Instance, opts: &StopOptions,
     }
 }
 
+fn ctrl_c() -> Result<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).context("cannot watch for Ctrl-C")
+}
+
+/// The ladder run here (the supervisor is gone): the first Ctrl-C hurries it
+/// past the guest's own steps; later ones are ignored, as the rest of the
+/// ladder is short and only it can stop this QEMU.
+async fn ladder_forced_on_ctrl_c(
+    ctx: &Ctx,
+    qmp: Option<&Qmp>,
+    proc: &ForeignProcess,
+    opts: &StopOptions,
+    agent: &std::path::Path,
+) -> Result<StopOutcome> {
+    let mut ctrl_c = ctrl_c()?;
+    let (hurry, hurried) = tokio::sync::watch::channel(false);
+    let ladder = ladder::stop(qmp, proc, opts, None, Some(agent), &|_| {}, hurried);
+    tokio::pin!(ladder);
+    loop {
+        tokio::select! {
+            o = &mut ladder => return Ok(o),
+            _ = ctrl_c.recv() => {
+                if !*hurry.borrow() {
+                    ctx.stage("Ctrl-C: forcing the stop (QMP quit, then signals)");
+                }
+                let _ = hurry.send(true);
+            }
+        }
+    }
+}
+
 /// QEMU whose supervisor died: run the ladder over the user QMP socket and
 /// judge the process by its identity.
-fn stop_orphan(inst: &Instance, opts: &StopOptions) -> Result<Stopped> {
+fn stop_orphan(ctx: &Ctx, inst: &Instance, opts: &StopOptions) -> Result<Stopped> {
     let Some(run) = read_json::<RunRecord>(&inst.run_record())? else {
         if let Some(done) = supervisor_finishing(inst)? {
             return Ok(done);
@@ -109,9 +160,8 @@ fn stop_orphan(inst: &Instance, opts: &StopOptions) -> Result<Stopped> {
     let proc = ForeignProcess(run.qemu.clone());
     let outcome = block_on(async {
         let qmp = Qmp::connect(&inst.qmp_user(), Duration::from_secs(3)).await.ok();
-        let agent = inst.guest_agent();
-        ladder::stop(qmp.as_ref(), &proc, opts, None, Some(&agent), &|_| {}).await
-    });
+        ladder_forced_on_ctrl_c(ctx, qmp.as_ref(), &proc, opts, &inst.guest_agent()).await
+    })?;
     let mut record = None;
     if outcome.method.is_some() {
         // The SHUTDOWN event the ladder saw on the user QMP socket.

@@ -65,10 +65,26 @@ impl std::fmt::Display for Usage {
 
 impl std::error::Error for Usage {}
 
-/// The exit status an error ends the process with: 2 for usage, else 1.
+/// The user stopped waiting (Ctrl-C) for work that goes on without this
+/// command (the supervisor finishes a stop): exit 130, as after SIGINT.
+#[derive(Debug, Clone)]
+pub struct Interrupted(pub String);
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// The exit status an error ends the process with: 2 for usage, 130 for
+/// [`Interrupted`], else 1.
 pub fn exit_code(e: &anyhow::Error) -> i32 {
     if e.downcast_ref::<Usage>().is_some() {
         2
+    } else if e.downcast_ref::<Interrupted>().is_some() {
+        130
     } else {
         1
     }

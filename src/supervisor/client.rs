@@ -76,6 +76,16 @@ pub async fn powerdown(sock: &Path, timeout: Duration, force: bool, budget: Dura
     }
 }
 
+/// Asks a running stop to skip the guest's own steps (on to QMP `quit`),
+/// without waiting: the stop's first caller gets its answer.
+pub async fn force_stop(sock: &Path) -> Result<()> {
+    let req = Request::Powerdown { timeout_secs: 0.0, force: true };
+    tokio::time::timeout(Duration::from_secs(3), send(sock, &req))
+        .await
+        .map_err(|_| anyhow!("the instance's supervisor did not take the request"))??;
+    Ok(())
+}
+
 /// An event stream from [`subscribe`].
 pub struct Events(BufReader<UnixStream>);
 

@@ -48,7 +48,8 @@ pub enum Msg {
 
 enum Ladder {
     Idle,
-    Running,
+    /// Sending true hurries it past the guest's own steps.
+    Running(watch::Sender<bool>),
     Done(StopOutcome),
 }
 
@@ -111,7 +112,7 @@ impl Dispatcher {
     }
 
     fn finished(&self) -> bool {
-        self.state.ended.is_some() && self.qmp_closed && !matches!(self.ladder, Ladder::Running)
+        self.state.ended.is_some() && self.qmp_closed && !matches!(self.ladder, Ladder::Running(_))
     }
 
     fn handle(&mut self, msg: Msg) {
@@ -188,7 +189,15 @@ impl Dispatcher {
             }
             Request::Powerdown { timeout_secs, force } => {
                 let timeout = Duration::try_from_secs_f64(timeout_secs).unwrap_or(Duration::ZERO);
-                self.start_ladder(StopOptions { timeout, force });
+                match &self.ladder {
+                    // A stop already waiting for the guest: `--force` (or
+                    // the Ctrl-C of the command that asked) hurries it.
+                    Ladder::Running(hurry) if force => {
+                        tracing::info!("stop forced on request: going on at quit");
+                        let _ = hurry.send(true);
+                    }
+                    _ => self.start_ladder(StopOptions { timeout, force }),
+                }
                 self.waiters.push(reply);
             }
             Request::Subscribe => {
@@ -206,7 +215,8 @@ impl Dispatcher {
         if !matches!(self.ladder, Ladder::Idle) {
             return;
         }
-        self.ladder = Ladder::Running;
+        let (hurry, hurried) = watch::channel(false);
+        self.ladder = Ladder::Running(hurry);
         let qmp = self.qmp.clone();
         let proc = ChildProcess { pid: self.state.qemu_pid, exited: self.exited.clone() };
         let known = self.state.last_shutdown.clone();
@@ -217,7 +227,7 @@ impl Dispatcher {
             let on_step = move |m: StopMethod| {
                 let _ = step_tx.send(Msg::LadderStep(m));
             };
-            let o = ladder::stop(Some(&qmp), &proc, &opts, known, agent.as_deref(), &on_step).await;
+            let o = ladder::stop(Some(&qmp), &proc, &opts, known, agent.as_deref(), &on_step, hurried).await;
             let _ = tx.send(Msg::LadderDone(o));
         });
     }

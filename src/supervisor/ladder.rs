@@ -10,6 +10,9 @@
 //! 3. a termination signal, [`SIGNAL_DEADLINE`];
 //! 4. SIGKILL, [`SIGNAL_DEADLINE`].
 //!
+//! A ladder can be hurried while it waits for the guest (the user pressed
+//! Ctrl-C, or asked again with `--force`): it goes on at `quit` at once.
+//!
 //! QEMU runs with SIGTERM and SIGHUP blocked so that a host-wide SIGTERM
 //! (logout, shutdown) reaches only the supervisor, which then runs this
 //! ladder instead of QEMU cutting the guest off. The `sigterm` step therefore
@@ -20,6 +23,7 @@ use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::instance::proc::{ExitInfo, ProcIdentity};
@@ -49,7 +53,8 @@ pub struct StopOptions {
 /// Runs the ladder. `known_shutdown` is a `SHUTDOWN` seen before the call.
 /// `agent` is the guest agent's socket when an agent may run (the guest
 /// opened its port). `on_step` is told each step as it starts (the
-/// supervisor shows it in `status`).
+/// supervisor shows it in `status`). `hurry` turning true ends the wait for
+/// the guest.
 pub async fn stop<P: QemuProcess + Sync>(
     qmp: Option<&Qmp>,
     proc: &P,
@@ -57,6 +62,7 @@ pub async fn stop<P: QemuProcess + Sync>(
     known_shutdown: Option<Event>,
     agent: Option<&Path>,
     on_step: &(dyn Fn(StopMethod) + Sync),
+    mut hurry: watch::Receiver<bool>,
 ) -> StopOutcome {
     let start = Instant::now();
     let mut watch =
@@ -79,6 +85,11 @@ pub async fn stop<P: QemuProcess + Sync>(
         }
     }
     for (method, deadline) in plan(opts, agent, start).await {
+        let guests_step = matches!(method, StopMethod::Powerdown | StopMethod::GuestAgent);
+        let hurried = *hurry.borrow();
+        if guests_step && hurried {
+            continue;
+        }
         on_step(method);
         let deadline = match method {
             StopMethod::Powerdown | StopMethod::GuestAgent => deadline,
@@ -88,7 +99,23 @@ pub async fn stop<P: QemuProcess + Sync>(
         let note = act(qmp, proc, method, agent).await;
         tracing::info!(step = method.as_str(), "{note}");
         steps.push(format!("{}: {note}", method.as_str()));
-        if watch.until_gone(proc, deadline).await {
+        let gone = tokio::select! {
+            gone = watch.until_gone(proc, deadline) => gone,
+            // A dropped sender disables this branch; it never hurries.
+            true = async { hurry.wait_for(|h| *h).await.is_ok() }, if guests_step => {
+                steps.push(format!(
+                    "{}: forced on request after {:.0}s: going on at quit",
+                    method.as_str(),
+                    start.elapsed().as_secs_f64()
+                ));
+                // An exit that raced the request still counts for this step.
+                if proc.wait_gone(Instant::now()).await {
+                    return finish(Some(method), watch.shutdown, steps);
+                }
+                continue;
+            }
+        };
+        if gone {
             return finish(Some(method), watch.shutdown, steps);
         }
         steps.push(format!("{}: QEMU still running after {:.0}s", method.as_str(), start.elapsed().as_secs_f64()));
