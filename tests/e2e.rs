@@ -84,9 +84,16 @@ fn boots_from_a_bootable_qcow2_disk_and_powers_off() {
 #[test]
 fn guest_ignoring_the_power_button_is_stopped_by_quit_with_exit_3() {
     let env = Env::new("ignorepower");
-    let args = env.launch_args(&["--no-share", "--append", "console=ttyS0 quiet qbuf.ignore_power=1"]);
+    let append = "console=ttyS0 quiet qbuf.ignore_power=1 qbuf.ignore_reboot=1";
+    let args = env.launch_args(&["--no-share", "--ssh-user", "root", "--append", append]);
     let a = strs(&args);
     env.run(&a).ok();
+    // The same guest ignores a reboot asked over SSH: reset after --timeout.
+    let (b, out) = env.json(&["reboot", "--timeout", "3"]);
+    out.ok();
+    assert_eq!(s(&b, "method"), "system-reset", "{b}");
+    assert!(b["notes"].to_string().contains("did not reboot within 3s"), "{b}");
+    env.ssh("dev", "true").ok();
     let t = Instant::now();
     let (p, out) = env.json(&["powerdown", "--timeout", "3"]);
     out.code_is(3);
