@@ -6,9 +6,11 @@ mod support;
 
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
+use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use serde_json::Value;
 use support::*;
 
 /// `run` with the test guest's kernel boot and the test defaults.
@@ -129,6 +131,37 @@ fn sigterm_to_run_mid_command_stops_the_vm_and_leaves_nothing() {
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
     let st = child.wait().unwrap();
     assert_eq!(st.code(), Some(128 + 15), "SIGTERM: 128+15");
+    nothing_left(&env);
+}
+
+#[test]
+fn ctrl_c_stops_a_run_and_another_forces_its_cleanup_which_still_removes_everything() {
+    let env = Env::new("runctrlc");
+    let summary = env.dir.join("summary.json");
+    let ignore = ["--no-share", "--append", "console=ttyS0 quiet qbuf.ignore_power=1"];
+    let extra: Vec<&str> = ignore.iter().copied().chain(["--summary", path_str(&summary)]).collect();
+    let child = started_run(&env, &extra, "echo started; sleep 1000");
+    let pid = Pid::from_raw(child.id() as i32);
+    kill(pid, Signal::SIGINT).unwrap();
+    // The cleanup presses the power button, which this guest ignores.
+    let name = || {
+        std::fs::read_dir(env.state.join("instances")).ok()?.filter_map(|e| e.ok()).find_map(|e| {
+            let n = e.file_name().to_string_lossy().to_string();
+            n.starts_with("run-").then_some(n)
+        })
+    };
+    wait_until("the cleanup to wait for the guest", Duration::from_secs(30), || {
+        name().is_some_and(|n| {
+            env.json(&["--name", &n, "status"]).0.get("stopping_step").and_then(Value::as_str) == Some("powerdown")
+        })
+    });
+    kill(pid, Signal::SIGINT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(128 + 2), "SIGINT: 128+2: {err}");
+    assert!(err.contains("Ctrl-C: forcing the stop") && !err.contains("stops waiting"), "{err}");
+    let sum: Value = serde_json::from_slice(&std::fs::read(&summary).unwrap()).unwrap();
+    assert_eq!(sum["stop_method"], "quit", "forced past the ignored power button: {sum}");
     nothing_left(&env);
 }
 

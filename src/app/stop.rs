@@ -22,17 +22,27 @@ use crate::supervisor::protocol::{Live, Stopped};
 /// How long the supervisor may take to exit after it answered.
 const EXIT_DEADLINE: Duration = Duration::from_secs(10);
 
-/// Stops a running instance; `None` when nothing was running.
-pub fn stop_running(ctx: &Ctx, inst: &Instance, opts: &StopOptions) -> Result<Option<StopOutcome>> {
-    Ok(stop(ctx, inst, opts)?.map(|s| s.outcome))
+/// What Ctrl-C does while a stop waits. The first always forces it; after
+/// that the `powerdown` and `destroy` verbs let the user stop waiting, while
+/// a stop another command needs finished (`run`'s cleanup, a cancelled
+/// launch) goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CtrlC {
+    Force,
+    ForceThenLeave,
 }
 
-fn stop(ctx: &Ctx, inst: &Instance, opts: &StopOptions) -> Result<Option<Stopped>> {
+/// Stops a running instance; `None` when nothing was running.
+pub fn stop_running(ctx: &Ctx, inst: &Instance, opts: &StopOptions) -> Result<Option<StopOutcome>> {
+    Ok(stop(ctx, inst, opts, CtrlC::Force)?.map(|s| s.outcome))
+}
+
+fn stop(ctx: &Ctx, inst: &Instance, opts: &StopOptions, ctrl_c: CtrlC) -> Result<Option<Stopped>> {
     if !Lock::is_held(inst)? {
         return Ok(None);
     }
     let budget = opts.timeout + QUIT_DEADLINE + SIGNAL_DEADLINE * 2 + Duration::from_secs(15);
-    let shown = block_on(powerdown_showing_steps(ctx, inst, opts, budget));
+    let shown = block_on(powerdown_showing_steps(ctx, inst, opts, budget, ctrl_c));
     crate::progress::finish();
     let stopped = match shown {
         Ok(s) => s,
@@ -74,7 +84,13 @@ pub fn step_message(step: StopMethod, opts: &StopOptions, agent: bool) -> String
 /// `status` answers while the ladder waits, and names its step. The first
 /// Ctrl-C forces the stop (the supervisor goes on at QMP `quit`); the next
 /// one stops waiting, and the supervisor finishes the stop alone.
-async fn powerdown_showing_steps(ctx: &Ctx, inst: &Instance, opts: &StopOptions, budget: Duration) -> Result<Stopped> {
+async fn powerdown_showing_steps(
+    ctx: &Ctx,
+    inst: &Instance,
+    opts: &StopOptions,
+    budget: Duration,
+    on_ctrl_c: CtrlC,
+) -> Result<Stopped> {
     let sock = inst.control();
     let mut ctrl_c = ctrl_c()?;
     // The request is sent first (`biased`): a supervisor that is just
@@ -90,17 +106,24 @@ async fn powerdown_showing_steps(ctx: &Ctx, inst: &Instance, opts: &StopOptions,
             biased;
             r = &mut stop => return r,
             _ = ctrl_c.recv() => {
-                if forced {
-                    return Err(Interrupted(format!(
-                        "stopped waiting: the instance's supervisor goes on stopping the VM; '{}' shows when it is done",
-                        ctx.command("status")
-                    )).into());
+                match (forced, on_ctrl_c) {
+                    (true, CtrlC::ForceThenLeave) => {
+                        return Err(Interrupted(format!(
+                            "stopped waiting: the instance's supervisor goes on stopping the VM; '{}' shows when it is done",
+                            ctx.command("status")
+                        )).into());
+                    }
+                    (true, CtrlC::Force) => continue,
+                    (false, _) => forced = true,
                 }
-                forced = true;
+                let then = match on_ctrl_c {
+                    CtrlC::ForceThenLeave => "; Ctrl-C again stops waiting",
+                    CtrlC::Force => "",
+                };
                 // The first request's answer reports how the stop ended.
                 match client::force_stop(&sock).await {
-                    Ok(()) => ctx.stage("Ctrl-C: forcing the stop (QMP quit, then signals); Ctrl-C again stops waiting"),
-                    Err(e) => ctx.stage(&format!("Ctrl-C: cannot force the stop ({e:#}); Ctrl-C again stops waiting")),
+                    Ok(()) => ctx.stage(&format!("Ctrl-C: forcing the stop (QMP quit, then signals){then}")),
+                    Err(e) => ctx.stage(&format!("Ctrl-C: cannot force the stop ({e:#}){then}")),
                 }
             }
             () = tokio::time::sleep(tick) => {
@@ -219,7 +242,7 @@ fn report(ctx: &Ctx, s: &Stopped) -> StopReport {
 
 pub fn powerdown(ctx: &Ctx, opts: &StopOptions) -> Result<StopReport> {
     let inst = ctx.existing()?;
-    match stop(ctx, &inst, opts)? {
+    match stop(ctx, &inst, opts, CtrlC::ForceThenLeave)? {
         Some(s) => Ok(report(ctx, &s)),
         None => {
             inst.clean_stale();
@@ -261,12 +284,18 @@ pub fn destroy_asking(ctx: &Ctx, opts: &StopOptions, yes: bool) -> Result<Destro
             });
         }
     }
-    destroy(ctx, opts)
+    destroy_with(ctx, opts, CtrlC::ForceThenLeave)
 }
 
+/// `destroy` for commands that must see the removal through (`run`): Ctrl-C
+/// forces the stop but never abandons it.
 pub fn destroy(ctx: &Ctx, opts: &StopOptions) -> Result<Destroyed> {
+    destroy_with(ctx, opts, CtrlC::Force)
+}
+
+fn destroy_with(ctx: &Ctx, opts: &StopOptions, ctrl_c: CtrlC) -> Result<Destroyed> {
     let inst = ctx.existing()?;
-    let stop = stop(ctx, &inst, opts)?.map(|s| report(ctx, &s));
+    let stop = stop(ctx, &inst, opts, ctrl_c)?.map(|s| report(ctx, &s));
     if let Some(st) = &stop {
         if st.method().is_none() {
             bail!("{}\nNothing was removed.", crate::report::Render::human(st));
