@@ -408,6 +408,7 @@ fn a_full_state_dir_neither_fails_a_clean_stop_nor_loses_its_reason() {
     let filler2 = fs.fill();
     let out = env.run(&["launch"]);
     out.code_is(1);
+    assert!(out.stderr().contains("No space left on device"), "the cause is named: {}", out.text());
     assert!(env.qemu_pids().is_empty());
     std::fs::remove_file(filler).unwrap();
     std::fs::remove_file(filler2).unwrap();
