@@ -4,7 +4,7 @@
 # repeated rounds, and prints medians and ratios. See docs/benchmarks.md.
 #
 #   tests/bench/run.sh [--rounds N] [--status-runs N] [--markdown FILE]
-#                      [--venv DIR] [--skip-qmp] [--build-time]
+#                      [--venv DIR] [--skip-qmp] [--skip-run] [--build-time]
 #
 # Environment:
 #   QBUF_QEMU_BIN        the binary to measure (default: target/release/qbuf-qemu,
@@ -23,6 +23,7 @@ status_runs=50
 md_out=-
 venv=
 skip_qmp=0
+skip_run=0
 build_time=0
 usage() { sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
@@ -32,6 +33,7 @@ while [ $# -gt 0 ]; do
     --markdown) md_out=$2; shift 2 ;;
     --venv) venv=$2; shift 2 ;;
     --skip-qmp) skip_qmp=1; shift ;;
+    --skip-run) skip_run=1; shift ;;
     --build-time) build_time=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "run.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
@@ -217,6 +219,13 @@ for r in $(seq 1 "$rounds"); do
     q destroy --yes --json > /dev/null
   done
 done
+
+if [ "$skip_run" = 0 ]; then
+  # `run`: cold boot vs from a snapshot, interleaved, one pair per round.
+  log "run -- COMMAND: cold boot vs from a snapshot, $rounds rounds (run_start.py)"
+  (cd "$repo" && QBUF_TEST_GUEST_DIR=$guest TMPDIR=$work tm run "$work/run_start.t" -- \
+     python3 "$here/run_start.py" "$bin" "$rounds" --tsv "$results" > "$work/run_start.json")
+fi
 
 if [ "$skip_qmp" = 0 ]; then
   venv=${venv:-$work/venv}

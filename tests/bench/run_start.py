@@ -7,14 +7,22 @@ the host: from starting `run` to the first line of COMMAND's output
 (COMMAND started) and to `run` returning (the whole run, VM stopped and
 removed). Prints medians and the ratio.
 
-Usage: tests/bench/run_start.py QBUF_QEMU_BIN [ROUNDS]   (run from the repo)
+Usage: tests/bench/run_start.py QBUF_QEMU_BIN [ROUNDS] [--tsv FILE]   (run from the repo)
+With --tsv, each round's figures (ms) are appended to FILE as `key value`
+lines, the harness's results file (tests/bench/run.sh runs it so).
 Targets (issue: one-shot CI runs): from a snapshot, COMMAND starts within
 1.5 s and the whole `run -- true` takes at most 2.5 s.
 """
 import json, os, shutil, statistics, subprocess, sys, tempfile, time
 
-BIN = sys.argv[1] if len(sys.argv) > 1 else "target/release/qbuf-qemu"
-ROUNDS = int(sys.argv[2]) if len(sys.argv) > 2 else 5
+ARGS = [a for a in sys.argv[1:]]
+TSV = None
+if "--tsv" in ARGS:
+    i = ARGS.index("--tsv")
+    TSV = ARGS[i + 1]
+    del ARGS[i:i + 2]
+BIN = ARGS[0] if len(ARGS) > 0 else "target/release/qbuf-qemu"
+ROUNDS = int(ARGS[1]) if len(ARGS) > 1 else 5
 GUEST = os.environ.get("QBUF_TEST_GUEST_DIR", "tests/guest/out")
 BOOT = ["--kernel", f"{GUEST}/vmlinux", "--initrd", f"{GUEST}/initrd.img", "--append", "console=ttyS0 quiet",
         "--image", f"{GUEST}/disk.qcow2", "--memory", "512M", "--accel", "tcg", "--no-share", "--ssh-user", "root"]
@@ -39,7 +47,7 @@ def timed_run(state, extra):
 
 
 def main():
-    state = tempfile.mkdtemp(prefix="qbr-", dir="/tmp")
+    state = tempfile.mkdtemp(prefix="qbr-", dir=os.environ.get("TMPDIR", "/tmp"))
     try:
         r = q(state, "--name", "warm", "launch", *BOOT, "--ssh-port", "auto", "--timeout", "300")
         if r.returncode != 0:
@@ -54,6 +62,10 @@ def main():
             warm.append(timed_run(state, ["--name", "warm", "--from-snapshot", "ready"]))
             print(f"round {i + 1}: cold {cold[-1][0]:.2f}s/{cold[-1][1]:.2f}s  "
                   f"snapshot {warm[-1][0]:.2f}s/{warm[-1][1]:.2f}s", file=sys.stderr)
+            if TSV:
+                with open(TSV, "a") as f:
+                    for key, (start, total) in (("run_cold", cold[-1]), ("run_snap", warm[-1])):
+                        f.write(f"{key}_start {start * 1e3:.1f}\n{key}_total {total * 1e3:.1f}\n")
         med = lambda xs, k: statistics.median(x[k] for x in xs)
         out = {
             "rounds": ROUNDS,

@@ -136,6 +136,8 @@ ROWS = [
     ("status", "`status --json`, whole process (median of each round)", "ms", ["status_floor"], [], "<= 10 ms"),
     ("qmp_ours", "QMP `query-status` round trip, qbuf-qemu client", "us", ["qmp_raw"], ["qmp_qapi", "qmp_python"], "<= 1.1x raw"),
     ("rss", "supervisor VmRSS while the VM runs", "MiB", [], [], "<= 10 MiB"),
+    ("run_snap_start", "`run` from a snapshot: `run` starts -> COMMAND starts", "ms", [], ["run_cold_start"], "<= 1.5 s"),
+    ("run_snap_total", "`run -- true` from a snapshot, whole (VM stopped and removed)", "ms", [], ["run_cold_total"], "<= 2.5 s"),
     ("build", "`cargo build --release` in a fresh clone", "s", [], [], None),
     ("load", "host 1-min load average at each round's start (includes the harness's own last guest)", "", [], [], "quiet host: about 1"),
 ]
@@ -148,6 +150,8 @@ LABELS = {
     "qmp_raw": "raw socket",
     "qmp_qapi": "qapi QmpStreamTokio",
     "qmp_python": "Python qemu.qmp",
+    "run_cold_start": "the same `run` booting the guest (cold)",
+    "run_cold_total": "the same `run` booting the guest (cold)",
 }
 
 
