@@ -42,7 +42,7 @@ pub fn status(ctx: &Ctx) -> Result<Status> {
         exit: None,
         notes: vec![],
     };
-    if !Lock::is_held(&inst)? || released_by_the_dead(&inst)? {
+    if !Lock::is_held(&inst)? || lock_freed_after_both_ended(&inst)? {
         if !inst.clean_stale().is_empty() {
             st.notes.push("removed stale runtime files left by a crash".into());
         }
@@ -103,19 +103,12 @@ const DYING: Duration = Duration::from_secs(5);
 /// processes of the last boot have ended: after `kill -9` of both, QEMU's
 /// main thread is gone while its other threads still hold the inherited
 /// lock for a moment, which is no one "starting" the VM.
-fn released_by_the_dead(inst: &crate::instance::Instance) -> Result<bool> {
+fn lock_freed_after_both_ended(inst: &crate::instance::Instance) -> Result<bool> {
     let Some(run) = read_json::<RunRecord>(&inst.run_record())? else {
         return Ok(false);
     };
     if run.qemu.is_running() || run.supervisor.is_running() {
         return Ok(false);
     }
-    let deadline = std::time::Instant::now() + DYING;
-    while std::time::Instant::now() < deadline {
-        if !Lock::is_held(inst)? {
-            return Ok(true);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(false)
+    Lock::wait_released(inst, DYING)
 }

@@ -3,7 +3,7 @@
 //! same ladder over the user QMP socket, judged by the process's identity.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::json;
@@ -54,10 +54,7 @@ fn stop(ctx: &Ctx, inst: &Instance, opts: &StopOptions, ctrl_c: CtrlC) -> Result
     };
     // The supervisor exits right after answering; wait so the lock is free
     // for the next command.
-    let until = Instant::now() + EXIT_DEADLINE;
-    while Lock::is_held(inst)? && Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    Lock::wait_released(inst, EXIT_DEADLINE)?;
     Ok(Some(stopped))
 }
 
@@ -217,12 +214,8 @@ fn stop_orphan(ctx: &Ctx, inst: &Instance, opts: &StopOptions) -> Result<Stopped
 /// lock for a moment. Waits for it; the VM was already stopped.
 fn supervisor_finishing(inst: &Instance) -> Result<Option<Stopped>> {
     let Some(record) = read_json::<StopRecord>(&inst.stop_record())? else { return Ok(None) };
-    let until = Instant::now() + EXIT_DEADLINE;
-    while Lock::is_held(inst)? {
-        if Instant::now() > until {
-            return Ok(None);
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    if !Lock::wait_released(inst, EXIT_DEADLINE)? {
+        return Ok(None);
     }
     let shutdown = record.shutdown.as_ref().and_then(Event::shutdown);
     let outcome = StopOutcome {

@@ -40,6 +40,21 @@ impl Lock {
         Ok(Lock::try_acquire(inst)?.is_none())
     }
 
+    /// Waits until no process holds the lock, up to `limit`; true when it
+    /// was let go (or never held). Polls: flock offers no wait with a deadline.
+    pub fn wait_released(inst: &Instance, limit: std::time::Duration) -> Result<bool> {
+        let until = std::time::Instant::now() + limit;
+        loop {
+            if !Lock::is_held(inst)? {
+                return Ok(true);
+            }
+            if std::time::Instant::now() >= until {
+                return Ok(false);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
     /// Lets the lock survive `exec` so the supervisor and QEMU hold it too.
     pub fn inheritable(&self) -> Result<i32> {
         let fd = self.file.as_raw_fd();
