@@ -14,6 +14,7 @@ use super::{block_on, Ctx};
 use crate::config::{self, Settings};
 use crate::instance::records::RunRecord;
 use crate::instance::{read_json, write_json, Instance, Lock};
+use crate::qemu::args::Accel;
 use crate::report::error::Usage;
 use crate::report::launch::Launched;
 use crate::ssh;
@@ -66,8 +67,10 @@ fn take_lock(ctx: &Ctx, inst: &Instance, opts: &LaunchOptions) -> Result<Taken> 
                 ctx.command("powerdown")
             );
         }
-        if let Ok(r) = already_running(ctx, inst, opts) {
-            return Ok(Taken::Running(Box::new(r)));
+        // Only finding the VM is retried: once it runs, what goes wrong
+        // with it (a refused --disk-size, an unreachable guest) is said.
+        if let Some(vm) = running_vm(ctx, inst)? {
+            return Ok(Taken::Running(Box::new(already_running(ctx, inst, opts, vm)?)));
         }
         if Instant::now() > deadline {
             bail!(
@@ -80,22 +83,35 @@ fn take_lock(ctx: &Ctx, inst: &Instance, opts: &LaunchOptions) -> Result<Taken> 
     }
 }
 
+/// The VM that holds the lock: QEMU's pid, its accelerator and a note.
+struct RunningVm {
+    pid: i32,
+    accel: Accel,
+    note: Option<String>,
+}
+
+/// The running VM, from its supervisor or (when QEMU runs on after its
+/// supervisor died) from the run record; `None` while another command is
+/// still starting it or finishing with it.
+fn running_vm(ctx: &Ctx, inst: &Instance) -> Result<Option<RunningVm>> {
+    if let Ok(vm) = block_on(client::status(&inst.control(), Duration::from_secs(5))) {
+        return Ok(Some(RunningVm { pid: vm.qemu_pid, accel: vm.accel, note: None }));
+    }
+    Ok(read_json::<RunRecord>(&inst.run_record())?.filter(|r| r.qemu.is_running()).map(|run| RunningVm {
+        pid: run.qemu.pid,
+        accel: run.accel,
+        note: Some(format!(
+            "the instance's supervisor is gone, so events are not recorded; '{}' still stops it",
+            ctx.command("powerdown")
+        )),
+    }))
+}
+
 /// `launch` on a running instance: the same connection info, and changed
 /// flags saved for the next boot.
-fn already_running(ctx: &Ctx, inst: &Instance, opts: &LaunchOptions) -> Result<Launched> {
-    let mut notes = vec![];
-    let (pid, accel) = match block_on(client::status(&inst.control(), Duration::from_secs(5))) {
-        Ok(vm) => (vm.qemu_pid, vm.accel),
-        Err(e) => {
-            // QEMU may run on after its supervisor died; it still holds the lock.
-            let run: RunRecord = read_json(&inst.run_record())?.filter(|r: &RunRecord| r.qemu.is_running()).ok_or(e)?;
-            notes.push(format!(
-                "the instance's supervisor is gone, so events are not recorded; '{}' still stops it",
-                ctx.command("powerdown")
-            ));
-            (run.qemu.pid, run.accel)
-        }
-    };
+fn already_running(ctx: &Ctx, inst: &Instance, opts: &LaunchOptions, vm: RunningVm) -> Result<Launched> {
+    let RunningVm { pid, accel, note } = vm;
+    let mut notes: Vec<String> = note.into_iter().collect();
     let saved: Settings = read_json(&inst.settings())?.context("settings.json is missing")?;
     let (mut new, changes) = config::merge(Some(&saved), &opts.flags, &spec::defaults())?;
     if new.ssh_port == 0 {
