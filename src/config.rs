@@ -3,7 +3,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -205,19 +205,26 @@ pub struct Defaults {
     pub share: Option<PathBuf>,
 }
 
+/// Flags that cannot go together, given the saved settings: a usage error
+/// for the caller to report before it touches anything.
+pub fn check_flags(saved: Option<&Settings>, f: &LaunchFlags) -> Result<(), String> {
+    if f.no_share && f.share.is_some() {
+        return Err("--share and --no-share contradict each other: give one".into());
+    }
+    if f.kernel.is_some() != f.initrd.is_some() {
+        return Err("--kernel and --initrd go together: give both, or neither".into());
+    }
+    if f.append.is_some() && f.kernel.is_none() && !matches!(saved.map(|s| &s.source), Some(Source::Kernel { .. })) {
+        return Err("--append needs --kernel/--initrd: it is the kernel command line of a direct boot".into());
+    }
+    Ok(())
+}
+
 /// Merges flags over saved settings (or defaults at first launch) and lists
 /// what changed. A port `auto` keeps a saved port; a fresh `auto` is left as
 /// port 0 for the caller to pick.
 pub fn merge(saved: Option<&Settings>, f: &LaunchFlags, d: &Defaults) -> Result<(Settings, Vec<Change>)> {
-    if f.no_share && f.share.is_some() {
-        bail!("--share and --no-share contradict each other: give one");
-    }
-    if f.kernel.is_some() != f.initrd.is_some() {
-        bail!("--kernel and --initrd go together: give both, or neither");
-    }
-    if f.append.is_some() && f.kernel.is_none() && !matches!(saved.map(|s| &s.source), Some(Source::Kernel { .. })) {
-        bail!("--append needs --kernel/--initrd: it is the kernel command line of a direct boot");
-    }
+    check_flags(saved, f).map_err(anyhow::Error::msg)?;
     let memory_mib = f.memory.or(saved.map(|s| s.memory_mib)).unwrap_or(DEFAULT_MEMORY_MIB);
     let cpus = f.cpus.or(saved.map(|s| s.cpus)).unwrap_or(DEFAULT_CPUS);
     let ssh_port = match f.ssh_port {

@@ -14,7 +14,18 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+            if !e.use_stderr() {
+                return ExitCode::SUCCESS; // --help, --version
+            }
+            // The contract's one document on stdout holds for a flag clap
+            // refused too.
+            if asked_for_json() {
+                let text = e.to_string();
+                let first = text.lines().next().unwrap_or_default();
+                let message = first.strip_prefix("error: ").unwrap_or(first).to_string();
+                let _ = qbuf_qemu::print_line(&error_document(&anyhow::anyhow!(message), 2).to_string());
+            }
+            return ExitCode::from(2);
         }
     };
     init_logging(&cli);
@@ -33,6 +44,12 @@ fn main() -> ExitCode {
             ExitCode::from(code as u8)
         }
     }
+}
+
+/// Whether `--json` is among the options (before any `--`), for errors
+/// found before the command line could be parsed.
+fn asked_for_json() -> bool {
+    std::env::args_os().skip(1).take_while(|a| a != "--").any(|a| a == "--json")
 }
 
 fn init_logging(cli: &Cli) {

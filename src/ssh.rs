@@ -107,17 +107,19 @@ impl Target {
     /// ([`Target::config_lines`]), so `ssh`, `copy` and `ssh-config` cannot
     /// drift apart. The host key is pinned under an alias, so a changed port
     /// does not lose the pin; `accept-new` records it at first connect and
-    /// refuses a different key afterwards.
+    /// refuses a different key afterwards. Values are as ssh reads them
+    /// after unquoting (paths with `%` doubled, as ssh expands `%` tokens in
+    /// them); each renderer quotes them once for its syntax.
     pub fn settings(&self) -> Vec<(&'static str, String)> {
         vec![
-            ("IdentityFile", self.key.display().to_string()),
+            ("IdentityFile", ssh_path(&self.key)),
             ("Port", self.port.to_string()),
             ("IdentitiesOnly", "yes".into()),
             ("IdentityAgent", "none".into()),
             ("PasswordAuthentication", "no".into()),
             ("KbdInteractiveAuthentication", "no".into()),
             ("StrictHostKeyChecking", "accept-new".into()),
-            ("UserKnownHostsFile", config_value(&self.known_hosts.display().to_string())),
+            ("UserKnownHostsFile", ssh_path(&self.known_hosts)),
             ("GlobalKnownHostsFile", "/dev/null".into()),
             ("HostKeyAlias", self.alias.clone()),
             ("CheckHostIP", "no".into()),
@@ -132,7 +134,7 @@ impl Target {
             match k {
                 "IdentityFile" => v.extend(["-i".to_string(), val]),
                 "Port" => v.extend(["-p".to_string(), val]),
-                _ => v.extend(["-o".to_string(), format!("{k}={val}")]),
+                _ => v.extend(["-o".to_string(), format!("{k}={}", config_value(&val))]),
             }
         }
         v
@@ -140,12 +142,9 @@ impl Target {
 
     /// The `Host` block lines for `~/.ssh/config` (after `Host ALIAS`).
     pub fn config_lines(&self) -> Vec<(&'static str, String)> {
-        let mut v = vec![("HostName", LOOPBACK.to_string()), ("User", config_value(&self.user))];
-        v.extend(self.settings().into_iter().map(|(k, val)| match k {
-            "IdentityFile" => (k, config_value(&val)),
-            _ => (k, val),
-        }));
-        v
+        let mut v = vec![("HostName", LOOPBACK.to_string()), ("User", self.user.clone())];
+        v.extend(self.settings());
+        v.into_iter().map(|(k, val)| (k, config_value(&val))).collect()
     }
 
     /// `scp -r` with the same settings (`-o` only: scp's `-p` is not the
@@ -192,14 +191,21 @@ pub enum ScpPath {
     Guest(String),
 }
 
-/// A value as `ssh_config` (and `ssh -o`) reads it: one with blanks in
-/// double quotes, or it would be split into several.
+/// A value as `ssh_config` (and `ssh -o`) reads it: one with blanks,
+/// quotes or backslashes goes in double quotes, with `"` and `\` escaped
+/// (OpenSSH's argv_split), or it would be split or mangled.
 pub fn config_value(v: &str) -> String {
-    if v.contains(char::is_whitespace) {
-        format!("\"{v}\"")
+    if v.is_empty() || v.contains(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '\\' | '#')) {
+        format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))
     } else {
         v.to_string()
     }
+}
+
+/// A path for an ssh keyword that expands `%` tokens (`IdentityFile`,
+/// `UserKnownHostsFile`): a literal `%` is written `%%`.
+fn ssh_path(p: &std::path::Path) -> String {
+    p.display().to_string().replace('%', "%%")
 }
 
 /// Whether this host's `scp` speaks SFTP by default (OpenSSH 9.0 and
@@ -389,6 +395,13 @@ mod tests {
             assert!(block.iter().any(|l| l.starts_with(k)), "{k} missing from {block:?}");
         }
         assert!(block.contains(&"HostKeyAlias qbuf-qemu-dev".to_string()), "{block:?}");
+        // Quoted once, in every rendering.
+        let kh = "UserKnownHostsFile=\"/s s/instances/dev/known_hosts\"".to_string();
+        assert!(scp.contains(&kh), "{scp:?}");
+        assert!(block.contains(&"UserKnownHostsFile \"/s s/instances/dev/known_hosts\"".to_string()), "{block:?}");
+        assert_eq!(config_value(r#"a"b\c"#), r#""a\"b\\c""#);
+        let pct = Target { key: "/s/100%/id".into(), ..target() };
+        assert!(pct.options().contains(&"/s/100%%/id".to_string()), "ssh expands % in IdentityFile");
         assert_eq!(openssh_major("OpenSSH_9.2p1 Debian-2+deb12u10, OpenSSL 3.0.19"), Some(9));
         assert_eq!(openssh_major("OpenSSH_8.4p1"), Some(8));
         assert_eq!(openssh_major("Dropbear"), None);

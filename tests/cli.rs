@@ -68,6 +68,12 @@ fn usage_errors_exit_2() {
     let o = run(&["no-such-command"]);
     assert_eq!(o.status.code(), Some(2));
     // ssh's stdout is the remote command's: it cannot also be one JSON document.
+    // A value clap refuses still gets the one JSON document with --json.
+    let o = run(&["--json", "launch", "--memory", "1e3"]);
+    assert_eq!(o.status.code(), Some(2));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON document");
+    assert_eq!(v["exit_code"], 2, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("1e3"), "{v}");
     let o = run(&["--json", "ssh", "--", "true"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--json does not apply"), "{}", stderr(&o));
@@ -290,6 +296,15 @@ fn out_of_range_values_are_usage_errors_and_touch_nothing() {
         vec!["launch", "--memory", "200000G"],
         vec!["launch", "--kernel", "/k", "--initrd", "/i", "--memory", &too_much],
         vec!["run", "--timeout", "1e9", "--", "true"],
+        vec!["launch", "--ssh-user=-oProxyCommand=x"],
+        vec!["launch", "--share", "/tmp", "--no-share"],
+        vec!["launch", "--kernel", "/k"],
+        vec!["launch", "--append", "quiet"],
+        vec!["launch", "--resume", "a,b"],
+        vec!["disk", "add", "--size", "1M", "--id", "disk0"],
+        vec!["share", "add", "/tmp", "a,b"],
+        vec!["snapshot", "save", "../x"],
+        vec!["run", "--from-snapshot", "a b", "--", "true"],
     ];
     for args in cases {
         let mut a = vec!["--state-dir", sd];

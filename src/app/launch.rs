@@ -22,8 +22,10 @@ use crate::supervisor::client;
 
 pub fn launch(ctx: &Ctx, opts: &LaunchOptions) -> Result<Launched> {
     crate::cli::parse::fits_host(opts.flags.memory, opts.flags.cpus).map_err(Usage)?;
-    ctx.state.ensure()?;
     let inst = ctx.instance();
+    let saved: Option<Settings> = read_json(&inst.settings()).ok().flatten();
+    config::check_flags(saved.as_ref(), &opts.flags).map_err(Usage)?;
+    ctx.state.ensure()?;
     // Before anything slow (a Guix build): a launch that must fail does so now.
     inst.check_socket_paths()?;
     // Only a directory this launch made is removed on failure: one that

@@ -20,6 +20,7 @@ use crate::cli::RunArgs;
 use crate::config::{PortChoice, Settings};
 use crate::instance::records::RunRecord;
 use crate::instance::{read_json, Instance};
+use crate::report::error::Usage;
 use crate::report::run::{Outcome, RunSummary};
 use crate::ssh::{self, Target};
 use crate::supervisor::ladder::StopOptions;
@@ -127,6 +128,8 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<i32> {
     opts.resume = resume.map(|r| ResumeFrom::Other(Box::new(r)));
     let mut summary = RunSummary::new(&rctx.name, a.from_snapshot.clone(), &a.command);
     let code = match launch::launch(&rctx, &opts) {
+        // A bad flag value is the caller's mistake, not a broken VM (exit 2).
+        Err(e) if e.is::<Usage>() => return Err(e),
         Err(e) => {
             summary.error = Some(format!("{e:#}"));
             eprintln!("qbuf-qemu: run: the VM could not be started or reached: {e:#}");

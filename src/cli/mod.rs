@@ -208,7 +208,7 @@ pub struct DiskAddArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse::disk_bytes)]
     pub size: Option<u64>,
     /// Device id [default: disk1, disk2, …]
-    #[arg(long, value_name = "ID")]
+    #[arg(long, value_name = "ID", value_parser = parse::disk_id)]
     pub id: Option<String>,
     /// The image's format; qcow2 is checked against the file's header, raw is never probed [default: qcow2]
     #[arg(long, value_enum)]
@@ -247,7 +247,7 @@ pub enum ShareCommand {
         #[arg(value_name = "DIR", value_parser = parse::path())]
         dir: PathBuf,
         /// The 9p mount tag the guest mounts it by (letters, digits, '-', '_')
-        #[arg(value_name = "TAG")]
+        #[arg(value_name = "TAG", value_parser = parse::share_tag)]
         tag: String,
         /// Read-only for the guest
         #[arg(long)]
@@ -270,10 +270,10 @@ pub struct VmArgs {
     #[arg(long, value_name = "FILE", value_parser = parse::path())]
     pub image: Option<PathBuf>,
     /// Boot this kernel directly (with --initrd)
-    #[arg(long, value_name = "FILE", value_parser = parse::path())]
+    #[arg(long, value_name = "FILE", value_parser = parse::path(), requires = "initrd")]
     pub kernel: Option<PathBuf>,
     /// The initial ramdisk for --kernel
-    #[arg(long, value_name = "FILE", value_parser = parse::path())]
+    #[arg(long, value_name = "FILE", value_parser = parse::path(), requires = "kernel")]
     pub initrd: Option<PathBuf>,
     /// Kernel command line for --kernel
     #[arg(long, value_name = "CMDLINE", allow_hyphen_values = true)]
@@ -288,7 +288,7 @@ pub struct VmArgs {
     #[arg(long, value_name = "DIR", value_parser = parse::path())]
     pub share: Option<PathBuf>,
     /// Do not share a directory
-    #[arg(long)]
+    #[arg(long, conflicts_with = "share")]
     pub no_share: bool,
     /// rw lets the guest write the checkout (including .git/hooks the host runs); ro prevents that [default: rw]
     #[arg(long, value_enum, value_name = "MODE")]
@@ -297,7 +297,7 @@ pub struct VmArgs {
     #[arg(long, value_enum)]
     pub accel: Option<AccelChoice>,
     /// User to log in as [default: dev]
-    #[arg(long, value_name = "USER")]
+    #[arg(long, value_name = "USER", value_parser = parse::user)]
     pub ssh_user: Option<String>,
     /// Private key to use instead of qbuf-qemu's own
     #[arg(long, value_name = "FILE", value_parser = parse::path())]
@@ -326,7 +326,7 @@ pub struct LaunchArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse::disk_bytes, conflicts_with = "resume")]
     pub disk_size: Option<u64>,
     /// Start straight into snapshot NAME of this instance instead of booting (its disk becomes the snapshot's)
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", value_parser = parse::snapshot_name)]
     pub resume: Option<String>,
 }
 
@@ -336,7 +336,7 @@ pub struct RunArgs {
     #[command(flatten)]
     pub vm: VmArgs,
     /// Start from snapshot NAME of the instance --name names (default dev) instead of booting; it is left as it was
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", value_parser = parse::snapshot_name)]
     pub from_snapshot: Option<String>,
     /// Where COMMAND runs in the guest [default: /mnt/qbuf with a share, else the login directory]
     #[arg(long, value_name = "DIR")]
@@ -366,7 +366,7 @@ pub enum SnapshotCommand {
     /// Save the running VM (memory and disk) as NAME; the share is unmounted in the guest meanwhile
     Save {
         /// The snapshot's name (letters, digits, '-', '_')
-        #[arg(value_name = "NAME")]
+        #[arg(value_name = "NAME", value_parser = parse::snapshot_name)]
         snapshot: String,
     },
     /// Replace the instance's VM with snapshot NAME (a running VM is stopped first) and resume it

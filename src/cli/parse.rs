@@ -21,6 +21,39 @@ pub fn name(s: &str) -> Result<String, String> {
     crate::instance::validate_name(s).map(|()| s.to_string()).map_err(|e| e.to_string())
 }
 
+/// A disk id, share tag or snapshot name, by the one rule of
+/// [`crate::qemu::args::validate_id`].
+fn id(what: &str, s: &str) -> Result<String, String> {
+    crate::qemu::args::validate_id(what, s).map(|()| s.to_string()).map_err(|e| e.to_string())
+}
+
+pub fn disk_id(s: &str) -> Result<String, String> {
+    id("disk id", s)
+}
+
+pub fn share_tag(s: &str) -> Result<String, String> {
+    id("share tag", s)
+}
+
+pub fn snapshot_name(s: &str) -> Result<String, String> {
+    id("snapshot name", s)
+}
+
+/// A guest user name as Linux tools accept one: a letter or `_`, then
+/// letters, digits, `_`, `-` or `.`, at most 32. It becomes ssh's
+/// `USER@host` argument and a `User` line of `ssh-config`, so nothing that
+/// ssh could read as an option or a second line gets through.
+pub fn user(s: &str) -> Result<String, String> {
+    let mut chars = s.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if first_ok && rest_ok && s.len() <= 32 {
+        Ok(s.to_string())
+    } else {
+        Err(format!("invalid user name '{s}': use a letter or '_', then letters, digits, '_', '-' or '.' (at most 32)"))
+    }
+}
+
 /// A size in bytes: `4G`, `512M`, `1.5G`, `4096` (a bare number is MiB),
 /// binary units (`G` is GiB), case-insensitive, optional `iB`/`B`. No
 /// exponents or signs: `1e3` is more likely a typo than a size.
@@ -256,6 +289,16 @@ pub fn copy_path(s: &str) -> Result<CopyPath, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_names_cannot_become_ssh_options_or_lines() {
+        for ok in ["dev", "root", "_svc", "a.b-c_1", &"u".repeat(32)] {
+            assert_eq!(user(ok).as_deref(), Ok(ok));
+        }
+        for bad in ["", "-oProxyCommand=x", "a b", "a\nb", "1dev", "dev@host", &"u".repeat(33)] {
+            assert!(user(bad).unwrap_err().contains("invalid user name"), "{bad:?}");
+        }
+    }
 
     fn fwd(udp: bool, a: &str, h: u16, g: u16) -> Forward {
         Forward { udp, host_addr: a.into(), host_port: h, guest_port: g }

@@ -153,6 +153,26 @@ pub fn probe_firmware() -> Vec<u8> {
 
 const PROBE_EXIT: i32 = (0x42 << 1) | 1;
 
+/// The probe firmware in a new private file of the temporary directory:
+/// created exclusively (never through a name someone else planted there),
+/// mode 0600.
+fn write_probe_firmware() -> Result<std::path::PathBuf, String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let fw = std::env::temp_dir().join(format!("qbuf-qemu-vcpu-probe-{}-{nanos}.bin", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&fw)
+        .and_then(|mut f| f.write_all(&probe_firmware()))
+        .map_err(|e| {
+            format!("cannot write the probe firmware {}: {e} (set TMPDIR to a private directory)", fw.display())
+        })?;
+    Ok(fw)
+}
+
 /// Boots [`probe_firmware`] with `accel_args` and reports how long the vCPU
 /// took to reach protected mode, or why it did not within `timeout`.
 pub fn vcpu_runs(
@@ -160,10 +180,8 @@ pub fn vcpu_runs(
     accel_args: &[&str],
     timeout: std::time::Duration,
 ) -> Result<std::time::Duration, String> {
-    use std::os::unix::process::ExitStatusExt;
     use std::time::Instant;
-    let fw = std::env::temp_dir().join(format!("qbuf-qemu-vcpu-probe-{}.bin", std::process::id()));
-    std::fs::write(&fw, probe_firmware()).map_err(|e| format!("cannot write {}: {e}", fw.display()))?;
+    let fw = write_probe_firmware()?;
     let mut c = Command::new(&b.system);
     if let Some(f) = &b.firmware {
         c.arg("-L").arg(f);
@@ -192,7 +210,7 @@ pub fn vcpu_runs(
                     break match st.code() {
                         Some(PROBE_EXIT) => Ok(start.elapsed()),
                         _ => {
-                            let exit = crate::instance::proc::ExitInfo { code: st.code(), signal: st.signal() };
+                            let exit = crate::instance::proc::ExitInfo::from(st);
                             Err(format!("QEMU ended before the vCPU ran ({exit}): {said}"))
                         }
                     };
