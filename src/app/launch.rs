@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
 use super::boot;
 use super::ready;
@@ -114,7 +114,8 @@ fn running_vm(ctx: &Ctx, inst: &Instance) -> Result<Option<RunningVm>> {
 fn already_running(ctx: &Ctx, inst: &Instance, opts: &LaunchOptions, vm: RunningVm) -> Result<Launched> {
     let RunningVm { pid, accel, note } = vm;
     let mut notes: Vec<String> = note.into_iter().collect();
-    let saved: Settings = read_json(&inst.settings())?.context("settings.json is missing")?;
+    let saved: Settings =
+        read_json(&inst.settings())?.ok_or_else(|| super::vm::missing_record(inst, &inst.settings()))?;
     let (mut new, changes) = config::merge(Some(&saved), &opts.flags, &spec::defaults())?;
     if new.ssh_port == 0 {
         new.ssh_port = saved.ssh_port;

@@ -9,7 +9,6 @@ use super::{done, Ctx};
 use crate::cli::Command;
 use crate::config::Settings;
 use crate::instance::{read_json, Instance, Lock};
-use crate::report::error::Failure;
 use crate::report::print_line;
 use crate::ssh::Target;
 
@@ -49,13 +48,18 @@ fn ssh(ctx: &Ctx, args: &[String]) -> Result<i32> {
 /// How OpenSSH reaches the instance, from its saved settings (it need not
 /// run).
 pub fn ssh_target(ctx: &Ctx) -> Result<(Instance, Target)> {
+    ssh_target_and_settings(ctx).map(|(inst, _, t)| (inst, t))
+}
+
+/// [`ssh_target`] and the saved settings it came from.
+pub fn ssh_target_and_settings(ctx: &Ctx) -> Result<(Instance, Settings, Target)> {
     let inst = ctx.existing()?;
     let s: Settings = read_json(&inst.settings())?.ok_or_else(|| {
         anyhow::anyhow!("instance '{}' has no settings yet: launch it first ('{}')", ctx.name, ctx.command("launch"))
     })?;
     let key = super::spec::ssh_key_for(&ctx.state, &s)?;
     let t = Target::for_instance(&inst, s.ssh_port, &s.ssh_user, &key);
-    Ok((inst, t))
+    Ok((inst, s, t))
 }
 
 /// [`ssh_target`] of an instance that runs now.
@@ -69,21 +73,10 @@ pub fn running_target(ctx: &Ctx) -> Result<(Instance, Target)> {
 
 /// `qmp COMMAND [JSON]`: QEMU's raw reply; a refusal is a typed failure.
 fn qmp(ctx: &Ctx, command: &str, arguments: Option<&str>, timeout: std::time::Duration) -> Result<i32> {
-    let args = match parse_arguments(arguments) {
-        Ok(v) => v,
-        Err(m) => return usage(&m),
-    };
-    let vm = Vm::running(ctx)?;
-    match vm.call(command, args, timeout)? {
-        Ok(reply) => {
-            print_line(&serde_json::to_string_pretty(&reply)?)?;
-            Ok(0)
-        }
-        Err(crate::qmp::QmpError::Qemu { class, desc }) => {
-            Err(Failure::QmpError { command: command.into(), class, desc }.into())
-        }
-        Err(e) => Err(anyhow::anyhow!("'{command}' failed: {e}")),
-    }
+    let args = parse_arguments(arguments).map_err(crate::report::error::Usage)?;
+    let reply = Vm::running(ctx)?.execute_within(command, args, timeout)?;
+    print_line(&serde_json::to_string_pretty(&reply)?)?;
+    Ok(0)
 }
 
 /// `qbuf-qemu qmp COMMAND [ARGS]`'s argument: a JSON object, or nothing.

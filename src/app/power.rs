@@ -88,7 +88,8 @@ pub fn reboot(ctx: &Ctx, opts: &RebootOptions) -> Result<Rebooted> {
     if plan.is_some_and(|p| p.spec.disk.is_none()) {
         let _ = std::fs::remove_file(inst.known_hosts());
     }
-    let run: RunRecord = read_json(&inst.run_record())?.ok_or_else(|| anyhow!("run.json is missing"))?;
+    let run: RunRecord =
+        read_json(&inst.run_record())?.ok_or_else(|| super::vm::missing_record(&inst, &inst.run_record()))?;
     let watch = ready::Watch { auto_kvm: false, silence: Duration::MAX, serial_before, cancel: None };
     if let Err(r) = ready::wait(&inst, &t, &run.qemu, Instant::now() + opts.ssh_timeout, &watch) {
         bail!("instance '{}' was reset, but {}", ctx.name, r.describe(&t, &inst));

@@ -17,9 +17,9 @@ use anyhow::{bail, Context, Result};
 use super::spec::{vm_flags, LaunchOptions, ResumeFrom};
 use super::{launch, resume, stop, Ctx};
 use crate::cli::RunArgs;
-use crate::config::{PortChoice, Settings};
+use crate::config::PortChoice;
+use crate::instance::read_json;
 use crate::instance::records::RunRecord;
-use crate::instance::{read_json, Instance};
 use crate::report::error::Usage;
 use crate::report::run::{Outcome, RunSummary};
 use crate::ssh::{self, Target};
@@ -157,16 +157,15 @@ fn command_then_artifacts(
     int: &Interrupt,
     summary: &mut RunSummary,
 ) -> i32 {
-    let inst = ctx.instance();
-    let t = match target(ctx, &inst) {
-        Ok(t) => t,
+    let (inst, settings, t) = match super::observe::ssh_target_and_settings(ctx) {
+        Ok(found) => found,
         Err(e) => {
             summary.error = Some(format!("{e:#}"));
             summary.outcome = Outcome::VmFailed;
             return VM_BROKE;
         }
     };
-    let workdir = workdir.clone().or_else(|| settings_share(&inst).then(|| "/mnt/qbuf".to_string()));
+    let workdir = workdir.clone().or_else(|| settings.share.is_some().then(|| "/mnt/qbuf".to_string()));
     let t0 = Instant::now();
     let status = run_command(&t, workdir.as_deref(), command, int);
     summary.phases.command = Some(t0.elapsed().as_secs_f64());
@@ -204,16 +203,6 @@ fn command_then_artifacts(
         summary.phases.copy_out = Some(t1.elapsed().as_secs_f64());
     }
     code
-}
-
-fn target(ctx: &Ctx, inst: &Instance) -> Result<Target> {
-    let s: Settings = read_json(&inst.settings())?.context("settings.json is missing")?;
-    let key = super::spec::ssh_key_for(&ctx.state, &s)?;
-    Ok(Target::for_instance(inst, s.ssh_port, &s.ssh_user, &key))
-}
-
-fn settings_share(inst: &Instance) -> bool {
-    read_json::<Settings>(&inst.settings()).ok().flatten().is_some_and(|s| s.share.is_some())
 }
 
 /// The guest's shell line for COMMAND: each word quoted (argv semantics:

@@ -18,13 +18,11 @@ use serde_json::json;
 use super::resume::{exec_uri, resume_from, wait_migration};
 use super::vm::Vm;
 use super::{guest, Ctx};
-use crate::config::Settings;
 use crate::instance::paths::Snapshot;
 use crate::instance::records::{BootPlan, RunRecord, SnapshotRecord};
 use crate::instance::{read_json, write_json, Instance};
 use crate::qemu::args::validate_id;
 use crate::report::snapshot::{SnapshotDone, SnapshotEntry, SnapshotList};
-use crate::ssh;
 
 /// No bandwidth cap: the VM is paused, the file is local.
 const UNLIMITED: u64 = 1 << 40;
@@ -42,7 +40,8 @@ pub fn save(ctx: &Ctx, name: &str) -> Result<SnapshotDone> {
             ctx.command(&format!("snapshot delete {name}"))
         );
     }
-    let plan: BootPlan = read_json(&inst.boot_plan())?.context("boot.json is missing")?;
+    let plan: BootPlan =
+        read_json(&inst.boot_plan())?.ok_or_else(|| super::vm::missing_record(&inst, &inst.boot_plan()))?;
     let live = crate::qemu::parse::parse_query_block(&vm.execute("query-block", json!({}))?);
     if let Some(d) = live.iter().find(|d| !d.is_boot()) {
         bail!(
@@ -51,7 +50,7 @@ pub fn save(ctx: &Ctx, name: &str) -> Result<SnapshotDone> {
             ctx.command(&format!("disk remove {}", d.id))
         );
     }
-    let t = target(ctx, &inst)?;
+    let (_, t) = super::observe::ssh_target(ctx)?;
     let mounts = guest::mounted_shares(&t)?;
     guest::unmount_shares(&t, &mounts)?;
     ctx.progress(&format!("saving instance '{}' as snapshot '{name}' (the VM pauses meanwhile)", ctx.name));
@@ -95,12 +94,6 @@ fn freeze(vm: &Vm, inst: &Instance, snap: &Snapshot, plan: &BootPlan) -> Result<
         std::fs::copy(inst.overlay(), snap.disk()).context("cannot copy the boot disk into the snapshot")?;
     }
     Ok(())
-}
-
-fn target(ctx: &Ctx, inst: &Instance) -> Result<ssh::Target> {
-    let s: Settings = read_json(&inst.settings())?.context("settings.json is missing")?;
-    let key = super::spec::ssh_key_for(&ctx.state, &s)?;
-    Ok(ssh::Target::for_instance(inst, s.ssh_port, &s.ssh_user, &key))
 }
 
 fn done(ctx: &Ctx, what: &'static str, record: SnapshotRecord, notes: Vec<String>) -> SnapshotDone {

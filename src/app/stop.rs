@@ -217,16 +217,7 @@ fn supervisor_finishing(inst: &Instance) -> Result<Option<Stopped>> {
     if !Lock::wait_released(inst, EXIT_DEADLINE)? {
         return Ok(None);
     }
-    let shutdown = record.shutdown.as_ref().and_then(Event::shutdown);
-    let outcome = StopOutcome {
-        method: Some(crate::instance::records::StopMethod::AlreadyStopped),
-        guest: shutdown.as_ref().is_some_and(|s| s.0),
-        shutdown_reason: shutdown.map(|s| s.1),
-        seconds: 0.0,
-        exit: record.exit,
-        steps: vec![],
-    };
-    Ok(Some(Stopped { outcome, record: Some(record) }))
+    Ok(Some(Stopped { outcome: StopOutcome::already_stopped(Some(&record)), record: Some(record) }))
 }
 
 fn report(ctx: &Ctx, s: &Stopped) -> StopReport {
@@ -239,15 +230,7 @@ pub fn powerdown(ctx: &Ctx, opts: &StopOptions) -> Result<StopReport> {
         Some(s) => Ok(report(ctx, &s)),
         None => {
             inst.clean_stale();
-            let outcome = StopOutcome {
-                method: Some(crate::instance::records::StopMethod::AlreadyStopped),
-                shutdown_reason: None,
-                guest: false,
-                seconds: 0.0,
-                exit: None,
-                steps: vec![],
-            };
-            Ok(report(ctx, &Stopped { outcome, record: None }))
+            Ok(report(ctx, &Stopped { outcome: StopOutcome::already_stopped(None), record: None }))
         }
     }
 }

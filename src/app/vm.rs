@@ -58,7 +58,12 @@ impl Vm {
 
     /// A QMP command whose refusal is a failure for the user.
     pub fn execute(&self, command: &str, arguments: Value) -> Result<Value> {
-        match self.call(command, arguments, QUERY_TIMEOUT)? {
+        self.execute_within(command, arguments, QUERY_TIMEOUT)
+    }
+
+    /// [`Vm::execute`] with its own deadline.
+    pub fn execute_within(&self, command: &str, arguments: Value, timeout: Duration) -> Result<Value> {
+        match self.call(command, arguments, timeout)? {
             Ok(v) => Ok(v),
             Err(QmpError::Qemu { class, desc }) => {
                 Err(Failure::QmpError { command: command.into(), class, desc }.into())
@@ -78,7 +83,18 @@ impl Vm {
     /// The hot-plug root ports QEMU was started with (from boot.json).
     pub fn hotplug_ports(&self) -> Result<u32> {
         let plan: crate::instance::records::BootPlan = crate::instance::read_json(&self.inst.boot_plan())?
-            .ok_or_else(|| anyhow!("boot.json of instance '{}' is missing", self.name))?;
+            .ok_or_else(|| missing_record(&self.inst, &self.inst.boot_plan()))?;
         Ok(plan.spec.hotplug_ports)
     }
+}
+
+/// A running instance without one of its records (`file`): removed by
+/// hand, or a full disk. A fresh boot writes them all again.
+pub fn missing_record(inst: &Instance, file: &std::path::Path) -> anyhow::Error {
+    anyhow!(
+        "instance '{}' runs without {}: stop it with '{}' and launch it again",
+        inst.name,
+        file.display(),
+        inst.command("powerdown")
+    )
 }

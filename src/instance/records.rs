@@ -161,6 +161,22 @@ pub struct StopOutcome {
     pub steps: Vec<String>,
 }
 
+impl StopOutcome {
+    /// What a stop that found QEMU already gone reports, with how it ended
+    /// when that was recorded.
+    pub fn already_stopped(record: Option<&StopRecord>) -> StopOutcome {
+        let shutdown = record.and_then(|r| r.shutdown.as_ref()).and_then(Event::shutdown);
+        StopOutcome {
+            method: Some(StopMethod::AlreadyStopped),
+            guest: shutdown.as_ref().is_some_and(|s| s.0),
+            shutdown_reason: shutdown.map(|s| s.1),
+            seconds: 0.0,
+            exit: record.and_then(|r| r.exit),
+            steps: vec![],
+        }
+    }
+}
+
 /// How the VM ended (stopped.json); `status` reads it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StopRecord {

@@ -262,7 +262,10 @@ impl Dispatcher {
         self.state.ended =
             Some(Ended { exit: exit.unwrap_or(ExitInfo { code: None, signal: None }), record: Some(record.clone()) });
         self.state.stopping = None;
-        let stopped = Stopped { outcome: outcome.unwrap_or_else(|| already_stopped(&record)), record: Some(record) };
+        let stopped = Stopped {
+            outcome: outcome.unwrap_or_else(|| StopOutcome::already_stopped(Some(&record))),
+            record: Some(record),
+        };
         for w in self.waiters.drain(..) {
             let _ = w.send(Response::Stopped(Box::new(stopped.clone())));
         }
@@ -277,19 +280,6 @@ impl Dispatcher {
                 let _ = reply.send(answer);
             }
         }
-    }
-}
-
-/// What a `powerdown` that found QEMU already gone reports.
-fn already_stopped(record: &StopRecord) -> StopOutcome {
-    let shutdown = record.shutdown.as_ref().and_then(Event::shutdown);
-    StopOutcome {
-        method: Some(StopMethod::AlreadyStopped),
-        guest: shutdown.as_ref().is_some_and(|s| s.0),
-        shutdown_reason: shutdown.map(|s| s.1),
-        seconds: 0.0,
-        exit: record.exit,
-        steps: vec![],
     }
 }
 
@@ -395,7 +385,7 @@ mod tests {
             crashed: false,
             reason: "the guest shut down (guest-shutdown)".into(),
         };
-        let o = already_stopped(&rec);
+        let o = StopOutcome::already_stopped(Some(&rec));
         assert_eq!(o.method, Some(StopMethod::AlreadyStopped));
         assert_eq!(o.shutdown_reason.as_deref(), Some("guest-shutdown"));
         assert!(o.guest);
