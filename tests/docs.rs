@@ -1,13 +1,14 @@
 //! The documentation tells the truth about the CLI: every `qbuf-qemu …` line
-//! in README.md and docs/dev-vm.md parses with the real clap definition, the
-//! README names every subcommand, and its test command is the one CI runs.
+//! in README.md and docs/*.md parses with the real clap definition, their
+//! relative links resolve, the README names every subcommand, and its test
+//! command is the one CI runs.
 
 use std::path::{Path, PathBuf};
 
 use clap::{CommandFactory, Parser};
 use qbuf_qemu::cli::Cli;
 
-const DOCS: &[&str] = &["README.md", "docs/dev-vm.md"];
+const DOCS: &[&str] = &["README.md", "docs/dev-vm.md", "docs/architecture.md", "docs/benchmarks.md"];
 
 /// The README's one test command; `.ci/run` must run exactly this.
 const TEST_COMMAND: &str = "cargo test --no-fail-fast";

@@ -1,8 +1,10 @@
 //! The layering rule of docs/architecture.md, kept by a test: every file in
 //! `src/` may refer (through `crate::` or `super::` paths) only to files of
-//! its own layer or a lower one, and no files refer to each other in a
-//! circle. The layers are listed here, lowest first; a new file must be
-//! placed in one.
+//! its own layer or a lower one, nothing but `main.rs` (through `lib.rs`,
+//! which declares the module) refers to the command layer `app/`, and no
+//! files refer to each other in a circle. The layers are listed here, lowest
+//! first; a new file must be placed in one, and in the same row of
+//! docs/architecture.md's layer table (checked below too).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -138,11 +140,14 @@ fn graph() -> BTreeMap<String, BTreeSet<String>> {
     edges
 }
 
-#[test]
-fn every_file_has_a_layer_and_imports_only_downwards() {
-    let g = graph();
+/// The command layer: nothing outside it imports it but `main.rs` (and
+/// `lib.rs`, which declares it and re-exports `app::run` for `main.rs`).
+const APP: &str = "app/";
+
+/// Every breach of the rule in `g`, one message each, naming the file.
+fn layering_problems(g: &BTreeMap<String, BTreeSet<String>>) -> Vec<String> {
     let mut bad = Vec::new();
-    for (f, to) in &g {
+    for (f, to) in g {
         if f == "lib.rs" || f == "main.rs" {
             continue;
         }
@@ -151,13 +156,95 @@ fn every_file_has_a_layer_and_imports_only_downwards() {
             continue;
         };
         for t in to {
+            if t.starts_with(APP) && !f.starts_with(APP) {
+                bad.push(format!(
+                    "{f} imports {t}: nothing imports the command layer ({APP}) but main.rs (through lib.rs)"
+                ));
+                continue;
+            }
             match layer_of(t) {
                 Some(lt) if lt > lf => bad.push(format!("{f} (layer {lf}) imports {t} (layer {lt}), a higher layer")),
                 _ => {}
             }
         }
     }
+    bad
+}
+
+#[test]
+fn every_file_has_a_layer_and_imports_only_downwards() {
+    let bad = layering_problems(&graph());
     assert!(bad.is_empty(), "layering broken:\n{}", bad.join("\n"));
+}
+
+/// docs/architecture.md's layer table: for each row, lowest first, the
+/// modules its "files" cell names (`clock`, `instance/records`,
+/// `qemu/{args,parse}` expanded, `report/*` kept as a prefix `report/`).
+fn documented_layers() -> Vec<Vec<String>> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/architecture.md");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut rows = Vec::new();
+    let mut in_table = false;
+    for line in text.lines() {
+        if line.starts_with("| layer (lowest first) |") {
+            in_table = true;
+            continue;
+        }
+        if !in_table || line.starts_with("| ---") {
+            continue;
+        }
+        if !line.starts_with('|') {
+            break;
+        }
+        let cell = line.split('|').nth(2).unwrap_or("");
+        let mut names = Vec::new();
+        for span in cell.split('`').skip(1).step_by(2) {
+            match span.split_once('{') {
+                Some((dir, rest)) => {
+                    names.extend(rest.trim_end_matches('}').split(',').map(|m| format!("{dir}{}", m.trim())))
+                }
+                None => names.push(span.trim_end_matches('*').to_string()),
+            }
+        }
+        rows.push(names);
+    }
+    rows
+}
+
+#[test]
+fn the_architecture_doc_has_the_same_layers() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = BTreeMap::new();
+    sources(&src, &src, &mut files);
+    let doc = documented_layers();
+    assert_eq!(
+        doc.len(),
+        LAYERS.len(),
+        "docs/architecture.md's layer table has {} rows, LAYERS {}",
+        doc.len(),
+        LAYERS.len()
+    );
+    let doc_layer = |file: &str| {
+        let module = file.trim_end_matches(".rs");
+        doc.iter().position(|row| {
+            row.iter().any(|n| if n.ends_with('/') { module.starts_with(n.as_str()) } else { module == n })
+        })
+    };
+    let mut bad = Vec::new();
+    for f in files.keys().filter(|f| *f != "lib.rs" && *f != "main.rs") {
+        if doc_layer(f) != layer_of(f) {
+            bad.push(format!(
+                "{f}: row {:?} of docs/architecture.md's table, layer {:?} in LAYERS",
+                doc_layer(f),
+                layer_of(f)
+            ));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "docs/architecture.md and LAYERS disagree (rows and layers count from 0):\n{}",
+        bad.join("\n")
+    );
 }
 
 #[test]
@@ -191,4 +278,18 @@ fn the_guard_sees_imports() {
     let p = paths("use crate::a::{b, c::d as e, self};\nlet x = super::f::g();");
     assert!(p.contains(&vec!["crate".into(), "a".into(), "c".into(), "d".into()]), "{p:?}");
     assert!(p.contains(&vec!["super".into(), "f".into(), "g".into()]), "{p:?}");
+    // An import of app/ from outside it is named, even from a higher layer.
+    let fake: BTreeMap<String, BTreeSet<String>> = [
+        ("fuzz.rs", "app/run.rs"),
+        ("supervisor/ladder.rs", "app/stop.rs"),
+        ("app/launch.rs", "app/boot.rs"),
+        ("lib.rs", "app/mod.rs"),
+    ]
+    .into_iter()
+    .map(|(f, t)| (f.to_string(), BTreeSet::from([t.to_string()])))
+    .collect();
+    let bad = layering_problems(&fake);
+    assert_eq!(bad.len(), 2, "{bad:?}");
+    assert!(bad.iter().any(|m| m.starts_with("fuzz.rs imports app/run.rs: nothing imports")), "{bad:?}");
+    assert!(bad.iter().any(|m| m.starts_with("supervisor/ladder.rs imports app/stop.rs")), "{bad:?}");
 }
