@@ -230,7 +230,7 @@ fn check_devices(ctx: &Ctx, s: &Settings, devices: &DevicesRecord) -> Result<()>
         );
     }
     for f in &devices.forwards {
-        let proto = if f.udp { "udp" } else { "tcp" };
+        let proto = f.proto();
         if (!f.udp && f.host_port == s.ssh_port) || !host::addr_free(&f.host_addr, f.host_port, f.udp) {
             bail!(
                 "host port {}:{}/{proto}, recorded as a forward to guest port {}, is in use by another program: free it, or stop forwarding it with '{}'",

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Value};
 
 use super::vm::{Vm, QUERY_TIMEOUT};
@@ -191,7 +191,7 @@ fn existing_image(
     f: &Path,
     format: DiskFormat,
 ) -> Result<PathBuf> {
-    let p = std::fs::canonicalize(f).with_context(|| format!("disk image {} does not exist", f.display()))?;
+    let p = super::spec::must_exist(f, "disk image")?;
     if !p.is_file() {
         bail!("{} is not a file: give a disk image", p.display());
     }

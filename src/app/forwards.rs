@@ -19,7 +19,7 @@ use crate::instance::read_json;
 use crate::instance::records::DevicesRecord;
 use crate::qemu::args::{Forward, NETDEV_ID};
 use crate::qemu::parse::live_forwards;
-use crate::report::devices::{describe, proto, ForwardChanged, ForwardEntry, ForwardList};
+use crate::report::devices::{describe, ForwardChanged, ForwardEntry, ForwardList};
 
 fn ssh_port(ctx: &Ctx) -> Result<Option<u16>> {
     Ok(read_json::<Settings>(&ctx.existing()?.settings())?.map(|s| s.ssh_port))
@@ -84,7 +84,7 @@ pub fn remove(ctx: &Ctx, end: &HostEnd) -> Result<ForwardChanged> {
     let recorded = rec.forwards.iter().find(|g| end.matches(g)).cloned();
     let live = live_now.into_iter().find(|g| end.matches(g));
     if let (Some(vm), Some(f)) = (&vm, &live) {
-        let reply = vm.hmp(&format!("hostfwd_remove {NETDEV_ID} {}:{}:{}", proto(f), f.host_addr, f.host_port))?;
+        let reply = vm.hmp(&format!("hostfwd_remove {NETDEV_ID} {}", f.host_end()))?;
         if !reply.contains("removed") {
             bail!("QEMU did not remove the forward {}: {}", describe(f), reply.trim());
         }

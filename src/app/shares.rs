@@ -10,11 +10,11 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
 use super::vm::Vm;
 use super::Ctx;
-use crate::config::{Settings, ShareMode};
+use crate::config::Settings;
 use crate::instance::lock::devices_lock;
 use crate::instance::read_json;
 use crate::instance::records::{BootPlan, DevicesRecord};
@@ -42,8 +42,7 @@ pub fn add(ctx: &Ctx, dir: &Path, tag: &str, readonly: bool) -> Result<ShareChan
     }
     let running = Vm::if_running(ctx)?.is_some();
     let inst = ctx.existing()?;
-    let path =
-        std::fs::canonicalize(dir).with_context(|| format!("share directory {} does not exist", dir.display()))?;
+    let path = super::spec::must_exist(dir, "share directory")?;
     if !path.is_dir() {
         bail!("{} is not a directory: give a directory to share", path.display());
     }
@@ -91,12 +90,8 @@ pub fn list(ctx: &Ctx) -> Result<ShareList> {
         removed: false,
     };
     let mut shares = Vec::new();
-    if let Some(s) = settings.as_ref() {
-        if let Some(p) = &s.share {
-            let share =
-                Share { path: p.clone(), tag: DEFAULT_SHARE_TAG.into(), readonly: s.share_mode == ShareMode::Ro };
-            shares.push(entry(&share, true));
-        }
+    if let Some(share) = settings.as_ref().and_then(super::spec::default_share) {
+        shares.push(entry(&share, true));
     }
     for s in DevicesRecord::load(&inst)?.shares {
         shares.push(entry(&s, false));

@@ -45,12 +45,13 @@ pub fn show(ctx: &Ctx) -> Result<ShowReport> {
         row("boot", s.source.describe(), shown(o.source)),
         row("accel", format!("{:?}", s.accel).to_lowercase(), shown(o.accel)),
     ];
-    settings.push(match std::env::var_os("QBUF_QEMU_SYSTEM").filter(|v| !v.is_empty()) {
-        Some(p) => row("qemu", format!("{} (QBUF_QEMU_SYSTEM)", p.to_string_lossy()), ShownOrigin::Environment),
-        None => match crate::host::find_in_path("qemu-system-x86_64") {
-            Some(p) => row("qemu", p.display().to_string(), ShownOrigin::Path),
-            None => row("qemu", "not found: no qemu-system-x86_64 on PATH".into(), ShownOrigin::Path),
-        },
+    // The binaries a launch would use, found the way a launch finds them.
+    let from_env = std::env::var_os("QBUF_QEMU_SYSTEM").is_some_and(|v| !v.is_empty());
+    let origin = if from_env { ShownOrigin::Environment } else { ShownOrigin::Path };
+    settings.push(match crate::qemu::host::qemu_binaries() {
+        Ok(b) if from_env => row("qemu", format!("{} (QBUF_QEMU_SYSTEM)", b.system.display()), origin),
+        Ok(b) => row("qemu", b.system.display().to_string(), origin),
+        Err(e) => row("qemu", format!("not usable: {e:#}"), origin),
     });
     if let Some(f) = std::env::var_os("QBUF_QEMU_FIRMWARE").filter(|v| !v.is_empty()) {
         settings.push(row(

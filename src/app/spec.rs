@@ -133,6 +133,12 @@ pub fn must_exist(p: &std::path::Path, what: &str) -> Result<PathBuf> {
     std::fs::canonicalize(p).with_context(|| format!("{what} {} does not exist", p.display()))
 }
 
+/// The share a launch's settings give (`--share`, mounted at /mnt/qbuf).
+pub fn default_share(s: &Settings) -> Option<Share> {
+    let readonly = s.share_mode == config::ShareMode::Ro;
+    s.share.as_ref().map(|p| Share { path: p.clone(), tag: DEFAULT_SHARE_TAG.into(), readonly })
+}
+
 /// Defaults that come from where the command runs: the checkout to share.
 pub fn defaults() -> config::Defaults {
     let share = std::env::current_dir().ok().and_then(|d| host::git_toplevel(&d));
@@ -156,9 +162,7 @@ pub fn vm_spec(
     devices: &DevicesRecord,
     firmware: Option<PathBuf>,
 ) -> VmSpec {
-    let readonly = s.share_mode == config::ShareMode::Ro;
-    let mut shares: Vec<Share> =
-        s.share.iter().map(|p| Share { path: p.clone(), tag: DEFAULT_SHARE_TAG.into(), readonly }).collect();
+    let mut shares: Vec<Share> = default_share(s).into_iter().collect();
     shares.extend(devices.shares.iter().cloned());
     VmSpec {
         name: inst.name.clone(),

@@ -101,10 +101,23 @@ pub struct Forward {
 }
 
 impl Forward {
+    pub fn proto(&self) -> &'static str {
+        if self.udp {
+            "udp"
+        } else {
+            "tcp"
+        }
+    }
+
+    /// The host end as `hostfwd` rules name it: `tcp:ADDR:PORT` (what HMP
+    /// `hostfwd_remove` takes).
+    pub fn host_end(&self) -> String {
+        format!("{}:{}:{}", self.proto(), self.host_addr, self.host_port)
+    }
+
     /// The `hostfwd` rule text shared by `-netdev` and HMP `hostfwd_add`.
     pub fn rule(&self) -> String {
-        let proto = if self.udp { "udp" } else { "tcp" };
-        format!("{proto}:{}:{}-:{}", self.host_addr, self.host_port, self.guest_port)
+        format!("{}-:{}", self.host_end(), self.guest_port)
     }
 }
 

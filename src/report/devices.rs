@@ -282,16 +282,8 @@ impl Render for ShareList {
     }
 }
 
-pub fn proto(f: &Forward) -> &'static str {
-    if f.udp {
-        "udp"
-    } else {
-        "tcp"
-    }
-}
-
 pub fn describe(f: &Forward) -> String {
-    format!("{}:{} -> guest port {}/{}", f.host_addr, f.host_port, f.guest_port, proto(f))
+    format!("{}:{} -> guest port {}/{}", f.host_addr, f.host_port, f.guest_port, f.proto())
 }
 
 #[derive(Debug, Clone, Serialize)]
