@@ -97,7 +97,7 @@ proptest! {
         let ev = crate::qmp::Event { event: name, data, timestamp: 1.0 };
         let _ = ev.shutdown();
         let mut state =
-            crate::supervisor::protocol::VmState::new(1, 2, 0.0, crate::qemu::args::Accel::Tcg, "", 4);
+            crate::supervisor::protocol::VmState::new(1, 0.0, crate::qemu::args::Accel::Tcg, "", 4);
         crate::supervisor::dispatcher::note_event(&mut state, &ev);
     }
 }

@@ -65,7 +65,7 @@ fn init_logging(cli: &Cli) {
         }
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("qbuf_qemu={default},qbuf_qemu_bin={default}")));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("qbuf_qemu={default}")));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(|| qbuf_qemu::ProgressStderr)

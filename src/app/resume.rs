@@ -43,8 +43,10 @@ pub fn resume_from(ctx: &Ctx, inst: &Instance, name: &str, layered: bool) -> Res
     if let Some(base) = &record.base {
         let now = crate::qemu::image::identity(&base.path)
             .with_context(|| format!("snapshot '{name}' was saved on {}", base.path.display()))?;
-        crate::qemu::image::compare(base, &now)
-            .with_context(|| format!("snapshot '{name}' cannot be used: its base image changed; save it again"))?;
+        let way_out =
+            format!("restore the original image, or save the snapshot again ('{}')", ctx.command("snapshot save NAME"));
+        crate::qemu::image::compare(base, &now, &way_out)
+            .with_context(|| format!("snapshot '{name}' cannot be used"))?;
     }
     let bins = crate::qemu::host::qemu_binaries()?;
     let version = crate::qemu::host::qemu_version(&bins).unwrap_or_default();

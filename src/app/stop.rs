@@ -59,9 +59,9 @@ fn stop(ctx: &Ctx, inst: &Instance, opts: &StopOptions, ctrl_c: CtrlC) -> Result
 }
 
 /// What the ladder is doing at `step`, and how long it waits there.
-pub fn step_message(step: StopMethod, opts: &StopOptions, agent: bool) -> String {
+fn step_message(step: StopMethod, opts: &StopOptions, agent: bool) -> String {
     let secs = |d: Duration| d.as_secs();
-    let graceful = if agent { opts.timeout / 2 } else { opts.timeout };
+    let graceful = ladder::power_button_wait(opts.timeout, agent);
     match step {
         StopMethod::Powerdown => format!(
             "pressed the power button, waiting up to {} s for the guest to power off; then QMP quit and signals (Ctrl-C to force)",

@@ -56,10 +56,9 @@ impl Lock {
     }
 
     /// Lets the lock survive `exec` so the supervisor and QEMU hold it too.
-    pub fn inheritable(&self) -> Result<i32> {
-        let fd = self.file.as_raw_fd();
-        nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))?;
-        Ok(fd)
+    pub fn inheritable(&self) -> Result<()> {
+        nix::fcntl::fcntl(self.file.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))?;
+        Ok(())
     }
 }
 

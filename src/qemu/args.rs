@@ -172,9 +172,10 @@ pub fn socket_value(what: &str, p: &Path) -> Result<String> {
     let v = path_value(what, p)?;
     if p.as_os_str().len() > crate::instance::paths::MAX_SOCKET_PATH {
         bail!(
-            "{what} socket path {} is {} bytes, over the 107 a unix socket allows: use a shorter --state-dir",
+            "{what} socket path {} is {} bytes, over the {} a unix socket allows: use a shorter --state-dir",
             p.display(),
-            p.as_os_str().len()
+            p.as_os_str().len(),
+            crate::instance::paths::MAX_SOCKET_PATH
         );
     }
     Ok(v)

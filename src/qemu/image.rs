@@ -143,18 +143,15 @@ pub fn detect_format(path: &Path) -> Result<DiskFormat> {
     })
 }
 
-/// What to say when the recorded base and the given one differ.
-pub fn compare(recorded: &BaseIdentity, now: &BaseIdentity) -> Result<()> {
+/// What to say when the recorded base and the given one differ; `way_out`
+/// is the caller's fix, said after the cause.
+pub fn compare(recorded: &BaseIdentity, now: &BaseIdentity, way_out: &str) -> Result<()> {
     if recorded.path != now.path {
-        bail!(
-            "this instance's disk is an overlay on {}, not {}: to boot the new image discard the guest's disk with 'launch --recreate', or use another --name",
-            recorded.path.display(),
-            now.path.display()
-        );
+        bail!("this disk is an overlay on {}, not {}: {way_out}", recorded.path.display(), now.path.display());
     }
     if recorded.size != now.size || recorded.mtime_ns != now.mtime_ns {
         bail!(
-            "base image {} changed since this instance's overlay was made on it (size or modification time differ); booting would corrupt the guest's disk. Restore the original image, or discard the guest's disk with 'launch --recreate'",
+            "base image {} changed since the overlay was made on it (size or modification time differ); booting would corrupt the guest's disk: {way_out}",
             now.path.display()
         );
     }
@@ -168,7 +165,14 @@ pub fn prepare(inst: &Instance, qemu_img: &Path, base: &Path) -> Result<PathBuf>
     let overlay = inst.overlay();
     if overlay.exists() {
         match read_json::<BaseIdentity>(&inst.base_identity())? {
-            Some(rec) => compare(&rec, &id)?,
+            Some(rec) => compare(
+                &rec,
+                &id,
+                &format!(
+                    "restore the original image, or discard the guest's disk with '{}', or use another --name",
+                    inst.command("launch --recreate")
+                ),
+            )?,
             None => bail!(
                 "{} exists but its base is not recorded: run '{}' to make it again",
                 overlay.display(),
@@ -335,10 +339,10 @@ mod tests {
     #[test]
     fn a_changed_base_is_refused_with_the_way_out() {
         let a = BaseIdentity { path: "/img".into(), size: 10, mtime_ns: 5, format: "qcow2".into() };
-        assert!(compare(&a, &a.clone()).is_ok());
-        let e = compare(&a, &BaseIdentity { size: 11, ..a.clone() }).unwrap_err().to_string();
-        assert!(e.contains("changed") && e.contains("--recreate"), "{e}");
-        let e = compare(&a, &BaseIdentity { path: "/other".into(), ..a.clone() }).unwrap_err().to_string();
-        assert!(e.contains("/other") && e.contains("--recreate"), "{e}");
+        assert!(compare(&a, &a.clone(), "fix").is_ok());
+        let e = compare(&a, &BaseIdentity { size: 11, ..a.clone() }, "fix").unwrap_err().to_string();
+        assert!(e.contains("changed") && e.ends_with(": fix"), "{e}");
+        let e = compare(&a, &BaseIdentity { path: "/other".into(), ..a.clone() }, "fix").unwrap_err().to_string();
+        assert!(e.contains("/other") && e.ends_with(": fix"), "{e}");
     }
 }

@@ -353,7 +353,7 @@ mod tests {
     use super::*;
 
     fn state() -> VmState {
-        VmState::new(1, 2, 0.0, crate::qemu::args::Accel::Tcg, "10.0.2", 4)
+        VmState::new(1, 0.0, crate::qemu::args::Accel::Tcg, "10.0.2", 4)
     }
 
     #[test]

@@ -133,17 +133,26 @@ async fn plan(opts: &StopOptions, agent: Option<&Path>, start: Instant) -> Vec<(
             Some(sock) => crate::qga::ping(sock, opts.timeout.min(AGENT_PING)).await.is_ok(),
             None => false,
         };
+        let button = power_button_wait(opts.timeout, agent_answers);
+        ladder.push((StopMethod::Powerdown, start + button));
         if agent_answers {
-            ladder.push((StopMethod::Powerdown, start + opts.timeout / 2));
             ladder.push((StopMethod::GuestAgent, start + opts.timeout));
-        } else {
-            ladder.push((StopMethod::Powerdown, start + opts.timeout));
         }
     }
     for m in [StopMethod::Quit, StopMethod::Sigterm, StopMethod::Sigkill] {
         ladder.push((m, start));
     }
     ladder
+}
+
+/// How long the power button gets: all of `--timeout`, or its first half
+/// when a guest agent answers (the agent's shutdown gets the rest).
+pub fn power_button_wait(timeout: Duration, agent_answers: bool) -> Duration {
+    if agent_answers {
+        timeout / 2
+    } else {
+        timeout
+    }
 }
 
 /// A paused guest (QMP `stop`, a debugger) cannot see the power button, so

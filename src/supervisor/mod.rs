@@ -74,7 +74,7 @@ async fn supervise(inst: Instance) -> Result<i32> {
     }
     let me = std::process::id() as i32;
     let state =
-        VmState::new(started.pid, me, crate::clock::now(), plan.spec.accel, &started.version, plan.spec.hotplug_ports);
+        VmState::new(started.pid, crate::clock::now(), plan.spec.accel, &started.version, plan.spec.hotplug_ports);
     let record = RunRecord {
         qemu: ProcIdentity::of(started.pid).unwrap_or(ProcIdentity {
             pid: started.pid,

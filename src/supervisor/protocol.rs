@@ -59,7 +59,6 @@ pub enum Response {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VmState {
     pub qemu_pid: i32,
-    pub supervisor_pid: i32,
     pub started_at: f64,
     pub accel: Accel,
     pub qemu_version: String,
@@ -81,17 +80,9 @@ pub struct VmState {
 
 impl VmState {
     /// A VM that just came up: nothing has happened to it yet.
-    pub fn new(
-        qemu_pid: i32,
-        supervisor_pid: i32,
-        started_at: f64,
-        accel: Accel,
-        version: &str,
-        ports: u32,
-    ) -> VmState {
+    pub fn new(qemu_pid: i32, started_at: f64, accel: Accel, version: &str, ports: u32) -> VmState {
         VmState {
             qemu_pid,
-            supervisor_pid,
             started_at,
             accel,
             qemu_version: version.into(),
