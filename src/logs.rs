@@ -15,9 +15,8 @@ use anyhow::Result;
 /// log and the serial console (which is appended across boots, so a boot
 /// quotes only from where it started).
 pub fn tail(path: &Path, from: u64, max: usize, when_empty: &str) -> String {
-    let b = std::fs::read(path).unwrap_or_default();
-    let part = &b[(from as usize).min(b.len())..];
-    let s = String::from_utf8_lossy(&part[part.len().saturating_sub(max)..]).trim().to_string();
+    let b = read_end(path, from, max).unwrap_or_default();
+    let s = String::from_utf8_lossy(&b).trim().to_string();
     if s.is_empty() {
         when_empty.to_string()
     } else {
@@ -25,16 +24,21 @@ pub fn tail(path: &Path, from: u64, max: usize, when_empty: &str) -> String {
     }
 }
 
-/// The last line of `path` after byte `from`, without terminal control
-/// sequences, read from the file's end only (a serial log grows to
-/// megabytes over many boots); `None` when there is none yet.
-pub fn last_line(path: &Path, from: u64) -> Option<String> {
+/// At most the last `max` bytes of `path` after byte `from`, read from the
+/// file's end only (a serial log grows to megabytes over many boots).
+fn read_end(path: &Path, from: u64, max: usize) -> Option<Vec<u8>> {
     let mut f = File::open(path).ok()?;
     let len = f.metadata().ok()?.len();
-    let start = from.max(len.saturating_sub(1024));
-    f.seek(SeekFrom::Start(start)).ok()?;
+    f.seek(SeekFrom::Start(from.max(len.saturating_sub(max as u64)))).ok()?;
     let mut buf = Vec::new();
     f.read_to_end(&mut buf).ok()?;
+    Some(buf)
+}
+
+/// The last line of `path` after byte `from`, without terminal control
+/// sequences; `None` when there is none yet.
+pub fn last_line(path: &Path, from: u64) -> Option<String> {
+    let buf = read_end(path, from, 1024)?;
     let clean = String::from_utf8_lossy(&TerminalFilter::clean(&buf)).into_owned();
     clean.lines().map(str::trim).rfind(|l| !l.is_empty()).map(String::from)
 }

@@ -22,12 +22,14 @@ pub fn ensure_user_key(state: &StateDir) -> Result<PathBuf> {
         return Ok(path);
     }
     private_dir(&state.ssh_dir())?;
-    let key = ssh_key::PrivateKey::random(&mut ssh_key::rand_core::OsRng, ssh_key::Algorithm::Ed25519)
+    let mut key = ssh_key::PrivateKey::random(&mut ssh_key::rand_core::OsRng, ssh_key::Algorithm::Ed25519)
         .context("cannot generate an SSH key")?;
-    let mut key = key;
     key.set_comment("qbuf-qemu");
     let pem = key.to_openssh(ssh_key::LineEnding::LF).context("cannot encode the SSH key")?;
-    let tmp = path.with_extension("tmp");
+    // Two first launches at once each make a key; the first to link its
+    // file in place wins, and the other uses that one (never a mix of one's
+    // private key and the other's .pub).
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -36,9 +38,17 @@ pub fn ensure_user_key(state: &StateDir) -> Result<PathBuf> {
         .open(&tmp)
         .and_then(|mut f| f.write_all(pem.as_bytes()))
         .with_context(|| format!("cannot write {}", tmp.display()))?;
+    let linked = fs::hard_link(&tmp, &path);
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(path),
+        Err(e) => return Err(e).with_context(|| format!("cannot create {}", path.display())),
+    }
     let public = key.public_key().to_openssh().context("cannot encode the public key")?;
-    fs::write(path.with_extension("pub"), format!("{public}\n"))?;
-    fs::rename(&tmp, &path)?;
+    let pub_tmp = path.with_extension(format!("pub.tmp{}", std::process::id()));
+    fs::write(&pub_tmp, format!("{public}\n"))?;
+    fs::rename(&pub_tmp, path.with_extension("pub"))?;
     tracing::info!(path = %path.display(), "generated the qbuf-qemu SSH key");
     Ok(path)
 }
@@ -69,7 +79,12 @@ pub fn public_key_line(private: &Path) -> Result<String> {
 /// readable by others).
 pub fn check_private_key(path: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let meta = fs::metadata(path).with_context(|| format!("SSH key {} does not exist", path.display()))?;
+    let meta = fs::metadata(path).with_context(|| {
+        format!(
+            "SSH key {} does not exist: give an existing private key with --ssh-key, or leave --ssh-key out to use qbuf-qemu's own",
+            path.display()
+        )
+    })?;
     if meta.permissions().mode() & 0o077 != 0 {
         bail!(
             "SSH key {} is readable by other users and OpenSSH will refuse it: run 'chmod 600 {}'",
@@ -288,7 +303,7 @@ fn run(argv: &[String], stdin: Stdio) -> Result<std::process::Output> {
         .args(&argv[1..])
         .stdin(stdin)
         .output()
-        .context("cannot run 'ssh': install OpenSSH's client (Debian: apt-get install openssh-client)")
+        .with_context(|| format!("cannot run 'ssh': {SSH_MISSING}"))
 }
 
 /// `ssh … true` with the instance key: readiness means a login works.
@@ -304,9 +319,12 @@ pub fn try_login(t: &Target, timeout: Duration) -> Result<Login> {
     }
 }
 
+/// What to do when `ssh` (or `scp`) cannot be run.
+pub const SSH_MISSING: &str = "install OpenSSH's client (Debian: apt-get install openssh-client)";
+
 /// Runs the shell command line `remote` in the guest, output captured.
 pub fn capture(t: &Target, remote: &str) -> Result<std::process::Output> {
-    run(&batch(t, &[remote.to_string()], Duration::from_secs(10)), Stdio::null())
+    run(&streaming_command(t, remote), Stdio::null())
 }
 
 /// argv of a non-interactive ssh running `remote` with the terminal's
@@ -326,9 +344,11 @@ pub fn run_interactive(t: &Target, inst: &Instance, remote: &[String]) -> Result
 /// OpenSSH's warning. Returns the program's exit status.
 pub fn run_explained(argv: &[String], t: &Target, inst: &Instance) -> Result<i32> {
     tracing::info!("running {}", shell_words::join(argv));
-    let mut child = Command::new(&argv[0]).args(&argv[1..]).stderr(Stdio::piped()).spawn().with_context(|| {
-        format!("cannot run '{}': install OpenSSH's client (Debian: apt-get install openssh-client)", argv[0])
-    })?;
+    let mut child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run '{}': {SSH_MISSING}", argv[0]))?;
     let stderr = child.stderr.take().expect("piped");
     let mut mismatch = false;
     let mut out = std::io::stderr();

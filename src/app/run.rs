@@ -223,7 +223,7 @@ fn run_command(t: &Target, workdir: Option<&str>, command: &[String], int: &Inte
         .args(&argv[1..])
         .stdin(Stdio::null())
         .spawn()
-        .context("cannot run 'ssh': install OpenSSH's client")?;
+        .with_context(|| format!("cannot run 'ssh': {}", ssh::SSH_MISSING))?;
     int.child.store(child.id() as i32, Ordering::SeqCst);
     let status = child.wait()?;
     int.child.store(0, Ordering::SeqCst);
@@ -245,7 +245,12 @@ fn copy_from_guest(t: &Target, guest: &str, host: &Path) -> Result<()> {
     let tmp = dir.join(format!(".qbuf-copy-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
     let argv = ssh::streaming_command(t, &remote);
-    let mut from = Command::new(&argv[0]).args(&argv[1..]).stdin(Stdio::null()).stdout(Stdio::piped()).spawn()?;
+    let mut from = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run 'ssh': {}", ssh::SSH_MISSING))?;
     let untar = Command::new("tar")
         .arg("-xf")
         .arg("-")

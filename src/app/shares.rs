@@ -29,7 +29,9 @@ fn changed(ctx: &Ctx, s: Share, added: bool, running: bool) -> ShareChanged {
         readonly: s.readonly,
         added,
         running,
-        relaunch_command: format!("{} && {}", ctx.command("powerdown"), ctx.command("launch")),
+        // `;`, not `&&`: a powerdown that had to escalate exits 3, and the
+        // VM is stopped all the same.
+        relaunch_command: format!("{}; {}", ctx.command("powerdown"), ctx.command("launch")),
     }
 }
 

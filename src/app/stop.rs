@@ -329,9 +329,8 @@ fn remove_files(inst: &Instance) -> Result<Vec<PathBuf>> {
 /// user gave to `disk add FILE` is never among them.
 fn created_images(inst: &Instance) -> Vec<PathBuf> {
     let dir = inst.disks_dir();
-    let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .map(|rd| rd.filter_map(|e| Some(e.ok()?.path())).filter(|p| p.starts_with(&dir)).collect())
-        .unwrap_or_default();
+    let mut v: Vec<PathBuf> =
+        std::fs::read_dir(&dir).map(|rd| rd.filter_map(|e| Some(e.ok()?.path())).collect()).unwrap_or_default();
     v.sort();
     v
 }
