@@ -96,7 +96,7 @@ struct RunningVm {
 /// supervisor died) from the run record; `None` while another command is
 /// still starting it or finishing with it.
 fn running_vm(ctx: &Ctx, inst: &Instance) -> Result<Option<RunningVm>> {
-    if let Ok(vm) = block_on(client::status(&inst.control(), Duration::from_secs(5))) {
+    if let Ok(vm) = block_on(client::state(&inst.control(), Duration::from_secs(5))) {
         return Ok(Some(RunningVm { pid: vm.qemu_pid, accel: vm.accel, note: None }));
     }
     Ok(read_json::<RunRecord>(&inst.run_record())?.filter(|r| r.qemu.is_running()).map(|run| RunningVm {

@@ -11,13 +11,12 @@ use serde_json::json;
 use super::{block_on, Ctx};
 use crate::instance::records::{RunRecord, StopMethod, StopOutcome, StopRecord};
 use crate::instance::{read_json, write_json, Instance, Lock};
-use crate::qga::AgentState;
 use crate::qmp::{Event, Qmp};
 use crate::report::error::Interrupted;
 use crate::report::stop::{Destroyed, StopReport};
 use crate::supervisor::client;
 use crate::supervisor::ladder::{self, ForeignProcess, StopOptions, QUIT_DEADLINE, SIGNAL_DEADLINE};
-use crate::supervisor::protocol::{Live, Stopped};
+use crate::supervisor::protocol::Stopped;
 
 /// How long the supervisor may take to exit after it answered.
 const EXIT_DEADLINE: Duration = Duration::from_secs(10);
@@ -58,21 +57,18 @@ fn stop(ctx: &Ctx, inst: &Instance, opts: &StopOptions, ctrl_c: CtrlC) -> Result
     Ok(Some(stopped))
 }
 
-/// What the ladder is doing at `step`, and how long it waits there.
-fn step_message(step: StopMethod, opts: &StopOptions, agent: bool) -> String {
-    let secs = |d: Duration| d.as_secs();
-    let graceful = ladder::power_button_wait(opts.timeout, agent);
+/// What the ladder is doing at `step`, and how long it waits there (as the
+/// supervisor's ladder set it).
+fn step_message(step: StopMethod, wait_secs: f64) -> String {
+    let secs = wait_secs.round();
     match step {
         StopMethod::Powerdown => format!(
-            "pressed the power button, waiting up to {} s for the guest to power off; then QMP quit and signals (Ctrl-C to force)",
-            secs(graceful)
+            "pressed the power button, waiting up to {secs} s for the guest to power off; then QMP quit and signals (Ctrl-C to force)"
         ),
-        StopMethod::GuestAgent => {
-            format!("asked the guest agent to shut down, waiting up to {} s", secs(opts.timeout - graceful))
-        }
-        StopMethod::Quit => format!("sent QMP quit, waiting up to {} s for QEMU to exit", secs(QUIT_DEADLINE)),
-        StopMethod::Sigterm => format!("sent QEMU SIGINT, waiting up to {} s", secs(SIGNAL_DEADLINE)),
-        StopMethod::Sigkill => format!("sent QEMU SIGKILL, waiting up to {} s", secs(SIGNAL_DEADLINE)),
+        StopMethod::GuestAgent => format!("asked the guest agent to shut down, waiting up to {secs} s"),
+        StopMethod::Quit => format!("sent QMP quit, waiting up to {secs} s for QEMU to exit"),
+        StopMethod::Sigterm => format!("sent QEMU SIGINT, waiting up to {secs} s"),
+        StopMethod::Sigkill => format!("sent QEMU SIGKILL, waiting up to {secs} s"),
         StopMethod::AlreadyStopped => "already stopped".into(),
     }
 }
@@ -96,7 +92,6 @@ async fn powerdown_showing_steps(
     let stop = client::powerdown(&sock, opts.timeout, opts.force, budget);
     tokio::pin!(stop);
     let mut forced = opts.force;
-    let mut agent = None;
     let mut tick = Duration::from_millis(100);
     loop {
         tokio::select! {
@@ -125,11 +120,11 @@ async fn powerdown_showing_steps(
             }
             () = tokio::time::sleep(tick) => {
                 tick = Duration::from_millis(500);
-                if let Ok(s) = client::status(&sock, Duration::from_secs(3)).await {
-                    let answers = matches!(&s.live, Some(Live::Answered(l)) if l.guest_agent == AgentState::Answers);
-                    let agent = *agent.get_or_insert(answers);
-                    if let Some(step) = s.stopping {
-                        ctx.stage(&step_message(step, opts, agent));
+                // `state`, not `status`: polling must not send QEMU and the
+                // guest agent questions while the ladder talks to them.
+                if let Ok(s) = client::state(&sock, Duration::from_secs(3)).await {
+                    if let (Some(step), Some(wait)) = (s.stopping, s.stopping_wait_secs) {
+                        ctx.stage(&step_message(step, wait));
                     }
                 }
             }
@@ -153,7 +148,8 @@ async fn ladder_forced_on_ctrl_c(
 ) -> Result<StopOutcome> {
     let mut ctrl_c = ctrl_c()?;
     let (hurry, hurried) = tokio::sync::watch::channel(false);
-    let ladder = ladder::stop(qmp, proc, opts, None, Some(agent), &|_| {}, hurried);
+    let show = |m: StopMethod, wait: Duration| ctx.stage(&step_message(m, wait.as_secs_f64()));
+    let ladder = ladder::stop(qmp, proc, opts, None, Some(agent), &show, hurried);
     tokio::pin!(ladder);
     loop {
         tokio::select! {

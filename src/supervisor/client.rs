@@ -67,6 +67,15 @@ pub async fn status(sock: &Path, timeout: Duration) -> Result<VmState> {
     }
 }
 
+/// What the supervisor knows without asking QEMU (no `live` part): cheap
+/// enough to poll, and no competition for QEMU's or the agent's attention.
+pub async fn state(sock: &Path, timeout: Duration) -> Result<VmState> {
+    match call(sock, &Request::State, timeout).await? {
+        Response::Status(s) => Ok(*s),
+        other => Err(unexpected(other)),
+    }
+}
+
 /// Runs the stop ladder; answers once QEMU is gone (within `budget`).
 pub async fn powerdown(sock: &Path, timeout: Duration, force: bool, budget: Duration) -> Result<Stopped> {
     let req = Request::Powerdown { timeout_secs: timeout.as_secs_f64(), force };

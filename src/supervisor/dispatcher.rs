@@ -39,7 +39,7 @@ pub enum Msg {
     QmpClosed,
     Exited(ExitInfo),
     Request(Request, oneshot::Sender<Response>),
-    LadderStep(StopMethod),
+    LadderStep(StopMethod, Duration),
     LadderDone(StopOutcome),
     HostSignal,
     /// The instance's directory was deleted under the running VM.
@@ -129,7 +129,10 @@ impl Dispatcher {
                 self.state.ended = Some(Ended { exit: e, record: None });
             }
             Msg::Request(req, reply) => self.request(req, reply),
-            Msg::LadderStep(m) => self.state.stopping = Some(m),
+            Msg::LadderStep(m, wait) => {
+                self.state.stopping = Some(m);
+                self.state.stopping_wait_secs = Some(wait.as_secs_f64());
+            }
             Msg::LadderDone(o) => self.ladder = Ladder::Done(o),
             Msg::HostSignal => {
                 tracing::info!("host signal received: powering the guest down");
@@ -162,6 +165,9 @@ impl Dispatcher {
     fn request(&mut self, req: Request, reply: oneshot::Sender<Response>) {
         match req {
             // QEMU has exited, or is exiting (its QMP connection closed).
+            Request::State => {
+                let _ = reply.send(Response::Status(Box::new(self.state.clone())));
+            }
             Request::Status if self.state.ended.is_some() || self.qmp_closed => {
                 let _ = reply.send(Response::Status(Box::new(self.state.clone())));
             }
@@ -224,8 +230,8 @@ impl Dispatcher {
         let tx = self.tx.clone();
         tokio::spawn(async move {
             let step_tx = tx.clone();
-            let on_step = move |m: StopMethod| {
-                let _ = step_tx.send(Msg::LadderStep(m));
+            let on_step = move |m: StopMethod, wait: Duration| {
+                let _ = step_tx.send(Msg::LadderStep(m, wait));
             };
             let o = ladder::stop(Some(&qmp), &proc, &opts, known, agent.as_deref(), &on_step, hurried).await;
             let _ = tx.send(Msg::LadderDone(o));
@@ -262,6 +268,7 @@ impl Dispatcher {
         self.state.ended =
             Some(Ended { exit: exit.unwrap_or(ExitInfo { code: None, signal: None }), record: Some(record.clone()) });
         self.state.stopping = None;
+        self.state.stopping_wait_secs = None;
         let stopped = Stopped {
             outcome: outcome.unwrap_or_else(|| StopOutcome::already_stopped(Some(&record))),
             record: Some(record),
@@ -274,7 +281,7 @@ impl Dispatcher {
             if let Msg::Request(req, reply) = msg {
                 let answer = match req {
                     Request::Powerdown { .. } => Response::Stopped(Box::new(stopped.clone())),
-                    Request::Status => Response::Status(Box::new(self.state.clone())),
+                    Request::Status | Request::State => Response::Status(Box::new(self.state.clone())),
                     _ => Response::Failed("QEMU has exited".into()),
                 };
                 let _ = reply.send(answer);

@@ -61,7 +61,7 @@ pub async fn stop<P: QemuProcess + Sync>(
     opts: &StopOptions,
     known_shutdown: Option<Event>,
     agent: Option<&Path>,
-    on_step: &(dyn Fn(StopMethod) + Sync),
+    on_step: &(dyn Fn(StopMethod, Duration) + Sync),
     mut hurry: watch::Receiver<bool>,
 ) -> StopOutcome {
     let start = Instant::now();
@@ -90,12 +90,12 @@ pub async fn stop<P: QemuProcess + Sync>(
         if guests_step && hurried {
             continue;
         }
-        on_step(method);
         let deadline = match method {
             StopMethod::Powerdown | StopMethod::GuestAgent => deadline,
             StopMethod::Quit => Instant::now() + QUIT_DEADLINE,
             _ => Instant::now() + SIGNAL_DEADLINE,
         };
+        on_step(method, deadline.saturating_duration_since(Instant::now()));
         let note = act(qmp, proc, method, agent).await;
         tracing::info!(step = method.as_str(), "{note}");
         steps.push(format!("{}: {note}", method.as_str()));
@@ -147,7 +147,7 @@ async fn plan(opts: &StopOptions, agent: Option<&Path>, start: Instant) -> Vec<(
 
 /// How long the power button gets: all of `--timeout`, or its first half
 /// when a guest agent answers (the agent's shutdown gets the rest).
-pub fn power_button_wait(timeout: Duration, agent_answers: bool) -> Duration {
+fn power_button_wait(timeout: Duration, agent_answers: bool) -> Duration {
     if agent_answers {
         timeout / 2
     } else {

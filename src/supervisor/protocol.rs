@@ -27,8 +27,11 @@ pub enum Request {
         arguments: Value,
         timeout_ms: u64,
     },
-    /// Everything `status` shows, in one answer.
+    /// Everything `status` shows, in one answer (QEMU is asked).
     Status,
+    /// What the supervisor knows without asking QEMU or the guest agent
+    /// (a `status` answer with no `live` part): for callers that poll.
+    State,
     /// Run the stop ladder; answered once QEMU is gone.
     Powerdown { timeout_secs: f64, force: bool },
     /// Stream every QMP event from now on. The first answer is `Subscribed`,
@@ -65,6 +68,9 @@ pub struct VmState {
     pub hotplug_ports: u32,
     /// The stop ladder's current step while it runs.
     pub stopping: Option<StopMethod>,
+    /// How long that step waits at most, in seconds (as the ladder set it).
+    #[serde(default)]
+    pub stopping_wait_secs: Option<f64>,
     /// The last SHUTDOWN event seen, if any.
     pub last_shutdown: Option<Event>,
     /// GUEST_PANICKED, if the guest panicked during this boot.
@@ -88,6 +94,7 @@ impl VmState {
             qemu_version: version.into(),
             hotplug_ports: ports,
             stopping: None,
+            stopping_wait_secs: None,
             last_shutdown: None,
             panicked: None,
             agent_port_open: false,
@@ -144,6 +151,7 @@ mod tests {
         let reqs = [
             Request::Qmp { command: "query-status".into(), arguments: serde_json::json!({}), timeout_ms: 5 },
             Request::Status,
+            Request::State,
             Request::Powerdown { timeout_secs: 1.5, force: true },
             Request::Subscribe,
         ];
