@@ -45,7 +45,7 @@ pub fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Res
     }
     let resume = match &opts.resume {
         Some(ResumeFrom::Own(name)) => Some(resume::resume_from(ctx, inst, name, false)?),
-        Some(ResumeFrom::Other(r)) => Some((**r).clone()),
+        Some(ResumeFrom::Checked(r)) => Some((**r).clone()),
         None => None,
     };
     let (s, changes) = settings(ctx, inst, opts, resume.as_ref(), &mut notes)?;

@@ -125,7 +125,7 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<i32> {
     let mut opts = LaunchOptions::plain(a.timeout);
     opts.flags = vm_flags(a.vm, Some(PortChoice::Auto))?;
     opts.cancel = Some(int.cancel.clone());
-    opts.resume = resume.map(|r| ResumeFrom::Other(Box::new(r)));
+    opts.resume = resume.map(|r| ResumeFrom::Checked(Box::new(r)));
     let mut summary = RunSummary::new(&rctx.name, a.from_snapshot.clone(), &a.command);
     let code = match launch::launch(&rctx, &opts) {
         // A bad flag value is the caller's mistake, not a broken VM (exit 2).

@@ -121,14 +121,15 @@ fn entry(r: &SnapshotRecord) -> SnapshotEntry {
 /// `snapshot load NAME`: the running VM (if any) is replaced.
 pub fn load(ctx: &Ctx, name: &str, timeout: Duration) -> Result<crate::report::launch::Launched> {
     let inst = ctx.existing()?;
-    resume_from(ctx, &inst, name, false)?;
+    // Checked before the running VM is stopped, and only once.
+    let resume = resume_from(ctx, &inst, name, false)?;
     super::stop::stop_running(
         ctx,
         &inst,
         &crate::supervisor::ladder::StopOptions { timeout: Duration::ZERO, force: true },
     )?;
     let mut opts = super::spec::LaunchOptions::plain(timeout);
-    opts.resume = Some(super::spec::ResumeFrom::Own(name.to_string()));
+    opts.resume = Some(super::spec::ResumeFrom::Checked(Box::new(resume)));
     super::launch::launch(ctx, &opts)
 }
 

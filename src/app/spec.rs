@@ -41,8 +41,10 @@ pub struct LaunchOptions {
 pub enum ResumeFrom {
     /// One of this instance's snapshots (`launch --resume`).
     Own(String),
-    /// Another instance's, under a fresh overlay (`run --from-snapshot`).
-    Other(Box<Resume>),
+    /// A snapshot already checked by `resume::resume_from` (`snapshot load`,
+    /// and `run --from-snapshot`, which resumes another instance's under a
+    /// fresh overlay).
+    Checked(Box<Resume>),
 }
 
 impl LaunchOptions {
