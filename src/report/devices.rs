@@ -169,14 +169,7 @@ pub struct DiskList {
 
 impl Render for DiskList {
     fn human(&self) -> String {
-        let mut s = String::new();
-        if !self.running {
-            s.push_str(&format!("Instance '{}' is not running; disks recorded for its next launch:\n", self.name));
-        }
-        if self.disks.is_empty() {
-            s.push_str("(no disks)");
-        }
-        for d in &self.disks {
+        let rows = self.disks.iter().map(|d| {
             let what = match (d.boot, d.recorded, d.attached) {
                 (true, _, _) => "boot disk",
                 (_, true, true) => "attached, recorded",
@@ -185,10 +178,32 @@ impl Render for DiskList {
                 _ => "",
             };
             let ro = if d.read_only { ", read-only" } else { "" };
-            s.push_str(&format!("{:<12} {:<6} {}  [{what}{ro}]\n", d.id, d.format, d.file));
-        }
-        s.trim_end().to_string()
+            format!("{:<12} {:<6} {}  [{what}{ro}]", d.id, d.format, d.file)
+        });
+        device_list(&self.name, self.running, "disks", "recorded for its next launch", rows)
     }
+}
+
+/// The frame every device list shares: a header when the VM is stopped
+/// (the list is then what its next launch sets up), `(no NOUN)` when empty,
+/// then one row per device.
+fn device_list(
+    name: &str,
+    running: bool,
+    noun: &str,
+    when_stopped: &str,
+    rows: impl Iterator<Item = String>,
+) -> String {
+    let mut lines = Vec::new();
+    if !running {
+        lines.push(format!("Instance '{name}' is not running; {noun} {when_stopped}:"));
+    }
+    let before = lines.len();
+    lines.extend(rows);
+    if lines.len() == before {
+        lines.push(format!("(no {noun})"));
+    }
+    lines.join("\n")
 }
 
 /// What `share add`/`share remove` did.
@@ -260,25 +275,19 @@ pub struct ShareList {
 
 impl Render for ShareList {
     fn human(&self) -> String {
-        if self.shares.is_empty() {
-            return "(no shares)".into();
-        }
-        self.shares
-            .iter()
-            .map(|s| {
-                let mut flags = vec![if s.readonly { "ro" } else { "rw" }];
-                if s.default {
-                    flags.push("default");
-                }
-                if s.removed {
-                    flags.push("removed, still attached until the next boot");
-                } else if self.running {
-                    flags.push(if s.live { "live" } else { "next boot" });
-                }
-                format!("{:<12} {}  [{}]", s.tag, s.path.display(), flags.join(", "))
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
+        let rows = self.shares.iter().map(|s| {
+            let mut flags = vec![if s.readonly { "ro" } else { "rw" }];
+            if s.default {
+                flags.push("default");
+            }
+            if s.removed {
+                flags.push("removed, still attached until the next boot");
+            } else if self.running {
+                flags.push(if s.live { "live" } else { "next boot" });
+            }
+            format!("{:<12} {}  [{}]", s.tag, s.path.display(), flags.join(", "))
+        });
+        device_list(&self.name, self.running, "shares", "mounted at its next launch", rows)
     }
 }
 
@@ -335,19 +344,28 @@ pub struct ForwardList {
 
 impl Render for ForwardList {
     fn human(&self) -> String {
-        let mut s = String::new();
-        if !self.running {
-            s.push_str(&format!("Instance '{}' is not running; forwards set up at its next launch:\n", self.name));
-        }
-        for e in &self.forwards {
+        let rows = self.forwards.iter().map(|e| {
             let what = match (e.ssh, e.recorded, e.live) {
                 (true, _, _) => "ssh",
                 (_, true, _) => "recorded",
                 (_, false, true) => "transient",
                 _ => "",
             };
-            s.push_str(&format!("{:<24} [{what}]\n", describe(&e.forward)));
-        }
-        s.trim_end().to_string()
+            format!("{:<24} [{what}]", describe(&e.forward))
+        });
+        device_list(&self.name, self.running, "forwards", "set up at its next launch", rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_lists_share_one_frame() {
+        let stopped = ForwardList { name: "dev".into(), running: false, forwards: vec![] }.human();
+        assert_eq!(stopped, "Instance 'dev' is not running; forwards set up at its next launch:\n(no forwards)");
+        let running = ShareList { name: "dev".into(), running: true, shares: vec![] }.human();
+        assert_eq!(running, "(no shares)");
     }
 }
