@@ -16,7 +16,7 @@ use crate::instance::lock::devices_lock;
 use crate::instance::records::DevicesRecord;
 use crate::instance::{Instance, Lock};
 use crate::qemu::args::BOOT_DISK_DEVICE;
-use crate::qemu::parse::{disk_virtual_size, parse_query_block};
+use crate::qemu::parse::parse_query_block;
 use crate::report::devices::DiskResized;
 use crate::report::list::human_bytes;
 
@@ -56,8 +56,12 @@ pub fn resize(ctx: &Ctx, id: &str, bytes: u64) -> Result<DiskResized> {
         let blocks = vm.execute("query-block", json!({}))?;
         if let Some(d) = parse_query_block(&blocks).into_iter().find(|d| d.id == id) {
             out.path = PathBuf::from(&d.file);
-            out.from_bytes =
-                disk_virtual_size(&blocks, id).ok_or_else(|| anyhow!("QEMU did not say the size of '{id}'"))?;
+            out.from_bytes = d.virtual_size.ok_or_else(|| {
+                anyhow!(
+                    "QEMU did not say the size of '{id}': look at '{}', or detach the disk and resize it offline",
+                    ctx.command("qmp query-block")
+                )
+            })?;
             out.live = true;
             if must_grow(id, out.from_bytes, bytes)? {
                 vm.execute("block_resize", json!({ "node-name": d.node, "size": bytes }))?;

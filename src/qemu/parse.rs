@@ -16,6 +16,10 @@ pub struct LiveDisk {
     pub file: String,
     pub format: String,
     pub read_only: bool,
+    /// The size the guest sees (`inserted.image.virtual-size`). Not part of
+    /// what `status` shows or the supervisor sends.
+    #[serde(skip)]
+    pub virtual_size: Option<u64>,
 }
 
 /// `query-block` entries with a medium; the id comes from the qdev path
@@ -37,18 +41,10 @@ pub fn parse_query_block(blocks: &Value) -> Vec<LiveDisk> {
                 file: s(ins.get("file")),
                 format: s(ins.get("drv")),
                 read_only: ins.get("ro").and_then(Value::as_bool).unwrap_or(false),
+                virtual_size: ins.get("image").and_then(|i| i.get("virtual-size")).and_then(Value::as_u64),
             })
         })
         .collect()
-}
-
-/// The size the guest sees of disk `id` (its device id, as in
-/// [`parse_query_block`]), from `query-block`'s `inserted.image`.
-pub fn disk_virtual_size(blocks: &Value, id: &str) -> Option<u64> {
-    let disks = parse_query_block(blocks);
-    let i = disks.iter().position(|d| d.id == id)?;
-    let with_media: Vec<&Value> = blocks.as_array()?.iter().filter(|b| b.get("inserted").is_some()).collect();
-    with_media.get(i)?.get("inserted")?.get("image")?.get("virtual-size")?.as_u64()
 }
 
 impl LiveDisk {
@@ -168,8 +164,9 @@ mod tests {
                 .find(|s| s.contains("virtual-size"))
                 .unwrap();
             let blocks = &serde_json::from_str::<Value>(&reply).unwrap()["return"];
-            assert_eq!(disk_virtual_size(blocks, "disk0"), Some(1 << 30), "{version}");
-            assert_eq!(disk_virtual_size(blocks, "nope"), None);
+            let disks = parse_query_block(blocks);
+            let boot = disks.iter().find(|d| d.id == "disk0").unwrap();
+            assert_eq!(boot.virtual_size, Some(1 << 30), "{version}");
         }
     }
 
@@ -193,7 +190,8 @@ mod tests {
                 node: "data".into(),
                 file: "/d/x.img".into(),
                 format: "raw".into(),
-                read_only: true
+                read_only: true,
+                virtual_size: None,
             }
         );
         assert_eq!(d[1].summary(), "data (raw) /d/x.img [data]");
