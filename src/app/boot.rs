@@ -60,7 +60,7 @@ pub fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Res
     ctx.stage("starting QEMU");
     let run = start(ctx, inst, lock, serial_before, hint.clone())?;
     if let Some(r) = &resume {
-        if let Err(e) = resume::load_state(ctx, inst, r) {
+        if let Err(e) = resume::load_state(inst, r) {
             let _ = super::stop::stop_running(ctx, inst, &StopOptions { timeout: Duration::ZERO, force: true });
             return Err(e.context("the VM was stopped"));
         }

@@ -233,7 +233,7 @@ fn hotplug(ctx: &Ctx, vm: &Vm, id: &str, path: &Path, format: DiskFormat) -> Res
         bail!(
             "all {} hot-plug ports of instance '{}' are in use: remove a disk first ('{}', '{}')",
             used.len(),
-            vm.name,
+            vm.inst.name,
             ctx.command("disk list"),
             ctx.command("disk remove ID")
         );

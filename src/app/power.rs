@@ -64,17 +64,16 @@ pub fn reboot(ctx: &Ctx, opts: &RebootOptions) -> Result<Rebooted> {
     let vm = Vm::running(ctx)?;
     let (inst, t) = running_target(ctx)?;
     let mut notes = vec![];
-    if run_state(&vm)? != "running" {
+    // One question for both: is it paused, and does a guest agent answer.
+    let live = match block_on(client::status(&inst.control(), QUERY_TIMEOUT))?.live {
+        Some(crate::supervisor::protocol::Live::Answered(l)) => Some(l),
+        _ => None,
+    };
+    if live.as_ref().is_some_and(|l| l.run_state != "running") {
         vm.execute("cont", json!({}))?;
         notes.push("the VM was paused: resumed it first, since a paused guest cannot reboot".into());
     }
-    let agent = block_on(client::status(&inst.control(), QUERY_TIMEOUT))
-        .ok()
-        .and_then(|s| match s.live {
-            Some(crate::supervisor::protocol::Live::Answered(l)) => Some(l.guest_agent),
-            _ => None,
-        })
-        .is_some_and(|a| a == AgentState::Answers);
+    let agent = live.is_some_and(|l| l.guest_agent == AgentState::Answers);
     let started = Instant::now();
     let serial_before = std::fs::metadata(inst.serial_log()).map(|m| m.len()).unwrap_or(0);
     let method = block_on(reset(ctx, &inst, &t, agent, opts, &mut notes))?;

@@ -152,8 +152,8 @@ pub fn wait_migration(vm: &Vm) -> Result<()> {
 
 /// Loads the saved state into a QEMU started with `-incoming defer`, then
 /// lets the guest run.
-pub fn load_state(ctx: &Ctx, inst: &Instance, r: &Resume) -> Result<()> {
-    let vm = Vm { inst: inst.clone(), name: ctx.name.clone() };
+pub fn load_state(inst: &Instance, r: &Resume) -> Result<()> {
+    let vm = Vm { inst: inst.clone() };
     vm.execute("migrate-incoming", json!({ "uri": exec_uri(false, &r.snapshot.state()) }))?;
     wait_migration(&vm).with_context(|| format!("loading snapshot '{}'", r.record.name))?;
     vm.execute("cont", json!({}))?;

@@ -23,7 +23,6 @@ pub const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct Vm {
     pub inst: Instance,
-    pub name: String,
 }
 
 impl Vm {
@@ -42,7 +41,7 @@ impl Vm {
                 ctx.command("status")
             );
         }
-        Ok(Some(Vm { inst, name: ctx.name.clone() }))
+        Ok(Some(Vm { inst }))
     }
 
     /// The running instance, or an error that says how to start it.
