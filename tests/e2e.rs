@@ -5,6 +5,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
 use serde_json::Value;
 use support::*;
 
@@ -22,7 +23,7 @@ fn launch_ssh_share_powerdown_relaunch_keeps_data_then_destroy_leaves_nothing() 
         assert!(v.get(k).is_some_and(|x| !x.is_null()), "launch --json lacks {k}: {v}");
     }
     assert_eq!(s(&v, "ssh_user"), "dev");
-    let pid = v["pid"].as_i64().unwrap() as i32;
+    let pid = pid_of(&v);
     assert!(pid_running(pid));
 
     // ssh runs a command, exit code is the remote one, args joined like OpenSSH.
@@ -35,7 +36,7 @@ fn launch_ssh_share_powerdown_relaunch_keeps_data_then_destroy_leaves_nothing() 
     let (st, _) = env.json(&["status"]);
     assert_eq!(s(&st, "state"), "running");
     assert_eq!(s(&st, "qemu_status"), "running");
-    assert_eq!(st["pid"].as_i64().unwrap() as i32, pid);
+    assert_eq!(pid_of(&st), pid);
 
     let (p, out) = env.json(&["powerdown"]);
     out.code_is(0);
@@ -132,8 +133,7 @@ fn status_answers_while_a_powerdown_waits() {
 fn qemu_killed_behind_our_back_is_reported_and_relaunch_works() {
     let env = Env::new("killed");
     let v = env.launch(&["--no-share"]);
-    let pid = v["pid"].as_i64().unwrap() as i32;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    signal(pid_of(&v), Signal::SIGKILL);
     wait_until("the supervisor to record the crash", Duration::from_secs(10), || {
         env.instance_dir("dev").join("stopped.json").exists()
     });
@@ -146,7 +146,7 @@ fn qemu_killed_behind_our_back_is_reported_and_relaunch_works() {
     out.code_is(0);
     assert_eq!(s(&p, "method"), "already-stopped");
     let v2 = env.launch(&[]);
-    assert!(pid_running(v2["pid"].as_i64().unwrap() as i32));
+    assert!(pid_running(pid_of(&v2)));
     env.run(&["powerdown"]).code_is(0);
 }
 
@@ -154,16 +154,13 @@ fn qemu_killed_behind_our_back_is_reported_and_relaunch_works() {
 fn host_sigterm_to_qemu_or_supervisor_powers_the_guest_down() {
     let env = Env::new("sigterm");
     let v = env.launch(&["--no-share"]);
-    let pid = v["pid"].as_i64().unwrap() as i32;
-    let nixpid = nix::unistd::Pid::from_raw(pid);
+    let pid = pid_of(&v);
     // QEMU itself ignores the host's SIGTERM (blocked) ...
-    nix::sys::signal::kill(nixpid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    signal(pid, Signal::SIGTERM);
     std::thread::sleep(Duration::from_secs(1));
     assert!(pid_running(pid), "SIGTERM cut QEMU off");
     // ... and the supervisor turns it into a powerdown.
-    let run: Value = serde_json::from_slice(&std::fs::read(env.instance_dir("dev").join("run.json")).unwrap()).unwrap();
-    let sup = run["supervisor"]["pid"].as_i64().unwrap() as i32;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(sup), nix::sys::signal::Signal::SIGTERM).unwrap();
+    signal(supervisor_pid(&env, "dev"), Signal::SIGTERM);
     wait_until("QEMU to power off", Duration::from_secs(30), || !pid_running(pid));
     wait_until("the stop record", Duration::from_secs(10), || env.instance_dir("dev").join("stopped.json").exists());
     let (st, _) = env.json(&["status"]);
@@ -264,7 +261,7 @@ fn qemu_7_2_runs_the_same_lifecycle() {
     out.code_is(0);
     assert_eq!(s(&p, "method"), "powerdown");
     assert_eq!(s(&p, "shutdown_reason"), "guest-shutdown");
-    assert!(!pid_running(v["pid"].as_i64().unwrap() as i32));
+    assert!(!pid_running(pid_of(&v)));
     // 7.2's quit path too.
     let args = env.launch_args(&["--append", "console=ttyS0 quiet qbuf.ignore_power=1"]);
     let a = strs(&args);
@@ -355,17 +352,16 @@ fn a_given_ssh_key_is_used_and_a_changed_host_key_is_refused() {
 fn a_vm_whose_supervisor_died_is_still_reported_and_powered_down() {
     let env = Env::new("orphan");
     let v = env.launch(&["--no-share"]);
-    let pid = v["pid"].as_i64().unwrap() as i32;
-    let run: Value = serde_json::from_slice(&std::fs::read(env.instance_dir("dev").join("run.json")).unwrap()).unwrap();
-    let sup = run["supervisor"]["pid"].as_i64().unwrap() as i32;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(sup), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let pid = pid_of(&v);
+    let sup = supervisor_pid(&env, "dev");
+    signal(sup, Signal::SIGKILL);
     wait_until("the supervisor to die", Duration::from_secs(5), || !pid_running(sup));
     assert!(pid_running(pid), "QEMU must outlive its supervisor");
 
     let (st, out) = env.json(&["status"]);
     out.code_is(0);
     assert_eq!(s(&st, "state"), "unresponsive");
-    assert_eq!(st["pid"].as_i64().unwrap() as i32, pid);
+    assert_eq!(pid_of(&st), pid);
     // A second launch must not start another QEMU on the same sockets.
     let (l, out) = env.json(&["launch", "--timeout", "5"]);
     out.code_is(0);

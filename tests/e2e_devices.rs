@@ -63,7 +63,7 @@ fn hot_disk_is_seen_by_the_guest_keeps_its_data_across_remove_and_readd_and_come
     let (r, out) = env.json(&["disk", "remove", "disk1"]);
     out.ok();
     assert_eq!(r["detached"], true);
-    assert!(r["seconds"].as_f64().unwrap() < 10.0);
+    assert!(r["seconds"].as_f64().is_some_and(|x| x >= 0.0), "{r}");
     assert!(
         env.events("dev").iter().any(|e| e["event"] == "DEVICE_DELETED" && e["data"]["device"] == "disk1"),
         "DEVICE_DELETED is in the event log"
@@ -172,8 +172,7 @@ fn raw_image_needs_format_raw_and_a_given_file_survives_destroy() {
     let (d, _) = env.json(&["disk", "add", "--size", "16M", "--transient"]);
     assert_eq!(d["recorded"], false);
     let made = s(&d, "path");
-    let devices: Value =
-        serde_json::from_slice(&std::fs::read(env.instance_dir("dev").join("devices.json")).unwrap()).unwrap();
+    let devices = read_json(&env.instance_dir("dev").join("devices.json"));
     assert_eq!(devices["disks"].as_array().unwrap().len(), 1, "only the non-transient disk is recorded: {devices}");
 
     let (r, out) = env.json(&["destroy", "--yes"]);
@@ -238,16 +237,23 @@ fn share_added_while_running_is_recorded_and_mountable_after_the_next_boot() {
     let out = env.run(&["share", "list"]);
     assert!(out.stdout().contains("next boot"), "{}", out.text());
     let tags = "cat /sys/bus/virtio/drivers/9pnet_virtio/*/mount_tag 2>/dev/null | tr -d '\\000'";
-    assert!(!env.ssh("dev", tags).stdout().contains("extra"));
+    let out = env.ssh("dev", tags);
+    out.ok();
+    assert!(!out.stdout().contains("extra"), "the running guest has no 9p share 'extra' yet: {}", out.text());
 
     env.run(&["powerdown"]).code_is(0);
     env.launch(&[]);
+    // Control: the same look shows the share once the guest booted with it.
+    let out = env.ssh("dev", tags);
+    out.ok();
+    assert!(out.stdout().contains("extra"), "the next boot has the 9p share 'extra': {}", out.text());
     let out = env.ssh(
         "dev",
         "mkdir -p /mnt/extra && mount -t 9p -o trans=virtio,version=9p2000.L extra /mnt/extra && cat /mnt/extra/note.txt",
     );
     assert_eq!(out.stdout(), "from the host\n", "{}", out.text());
-    assert_ne!(env.ssh("dev", "touch /mnt/extra/new").code(), 0, "--ro is read-only for the guest");
+    let out = env.ssh("dev", "touch /mnt/extra/new");
+    assert_eq!(out.code(), 1, "--ro is read-only for the guest: touch itself fails:\n{}", out.text());
     let (list, _) = env.json(&["share", "list"]);
     assert_eq!(list["shares"][0]["live"], true, "{list}");
 
@@ -299,11 +305,13 @@ fn events_survive_the_vm_and_relaunches_and_status_names_a_sigkill() {
     wait_until("events --follow to end with the VM", Duration::from_secs(10), || {
         follow.try_wait().unwrap().is_some_and(|st| st.success())
     });
+    let followed = seen.lock().unwrap().clone();
+    assert!(followed.lines().count() >= 2, "events --follow printed the powerdown's events: {followed}");
 
     // The log survives the VM: a relaunch appends to it.
+    let first_boot = env.events("dev");
     let v = env.launch(&[]);
-    let pid = v["pid"].as_i64().unwrap() as i32;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    signal(pid_of(&v), nix::sys::signal::Signal::SIGKILL);
     wait_until("the supervisor to record the kill", Duration::from_secs(10), || {
         env.instance_dir("dev").join("stopped.json").exists()
     });
@@ -311,8 +319,18 @@ fn events_survive_the_vm_and_relaunches_and_status_names_a_sigkill() {
     assert_eq!(s(&st, "state"), "crashed");
     assert!(s(&st, "stop_reason").contains("killed by signal 9 (SIGKILL)"), "{st}");
     assert_eq!(count_events(&env, "POWERDOWN"), 1, "the first boot's events are still there");
-    let lines_before = seen.lock().unwrap().lines().count();
-    assert!(lines_before >= 2);
+    let all = env.events("dev");
+    assert!(
+        all.len() > first_boot.len(),
+        "the relaunch added events: {} before, {} after",
+        first_boot.len(),
+        all.len()
+    );
+    assert_eq!(
+        all[..first_boot.len()],
+        first_boot[..],
+        "the relaunch appended, keeping the first boot's events as they were"
+    );
 }
 
 #[test]
@@ -414,7 +432,7 @@ fn guest_agent_is_reported_and_powers_off_a_guest_that_ignores_acpi() {
     let t = Instant::now();
     let (st, _) = env.json(&["status"]);
     assert_eq!(s(&st, "guest_agent"), "not-running");
-    assert!(t.elapsed() < Duration::from_secs(2), "no agent is quick to tell: {:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(5), "no agent is quick to tell: {:?}", t.elapsed());
 
     env.start_fake_agent();
 
@@ -423,6 +441,15 @@ fn guest_agent_is_reported_and_powers_off_a_guest_that_ignores_acpi() {
     assert_eq!(s(&p, "method"), "guest-agent", "{p}");
     assert_eq!(s(&p, "shutdown_reason"), "guest-shutdown");
     assert!(p["seconds"].as_f64().unwrap() < 7.0, "--timeout bounds both graceful steps: {p}");
+    // This guest ignores the power button: with an agent that answers, the
+    // button gets half of --timeout (3 s of 6), the agent the rest.
+    let steps: Vec<&str> = p["steps"].as_array().unwrap().iter().map(|x| x.as_str().unwrap()).collect();
+    let button_gave_up = steps
+        .iter()
+        .find_map(|x| x.strip_prefix("powerdown: QEMU still running after ")?.strip_suffix('s')?.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no step says the power button ran out: {p}"));
+    assert!((3..=4).contains(&button_gave_up), "the power button had half of --timeout 6, not {button_gave_up}s: {p}");
+    assert!(steps.iter().any(|x| x.starts_with("guest-agent: ")), "then the agent's step ran: {p}");
     let (st, _) = env.json(&["status"]);
     assert!(s(&st, "stop_reason").contains("guest-agent"), "{st}");
 }

@@ -5,6 +5,7 @@
 
 mod support;
 
+use std::io::Read;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -14,6 +15,15 @@ use support::*;
 
 fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// Reads `r` to its end on a thread of its own.
+fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut v = Vec::new();
+        r.read_to_end(&mut v).unwrap();
+        String::from_utf8_lossy(&v).into_owned()
+    })
 }
 
 #[test]
@@ -129,7 +139,8 @@ fn pause_resume_and_reboot_by_the_guest_or_by_a_reset() {
     out.ok();
     assert_eq!(s(&b, "method"), "guest-agent", "{b}");
     assert!(b["ready_seconds"].as_f64().is_some(), "{b}");
-    assert_ne!(env.ssh("dev", "test -e /tmp/before-reboot").code(), 0, "the guest booted again (its /tmp is new)");
+    let out = env.ssh("dev", "test -e /tmp/before-reboot");
+    assert_eq!(out.code(), 1, "the guest booted again (its /tmp is new):\n{}", out.text());
     assert!(env.events("dev").iter().any(|e| e["event"] == "RESET" && e["data"]["guest"] == true), "a guest reset");
 
     // Without an agent, 'reboot' over SSH (as root here): the guest reboots
@@ -140,7 +151,8 @@ fn pause_resume_and_reboot_by_the_guest_or_by_a_reset() {
     let (b, out) = env.json(&["reboot"]);
     out.ok();
     assert_eq!(s(&b, "method"), "ssh", "{b}");
-    assert_ne!(env.ssh("dev", "test -e /tmp/before-reboot").code(), 0, "the guest booted again (its /tmp is new)");
+    let out = env.ssh("dev", "test -e /tmp/before-reboot");
+    assert_eq!(out.code(), 1, "the guest booted again (its /tmp is new):\n{}", out.text());
     let new: Vec<Value> = env.events("dev").into_iter().filter(|e| e["event"] == "RESET").skip(resets).collect();
     assert!(new.iter().all(|e| e["data"]["guest"] == true) && !new.is_empty(), "{new:?}");
     let out = env.run(&["reboot", "--force", "--no-wait"]);
@@ -231,18 +243,21 @@ fn logs_hide_guest_escapes_show_the_last_lines_or_this_boot_and_follow_ends_with
     env.launch(&[]);
     let out = env.run(&["logs", "--boot"]);
     assert!(!out.stdout().contains("esc-test") && out.stdout().contains("qbuf-test-guest: ready"), "{}", out.text());
-    let follow =
+    let mut follow =
         env.cmd(&["logs", "--follow", "--boot"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    // Drained while it runs, so a full pipe never holds it up.
+    let stdout = drain(follow.stdout.take().unwrap());
+    let stderr = drain(follow.stderr.take().unwrap());
     env.ssh("dev", "echo follow-me > /dev/ttyS0").ok();
     std::thread::sleep(Duration::from_millis(500));
     env.run(&["powerdown"]).code_is(0);
     let t = Instant::now();
-    let done = follow.wait_with_output().unwrap();
+    let status = wait_or_kill(&mut follow, "logs --follow to end after the VM stopped", Duration::from_secs(20));
     assert!(t.elapsed() < Duration::from_secs(20), "--follow ended after the VM stopped");
-    assert!(done.status.success());
-    let text = String::from_utf8_lossy(&done.stdout);
+    let (text, err) = (stdout.join().unwrap(), stderr.join().unwrap());
+    assert!(status.success(), "{status}: {err}");
     assert!(text.contains("follow-me") && !text.contains("esc-test"), "{text}");
-    assert!(String::from_utf8_lossy(&done.stderr).contains("stopped"));
+    assert!(err.contains("stopped"), "{err}");
     let out = env.run(&["events", "--follow"]);
     out.ok();
     assert!(out.stdout().contains("SHUTDOWN"), "a stopped VM's events, and the end: {}", out.text());
@@ -252,7 +267,7 @@ fn logs_hide_guest_escapes_show_the_last_lines_or_this_boot_and_follow_ends_with
 /// and stdout piped, typing `input`; returns its exit code, its stdout and
 /// everything the terminal showed.
 fn on_pty(env: &Env, args: &[&str], input: &[u8]) -> (i32, String, String) {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let size = nix::pty::Winsize { ws_row: 40, ws_col: 120, ws_xpixel: 0, ws_ypixel: 0 };
     let pty = nix::pty::openpty(Some(&size), None).unwrap();
     // Not inherited by the VM's supervisor, or the terminal would never end.

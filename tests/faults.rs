@@ -10,26 +10,12 @@ use std::os::fd::OwnedFd;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use serde_json::Value;
 use support::*;
 
-fn signal(pid: i32, sig: Signal) {
-    kill(Pid::from_raw(pid), sig).unwrap();
-}
-
-fn pid_of(v: &Value) -> i32 {
-    v["pid"].as_i64().unwrap_or_else(|| panic!("no pid in {v}")) as i32
-}
-
-fn supervisor_pid(env: &Env, name: &str) -> i32 {
-    let run: Value = serde_json::from_slice(&std::fs::read(env.instance_dir(name).join("run.json")).unwrap()).unwrap();
-    run["supervisor"]["pid"].as_i64().unwrap() as i32
-}
-
 fn settings(env: &Env) -> Value {
-    serde_json::from_slice(&std::fs::read(env.instance_dir("dev").join("settings.json")).unwrap()).unwrap()
+    read_json(&env.instance_dir("dev").join("settings.json"))
 }
 
 /// Ends the test's VM and checks the instance can be destroyed without a
@@ -92,17 +78,15 @@ fn status_tells_the_end_at_once_when_qemu_exits_never_unresponsive() {
     let v = env.launch(&[]);
     let pid = pid_of(&v);
     let _ = env.ssh("dev", "sync; poweroff -f");
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
+    wait_until("the guest to power off", Duration::from_secs(30), || {
         let (st, _) = env.json(&["status"]);
         let state = s(&st, "state");
         assert_ne!(state, "unresponsive", "{st}");
         if state == "stopped" {
             assert!(s(&st, "stop_reason").contains("guest shut down"), "{st}");
-            break;
         }
-        assert!(Instant::now() < until, "the guest did not power off: {st}");
-    }
+        state == "stopped"
+    });
     assert!(!pid_running(pid));
     destroy_leaves_nothing(&env);
 }
@@ -373,12 +357,23 @@ impl Tmpfs {
     /// Fills the file system; the returned file frees it when removed.
     fn fill(&self) -> std::path::PathBuf {
         let f = (0..).map(|i| self.0.join(format!("filler{i}"))).find(|f| !f.exists()).unwrap();
-        let _ = std::process::Command::new("dd")
+        // dd ends with "No space left on device" (exit 1): the probe below
+        // is what says the file system is full.
+        std::process::Command::new("dd")
             .arg("if=/dev/zero")
             .arg(format!("of={}", f.display()))
             .args(["bs=1M"])
             .stderr(Stdio::null())
-            .status();
+            .status()
+            .expect("run dd");
+        let probe = self.0.join("probe");
+        let wrote = std::fs::write(&probe, [0u8; 4096]);
+        let _ = std::fs::remove_file(&probe);
+        assert!(
+            wrote.as_ref().is_err_and(|e| e.raw_os_error() == Some(nix::errno::Errno::ENOSPC as i32)),
+            "the tmpfs at {} is not full after dd: writing 4096 bytes there gave {wrote:?}, not ENOSPC",
+            self.0.display()
+        );
         f
     }
 }
@@ -391,10 +386,11 @@ impl Drop for Tmpfs {
 
 #[test]
 fn a_full_state_dir_neither_fails_a_clean_stop_nor_loses_its_reason() {
-    if !can_mount() {
-        eprintln!("not root: cannot mount a tmpfs to fill; this case runs in CI (as root)");
-        return;
-    }
+    assert!(
+        can_mount(),
+        "a_full_state_dir_neither_fails_a_clean_stop_nor_loses_its_reason needs root to mount a tmpfs (CI runs as \
+         root): run the tests as root, or skip this one with `cargo test -- --skip a_full_state_dir`"
+    );
     let env = Env::new("fullstate");
     let fs = Tmpfs::new(env.state.clone(), "32M");
     let v = env.launch(&["--no-share"]);
@@ -445,7 +441,7 @@ fn unsynced_guest_writes_survive_powerdown_and_a_kill_loses_them() {
     env.ssh("dev", "dd if=/dev/zero of=/dev/vdb bs=512 count=1 conv=fsync 2>/dev/null").ok();
     assert!(env.ssh("dev", UNSYNCED_WRITE).stdout().contains("written"));
     let (st, _) = env.json(&["status"]);
-    signal(st["pid"].as_i64().unwrap() as i32, Signal::SIGKILL);
+    signal(pid_of(&st), Signal::SIGKILL);
     wait_until("the kill to be recorded", Duration::from_secs(10), || {
         env.instance_dir("dev").join("stopped.json").exists()
     });

@@ -8,8 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::Duration;
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use serde_json::Value;
 use support::*;
 
@@ -91,7 +90,7 @@ fn copy_out_brings_guest_files_home_without_a_share() {
     );
     env.run(&strs(&args)).code_is(0);
     assert_eq!(std::fs::read_to_string(dest.join("sub/report.txt")).unwrap(), "built\n");
-    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary).unwrap()).unwrap();
+    let s = read_json(&summary);
     assert_eq!(s["exit_code"], 0);
     nothing_left(&env);
 }
@@ -128,7 +127,7 @@ fn started_run(env: &Env, extra: &[&str], command: &str) -> std::process::Child 
 fn sigterm_to_run_mid_command_stops_the_vm_and_leaves_nothing() {
     let env = Env::new("runsigterm");
     let mut child = started_run(&env, &["--no-share"], "echo started; sleep 1000");
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    signal(child.id() as i32, Signal::SIGTERM);
     let st = child.wait().unwrap();
     assert_eq!(st.code(), Some(128 + 15), "SIGTERM: 128+15");
     nothing_left(&env);
@@ -141,8 +140,8 @@ fn ctrl_c_stops_a_run_and_another_forces_its_cleanup_which_still_removes_everyth
     let ignore = ["--no-share", "--append", "console=ttyS0 quiet qbuf.ignore_power=1"];
     let extra: Vec<&str> = ignore.iter().copied().chain(["--summary", path_str(&summary)]).collect();
     let child = started_run(&env, &extra, "echo started; sleep 1000");
-    let pid = Pid::from_raw(child.id() as i32);
-    kill(pid, Signal::SIGINT).unwrap();
+    let pid = child.id() as i32;
+    signal(pid, Signal::SIGINT);
     // The cleanup presses the power button, which this guest ignores.
     let name = || {
         std::fs::read_dir(env.state.join("instances")).ok()?.filter_map(|e| e.ok()).find_map(|e| {
@@ -155,12 +154,12 @@ fn ctrl_c_stops_a_run_and_another_forces_its_cleanup_which_still_removes_everyth
             env.json(&["--name", &n, "status"]).0.get("stopping_step").and_then(Value::as_str) == Some("powerdown")
         })
     });
-    kill(pid, Signal::SIGINT).unwrap();
+    signal(pid, Signal::SIGINT);
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(128 + 2), "SIGINT: 128+2: {err}");
     assert!(err.contains("Ctrl-C: forcing the stop") && !err.contains("stops waiting"), "{err}");
-    let sum: Value = serde_json::from_slice(&std::fs::read(&summary).unwrap()).unwrap();
+    let sum = read_json(&summary);
     assert_eq!(sum["stop_method"], "quit", "forced past the ignored power button: {sum}");
     nothing_left(&env);
 }
@@ -180,7 +179,7 @@ fn qemu_killed_mid_run_exits_125_and_leaves_nothing() {
     let env = Env::new("runqemukill");
     let mut child = started_run(&env, &["--no-share"], "echo started; sleep 1000");
     for pid in env.qemu_pids() {
-        kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+        signal(pid, Signal::SIGKILL);
     }
     let st = child.wait().unwrap();
     assert_eq!(st.code(), Some(125), "the VM broke, whatever ssh said");

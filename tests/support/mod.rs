@@ -4,10 +4,11 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
 use serde_json::Value;
 
 /// TCG on two cores: one VM at a time.
@@ -266,6 +267,45 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(100));
     }
     panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+/// Waits up to `timeout` for `child` to exit; kills it (and fails) if it
+/// does not, so a hung child never outlives the test.
+pub fn wait_or_kill(child: &mut Child, what: &str, timeout: Duration) -> ExitStatus {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        if Instant::now() >= end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("timed out after {timeout:?} waiting for {what}: killed it");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Sends `sig` to `pid`, which must exist.
+pub fn signal(pid: i32, sig: Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap_or_else(|e| panic!("{sig} to {pid}: {e}"));
+}
+
+/// The `pid` member of a JSON value (QEMU's, in launch and status output).
+pub fn pid_of(v: &Value) -> i32 {
+    v["pid"].as_i64().unwrap_or_else(|| panic!("no pid in {v}")) as i32
+}
+
+/// A JSON file, parsed.
+pub fn read_json(p: &Path) -> Value {
+    let bytes = std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{} is not JSON: {e}", p.display()))
+}
+
+/// The supervisor's pid from instance `name`'s run record.
+pub fn supervisor_pid(env: &Env, name: &str) -> i32 {
+    let run = read_json(&env.instance_dir(name).join("run.json"));
+    run["supervisor"]["pid"].as_i64().unwrap_or_else(|| panic!("no supervisor pid in {run}")) as i32
 }
 
 pub fn pid_running(pid: i32) -> bool {
