@@ -17,7 +17,8 @@ use crate::config::Settings;
 use crate::instance::lock::devices_lock;
 use crate::instance::read_json;
 use crate::instance::records::DevicesRecord;
-use crate::qemu::args::{Forward, NETDEV_ID};
+use crate::qemu::args::NETDEV_ID;
+use crate::qemu::forward::Forward;
 use crate::qemu::parse::live_forwards;
 use crate::report::devices::{describe, ForwardChanged, ForwardEntry, ForwardList};
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{AccelChoice, PortChoice, ShareMode};
-use crate::qemu::args::Forward;
+use crate::qemu::forward::Forward;
 use crate::qemu::image::DiskFormat;
 use parse::{CopyPath, HostEnd};
 

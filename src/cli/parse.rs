@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::qemu::args::Forward;
+use crate::qemu::forward::Forward;
 
 /// The longest timeout any flag takes: one day.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);

@@ -17,7 +17,8 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use super::paths::Instance;
 use super::proc::{ExitInfo, ProcIdentity};
-use crate::qemu::args::{Accel, ExtraDisk, Forward, Share, VmSpec};
+use crate::qemu::args::{Accel, ExtraDisk, Share, VmSpec};
+use crate::qemu::forward::Forward;
 use crate::qmp::Event;
 
 /// Writes JSON atomically (temp file + rename), private to the user. A

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
+use super::forward::Forward;
+
 /// Accelerator actually used for a boot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -90,35 +92,6 @@ pub struct VmSpec {
     /// `migrate-incoming`), instead of booting.
     #[serde(default)]
     pub incoming: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Forward {
-    pub udp: bool,
-    pub host_addr: String,
-    pub host_port: u16,
-    pub guest_port: u16,
-}
-
-impl Forward {
-    pub fn proto(&self) -> &'static str {
-        if self.udp {
-            "udp"
-        } else {
-            "tcp"
-        }
-    }
-
-    /// The host end as `hostfwd` rules name it: `tcp:ADDR:PORT` (what HMP
-    /// `hostfwd_remove` takes).
-    pub fn host_end(&self) -> String {
-        format!("{}:{}:{}", self.proto(), self.host_addr, self.host_port)
-    }
-
-    /// The `hostfwd` rule text shared by `-netdev` and HMP `hostfwd_add`.
-    pub fn rule(&self) -> String {
-        format!("{}-:{}", self.host_end(), self.guest_port)
-    }
 }
 
 /// The default share's 9p tag (the guest mounts it at /mnt/qbuf).

@@ -5,7 +5,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::args::{Forward, BOOT_DISK_DEVICE, NETDEV_ID};
+use super::args::{BOOT_DISK_DEVICE, NETDEV_ID};
+use super::forward::Forward;
 
 /// One disk QEMU has, from `query-block`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

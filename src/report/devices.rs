@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use super::Render;
-use crate::qemu::args::Forward;
+use crate::qemu::forward::Forward;
 use crate::qemu::image::DiskFormat;
 
 #[derive(Debug, Clone, Serialize)]
