@@ -304,8 +304,30 @@ fn bad_run_values_are_usage_errors_before_anything_starts() {
     out.code_is(2);
     let out = env.run(&["run", "--copy-out", "nocolon", "--", "true"]);
     out.code_is(2);
+    // A missing source is the tool's own failure to start a VM: 125, never
+    // a code COMMAND could have returned.
     let out = env.run(&["run", "--from-snapshot", "none", "--", "true"]);
-    out.code_is(1);
+    out.code_is(125);
     assert!(out.stderr().contains("no instance named 'dev'"), "{}", out.text());
+    env.run(&[
+        "launch",
+        "--kernel",
+        path_str(&guest().kernel),
+        "--initrd",
+        path_str(&guest().initrd),
+        "--no-wait",
+        "--accel",
+        "tcg",
+        "--memory",
+        "256M",
+        "--ssh-port",
+        "auto",
+        "--no-share",
+    ])
+    .ok();
+    env.run(&["powerdown", "--force"]);
+    let out = env.run(&["--name", "dev", "run", "--", "true"]);
+    out.code_is(125);
+    assert!(out.stderr().contains("run removes its instance"), "{}", out.text());
     assert!(env.qemu_pids().is_empty());
 }

@@ -20,7 +20,7 @@ use crate::cli::RunArgs;
 use crate::config::PortChoice;
 use crate::instance::read_json;
 use crate::instance::records::RunRecord;
-use crate::report::error::Usage;
+use crate::report::error::{RunNotStarted, Usage};
 use crate::report::run::{Outcome, RunSummary};
 use crate::ssh::{self, Target};
 use crate::supervisor::ladder::StopOptions;
@@ -102,10 +102,9 @@ fn throwaway_name(ctx: &Ctx) -> String {
     }
 }
 
-pub fn run(ctx: &Ctx, a: RunArgs) -> Result<i32> {
-    let start = Instant::now();
-    let int = watch(start + a.timeout);
-    let (name, resume) = match &a.from_snapshot {
+/// The run's instance name, and the checked snapshot it starts from.
+fn instance_to_run(ctx: &Ctx, from_snapshot: Option<&str>) -> Result<(String, Option<resume::Resume>)> {
+    Ok(match from_snapshot {
         Some(snap) => {
             let source = ctx.existing()?;
             (throwaway_name(ctx), Some(resume::resume_from(ctx, &source, snap, true)?))
@@ -120,7 +119,13 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<i32> {
             (ctx.name.clone(), None)
         }
         None => (throwaway_name(ctx), None),
-    };
+    })
+}
+
+pub fn run(ctx: &Ctx, a: RunArgs) -> Result<i32> {
+    let start = Instant::now();
+    let int = watch(start + a.timeout);
+    let (name, resume) = instance_to_run(ctx, a.from_snapshot.as_deref()).map_err(|e| e.context(RunNotStarted))?;
     let rctx = Ctx { name, named: true, ..ctx.clone() };
     let mut opts = LaunchOptions::plain(a.timeout);
     opts.flags = vm_flags(a.vm, Some(PortChoice::Auto))?;

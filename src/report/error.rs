@@ -78,13 +78,27 @@ impl std::fmt::Display for Interrupted {
 
 impl std::error::Error for Interrupted {}
 
+/// `run` could not start its VM before booting it (its source instance or
+/// snapshot is missing, its --name is taken): exit 125, as for a VM that
+/// failed to boot, and as `timeout(1)` exits when it fails itself.
+#[derive(Debug, Clone)]
+pub struct RunNotStarted;
+
+impl std::fmt::Display for RunNotStarted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("run: the VM could not be started")
+    }
+}
+
 /// The exit status an error ends the process with: 2 for usage, 130 for
-/// [`Interrupted`], else 1.
+/// [`Interrupted`], 125 for [`RunNotStarted`], else 1.
 pub fn exit_code(e: &anyhow::Error) -> i32 {
     if e.downcast_ref::<Usage>().is_some() {
         2
     } else if e.downcast_ref::<Interrupted>().is_some() {
         130
+    } else if e.downcast_ref::<RunNotStarted>().is_some() {
+        125
     } else {
         1
     }
