@@ -227,7 +227,7 @@ fn a_loaded_snapshot_forgets_what_came_after_it() {
     assert_eq!(list["snapshots"].as_array().unwrap().len(), 1);
     env.run(&["powerdown"]).ok();
     // launch --resume reaches SSH from the saved state.
-    let (v, out) = env.json(&["launch", "--resume", "s1"]);
+    let (v, out) = env.boot(&["launch", "--resume", "s1"]);
     out.ok();
     env.ssh("dev", "test \"$(cat /data/marker)\" = before").ok();
     assert!(v["ready_seconds"].as_f64().is_some());

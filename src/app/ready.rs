@@ -152,7 +152,7 @@ pub fn failed(
                 stderr_tail: crate::logs::tail(&inst.qemu_stderr(), 0, 2000, ""),
                 serial_tail: serial_tail(),
             },
-            hint,
+            hint: hint.or_else(|| crash_hint(rec.exit.as_ref())),
         }
         .into(),
         Readiness::HostKey => {
@@ -173,5 +173,36 @@ pub fn failed(
             }
             anyhow!(m)
         }
+    }
+}
+
+/// What to do when QEMU itself crashed (a signal nobody sent: its own
+/// assertion or a fault) rather than being stopped: the stderr tail in the
+/// error says where; a second boot usually works, since such crashes in TCG
+/// are races.
+fn crash_hint(exit: Option<&crate::instance::proc::ExitInfo>) -> Option<String> {
+    use nix::sys::signal::Signal;
+    let sig = Signal::try_from(exit?.signal?).ok()?;
+    matches!(sig, Signal::SIGABRT | Signal::SIGSEGV | Signal::SIGBUS | Signal::SIGILL | Signal::SIGFPE).then(|| {
+        format!(
+            "QEMU itself crashed ({sig}; 'QEMU said' above shows where): run 'qbuf-qemu launch' again; \
+             if it crashes every time, report those lines to QEMU, or try another QEMU build with QBUF_QEMU_SYSTEM=PATH"
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::crash_hint;
+    use crate::instance::proc::ExitInfo;
+
+    #[test]
+    fn only_a_crash_of_qemu_itself_gets_the_crash_hint() {
+        let by = |signal| ExitInfo { code: None, signal: Some(signal) };
+        assert!(crash_hint(Some(&by(6))).unwrap().contains("SIGABRT"));
+        assert!(crash_hint(Some(&by(11))).is_some());
+        assert_eq!(crash_hint(Some(&by(9))), None, "SIGKILL is sent, not a crash");
+        assert_eq!(crash_hint(Some(&ExitInfo { code: Some(1), signal: None })), None);
+        assert_eq!(crash_hint(None), None);
     }
 }

@@ -122,19 +122,25 @@ impl Env {
     pub fn launch(&self, extra: &[&str]) -> Value {
         let args = self.launch_args(extra);
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (v, out) = self.json(&a);
-        if out.code() != 0 && guest_kernel_stalled(&out) {
-            // The busybox guest's kernel sometimes stalls under TCG on a
-            // loaded 2-core host (RCU: "timer wakeup didn't happen"); the VM
-            // was stopped and reported as it should be. That is the guest,
-            // not qbuf-qemu: boot it once more.
-            eprintln!("test guest kernel stalled under TCG (RCU stall); launching once more:\n{}", out.text());
-            let (v, out) = self.json(&a);
-            out.ok();
-            return v;
-        }
+        let (v, out) = self.boot(&a);
         out.ok();
         v
+    }
+
+    /// `--json` output of a command that boots the VM (`launch …`), booted
+    /// once more when the boot failed for a reason that is neither
+    /// qbuf-qemu's nor the test's, and was reported as it should be (the VM
+    /// stopped, the cause named): the busybox guest's kernel sometimes
+    /// stalls under TCG on a loaded 2-core host (RCU: "timer wakeup didn't
+    /// happen"), and QEMU 10.0's multi-threaded TCG now and then aborts
+    /// early in a boot on an assertion in its own memory map.
+    pub fn boot(&self, args: &[&str]) -> (Value, Out) {
+        let (v, out) = self.json(args);
+        if out.code() != 0 && (guest_kernel_stalled(&out) || qemu_tcg_aborted(&out)) {
+            eprintln!("test guest stalled or QEMU aborted under TCG; booting once more:\n{}", out.text());
+            return self.json(args);
+        }
+        (v, out)
     }
 
     pub fn instance_dir(&self, name: &str) -> PathBuf {
@@ -330,6 +336,13 @@ pub fn file_hash(p: &Path) -> u64 {
         h = h.wrapping_mul(0x100000001b3);
     }
     h
+}
+
+/// Whether a failed launch shows QEMU's TCG aborting on its own assertion
+/// (`iotlb_to_section`, seen with QEMU 10.0.2 during boots), a QEMU bug.
+pub fn qemu_tcg_aborted(out: &Out) -> bool {
+    let text = out.text();
+    text.contains("killed by signal 6 (SIGABRT)") && text.contains("iotlb_to_section: Assertion")
 }
 
 /// Whether a failed launch shows the test guest's kernel stalling (RCU).
