@@ -177,15 +177,15 @@ pub fn failed(
 }
 
 /// What to do when QEMU itself crashed (a signal nobody sent: its own
-/// assertion or a fault) rather than being stopped: the stderr tail in the
-/// error says where; a second boot usually works, since such crashes in TCG
-/// are races.
+/// assertion or a fault) rather than being stopped. Said for `launch` and
+/// `run` alike, so it names no command: such crashes under TCG are races,
+/// and a second try usually boots.
 fn crash_hint(exit: Option<&crate::instance::proc::ExitInfo>) -> Option<String> {
     use nix::sys::signal::Signal;
     let sig = Signal::try_from(exit?.signal?).ok()?;
     matches!(sig, Signal::SIGABRT | Signal::SIGSEGV | Signal::SIGBUS | Signal::SIGILL | Signal::SIGFPE).then(|| {
         format!(
-            "QEMU itself crashed ({sig}; 'QEMU said' above shows where): run 'qbuf-qemu launch' again; \
+            "QEMU itself crashed ({sig}; 'QEMU said' above shows where), not the guest: try again; \
              if it crashes every time, report those lines to QEMU, or try another QEMU build with QBUF_QEMU_SYSTEM=PATH"
         )
     })

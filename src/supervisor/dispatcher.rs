@@ -164,10 +164,11 @@ impl Dispatcher {
 
     fn request(&mut self, req: Request, reply: oneshot::Sender<Response>) {
         match req {
-            // QEMU has exited, or is exiting (its QMP connection closed).
+            // What the supervisor knows, without a question to QEMU.
             Request::State => {
                 let _ = reply.send(Response::Status(Box::new(self.state.clone())));
             }
+            // QEMU has exited, or is exiting (its QMP connection closed).
             Request::Status if self.state.ended.is_some() || self.qmp_closed => {
                 let _ = reply.send(Response::Status(Box::new(self.state.clone())));
             }
