@@ -21,6 +21,29 @@ pub enum ShareMode {
     Ro,
 }
 
+/// How the share reaches the guest, as asked for: `auto` picks virtio-fs
+/// when a usable `virtiofsd` is found at boot, else 9p.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ShareType {
+    #[default]
+    Auto,
+    Virtiofs,
+    #[value(name = "9p")]
+    #[serde(rename = "9p")]
+    NineP,
+}
+
+impl ShareType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShareType::Auto => "auto",
+            ShareType::Virtiofs => "virtiofs",
+            ShareType::NineP => "9p",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PortChoice {
     Fixed(u16),
@@ -99,6 +122,7 @@ pub struct Origins {
     pub ssh_port: Option<Origin>,
     pub share: Option<Origin>,
     pub share_mode: Option<Origin>,
+    pub share_type: Option<Origin>,
     pub source: Option<Origin>,
     pub accel: Option<Origin>,
     pub ssh_user: Option<Origin>,
@@ -123,6 +147,7 @@ fn origins(saved: Option<&Settings>, f: &LaunchFlags, d: &Defaults) -> Origins {
         },
         share: keep(f.share.is_some() || f.no_share, |o| o.share, share_default),
         share_mode: keep(f.share_mode.is_some(), |o| o.share_mode, Origin::Default),
+        share_type: keep(f.share_type.is_some(), |o| o.share_type, Origin::Default),
         source: keep(source_given || f.append.is_some(), |o| o.source, Origin::Default),
         accel: keep(f.accel.is_some(), |o| o.accel, Origin::Default),
         ssh_user: keep(f.ssh_user.is_some(), |o| o.ssh_user, Origin::Default),
@@ -138,6 +163,9 @@ pub struct Settings {
     pub ssh_port: u16,
     pub share: Option<PathBuf>,
     pub share_mode: ShareMode,
+    /// Saved before virtio-fs existed: `auto`.
+    #[serde(default)]
+    pub share_type: ShareType,
     pub source: Source,
     pub accel: AccelChoice,
     pub ssh_user: String,
@@ -157,6 +185,7 @@ pub struct LaunchFlags {
     pub share: Option<PathBuf>,
     pub no_share: bool,
     pub share_mode: Option<ShareMode>,
+    pub share_type: Option<ShareType>,
     pub image: Option<PathBuf>,
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
@@ -279,6 +308,7 @@ pub fn merge(saved: Option<&Settings>, f: &LaunchFlags, d: &Defaults) -> Result<
         ssh_port,
         share,
         share_mode,
+        share_type: f.share_type.or(saved.map(|s| s.share_type)).unwrap_or_default(),
         source,
         accel: f.accel.or(saved.map(|s| s.accel)).unwrap_or(AccelChoice::Auto),
         ssh_user: f.ssh_user.clone().or(saved.map(|s| s.ssh_user.clone())).unwrap_or_else(|| DEFAULT_SSH_USER.into()),
@@ -302,6 +332,7 @@ fn diff(a: &Settings, b: &Settings) -> Vec<Change> {
     let share = |s: &Settings| s.share.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into());
     cmp("share", share(a), share(b));
     cmp("share mode", format!("{:?}", a.share_mode).to_lowercase(), format!("{:?}", b.share_mode).to_lowercase());
+    cmp("share type", a.share_type.as_str().into(), b.share_type.as_str().into());
     cmp("image", a.source.describe(), b.source.describe());
     cmp("accel", format!("{:?}", a.accel).to_lowercase(), format!("{:?}", b.accel).to_lowercase());
     cmp("ssh user", a.ssh_user.clone(), b.ssh_user.clone());

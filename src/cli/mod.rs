@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{AccelChoice, PortChoice, ShareMode};
+use crate::config::{AccelChoice, PortChoice, ShareMode, ShareType};
 use crate::qemu::forward::Forward;
 use crate::qemu::image::DiskFormat;
 use parse::{CopyPath, HostEnd};
@@ -284,7 +284,7 @@ pub struct VmArgs {
     /// Virtual CPUs, at most the host's [default: 2]
     #[arg(long, value_name = "N", value_parser = parse::cpus)]
     pub cpus: Option<u32>,
-    /// Host directory shared at /mnt/qbuf (9p tag qbuf) [default: the git checkout you are in]
+    /// Host directory shared at /mnt/qbuf (tag qbuf) [default: the git checkout you are in]
     #[arg(long, value_name = "DIR", value_parser = parse::path())]
     pub share: Option<PathBuf>,
     /// Do not share a directory
@@ -293,6 +293,9 @@ pub struct VmArgs {
     /// rw lets the guest write the checkout (including .git/hooks the host runs); ro prevents that [default: rw]
     #[arg(long, value_enum, value_name = "MODE")]
     pub share_mode: Option<ShareMode>,
+    /// How /mnt/qbuf is shared: auto = virtio-fs when a virtiofsd is found (fast), else 9p [default: auto]
+    #[arg(long, value_enum, value_name = "TYPE")]
+    pub share_type: Option<ShareType>,
     /// auto = KVM when /dev/kvm is usable, else TCG with a warning [default: auto]
     #[arg(long, value_enum)]
     pub accel: Option<AccelChoice>,

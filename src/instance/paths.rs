@@ -179,6 +179,8 @@ files! {
     guix_image => "guix-image.json";
     /// Saved VMs (`snapshot save`), one directory each.
     snapshots_dir => "snapshots";
+    /// virtio-fs shares' vhost-user sockets and `virtiofsd` logs.
+    virtiofs_dir => "virtiofs";
 }
 
 /// A saved VM: its files, all made by `snapshot save`.
@@ -236,6 +238,16 @@ impl Instance {
 
     pub fn ensure_dir(&self) -> Result<()> {
         private_dir(&self.dir)
+    }
+
+    /// Share number `index`'s vhost-user socket (virtio-fs).
+    pub fn share_socket(&self, index: usize) -> PathBuf {
+        self.virtiofs_dir().join(format!("{index}.sock"))
+    }
+
+    /// What share number `index`'s `virtiofsd` wrote to stderr.
+    pub fn share_daemon_log(&self, index: usize) -> PathBuf {
+        self.virtiofs_dir().join(format!("{index}.log"))
     }
 
     /// The unix sockets QEMU and the supervisor create.

@@ -19,6 +19,7 @@ use super::paths::Instance;
 use super::proc::{ExitInfo, ProcIdentity};
 use crate::qemu::args::{Accel, ExtraDisk, Share, VmSpec};
 use crate::qemu::forward::Forward;
+use crate::qemu::virtiofs::Daemon;
 use crate::qmp::Event;
 
 /// Writes JSON atomically (temp file + rename), private to the user. A
@@ -80,6 +81,9 @@ pub struct BootPlan {
     /// boots), for `logs --boot`.
     #[serde(default)]
     pub serial_start: u64,
+    /// The `virtiofsd`s to start before QEMU, one per virtio-fs share.
+    #[serde(default)]
+    pub daemons: Vec<Daemon>,
 }
 
 impl BootPlan {

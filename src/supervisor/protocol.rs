@@ -12,7 +12,8 @@ use serde_json::Value;
 
 use crate::instance::proc::ExitInfo;
 use crate::instance::records::{StopMethod, StopOutcome, StopRecord};
-use crate::qemu::args::Accel;
+use crate::qemu::args::{Accel, VmSpec};
+use crate::qemu::virtiofs::ShareKind;
 use crate::qemu::parse::LiveDisk;
 use crate::qga::AgentState;
 use crate::qmp::Event;
@@ -80,6 +81,9 @@ pub struct VmState {
     pub agent_port_open: bool,
     /// Set once QEMU has exited: how, and why once the supervisor knows.
     pub ended: Option<Ended>,
+    /// The shares this boot has, and how each reaches the guest.
+    #[serde(default)]
+    pub shares: Vec<ShareState>,
     /// QEMU's answers; `None` once it has exited.
     pub live: Option<Live>,
 }
@@ -99,8 +103,42 @@ impl VmState {
             panicked: None,
             agent_port_open: false,
             ended: None,
+            shares: vec![],
             live: None,
         }
+    }
+}
+
+/// One share of the running VM, as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShareState {
+    pub tag: String,
+    pub path: std::path::PathBuf,
+    pub readonly: bool,
+    /// `9p` or `virtiofs`.
+    pub kind: ShareKind,
+    /// The share's `virtiofsd` (virtio-fs only).
+    pub daemon_pid: Option<i32>,
+    /// Set when that `virtiofsd` ended while QEMU ran: the guest lost the share.
+    pub daemon_exit: Option<ExitInfo>,
+    /// The end of its stderr, when it ended.
+    pub daemon_stderr: Option<String>,
+}
+
+impl ShareState {
+    pub fn of_boot(spec: &VmSpec, daemons: &[super::daemons::Running]) -> Vec<ShareState> {
+        spec.shares
+            .iter()
+            .map(|s| ShareState {
+                tag: s.tag.clone(),
+                path: s.path.clone(),
+                readonly: s.readonly,
+                kind: spec.share_kind,
+                daemon_pid: daemons.iter().find(|d| d.daemon.tag == s.tag).map(|d| d.pid),
+                daemon_exit: None,
+                daemon_stderr: None,
+            })
+            .collect()
     }
 }
 
