@@ -19,7 +19,7 @@ use super::paths::Instance;
 use super::proc::{ExitInfo, ProcIdentity};
 use crate::qemu::args::{Accel, ExtraDisk, Share, VmSpec};
 use crate::qemu::forward::Forward;
-use crate::qemu::virtiofs::Daemon;
+use crate::qemu::virtiofs::{Daemon, ShareKind};
 use crate::qmp::Event;
 
 /// Writes JSON atomically (temp file + rename), private to the user. A
@@ -235,6 +235,9 @@ pub struct SnapshotRecord {
 pub struct GuestMount {
     pub tag: String,
     pub path: String,
+    /// How it was mounted (snapshots saved before virtio-fs: 9p).
+    #[serde(default)]
+    pub kind: ShareKind,
 }
 
 /// devices.json: runtime additions that persist across launches.
