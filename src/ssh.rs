@@ -349,21 +349,28 @@ pub fn run_explained(argv: &[String], t: &Target, inst: &Instance) -> Result<i32
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot run '{}': {SSH_MISSING}", argv[0]))?;
-    let stderr = child.stderr.take().expect("piped");
+    let mismatch = pass_stderr(child.stderr.take().expect("piped"));
+    let status = child.wait()?;
+    if mismatch {
+        eprintln!("qbuf-qemu: {}", host_key_mismatch_message(t, inst));
+    }
+    Ok(status.code().unwrap_or(255))
+}
+
+/// Copies OpenSSH's stderr `from` to ours line by line; whether it said the
+/// guest's host key changed (the caller then explains, see
+/// [`host_key_mismatch_message`]).
+pub fn pass_stderr(from: impl Read) -> bool {
     let mut mismatch = false;
     let mut out = std::io::stderr();
-    let mut r = BufReader::new(stderr);
+    let mut r = BufReader::new(from);
     let mut line = Vec::new();
     while r.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
         mismatch |= String::from_utf8_lossy(&line).contains(HOST_KEY_CHANGED);
         let _ = out.write_all(&line);
         line.clear();
     }
-    let status = child.wait()?;
-    if mismatch {
-        eprintln!("qbuf-qemu: {}", host_key_mismatch_message(t, inst));
-    }
-    Ok(status.code().unwrap_or(255))
+    mismatch
 }
 
 #[cfg(test)]
