@@ -18,10 +18,13 @@ use crate::instance::{private_dir, Instance, StateDir};
 /// Creates the tool's ed25519 key once (private 0600) and returns its path.
 pub fn ensure_user_key(state: &StateDir) -> Result<PathBuf> {
     let path = state.user_key();
+    // Refuses an `ssh/` or a key someone else owns: their key would be
+    // the one this user's VMs trust.
+    private_dir(&state.ssh_dir())?;
+    crate::instance::owner::check(&path, "SSH key")?;
     if path.exists() {
         return Ok(path);
     }
-    private_dir(&state.ssh_dir())?;
     let mut key = ssh_key::PrivateKey::random(&mut ssh_key::rand_core::OsRng, ssh_key::Algorithm::Ed25519)
         .context("cannot generate an SSH key")?;
     key.set_comment("qbuf-qemu");

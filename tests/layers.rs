@@ -19,6 +19,7 @@ const LAYERS: &[&[&str]] = &[
         "qmp.rs",
         "qga.rs",
         "instance/paths.rs",
+        "instance/owner.rs",
         "instance/proc.rs",
         "instance/lock.rs",
         "progress.rs",
