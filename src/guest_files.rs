@@ -96,8 +96,9 @@ pub fn unpack<R: Read>(from: R, root: &Path, base: &str) -> Result<Unpacked> {
         let target = entry.link_name().ok().flatten().map(|l| l.display().to_string());
         match place(&mut entry, root, base, mode)? {
             Placed::Skipped(reason) => out.skipped.push(Skipped { path: shown, reason, target }),
+            Placed::Symlink | Placed::Nothing => {}
             placed => {
-                if mode & 0o7000 != 0 && !matches!(placed, Placed::Symlink) {
+                if mode & 0o7000 != 0 {
                     out.mode_bits_dropped.push(shown);
                 }
                 if let Placed::Directory(p) = placed {
@@ -123,6 +124,8 @@ enum Placed {
     File,
     Directory(PathBuf),
     Symlink,
+    /// A header that only describes other entries.
+    Nothing,
     Skipped(SkipReason),
 }
 
@@ -136,6 +139,8 @@ fn place<R: Read>(entry: &mut tar::Entry<R>, root: &Path, base: &str, mode: u32)
         T::Char | T::Block => return skip(SkipReason::Device),
         T::Fifo => return skip(SkipReason::Fifo),
         T::Link => return skip(SkipReason::HardLink),
+        // Metadata for other entries (the tar crate applies the local ones).
+        T::XGlobalHeader | T::XHeader | T::GNULongName | T::GNULongLink => return Ok(Placed::Nothing),
         _ => return skip(SkipReason::Unsupported),
     }
     let parts = match entry.path().ok().and_then(|p| inside(&p, base)) {
