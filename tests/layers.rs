@@ -19,6 +19,7 @@ const LAYERS: &[&[&str]] = &[
         "qmp.rs",
         "qga.rs",
         "instance/paths.rs",
+        "instance/owner.rs",
         "instance/proc.rs",
         "instance/lock.rs",
         "progress.rs",
@@ -27,8 +28,8 @@ const LAYERS: &[&[&str]] = &[
     &["qemu/args.rs", "qemu/forward.rs", "qemu/parse.rs", "qemu/host.rs"],
     // The records an instance keeps.
     &["instance/records.rs", "instance/mod.rs"],
-    // Services over the records: images, SSH, Guix, logs, the console.
-    &["qemu/image.rs", "qemu/mod.rs", "ssh.rs", "guix.rs", "logs.rs", "console.rs"],
+    // Services over the records: images, SSH, files out of a guest, Guix, logs, the console.
+    &["qemu/image.rs", "qemu/mod.rs", "ssh.rs", "guest_files.rs", "guix.rs", "logs.rs", "console.rs"],
     // QEMU's parent process and its protocol.
     &["supervisor/"],
     // Typed outcomes and their renderers.
