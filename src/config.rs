@@ -319,6 +319,19 @@ pub fn merge(saved: Option<&Settings>, f: &LaunchFlags, d: &Defaults) -> Result<
     Ok((s, changes))
 }
 
+/// A run from another instance's snapshot starts from that instance's
+/// settings (its guest is that instance's: the same user and key get in,
+/// the same share mode and type are expected); flags given to the run win.
+/// Memory and CPUs come from the snapshot itself.
+pub fn inherit(f: &mut LaunchFlags, source: &Settings) {
+    f.ssh_user.get_or_insert_with(|| source.ssh_user.clone());
+    if f.ssh_key.is_none() {
+        f.ssh_key = source.ssh_key.clone();
+    }
+    f.share_mode.get_or_insert(source.share_mode);
+    f.share_type.get_or_insert(source.share_type);
+}
+
 fn diff(a: &Settings, b: &Settings) -> Vec<Change> {
     let mut v = Vec::new();
     let mut cmp = |setting: &'static str, x: String, y: String| {
@@ -348,6 +361,29 @@ mod tests {
 
     fn d() -> Defaults {
         Defaults { share: Some("/src/qbuf".into()) }
+    }
+
+    #[test]
+    fn a_run_from_a_snapshot_inherits_the_source_settings_unless_given() {
+        let (src, _) = merge(
+            None,
+            &LaunchFlags {
+                ssh_user: Some("root".into()),
+                ssh_key: Some("/k".into()),
+                share_mode: Some(ShareMode::Ro),
+                share_type: Some(ShareType::NineP),
+                ..Default::default()
+            },
+            &d(),
+        )
+        .unwrap();
+        let mut f = LaunchFlags::default();
+        inherit(&mut f, &src);
+        assert_eq!((f.ssh_user.as_deref(), f.ssh_key.as_deref()), (Some("root"), Some(Path::new("/k"))));
+        assert_eq!((f.share_mode, f.share_type), (Some(ShareMode::Ro), Some(ShareType::NineP)));
+        let mut f = LaunchFlags { ssh_user: Some("dev".into()), share_mode: Some(ShareMode::Rw), ..Default::default() };
+        inherit(&mut f, &src);
+        assert_eq!((f.ssh_user.as_deref(), f.share_mode), (Some("dev"), Some(ShareMode::Rw)), "flags win");
     }
 
     #[test]

@@ -131,6 +131,11 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<i32> {
     let rctx = Ctx { name, named: true, ..ctx.clone() };
     let mut opts = LaunchOptions::plain(a.timeout);
     opts.flags = vm_flags(a.vm, Some(PortChoice::Auto))?;
+    if a.from_snapshot.is_some() {
+        if let Some(source) = read_json::<crate::config::Settings>(&ctx.instance().settings())? {
+            crate::config::inherit(&mut opts.flags, &source);
+        }
+    }
     opts.cancel = Some(int.cancel.clone());
     opts.resume = resume.map(|r| ResumeFrom::Checked(Box::new(r)));
     let mut summary = RunSummary::new(&rctx.name, a.from_snapshot.clone(), &a.command);

@@ -195,18 +195,34 @@ pub fn vm_spec(
     }
 }
 
-/// How this boot's shares reach the guest (`--share-type`), and the
+/// How this boot's shares reach the guest (`--share-type`, or the saved
+/// VM's way for a resume: its devices must be the same), and the
 /// `virtiofsd` each needs when that is virtio-fs. `auto` without a usable
 /// `virtiofsd` falls back to 9p with one note saying why and what to do.
-pub fn share_transport(inst: &Instance, s: &Settings, spec: &mut VmSpec, notes: &mut Vec<String>) -> Result<Vec<Daemon>> {
+pub fn share_transport(
+    inst: &Instance,
+    s: &Settings,
+    resumed: Option<ShareKind>,
+    spec: &mut VmSpec,
+    notes: &mut Vec<String>,
+) -> Result<Vec<Daemon>> {
     spec.share_kind = ShareKind::NineP;
     spec.endpoints.share_sockets.clear();
     if spec.shares.is_empty() {
         return Ok(vec![]);
     }
-    let binary = match (s.share_type, virtiofs::find_virtiofsd()) {
+    let asked = match resumed {
+        Some(ShareKind::NineP) => ShareType::NineP,
+        Some(ShareKind::Virtiofs) => ShareType::Virtiofs,
+        None => s.share_type,
+    };
+    let binary = match (asked, virtiofs::find_virtiofsd()) {
         (ShareType::NineP, _) => return Ok(vec![]),
         (_, Ok(b)) => b,
+        (ShareType::Virtiofs, Err(why)) if resumed.is_some() => anyhow::bail!(
+            "the snapshot was saved with a virtio-fs share, and there is no usable virtiofsd ({why}): {}",
+            virtiofs::HOW_TO_GET
+        ),
         (ShareType::Virtiofs, Err(why)) => anyhow::bail!(
             "--share-type virtiofs, but there is no usable virtiofsd ({why}): {}; or share over 9p with --share-type 9p",
             virtiofs::HOW_TO_GET

@@ -109,7 +109,7 @@ Examples: qbuf-qemu copy notes.txt build/ :/tmp/\n          qbuf-qemu copy dev:/
     /// Host ports forwarded to the guest (QEMU user network), on 127.0.0.1 unless an address is given
     #[command(subcommand)]
     Forward(ForwardCommand),
-    /// Extra 9p directory shares; QEMU cannot add one to a running VM, so they appear at the next boot
+    /// Extra directory shares (virtio-fs or 9p, as the default share); they appear at the next boot
     #[command(subcommand)]
     Share(ShareCommand),
     /// Send any QMP command to the running VM and print QEMU's raw reply as JSON
@@ -241,12 +241,12 @@ pub enum ForwardCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum ShareCommand {
-    /// Record a directory shared as 9p tag TAG from the next boot on
+    /// Record a directory shared as tag TAG from the next boot on
     Add {
         /// The host directory to share
         #[arg(value_name = "DIR", value_parser = parse::path())]
         dir: PathBuf,
-        /// The 9p mount tag the guest mounts it by (letters, digits, '-', '_')
+        /// The mount tag the guest mounts it by (letters, digits, '-', '_')
         #[arg(value_name = "TAG", value_parser = parse::share_tag)]
         tag: String,
         /// Read-only for the guest
@@ -255,7 +255,7 @@ pub enum ShareCommand {
     },
     /// Stop sharing TAG from the next boot on
     Remove {
-        /// The share's 9p mount tag (see 'share list')
+        /// The share's mount tag (see 'share list')
         #[arg(value_name = "TAG")]
         tag: String,
     },
