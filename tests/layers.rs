@@ -25,7 +25,7 @@ const LAYERS: &[&[&str]] = &[
         "progress.rs",
     ],
     // QEMU as data: the pure argv builder, parsers of its output, its binaries.
-    &["qemu/args.rs", "qemu/forward.rs", "qemu/parse.rs", "qemu/host.rs"],
+    &["qemu/value.rs", "qemu/args.rs", "qemu/forward.rs", "qemu/virtiofs.rs", "qemu/parse.rs", "qemu/host.rs"],
     // The records an instance keeps.
     &["instance/records.rs", "instance/mod.rs"],
     // Services over the records: images, SSH, files out of a guest, Guix, logs, the console.

@@ -7,7 +7,7 @@
 use anyhow::{bail, Result};
 
 use crate::instance::records::GuestMount;
-use crate::qemu::virtiofs::ShareKind;
+use crate::qemu::args::ShareKind;
 use crate::ssh::{self, Target};
 
 /// Runs `script` as root in the guest and returns its stdout.

@@ -22,7 +22,7 @@ use crate::instance::paths::Snapshot;
 use crate::instance::records::{BootPlan, RunRecord, SnapshotRecord};
 use crate::instance::{read_json, write_json, Instance};
 use crate::qemu::args::validate_id;
-use crate::qemu::virtiofs::ShareKind;
+use crate::qemu::args::ShareKind;
 use crate::report::snapshot::{SnapshotDone, SnapshotEntry, SnapshotList};
 
 /// No bandwidth cap: the VM is paused, the file is local.

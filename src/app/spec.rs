@@ -244,7 +244,7 @@ pub fn share_transport(
         daemons.push(Daemon {
             tag: share.tag.clone(),
             binary: binary.clone(),
-            argv: virtiofs::daemon_args(share, &socket, uid, gid),
+            argv: virtiofs::daemon_args(&share.path, share.readonly, &socket, uid, gid),
             socket: socket.clone(),
             log: inst.share_daemon_log(i),
         });

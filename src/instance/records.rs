@@ -19,7 +19,8 @@ use super::paths::Instance;
 use super::proc::{ExitInfo, ProcIdentity};
 use crate::qemu::args::{Accel, ExtraDisk, Share, VmSpec};
 use crate::qemu::forward::Forward;
-use crate::qemu::virtiofs::{Daemon, ShareKind};
+use crate::qemu::args::ShareKind;
+use crate::qemu::virtiofs::Daemon;
 use crate::qmp::Event;
 
 /// Writes JSON atomically (temp file + rename), private to the user. A

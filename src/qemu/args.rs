@@ -1,9 +1,5 @@
 //! QEMU's command line, built as data from a resolved [`VmSpec`] with no I/O,
-//! so every option and its escaping is unit-tested.
-//!
-//! QEMU's option parsers (QemuOpts and keyval) split values on `,`; a literal
-//! `,` must be doubled. An unescaped one can be silently misparsed: a path
-//! ending in `,snapshot` or `,readonly` starts fine with a different meaning.
+//! so every option and its escaping (see [`super::value`]) is unit-tested.
 
 use std::path::{Path, PathBuf};
 
@@ -11,7 +7,9 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use super::forward::Forward;
-use super::virtiofs::{self, ShareKind};
+pub use super::value::{escape_value, path_value, socket_value};
+pub use super::virtiofs::ShareKind;
+use super::virtiofs::device_args;
 
 /// Accelerator actually used for a boot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,37 +126,6 @@ pub fn validate_id(what: &str, id: &str) -> Result<()> {
         bail!("disk id {id:?} is reserved for qbuf-qemu's own devices: choose another, e.g. 'data'");
     }
     Ok(())
-}
-
-/// Doubles every `,` so a value survives QEMU's option parser.
-pub fn escape_value(v: &str) -> String {
-    v.replace(',', ",,")
-}
-
-/// A path as a QEMU option value: UTF-8 only (QEMU's parsers are byte
-/// strings, but our own records are JSON), commas doubled.
-pub fn path_value(what: &str, p: &Path) -> Result<String> {
-    let Some(s) = p.to_str() else {
-        bail!("{what} path {} is not valid UTF-8; QEMU cannot be given it safely: rename or move it", p.display())
-    };
-    if s.contains('\n') || s.contains('\0') {
-        bail!("{what} path {s:?} contains a newline; choose a path without one");
-    }
-    Ok(escape_value(s))
-}
-
-/// A unix socket path must fit `sun_path` (108 bytes with the NUL).
-pub fn socket_value(what: &str, p: &Path) -> Result<String> {
-    let v = path_value(what, p)?;
-    if p.as_os_str().len() > crate::instance::paths::MAX_SOCKET_PATH {
-        bail!(
-            "{what} socket path {} is {} bytes, over the {} a unix socket allows: use a shorter --state-dir",
-            p.display(),
-            p.as_os_str().len(),
-            crate::instance::paths::MAX_SOCKET_PATH
-        );
-    }
-    Ok(v)
 }
 
 fn chardev_socket(id: &str, what: &str, path: &Path) -> Result<String> {
@@ -286,9 +253,7 @@ fn shares(a: &mut Argv, spec: &VmSpec) -> Result<()> {
             bail!("internal: {} virtio-fs shares but {} sockets", spec.shares.len(), spec.endpoints.share_sockets.len());
         }
         for (i, (s, sock)) in spec.shares.iter().zip(&spec.endpoints.share_sockets).enumerate() {
-            let sock = socket_value("virtio-fs", sock)?;
-            let v = virtiofs::qemu_device_args(i, s, &sock);
-            a.0.extend(v);
+            a.0.extend(device_args(i, &escape_value(&s.tag), &socket_value("virtio-fs", sock)?));
         }
         return Ok(());
     }
@@ -407,8 +372,7 @@ mod tests {
         assert!(after(&a, "-chardev").contains(&"socket,id=vfs0,path=/s,,x/virtiofs/0.sock"));
         assert!(after(&a, "-device").iter().any(|d| d.starts_with("vhost-user-fs-pci,chardev=vfs0,tag=qbuf,")));
         assert!(after(&a, "-fsdev").is_empty(), "no 9p device beside it");
-        s.shares.clear();
-        s.endpoints.share_sockets.clear();
+        (s.shares, s.endpoints.share_sockets) = (vec![], vec![]);
         assert_eq!(after(&build_args(&s).unwrap(), "-machine"), ["q35"], "no share, no shared memory");
     }
 

@@ -1,5 +1,5 @@
 //! QEMU as data and as a program: its command line built with no I/O
-//! ([`args`]; a port forward's rule in [`forward`]), disk images ([`image`]), readers of its output ([`parse`]),
+//! ([`args`], its option values escaped by [`value`]; a port forward's rule in [`forward`]), disk images ([`image`]), readers of its output ([`parse`]),
 //! the binaries and KVM on this host ([`host`]), and virtio-fs shares'
 //! `virtiofsd` ([`virtiofs`]).
 
@@ -8,4 +8,5 @@ pub mod forward;
 pub mod host;
 pub mod image;
 pub mod parse;
+pub mod value;
 pub mod virtiofs;

@@ -12,7 +12,6 @@ use std::process::Command;
 
 use serde::{Deserialize, Serialize};
 
-use super::args::Share;
 use crate::host::find_in_path;
 
 /// How this boot's shares reach the guest (resolved: `auto` is decided by
@@ -34,6 +33,19 @@ impl ShareKind {
             ShareKind::Virtiofs => "virtio-fs",
         }
     }
+}
+
+/// QEMU's options for one virtio-fs share: its vhost-user socket and the
+/// device that carries the tag; both values come escaped (commas doubled).
+pub fn device_args(index: usize, tag: &str, socket: &str) -> [String; 4] {
+    [
+        "-chardev".into(),
+        format!("socket,id=vfs{index},path={socket}"),
+        "-device".into(),
+        format!(
+            "vhost-user-fs-pci,chardev=vfs{index},tag={tag},id=share{index},queue-size=1024"
+        ),
+    ]
 }
 
 /// One `virtiofsd` the supervisor starts before QEMU (its child, like QEMU).
@@ -77,12 +89,12 @@ pub fn guest_dev_uid(host_uid: u32) -> u32 {
 ///
 /// `--cache=auto`: a host edit is seen by the guest at once
 /// (`--cache=always` served stale content in a trial).
-pub fn daemon_args(share: &Share, socket: &Path, host_uid: u32, host_gid: u32) -> Vec<String> {
+pub fn daemon_args(dir: &Path, readonly: bool, socket: &Path, host_uid: u32, host_gid: u32) -> Vec<String> {
     const ALL: u32 = u32::MAX;
     let dev = guest_dev_uid(host_uid);
     let mut a = vec![
         format!("--socket-path={}", socket.display()),
-        format!("--shared-dir={}", share.path.display()),
+        format!("--shared-dir={}", dir.display()),
         "--cache=auto".into(),
         "--sandbox=namespace".into(),
         "--log-level=warn".into(),
@@ -90,24 +102,10 @@ pub fn daemon_args(share: &Share, socket: &Path, host_uid: u32, host_gid: u32) -
         format!("--translate-uid=host:{host_uid}:{dev}:1"),
         format!("--translate-gid=squash-guest:0:{host_gid}:{ALL}"),
     ];
-    if share.readonly {
+    if readonly {
         a.push("--readonly".into());
     }
     a
-}
-
-/// QEMU's options for one virtio-fs share: its vhost-user socket and the
-/// device that carries the tag (a `,` in the tag or path is doubled).
-pub fn qemu_device_args(index: usize, share: &Share, socket: &str) -> [String; 4] {
-    [
-        "-chardev".into(),
-        format!("socket,id=vfs{index},path={socket}"),
-        "-device".into(),
-        format!(
-            "vhost-user-fs-pci,chardev=vfs{index},tag={},id=share{index},queue-size=1024",
-            super::args::escape_value(&share.tag)
-        ),
-    ]
 }
 
 /// Where a `virtiofsd` is looked for, in order: `$QBUF_QEMU_VIRTIOFSD`,
@@ -157,30 +155,26 @@ or 'cargo install virtiofsd' with libseccomp-dev and libcap-ng-dev) or point QBU
 mod tests {
     use super::*;
 
-    fn share(ro: bool) -> Share {
-        Share { path: "/home/u/my,qbuf".into(), tag: "qbuf".into(), readonly: ro }
-    }
-
     #[test]
     fn the_daemon_maps_every_guest_owner_to_the_host_user() {
-        let a = daemon_args(&share(false), Path::new("/s/vfs/0.sock"), 0, 0);
+        let a = daemon_args(Path::new("/home/u/my,qbuf"), false, Path::new("/s/vfs/0.sock"), 0, 0);
         assert!(a.contains(&"--socket-path=/s/vfs/0.sock".to_string()));
         assert!(a.contains(&"--shared-dir=/home/u/my,qbuf".to_string()), "not a QEMU option: no escaping");
         assert!(a.contains(&"--translate-uid=squash-guest:0:0:4294967295".to_string()));
         assert!(a.contains(&"--translate-uid=host:0:1000:1".to_string()), "root's files are dev's in the guest");
         assert!(a.contains(&"--cache=auto".to_string()), "host edits must be seen at once");
         assert!(!a.contains(&"--readonly".to_string()));
-        let a = daemon_args(&share(true), Path::new("/s"), 1234, 100);
+        let a = daemon_args(Path::new("/home/u/my,qbuf"), true, Path::new("/s"), 1234, 100);
         assert!(a.contains(&"--translate-uid=host:1234:1234:1".to_string()));
         assert!(a.contains(&"--translate-gid=squash-guest:0:100:4294967295".to_string()));
         assert!(a.contains(&"--readonly".to_string()));
     }
 
     #[test]
-    fn the_device_carries_the_tag_with_commas_doubled() {
-        let s = Share { tag: "a,b".into(), ..share(false) };
-        let a = qemu_device_args(1, &s, "/x,,y.sock");
+    fn the_device_carries_the_tag() {
+        let a = device_args(1, "a,,b", "/x,,y.sock");
         assert_eq!(a[1], "socket,id=vfs1,path=/x,,y.sock");
         assert_eq!(a[3], "vhost-user-fs-pci,chardev=vfs1,tag=a,,b,id=share1,queue-size=1024");
     }
+
 }

@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::instance::proc::ExitInfo;
 use crate::instance::records::{StopMethod, StopOutcome, StopRecord};
 use crate::qemu::args::{Accel, VmSpec};
-use crate::qemu::virtiofs::ShareKind;
+use crate::qemu::args::ShareKind;
 use crate::qemu::parse::LiveDisk;
 use crate::qga::AgentState;
 use crate::qmp::Event;
@@ -126,7 +126,8 @@ pub struct ShareState {
 }
 
 impl ShareState {
-    pub fn of_boot(spec: &VmSpec, daemons: &[super::daemons::Running]) -> Vec<ShareState> {
+    /// The shares of a boot; `daemons` are the started `virtiofsd`s' tags and pids.
+    pub fn of_boot(spec: &VmSpec, daemons: &[(String, i32)]) -> Vec<ShareState> {
         spec.shares
             .iter()
             .map(|s| ShareState {
@@ -134,7 +135,7 @@ impl ShareState {
                 path: s.path.clone(),
                 readonly: s.readonly,
                 kind: spec.share_kind,
-                daemon_pid: daemons.iter().find(|d| d.daemon.tag == s.tag).map(|d| d.pid),
+                daemon_pid: daemons.iter().find(|(tag, _)| *tag == s.tag).map(|(_, pid)| *pid),
                 daemon_exit: None,
                 daemon_stderr: None,
             })
