@@ -44,7 +44,11 @@ fn a_virtiofs_share_goes_both_ways_sees_host_edits_and_guest_files_are_the_host_
     std::fs::set_permissions(&c, std::fs::Permissions::from_mode(0o755)).unwrap();
     env.launch(&["--share", path_str(&c), "--share-type", "virtiofs"]);
     let sh = shares(&env);
-    assert_eq!((sh.len(), sh[0]["kind"].as_str(), sh[0]["tag"].as_str()), (1, Some("virtiofs"), Some("qbuf")), "{sh:?}");
+    assert_eq!(
+        (sh.len(), sh[0]["kind"].as_str(), sh[0]["tag"].as_str()),
+        (1, Some("virtiofs"), Some("qbuf")),
+        "{sh:?}"
+    );
     assert!(sh[0]["daemon_pid"].as_i64().is_some_and(|p| pid_running(p as i32)), "{sh:?}");
     let out = env.ssh("dev", "mount | grep ' /mnt/qbuf '");
     assert!(out.stdout().contains("type virtiofs"), "{}", out.text());
@@ -162,13 +166,30 @@ fn snapshots_and_runs_from_them_keep_a_virtiofs_share() {
     let env = Env::new("vfssnap");
     let c = checkout(&env);
     let disk = guest().disk;
-    env.launch(&["--image", path_str(&disk), "--ssh-user", "root", "--share", path_str(&c), "--share-type", "virtiofs"]);
+    env.launch(&[
+        "--image",
+        path_str(&disk),
+        "--ssh-user",
+        "root",
+        "--share",
+        path_str(&c),
+        "--share-type",
+        "virtiofs",
+    ]);
     let (s1, out) = env.json(&["snapshot", "save", "s1"]);
     out.ok();
     assert_eq!(s1["snapshot"]["shares"][0], "qbuf", "{s1}");
     assert_eq!(env.ssh("dev", "cat /mnt/qbuf/src/main.cc").stdout(), "int main() { return 0; }\n", "mounted again");
     std::fs::write(c.join("after.txt"), "written after the save\n").unwrap();
-    let out = env.run(&["run", "--from-snapshot", "s1", "--", "sh", "-c", "cat /mnt/qbuf/after.txt; mount | grep -c virtiofs"]);
+    let out = env.run(&[
+        "run",
+        "--from-snapshot",
+        "s1",
+        "--",
+        "sh",
+        "-c",
+        "cat /mnt/qbuf/after.txt; mount | grep -c virtiofs",
+    ]);
     out.ok();
     assert_eq!(out.stdout(), "written after the save\n1\n", "the run sees the checkout as it is now: {}", out.text());
     env.run(&["snapshot", "load", "s1"]).ok();
@@ -181,7 +202,8 @@ fn snapshots_and_runs_from_them_keep_a_virtiofs_share() {
 fn qemu_7_2_runs_a_virtiofs_share_and_says_why_it_cannot_snapshot_it() {
     require_virtiofsd();
     let (bin, fw) = qemu72();
-    let env = Env::new("vfs72").with_env("QBUF_QEMU_SYSTEM", path_str(&bin)).with_env("QBUF_QEMU_FIRMWARE", path_str(&fw));
+    let env =
+        Env::new("vfs72").with_env("QBUF_QEMU_SYSTEM", path_str(&bin)).with_env("QBUF_QEMU_FIRMWARE", path_str(&fw));
     let c = checkout(&env);
     env.launch(&["--share", path_str(&c), "--share-type", "virtiofs", "--ssh-user", "root"]);
     assert_eq!(env.ssh("dev", "cat /mnt/qbuf/src/main.cc").stdout(), "int main() { return 0; }\n");

@@ -17,9 +17,9 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use super::paths::Instance;
 use super::proc::{ExitInfo, ProcIdentity};
+use crate::qemu::args::ShareKind;
 use crate::qemu::args::{Accel, ExtraDisk, Share, VmSpec};
 use crate::qemu::forward::Forward;
-use crate::qemu::args::ShareKind;
 use crate::qemu::virtiofs::Daemon;
 use crate::qmp::Event;
 

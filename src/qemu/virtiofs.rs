@@ -42,9 +42,7 @@ pub fn device_args(index: usize, tag: &str, socket: &str) -> [String; 4] {
         "-chardev".into(),
         format!("socket,id=vfs{index},path={socket}"),
         "-device".into(),
-        format!(
-            "vhost-user-fs-pci,chardev=vfs{index},tag={tag},id=share{index},queue-size=1024"
-        ),
+        format!("vhost-user-fs-pci,chardev=vfs{index},tag={tag},id=share{index},queue-size=1024"),
     ]
 }
 
@@ -176,5 +174,4 @@ mod tests {
         assert_eq!(a[1], "socket,id=vfs1,path=/x,,y.sock");
         assert_eq!(a[3], "vhost-user-fs-pci,chardev=vfs1,tag=a,,b,id=share1,queue-size=1024");
     }
-
 }

@@ -175,7 +175,10 @@ impl Status {
 fn share_lost(sh: &ShareState) -> String {
     let exit = sh.daemon_exit.map(|e| e.to_string()).unwrap_or_default();
     // Its last line that is not routine chatter ("INFO ... Client connected").
-    let said = sh.daemon_stderr.as_deref().and_then(|t| t.lines().rev().find(|l| !l.contains(" INFO ") && !l.trim().is_empty()));
+    let said = sh
+        .daemon_stderr
+        .as_deref()
+        .and_then(|t| t.lines().rev().find(|l| !l.contains(" INFO ") && !l.trim().is_empty()));
     format!(
         "virtiofsd of share '{}' ended ({exit}): the guest cannot use {} until the next boot (powerdown, then launch){}",
         sh.tag,

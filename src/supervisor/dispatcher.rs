@@ -45,7 +45,11 @@ pub enum Msg {
     /// The instance's directory was deleted under the running VM.
     InstanceGone,
     /// A virtio-fs share's `virtiofsd` ended.
-    ShareDaemonExited { tag: String, exit: ExitInfo, stderr_tail: String },
+    ShareDaemonExited {
+        tag: String,
+        exit: ExitInfo,
+        stderr_tail: String,
+    },
 }
 
 enum Ladder {

@@ -12,8 +12,8 @@ use serde_json::Value;
 
 use crate::instance::proc::ExitInfo;
 use crate::instance::records::{StopMethod, StopOutcome, StopRecord};
-use crate::qemu::args::{Accel, VmSpec};
 use crate::qemu::args::ShareKind;
+use crate::qemu::args::{Accel, VmSpec};
 use crate::qemu::parse::LiveDisk;
 use crate::qga::AgentState;
 use crate::qmp::Event;
