@@ -8,7 +8,6 @@ use serde::{Deserialize, Serialize};
 
 use super::forward::Forward;
 pub use super::value::{escape_value, path_value, socket_value};
-use super::virtiofs::device_args;
 pub use super::virtiofs::ShareKind;
 
 /// Accelerator actually used for a boot.
@@ -249,15 +248,12 @@ fn memory(a: &mut Argv, spec: &VmSpec) {
 
 fn shares(a: &mut Argv, spec: &VmSpec) -> Result<()> {
     if spec.share_kind == ShareKind::Virtiofs {
-        if spec.endpoints.share_sockets.len() != spec.shares.len() {
-            bail!(
-                "internal: {} virtio-fs shares but {} sockets",
-                spec.shares.len(),
-                spec.endpoints.share_sockets.len()
-            );
+        let socks = &spec.endpoints.share_sockets;
+        if socks.len() != spec.shares.len() {
+            bail!("internal: {} virtio-fs shares but {} sockets", spec.shares.len(), socks.len());
         }
-        for (i, (s, sock)) in spec.shares.iter().zip(&spec.endpoints.share_sockets).enumerate() {
-            a.0.extend(device_args(i, &escape_value(&s.tag), &socket_value("virtio-fs", sock)?));
+        for (i, (s, sock)) in spec.shares.iter().zip(socks).enumerate() {
+            a.0.extend(super::virtiofs::device_args(i, &escape_value(&s.tag), &socket_value("virtio-fs", sock)?));
         }
         return Ok(());
     }
