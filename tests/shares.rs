@@ -13,10 +13,7 @@ use support::*;
 /// The `virtiofsd` tests/setup.sh installs: these tests fail, not skip,
 /// without it.
 fn require_virtiofsd() {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join("virtiofsd").is_file()))
-        .unwrap_or(false);
-    assert!(found, "virtiofsd is not on PATH: run tests/setup.sh (it builds and installs it)");
+    assert!(which("virtiofsd").is_some(), "virtiofsd is not on PATH: run tests/setup.sh (it builds and installs it)");
 }
 
 fn checkout(env: &Env) -> std::path::PathBuf {

@@ -164,7 +164,7 @@ fn plan(
             (vm_spec(inst, s, accel, disk, kernel, &devices, bins.firmware.clone()), auto_kvm)
         }
     };
-    let daemons = share_transport(inst, s, resume.map(|r| r.record.spec.share_kind), &mut spec, notes)?;
+    let daemons = share_transport(ctx, inst, s, resume.map(|r| r.record.spec.share_kind), &mut spec, notes)?;
     let argv = crate::qemu::args::build_args(&spec)?;
     let serial_start = std::fs::metadata(inst.serial_log()).map(|m| m.len()).unwrap_or(0);
     let plan = BootPlan { qemu: bins.system.clone(), argv, spec, serial_start, daemons };

@@ -200,6 +200,7 @@ pub fn vm_spec(
 /// `virtiofsd` each needs when that is virtio-fs. `auto` without a usable
 /// `virtiofsd` falls back to 9p with one note saying why and what to do.
 pub fn share_transport(
+    ctx: &Ctx,
     inst: &Instance,
     s: &Settings,
     resumed: Option<ShareKind>,
@@ -216,7 +217,10 @@ pub fn share_transport(
         Some(ShareKind::Virtiofs) => ShareType::Virtiofs,
         None => s.share_type,
     };
-    let binary = match (asked, virtiofs::find_virtiofsd()) {
+    if asked == ShareType::NineP {
+        return Ok(vec![]);
+    }
+    let binary = match (asked, guix_virtiofsd(ctx, s).or_else(|_| virtiofs::find_virtiofsd())) {
         (ShareType::NineP, _) => return Ok(vec![]),
         (_, Ok(b)) => b,
         (ShareType::Virtiofs, Err(why)) if resumed.is_some() => anyhow::bail!(
@@ -236,6 +240,7 @@ pub fn share_transport(
         }
     };
     crate::instance::paths::private_dir(&inst.virtiofs_dir())?;
+    tracing::info!("virtio-fs shares served by {}", binary.display());
     let (uid, gid) = (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw());
     spec.share_kind = ShareKind::Virtiofs;
     let mut daemons = vec![];
@@ -251,4 +256,17 @@ pub fn share_transport(
         spec.endpoints.share_sockets.push(socket);
     }
     Ok(daemons)
+}
+
+/// For a Guix image, the pinned channels' `virtiofsd` (the same daemon on
+/// every host), when they have one that works; else `Err` and the caller
+/// looks on this host.
+fn guix_virtiofsd(ctx: &Ctx, s: &Settings) -> Result<PathBuf, String> {
+    let config::Source::Guix { guix_dir, .. } = &s.source else {
+        return Err("not a Guix image".into());
+    };
+    let dir = crate::guix::resolve_dir(guix_dir.as_deref(), &ctx.state).map_err(|e| format!("{e:#}"))?;
+    let b = crate::guix::pinned_virtiofsd(&ctx.state, &dir)
+        .inspect_err(|why| tracing::info!("no virtiofsd from Guix ({why}): looking on this host"))?;
+    virtiofs::usable(&b).map(|()| b)
 }

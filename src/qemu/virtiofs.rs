@@ -136,7 +136,7 @@ pub fn find_virtiofsd() -> Result<PathBuf, String> {
 
 /// A `virtiofsd` that runs and has the options [`daemon_args`] gives
 /// (the Rust virtiofsd, 1.11 or newer; QEMU's old C one has none of them).
-fn usable(p: &Path) -> Result<(), String> {
+pub fn usable(p: &Path) -> Result<(), String> {
     let out = Command::new(p).arg("--help").output().map_err(|e| format!("cannot run it: {e}"))?;
     let help = String::from_utf8_lossy(&out.stdout);
     if !help.contains("--translate-uid") || !help.contains("--sandbox") {

@@ -193,7 +193,10 @@ fn share_human(sh: &ShareState) -> String {
     let at = if sh.tag == crate::qemu::args::DEFAULT_SHARE_TAG { " at /mnt/qbuf".to_string() } else { String::new() };
     let daemon = match (sh.daemon_pid, sh.daemon_exit) {
         (_, Some(_)) => ", its virtiofsd has ended".to_string(),
-        (Some(p), None) => format!(", virtiofsd pid {p}"),
+        (Some(p), None) => match &sh.daemon_binary {
+            Some(b) => format!(", virtiofsd pid {p}: {}", b.display()),
+            None => format!(", virtiofsd pid {p}"),
+        },
         _ => String::new(),
     };
     format!("{} {}{at} over {} ({mode}{daemon})", sh.tag, sh.path.display(), sh.kind.as_str())

@@ -81,7 +81,7 @@ async fn supervise(inst: Instance) -> Result<i32> {
     let me = std::process::id() as i32;
     let mut state =
         VmState::new(started.pid, crate::clock::now(), plan.spec.accel, &started.version, plan.spec.hotplug_ports);
-    let pids: Vec<(String, i32)> = daemons.iter().map(|d| (d.daemon.tag.clone(), d.pid)).collect();
+    let pids: Vec<_> = daemons.iter().map(|d| (&d.daemon, d.pid)).collect();
     state.shares = protocol::ShareState::of_boot(&plan.spec, &pids);
     let record = RunRecord {
         qemu: ProcIdentity::of(started.pid).unwrap_or(ProcIdentity {

@@ -15,6 +15,7 @@ use crate::instance::records::{StopMethod, StopOutcome, StopRecord};
 use crate::qemu::args::ShareKind;
 use crate::qemu::args::{Accel, VmSpec};
 use crate::qemu::parse::LiveDisk;
+use crate::qemu::virtiofs::Daemon;
 use crate::qga::AgentState;
 use crate::qmp::Event;
 
@@ -117,8 +118,10 @@ pub struct ShareState {
     pub readonly: bool,
     /// `9p` or `virtiofs`.
     pub kind: ShareKind,
-    /// The share's `virtiofsd` (virtio-fs only).
+    /// The share's `virtiofsd` (virtio-fs only), and which binary it is.
     pub daemon_pid: Option<i32>,
+    #[serde(default)]
+    pub daemon_binary: Option<std::path::PathBuf>,
     /// Set when that `virtiofsd` ended while QEMU ran: the guest lost the share.
     pub daemon_exit: Option<ExitInfo>,
     /// The end of its stderr, when it ended.
@@ -126,8 +129,8 @@ pub struct ShareState {
 }
 
 impl ShareState {
-    /// The shares of a boot; `daemons` are the started `virtiofsd`s' tags and pids.
-    pub fn of_boot(spec: &VmSpec, daemons: &[(String, i32)]) -> Vec<ShareState> {
+    /// The shares of a boot, with the started `virtiofsd`s and their pids.
+    pub fn of_boot(spec: &VmSpec, daemons: &[(&Daemon, i32)]) -> Vec<ShareState> {
         spec.shares
             .iter()
             .map(|s| ShareState {
@@ -135,7 +138,8 @@ impl ShareState {
                 path: s.path.clone(),
                 readonly: s.readonly,
                 kind: spec.share_kind,
-                daemon_pid: daemons.iter().find(|(tag, _)| *tag == s.tag).map(|(_, pid)| *pid),
+                daemon_pid: daemons.iter().find(|(d, _)| d.tag == s.tag).map(|(_, pid)| *pid),
+                daemon_binary: daemons.iter().find(|(d, _)| d.tag == s.tag).map(|(d, _)| d.binary.clone()),
                 daemon_exit: None,
                 daemon_stderr: None,
             })
