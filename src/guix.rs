@@ -427,7 +427,7 @@ mod tests {
     fn the_pinned_virtiofsd_is_built_with_the_same_channels() {
         assert_eq!(
             shell_words::join(virtiofsd_command(Path::new("/src/guix"), Path::new("/s/images/v/virtiofsd.gcroot"))),
-            "guix time-machine -C /src/guix/channels.scm -- build virtiofsd --root=/s/images/v/virtiofsd.gcroot"
+            "guix time-machine -C /src/guix/channels.scm -- build virtiofsd '--root=/s/images/v/virtiofsd.gcroot'"
         );
     }
 
