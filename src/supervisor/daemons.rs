@@ -83,24 +83,9 @@ fn spawn(d: &Daemon) -> Result<(i32, watch::Receiver<Option<ExitInfo>>), String>
     let log = File::create(&d.log).map_err(|e| format!("cannot create {}: {e}", d.log.display()))?;
     let mut cmd = tokio::process::Command::new(&d.binary);
     cmd.args(&d.argv).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(log);
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            use nix::sys::signal::{SigSet, SigmaskHow, Signal};
-            let mut set = SigSet::empty();
-            set.add(Signal::SIGTERM);
-            set.add(Signal::SIGHUP);
-            nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), None).map_err(std::io::Error::from)
-        });
-    }
-    let mut child = cmd.spawn().map_err(|e| format!("cannot run {}: {e}", d.binary.display()))?;
-    let pid = child.id().ok_or("virtiofsd has no pid")? as i32;
-    let (tx, rx) = watch::channel(None);
-    tokio::spawn(async move {
-        let info = child.wait().await.map(ExitInfo::from).unwrap_or(ExitInfo { code: None, signal: None });
-        let _ = tx.send(Some(info));
-    });
-    Ok((pid, rx))
+    super::start::block_host_signals(&mut cmd);
+    let child = cmd.spawn().map_err(|e| format!("cannot run {}: {e}", d.binary.display()))?;
+    super::start::reap(child, "virtiofsd")
 }
 
 /// Tells the dispatcher when a daemon ends (while QEMU runs, that is the

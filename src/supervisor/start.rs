@@ -62,6 +62,15 @@ fn spawn(inst: &Instance, plan: &BootPlan) -> Result<(i32, watch::Receiver<Optio
     let stdout = stderr.try_clone().map_err(|e| e.to_string())?;
     let mut cmd = tokio::process::Command::new(&plan.qemu);
     cmd.args(&plan.argv).stdin(std::process::Stdio::null()).stdout(stdout).stderr(stderr);
+    block_host_signals(&mut cmd);
+    let child = cmd.spawn().map_err(|e| format!("cannot run {}: {e}", plan.qemu.display()))?;
+    reap(child, "QEMU")
+}
+
+/// A child of the supervisor (QEMU, a `virtiofsd`) runs with SIGTERM and
+/// SIGHUP blocked: a host-wide signal must reach only the supervisor, which
+/// powers the guest down, instead of cutting the VM or its share off.
+pub fn block_host_signals(cmd: &mut tokio::process::Command) {
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
@@ -72,14 +81,14 @@ fn spawn(inst: &Instance, plan: &BootPlan) -> Result<(i32, watch::Receiver<Optio
             nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), None).map_err(std::io::Error::from)
         });
     }
-    let mut child = cmd.spawn().map_err(|e| format!("cannot run {}: {e}", plan.qemu.display()))?;
-    let pid = child.id().ok_or("QEMU has no pid")? as i32;
+}
+
+/// Reaps `child` in a task that publishes its exit; returns its pid.
+pub fn reap(mut child: tokio::process::Child, what: &str) -> Result<(i32, watch::Receiver<Option<ExitInfo>>), String> {
+    let pid = child.id().ok_or_else(|| format!("{what} has no pid"))? as i32;
     let (tx, rx) = watch::channel(None);
     tokio::spawn(async move {
-        let info = match child.wait().await {
-            Ok(s) => ExitInfo::from(s),
-            Err(_) => ExitInfo { code: None, signal: None },
-        };
+        let info = child.wait().await.map(ExitInfo::from).unwrap_or(ExitInfo { code: None, signal: None });
         let _ = tx.send(Some(info));
     });
     Ok((pid, rx))
