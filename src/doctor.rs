@@ -35,6 +35,7 @@ pub fn run(inst: &Instance) -> Report {
     let mut checks = vec![qemu];
     checks.push(check_kvm(bins.as_ref()));
     checks.push(check_guix());
+    checks.push(check_virtiofsd());
     checks.push(check_ssh_client());
     checks.push(check_ssh_port(inst));
     checks.push(check_stale(&state));
@@ -113,6 +114,26 @@ fn check_kvm(bins: Option<&QemuBinaries>) -> Check {
                 ),
             }
         }
+    }
+}
+
+/// virtio-fs needs a `virtiofsd`; without one the share goes over 9p.
+fn check_virtiofsd() -> Check {
+    match crate::qemu::virtiofs::find_virtiofsd() {
+        Ok(p) => ok(
+            "virtiofsd",
+            format!(
+                "{} ({}): the share goes over virtio-fs",
+                first_line(&p, "--version").unwrap_or_else(|| "virtiofsd".into()),
+                p.display()
+            ),
+        ),
+        Err(why) => problem(
+            "virtiofsd",
+            Level::Warn,
+            format!("no usable virtiofsd ({why}): the share goes over 9p, much slower for builds"),
+            crate::qemu::virtiofs::HOW_TO_GET,
+        ),
     }
 }
 
