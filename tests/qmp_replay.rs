@@ -21,9 +21,11 @@ use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
 const VERSIONS: [&str; 2] = ["qemu-10.0", "qemu-7.2"];
-/// Per command in the replays. Long enough for a loaded CI machine to get a
-/// reply over a socketpair, short enough that an expected timeout is cheap.
-const CMD_TIMEOUT: Duration = Duration::from_millis(500);
+/// Per command in the replays. Long enough for a loaded machine to get a
+/// reply over a socketpair (500 ms was not: the 330 KB `query-qmp-schema`
+/// reply, parsed by a debug build on two cores busy with TCG guests, missed
+/// it once), short enough that the few expected timeouts stay cheap.
+const CMD_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the fake QEMU waits for the client's next command or the client
 /// for the fake QEMU to hang up; only reached when something is broken.
 const HARNESS_TIMEOUT: Duration = Duration::from_secs(10);
