@@ -65,10 +65,10 @@ pub fn save(ctx: &Ctx, name: &str) -> Result<SnapshotDone> {
         let e = match plan.spec.share_kind {
             // QEMU 7.2 refuses ("State blocked by non-migratable device
             // '…/vhost-user-fs'"); 10.0 saves and resumes it.
-            ShareKind::Virtiofs if format!("{e:#}").contains("vhost-user-fs") => e.context(format!(
+            ShareKind::Virtiofs if format!("{e:#}").contains("vhost-user-fs") => e.context(
                 "this QEMU cannot save a VM with a virtio-fs share (QEMU 10 can): relaunch with \
-                 '--share-type 9p' to take snapshots with this QEMU, or use a newer QEMU"
-            )),
+                 '--share-type 9p' to take snapshots with this QEMU, or use a newer QEMU",
+            ),
             _ => e,
         };
         return Err(e.context(format!("saving snapshot '{name}' (nothing was kept; the VM runs on)")));

@@ -34,6 +34,8 @@ pub const QUIT_DEADLINE: Duration = Duration::from_secs(10);
 pub const SIGNAL_DEADLINE: Duration = Duration::from_secs(5);
 /// How long the ladder asks whether the guest agent answers.
 const AGENT_PING: Duration = Duration::from_secs(1);
+/// How long one QMP command or agent request of the ladder may take.
+const COMMAND_DEADLINE: Duration = Duration::from_secs(5);
 
 /// QEMU's process as the ladder sees it.
 pub trait QemuProcess {
@@ -41,6 +43,24 @@ pub trait QemuProcess {
     /// True once the process is gone (a zombie counts as gone), by `deadline`.
     fn wait_gone(&self, deadline: Instant) -> impl Future<Output = bool> + Send;
     fn exit_info(&self) -> Option<ExitInfo>;
+    /// Sends `sig` to the process.
+    fn signal(&self, sig: nix::sys::signal::Signal) -> nix::Result<()> {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig)
+    }
+}
+
+/// How long the steps after the guest's and each QMP command may take.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadlines {
+    pub quit: Duration,
+    pub signal: Duration,
+    pub command: Duration,
+}
+
+impl Default for Deadlines {
+    fn default() -> Deadlines {
+        Deadlines { quit: QUIT_DEADLINE, signal: SIGNAL_DEADLINE, command: COMMAND_DEADLINE }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -62,7 +82,22 @@ pub async fn stop<P: QemuProcess + Sync>(
     known_shutdown: Option<Event>,
     agent: Option<&Path>,
     on_step: &(dyn Fn(StopMethod, Duration) + Sync),
+    hurry: watch::Receiver<bool>,
+) -> StopOutcome {
+    stop_within(qmp, proc, opts, known_shutdown, agent, on_step, hurry, Deadlines::default()).await
+}
+
+/// [`stop`] with its later steps' deadlines given (tests make them short).
+#[allow(clippy::too_many_arguments)]
+pub async fn stop_within<P: QemuProcess + Sync>(
+    qmp: Option<&Qmp>,
+    proc: &P,
+    opts: &StopOptions,
+    known_shutdown: Option<Event>,
+    agent: Option<&Path>,
+    on_step: &(dyn Fn(StopMethod, Duration) + Sync),
     mut hurry: watch::Receiver<bool>,
+    limits: Deadlines,
 ) -> StopOutcome {
     let start = Instant::now();
     let mut watch =
@@ -80,7 +115,7 @@ pub async fn stop<P: QemuProcess + Sync>(
         return finish(Some(StopMethod::AlreadyStopped), watch.shutdown, steps);
     }
     if !opts.force {
-        if let Some(note) = resume_if_paused(qmp).await {
+        if let Some(note) = resume_if_paused(qmp, limits.command.min(Duration::from_secs(2))).await {
             steps.push(format!("powerdown: {note}"));
         }
     }
@@ -92,11 +127,11 @@ pub async fn stop<P: QemuProcess + Sync>(
         }
         let deadline = match method {
             StopMethod::Powerdown | StopMethod::GuestAgent => deadline,
-            StopMethod::Quit => Instant::now() + QUIT_DEADLINE,
-            _ => Instant::now() + SIGNAL_DEADLINE,
+            StopMethod::Quit => Instant::now() + limits.quit,
+            _ => Instant::now() + limits.signal,
         };
         on_step(method, deadline.saturating_duration_since(Instant::now()));
-        let note = act(qmp, proc, method, agent).await;
+        let note = act(qmp, proc, method, agent, limits.command).await;
         tracing::info!(step = method.as_str(), "{note}");
         steps.push(format!("{}: {note}", method.as_str()));
         let gone = tokio::select! {
@@ -157,9 +192,8 @@ fn power_button_wait(timeout: Duration, agent_answers: bool) -> Duration {
 
 /// A paused guest (QMP `stop`, a debugger) cannot see the power button, so
 /// it is resumed first; says so when it did.
-async fn resume_if_paused(qmp: Option<&Qmp>) -> Option<String> {
+async fn resume_if_paused(qmp: Option<&Qmp>, t: Duration) -> Option<String> {
     let q = qmp?;
-    let t = Duration::from_secs(2);
     // Raw, not qapi's RunState: a state newer than its schema must not fail.
     let status = q.execute_raw("query-status", serde_json::json!({}), t).await.ok()?;
     if status.get("status").and_then(serde_json::Value::as_str) != Some("paused") {
@@ -213,10 +247,14 @@ fn note(shutdown: &mut Option<(bool, String)>, ev: &Event) {
     }
 }
 
-async fn act<P: QemuProcess>(qmp: Option<&Qmp>, proc: &P, method: StopMethod, agent: Option<&Path>) -> String {
-    use nix::sys::signal::{kill, Signal};
-    let pid = nix::unistd::Pid::from_raw(proc.pid());
-    let t = Duration::from_secs(5);
+async fn act<P: QemuProcess>(
+    qmp: Option<&Qmp>,
+    proc: &P,
+    method: StopMethod,
+    agent: Option<&Path>,
+    t: Duration,
+) -> String {
+    use nix::sys::signal::Signal;
     match method {
         StopMethod::Powerdown => match qmp {
             Some(q) => match q.execute(&qapi::qmp::system_powerdown {}, t).await {
@@ -234,11 +272,11 @@ async fn act<P: QemuProcess>(qmp: Option<&Qmp>, proc: &P, method: StopMethod, ag
             },
             None => "no QMP connection; skipped".into(),
         },
-        StopMethod::Sigterm => match kill(pid, Signal::SIGINT) {
+        StopMethod::Sigterm => match proc.signal(Signal::SIGINT) {
             Ok(()) => "sent QEMU its termination signal (SIGINT; SIGTERM is blocked in QEMU)".into(),
             Err(e) => format!("signal failed: {e}"),
         },
-        StopMethod::Sigkill => match kill(pid, Signal::SIGKILL) {
+        StopMethod::Sigkill => match proc.signal(Signal::SIGKILL) {
             Ok(()) => "sent SIGKILL".into(),
             Err(e) => format!("SIGKILL failed: {e}"),
         },
@@ -297,3 +335,6 @@ impl QemuProcess for ChildProcess {
         *self.exited.borrow()
     }
 }
+
+#[cfg(test)]
+mod tests;
