@@ -42,6 +42,17 @@ pub fn usage(msg: &str) -> Result<i32> {
 /// `ssh -- ARGS…`: OpenSSH with the instance's key and pinned host key.
 fn ssh(ctx: &Ctx, args: &[String]) -> Result<i32> {
     let (inst, t) = running_target(ctx)?;
+    // A dead guest would only time out (keepalives end a session that was
+    // open when it died).
+    let state = super::block_on(crate::supervisor::client::state(&inst.control(), std::time::Duration::from_secs(2)));
+    if let Some(p) = state.ok().and_then(|s| s.guest_kernel.panic) {
+        anyhow::bail!(
+            "the guest's kernel panicked ({}): SSH cannot answer; '{}' shows its console, '{}' stops the VM",
+            p.line,
+            ctx.command("logs"),
+            ctx.command("powerdown")
+        );
+    }
     crate::ssh::run_interactive(&t, &inst, args)
 }
 
