@@ -125,6 +125,7 @@ fn run_ends_at_once_with_125_when_the_guests_kernel_panics() {
     assert!(err.contains("the guest's kernel panicked"), "{err}");
     assert!(err.contains("serial console (last lines)") && err.contains("end Kernel panic"), "the tail: {err}");
     assert!(out.stdout().contains("started"), "COMMAND ran: {}", out.text());
+    assert!(err.contains("qbuf-qemu: run: the guest's kernel panicked (exit 125); VM stopped by quit"), "{err}");
     no_instances_left(&env);
 }
 

@@ -88,6 +88,7 @@ impl Interrupt {
     fn outcome(&self, code: i32) -> Outcome {
         match code {
             TIMED_OUT => Outcome::TimedOut,
+            VM_BROKE if self.panic_line().is_some() => Outcome::GuestPanicked,
             VM_BROKE => Outcome::VmFailed,
             _ => Outcome::Interrupted,
         }
@@ -200,8 +201,9 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<i32> {
         Err(e) => {
             summary.error = Some(format!("{e:#}"));
             eprintln!("qbuf-qemu: run: the VM could not be started or reached: {e:#}");
-            summary.outcome = Outcome::VmFailed;
-            int.code().unwrap_or(VM_BROKE)
+            let code = int.code().unwrap_or(VM_BROKE);
+            summary.outcome = if int.panic_line().is_some() { int.outcome(code) } else { Outcome::VmFailed };
+            code
         }
         Ok(l) => {
             summary.phases.boot = l.ready_seconds;
