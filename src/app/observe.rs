@@ -44,11 +44,9 @@ fn ssh(ctx: &Ctx, args: &[String]) -> Result<i32> {
     let (inst, t) = running_target(ctx)?;
     // A dead guest would only time out (keepalives end a session that was
     // open when it died).
-    let state = super::block_on(crate::supervisor::client::state(&inst.control(), std::time::Duration::from_secs(2)));
-    if let Some(p) = state.ok().and_then(|s| s.guest_kernel.panic) {
+    if let Some(line) = super::ready::console_panic(&inst) {
         anyhow::bail!(
-            "the guest's kernel panicked ({}): SSH cannot answer; '{}' shows its console, '{}' stops the VM",
-            p.line,
+            "the guest's kernel panicked ({line}): SSH cannot answer; '{}' shows its console, '{}' stops the VM",
             ctx.command("logs"),
             ctx.command("powerdown")
         );

@@ -173,7 +173,7 @@ fn timed_out(inst: &Instance, t: &ssh::Target, start: Instant, deadline: Instant
 /// The kernel panic the supervisor saw on the guest's serial console in
 /// this boot, if any (a guest kernel without a pvpanic driver panics
 /// without QEMU knowing).
-fn console_panic(inst: &Instance) -> Option<String> {
+pub fn console_panic(inst: &Instance) -> Option<String> {
     let state = super::block_on(crate::supervisor::client::state(&inst.control(), Duration::from_secs(2))).ok()?;
     state.guest_kernel.panic.map(|p| p.line)
 }
