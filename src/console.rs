@@ -6,6 +6,9 @@
 //! goes raw while attached, so keys such as Ctrl-C reach the guest; Ctrl-]
 //! detaches, as in telnet and virsh. The terminal is restored on every way
 //! out, including errors and panics (a drop guard).
+//!
+//! [`sign`] reads one line of that log for what it says about the guest's
+//! kernel: the supervisor watches for a panic that QEMU never hears of.
 
 use std::io::{IsTerminal, Read, Write};
 use std::os::fd::{AsFd, AsRawFd};
@@ -54,6 +57,39 @@ pub enum End {
     InputEnded,
     /// The console closed: QEMU is gone.
     VmGone,
+}
+
+/// What a line of the serial console says about the guest's kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sign {
+    /// "Kernel panic - not syncing": the guest is dead. A kernel without a
+    /// pvpanic driver panics without QEMU knowing (no GUEST_PANICKED).
+    KernelPanic,
+    /// The kernel's banner ("Linux version …"), printed first at each boot
+    /// (not under `quiet`: resets count boots then).
+    KernelStart,
+}
+
+/// The kernel's own message at the start of `line`, after its optional
+/// `[  12.345678] ` timestamp; only the kernel's shape counts, not the
+/// words anywhere in a line a program printed.
+pub fn sign(line: &str) -> Option<Sign> {
+    let l = line.trim_matches(|c: char| c.is_whitespace() || c == '\0');
+    let msg = match l.strip_prefix('[') {
+        Some(rest) => {
+            let (stamp, msg) = rest.split_once(']')?;
+            stamp.trim().parse::<f64>().ok()?;
+            msg.trim_start()
+        }
+        None => l,
+    };
+    if msg.starts_with("Kernel panic - not syncing") {
+        Some(Sign::KernelPanic)
+    } else if msg.strip_prefix("Linux version ").is_some_and(|v| v.starts_with(|c: char| c.is_ascii_digit())) {
+        Some(Sign::KernelStart)
+    } else {
+        None
+    }
 }
 
 /// Attaches to the console socket `sock` of instance `name`.
@@ -117,5 +153,26 @@ fn pump(conn: &mut UnixStream) -> Result<End> {
             }
             conn.write_all(&buf[..n])?;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{sign, Sign};
+
+    #[test]
+    fn the_kernels_panic_and_banner_lines_are_told_apart_from_other_text() {
+        assert_eq!(sign("[   23.906830] Kernel panic - not syncing: sysrq triggered crash\r"), Some(Sign::KernelPanic));
+        assert_eq!(sign("Kernel panic - not syncing: VFS: Unable to mount root fs"), Some(Sign::KernelPanic));
+        assert_eq!(
+            sign("[    0.000000] Linux version 6.1.0-57-amd64 (debian-kernel@lists.debian.org)"),
+            Some(Sign::KernelStart)
+        );
+        // The panic's closing line, a program's output, a shell prompt.
+        assert_eq!(sign("[   23.910287] ---[ end Kernel panic - not syncing: sysrq triggered crash ]---"), None);
+        assert_eq!(sign("qbuf-test# echo Kernel panic - not syncing"), None);
+        assert_eq!(sign("[ not a stamp] Kernel panic - not syncing"), None);
+        assert_eq!(sign("Linux version of the day"), None);
+        assert_eq!(sign(""), None);
     }
 }

@@ -98,6 +98,11 @@ pub fn check_private_key(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// SSH keepalives: a guest that has not answered for this many seconds
+/// times [`SERVER_ALIVE_COUNT`] is given up.
+pub const SERVER_ALIVE_INTERVAL: u32 = 5;
+pub const SERVER_ALIVE_COUNT: u32 = 3;
+
 /// Everything OpenSSH needs to reach one instance.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -141,6 +146,10 @@ impl Target {
             ("GlobalKnownHostsFile", "/dev/null".into()),
             ("HostKeyAlias", self.alias.clone()),
             ("CheckHostIP", "no".into()),
+            // A guest that died (a kernel panic, a frozen VM) ends the
+            // session within 15 s instead of hanging it forever.
+            ("ServerAliveInterval", SERVER_ALIVE_INTERVAL.to_string()),
+            ("ServerAliveCountMax", SERVER_ALIVE_COUNT.to_string()),
             ("LogLevel", "ERROR".into()),
         ]
     }
@@ -284,6 +293,9 @@ pub fn banner(port: u16, timeout: Duration) -> Option<String> {
 pub enum Login {
     Ok,
     HostKeyChanged,
+    /// The guest's sshd answered and refused the key
+    /// (`Permission denied (publickey)`): no slow boot, a missing key.
+    KeyRefused(String),
     Failed(String),
 }
 
@@ -318,7 +330,8 @@ pub fn try_login(t: &Target, timeout: Duration) -> Result<Login> {
     } else if err.contains(HOST_KEY_CHANGED) || err.contains("Host key verification failed") {
         Ok(Login::HostKeyChanged)
     } else {
-        Ok(Login::Failed(err.trim().lines().last().unwrap_or("").to_string()))
+        let last = err.trim().lines().last().unwrap_or("").to_string();
+        Ok(if last.contains("Permission denied (publickey") { Login::KeyRefused(last) } else { Login::Failed(last) })
     }
 }
 
@@ -406,6 +419,10 @@ mod tests {
         assert!(o.contains("PasswordAuthentication=no"));
         assert!(o.contains("IdentitiesOnly=yes"));
         assert!(!o.contains("StrictHostKeyChecking=no"));
+        // A dead guest ends a session within seconds, in every rendering.
+        assert!(o.contains("ServerAliveInterval=5") && o.contains("ServerAliveCountMax=3"), "{o}");
+        let block: Vec<_> = target().config_lines().into_iter().map(|(k, _)| k).collect();
+        assert!(block.contains(&"ServerAliveInterval") && block.contains(&"ServerAliveCountMax"), "{block:?}");
     }
 
     #[test]

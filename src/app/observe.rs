@@ -42,6 +42,15 @@ pub fn usage(msg: &str) -> Result<i32> {
 /// `ssh -- ARGS…`: OpenSSH with the instance's key and pinned host key.
 fn ssh(ctx: &Ctx, args: &[String]) -> Result<i32> {
     let (inst, t) = running_target(ctx)?;
+    // A dead guest would only time out (keepalives end a session that was
+    // open when it died).
+    if let Some(line) = super::ready::console_panic(&inst) {
+        anyhow::bail!(
+            "the guest's kernel panicked ({line}): SSH cannot answer; '{}' shows its console, '{}' stops the VM",
+            ctx.command("logs"),
+            ctx.command("powerdown")
+        );
+    }
     crate::ssh::run_interactive(&t, &inst, args)
 }
 

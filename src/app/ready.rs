@@ -36,6 +36,13 @@ pub struct Watch {
 pub enum Readiness {
     Exited(Box<StopRecord>),
     HostKey,
+    /// The guest's sshd answered and refused the key for the whole grace.
+    KeyRefused {
+        said: String,
+        secs: u64,
+    },
+    /// The guest's serial console showed a kernel panic (this line).
+    Panicked(String),
     Failed(String),
     /// Told to stop waiting.
     Cancelled,
@@ -47,10 +54,33 @@ impl Readiness {
         match self {
             Readiness::Exited(rec) => format!("QEMU stopped: {}", rec.reason),
             Readiness::HostKey => ssh::host_key_mismatch_message(t, inst),
+            Readiness::KeyRefused { said, secs } => key_refused_message(t, said, *secs),
+            Readiness::Panicked(line) => format!("the guest's kernel panicked: {line}"),
             Readiness::Failed(m) => m.clone(),
             Readiness::Cancelled => "stopped waiting (cancelled)".into(),
         }
     }
+}
+
+/// How long a guest's sshd may refuse the key before the boot fails: it
+/// may start before the guest installed its authorized keys.
+pub const KEY_GRACE: Duration = Duration::from_secs(10);
+/// The pause between logins the guest refused.
+const REFUSED_PAUSE: Duration = Duration::from_millis(500);
+/// How often the supervisor is asked whether the console showed a panic.
+const PANIC_CHECK: Duration = Duration::from_millis(500);
+
+/// What to check when the guest refuses the key.
+fn key_refused_message(t: &ssh::Target, said: &str, secs: u64) -> String {
+    let public = format!("{}.pub", t.key.display());
+    format!(
+        "the guest's SSH server refused the key for user '{user}' for {secs}s ({said}): this is no slow boot. \
+         Check that user '{user}' exists in the guest and that its ~/.ssh/authorized_keys (or the image's \
+         authorized keys) holds the public key {public} (qbuf-qemu passes it to the guest as fw_cfg \
+         opt/org.qbuf/authorized_keys; an image of your own must install it), or give --ssh-user and --ssh-key \
+         for a user and key the image accepts",
+        user = t.user
+    )
 }
 
 /// Waits until a login works, QEMU ends, or `deadline`.
@@ -64,6 +94,7 @@ pub fn wait(
     let start = Instant::now();
     let mut last = String::from("no SSH banner yet");
     let mut serial_seen = w.serial_before;
+    let (mut refused_since, mut next_panic_check) = (None::<Instant>, start);
     crate::progress::stage("waiting for the guest: firmware, then its kernel");
     loop {
         if w.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst)) {
@@ -80,24 +111,21 @@ pub fn wait(
             crate::progress::detail(&crate::logs::last_line(&inst.serial_log(), w.serial_before).unwrap_or_default());
         }
         if w.auto_kvm && serial_now == w.serial_before && start.elapsed() > w.silence {
-            return Err(Readiness::Failed(format!(
-                "the guest printed nothing on its serial console for {}s under KVM, which qbuf-qemu chose because /dev/kvm is accessible. \
-                 KVM that opens but does not run guests is common in broken nested-virtualization setups: relaunch with '--accel tcg'",
-                w.silence.as_secs()
-            )));
+            return Err(Readiness::Failed(silent_under_kvm(w.silence)));
         }
         if Instant::now() > deadline {
-            return Err(Readiness::Failed(format!(
-                "the guest did not accept an SSH login on port {} within {}s (last: {last}); raise --timeout, or look at the serial log {}",
-                t.port,
-                deadline.saturating_duration_since(start).as_secs().max(start.elapsed().as_secs()),
-                inst.serial_log().display()
-            )));
+            return Err(Readiness::Failed(timed_out(inst, t, start, deadline, &last)));
+        }
+        if Instant::now() >= next_panic_check {
+            next_panic_check = Instant::now() + PANIC_CHECK;
+            if let Some(line) = console_panic(inst) {
+                return Err(Readiness::Panicked(line));
+            }
         }
         if ssh::banner(t.port, BANNER).is_some() {
             crate::progress::stage("SSH answered; logging in");
             tracing::info!(
-                "SSH banner on port {} after {:.1}s; trying a login as {}",
+                "SSH banner on port {} after {:.1}s; logging in as {}",
                 t.port,
                 start.elapsed().as_secs_f64(),
                 t.user
@@ -105,6 +133,15 @@ pub fn wait(
             match ssh::try_login(t, Duration::from_secs(10)) {
                 Ok(ssh::Login::Ok) => return Ok(()),
                 Ok(ssh::Login::HostKeyChanged) => return Err(Readiness::HostKey),
+                Ok(ssh::Login::KeyRefused(said)) => {
+                    let since = *refused_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= KEY_GRACE {
+                        return Err(Readiness::KeyRefused { said, secs: since.elapsed().as_secs() });
+                    }
+                    tracing::info!("the guest refused the key, trying again for up to {KEY_GRACE:?}: {said}");
+                    last = format!("banner seen, the key was refused: {said}");
+                    std::thread::sleep(REFUSED_PAUSE);
+                }
                 Ok(ssh::Login::Failed(e)) => {
                     tracing::info!("login failed, trying again: {e}");
                     last = format!("banner seen, login failed: {e}")
@@ -114,6 +151,31 @@ pub fn wait(
         }
         std::thread::sleep(POLL);
     }
+}
+
+fn silent_under_kvm(silence: Duration) -> String {
+    format!(
+        "the guest printed nothing on its serial console for {}s under KVM, which qbuf-qemu chose because /dev/kvm is accessible. \
+         KVM that opens but does not run guests is common in broken nested-virtualization setups: relaunch with '--accel tcg'",
+        silence.as_secs()
+    )
+}
+
+fn timed_out(inst: &Instance, t: &ssh::Target, start: Instant, deadline: Instant, last: &str) -> String {
+    format!(
+        "the guest did not accept an SSH login on port {} within {}s (last: {last}); raise --timeout, or look at the serial log {}",
+        t.port,
+        deadline.saturating_duration_since(start).as_secs().max(start.elapsed().as_secs()),
+        inst.serial_log().display()
+    )
+}
+
+/// The kernel panic the supervisor saw on the guest's serial console in
+/// this boot, if any (a guest kernel without a pvpanic driver panics
+/// without QEMU knowing).
+pub fn console_panic(inst: &Instance) -> Option<String> {
+    let state = super::block_on(crate::supervisor::client::state(&inst.control(), Duration::from_secs(2))).ok()?;
+    state.guest_kernel.panic.map(|p| p.line)
 }
 
 /// QEMU ended during the boot: its stop record, written by the supervisor
@@ -163,17 +225,31 @@ pub fn failed(
             let _ = stop::stop_running(ctx, inst, &StopOptions { timeout: Duration::from_secs(10), force: false });
             anyhow!("stopped waiting for SSH (cancelled); the VM was stopped")
         }
-        Readiness::Failed(msg) => {
-            let outcome = stop::stop_running(ctx, inst, &StopOptions { timeout: Duration::ZERO, force: true });
-            let how = outcome.ok().flatten().and_then(|o| o.method).map(|m| m.as_str()).unwrap_or("nothing");
-            let mut m = format!("{msg}\nThe VM was stopped ({how}). serial console (last lines):\n{}", serial_tail());
-            if let Some(h) = hint {
-                m.push('\n');
-                m.push_str(&h);
-            }
-            anyhow!(m)
+        Readiness::KeyRefused { said, secs } => {
+            stopped_with_tail(ctx, inst, key_refused_message(t, &said, secs), hint, serial_tail())
         }
+        Readiness::Panicked(line) => stopped_with_tail(
+            ctx,
+            inst,
+            format!("the guest's kernel panicked while it booted: {line}"),
+            hint,
+            serial_tail(),
+        ),
+        Readiness::Failed(msg) => stopped_with_tail(ctx, inst, msg, hint, serial_tail()),
     }
+}
+
+/// Stops the VM at once (the guest cannot help: it is dead, silent or
+/// refuses us) and says so after `msg`, with the serial console's end.
+fn stopped_with_tail(ctx: &Ctx, inst: &Instance, msg: String, hint: Option<String>, tail: String) -> anyhow::Error {
+    let outcome = stop::stop_running(ctx, inst, &StopOptions { timeout: Duration::ZERO, force: true });
+    let how = outcome.ok().flatten().and_then(|o| o.method).map(|m| m.as_str()).unwrap_or("nothing");
+    let mut m = format!("{msg}\nThe VM was stopped ({how}). serial console (last lines):\n{tail}");
+    if let Some(h) = hint {
+        m.push('\n');
+        m.push_str(&h);
+    }
+    anyhow!(m)
 }
 
 /// What to do when QEMU itself crashed (a signal nobody sent: its own

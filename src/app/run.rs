@@ -43,16 +43,35 @@ struct Interrupt {
     why: AtomicI32,
     /// The running COMMAND's ssh process, to stop it at once.
     child: AtomicI32,
+    /// The kernel panic the guest's serial console showed (the supervisor
+    /// saw it): the guest is dead, and the run ends at once with 125.
+    panic: std::sync::Mutex<Option<String>>,
 }
 
 impl Interrupt {
     fn set(&self, why: i32) {
         self.why.store(why, Ordering::SeqCst);
         self.cancel.store(true, Ordering::SeqCst);
+        self.stop_child();
+    }
+
+    /// The guest's kernel panicked: COMMAND's ssh waits for a dead guest,
+    /// so it is stopped. The boot's own wait sees the panic itself.
+    fn set_panic(&self, line: String) {
+        *self.panic.lock().unwrap_or_else(|e| e.into_inner()) = Some(line);
+        let _ = self.why.compare_exchange(0, PANICKED, Ordering::SeqCst, Ordering::SeqCst);
+        self.stop_child();
+    }
+
+    fn stop_child(&self) {
         let pid = self.child.load(Ordering::SeqCst);
         if pid > 0 {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
         }
+    }
+
+    fn panic_line(&self) -> Option<String> {
+        self.panic.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The exit status an interruption ends the run with, if any.
@@ -60,14 +79,44 @@ impl Interrupt {
         match self.why.load(Ordering::SeqCst) {
             0 => None,
             -1 => Some(TIMED_OUT),
+            PANICKED => Some(VM_BROKE),
             sig => Some(128 + sig),
+        }
+    }
+
+    /// How a run that `code` ended is summed up.
+    fn outcome(&self, code: i32) -> Outcome {
+        match code {
+            TIMED_OUT => Outcome::TimedOut,
+            VM_BROKE if self.panic_line().is_some() => Outcome::GuestPanicked,
+            VM_BROKE => Outcome::VmFailed,
+            _ => Outcome::Interrupted,
         }
     }
 }
 
-/// Watches SIGINT, SIGTERM, SIGHUP and the deadline on its own thread (the
-/// main one is busy booting or waiting for COMMAND).
-fn watch(deadline: Instant) -> Arc<Interrupt> {
+/// `Interrupt::why` for a guest kernel panic.
+const PANICKED: i32 = -2;
+/// How often the run asks the supervisor whether the guest panicked.
+const PANIC_CHECK: Duration = Duration::from_millis(500);
+
+/// Returns the line of the first kernel panic that the supervisor of the
+/// instance at `control` saw on the guest's console (it waits until then).
+async fn console_panic(control: &Path) -> String {
+    loop {
+        tokio::time::sleep(PANIC_CHECK).await;
+        if let Ok(s) = crate::supervisor::client::state(control, Duration::from_secs(2)).await {
+            if let Some(p) = s.guest_kernel.panic {
+                return p.line;
+            }
+        }
+    }
+}
+
+/// Watches SIGINT, SIGTERM, SIGHUP, the deadline and a guest kernel panic
+/// (asking the supervisor at `control`) on its own thread (the main one is
+/// busy booting or waiting for COMMAND).
+fn watch(deadline: Instant, control: std::path::PathBuf) -> Arc<Interrupt> {
     let int = Arc::new(Interrupt::default());
     let i = int.clone();
     std::thread::spawn(move || {
@@ -79,11 +128,18 @@ fn watch(deadline: Instant) -> Arc<Interrupt> {
             else {
                 return;
             };
-            let why = tokio::select! {
-                _ = a.recv() => nix::sys::signal::Signal::SIGINT as i32,
-                _ = b.recv() => nix::sys::signal::Signal::SIGTERM as i32,
-                _ = c.recv() => nix::sys::signal::Signal::SIGHUP as i32,
-                _ = tokio::time::sleep_until(deadline.into()) => -1,
+            let mut panicked = false;
+            let why = loop {
+                tokio::select! {
+                    _ = a.recv() => break nix::sys::signal::Signal::SIGINT as i32,
+                    _ = b.recv() => break nix::sys::signal::Signal::SIGTERM as i32,
+                    _ = c.recv() => break nix::sys::signal::Signal::SIGHUP as i32,
+                    _ = tokio::time::sleep_until(deadline.into()) => break -1,
+                    line = console_panic(&control), if !panicked => {
+                        panicked = true;
+                        i.set_panic(line);
+                    }
+                }
             };
             i.set(why);
         });
@@ -126,8 +182,8 @@ fn instance_to_run(ctx: &Ctx, from_snapshot: Option<&str>) -> Result<(String, Op
 
 pub fn run(ctx: &Ctx, a: RunArgs) -> Result<i32> {
     let start = Instant::now();
-    let int = watch(start + a.timeout);
     let (name, resume) = instance_to_run(ctx, a.from_snapshot.as_deref()).map_err(|e| e.context(RunNotStarted))?;
+    let int = watch(start + a.timeout, ctx.state.instance(&name).control());
     let rctx = Ctx { name, named: true, ..ctx.clone() };
     let mut opts = LaunchOptions::plain(a.timeout);
     opts.flags = vm_flags(a.vm, Some(PortChoice::Auto))?;
@@ -145,8 +201,9 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<i32> {
         Err(e) => {
             summary.error = Some(format!("{e:#}"));
             eprintln!("qbuf-qemu: run: the VM could not be started or reached: {e:#}");
-            summary.outcome = Outcome::VmFailed;
-            int.code().unwrap_or(VM_BROKE)
+            let code = int.code().unwrap_or(VM_BROKE);
+            summary.outcome = if int.panic_line().is_some() { int.outcome(code) } else { Outcome::VmFailed };
+            code
         }
         Ok(l) => {
             summary.phases.boot = l.ready_seconds;
@@ -184,6 +241,8 @@ fn command_then_artifacts(
     let alive = read_json::<RunRecord>(&inst.run_record()).ok().flatten().is_some_and(|r| r.qemu.is_running());
     let code = match status {
         // Whatever ssh said: the connection went with the VM.
+        // ssh was stopped: the guest's kernel is dead (said below).
+        Ok(_) if int.panic_line().is_some() => VM_BROKE,
         Ok(_) if !alive && int.code().is_none() => {
             summary.error = Some("QEMU ended while COMMAND ran".into());
             summary.outcome = Outcome::VmFailed;
@@ -200,8 +259,13 @@ fn command_then_artifacts(
             VM_BROKE
         }
     };
+    if let Some(line) = int.panic_line() {
+        let tail = crate::logs::tail(&inst.serial_log(), 0, 1500, "(empty)");
+        eprintln!("qbuf-qemu: run: the guest's kernel panicked: {line}\nserial console (last lines):\n{tail}");
+        summary.error = Some(format!("the guest's kernel panicked: {line}"));
+    }
     if let Some(c) = int.code() {
-        summary.outcome = if c == TIMED_OUT { Outcome::TimedOut } else { Outcome::Interrupted };
+        summary.outcome = int.outcome(c);
         return c;
     }
     let t1 = Instant::now();

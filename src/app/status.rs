@@ -37,6 +37,8 @@ pub fn status(ctx: &Ctx) -> Result<Status> {
         hotplug_ports_used: None,
         hotplug_ports_free: None,
         guest_agent: None,
+        guest_panic: None,
+        guest_boots: None,
         stopping_step: None,
         stop_reason: None,
         last_shutdown: None,
@@ -54,20 +56,7 @@ pub fn status(ctx: &Ctx) -> Result<Status> {
         Ok(vm) => {
             let panicked = vm.panicked.is_some() && vm.ended.is_none();
             st.apply_vm(vm, crate::clock::now());
-            if st.state == State::Paused && !panicked {
-                st.notes.push(format!(
-                    "the VM is paused (its CPUs are stopped; SSH does not answer): '{}' resumes it",
-                    ctx.command("resume")
-                ));
-            }
-            if panicked {
-                st.notes.push(format!(
-                    "the guest kernel panicked; QEMU keeps the VM paused for inspection ('{}', '{}'); '{}' stops it",
-                    ctx.command("console"),
-                    ctx.command("qmp …"),
-                    ctx.command("powerdown")
-                ));
-            }
+            running_notes(ctx, &mut st, panicked);
         }
         Err(e) => {
             // No supervisor answers, yet the lock is held: QEMU runs orphaned,
@@ -94,6 +83,33 @@ pub fn status(ctx: &Ctx) -> Result<Status> {
         }
     }
     Ok(st)
+}
+
+/// What a running instance's state asks the user to know: paused, or
+/// its guest's kernel dead (QEMU's GUEST_PANICKED, or only its console).
+fn running_notes(ctx: &Ctx, st: &mut Status, panicked: bool) {
+    if st.state == State::Paused && !panicked {
+        st.notes.push(format!(
+            "the VM is paused (its CPUs are stopped; SSH does not answer): '{}' resumes it",
+            ctx.command("resume")
+        ));
+    }
+    if st.guest_panic.is_some() {
+        st.notes.push(format!(
+            "the guest's kernel panicked (its serial console says so; it has no pvpanic driver, so QEMU \
+             still runs it): SSH will not answer; '{}' shows the panic, '{}' stops the VM at once",
+            ctx.command("logs"),
+            ctx.command("powerdown")
+        ));
+    }
+    if panicked {
+        st.notes.push(format!(
+            "the guest kernel panicked; QEMU keeps the VM paused for inspection ('{}', '{}'); '{}' stops it",
+            ctx.command("console"),
+            ctx.command("qmp …"),
+            ctx.command("powerdown")
+        ));
+    }
 }
 
 /// How long the last threads of a killed QEMU may take to let go of the

@@ -19,6 +19,8 @@ pub enum Outcome {
     Interrupted,
     /// The VM could not be started or reached (exit 125).
     VmFailed,
+    /// The guest's kernel panicked (its serial console said so; exit 125).
+    GuestPanicked,
 }
 
 /// Seconds each phase took; `None` for a phase that did not run.
@@ -79,6 +81,7 @@ impl Render for RunSummary {
             (Outcome::TimedOut, _) => "--timeout expired".to_string(),
             (Outcome::Interrupted, _) => format!("interrupted by a signal (exit {})", self.exit_code),
             (Outcome::VmFailed, _) => "the VM could not be started or reached".to_string(),
+            (Outcome::GuestPanicked, _) => "the guest's kernel panicked (exit 125)".to_string(),
             (_, Some(c)) => format!("COMMAND exited {c}"),
             (_, None) => "COMMAND did not finish".to_string(),
         };

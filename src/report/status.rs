@@ -10,7 +10,7 @@ use crate::qemu::args::Accel;
 use crate::qemu::parse::LiveDisk;
 use crate::qga::AgentState;
 use crate::qmp::Event;
-use crate::supervisor::protocol::{Live, ShareState, VmState};
+use crate::supervisor::protocol::{ConsolePanic, GuestKernel, Live, ShareState, VmState};
 
 /// The instance's state as the user sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -104,6 +104,11 @@ pub struct Status {
     pub hotplug_ports_used: Option<u32>,
     pub hotplug_ports_free: Option<u32>,
     pub guest_agent: Option<AgentState>,
+    /// A kernel panic the guest's serial console showed in this boot (a
+    /// kernel without a pvpanic driver: QEMU itself says `running`).
+    pub guest_panic: Option<ConsolePanic>,
+    /// Boots of the guest in this QEMU run, the first included.
+    pub guest_boots: Option<u32>,
     pub stopping_step: Option<StopMethod>,
     /// For a stopped instance: why it stopped.
     pub stop_reason: Option<String>,
@@ -141,6 +146,10 @@ impl Status {
             self.notes.push(share_lost(sh));
         }
         self.shares = vm.shares;
+        self.guest_boots = Some(vm.guest_kernel.boots);
+        if let Some(note) = reboot_note(&vm.guest_kernel) {
+            self.notes.push(note);
+        }
         if let Some(ended) = vm.ended {
             // QEMU has exited; the supervisor is finishing its records.
             self.exit = Some(ended.exit);
@@ -168,7 +177,28 @@ impl Status {
             }
             None => self.state = State::Stopping,
         }
+        // QEMU says running; the guest's console said its kernel died.
+        if let (Some(p), None) = (vm.guest_kernel.panic, vm.stopping) {
+            self.state = State::Crashed;
+            self.guest_panic = Some(p);
+        }
     }
+}
+
+/// The note for a guest that keeps rebooting.
+fn reboot_note(k: &GuestKernel) -> Option<String> {
+    k.reboot_loop().then(|| {
+        let panics = match k.panics {
+            0 => String::new(),
+            n => format!(", {n} kernel panic{} on its console", if n == 1 { "" } else { "s" }),
+        };
+        format!(
+            "the guest has booted {} times in this QEMU run{panics}, the last {} within minutes: a reboot loop? \
+             its serial console ('logs') shows why",
+            k.boots,
+            k.recent_boots.len()
+        )
+    })
 }
 
 /// The note for a share whose `virtiofsd` ended under the running VM.
@@ -254,6 +284,9 @@ impl Render for Status {
         }
         if let Some(a) = self.guest_agent {
             line("agent:", agent_human(a).into());
+        }
+        if let Some(p) = &self.guest_panic {
+            line("panic:", format!("the guest's kernel panicked at {}: {}", crate::clock::utc_time(p.at), p.line));
         }
         if let Some(r) = &self.stop_reason {
             line("stopped:", r.clone());

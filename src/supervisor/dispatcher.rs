@@ -30,6 +30,9 @@ pub const HOST_SIGNAL_TIMEOUT: Duration = Duration::from_secs(45);
 const DRAIN: Duration = Duration::from_secs(2);
 /// How long one QMP query of `status` may take.
 const QUERY: Duration = Duration::from_secs(2);
+/// The event a kernel panic seen on the serial console is logged as (and
+/// recorded as, in stopped.json, when QEMU had no GUEST_PANICKED).
+pub const PANIC_EVENT: &str = "QBUF_GUEST_PANIC";
 
 /// Everything the dispatcher hears about.
 #[derive(Debug)]
@@ -44,6 +47,8 @@ pub enum Msg {
     HostSignal,
     /// The instance's directory was deleted under the running VM.
     InstanceGone,
+    /// A line of the guest's serial console that tells of its kernel.
+    Console(crate::console::Sign, String),
     /// A virtio-fs share's `virtiofsd` ended.
     ShareDaemonExited {
         tag: String,
@@ -145,6 +150,7 @@ impl Dispatcher {
                 self.start_ladder(StopOptions { timeout: HOST_SIGNAL_TIMEOUT, force: false });
             }
             Msg::ShareDaemonExited { tag, exit, stderr_tail } => self.share_daemon_exited(tag, exit, stderr_tail),
+            Msg::Console(sign, line) => self.console(sign, &line),
             Msg::InstanceGone => {
                 // No command can reach this VM any more (its sockets and lock
                 // file are gone): power it down rather than leave an orphan.
@@ -176,6 +182,44 @@ impl Dispatcher {
     fn note_event(&mut self, ev: Event) {
         note_event(&mut self.state, &ev);
         self.log_event(&ev);
+        if ev.event == "RESET" && self.state.guest_kernel.boot_sign(true, ev.timestamp) {
+            self.new_boot();
+        }
+    }
+
+    /// The serial console told of the guest's kernel: a panic QEMU may
+    /// never hear of (no pvpanic driver), or a new boot. Each goes to
+    /// events.jsonl as a `QBUF_GUEST_*` event.
+    fn console(&mut self, sign: crate::console::Sign, line: &str) {
+        let now = crate::clock::now();
+        match sign {
+            crate::console::Sign::KernelPanic => {
+                if self.state.ended.is_some() || !self.state.guest_kernel.panicked(line, now) {
+                    return;
+                }
+                tracing::warn!("the guest's kernel panicked (serial console): {}", line.trim());
+                let panics = self.state.guest_kernel.panics;
+                self.log_event(&Event {
+                    event: PANIC_EVENT.into(),
+                    data: json!({ "line": line.trim(), "source": "serial-console", "panics": panics }),
+                    timestamp: now,
+                });
+            }
+            crate::console::Sign::KernelStart => {
+                if self.state.guest_kernel.boot_sign(false, now) {
+                    self.new_boot();
+                }
+            }
+        }
+    }
+
+    fn new_boot(&mut self) {
+        let k = &self.state.guest_kernel;
+        let data = json!({ "boot": k.boots, "panics": k.panics, "reboot_loop": k.reboot_loop() });
+        if k.reboot_loop() {
+            tracing::warn!("the guest has booted {} times in this QEMU run: a reboot loop?", k.boots);
+        }
+        self.log_event(&Event { event: "QBUF_GUEST_BOOT".into(), data, timestamp: crate::clock::now() });
     }
 
     /// Every event of the VM's life goes to events.jsonl. A write that fails
@@ -244,9 +288,14 @@ impl Dispatcher {
         self.state.agent_port_open.then(|| self.inst.guest_agent())
     }
 
-    fn start_ladder(&mut self, opts: StopOptions) {
+    fn start_ladder(&mut self, mut opts: StopOptions) {
         if !matches!(self.ladder, Ladder::Idle) {
             return;
+        }
+        // A dead kernel cannot answer the power button or the agent.
+        if self.state.guest_kernel.panic.is_some() && !opts.force {
+            tracing::info!("the guest's kernel panicked: going on at quit");
+            opts.force = true;
         }
         let (hurry, hurried) = watch::channel(false);
         self.ladder = Ladder::Running(hurry);
@@ -274,15 +323,20 @@ impl Dispatcher {
             Ladder::Done(o) => Some(o.clone()),
             _ => None,
         };
+        // QEMU's GUEST_PANICKED, else the panic the console showed.
+        let panicked = self.state.panicked.clone().or_else(|| {
+            let p = self.state.guest_kernel.panic.as_ref()?;
+            Some(Event { event: PANIC_EVENT.into(), data: json!({ "line": p.line }), timestamp: p.at })
+        });
         let (crashed, reason) =
-            describe_stop(self.state.last_shutdown.as_ref(), self.state.panicked.as_ref(), exit, outcome.as_ref());
+            describe_stop(self.state.last_shutdown.as_ref(), panicked.as_ref(), exit, outcome.as_ref());
         tracing::info!("QEMU is gone: {reason}");
         let record = StopRecord {
             stopped_at: crate::clock::now(),
             exit,
             shutdown: self.state.last_shutdown.clone(),
             outcome: outcome.clone(),
-            panicked: self.state.panicked.clone(),
+            panicked,
             crashed,
             reason,
         };

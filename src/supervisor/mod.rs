@@ -59,6 +59,8 @@ async fn supervise(inst: Instance) -> Result<i32> {
         Err(failure) => return launch_failed(&inst, &failure),
     };
     tracing::info!("starting {}", shell_words::join(plan.command_line()));
+    // serial.log is appended across boots: this QEMU's lines start here.
+    let serial_from = std::fs::metadata(inst.serial_log()).map(|m| m.len()).unwrap_or(0);
     let started = match start::start(&inst, &plan).await {
         Ok(s) => s,
         Err(failure) => {
@@ -73,6 +75,7 @@ async fn supervise(inst: Instance) -> Result<i32> {
     forward_host_signals(tx.clone());
     daemons::forward_exits(&daemons, tx.clone());
     watch_instance_dir(inst.dir.clone(), tx.clone());
+    watch_serial_log(inst.serial_log(), serial_from, tx.clone());
 
     let listener = UnixListener::bind(inst.control()).context("cannot create the control socket")?;
     for s in inst.sockets() {
@@ -189,6 +192,56 @@ fn watch_instance_dir(dir: std::path::PathBuf, tx: mpsc::UnboundedSender<Msg>) {
     });
 }
 
+/// How often serial.log is read for the kernel's lines, and how much of it
+/// at most each time: a guest that floods its console gets lines skipped,
+/// never the supervisor's attention.
+const SERIAL_POLL: Duration = Duration::from_millis(200);
+const SERIAL_CHUNK: u64 = 256 * 1024;
+
+/// Reads what the guest prints on its serial console (QEMU's chardev
+/// logfile) for the kernel's panic and banner lines ([`crate::console::sign`]):
+/// a guest kernel without a pvpanic driver panics without QEMU knowing.
+/// A log that shrank (rotated) is read again from its start.
+fn watch_serial_log(path: std::path::PathBuf, from: u64, tx: mpsc::UnboundedSender<Msg>) {
+    use std::io::{Read, Seek, SeekFrom};
+    tokio::spawn(async move {
+        let (mut pos, mut partial) = (from, Vec::<u8>::new());
+        let mut tick = tokio::time::interval(SERIAL_POLL);
+        while !tx.is_closed() {
+            tick.tick().await;
+            let Ok(mut f) = std::fs::File::open(&path) else { continue };
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            if len < pos {
+                (pos, partial) = (0, vec![]);
+            }
+            if len - pos > SERIAL_CHUNK * 16 {
+                tracing::warn!(
+                    "the guest's console outruns the supervisor: {} bytes not scanned",
+                    len - pos - SERIAL_CHUNK
+                );
+                (pos, partial) = (len - SERIAL_CHUNK, vec![]);
+            }
+            let mut chunk = Vec::new();
+            if f.seek(SeekFrom::Start(pos)).is_err() || f.take(SERIAL_CHUNK).read_to_end(&mut chunk).is_err() {
+                continue;
+            }
+            pos += chunk.len() as u64;
+            partial.extend_from_slice(&chunk);
+            let done = partial.iter().rposition(|b| *b == b'\n').map(|i| i + 1).unwrap_or(0);
+            for line in String::from_utf8_lossy(&partial[..done]).lines() {
+                if let Some(sign) = crate::console::sign(line) {
+                    let _ = tx.send(Msg::Console(sign, line.to_string()));
+                }
+            }
+            partial.drain(..done);
+            // A line longer than this is no kernel message.
+            if partial.len() > 4096 {
+                partial.clear();
+            }
+        }
+    });
+}
+
 /// Serves control connections until told to stop, then gives answers
 /// already decided a moment to go out.
 async fn accept(listener: UnixListener, tx: mpsc::UnboundedSender<Msg>, qmp: Qmp, mut stop: watch::Receiver<bool>) {
@@ -265,6 +318,10 @@ pub fn describe_stop(
     let reason = shutdown.and_then(Event::shutdown);
     let by =
         outcome.and_then(|o| o.method).map(|m| format!(" (stopped by qbuf-qemu: {})", m.as_str())).unwrap_or_default();
+    if let Some(p) = panicked.filter(|p| p.event == dispatcher::PANIC_EVENT) {
+        let line = p.data.get("line").and_then(serde_json::Value::as_str).unwrap_or("").trim();
+        return (true, format!("the guest kernel panicked (its serial console: {line}){by}"));
+    }
     if panicked.is_some() || reason.as_ref().is_some_and(|(_, r)| r == "guest-panic") {
         return (true, format!("the guest kernel panicked (GUEST_PANICKED){by}"));
     }
@@ -328,5 +385,11 @@ mod tests {
         let (c, r) = describe_stop(Some(&ev(false, "host-qmp-quit")), Some(&panic), None, Some(&o));
         assert!(c);
         assert!(r.contains("panicked (GUEST_PANICKED)") && r.contains("stopped by qbuf-qemu: quit"), "{r}");
+        // No pvpanic driver: the console's line is the evidence.
+        let line = "[ 23.9] Kernel panic - not syncing: sysrq triggered crash";
+        let seen = Event { event: dispatcher::PANIC_EVENT.into(), data: json!({ "line": line }), timestamp: 1.0 };
+        let (c, r) = describe_stop(Some(&ev(false, "host-qmp-quit")), Some(&seen), None, Some(&o));
+        assert!(c);
+        assert!(r.contains(&format!("panicked (its serial console: {line})")) && r.contains("quit"), "{r}");
     }
 }

@@ -85,6 +85,10 @@ pub struct VmState {
     /// The shares this boot has, and how each reaches the guest.
     #[serde(default)]
     pub shares: Vec<ShareState>,
+    /// What the serial console and QEMU's resets say about the guest's
+    /// kernel: a panic QEMU never heard of, how many times it booted.
+    #[serde(default)]
+    pub guest_kernel: GuestKernel,
     /// QEMU's answers; `None` once it has exited.
     pub live: Option<Live>,
 }
@@ -105,8 +109,94 @@ impl VmState {
             agent_port_open: false,
             ended: None,
             shares: vec![],
+            guest_kernel: GuestKernel::new(started_at),
             live: None,
         }
+    }
+}
+
+/// A kernel panic as the guest's serial console showed it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConsolePanic {
+    /// When the supervisor read it (Unix seconds).
+    pub at: f64,
+    /// The kernel's line, e.g. `[ 23.9] Kernel panic - not syncing: …`.
+    pub line: String,
+}
+
+/// The guest's kernel over one QEMU run: a guest whose kernel has no
+/// pvpanic driver panics without QEMU knowing (it reports "running"), and a
+/// kernel that reboots after a panic (`panic=N`) loops without anyone
+/// seeing it; the serial console and QEMU's `RESET` events show both.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct GuestKernel {
+    /// A panic in the current boot (a later boot clears it).
+    pub panic: Option<ConsolePanic>,
+    /// Panics seen in this QEMU run, all boots.
+    pub panics: u32,
+    /// Boots in this QEMU run, the first included.
+    pub boots: u32,
+    /// When the last few boots started (Unix seconds), oldest first.
+    pub recent_boots: Vec<f64>,
+    /// Whether this boot's kernel banner was seen (a second one is a new
+    /// kernel without a reset: kexec).
+    #[serde(default)]
+    pub banner_seen: bool,
+}
+
+/// How many boot times are kept, and how close together that many boots
+/// must be to be called a reboot loop.
+const LOOP_BOOTS: usize = 3;
+const LOOP_WINDOW_SECS: f64 = 300.0;
+/// Resets this close to a boot's start belong to it.
+const SAME_BOOT_SECS: f64 = 3.0;
+
+impl GuestKernel {
+    pub fn new(started_at: f64) -> GuestKernel {
+        GuestKernel { boots: 1, recent_boots: vec![started_at], ..GuestKernel::default() }
+    }
+
+    /// The console showed a panic; `true` when it is news (the first of
+    /// this boot).
+    pub fn panicked(&mut self, line: &str, now: f64) -> bool {
+        if self.panic.is_some() {
+            return false;
+        }
+        self.panics += 1;
+        self.panic = Some(ConsolePanic { at: now, line: line.trim().to_string() });
+        true
+    }
+
+    /// A `RESET` event (`reset: true`) or a kernel banner; `true` when a
+    /// new boot started. One reboot can make two resets within a second
+    /// (QEMU 10, the test guest's panic=1): resets closer than
+    /// [`SAME_BOOT_SECS`] to the boot's start are that boot. A banner is
+    /// its boot's first sign under `quiet`-less kernels, after the reset.
+    pub fn boot_sign(&mut self, reset: bool, now: f64) -> bool {
+        let since = now - self.recent_boots.last().copied().unwrap_or(f64::MIN);
+        let new = if reset {
+            since >= SAME_BOOT_SECS
+        } else {
+            std::mem::replace(&mut self.banner_seen, true)
+        };
+        if !new {
+            return false;
+        }
+        self.banner_seen = !reset;
+        self.boots += 1;
+        self.panic = None;
+        self.recent_boots.push(now);
+        if self.recent_boots.len() > LOOP_BOOTS {
+            self.recent_boots.remove(0);
+        }
+        true
+    }
+
+    /// Whether the guest keeps rebooting: the last [`LOOP_BOOTS`] boots
+    /// started within [`LOOP_WINDOW_SECS`].
+    pub fn reboot_loop(&self) -> bool {
+        self.recent_boots.len() >= LOOP_BOOTS
+            && self.recent_boots[self.recent_boots.len() - 1] - self.recent_boots[0] < LOOP_WINDOW_SECS
     }
 }
 
@@ -188,6 +278,31 @@ pub struct Stopped {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_panic_is_kept_until_the_next_boot_and_quick_reboots_are_a_loop() {
+        let mut k = GuestKernel::new(100.0);
+        assert!(!k.boot_sign(false, 101.0), "the first boot's banner is that boot");
+        assert!(k.panicked("[ 9.1] Kernel panic - not syncing: x", 110.0));
+        assert!(!k.panicked("Kernel panic - not syncing: again", 111.0), "one panic a boot");
+        assert_eq!(k.panic.as_ref().unwrap().line, "[ 9.1] Kernel panic - not syncing: x");
+        // A reboot shows as a reset (or two) and a banner: one boot.
+        assert!(k.boot_sign(true, 120.0));
+        assert!(!k.boot_sign(true, 120.7), "a second reset of the same reboot");
+        assert!(!k.boot_sign(false, 121.0));
+        assert_eq!((k.boots, k.panic.clone()), (2, None));
+        assert!(!k.reboot_loop());
+        k.panicked("Kernel panic - not syncing: y", 130.0);
+        assert!(k.boot_sign(true, 140.0), "a quiet kernel: resets alone count");
+        assert_eq!((k.boots, k.panics), (3, 2));
+        assert!(k.reboot_loop());
+        assert!(!k.boot_sign(false, 142.0));
+        assert!(k.boot_sign(false, 150.0), "a second banner without a reset: kexec");
+        let mut slow = GuestKernel::new(0.0);
+        slow.boot_sign(true, 1000.0);
+        slow.boot_sign(true, 2000.0);
+        assert!(!slow.reboot_loop(), "reboots an hour apart are no loop");
+    }
 
     #[test]
     fn requests_and_answers_survive_a_round_trip() {

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -95,14 +96,15 @@ impl Env {
     }
 
     /// Runs qbuf-qemu once; once more when QEMU 10.0's multi-threaded TCG
-    /// aborted on its own assertion in a boot this command made (see
-    /// [`qemu_tcg_aborted`]): a QEMU race, reported as it should be (the VM
-    /// stopped, the cause named), that no test is about.
+    /// aborted on its own assertion in a boot this command made and the
+    /// command failed (see [`qemu_tcg_aborted`]): a QEMU race, reported as
+    /// it should be (the VM stopped, the cause named), that no test is
+    /// about. Every retry counts ([`retrying`]).
     pub fn run(&self, args: &[&str]) -> Out {
         let once = || Out(self.cmd(args).output().expect("run qbuf-qemu"), args.join(" "));
         let out = once();
         if qemu_tcg_aborted(&out) {
-            eprintln!("QEMU aborted under TCG (a QEMU race); running once more:\n{}", out.text());
+            retrying("QEMU aborted under TCG (a QEMU race)", &out);
             return once();
         }
         out
@@ -144,8 +146,8 @@ impl Env {
     /// [`Env::run`].
     pub fn boot(&self, args: &[&str]) -> (Value, Out) {
         let (v, out) = self.json(args);
-        if out.code() != 0 && guest_kernel_stalled(&out) {
-            eprintln!("test guest kernel stalled under TCG (RCU stall); booting once more:\n{}", out.text());
+        if guest_kernel_stalled(&out) {
+            retrying("the test guest's kernel stalled under TCG (RCU stall) before its sshd answered", &out);
             return self.json(args);
         }
         (v, out)
@@ -346,18 +348,48 @@ pub fn file_hash(p: &Path) -> u64 {
     h
 }
 
-/// Whether a command's output shows QEMU's TCG aborting on its own
+/// Whether a failed command's output shows QEMU's TCG aborting on its own
 /// assertion (`iotlb_to_section`, seen with QEMU 10.0.2 early in boots), a
-/// QEMU bug.
+/// QEMU bug. A command that succeeded is never retried.
 pub fn qemu_tcg_aborted(out: &Out) -> bool {
     let text = out.text();
-    text.contains("killed by signal 6 (SIGABRT)") && text.contains("iotlb_to_section: Assertion")
+    out.code() != 0 && text.contains("killed by signal 6 (SIGABRT)") && text.contains("iotlb_to_section: Assertion")
 }
 
-/// Whether a failed launch shows the test guest's kernel stalling (RCU).
+/// Whether a failed launch shows the test guest's kernel stalling (RCU)
+/// before its sshd ever answered: a banner seen, or a login that failed,
+/// is qbuf-qemu's business and gets no second try.
 pub fn guest_kernel_stalled(out: &Out) -> bool {
     let text = out.text();
-    text.contains("did not accept an SSH login") && text.contains("rcu_preempt detected stalls")
+    out.code() != 0
+        && text.contains("did not accept an SSH login")
+        && text.contains("(last: no SSH banner yet)")
+        && text.contains("rcu_preempt detected stalls")
+}
+
+/// Retries of a QEMU or guest-kernel race in this test binary's run: each
+/// is printed past the test harness's capture (so CI logs show it even
+/// when the test passes), and more than [`MAX_RETRIES`] fail the run:
+/// that many is no race.
+static RETRIES: AtomicUsize = AtomicUsize::new(0);
+pub const MAX_RETRIES: usize = 2;
+
+/// Counts and prints one retry (see [`RETRIES`]); panics past the limit.
+pub fn retrying(why: &str, out: &Out) {
+    count_retry(&RETRIES, why, out)
+}
+
+/// [`retrying`] with its counter given (tests of the limit use their own).
+pub fn count_retry(count: &AtomicUsize, why: &str, out: &Out) {
+    use std::io::Write;
+    let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+    let _ = writeln!(
+        std::io::stderr(),
+        "RETRY {n} of at most {MAX_RETRIES} in this run: {why}; qbuf-qemu {} once more. It said:\n{}",
+        out.1,
+        out.text()
+    );
+    assert!(n <= MAX_RETRIES, "{n} retries in one run (at most {MAX_RETRIES}): no longer a race, a bug");
 }
 
 /// `name` on PATH, as a shell finds it.
