@@ -81,6 +81,7 @@ pub fn save(ctx: &Ctx, name: &str) -> Result<SnapshotDone> {
         spec: plan.spec,
         base: read_json(&inst.base_identity())?,
         state_bytes: std::fs::metadata(snap.state()).map(|m| m.len()).unwrap_or(0),
+        disk_bytes: std::fs::metadata(snap.disk()).ok().map(|m| m.len()),
         seconds: start.elapsed().as_secs_f64(),
         mounts,
     };
@@ -110,15 +111,16 @@ fn done(ctx: &Ctx, what: &'static str, record: SnapshotRecord, notes: Vec<String
     SnapshotDone {
         instance: ctx.name.clone(),
         what,
-        snapshot: entry(&record),
+        snapshot: entry(&record, None),
         notes,
         load_command: ctx.command(&format!("snapshot load {}", record.name)),
         run_command: ctx.command(&format!("run --from-snapshot {} -- COMMAND", record.name)),
     }
 }
 
-fn entry(r: &SnapshotRecord) -> SnapshotEntry {
+fn entry(r: &SnapshotRecord, damaged: Option<String>) -> SnapshotEntry {
     SnapshotEntry {
+        damaged,
         name: r.name.clone(),
         created_at: r.created_at,
         qemu_version: r.qemu_version.clone(),
@@ -148,9 +150,10 @@ pub fn list(ctx: &Ctx) -> Result<SnapshotList> {
     let mut snapshots: Vec<SnapshotEntry> = std::fs::read_dir(inst.snapshots_dir())
         .map(|rd| {
             rd.filter_map(|e| {
-                read_json::<SnapshotRecord>(&inst.snapshot(e.ok()?.file_name().to_str()?).record()).ok()?
+                let snap = inst.snapshot(e.ok()?.file_name().to_str()?);
+                let r = read_json::<SnapshotRecord>(&snap.record()).ok()??;
+                Some(entry(&r, super::resume::damage(&snap, &r)))
             })
-            .map(|r| entry(&r))
             .collect()
         })
         .unwrap_or_default();
