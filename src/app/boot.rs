@@ -109,6 +109,7 @@ fn settings(
         s.cpus = r.record.spec.cpus;
     }
     check_paths(&mut s)?;
+    notes.extend(wide_share(&s));
     choose_port(&mut s, opts, notes)?;
     check_devices(ctx, &s, &DevicesRecord::load(inst)?)?;
     if saved.as_ref().is_some_and(|old| old.source != s.source) && std::fs::remove_file(inst.known_hosts()).is_ok() {
@@ -183,7 +184,14 @@ fn serial_start(inst: &Instance) -> (u64, Option<u64>) {
 /// (the flags were made so), canonical from here on.
 fn check_paths(s: &mut Settings) -> Result<()> {
     if let Some(sh) = &s.share {
-        let p = must_exist(sh, "share directory")?;
+        // Saved at the first launch, it may be gone since.
+        let p = std::fs::canonicalize(sh).with_context(|| {
+            format!(
+                "share directory {} does not exist: share another with '--share DIR', or launch without one \
+                 with '--no-share'",
+                sh.display()
+            )
+        })?;
         if !p.is_dir() {
             bail!("share {} is not a directory: give a directory with --share, or --no-share", p.display());
         }
@@ -205,6 +213,22 @@ fn check_paths(s: &mut Settings) -> Result<()> {
         g @ Source::Guix { .. } => g,
     };
     Ok(())
+}
+
+/// A warning when the share hands the guest far more than a checkout: `/`,
+/// the home directory or one above it, read-write (the guest could change
+/// the user's SSH keys and shell startup files).
+fn wide_share(s: &Settings) -> Option<String> {
+    let p = s.share.as_ref()?;
+    let home = std::env::var_os("HOME").and_then(|h| std::fs::canonicalize(h).ok());
+    let wide = p.as_path() == std::path::Path::new("/") || home.is_some_and(|h| h.starts_with(p));
+    (wide && s.share_mode != config::ShareMode::Ro).then(|| {
+        format!(
+            "warning: the share {} is read-write, so the guest can change any file under it (your SSH keys and \
+             shell startup files too): share a project directory with '--share DIR', or add '--share-mode ro'",
+            p.display()
+        )
+    })
 }
 
 /// The SSH port: the saved or given one when it is free, a free one picked

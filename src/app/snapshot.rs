@@ -61,6 +61,7 @@ pub fn save(ctx: &Ctx, name: &str) -> Result<SnapshotDone> {
     let resumed = vm.execute("cont", json!({}));
     let remounted = guest::mount_shares(&t, &mounts);
     if let Err(e) = saved {
+        let e = full_disk(&inst, &snap, e);
         let _ = std::fs::remove_dir_all(&snap.dir);
         let e = match plan.spec.share_kind {
             // QEMU 7.2 refuses ("State blocked by non-migratable device
@@ -105,6 +106,24 @@ fn freeze(vm: &Vm, inst: &Instance, snap: &Snapshot, plan: &BootPlan) -> Result<
         std::fs::copy(inst.overlay(), snap.disk()).context("cannot copy the boot disk into the snapshot")?;
     }
     Ok(())
+}
+
+/// A save that failed on a full disk says so. QEMU says only "Broken pipe":
+/// its `cat` died of ENOSPC, which only its stderr (qemu.log) shows.
+fn full_disk(inst: &Instance, snap: &Snapshot, e: anyhow::Error) -> anyhow::Error {
+    let enospc = |t: &str| t.contains("No space left on device");
+    let free = nix::sys::statvfs::statvfs(&snap.dir).map(|v| v.blocks_available() as u64 * v.fragment_size() as u64);
+    let full = enospc(&crate::logs::tail(&inst.qemu_stderr(), 0, 2000, ""))
+        || enospc(&format!("{e:#}"))
+        || free.is_ok_and(|b| b < 1 << 20);
+    if !full {
+        return e;
+    }
+    e.context(format!(
+        "no space left on the disk that holds {}: free some (a snapshot takes about the VM's memory plus its \
+         disk's changes since boot) and save again",
+        inst.snapshots_dir().display()
+    ))
 }
 
 fn done(ctx: &Ctx, what: &'static str, record: SnapshotRecord, notes: Vec<String>) -> SnapshotDone {
