@@ -263,6 +263,98 @@ fn logs_hide_guest_escapes_show_the_last_lines_or_this_boot_and_follow_ends_with
     assert!(out.stdout().contains("SHUTDOWN"), "a stopped VM's events, and the end: {}", out.text());
 }
 
+/// The most memory (KiB) `qbuf-qemu ARGS` took, by GNU time.
+fn max_rss_kib(env: &Env, args: &[&str]) -> u64 {
+    let c = env.cmd(args);
+    let mut t = std::process::Command::new("/usr/bin/time");
+    t.args(["-f", "maxrss=%M"]).arg(c.get_program()).args(c.get_args()).current_dir(&env.dir);
+    for (k, v) in c.get_envs() {
+        match v {
+            Some(v) => t.env(k, v),
+            None => t.env_remove(k),
+        };
+    }
+    let out =
+        t.stdout(Stdio::null()).output().unwrap_or_else(|e| panic!("/usr/bin/time (tests/setup.sh installs it): {e}"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{args:?}: {err}");
+    err.lines().find_map(|l| l.strip_prefix("maxrss=")).and_then(|v| v.trim().parse().ok()).expect("maxrss")
+}
+
+#[test]
+fn a_guest_flooding_its_console_keeps_its_logs_capped_and_logs_streams_them() {
+    const CAP: u64 = 2 << 20; // logs::SERIAL_CAP
+    let env = Env::new("flood");
+    env.launch(&["--no-share", "--ssh-user", "root"]);
+    // About 180 KB a second under TCG here: 30 s is well past the cap.
+    let line = "0123456789abcdefghijklmnopqrstuvwxyz".repeat(2);
+    env.ssh("dev", &format!("timeout 30 sh -c 'yes {line} > /dev/console'; echo flood-over > /dev/console")).ok();
+    let dir = env.instance_dir("dev");
+    let serial = dir.join("serial.log");
+    wait_until("the flood's end in serial.log", Duration::from_secs(20), || read(&serial).contains("flood-over"));
+    let sizes =
+        || (std::fs::metadata(&serial).unwrap().len(), std::fs::metadata(dir.join("serial.log.1")).map(|m| m.len()));
+    let (now, older) = sizes();
+    assert!(now <= CAP, "serial.log has {now} bytes, over the {CAP} cap");
+    assert!(older.as_ref().is_ok_and(|o| *o <= CAP && *o > CAP / 2), "serial.log.1: {older:?}");
+    // `logs` says where the older lines went, and streams: reading all of
+    // it takes no more memory than reading one line.
+    let out = env.run(&["logs", "-n", "3"]);
+    assert!(out.stdout().trim_end().ends_with("flood-over"), "{}", out.text());
+    let (v, out) = env.json(&["logs"]);
+    out.ok();
+    assert!(s(&v, "note").contains("serial.log.1") && s(&v, "older_path").ends_with("serial.log.1"), "{v:?}");
+    assert!(s(&v, "text").len() as u64 > CAP, "the older file is read first");
+    assert!(out.stderr().contains("serial.log.1"), "{}", out.stderr());
+    let one = max_rss_kib(&env, &["--json", "logs", "-n", "1"]);
+    let all = max_rss_kib(&env, &["--json", "logs"]);
+    assert!(all < one + 1024, "logs --json took {all} KiB, one line {one} KiB");
+    let (events, _) = env.json(&["events"]);
+    assert!(!events["events"].as_array().unwrap().is_empty());
+    env.run(&["powerdown"]).code_is(0);
+}
+
+#[test]
+fn rough_edges_a_wide_share_a_user_without_sudo_a_paused_guest_and_a_deleted_share() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new("edges");
+    // The home directory, shared read-write over 9p as dev (uid 1000, which
+    // cannot write it): warned about, and its mode left as it is.
+    let home = env.dir.join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let env = env.with_env("HOME", path_str(&home));
+    let v = env.launch(&["--share", path_str(&home), "--share-type", "9p"]);
+    let notes = v["notes"].to_string();
+    assert!(notes.contains("warning: the share") && notes.contains("--share-mode ro"), "{v}");
+    assert_eq!(std::fs::metadata(&home).unwrap().permissions().mode() & 0o7777, 0o755, "the guest chmodded the share");
+    // The guest has no sudo: said so, not "stop what uses it".
+    let out = env.run(&["snapshot", "save", "s"]);
+    out.code_is(1);
+    assert!(out.stderr().contains("has no sudo") && out.stderr().contains("--ssh-user root"), "{}", out.text());
+    assert!(!out.stderr().contains("stop what uses it"), "{}", out.text());
+    // A new SSH user applies at once, and says so.
+    let out = env.run(&["launch", "--ssh-user", "root"]);
+    out.ok();
+    assert!(out.stdout().contains("ssh user changed from dev to root: saved, applies now"), "{}", out.text());
+    assert_eq!(env.ssh("dev", "id -u").stdout(), "0\n");
+    // ssh into a paused guest is refused at once, not left hanging.
+    env.run(&["pause"]).ok();
+    let mut ssh = env.cmd(&["ssh", "--", "true"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let err = drain(ssh.stderr.take().unwrap());
+    let status = wait_or_kill(&mut ssh, "ssh into a paused guest", Duration::from_secs(20));
+    let err = err.join().unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("is paused") && err.contains("resume"), "{err}");
+    env.run(&["resume"]).ok();
+    env.run(&["powerdown"]).code_is(0);
+    // The saved share is gone: the way out is named.
+    std::fs::remove_dir_all(&home).unwrap();
+    let out = env.run(&["launch"]);
+    out.code_is(1);
+    assert!(out.stderr().contains("--share DIR") && out.stderr().contains("--no-share"), "{}", out.text());
+}
+
 /// Runs qbuf-qemu with stdin and stderr on a new terminal (120 columns)
 /// and stdout piped, typing `input`; returns its exit code, its stdout and
 /// everything the terminal showed.

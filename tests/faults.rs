@@ -412,6 +412,21 @@ fn a_full_state_dir_neither_fails_a_clean_stop_nor_loses_its_reason() {
     destroy_leaves_nothing(&env);
 }
 
+#[test]
+fn a_snapshot_save_on_a_full_disk_says_no_space_left_and_the_vm_runs_on() {
+    assert!(can_mount(), "this test mounts a small tmpfs: run it as root (CI does)");
+    let env = Env::new("snapfull");
+    env.launch(&["--no-share", "--ssh-user", "root"]);
+    let snaps = env.instance_dir("dev").join("snapshots");
+    let _fs = Tmpfs::new(snaps.clone(), "4M");
+    let out = env.run(&["snapshot", "save", "s"]);
+    out.code_is(1);
+    assert!(out.stderr().contains("no space left on the disk that holds"), "{}", out.text());
+    assert!(!snaps.join("s").exists(), "a partial snapshot was kept");
+    env.ssh("dev", "true").ok();
+    env.run(&["powerdown"]).code_is(0);
+}
+
 /// Writes a marker to the scratch disk /dev/vdb that stays in the guest's
 /// page cache: a process holds the device open, so `dd`'s close does not
 /// flush it.

@@ -312,6 +312,46 @@ fn a_loaded_snapshot_forgets_what_came_after_it() {
 }
 
 #[test]
+fn a_damaged_snapshot_is_refused_before_the_vm_is_touched_and_a_failed_load_keeps_the_disk() {
+    let env = Env::new("snapbad");
+    launch_with_disk(&env, &["--no-share"]);
+    env.ssh("dev", "echo before > /data/marker && sync").ok();
+    env.run(&["snapshot", "save", "cut"]).ok();
+    env.run(&["snapshot", "save", "garbled"]).ok();
+    env.ssh("dev", "echo after > /data/marker && sync").ok();
+    let snaps = env.instance_dir("dev").join("snapshots");
+    // Truncated (a full disk during a copy, a crash): found before anything stops.
+    let state = snaps.join("cut/state.bin");
+    let len = std::fs::metadata(&state).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&state).unwrap().set_len(len / 2).unwrap();
+    let (list, _) = env.json(&["snapshot", "list"]);
+    let damaged = |name: &str| {
+        list["snapshots"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap()["damaged"].clone()
+    };
+    assert!(damaged("cut").as_str().is_some_and(|d| d.contains("state.bin")), "{list}");
+    assert!(damaged("garbled").is_null(), "{list}");
+    assert!(env.run(&["snapshot", "list"]).stdout().contains("DAMAGED"));
+    let out = env.run(&["snapshot", "load", "cut"]);
+    out.code_is(1);
+    assert!(out.stderr().contains("damaged") && out.stderr().contains("nothing was touched"), "{}", out.text());
+    assert_eq!(env.ssh("dev", "cat /data/marker").stdout(), "after\n", "the running VM was touched");
+    // The same size but not a migration stream: QEMU finds it while loading.
+    // Its reason is shown, and the disk with what came after the save is back.
+    let garbled = snaps.join("garbled/state.bin");
+    let mut bytes = std::fs::read(&garbled).unwrap();
+    bytes[..16].fill(0);
+    std::fs::write(&garbled, bytes).unwrap();
+    let out = env.run(&["snapshot", "load", "garbled"]);
+    out.code_is(1);
+    assert!(out.stderr().contains("QEMU said:"), "{}", out.text());
+    assert!(out.stderr().contains("as it was before the load"), "{}", out.text());
+    assert!(!env.instance_dir("dev").join("overlay.qcow2.kept").exists());
+    env.boot(&["launch"]).1.ok();
+    assert_eq!(env.ssh("dev", "cat /data/marker").stdout(), "after\n", "the disk from before the load is gone");
+    env.run(&["destroy", "--yes"]).ok();
+}
+
+#[test]
 fn a_run_from_a_snapshot_leaves_the_snapshot_unchanged_for_the_next_run() {
     let env = Env::new("snaprun");
     launch_with_disk(&env, &["--no-share"]);

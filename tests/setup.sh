@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Everything the test suite needs on a Debian bookworm host, as root:
 # QEMU 10 (backports) and 7.2 beside it, virtiofsd, OpenSSH's client, Guile
-# (reads the guix/ files), and the busybox test guest. Idempotent.
+# (reads the guix/ files), GNU time (a test measures memory), and the busybox
+# test guest. Idempotent.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 export DEBIAN_FRONTEND=noninteractive
 
 need=()
-for p in openssh-client guile-3.0 git python3 bash tar util-linux coreutils; do
+for p in openssh-client guile-3.0 git python3 bash tar util-linux coreutils time; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -54,17 +54,13 @@ pub fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Res
     let pubkey = ssh::public_key_line(&key)?;
     std::fs::write(inst.authorized_key(), format!("{pubkey}\n"))
         .with_context(|| format!("cannot write {}", inst.authorized_key().display()))?;
-    let (plan, auto_kvm) = plan(ctx, inst, &s, opts, &bins, &pubkey, resume.as_ref(), &mut notes)?;
+    // A resume that fails before its state loaded puts back the disk it replaced.
+    let undo = |e: anyhow::Error| if resume.is_some() { resume::undo(inst, e) } else { e };
+    let (plan, auto_kvm) = plan(ctx, inst, &s, opts, &bins, &pubkey, resume.as_ref(), &mut notes).map_err(undo)?;
     let serial_before = plan.serial_start;
     let hint = auto_kvm.then(|| kvm_hint(ctx));
     ctx.stage("starting QEMU");
-    let run = start(ctx, inst, lock, serial_before, hint.clone())?;
-    if let Some(r) = &resume {
-        if let Err(e) = resume::load_state(inst, r) {
-            let _ = super::stop::stop_running(ctx, inst, &StopOptions { timeout: Duration::ZERO, force: true });
-            return Err(e.context("the VM was stopped"));
-        }
-    }
+    let run = start_and_load(ctx, inst, lock, serial_before, hint.clone(), resume.as_ref()).map_err(undo)?;
     // Saved once QEMU came up with them: a setting QEMU refuses is not kept.
     if let Err(e) = write_json(&inst.settings(), &s) {
         let _ = super::stop::stop_running(ctx, inst, &StopOptions { timeout: Duration::ZERO, force: true });
@@ -113,6 +109,7 @@ fn settings(
         s.cpus = r.record.spec.cpus;
     }
     check_paths(&mut s)?;
+    notes.extend(wide_share(&s));
     choose_port(&mut s, opts, notes)?;
     check_devices(ctx, &s, &DevicesRecord::load(inst)?)?;
     if saved.as_ref().is_some_and(|old| old.source != s.source) && std::fs::remove_file(inst.known_hosts()).is_ok() {
@@ -166,17 +163,35 @@ fn plan(
     };
     let daemons = share_transport(ctx, inst, s, resume.map(|r| r.record.spec.share_kind), &mut spec, notes)?;
     let argv = crate::qemu::args::build_args(&spec)?;
-    let serial_start = std::fs::metadata(inst.serial_log()).map(|m| m.len()).unwrap_or(0);
-    let plan = BootPlan { qemu: bins.system.clone(), argv, spec, serial_start, daemons };
+    let (serial_start, serial_inode) = serial_start(inst);
+    let plan = BootPlan { qemu: bins.system.clone(), argv, spec, serial_start, serial_inode, daemons };
     write_json(&inst.boot_plan(), &plan)?;
     Ok((plan, auto_kvm))
+}
+
+/// Where this boot's console output will start: serial.log's size and
+/// inode (the file is made now if it is not there yet).
+fn serial_start(inst: &Instance) -> (u64, Option<u64>) {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(inst.serial_log());
+    match f.and_then(|f| f.metadata()) {
+        Ok(m) => (m.len(), Some(m.ino())),
+        Err(_) => (0, None),
+    }
 }
 
 /// User paths must exist and be what they claim; they are absolute already
 /// (the flags were made so), canonical from here on.
 fn check_paths(s: &mut Settings) -> Result<()> {
     if let Some(sh) = &s.share {
-        let p = must_exist(sh, "share directory")?;
+        // Saved at the first launch, it may be gone since.
+        let p = std::fs::canonicalize(sh).with_context(|| {
+            format!(
+                "share directory {} does not exist: share another with '--share DIR', or launch without one \
+                 with '--no-share'",
+                sh.display()
+            )
+        })?;
         if !p.is_dir() {
             bail!("share {} is not a directory: give a directory with --share, or --no-share", p.display());
         }
@@ -198,6 +213,22 @@ fn check_paths(s: &mut Settings) -> Result<()> {
         g @ Source::Guix { .. } => g,
     };
     Ok(())
+}
+
+/// A warning when the share hands the guest far more than a checkout: `/`,
+/// the home directory or one above it, read-write (the guest could change
+/// the user's SSH keys and shell startup files).
+fn wide_share(s: &Settings) -> Option<String> {
+    let p = s.share.as_ref()?;
+    let home = std::env::var_os("HOME").and_then(|h| std::fs::canonicalize(h).ok());
+    let wide = p.as_path() == std::path::Path::new("/") || home.is_some_and(|h| h.starts_with(p));
+    (wide && s.share_mode != config::ShareMode::Ro).then(|| {
+        format!(
+            "warning: the share {} is read-write, so the guest can change any file under it (your SSH keys and \
+             shell startup files too): share a project directory with '--share DIR', or add '--share-mode ro'",
+            p.display()
+        )
+    })
 }
 
 /// The SSH port: the saved or given one when it is free, a free one picked
@@ -294,6 +325,27 @@ fn choose_accel(ctx: &Ctx, s: &Settings, bins: &QemuBinaries) -> Result<(Accel, 
             }
         },
     })
+}
+
+/// QEMU started and, for a resume, the saved state loaded into it (QEMU is
+/// stopped again when it does not load, with QEMU's reason).
+fn start_and_load(
+    ctx: &Ctx,
+    inst: &Instance,
+    lock: Lock,
+    serial_before: u64,
+    hint: Option<String>,
+    resume: Option<&Resume>,
+) -> Result<RunRecord> {
+    let run = start(ctx, inst, lock, serial_before, hint)?;
+    if let Some(r) = resume {
+        if let Err(e) = resume::load_state(inst, r) {
+            let _ = super::stop::stop_running(ctx, inst, &StopOptions { timeout: Duration::ZERO, force: true });
+            return Err(resume::qemu_said(inst, e).context("the VM was stopped"));
+        }
+        resume::loaded(inst);
+    }
+    Ok(run)
 }
 
 /// Starts the supervisor (which starts QEMU) and waits until QEMU is up or

@@ -10,16 +10,51 @@ use crate::instance::records::GuestMount;
 use crate::qemu::args::ShareKind;
 use crate::ssh::{self, Target};
 
-/// Runs `script` as root in the guest and returns its stdout.
+/// The exit status the wrapper of [`as_root`] gives when the guest has no
+/// `sudo` for a user that is not root.
+const NO_SUDO: i32 = 97;
+
+/// Runs `script` as root in the guest and returns its stdout. A user that
+/// cannot become root (no `sudo`, or one that wants a password) is told
+/// apart from a script that failed: the fix is the user, not the script.
 fn as_root(t: &Target, script: &str) -> Result<String> {
-    let wrapped =
-        format!("if [ \"$(id -u)\" = 0 ]; then sh -c {0}; else sudo -n sh -c {0}; fi", shell_words::quote(script));
+    let wrapped = format!(
+        "if [ \"$(id -u)\" = 0 ]; then sh -c {0}; elif command -v sudo >/dev/null 2>&1; then sudo -n sh -c {0}; \
+         else exit {NO_SUDO}; fi",
+        shell_words::quote(script)
+    );
     let out = ssh::capture(t, &wrapped)?;
-    if !out.status.success() {
-        bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let no_root = |why: String| anyhow::Error::new(NoRoot { user: t.user.clone(), why });
+    match out.status.code() {
+        Some(0) => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
+        Some(NO_SUDO) => Err(no_root("the guest has no sudo".into())),
+        _ if stderr.contains("sudo:") && stderr.contains("password") => {
+            Err(no_root(format!("sudo wants a password ({})", stderr.trim())))
+        }
+        _ => bail!("{}", stderr.trim()),
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// The guest user cannot become root.
+#[derive(Debug)]
+struct NoRoot {
+    user: String,
+    why: String,
+}
+
+impl std::fmt::Display for NoRoot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the guest user '{0}' is not root and {1}: this needs root in the guest; relaunch with \
+             '--ssh-user root', or give '{0}' passwordless sudo",
+            self.user, self.why
+        )
+    }
+}
+
+impl std::error::Error for NoRoot {}
 
 /// The shares mounted in the guest, from its /proc/mounts.
 pub fn mounted_shares(t: &Target) -> Result<Vec<GuestMount>> {
@@ -48,6 +83,12 @@ pub fn parse_share_mounts(mounts: &str) -> Vec<GuestMount> {
 pub fn unmount_shares(t: &Target, mounts: &[GuestMount]) -> Result<()> {
     for m in mounts {
         if let Err(e) = as_root(t, &format!("umount {}", shell_words::quote(&m.path))) {
+            if e.is::<NoRoot>() {
+                return Err(e.context(format!(
+                    "a snapshot unmounts the guest's shares first, and share '{}' at {} could not be",
+                    m.tag, m.path
+                )));
+            }
             bail!(
                 "the guest could not unmount share '{}' at {} ({e}); a VM is saved with its shares unmounted \
                  (QEMU refuses to save one with a 9p share mounted): stop what uses it (a shell cd'd there, a \

@@ -128,7 +128,8 @@ fn already_running(ctx: &Ctx, inst: &Instance, opts: &LaunchOptions, vm: Running
         notes.push(crate::report::Render::human(&grown).replace('\n', " "));
     }
     let key = spec::ssh_key_for(&ctx.state, &saved)?;
-    let t = ssh::Target::for_instance(inst, saved.ssh_port, &saved.ssh_user, &key);
+    // The user applies at once (logins read it); the key at the next boot.
+    let t = ssh::Target::for_instance(inst, saved.ssh_port, &new.ssh_user, &key);
     // Another launch may still be booting it: answer when a login works,
     // as that launch will.
     if let (false, Some(run)) = (opts.no_wait, read_json::<RunRecord>(&inst.run_record())?) {

@@ -5,7 +5,7 @@
 //! move the user's cursor or make the terminal type (`ESC[6n`).
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
@@ -14,7 +14,7 @@ use super::{done, Ctx};
 use crate::cli::LogsArgs;
 use crate::instance::records::BootPlan;
 use crate::instance::{read_json, Instance, Lock};
-use crate::logs::{last_lines_start, TerminalFilter};
+use crate::logs::TerminalFilter;
 use crate::report::events::{EventLine, Events, SerialLog};
 use crate::report::write_stdout;
 
@@ -29,35 +29,102 @@ pub fn logs(ctx: &Ctx, a: &LogsArgs) -> Result<i32> {
     }
     let inst = ctx.existing()?;
     let path = inst.serial_log();
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => vec![],
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-    };
-    let mut start = match a.boot {
-        true => read_json::<BootPlan>(&inst.boot_plan())?.map(|p| p.serial_start as usize).unwrap_or(0),
-        false => 0,
-    };
-    start = start.min(bytes.len());
+    let (mut pieces, mut note) = serial_pieces(&inst, a.boot)?;
     if let Some(n) = a.lines {
-        start += last_lines_start(&bytes[start..], n);
+        if let Some((i, at)) = crate::logs::last_lines_of(&pieces, n)? {
+            if i > 0 || at > pieces[0].1 {
+                note = None; // the lines asked for are all there
+            }
+            pieces = [&[(pieces[i].0.clone(), at)], &pieces[i + 1..]].concat();
+        }
+    }
+    if let Some(n) = &note {
+        ctx.progress(&format!("note: {n}"));
     }
     if ctx.json {
-        let text = String::from_utf8_lossy(&bytes[start..]).into_owned();
-        return done(ctx, &SerialLog { name: ctx.name.clone(), path, text });
+        let older_path = pieces.iter().map(|p| &p.0).find(|p| **p != path).cloned();
+        let head = SerialLog { name: ctx.name.clone(), path: path.clone(), older_path, note };
+        stream_json(&head, &pieces)?;
+        return Ok(0);
     }
     let mut filter = TerminalFilter::default();
     let mut out = Vec::new();
-    filter.push(&bytes[start..], &mut out);
-    write_stdout(&out)?;
+    let end = crate::logs::read_pieces(&pieces, |chunk| {
+        out.clear();
+        filter.push(chunk, &mut out);
+        write_stdout(&out)
+    })?;
     if a.follow {
-        follow_to_end(ctx, &inst, &path, bytes.len() as u64, |chunk| {
+        follow_to_end(ctx, &inst, &path, end, |chunk| {
             out.clear();
             filter.push(chunk, &mut out);
             write_stdout(&out)
         })?;
     }
     Ok(0)
+}
+
+/// The files that hold the console output asked for, oldest first, each
+/// with the offset to read from; and where older output went, when the
+/// serial log reached its cap (serial.log.1 holds the part before
+/// serial.log, and what came before that was dropped).
+fn serial_pieces(inst: &Instance, boot: bool) -> Result<(Vec<(PathBuf, u64)>, Option<String>)> {
+    use std::os::unix::fs::MetadataExt;
+    let (old, cur) = (inst.serial_log_old(), inst.serial_log());
+    let ino = |p: &Path| std::fs::metadata(p).ok().map(|m| m.ino());
+    let cap = crate::logs::SERIAL_CAP >> 20;
+    let rotated = format!(
+        "the console log reached its cap of {cap} MiB: the output before {} is in {} (shown first), \
+         and anything older was dropped",
+        cur.display(),
+        old.display()
+    );
+    let all = || match ino(&old) {
+        Some(_) => (vec![(old.clone(), 0), (cur.clone(), 0)], Some(rotated.clone())),
+        None => (vec![(cur.clone(), 0)], None),
+    };
+    if !boot {
+        return Ok(all());
+    }
+    let plan = read_json::<BootPlan>(&inst.boot_plan())?;
+    let (start, boot_ino) = plan.map(|p| (p.serial_start, p.serial_inode)).unwrap_or((0, None));
+    Ok(match boot_ino {
+        Some(i) if ino(&cur) == Some(i) => (vec![(cur, start)], None),
+        Some(i) if ino(&old) == Some(i) => (vec![(old, start), (cur, 0)], None),
+        Some(_) => {
+            let (v, _) = all();
+            let n =
+                format!("the start of this boot's console output was dropped (the log keeps the last {} MiB)", 2 * cap);
+            (v, Some(n))
+        }
+        None => (vec![(cur, start)], None),
+    })
+}
+
+/// `logs --json`, streamed: the document's fields, then the text as it is
+/// read, so a large log never sits in memory.
+fn stream_json(head: &SerialLog, pieces: &[(PathBuf, u64)]) -> Result<()> {
+    let mut doc = serde_json::to_string(head)?;
+    doc.pop(); // the closing brace
+    doc.push_str(",\"text\":\"");
+    write_stdout(doc.as_bytes())?;
+    let mut carry = Vec::new();
+    crate::logs::read_pieces(pieces, |chunk| {
+        carry.extend_from_slice(chunk);
+        let cut = crate::logs::utf8_boundary(&carry);
+        let text = json_string_body(&String::from_utf8_lossy(&carry[..cut]))?;
+        carry.drain(..cut);
+        write_stdout(text.as_bytes())
+    })?;
+    let mut tail = json_string_body(&String::from_utf8_lossy(&carry))?;
+    tail.push_str("\"}\n");
+    write_stdout(tail.as_bytes())
+}
+
+/// `s` as JSON string contents, without the quotes.
+fn json_string_body(s: &str) -> Result<String> {
+    let q = serde_json::to_string(s)?;
+    Ok(q[1..q.len() - 1].to_string())
 }
 
 /// Follows `path` from `offset` until the VM stops, then says so.
@@ -82,7 +149,7 @@ fn follow_to_end(
 pub fn events(ctx: &Ctx, follow: bool) -> Result<i32> {
     let inst = ctx.existing()?;
     if !follow {
-        return done(ctx, &Events { name: ctx.name.clone(), events: read_events(&inst.events_log())? });
+        return done(ctx, &Events { name: ctx.name.clone(), events: read_events(&inst)? });
     }
     let mut partial = Vec::new();
     let mut print = |chunk: &[u8]| -> Result<()> {
@@ -97,17 +164,23 @@ pub fn events(ctx: &Ctx, follow: bool) -> Result<i32> {
         }
         write_stdout(&out)
     };
-    let recorded = std::fs::read(inst.events_log()).unwrap_or_default();
-    print(&recorded)?;
-    follow_to_end(ctx, &inst, &inst.events_log(), recorded.len() as u64, print)?;
+    let pieces: Vec<(PathBuf, u64)> =
+        [inst.events_log_old(), inst.events_log()].into_iter().filter(|p| p.exists()).map(|p| (p, 0)).collect();
+    let end = crate::logs::read_pieces(&pieces, &mut print)?;
+    follow_to_end(ctx, &inst, &inst.events_log(), end, print)?;
     Ok(0)
 }
 
-/// Every event recorded so far.
-fn read_events(path: &Path) -> Result<Vec<EventLine>> {
-    match std::fs::read_to_string(path) {
-        Ok(s) => Ok(s.lines().filter_map(EventLine::parse).collect()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vec![]),
-        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+/// Every event recorded so far (events.jsonl.1, then events.jsonl: both
+/// are capped, so this is bounded).
+fn read_events(inst: &Instance) -> Result<Vec<EventLine>> {
+    let mut v = vec![];
+    for path in [inst.events_log_old(), inst.events_log()] {
+        match std::fs::read_to_string(&path) {
+            Ok(s) => v.extend(s.lines().filter_map(EventLine::parse)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
     }
+    Ok(v)
 }

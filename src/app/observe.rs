@@ -51,7 +51,31 @@ fn ssh(ctx: &Ctx, args: &[String]) -> Result<i32> {
             ctx.command("powerdown")
         );
     }
+    refuse_stopped_guest(ctx)?;
     crate::ssh::run_interactive(&t, &inst, args)
+}
+
+/// A paused (or stopped) guest cannot answer, and ssh would wait for it in silence:
+/// said at once instead. (Nothing is said when QEMU cannot be asked: ssh
+/// then finds out for itself.)
+fn refuse_stopped_guest(ctx: &Ctx) -> Result<()> {
+    let Ok(Some(vm)) = Vm::if_running(ctx) else { return Ok(()) };
+    let Ok(Ok(v)) = vm.call("query-status", json!({}), std::time::Duration::from_secs(5)) else { return Ok(()) };
+    let state = v.get("status").and_then(Value::as_str).unwrap_or("unknown");
+    match state {
+        "paused" | "suspended" => anyhow::bail!(
+            "instance '{}' is {state}, so its guest cannot answer SSH: resume it with '{}'",
+            ctx.name,
+            ctx.command("resume")
+        ),
+        "guest-panicked" | "internal-error" | "io-error" | "shutdown" => anyhow::bail!(
+            "instance '{}' does not run its guest (QEMU's state: {state}), so it cannot answer SSH: see '{}'",
+            ctx.name,
+            ctx.command("status")
+        ),
+        // Running, or a moment of a snapshot's save or load.
+        _ => Ok(()),
+    }
 }
 
 /// How OpenSSH reaches the instance, from its saved settings (it need not

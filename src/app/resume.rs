@@ -40,6 +40,13 @@ pub fn resume_from(ctx: &Ctx, inst: &Instance, name: &str, layered: bool) -> Res
     let record: SnapshotRecord = read_json(&snapshot.record())?.ok_or_else(|| {
         anyhow!("instance '{}' has no snapshot '{name}' ('{}' lists them)", inst.name, ctx.command("snapshot list"))
     })?;
+    if let Some(why) = damage(&snapshot, &record) {
+        bail!(
+            "snapshot '{name}' is damaged ({why}), so it cannot be loaded; nothing was touched: delete it ('{}') \
+             and save a new one",
+            ctx.command(&format!("snapshot delete {name}"))
+        );
+    }
     if let Some(base) = &record.base {
         let now = crate::qemu::image::identity(&base.path)
             .with_context(|| format!("snapshot '{name}' was saved on {}", base.path.display()))?;
@@ -57,6 +64,25 @@ pub fn resume_from(ctx: &Ctx, inst: &Instance, name: &str, layered: bool) -> Res
         );
     }
     Ok(Resume { snapshot, record, layered })
+}
+
+/// What is wrong with a snapshot's files compared with what the save
+/// wrote, if anything. QEMU finds a truncated state only while loading it,
+/// when the running VM is already gone; sizes are checked up front instead.
+pub fn damage(snap: &Snapshot, r: &SnapshotRecord) -> Option<String> {
+    let size = |p: &Path| std::fs::metadata(p).ok().map(|m| m.len());
+    match size(&snap.state()) {
+        None => return Some("state.bin is missing".into()),
+        Some(n) if n != r.state_bytes => {
+            return Some(format!("state.bin has {n} bytes, and the save wrote {}", r.state_bytes))
+        }
+        Some(_) => {}
+    }
+    match (r.spec.disk.is_some(), size(&snap.disk()), r.disk_bytes) {
+        (true, None, _) => Some("disk.qcow2 is missing".into()),
+        (true, Some(n), Some(was)) if n != was => Some(format!("disk.qcow2 has {n} bytes, and the save wrote {was}")),
+        _ => None,
+    }
 }
 
 /// Whether `r` can start here: a snapshot has the boot disk only, and a
@@ -105,10 +131,20 @@ pub fn adapt(spec: &mut VmSpec, s: &Settings, r: &Resume) {
 }
 
 /// The instance's own resume: its disk becomes a copy of the saved one (the
-/// snapshot stays as it was for the next resume).
+/// snapshot stays as it was for the next resume). The disk it replaces is
+/// kept aside until the state loaded ([`loaded`]) and put back if it did
+/// not ([`undo`]): what the guest wrote since the save must survive a
+/// failed load.
 fn copy_disk(inst: &Instance, r: &Resume) -> Result<std::path::PathBuf> {
     use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::remove_file(inst.overlay());
+    if inst.overlay_kept().exists() {
+        // An earlier load was cut short: the kept disk is the user's, the
+        // current one a copy of a snapshot.
+        let _ = std::fs::remove_file(inst.overlay());
+    } else if inst.overlay().exists() {
+        std::fs::rename(inst.overlay(), inst.overlay_kept()).context("cannot set the current boot disk aside")?;
+        let _ = std::fs::rename(inst.base_identity(), inst.base_kept());
+    }
     std::fs::copy(r.snapshot.disk(), inst.overlay()).context("cannot copy the snapshot's disk")?;
     std::fs::set_permissions(inst.overlay(), std::fs::Permissions::from_mode(0o600))?;
     match &r.record.base {
@@ -118,6 +154,34 @@ fn copy_disk(inst: &Instance, r: &Resume) -> Result<std::path::PathBuf> {
         }
     }
     Ok(inst.overlay())
+}
+
+/// The saved state loaded: the disk set aside for it is not needed.
+pub fn loaded(inst: &Instance) {
+    let _ = std::fs::remove_file(inst.overlay_kept());
+    let _ = std::fs::remove_file(inst.base_kept());
+}
+
+/// A resume failed before its state loaded (QEMU is stopped): the boot disk
+/// set aside is put back, and `e` says so.
+pub fn undo(inst: &Instance, e: anyhow::Error) -> anyhow::Error {
+    if !inst.overlay_kept().exists() {
+        return e;
+    }
+    let back = std::fs::rename(inst.overlay_kept(), inst.overlay());
+    let _ = std::fs::remove_file(inst.base_identity());
+    let _ = std::fs::rename(inst.base_kept(), inst.base_identity());
+    match back {
+        Ok(()) => e.context(format!(
+            "the instance's disk is as it was before the load, with everything written since the save: \
+             '{}' boots it",
+            inst.command("launch")
+        )),
+        Err(b) => e.context(format!(
+            "the disk from before the load is kept as {} (it could not be put back: {b})",
+            inst.overlay_kept().display()
+        )),
+    }
 }
 
 /// The QMP `exec:` URI that reads or writes `path` (quoted for the shell
@@ -158,6 +222,17 @@ pub fn load_state(inst: &Instance, r: &Resume) -> Result<()> {
     wait_migration(&vm).with_context(|| format!("loading snapshot '{}'", r.record.name))?;
     vm.execute("cont", json!({}))?;
     Ok(())
+}
+
+/// QEMU's own words on a failed load, once it is stopped: QEMU exits when
+/// an incoming migration fails ("load of migration failed: Input/output
+/// error") and says why only on its stderr, which the user never sees.
+pub fn qemu_said(inst: &Instance, e: anyhow::Error) -> anyhow::Error {
+    let said = crate::logs::tail(&inst.qemu_stderr(), 0, 1500, "");
+    if said.is_empty() {
+        return e;
+    }
+    anyhow!("{e:#}\nQEMU said:\n{said}")
 }
 
 /// After a resume: the clock set, the shares mounted again. What could not

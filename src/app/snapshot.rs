@@ -61,6 +61,7 @@ pub fn save(ctx: &Ctx, name: &str) -> Result<SnapshotDone> {
     let resumed = vm.execute("cont", json!({}));
     let remounted = guest::mount_shares(&t, &mounts);
     if let Err(e) = saved {
+        let e = full_disk(&inst, &snap, e);
         let _ = std::fs::remove_dir_all(&snap.dir);
         let e = match plan.spec.share_kind {
             // QEMU 7.2 refuses ("State blocked by non-migratable device
@@ -81,6 +82,7 @@ pub fn save(ctx: &Ctx, name: &str) -> Result<SnapshotDone> {
         spec: plan.spec,
         base: read_json(&inst.base_identity())?,
         state_bytes: std::fs::metadata(snap.state()).map(|m| m.len()).unwrap_or(0),
+        disk_bytes: std::fs::metadata(snap.disk()).ok().map(|m| m.len()),
         seconds: start.elapsed().as_secs_f64(),
         mounts,
     };
@@ -106,19 +108,38 @@ fn freeze(vm: &Vm, inst: &Instance, snap: &Snapshot, plan: &BootPlan) -> Result<
     Ok(())
 }
 
+/// A save that failed on a full disk says so. QEMU says only "Broken pipe":
+/// its `cat` died of ENOSPC, which only its stderr (qemu.log) shows.
+fn full_disk(inst: &Instance, snap: &Snapshot, e: anyhow::Error) -> anyhow::Error {
+    let enospc = |t: &str| t.contains("No space left on device");
+    let free = nix::sys::statvfs::statvfs(&snap.dir).map(|v| v.blocks_available() as u64 * v.fragment_size() as u64);
+    let full = enospc(&crate::logs::tail(&inst.qemu_stderr(), 0, 2000, ""))
+        || enospc(&format!("{e:#}"))
+        || free.is_ok_and(|b| b < 1 << 20);
+    if !full {
+        return e;
+    }
+    e.context(format!(
+        "no space left on the disk that holds {}: free some (a snapshot takes about the VM's memory plus its \
+         disk's changes since boot) and save again",
+        inst.snapshots_dir().display()
+    ))
+}
+
 fn done(ctx: &Ctx, what: &'static str, record: SnapshotRecord, notes: Vec<String>) -> SnapshotDone {
     SnapshotDone {
         instance: ctx.name.clone(),
         what,
-        snapshot: entry(&record),
+        snapshot: entry(&record, None),
         notes,
         load_command: ctx.command(&format!("snapshot load {}", record.name)),
         run_command: ctx.command(&format!("run --from-snapshot {} -- COMMAND", record.name)),
     }
 }
 
-fn entry(r: &SnapshotRecord) -> SnapshotEntry {
+fn entry(r: &SnapshotRecord, damaged: Option<String>) -> SnapshotEntry {
     SnapshotEntry {
+        damaged,
         name: r.name.clone(),
         created_at: r.created_at,
         qemu_version: r.qemu_version.clone(),
@@ -148,9 +169,10 @@ pub fn list(ctx: &Ctx) -> Result<SnapshotList> {
     let mut snapshots: Vec<SnapshotEntry> = std::fs::read_dir(inst.snapshots_dir())
         .map(|rd| {
             rd.filter_map(|e| {
-                read_json::<SnapshotRecord>(&inst.snapshot(e.ok()?.file_name().to_str()?).record()).ok()?
+                let snap = inst.snapshot(e.ok()?.file_name().to_str()?);
+                let r = read_json::<SnapshotRecord>(&snap.record()).ok()??;
+                Some(entry(&r, super::resume::damage(&snap, &r)))
             })
-            .map(|r| entry(&r))
             .collect()
         })
         .unwrap_or_default();

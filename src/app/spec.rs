@@ -185,7 +185,8 @@ pub fn vm_spec(
             qmp_supervisor: inst.qmp_supervisor(),
             qmp_user: inst.qmp_user(),
             console: inst.console(),
-            serial_log: inst.serial_log(),
+            // The supervisor reads it into serial.log (supervisor/pump.rs).
+            serial_log: inst.serial_fifo(),
             guest_agent: inst.guest_agent(),
             share_sockets: vec![],
         },

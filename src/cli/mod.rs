@@ -406,7 +406,7 @@ pub struct LogsArgs {
     /// Only the last N lines
     #[arg(short = 'n', long = "lines", value_name = "N")]
     pub lines: Option<usize>,
-    /// Only the current boot (or the last one, when the VM is stopped); the log keeps every boot
+    /// Only the current boot (or the last one, when the VM is stopped); the log keeps earlier boots too (its last 4 MiB)
     #[arg(long)]
     pub boot: bool,
 }

@@ -171,6 +171,11 @@ files! {
     /// Settings saved at first launch and reused by a plain `launch`.
     settings => "settings.json";
     overlay => "overlay.qcow2";
+    /// The boot disk as it was before `snapshot load` or `launch --resume`
+    /// replaced it: kept until the saved state loaded, put back if it did not.
+    overlay_kept => "overlay.qcow2.kept";
+    /// The base identity that goes with `overlay_kept`.
+    base_kept => "base.json.kept";
     /// The base image's identity, recorded when the overlay was made.
     base_identity => "base.json";
     /// What the supervisor runs: the resolved spec and argv.
@@ -182,13 +187,22 @@ files! {
     /// Written by the supervisor when QEMU failed to start.
     launch_failure => "launch-failure.json";
     events_log => "events.jsonl";
+    /// The older events once events.jsonl passed its cap (see `logs::Capped`).
+    events_log_old => "events.jsonl.1";
     qmp_supervisor => "qmp-sup.sock";
     qmp_user => "qmp.sock";
     control => "control.sock";
     console => "console.sock";
     guest_agent => "qga.sock";
     serial_log => "serial.log";
+    /// The older console output once serial.log passed its cap.
+    serial_log_old => "serial.log.1";
+    /// QEMU's chardev logfile: a FIFO the supervisor reads into serial.log
+    /// (QEMU would keep writing to a renamed file, so it never holds the log).
+    serial_fifo => "serial.fifo";
     qemu_stderr => "qemu.log";
+    /// QEMU's older output once qemu.log passed its cap.
+    qemu_stderr_old => "qemu.log.1";
     supervisor_log => "supervisor.log";
     known_hosts => "known_hosts";
     authorized_key => "authorized_key.pub";
@@ -282,6 +296,7 @@ impl Instance {
     pub fn runtime_files(&self) -> Vec<PathBuf> {
         let mut v = self.sockets().to_vec();
         v.push(self.run_record());
+        v.push(self.serial_fifo());
         v
     }
 

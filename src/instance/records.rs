@@ -82,6 +82,10 @@ pub struct BootPlan {
     /// boots), for `logs --boot`.
     #[serde(default)]
     pub serial_start: u64,
+    /// serial.log's inode then: once the log passed its cap and was renamed
+    /// serial.log.1, this boot's start is found there by it.
+    #[serde(default)]
+    pub serial_inode: Option<u64>,
     /// The `virtiofsd`s to start before QEMU, one per virtio-fs share.
     #[serde(default)]
     pub daemons: Vec<Daemon>,
@@ -223,6 +227,10 @@ pub struct SnapshotRecord {
     /// The image under the frozen disk, which must not change.
     pub base: Option<BaseIdentity>,
     pub state_bytes: u64,
+    /// disk.qcow2's size at the save (none for a diskless VM or a snapshot
+    /// saved before it was recorded): a size that changed means damage.
+    #[serde(default)]
+    pub disk_bytes: Option<u64>,
     /// Seconds the save took (state and disk).
     pub seconds: f64,
     /// The 9p shares the guest had mounted: unmounted for the save (QEMU

@@ -47,18 +47,17 @@ impl Render for Events {
     }
 }
 
-/// `logs`: the serial console log as the guest wrote it.
+/// `logs --json`: the serial console log as the guest wrote it. Only its
+/// head is a value: `app/logs.rs` streams the `text` member after it, so a
+/// large log is never held in memory.
 #[derive(Debug, Clone, Serialize)]
 pub struct SerialLog {
     pub name: String,
     pub path: std::path::PathBuf,
-    pub text: String,
-}
-
-impl Render for SerialLog {
-    fn human(&self) -> String {
-        self.text.clone()
-    }
+    /// The older file (`serial.log.1`) the text begins in, when it does.
+    pub older_path: Option<std::path::PathBuf>,
+    /// Where older output went, when the log reached its cap.
+    pub note: Option<String>,
 }
 
 #[cfg(test)]

@@ -28,6 +28,10 @@ pub struct Launched {
     pub stop_command: String,
 }
 
+/// Settings read at each login rather than at boot: a change to one on a
+/// running VM applies at once (the next `ssh` logs in as the new user).
+const LIVE_SETTINGS: &[&str] = &["ssh user"];
+
 impl Render for Launched {
     fn human(&self) -> String {
         let mut s = String::new();
@@ -37,6 +41,10 @@ impl Render for Launched {
         if self.already_running {
             s.push_str(&format!("Instance '{}' is already running (QEMU pid {}).\n", self.name, self.pid));
             for c in &self.changes {
+                if LIVE_SETTINGS.contains(&c.setting) {
+                    s.push_str(&format!("{} changed from {} to {}: saved, applies now\n", c.setting, c.from, c.to));
+                    continue;
+                }
                 s.push_str(&format!(
                     "{} changed from {} to {}: saved, applies at the next boot ({}, then launch)\n",
                     c.setting, c.from, c.to, self.stop_command

@@ -15,18 +15,25 @@ pub struct SnapshotEntry {
     pub seconds: f64,
     /// The shares (9p or virtio-fs) unmounted for the save and mounted again on resume.
     pub shares: Vec<String>,
+    /// Why the snapshot cannot be loaded (its files differ from what the
+    /// save wrote), or null.
+    pub damaged: Option<String>,
 }
 
 impl SnapshotEntry {
     fn line(&self) -> String {
-        format!(
+        let mut l = format!(
             "{:<16} {}  {:>5.0} MiB state, saved in {:.2}s, QEMU {}",
             self.name,
             crate::clock::utc_time(self.created_at),
             self.state_bytes as f64 / (1 << 20) as f64,
             self.seconds,
             self.qemu_version
-        )
+        );
+        if let Some(why) = &self.damaged {
+            l.push_str(&format!("  DAMAGED: {why}"));
+        }
+        l
     }
 }
 

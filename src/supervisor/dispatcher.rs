@@ -6,8 +6,7 @@
 //! is the shape of nextest's runner dispatcher: no shared mutable state, no
 //! sleeps standing in for joins.
 
-use std::fs::File;
-use std::io::Write;
+use crate::logs::Capped;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -70,7 +69,7 @@ pub struct Dispatcher {
     exited: watch::Receiver<Option<ExitInfo>>,
     tx: mpsc::UnboundedSender<Msg>,
     state: VmState,
-    events_log: Option<File>,
+    events_log: Option<Capped>,
     ladder: Ladder,
     waiters: Vec<oneshot::Sender<Response>>,
     qmp_closed: bool,
@@ -226,7 +225,7 @@ impl Dispatcher {
     /// (a full disk) loses that line, never the VM's supervision.
     fn log_event(&mut self, ev: &Event) {
         if let (Some(f), Ok(line)) = (self.events_log.as_mut(), serde_json::to_string(ev)) {
-            if let Err(e) = writeln!(f, "{line}") {
+            if let Err(e) = f.write(format!("{line}\n").as_bytes()) {
                 tracing::warn!("cannot append to events.jsonl: {e}");
             }
         }
@@ -371,13 +370,9 @@ impl Dispatcher {
     }
 }
 
-fn open_events_log(inst: &Instance) -> Option<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(inst.events_log())
+/// events.jsonl, bounded: past its cap the older events go to events.jsonl.1.
+fn open_events_log(inst: &Instance) -> Option<Capped> {
+    Capped::open(&inst.events_log(), &inst.events_log_old(), crate::logs::SMALL_CAP)
         .map_err(|e| tracing::warn!("cannot open events.jsonl: {e}"))
         .ok()
 }

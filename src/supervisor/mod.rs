@@ -12,13 +12,15 @@
 //! [`start`] brings QEMU up; [`dispatcher`] owns the state from then on;
 //! [`protocol`] is what clients and the supervisor say; [`client`] is the
 //! commands' side of it; [`ladder`] is the stop ladder; [`daemons`] are the
-//! `virtiofsd`s of virtio-fs shares, started before QEMU and stopped after.
+//! `virtiofsd`s of virtio-fs shares, started before QEMU and stopped after;
+//! [`pump`] writes QEMU's console and output into bounded logs.
 
 pub mod client;
 pub mod daemons;
 pub mod dispatcher;
 pub mod ladder;
 pub mod protocol;
+pub mod pump;
 pub mod start;
 
 use std::os::unix::fs::PermissionsExt;
@@ -104,6 +106,7 @@ async fn supervise(inst: Instance) -> Result<i32> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let acceptor = tokio::spawn(accept(listener, tx.clone(), started.qmp.clone(), stop_rx));
     Dispatcher::new(inst, started.qmp, started.exited, tx, state).run(rx).await;
+    started.pumps.finish().await;
     daemons::stop_after_qemu(daemons).await;
     let _ = stop_tx.send(true);
     let _ = acceptor.await;

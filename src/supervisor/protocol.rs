@@ -174,11 +174,7 @@ impl GuestKernel {
     /// its boot's first sign under `quiet`-less kernels, after the reset.
     pub fn boot_sign(&mut self, reset: bool, now: f64) -> bool {
         let since = now - self.recent_boots.last().copied().unwrap_or(f64::MIN);
-        let new = if reset {
-            since >= SAME_BOOT_SECS
-        } else {
-            std::mem::replace(&mut self.banner_seen, true)
-        };
+        let new = if reset { since >= SAME_BOOT_SECS } else { std::mem::replace(&mut self.banner_seen, true) };
         if !new {
             return false;
         }

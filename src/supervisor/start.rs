@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::net::UnixStream;
 use tokio::sync::watch;
 
+use super::pump::{self, Pipes, Pumps};
 use crate::instance::proc::ExitInfo;
 use crate::instance::records::{BootPlan, LaunchFailure};
 use crate::instance::Instance;
@@ -26,6 +27,8 @@ pub struct Started {
     /// `Some` once the reaper task has collected QEMU's exit status.
     pub exited: watch::Receiver<Option<ExitInfo>>,
     pub version: String,
+    /// QEMU's output on its way into the logs; finished after QEMU exited.
+    pub pumps: Pumps,
 }
 
 pub async fn start(inst: &Instance, plan: &BootPlan) -> Result<Started, LaunchFailure> {
@@ -36,35 +39,50 @@ pub async fn start(inst: &Instance, plan: &BootPlan) -> Result<Started, LaunchFa
         stderr_tail: crate::logs::tail(&inst.qemu_stderr(), 0, 4000, ""),
         serial_tail: String::new(),
     };
-    let (pid, exited) = spawn(inst, plan).map_err(|m| fail(m, None))?;
+    let pipes = pump::prepare(inst).map_err(|e| fail(format!("cannot make the pipes for QEMU's output: {e}"), None))?;
+    let (pid, exited, pumps) = spawn(inst, plan, pipes).map_err(|m| fail(m, None))?;
     let qmp = match connect(inst, &exited).await {
         Ok(q) => q,
-        Err(Early::Exited(e)) => return Err(fail(format!("QEMU exited during start-up ({e})"), Some(e))),
+        Err(Early::Exited(e)) => {
+            pumps.finish().await;
+            return Err(fail(format!("QEMU exited during start-up ({e})"), Some(e)));
+        }
         Err(Early::Stuck(m)) => {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
             let mut rx = exited.clone();
             let _ = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|e| e.is_some())).await;
             let exit = *exited.borrow();
+            pumps.finish().await;
             return Err(fail(format!("{m}; it was killed"), exit));
         }
     };
+    // QEMU opened its chardev logfile before its QMP socket: the FIFO's
+    // name is not needed any more.
+    let _ = std::fs::remove_file(inst.serial_fifo());
     let version = qmp
         .execute(&qapi::qmp::query_version {}, Duration::from_secs(5))
         .await
         .map(|v| format!("{}.{}.{}", v.qemu.major, v.qemu.minor, v.qemu.micro))
         .unwrap_or_else(|_| "unknown".into());
-    Ok(Started { pid, qmp, exited, version })
+    Ok(Started { pid, qmp, exited, version, pumps })
 }
 
 /// Starts QEMU as our child; a task reaps it and publishes its exit.
-fn spawn(inst: &Instance, plan: &BootPlan) -> Result<(i32, watch::Receiver<Option<ExitInfo>>), String> {
-    let stderr = File::create(inst.qemu_stderr()).map_err(|e| format!("cannot create qemu.log: {e}"))?;
+#[allow(clippy::type_complexity)]
+fn spawn(
+    inst: &Instance,
+    plan: &BootPlan,
+    pipes: Pipes,
+) -> Result<(i32, watch::Receiver<Option<ExitInfo>>, Pumps), String> {
+    let stderr = File::from(pipes.output_writer.try_clone().map_err(|e| e.to_string())?);
     let stdout = stderr.try_clone().map_err(|e| e.to_string())?;
     let mut cmd = tokio::process::Command::new(&plan.qemu);
     cmd.args(&plan.argv).stdin(std::process::Stdio::null()).stdout(stdout).stderr(stderr);
     block_host_signals(&mut cmd);
     let child = cmd.spawn().map_err(|e| format!("cannot run {}: {e}", plan.qemu.display()))?;
-    reap(child, "QEMU")
+    let (pid, rx) = reap(child, "QEMU")?;
+    // Our copy of the write end goes with `pipes`: the pipe ends with QEMU.
+    Ok((pid, rx.clone(), pump::start(inst, pipes, &rx)))
 }
 
 /// A child of the supervisor (QEMU, a `virtiofsd`) runs with SIGTERM and
