@@ -1,18 +1,19 @@
 //! qbuf-qemu: one reproducible development VM for qbuf contributors.
 //!
-//! Layers, lowest first (see docs/architecture.md): `clock`, `host`,
-//! `instance`, `qmp`, `qga`, `config`; `qemu` (pure argv, images, parsers,
-//! binaries); `ssh`, `guest_files`, `guix`, `logs`, `console`; `supervisor` (QEMU's
-//! parent: start, dispatcher, protocol, client, ladder); `report` (typed
-//! outcomes and their renderers); `cli`, `doctor`; `app`, the command layer
-//! that only `main` uses. A module imports only from its own layer or below.
+//! Layers, lowest first (see docs/architecture.md, whose table
+//! tests/layers.rs checks file for file): `clock`, `host`, `config`, `qmp`,
+//! `qga`, `instance` (paths, owner, proc, lock), `progress`; `qemu` as data
+//! (value, args, forward, virtiofs, parse, host); the records
+//! (`instance::records`); `qemu` images, `ssh`, `guest_files`, `guix`, `logs`,
+//! `console`; `supervisor` (QEMU's parent); `report` (typed outcomes and
+//! their renderers); `cli`; `app`, the command layer (doctor included) that
+//! only `main` uses. A module imports only from its own layer or below.
 
 mod app;
 pub mod cli;
 mod clock;
 mod config;
 mod console;
-mod doctor;
 mod guest_files;
 mod guix;
 pub mod host;

@@ -8,6 +8,7 @@ pub mod build;
 pub mod completions;
 pub mod copy;
 pub mod disks;
+pub mod doctor;
 pub mod forwards;
 pub mod guest;
 pub mod launch;
@@ -161,7 +162,10 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Snapshot(c) => snapshots(&ctx, c),
         Command::Run(a) => run::run(&ctx, *a),
         Command::Supervise => crate::supervisor::run(ctx.instance()),
-        other => observe::run(&ctx, other),
+        Command::Ssh { args } => observe::ssh(&ctx, &args),
+        Command::Qmp { command, arguments, timeout } => observe::qmp(&ctx, &command, arguments.as_deref(), timeout),
+        Command::Console => observe::console(&ctx),
+        Command::Doctor => done(&ctx, &doctor::run(&ctx.instance())),
     }
 }
 

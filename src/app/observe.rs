@@ -1,35 +1,24 @@
 //! Reaching into a VM to look and poke: `ssh` (and the SSH target that
-//! `copy`, `ssh-config` and `reboot` use), `qmp`, `console` and `doctor`.
+//! `copy`, `ssh-config` and `reboot` use), `qmp` and `console`.
 
 use anyhow::Result;
 use serde_json::{json, Value};
 
 use super::vm::Vm;
-use super::{done, Ctx};
-use crate::cli::Command;
+use super::Ctx;
 use crate::config::Settings;
 use crate::instance::{read_json, Instance, Lock};
 use crate::report::print_line;
 use crate::ssh::Target;
 
-pub fn run(ctx: &Ctx, command: Command) -> Result<i32> {
-    match command {
-        Command::Ssh { .. } if ctx.json => {
-            usage("ssh passes the remote command's output through as it is; --json does not apply (drop it)")
-        }
-        Command::Ssh { args } => ssh(ctx, &args),
-        Command::Qmp { command, arguments, timeout } => qmp(ctx, &command, arguments.as_deref(), timeout),
-        Command::Console if ctx.json => {
-            usage("this command streams the guest's console as text; --json does not apply")
-        }
-        Command::Console => {
-            let vm = Vm::running(ctx)?;
-            crate::console::attach(&vm.inst.console(), &ctx.name)?;
-            Ok(0)
-        }
-        Command::Doctor => done(ctx, &crate::doctor::run(&ctx.instance())),
-        other => unreachable!("{other:?} is dispatched by app::run"),
+/// `console`: the terminal attached to the guest's serial console.
+pub fn console(ctx: &Ctx) -> Result<i32> {
+    if ctx.json {
+        return usage("this command streams the guest's console as text; --json does not apply");
     }
+    let vm = Vm::running(ctx)?;
+    crate::console::attach(&vm.inst.console(), &ctx.name)?;
+    Ok(0)
 }
 
 /// `--json` given to a command whose stdout is a stream of text: refused
@@ -40,7 +29,10 @@ pub fn usage(msg: &str) -> Result<i32> {
 }
 
 /// `ssh -- ARGS…`: OpenSSH with the instance's key and pinned host key.
-fn ssh(ctx: &Ctx, args: &[String]) -> Result<i32> {
+pub fn ssh(ctx: &Ctx, args: &[String]) -> Result<i32> {
+    if ctx.json {
+        return usage("ssh passes the remote command's output through as it is; --json does not apply (drop it)");
+    }
     let (inst, t) = running_target(ctx)?;
     // A dead guest would only time out (keepalives end a session that was
     // open when it died).
@@ -105,7 +97,7 @@ pub fn running_target(ctx: &Ctx) -> Result<(Instance, Target)> {
 }
 
 /// `qmp COMMAND [JSON]`: QEMU's raw reply; a refusal is a typed failure.
-fn qmp(ctx: &Ctx, command: &str, arguments: Option<&str>, timeout: std::time::Duration) -> Result<i32> {
+pub fn qmp(ctx: &Ctx, command: &str, arguments: Option<&str>, timeout: std::time::Duration) -> Result<i32> {
     let args = parse_arguments(arguments).map_err(crate::report::error::Usage)?;
     let reply = Vm::running(ctx)?.execute_within(command, args, timeout)?;
     print_line(&serde_json::to_string_pretty(&reply)?)?;
