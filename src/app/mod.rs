@@ -48,6 +48,9 @@ pub struct Ctx {
     pub named: bool,
     pub json: bool,
     pub quiet: bool,
+    /// The instance is a `run`'s throwaway one, removed when the run ends:
+    /// hints must not send the user to it.
+    pub throwaway: bool,
 }
 
 impl Ctx {
@@ -55,6 +58,15 @@ impl Ctx {
     /// `--state-dir` and `--name` (the one hint builder).
     pub fn command(&self, rest: &str) -> String {
         self.state.command(&self.name, rest)
+    }
+
+    /// A command about the host rather than this instance (`doctor`): it
+    /// names no throwaway instance, which is gone by the time it is read.
+    pub fn host_command(&self, rest: &str) -> String {
+        match self.throwaway {
+            true => self.state.command(crate::instance::paths::DEFAULT_NAME, rest),
+            false => self.command(rest),
+        }
     }
 
     pub fn instance(&self) -> Instance {
@@ -101,7 +113,7 @@ fn context(cli: &Cli) -> Result<Ctx> {
     let root = if root.is_relative() { std::env::current_dir()?.join(root) } else { root };
     crate::progress::init(g.quiet);
     let name = g.name.clone().unwrap_or_else(|| crate::instance::paths::DEFAULT_NAME.into());
-    Ok(Ctx { state: StateDir::new(root), name, named: g.name.is_some(), json: g.json, quiet: g.quiet })
+    Ok(Ctx { state: StateDir::new(root), name, named: g.name.is_some(), json: g.json, quiet: g.quiet, throwaway: false })
 }
 
 fn stop_opts(a: &StopArgs) -> StopOptions {

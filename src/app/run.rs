@@ -20,8 +20,9 @@ use super::{launch, resume, stop, Ctx};
 use crate::cli::RunArgs;
 use crate::config::PortChoice;
 use crate::guest_files;
-use crate::instance::read_json;
-use crate::instance::records::RunRecord;
+use crate::instance::proc::ProcIdentity;
+use crate::instance::records::{RunOrigin, RunRecord, SnapshotOrigin};
+use crate::instance::{read_json, write_json};
 use crate::report::error::{RunNotStarted, Usage};
 use crate::report::run::{Outcome, RunSummary};
 use crate::ssh::{self, Target};
@@ -43,14 +44,23 @@ struct Interrupt {
     why: AtomicI32,
     /// The running COMMAND's ssh process, to stop it at once.
     child: AtomicI32,
+    /// COMMAND's ssh was ended by the interruption: its exit status is
+    /// ssh's, not COMMAND's.
+    killed: AtomicBool,
 }
 
 impl Interrupt {
     fn set(&self, why: i32) {
         self.why.store(why, Ordering::SeqCst);
         self.cancel.store(true, Ordering::SeqCst);
+        self.end_command();
+    }
+
+    /// Ends COMMAND's ssh, when one runs and the run is interrupted.
+    fn end_command(&self) {
         let pid = self.child.load(Ordering::SeqCst);
-        if pid > 0 {
+        if pid > 0 && self.cancel.load(Ordering::SeqCst) {
+            self.killed.store(true, Ordering::SeqCst);
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
         }
     }
@@ -62,6 +72,20 @@ impl Interrupt {
             -1 => Some(TIMED_OUT),
             sig => Some(128 + sig),
         }
+    }
+
+    /// The run's end, decided once: an interruption at any point (the
+    /// cleanup's included) decides the exit status over what the run
+    /// found, and the summary says the status the process exits with.
+    fn settle(&self, summary: &mut RunSummary, found: i32) -> i32 {
+        let (code, outcome) = match self.code() {
+            Some(TIMED_OUT) => (TIMED_OUT, Outcome::TimedOut),
+            Some(c) => (c, Outcome::Interrupted),
+            None => (found, summary.outcome),
+        };
+        summary.outcome = outcome;
+        summary.exit_code = code;
+        code
     }
 }
 
@@ -128,7 +152,7 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<i32> {
     let start = Instant::now();
     let int = watch(start + a.timeout);
     let (name, resume) = instance_to_run(ctx, a.from_snapshot.as_deref()).map_err(|e| e.context(RunNotStarted))?;
-    let rctx = Ctx { name, named: true, ..ctx.clone() };
+    let rctx = Ctx { name, named: true, throwaway: !a.keep, ..ctx.clone() };
     let mut opts = LaunchOptions::plain(a.timeout);
     opts.flags = vm_flags(a.vm, Some(PortChoice::Auto))?;
     if a.from_snapshot.is_some() {
@@ -138,26 +162,40 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<i32> {
     }
     opts.cancel = Some(int.cancel.clone());
     opts.resume = resume.map(|r| ResumeFrom::Checked(Box::new(r)));
+    opts.run = Some(origin(ctx, a.keep, a.from_snapshot.as_deref()));
     let mut summary = RunSummary::new(&rctx.name, a.from_snapshot.clone(), &a.command);
-    let code = match launch::launch(&rctx, &opts) {
+    let found = match launch::launch(&rctx, &opts) {
         // A bad flag value is the caller's mistake, not a broken VM (exit 2).
         Err(e) if e.is::<Usage>() => return Err(e),
         Err(e) => {
             summary.error = Some(format!("{e:#}"));
-            eprintln!("qbuf-qemu: run: the VM could not be started or reached: {e:#}");
+            if int.code().is_none() {
+                eprintln!("qbuf-qemu: run: the VM could not be started or reached: {e:#}");
+            }
             summary.outcome = Outcome::VmFailed;
-            int.code().unwrap_or(VM_BROKE)
+            VM_BROKE
         }
         Ok(l) => {
             summary.phases.boot = l.ready_seconds;
             command_then_artifacts(&rctx, &a.workdir, &a.command, &a.copy_out, &int, &mut summary)
         }
     };
-    summary.exit_code = code;
-    let keep = a.keep || (a.keep_on_failure && code != 0);
+    let keep = a.keep || (a.keep_on_failure && (found != 0 || int.code().is_some()));
     finish(&rctx, keep, &mut summary, start);
+    let code = int.settle(&mut summary, found);
     report(ctx, &summary, a.summary.as_deref())?;
-    Ok(int.code().unwrap_or(code))
+    Ok(code)
+}
+
+/// Who owns the run's VM: this process, whose end (a SIGKILL included)
+/// makes the supervisor stop and remove the VM; nobody with `--keep`.
+fn origin(ctx: &Ctx, keep: bool, from_snapshot: Option<&str>) -> RunOrigin {
+    let pid = std::process::id() as i32;
+    RunOrigin {
+        owner: if keep { None } else { ProcIdentity::of(pid) },
+        pid,
+        from_snapshot: from_snapshot.map(|s| SnapshotOrigin { instance: ctx.name.clone(), snapshot: s.into() }),
+    }
 }
 
 /// COMMAND, then `--copy-out`; the exit status the run ends with.
@@ -178,6 +216,13 @@ fn command_then_artifacts(
         }
     };
     let workdir = workdir.clone().or_else(|| settings.share.is_some().then(|| "/mnt/qbuf".to_string()));
+    if workdir.is_none() && !ctx.quiet {
+        eprintln!(
+            "qbuf-qemu: run: no share (--no-share, or run outside a git checkout): COMMAND runs in the home directory of guest user '{}'; choose with --share DIR or --workdir DIR",
+            settings.ssh_user
+        );
+    }
+    summary.workdir = workdir.clone();
     let t0 = Instant::now();
     let status = run_command(&t, workdir.as_deref(), command, int);
     summary.phases.command = Some(t0.elapsed().as_secs_f64());
@@ -189,6 +234,9 @@ fn command_then_artifacts(
             summary.outcome = Outcome::VmFailed;
             VM_BROKE
         }
+        // The interruption ended ssh: COMMAND did not finish (its status
+        // stays unknown; `settle` names the interruption).
+        Ok(c) if int.killed.load(Ordering::SeqCst) => c,
         Ok(c) => {
             summary.command_exit = Some(c);
             summary.outcome = if c == 0 { Outcome::Ok } else { Outcome::CommandFailed };
@@ -201,7 +249,6 @@ fn command_then_artifacts(
         }
     };
     if let Some(c) = int.code() {
-        summary.outcome = if c == TIMED_OUT { Outcome::TimedOut } else { Outcome::Interrupted };
         return c;
     }
     let t1 = Instant::now();
@@ -238,13 +285,27 @@ pub fn remote_line(workdir: Option<&str>, command: &[String]) -> String {
 /// Runs COMMAND with its output streamed; its exit status (128+N when a
 /// signal ended it, as a shell reports it).
 fn run_command(t: &Target, workdir: Option<&str>, command: &[String], int: &Interrupt) -> Result<i32> {
+    use std::os::unix::process::CommandExt;
     let argv = ssh::streaming_command(t, &remote_line(workdir, command));
-    let mut child = Command::new(&argv[0])
-        .args(&argv[1..])
-        .stdin(Stdio::null())
-        .spawn()
-        .with_context(|| format!("cannot run 'ssh': {}", ssh::SSH_MISSING))?;
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]).stdin(Stdio::null());
+    // ssh ends with this process, even a SIGKILLed one (the supervisor then
+    // stops the VM, which would end ssh too, only later).
+    let parent = nix::unistd::getpid();
+    // SAFETY: prctl and getppid are async-signal-safe system calls.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)?;
+            if nix::unistd::getppid() != parent {
+                return Err(std::io::Error::other("run ended before ssh started"));
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().with_context(|| format!("cannot run 'ssh': {}", ssh::SSH_MISSING))?;
     int.child.store(child.id() as i32, Ordering::SeqCst);
+    // An interruption just before the store found no ssh to end.
+    int.end_command();
     let status = child.wait()?;
     int.child.store(0, Ordering::SeqCst);
     use std::os::unix::process::ExitStatusExt;
@@ -254,7 +315,8 @@ fn run_command(t: &Target, workdir: Option<&str>, command: &[String], int: &Inte
 /// Stops and removes the run's VM, or says how to reach it when kept.
 fn finish(ctx: &Ctx, keep: bool, summary: &mut RunSummary, start: Instant) {
     let inst = ctx.instance();
-    if keep && inst.exists() {
+    let keep = keep && inst.exists() && keep_vm(&inst);
+    if keep {
         summary.kept = true;
         eprintln!(
             "qbuf-qemu: run: kept instance '{}' running: reach it with '{}', remove it with '{}'",
@@ -274,6 +336,20 @@ fn finish(ctx: &Ctx, keep: bool, summary: &mut RunSummary, start: Instant) {
         summary.phases.stop = Some(t.elapsed().as_secs_f64());
     }
     summary.phases.total = start.elapsed().as_secs_f64();
+}
+
+/// Lets go of a VM the run keeps (its supervisor no longer removes it when
+/// this process ends); false when that could not be recorded, so the VM is
+/// removed now rather than by surprise later.
+fn keep_vm(inst: &crate::instance::Instance) -> bool {
+    let released = read_json::<RunOrigin>(&inst.run_origin()).and_then(|o| match o {
+        Some(o) => write_json(&inst.run_origin(), &RunOrigin { owner: None, ..o }),
+        None => Ok(()),
+    });
+    if let Err(e) = &released {
+        eprintln!("qbuf-qemu: run: cannot keep instance '{}' ({e:#}); removing it", inst.name);
+    }
+    released.is_ok()
 }
 
 /// The summary: one JSON line on stderr with `--json`, a file with
