@@ -48,11 +48,7 @@ pub fn status(ctx: &Ctx) -> Result<Status> {
         st.notes.push(r.describe());
     }
     if !Lock::is_held(&inst)? || lock_freed_after_both_ended(&inst)? {
-        if !inst.clean_stale().is_empty() {
-            st.notes.push("removed stale runtime files left by a crash".into());
-        }
-        st.apply_record(read_json::<StopRecord>(&inst.stop_record())?);
-        return Ok(st);
+        return stopped(&inst, st);
     }
     match block_on(client::status(&inst.control(), ANSWER)) {
         Ok(vm) => {
@@ -97,6 +93,15 @@ pub fn status(ctx: &Ctx) -> Result<Status> {
             }
         }
     }
+    Ok(st)
+}
+
+/// A stopped instance, as its records tell it.
+fn stopped(inst: &crate::instance::Instance, mut st: Status) -> Result<Status> {
+    if !inst.clean_stale().is_empty() {
+        st.notes.push("removed stale runtime files left by a crash".into());
+    }
+    st.apply_record(read_json::<StopRecord>(&inst.stop_record())?);
     Ok(st)
 }
 

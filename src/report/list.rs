@@ -150,4 +150,25 @@ mod tests {
         let empty = InstanceList { instances: vec![], ..l };
         assert!(empty.human().contains("qbuf-qemu launch"));
     }
+
+    #[test]
+    fn a_runs_instance_is_marked_with_its_run_and_snapshot() {
+        use crate::instance::records::SnapshotOrigin;
+        let from = SnapshotOrigin { instance: "dev".into(), snapshot: "ci".into() };
+        let mut line = InstanceLine {
+            name: "run-1".into(),
+            state: State::Running,
+            pid: None,
+            ssh_port: None,
+            boot: Some("snapshot dev/ci".into()),
+            run: Some(RunMark { pid: 42, throwaway: true, from_snapshot: Some(from) }),
+            uptime_seconds: None,
+            disk_bytes: 0,
+        };
+        assert_eq!(boot_cell(&line), "snapshot dev/ci (run pid 42, removed with it)");
+        let mark = line.run.as_mut().unwrap();
+        mark.throwaway = false;
+        assert!(mark.describe().starts_with("kept by run pid 42, started from snapshot 'ci' of instance 'dev'"));
+        assert_eq!(boot_cell(&line), "snapshot dev/ci (kept by run pid 42)");
+    }
 }
