@@ -110,6 +110,14 @@ fn sigterm_during_the_cleanup_hurries_it_and_the_summary_says_interrupted() {
 #[test]
 fn a_deadline_during_the_boot_exits_124_and_the_summary_says_timed_out() {
     let env = Env::new("runbootdl");
+    // What a run SIGKILLed before its VM's supervisor started leaves: an
+    // instance whose run is gone and that no process holds. The next run
+    // removes it.
+    let orphan = env.instance_dir("run-0rphan00");
+    std::fs::create_dir_all(&orphan).unwrap();
+    let dead = r#"{"owner": {"pid": 1, "start_ticks": 1, "boot_id": "gone"}, "pid": 1, "from_snapshot": null}"#;
+    std::fs::write(orphan.join("run-origin.json"), dead).unwrap();
+    std::fs::write(orphan.join("authorized_key.pub"), "key\n").unwrap();
     let summary = env.dir.join("summary.json");
     // Far shorter than the guest's boot under TCG.
     let out = env.run(&strs(&run_args(&["--no-share", "--timeout", "2", "--summary", path_str(&summary)], &["true"])));

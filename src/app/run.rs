@@ -148,8 +148,28 @@ fn instance_to_run(ctx: &Ctx, from_snapshot: Option<&str>) -> Result<(String, Op
     })
 }
 
+/// Removes what runs SIGKILLed before their VM's supervisor started left
+/// (no supervisor could remove it): instances whose run is gone and that
+/// no process holds. A kept run's instance has no owner and stays.
+fn sweep_orphans(ctx: &Ctx) {
+    for name in ctx.state.instance_names() {
+        let inst = ctx.state.instance(&name);
+        let orphan = read_json::<RunOrigin>(&inst.run_origin()).ok().flatten().and_then(|o| o.owner_gone());
+        let Some(pid) = orphan else { continue };
+        if let Ok(Some(_lock)) = crate::instance::Lock::try_acquire(&inst) {
+            tracing::info!("removing instance '{name}', left by run {pid}, which was killed before its VM started");
+            crate::guix::release_root(&ctx.state, &inst);
+            inst.remove_created();
+            if inst.kept_files().is_empty() {
+                let _ = std::fs::remove_dir(&inst.dir);
+            }
+        }
+    }
+}
+
 pub fn run(ctx: &Ctx, a: RunArgs) -> Result<i32> {
     let start = Instant::now();
+    sweep_orphans(ctx);
     let int = watch(start + a.timeout);
     let (name, resume) = instance_to_run(ctx, a.from_snapshot.as_deref()).map_err(|e| e.context(RunNotStarted))?;
     let rctx = Ctx { name, named: true, throwaway: !a.keep, ..ctx.clone() };
@@ -209,6 +229,13 @@ fn command_then_artifacts(
 ) -> i32 {
     let (inst, settings, t) = match super::observe::ssh_target_and_settings(ctx) {
         Ok(found) => found,
+        // Its hint ("start it with launch") would name an instance
+        // that is removed with the run.
+        Err(_) if ctx.throwaway && !ctx.instance().run_record().exists() => {
+            summary.error = Some("QEMU ended before COMMAND started".into());
+            summary.outcome = Outcome::VmFailed;
+            return VM_BROKE;
+        }
         Err(e) => {
             summary.error = Some(format!("{e:#}"));
             summary.outcome = Outcome::VmFailed;

@@ -81,7 +81,7 @@ impl RunMark {
         let from = self.from_snapshot.as_ref().map(|s| format!(", started from {s}")).unwrap_or_default();
         match self.throwaway {
             true => format!("throwaway VM of run pid {}{from}: stopped and removed when that run ends", self.pid),
-            false => format!("kept by run pid {}{from} (--keep)", self.pid),
+            false => format!("kept by run pid {}{from}", self.pid),
         }
     }
 }
