@@ -158,11 +158,7 @@ fn sweep_orphans(ctx: &Ctx) {
         let Some(pid) = orphan else { continue };
         if let Ok(Some(_lock)) = crate::instance::Lock::try_acquire(&inst) {
             tracing::info!("removing instance '{name}', left by run {pid}, which was killed before its VM started");
-            crate::guix::release_root(&ctx.state, &inst);
-            inst.remove_created();
-            if inst.kept_files().is_empty() {
-                let _ = std::fs::remove_dir(&inst.dir);
-            }
+            crate::supervisor::remove_throwaway(&inst);
         }
     }
 }

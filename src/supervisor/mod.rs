@@ -111,9 +111,9 @@ async fn supervise(inst: Instance) -> Result<i32> {
     Ok(0)
 }
 
-/// Removes a throwaway instance whose `run` is gone, as `destroy` would
-/// (QEMU is gone; this process still holds the lock).
-fn remove_throwaway(inst: &Instance) {
+/// Removes a throwaway instance whose `run` is gone, as `destroy` would;
+/// the caller holds the lock and no QEMU runs.
+pub fn remove_throwaway(inst: &Instance) {
     crate::guix::release_root(&inst.state(), inst);
     let removed = inst.remove_created();
     tracing::info!("removed {} files of the throwaway instance", removed.len());
