@@ -4,52 +4,11 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::Stdio;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use support::*;
-
-/// `run` with the test guest's kernel boot and the test defaults.
-fn run_args(extra: &[&str], command: &[&str]) -> Vec<String> {
-    let g = guest();
-    let mut v: Vec<String> = ["run", "--kernel", path_str(&g.kernel), "--initrd", path_str(&g.initrd)]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    if !extra.contains(&"--append") {
-        v.extend(["--append".into(), "console=ttyS0 quiet".into()]);
-    }
-    for (flag, value) in [("--accel", "tcg"), ("--memory", "512M")] {
-        if !extra.contains(&flag) {
-            v.extend([flag.to_string(), value.to_string()]);
-        }
-    }
-    v.extend(extra.iter().map(|s| s.to_string()));
-    v.push("--".into());
-    v.extend(command.iter().map(|s| s.to_string()));
-    v
-}
-
-/// Nothing of a throwaway run is left: no instance, no QEMU.
-fn nothing_left(env: &Env) {
-    let left: Vec<_> = std::fs::read_dir(env.state.join("instances"))
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
-        .unwrap_or_default();
-    let left: Vec<_> = left.into_iter().filter(|n| n.to_string_lossy().starts_with("run-")).collect();
-    assert!(left.is_empty(), "run left instances behind: {left:?}");
-    let qemus: Vec<i32> = env
-        .qemu_pids()
-        .into_iter()
-        .filter(|p| {
-            String::from_utf8_lossy(&std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default())
-                .contains("instances/run-")
-        })
-        .collect();
-    assert!(qemus.is_empty(), "run left QEMU running: {qemus:?}");
-}
 
 #[test]
 fn run_true_exits_0_and_leaves_nothing() {
@@ -183,20 +142,6 @@ fn the_checkout_is_the_working_directory() {
     nothing_left(&env);
 }
 
-/// Starts a run of `command` and returns it once the guest printed `started`.
-fn started_run(env: &Env, extra: &[&str], command: &str) -> std::process::Child {
-    let args = run_args(extra, &["sh", "-c", command]);
-    let mut child = env.cmd(&strs(&args)).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    match lines.next() {
-        Some(Ok(l)) if l == "started" => {}
-        other => panic!("COMMAND did not start: {other:?}"),
-    }
-    // Keep draining stdout so the guest never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    child
-}
-
 #[test]
 fn sigterm_to_run_mid_command_stops_the_vm_and_leaves_nothing() {
     let env = Env::new("runsigterm");
@@ -241,10 +186,17 @@ fn ctrl_c_stops_a_run_and_another_forces_its_cleanup_which_still_removes_everyth
 #[test]
 fn an_expired_timeout_exits_124_and_leaves_nothing() {
     let env = Env::new("runtimeout");
-    let out = env.run(&strs(&run_args(&["--no-share", "--timeout", "90"], &["sh", "-c", "echo started; sleep 1000"])));
+    let summary = env.dir.join("summary.json");
+    let extra = ["--no-share", "--timeout", "90", "--summary", path_str(&summary)];
+    let out = env.run(&strs(&run_args(&extra, &["sh", "-c", "echo started; sleep 1000"])));
     out.code_is(124);
     assert!(out.stdout().contains("started"), "{}", out.text());
     assert!(out.stderr().contains("--timeout expired"), "{}", out.text());
+    // COMMAND did not finish on its own: no exit status of its (ssh's 255
+    // is not COMMAND's).
+    let s = read_json(&summary);
+    assert_eq!((s["outcome"].as_str(), s["exit_code"].as_i64()), (Some("timed-out"), Some(124)), "{s}");
+    assert!(s["command_exit"].is_null(), "{s}");
     nothing_left(&env);
 }
 

@@ -28,7 +28,7 @@ fn kvm_hint(ctx: &Ctx) -> String {
     format!(
         "QEMU ran with KVM because /dev/kvm is accessible (--accel auto), and KVM looks broken on this host \
          (common with nested virtualization): relaunch with '--accel tcg' (slower, always works), and see '{}'",
-        ctx.command("doctor")
+        ctx.host_command("doctor")
     )
 }
 
@@ -59,6 +59,9 @@ pub fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Res
     let (plan, auto_kvm) = plan(ctx, inst, &s, opts, &bins, &pubkey, resume.as_ref(), &mut notes).map_err(undo)?;
     let serial_before = plan.serial_start;
     let hint = auto_kvm.then(|| kvm_hint(ctx));
+    if let Some(origin) = &opts.run {
+        write_json(&inst.run_origin(), origin)?;
+    }
     ctx.stage("starting QEMU");
     let run = start_and_load(ctx, inst, lock, serial_before, hint.clone(), resume.as_ref()).map_err(undo)?;
     // Saved once QEMU came up with them: a setting QEMU refuses is not kept.
@@ -319,7 +322,7 @@ fn choose_accel(ctx: &Ctx, s: &Settings, bins: &QemuBinaries) -> Result<(Accel, 
                 tracing::info!("KVM cannot run guests here: {e}");
                 ctx.progress(&format!(
                     "warning: KVM is not usable here, so the VM runs under TCG (much slower); '{}' says why",
-                    ctx.command("doctor")
+                    ctx.host_command("doctor")
                 ));
                 (Accel::Tcg, false)
             }

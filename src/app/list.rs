@@ -18,12 +18,18 @@ pub fn list(ctx: &Ctx) -> Result<InstanceList> {
         let inst = one.instance();
         let st = super::status::status(&one)?;
         let settings: Option<Settings> = read_json(&inst.settings())?;
+        let from = st.run.as_ref().and_then(|r| r.from_snapshot.as_ref());
+        let boot = match from {
+            Some(s) => Some(format!("snapshot {}/{}", s.instance, s.snapshot)),
+            None => settings.map(|s| boot_summary(&s.source)),
+        };
         instances.push(InstanceLine {
             name,
             state: st.state,
             pid: st.pid,
             ssh_port: st.ssh_port,
-            boot: settings.map(|s| boot_summary(&s.source)),
+            boot,
+            run: st.run,
             uptime_seconds: st.uptime_seconds,
             disk_bytes: allocated(&inst.dir),
         });

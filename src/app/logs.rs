@@ -64,11 +64,13 @@ pub fn logs(ctx: &Ctx, a: &LogsArgs) -> Result<i32> {
     Ok(0)
 }
 
-/// The files that hold the console output asked for, oldest first, each
-/// with the offset to read from; and where older output went, when the
-/// serial log reached its cap (serial.log.1 holds the part before
-/// serial.log, and what came before that was dropped).
-fn serial_pieces(inst: &Instance, boot: bool) -> Result<(Vec<(PathBuf, u64)>, Option<String>)> {
+/// Files of console output, oldest first, each with the offset to read from.
+type Pieces = Vec<(PathBuf, u64)>;
+
+/// The files that hold the console output asked for; and where older
+/// output went, when the serial log reached its cap (serial.log.1 holds the
+/// part before serial.log, and what came before that was dropped).
+fn serial_pieces(inst: &Instance, boot: bool) -> Result<(Pieces, Option<String>)> {
     use std::os::unix::fs::MetadataExt;
     let (old, cur) = (inst.serial_log_old(), inst.serial_log());
     let ino = |p: &Path| std::fs::metadata(p).ok().map(|m| m.ino());

@@ -49,6 +49,9 @@ pub struct Ctx {
     pub named: bool,
     pub json: bool,
     pub quiet: bool,
+    /// The instance is a `run`'s throwaway one, removed when the run ends:
+    /// hints must not send the user to it.
+    pub throwaway: bool,
 }
 
 impl Ctx {
@@ -56,6 +59,15 @@ impl Ctx {
     /// `--state-dir` and `--name` (the one hint builder).
     pub fn command(&self, rest: &str) -> String {
         self.state.command(&self.name, rest)
+    }
+
+    /// A command about the host rather than this instance (`doctor`): it
+    /// names no throwaway instance, which is gone by the time it is read.
+    pub fn host_command(&self, rest: &str) -> String {
+        match self.throwaway {
+            true => self.state.command(crate::instance::paths::DEFAULT_NAME, rest),
+            false => self.command(rest),
+        }
     }
 
     pub fn instance(&self) -> Instance {
@@ -102,7 +114,14 @@ fn context(cli: &Cli) -> Result<Ctx> {
     let root = if root.is_relative() { std::env::current_dir()?.join(root) } else { root };
     crate::progress::init(g.quiet);
     let name = g.name.clone().unwrap_or_else(|| crate::instance::paths::DEFAULT_NAME.into());
-    Ok(Ctx { state: StateDir::new(root), name, named: g.name.is_some(), json: g.json, quiet: g.quiet })
+    Ok(Ctx {
+        state: StateDir::new(root),
+        name,
+        named: g.name.is_some(),
+        json: g.json,
+        quiet: g.quiet,
+        throwaway: false,
+    })
 }
 
 fn stop_opts(a: &StopArgs) -> StopOptions {
@@ -216,4 +235,24 @@ pub fn absolute_flag(p: Option<PathBuf>) -> Result<Option<PathBuf>> {
         Some(p) if p.is_relative() => Some(crate::config::normalize(&std::env::current_dir()?.join(p))),
         other => other,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_hints_name_no_throwaway_instance() {
+        let ctx = Ctx {
+            state: StateDir::new("/tmp/s".into()),
+            name: "run-0badcafe".into(),
+            named: true,
+            json: false,
+            quiet: false,
+            throwaway: true,
+        };
+        assert_eq!(ctx.host_command("doctor"), "qbuf-qemu --state-dir /tmp/s doctor");
+        let kept = Ctx { throwaway: false, ..ctx };
+        assert_eq!(kept.host_command("doctor"), "qbuf-qemu --state-dir /tmp/s --name run-0badcafe doctor");
+    }
 }

@@ -20,8 +20,9 @@ use super::{launch, resume, stop, Ctx};
 use crate::cli::RunArgs;
 use crate::config::PortChoice;
 use crate::guest_files;
-use crate::instance::read_json;
-use crate::instance::records::RunRecord;
+use crate::instance::proc::ProcIdentity;
+use crate::instance::records::{RunOrigin, RunRecord, SnapshotOrigin};
+use crate::instance::{read_json, write_json};
 use crate::report::error::{RunNotStarted, Usage};
 use crate::report::run::{Outcome, RunSummary};
 use crate::ssh::{self, Target};
@@ -43,6 +44,9 @@ struct Interrupt {
     why: AtomicI32,
     /// The running COMMAND's ssh process, to stop it at once.
     child: AtomicI32,
+    /// COMMAND's ssh was ended (an interruption, a dead guest): its exit
+    /// status is ssh's, not COMMAND's.
+    killed: AtomicBool,
     /// The kernel panic the guest's serial console showed (the supervisor
     /// saw it): the guest is dead, and the run ends at once with 125.
     panic: std::sync::Mutex<Option<String>>,
@@ -52,20 +56,23 @@ impl Interrupt {
     fn set(&self, why: i32) {
         self.why.store(why, Ordering::SeqCst);
         self.cancel.store(true, Ordering::SeqCst);
-        self.stop_child();
+        self.end_command();
     }
 
     /// The guest's kernel panicked: COMMAND's ssh waits for a dead guest,
-    /// so it is stopped. The boot's own wait sees the panic itself.
+    /// so it is ended. The boot's own wait sees the panic itself.
     fn set_panic(&self, line: String) {
         *self.panic.lock().unwrap_or_else(|e| e.into_inner()) = Some(line);
         let _ = self.why.compare_exchange(0, PANICKED, Ordering::SeqCst, Ordering::SeqCst);
-        self.stop_child();
+        self.end_command();
     }
 
-    fn stop_child(&self) {
+    /// Ends COMMAND's ssh, when one runs and the run is interrupted or its
+    /// guest dead.
+    fn end_command(&self) {
         let pid = self.child.load(Ordering::SeqCst);
-        if pid > 0 {
+        if pid > 0 && self.why.load(Ordering::SeqCst) != 0 {
+            self.killed.store(true, Ordering::SeqCst);
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
         }
     }
@@ -84,14 +91,20 @@ impl Interrupt {
         }
     }
 
-    /// How a run that `code` ended is summed up.
-    fn outcome(&self, code: i32) -> Outcome {
-        match code {
-            TIMED_OUT => Outcome::TimedOut,
-            VM_BROKE if self.panic_line().is_some() => Outcome::GuestPanicked,
-            VM_BROKE => Outcome::VmFailed,
-            _ => Outcome::Interrupted,
-        }
+    /// The run's end, decided once: an interruption at any point (the
+    /// cleanup's included) or a dead guest decides the exit status over
+    /// what the run found, and the summary says the status the process
+    /// exits with.
+    fn settle(&self, summary: &mut RunSummary, found: i32) -> i32 {
+        let (code, outcome) = match self.code() {
+            Some(TIMED_OUT) => (TIMED_OUT, Outcome::TimedOut),
+            Some(VM_BROKE) => (VM_BROKE, Outcome::GuestPanicked),
+            Some(c) => (c, Outcome::Interrupted),
+            None => (found, summary.outcome),
+        };
+        summary.outcome = outcome;
+        summary.exit_code = code;
+        code
     }
 }
 
@@ -180,11 +193,27 @@ fn instance_to_run(ctx: &Ctx, from_snapshot: Option<&str>) -> Result<(String, Op
     })
 }
 
+/// Removes what runs SIGKILLed before their VM's supervisor started left
+/// (no supervisor could remove it): instances whose run is gone and that
+/// no process holds. A kept run's instance has no owner and stays.
+fn sweep_orphans(ctx: &Ctx) {
+    for name in ctx.state.instance_names() {
+        let inst = ctx.state.instance(&name);
+        let orphan = read_json::<RunOrigin>(&inst.run_origin()).ok().flatten().and_then(|o| o.owner_gone());
+        let Some(pid) = orphan else { continue };
+        if let Ok(Some(_lock)) = crate::instance::Lock::try_acquire(&inst) {
+            tracing::info!("removing instance '{name}', left by run {pid}, which was killed before its VM started");
+            crate::supervisor::remove_throwaway(&inst);
+        }
+    }
+}
+
 pub fn run(ctx: &Ctx, a: RunArgs) -> Result<i32> {
     let start = Instant::now();
+    sweep_orphans(ctx);
     let (name, resume) = instance_to_run(ctx, a.from_snapshot.as_deref()).map_err(|e| e.context(RunNotStarted))?;
     let int = watch(start + a.timeout, ctx.state.instance(&name).control());
-    let rctx = Ctx { name, named: true, ..ctx.clone() };
+    let rctx = Ctx { name, named: true, throwaway: !a.keep, ..ctx.clone() };
     let mut opts = LaunchOptions::plain(a.timeout);
     opts.flags = vm_flags(a.vm, Some(PortChoice::Auto))?;
     if a.from_snapshot.is_some() {
@@ -194,27 +223,40 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<i32> {
     }
     opts.cancel = Some(int.cancel.clone());
     opts.resume = resume.map(|r| ResumeFrom::Checked(Box::new(r)));
+    opts.run = Some(origin(ctx, a.keep, a.from_snapshot.as_deref()));
     let mut summary = RunSummary::new(&rctx.name, a.from_snapshot.clone(), &a.command);
-    let code = match launch::launch(&rctx, &opts) {
+    let found = match launch::launch(&rctx, &opts) {
         // A bad flag value is the caller's mistake, not a broken VM (exit 2).
         Err(e) if e.is::<Usage>() => return Err(e),
         Err(e) => {
             summary.error = Some(format!("{e:#}"));
-            eprintln!("qbuf-qemu: run: the VM could not be started or reached: {e:#}");
-            let code = int.code().unwrap_or(VM_BROKE);
-            summary.outcome = if int.panic_line().is_some() { int.outcome(code) } else { Outcome::VmFailed };
-            code
+            if int.code().is_none() || int.panic_line().is_some() {
+                eprintln!("qbuf-qemu: run: the VM could not be started or reached: {e:#}");
+            }
+            summary.outcome = Outcome::VmFailed;
+            VM_BROKE
         }
         Ok(l) => {
             summary.phases.boot = l.ready_seconds;
             command_then_artifacts(&rctx, &a.workdir, &a.command, &a.copy_out, &int, &mut summary)
         }
     };
-    summary.exit_code = code;
-    let keep = a.keep || (a.keep_on_failure && code != 0);
+    let keep = a.keep || (a.keep_on_failure && (found != 0 || int.code().is_some()));
     finish(&rctx, keep, &mut summary, start);
+    let code = int.settle(&mut summary, found);
     report(ctx, &summary, a.summary.as_deref())?;
-    Ok(int.code().unwrap_or(code))
+    Ok(code)
+}
+
+/// Who owns the run's VM: this process, whose end (a SIGKILL included)
+/// makes the supervisor stop and remove the VM; nobody with `--keep`.
+fn origin(ctx: &Ctx, keep: bool, from_snapshot: Option<&str>) -> RunOrigin {
+    let pid = std::process::id() as i32;
+    RunOrigin {
+        owner: if keep { None } else { ProcIdentity::of(pid) },
+        pid,
+        from_snapshot: from_snapshot.map(|s| SnapshotOrigin { instance: ctx.name.clone(), snapshot: s.into() }),
+    }
 }
 
 /// COMMAND, then `--copy-out`; the exit status the run ends with.
@@ -228,6 +270,13 @@ fn command_then_artifacts(
 ) -> i32 {
     let (inst, settings, t) = match super::observe::ssh_target_and_settings(ctx) {
         Ok(found) => found,
+        // Its hint ("start it with launch") would name an instance
+        // that is removed with the run.
+        Err(_) if ctx.throwaway && !ctx.instance().run_record().exists() => {
+            summary.error = Some("QEMU ended before COMMAND started".into());
+            summary.outcome = Outcome::VmFailed;
+            return VM_BROKE;
+        }
         Err(e) => {
             summary.error = Some(format!("{e:#}"));
             summary.outcome = Outcome::VmFailed;
@@ -235,6 +284,13 @@ fn command_then_artifacts(
         }
     };
     let workdir = workdir.clone().or_else(|| settings.share.is_some().then(|| "/mnt/qbuf".to_string()));
+    if workdir.is_none() && !ctx.quiet {
+        eprintln!(
+            "qbuf-qemu: run: no share (--no-share, or run outside a git checkout): COMMAND runs in the home directory of guest user '{}'; choose with --share DIR or --workdir DIR",
+            settings.ssh_user
+        );
+    }
+    summary.workdir = workdir.clone();
     let t0 = Instant::now();
     let status = run_command(&t, workdir.as_deref(), command, int);
     summary.phases.command = Some(t0.elapsed().as_secs_f64());
@@ -248,6 +304,9 @@ fn command_then_artifacts(
             summary.outcome = Outcome::VmFailed;
             VM_BROKE
         }
+        // The interruption ended ssh: COMMAND did not finish (its status
+        // stays unknown; `settle` names the interruption).
+        Ok(c) if int.killed.load(Ordering::SeqCst) => c,
         Ok(c) => {
             summary.command_exit = Some(c);
             summary.outcome = if c == 0 { Outcome::Ok } else { Outcome::CommandFailed };
@@ -265,12 +324,23 @@ fn command_then_artifacts(
         summary.error = Some(format!("the guest's kernel panicked: {line}"));
     }
     if let Some(c) = int.code() {
-        summary.outcome = int.outcome(c);
         return c;
     }
+    copy_artifacts(&t, &inst, copy_out, summary);
+    code
+}
+
+/// `--copy-out`: each artifact through the untrusted-guest unpacker; what
+/// was left out, or could not be copied, is said and summed up.
+fn copy_artifacts(
+    t: &Target,
+    inst: &crate::instance::Instance,
+    copy_out: &[(String, std::path::PathBuf)],
+    summary: &mut RunSummary,
+) {
     let t1 = Instant::now();
     for (guest, host) in copy_out {
-        match guest_files::copy_from_guest(&t, &inst, guest, host) {
+        match guest_files::copy_from_guest(t, inst, guest, host) {
             Ok(u) => {
                 for line in crate::report::access::left_out(&u) {
                     eprintln!("qbuf-qemu: run: --copy-out {guest}: {line}");
@@ -286,7 +356,6 @@ fn command_then_artifacts(
     if !copy_out.is_empty() {
         summary.phases.copy_out = Some(t1.elapsed().as_secs_f64());
     }
-    code
 }
 
 /// The guest's shell line for COMMAND: each word quoted (argv semantics:
@@ -302,13 +371,27 @@ pub fn remote_line(workdir: Option<&str>, command: &[String]) -> String {
 /// Runs COMMAND with its output streamed; its exit status (128+N when a
 /// signal ended it, as a shell reports it).
 fn run_command(t: &Target, workdir: Option<&str>, command: &[String], int: &Interrupt) -> Result<i32> {
+    use std::os::unix::process::CommandExt;
     let argv = ssh::streaming_command(t, &remote_line(workdir, command));
-    let mut child = Command::new(&argv[0])
-        .args(&argv[1..])
-        .stdin(Stdio::null())
-        .spawn()
-        .with_context(|| format!("cannot run 'ssh': {}", ssh::SSH_MISSING))?;
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]).stdin(Stdio::null());
+    // ssh ends with this process, even a SIGKILLed one (the supervisor then
+    // stops the VM, which would end ssh too, only later).
+    let parent = nix::unistd::getpid();
+    // SAFETY: prctl and getppid are async-signal-safe system calls.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)?;
+            if nix::unistd::getppid() != parent {
+                return Err(std::io::Error::other("run ended before ssh started"));
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().with_context(|| format!("cannot run 'ssh': {}", ssh::SSH_MISSING))?;
     int.child.store(child.id() as i32, Ordering::SeqCst);
+    // An interruption just before the store found no ssh to end.
+    int.end_command();
     let status = child.wait()?;
     int.child.store(0, Ordering::SeqCst);
     use std::os::unix::process::ExitStatusExt;
@@ -318,7 +401,8 @@ fn run_command(t: &Target, workdir: Option<&str>, command: &[String], int: &Inte
 /// Stops and removes the run's VM, or says how to reach it when kept.
 fn finish(ctx: &Ctx, keep: bool, summary: &mut RunSummary, start: Instant) {
     let inst = ctx.instance();
-    if keep && inst.exists() {
+    let keep = keep && inst.exists() && keep_vm(&inst);
+    if keep {
         summary.kept = true;
         eprintln!(
             "qbuf-qemu: run: kept instance '{}' running: reach it with '{}', remove it with '{}'",
@@ -338,6 +422,20 @@ fn finish(ctx: &Ctx, keep: bool, summary: &mut RunSummary, start: Instant) {
         summary.phases.stop = Some(t.elapsed().as_secs_f64());
     }
     summary.phases.total = start.elapsed().as_secs_f64();
+}
+
+/// Lets go of a VM the run keeps (its supervisor no longer removes it when
+/// this process ends); false when that could not be recorded, so the VM is
+/// removed now rather than by surprise later.
+fn keep_vm(inst: &crate::instance::Instance) -> bool {
+    let released = read_json::<RunOrigin>(&inst.run_origin()).and_then(|o| match o {
+        Some(o) => write_json(&inst.run_origin(), &RunOrigin { owner: None, ..o }),
+        None => Ok(()),
+    });
+    if let Err(e) = &released {
+        eprintln!("qbuf-qemu: run: cannot keep instance '{}' ({e:#}); removing it", inst.name);
+    }
+    released.is_ok()
 }
 
 /// The summary: one JSON line on stderr with `--json`, a file with

@@ -7,9 +7,10 @@ use anyhow::{anyhow, Result};
 use super::Ctx;
 use crate::config::{Origin, Settings, ShareMode};
 use crate::instance::read_json;
-use crate::instance::records::{BootPlan, DevicesRecord};
+use crate::instance::records::{BootPlan, DevicesRecord, RunOrigin};
 use crate::report::devices::describe;
 use crate::report::show::{ShowReport, Shown, ShownOrigin};
+use crate::report::status::RunMark;
 
 fn shown(o: Option<Origin>) -> ShownOrigin {
     match o {
@@ -28,6 +29,21 @@ fn share_type(inst: &crate::instance::Instance, s: &Settings) -> String {
         Some(p) => format!("{} (the last boot shared over {})", s.share_type.as_str(), p.spec.share_kind.as_str()),
         None => s.share_type.as_str().to_string(),
     }
+}
+
+/// How the instance boots: a run's from a snapshot resumes that snapshot
+/// (its disk is an overlay on the snapshot's), whatever the inherited
+/// settings' boot source says.
+fn boot_row(inst: &crate::instance::Instance, s: &Settings) -> Result<Shown> {
+    let origin: Option<RunOrigin> = read_json(&inst.run_origin())?;
+    Ok(match origin.and_then(|o| o.from_snapshot) {
+        Some(snap) => Shown {
+            setting: "boot",
+            value: format!("{snap} (resumed by run; its disk is an overlay on the snapshot's)"),
+            origin: ShownOrigin::Run,
+        },
+        None => Shown { setting: "boot", value: s.source.describe(), origin: shown(s.origins.source) },
+    })
 }
 
 pub fn show(ctx: &Ctx) -> Result<ShowReport> {
@@ -52,9 +68,12 @@ pub fn show(ctx: &Ctx) -> Result<ShowReport> {
         row("ssh key", key, shown(o.ssh_key)),
         row("share", share, shown(o.share)),
         row("share type", share_type(&inst, &s), shown(o.share_type)),
-        row("boot", s.source.describe(), shown(o.source)),
+        boot_row(&inst, &s)?,
         row("accel", format!("{:?}", s.accel).to_lowercase(), shown(o.accel)),
     ];
+    if let Some(r) = read_json::<RunOrigin>(&inst.run_origin())? {
+        settings.push(row("run", RunMark::of(&r).describe(), ShownOrigin::Run));
+    }
     // The binaries a launch would use, found the way a launch finds them.
     let from_env = std::env::var_os("QBUF_QEMU_SYSTEM").is_some_and(|v| !v.is_empty());
     let origin = if from_env { ShownOrigin::Environment } else { ShownOrigin::Path };

@@ -112,7 +112,7 @@ fn freeze(vm: &Vm, inst: &Instance, snap: &Snapshot, plan: &BootPlan) -> Result<
 /// its `cat` died of ENOSPC, which only its stderr (qemu.log) shows.
 fn full_disk(inst: &Instance, snap: &Snapshot, e: anyhow::Error) -> anyhow::Error {
     let enospc = |t: &str| t.contains("No space left on device");
-    let free = nix::sys::statvfs::statvfs(&snap.dir).map(|v| v.blocks_available() as u64 * v.fragment_size() as u64);
+    let free = nix::sys::statvfs::statvfs(&snap.dir).map(|v| v.blocks_available() * v.fragment_size());
     let full = enospc(&crate::logs::tail(&inst.qemu_stderr(), 0, 2000, ""))
         || enospc(&format!("{e:#}"))
         || free.is_ok_and(|b| b < 1 << 20);

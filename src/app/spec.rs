@@ -14,7 +14,7 @@ use super::{absolute_flag, Ctx};
 use crate::cli::{LaunchArgs, VmArgs};
 use crate::config::{self, Change, LaunchFlags, PortChoice, Settings, ShareType};
 use crate::host;
-use crate::instance::records::DevicesRecord;
+use crate::instance::records::{DevicesRecord, RunOrigin};
 use crate::instance::{Instance, StateDir};
 use crate::qemu::args::{Accel, Endpoints, KernelBoot, Share, VmSpec, DEFAULT_SHARE_TAG, HOTPLUG_PORTS};
 use crate::qemu::virtiofs::{self, Daemon, ShareKind};
@@ -35,6 +35,9 @@ pub struct LaunchOptions {
     pub resume: Option<ResumeFrom>,
     /// Set from outside (a signal, a deadline): stop waiting.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// The `run` this VM belongs to (written to run-origin.json before the
+    /// supervisor starts, which watches the owner).
+    pub run: Option<RunOrigin>,
 }
 
 /// Which saved VM a launch starts from.
@@ -74,6 +77,7 @@ impl LaunchOptions {
             silence: Duration::from_secs(silence),
             resume: None,
             cancel: None,
+            run: None,
         }
     }
 }

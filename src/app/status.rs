@@ -7,9 +7,9 @@ use anyhow::Result;
 
 use super::{block_on, Ctx};
 use crate::config::Settings;
-use crate::instance::records::{RunRecord, StopRecord};
+use crate::instance::records::{RunOrigin, RunRecord, StopRecord};
 use crate::instance::{read_json, Lock};
-use crate::report::status::{State, Status};
+use crate::report::status::{RunMark, State, Status};
 use crate::supervisor::client;
 
 /// Longer than the supervisor's own per-query deadline (2 s), so a frozen
@@ -43,14 +43,14 @@ pub fn status(ctx: &Ctx) -> Result<Status> {
         stop_reason: None,
         last_shutdown: None,
         exit: None,
+        run: read_json::<RunOrigin>(&inst.run_origin())?.map(|o| RunMark::of(&o)),
         notes: vec![],
     };
+    if let Some(r) = &st.run {
+        st.notes.push(r.describe());
+    }
     if !Lock::is_held(&inst)? || lock_freed_after_both_ended(&inst)? {
-        if !inst.clean_stale().is_empty() {
-            st.notes.push("removed stale runtime files left by a crash".into());
-        }
-        st.apply_record(read_json::<StopRecord>(&inst.stop_record())?);
-        return Ok(st);
+        return stopped(&inst, st);
     }
     match block_on(client::status(&inst.control(), ANSWER)) {
         Ok(vm) => {
@@ -110,6 +110,15 @@ fn running_notes(ctx: &Ctx, st: &mut Status, panicked: bool) {
             ctx.command("powerdown")
         ));
     }
+}
+
+/// A stopped instance, as its records tell it.
+fn stopped(inst: &crate::instance::Instance, mut st: Status) -> Result<Status> {
+    if !inst.clean_stale().is_empty() {
+        st.notes.push("removed stale runtime files left by a crash".into());
+    }
+    st.apply_record(read_json::<StopRecord>(&inst.stop_record())?);
+    Ok(st)
 }
 
 /// How long the last threads of a killed QEMU may take to let go of the

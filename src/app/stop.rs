@@ -2,7 +2,6 @@
 //! supervisor's ladder; a QEMU whose supervisor died is stopped here by the
 //! same ladder over the user QMP socket, judged by the process's identity.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -24,11 +23,50 @@ const EXIT_DEADLINE: Duration = Duration::from_secs(10);
 /// What Ctrl-C does while a stop waits. The first always forces it; after
 /// that the `powerdown` and `destroy` verbs let the user stop waiting, while
 /// a stop another command needs finished (`run`'s cleanup, a cancelled
-/// launch) goes on.
+/// launch) goes on. `run`'s cleanup is forced by SIGTERM and SIGHUP too
+/// (its own handlers already catch them): a CI runner's SIGTERM during the
+/// cleanup hurries it as a second Ctrl-C does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum CtrlC {
     Force,
     ForceThenLeave,
+    ForceOnAnySignal,
+}
+
+/// The signals that force a stop (see [`CtrlC`]).
+struct Hurry {
+    int: tokio::signal::unix::Signal,
+    others: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl Hurry {
+    fn new(on: CtrlC) -> Result<Hurry> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let others = match on {
+            CtrlC::ForceOnAnySignal => Some((
+                signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?,
+                signal(SignalKind::hangup()).context("cannot watch for SIGHUP")?,
+            )),
+            _ => None,
+        };
+        Ok(Hurry { int: ctrl_c()?, others })
+    }
+
+    /// The next signal, as the messages name it.
+    async fn recv(&mut self) -> &'static str {
+        let Hurry { int, others } = self;
+        match others {
+            None => {
+                int.recv().await;
+                "Ctrl-C"
+            }
+            Some((term, hup)) => tokio::select! {
+                _ = int.recv() => "Ctrl-C",
+                _ = term.recv() => "SIGTERM",
+                _ = hup.recv() => "SIGHUP",
+            },
+        }
+    }
 }
 
 /// Stops a running instance; `None` when nothing was running.
@@ -85,7 +123,7 @@ async fn powerdown_showing_steps(
     on_ctrl_c: CtrlC,
 ) -> Result<Stopped> {
     let sock = inst.control();
-    let mut ctrl_c = ctrl_c()?;
+    let mut hurry = Hurry::new(on_ctrl_c)?;
     // The request is sent first (`biased`): a supervisor that is just
     // finishing still answers it, where a question asked before it could
     // find the supervisor gone.
@@ -97,7 +135,7 @@ async fn powerdown_showing_steps(
         tokio::select! {
             biased;
             r = &mut stop => return r,
-            _ = ctrl_c.recv() => {
+            sig = hurry.recv() => {
                 match (forced, on_ctrl_c) {
                     (true, CtrlC::ForceThenLeave) => {
                         return Err(Interrupted(format!(
@@ -105,17 +143,17 @@ async fn powerdown_showing_steps(
                             ctx.command("status")
                         )).into());
                     }
-                    (true, CtrlC::Force) => continue,
+                    (true, _) => continue,
                     (false, _) => forced = true,
                 }
                 let then = match on_ctrl_c {
                     CtrlC::ForceThenLeave => "; Ctrl-C again stops waiting",
-                    CtrlC::Force => "",
+                    CtrlC::Force | CtrlC::ForceOnAnySignal => "",
                 };
                 // The first request's answer reports how the stop ended.
                 match client::force_stop(&sock).await {
-                    Ok(()) => ctx.stage(&format!("Ctrl-C: forcing the stop (QMP quit, then signals){then}")),
-                    Err(e) => ctx.stage(&format!("Ctrl-C: cannot force the stop ({e:#}){then}")),
+                    Ok(()) => ctx.stage(&format!("{sig}: forcing the stop (QMP quit, then signals){then}")),
+                    Err(e) => ctx.stage(&format!("{sig}: cannot force the stop ({e:#}){then}")),
                 }
             }
             () = tokio::time::sleep(tick) => {
@@ -259,10 +297,10 @@ pub fn destroy_asking(ctx: &Ctx, opts: &StopOptions, yes: bool) -> Result<Destro
     destroy_with(ctx, opts, CtrlC::ForceThenLeave)
 }
 
-/// `destroy` for commands that must see the removal through (`run`): Ctrl-C
-/// forces the stop but never abandons it.
+/// `destroy` for `run`, which must see the removal through: Ctrl-C, SIGTERM
+/// or SIGHUP forces the stop but never abandons it.
 pub fn destroy(ctx: &Ctx, opts: &StopOptions) -> Result<Destroyed> {
-    destroy_with(ctx, opts, CtrlC::Force)
+    destroy_with(ctx, opts, CtrlC::ForceOnAnySignal)
 }
 
 fn destroy_with(ctx: &Ctx, opts: &StopOptions, ctrl_c: CtrlC) -> Result<Destroyed> {
@@ -277,7 +315,7 @@ fn destroy_with(ctx: &Ctx, opts: &StopOptions, ctrl_c: CtrlC) -> Result<Destroye
     let lock = Lock::try_acquire(&inst)?
         .ok_or_else(|| anyhow!("instance '{}' is busy (a launch started meanwhile); nothing was removed", ctx.name))?;
     crate::guix::release_root(&ctx.state, &inst);
-    let removed = remove_files(&inst)?;
+    let removed = inst.remove_created();
     drop(lock);
     let kept = inst.kept_files();
     if kept.is_empty() {
@@ -285,50 +323,4 @@ fn destroy_with(ctx: &Ctx, opts: &StopOptions, ctrl_c: CtrlC) -> Result<Destroye
     }
     let kept_dir = (!kept.is_empty()).then(|| inst.dir.clone());
     Ok(Destroyed { name: ctx.name.clone(), declined: false, stop, removed, kept, kept_dir })
-}
-
-/// Removes what the tool created for the instance, and nothing else: the
-/// files in the instance table and the images `disk add --size` made.
-fn remove_files(inst: &Instance) -> Result<Vec<PathBuf>> {
-    let mut removed = Vec::new();
-    let disks = inst.disks_dir();
-    if disks.is_dir() {
-        for d in created_images(inst) {
-            if std::fs::remove_file(&d).is_ok() {
-                removed.push(d);
-            }
-        }
-        let _ = std::fs::remove_dir(&disks);
-    }
-    // Every file under snapshots/ is made by `snapshot save`, and every
-    // one under virtiofs/ by the supervisor (sockets, virtiofsd's logs).
-    for dir in [inst.snapshots_dir(), inst.virtiofs_dir()] {
-        if dir.is_dir() && std::fs::remove_dir_all(&dir).is_ok() {
-            removed.push(dir);
-        }
-    }
-    for name in crate::instance::paths::INSTANCE_FILES {
-        if ["lock", "disks", "snapshots", "virtiofs"].contains(name) {
-            continue;
-        }
-        let p = inst.dir.join(name);
-        if std::fs::symlink_metadata(&p).is_ok() && std::fs::remove_file(&p).is_ok() {
-            removed.push(p);
-        }
-    }
-    for tmp in inst.temp_files() {
-        let _ = std::fs::remove_file(tmp);
-    }
-    std::fs::remove_file(inst.lock()).ok();
-    Ok(removed)
-}
-
-/// Disk images the tool created (in the instance's disks dir); a file the
-/// user gave to `disk add FILE` is never among them.
-fn created_images(inst: &Instance) -> Vec<PathBuf> {
-    let dir = inst.disks_dir();
-    let mut v: Vec<PathBuf> =
-        std::fs::read_dir(&dir).map(|rd| rd.filter_map(|e| Some(e.ok()?.path())).collect()).unwrap_or_default();
-    v.sort();
-    v
 }

@@ -186,6 +186,9 @@ files! {
     stop_record => "stopped.json";
     /// Written by the supervisor when QEMU failed to start.
     launch_failure => "launch-failure.json";
+    /// Written by `run` for the VM it starts: the run that owns it, and
+    /// the snapshot it came from.
+    run_origin => "run-origin.json";
     events_log => "events.jsonl";
     /// The older events once events.jsonl passed its cap (see `logs::Capped`).
     events_log_old => "events.jsonl.1";
@@ -324,6 +327,44 @@ impl Instance {
             .filter(|n| n.ends_with(".json"))
             .map(|n| self.dir.join(Path::new(n).with_extension("tmp")))
             .collect()
+    }
+
+    /// Removes what the tool created for the instance, and nothing else:
+    /// the files in the instance table and the images `disk add --size`
+    /// made (a file given to `disk add FILE` lives elsewhere). The one
+    /// removal, for `destroy` and for the supervisor of a throwaway VM
+    /// whose `run` is gone; the caller holds the lock.
+    pub fn remove_created(&self) -> Vec<PathBuf> {
+        let mut removed = Vec::new();
+        let disks = self.disks_dir();
+        if disks.is_dir() {
+            let mut images: Vec<PathBuf> =
+                fs::read_dir(&disks).map(|rd| rd.filter_map(|e| Some(e.ok()?.path())).collect()).unwrap_or_default();
+            images.sort();
+            removed.extend(images.into_iter().filter(|d| fs::remove_file(d).is_ok()));
+            let _ = fs::remove_dir(&disks);
+        }
+        // Every file under snapshots/ is made by `snapshot save`, and every
+        // one under virtiofs/ by the supervisor (sockets, virtiofsd's logs).
+        for dir in [self.snapshots_dir(), self.virtiofs_dir()] {
+            if dir.is_dir() && fs::remove_dir_all(&dir).is_ok() {
+                removed.push(dir);
+            }
+        }
+        for name in INSTANCE_FILES {
+            if ["lock", "disks", "snapshots", "virtiofs"].contains(name) {
+                continue;
+            }
+            let p = self.dir.join(name);
+            if fs::symlink_metadata(&p).is_ok() && fs::remove_file(&p).is_ok() {
+                removed.push(p);
+            }
+        }
+        for tmp in self.temp_files() {
+            let _ = fs::remove_file(tmp);
+        }
+        let _ = fs::remove_file(self.lock());
+        removed
     }
 
     /// Removes runtime leftovers; returns the ones that existed.

@@ -110,6 +110,43 @@ pub struct RunRecord {
     pub argv: Vec<String>,
 }
 
+/// A VM that `run` started (run-origin.json), written before its
+/// supervisor starts and kept until the instance is removed: `list`,
+/// `status` and `show` say where the instance came from, and the
+/// supervisor stops and removes a throwaway VM whose `run` is gone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunOrigin {
+    /// The `run` that owns the VM: once this process is gone (a SIGKILLed
+    /// run included), the supervisor stops the VM and removes the
+    /// instance. `None` when the run keeps the VM (`--keep`, or
+    /// `--keep-on-failure` after a failure).
+    pub owner: Option<ProcIdentity>,
+    /// The run's pid, for messages, also once it let go of the VM.
+    pub pid: i32,
+    /// The snapshot the run started from (`run --from-snapshot`).
+    pub from_snapshot: Option<SnapshotOrigin>,
+}
+
+/// Snapshot `snapshot` of instance `instance`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotOrigin {
+    pub instance: String,
+    pub snapshot: String,
+}
+
+impl RunOrigin {
+    /// The owner, when this record still names one that is gone.
+    pub fn owner_gone(&self) -> Option<i32> {
+        self.owner.as_ref().filter(|o| !o.is_running()).map(|o| o.pid)
+    }
+}
+
+impl std::fmt::Display for SnapshotOrigin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "snapshot '{}' of instance '{}'", self.snapshot, self.instance)
+    }
+}
+
 /// Why QEMU did not come up (launch-failure.json), in parts, as QEMU's own
 /// `machine.py` keeps a `VMLaunchFailure`: what happened, how QEMU ended,
 /// its command line and its output.

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use super::status::State;
+use super::status::{RunMark, State};
 use super::Render;
 use crate::clock::human_duration;
 use crate::config::Source;
@@ -43,12 +43,25 @@ pub struct InstanceLine {
     /// QEMU's pid while it runs.
     pub pid: Option<i32>,
     pub ssh_port: Option<u16>,
-    /// How it boots (`boot_summary`); `None` before its first launch saved settings.
+    /// How it boots (`boot_summary`, or the snapshot a run started it
+    /// from); `None` before its first launch saved settings.
     pub boot: Option<String>,
+    /// Set when `run` started the instance.
+    pub run: Option<RunMark>,
     pub uptime_seconds: Option<f64>,
     /// Bytes the instance's files take on the host (allocated, so a sparse
     /// overlay counts what it really uses), its created disks included.
     pub disk_bytes: u64,
+}
+
+/// The BOOT cell: how it boots, and a run's instance marked as such.
+fn boot_cell(i: &InstanceLine) -> String {
+    let boot = i.boot.clone().unwrap_or_else(|| "-".into());
+    match &i.run {
+        Some(r) if r.throwaway => format!("{boot} (run pid {}, removed with it)", r.pid),
+        Some(r) => format!("{boot} (kept by run pid {})", r.pid),
+        None => boot,
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -77,7 +90,7 @@ impl Render for InstanceList {
                     i.ssh_port.map(|p| p.to_string()).unwrap_or_else(dash),
                     i.uptime_seconds.map(human_duration).unwrap_or_else(dash),
                     human_bytes(i.disk_bytes),
-                    i.boot.clone().unwrap_or_else(dash),
+                    boot_cell(i),
                 ]
             })
             .collect();
@@ -121,6 +134,7 @@ mod tests {
             pid: None,
             ssh_port: Some(10022),
             boot: None,
+            run: None,
             uptime_seconds: None,
             disk_bytes: 0,
         };
@@ -135,5 +149,26 @@ mod tests {
         assert!(lines[2].starts_with("review-2  running  -    10022"), "{text}");
         let empty = InstanceList { instances: vec![], ..l };
         assert!(empty.human().contains("qbuf-qemu launch"));
+    }
+
+    #[test]
+    fn a_runs_instance_is_marked_with_its_run_and_snapshot() {
+        use crate::instance::records::SnapshotOrigin;
+        let from = SnapshotOrigin { instance: "dev".into(), snapshot: "ci".into() };
+        let mut line = InstanceLine {
+            name: "run-1".into(),
+            state: State::Running,
+            pid: None,
+            ssh_port: None,
+            boot: Some("snapshot dev/ci".into()),
+            run: Some(RunMark { pid: 42, throwaway: true, from_snapshot: Some(from) }),
+            uptime_seconds: None,
+            disk_bytes: 0,
+        };
+        assert_eq!(boot_cell(&line), "snapshot dev/ci (run pid 42, removed with it)");
+        let mark = line.run.as_mut().unwrap();
+        mark.throwaway = false;
+        assert!(mark.describe().starts_with("kept by run pid 42, started from snapshot 'ci' of instance 'dev'"));
+        assert_eq!(boot_cell(&line), "snapshot dev/ci (kept by run pid 42)");
     }
 }

@@ -43,8 +43,11 @@ pub struct RunSummary {
     pub outcome: Outcome,
     /// The run's exit status.
     pub exit_code: i32,
-    /// COMMAND's own exit status, when it ran to its end.
+    /// COMMAND's own exit status, when it ran to its end (null when it
+    /// did not finish on its own: the deadline or a signal ended it).
     pub command_exit: Option<i32>,
+    /// Where COMMAND ran in the guest; null: the SSH user's home directory.
+    pub workdir: Option<String>,
     pub phases: Phases,
     /// The stop ladder's step that stopped the VM.
     pub stop_method: Option<StopMethod>,
@@ -66,6 +69,7 @@ impl RunSummary {
             outcome: Outcome::VmFailed,
             exit_code: 0,
             command_exit: None,
+            workdir: None,
             phases: Phases::default(),
             stop_method: None,
             kept: false,

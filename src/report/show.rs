@@ -26,6 +26,8 @@ pub enum ShownOrigin {
     Path,
     /// Recorded by `disk add`, `share add` or `forward add`.
     Recorded,
+    /// Set by the `run` that started the instance.
+    Run,
 }
 
 impl ShownOrigin {
@@ -39,6 +41,7 @@ impl ShownOrigin {
             ShownOrigin::Environment => "environment",
             ShownOrigin::Path => "PATH",
             ShownOrigin::Recorded => "recorded",
+            ShownOrigin::Run => "run",
         }
     }
 }

@@ -5,7 +5,7 @@ use serde::Serialize;
 use super::Render;
 use crate::clock::human_duration;
 use crate::instance::proc::ExitInfo;
-use crate::instance::records::{StopMethod, StopRecord};
+use crate::instance::records::{RunOrigin, SnapshotOrigin, StopMethod, StopRecord};
 use crate::qemu::args::Accel;
 use crate::qemu::parse::LiveDisk;
 use crate::qga::AgentState;
@@ -55,6 +55,33 @@ impl State {
             State::Crashed
         } else {
             State::Stopped
+        }
+    }
+}
+
+/// An instance that `run` started, as `status`, `list` and `show` mark it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunMark {
+    /// The run's pid.
+    pub pid: i32,
+    /// The run owns the VM, which is stopped and removed when that run ends;
+    /// false once the run kept it (`--keep`, `--keep-on-failure`).
+    pub throwaway: bool,
+    /// The snapshot the run started from.
+    pub from_snapshot: Option<SnapshotOrigin>,
+}
+
+impl RunMark {
+    pub fn of(o: &RunOrigin) -> RunMark {
+        RunMark { pid: o.pid, throwaway: o.owner.is_some(), from_snapshot: o.from_snapshot.clone() }
+    }
+
+    /// What the instance is, in a few words.
+    pub fn describe(&self) -> String {
+        let from = self.from_snapshot.as_ref().map(|s| format!(", started from {s}")).unwrap_or_default();
+        match self.throwaway {
+            true => format!("throwaway VM of run pid {}{from}: stopped and removed when that run ends", self.pid),
+            false => format!("kept by run pid {}{from}", self.pid),
         }
     }
 }
@@ -114,6 +141,8 @@ pub struct Status {
     pub stop_reason: Option<String>,
     pub last_shutdown: Option<Event>,
     pub exit: Option<ExitInfo>,
+    /// Set when `run` started the instance.
+    pub run: Option<RunMark>,
     pub notes: Vec<String>,
 }
 

@@ -24,6 +24,10 @@ use crate::qmp::{Event, Qmp};
 
 /// How long the ladder gives the guest when the host asks us to go away.
 pub const HOST_SIGNAL_TIMEOUT: Duration = Duration::from_secs(45);
+/// How long a throwaway VM whose `run` is gone gets to power off: nobody
+/// waits for its files, and a CI runner that killed the job may soon start
+/// the next one.
+pub const OWNER_GONE_TIMEOUT: Duration = Duration::from_secs(10);
 /// After QEMU's exit, how long to wait for the rest of its QMP output (its
 /// last events come before EOF, which follows the exit within milliseconds).
 const DRAIN: Duration = Duration::from_secs(2);
@@ -48,12 +52,23 @@ pub enum Msg {
     InstanceGone,
     /// A line of the guest's serial console that tells of its kernel.
     Console(crate::console::Sign, String),
+    /// The `run` that owns this throwaway VM (pid) is gone: stop, remove.
+    OwnerGone(i32),
     /// A virtio-fs share's `virtiofsd` ended.
     ShareDaemonExited {
         tag: String,
         exit: ExitInfo,
         stderr_tail: String,
     },
+}
+
+/// What the supervisor does once QEMU is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Afterwards {
+    /// Leave the instance for the next launch.
+    Keep,
+    /// Remove the instance as `destroy` does: its `run` is gone.
+    Remove,
 }
 
 enum Ladder {
@@ -73,6 +88,7 @@ pub struct Dispatcher {
     ladder: Ladder,
     waiters: Vec<oneshot::Sender<Response>>,
     qmp_closed: bool,
+    afterwards: Afterwards,
 }
 
 impl Dispatcher {
@@ -94,12 +110,13 @@ impl Dispatcher {
             ladder: Ladder::Idle,
             waiters: vec![],
             qmp_closed: false,
+            afterwards: Afterwards::Keep,
         }
     }
 
     /// Runs until QEMU is gone and everything it said is recorded; then
-    /// answers whoever waits and returns.
-    pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
+    /// answers whoever waits and returns what is left to do.
+    pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) -> Afterwards {
         let mut drain_until: Option<tokio::time::Instant> = None;
         while !self.finished() {
             let msg = match drain_until {
@@ -119,6 +136,7 @@ impl Dispatcher {
             }
         }
         self.finish(&mut rx);
+        self.afterwards
     }
 
     fn finished(&self) -> bool {
@@ -155,6 +173,12 @@ impl Dispatcher {
                 // file are gone): power it down rather than leave an orphan.
                 tracing::warn!("the instance directory was deleted: powering the guest down");
                 self.start_ladder(StopOptions { timeout: HOST_SIGNAL_TIMEOUT, force: false });
+            }
+            Msg::OwnerGone(pid) => {
+                // A stop already under way (the run's own cleanup) goes on.
+                tracing::warn!("run {pid}, which owns this throwaway VM, is gone: stopping the VM and removing it");
+                self.afterwards = Afterwards::Remove;
+                self.start_ladder(StopOptions { timeout: OWNER_GONE_TIMEOUT, force: false });
             }
         }
     }

@@ -35,7 +35,7 @@ use crate::instance::proc::{ExitInfo, ProcIdentity};
 use crate::instance::records::{read_json, write_json, BootPlan, RunRecord, StopOutcome};
 use crate::instance::Instance;
 use crate::qmp::{Event, Qmp};
-use dispatcher::{Dispatcher, Msg};
+use dispatcher::{Afterwards, Dispatcher, Msg};
 use protocol::{Request, Response, VmState};
 
 /// How long a client may take to send its request line.
@@ -78,6 +78,7 @@ async fn supervise(inst: Instance) -> Result<i32> {
     daemons::forward_exits(&daemons, tx.clone());
     watch_instance_dir(inst.dir.clone(), tx.clone());
     watch_serial_log(inst.serial_log(), serial_from, tx.clone());
+    watch_owner(inst.clone(), tx.clone());
 
     let listener = UnixListener::bind(inst.control()).context("cannot create the control socket")?;
     for s in inst.sockets() {
@@ -105,12 +106,26 @@ async fn supervise(inst: Instance) -> Result<i32> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let acceptor = tokio::spawn(accept(listener, tx.clone(), started.qmp.clone(), stop_rx));
-    Dispatcher::new(inst, started.qmp, started.exited, tx, state).run(rx).await;
+    let afterwards = Dispatcher::new(inst.clone(), started.qmp, started.exited, tx, state).run(rx).await;
     started.pumps.finish().await;
     daemons::stop_after_qemu(daemons).await;
     let _ = stop_tx.send(true);
     let _ = acceptor.await;
+    if afterwards == Afterwards::Remove {
+        remove_throwaway(&inst);
+    }
     Ok(0)
+}
+
+/// Removes a throwaway instance whose `run` is gone, as `destroy` would;
+/// the caller holds the lock and no QEMU runs.
+pub fn remove_throwaway(inst: &Instance) {
+    crate::guix::release_root(&inst.state(), inst);
+    let removed = inst.remove_created();
+    tracing::info!("removed {} files of the throwaway instance", removed.len());
+    if inst.kept_files().is_empty() {
+        let _ = std::fs::remove_dir(&inst.dir);
+    }
 }
 
 fn launch_failed(inst: &Instance, failure: &crate::instance::records::LaunchFailure) -> Result<i32> {
@@ -172,6 +187,38 @@ fn forward_host_signals(tx: mpsc::UnboundedSender<Msg>) {
             tokio::select! { _ = term.recv() => {}, _ = hup.recv() => {}, _ = int.recv() => {} }
             if tx.send(Msg::HostSignal).is_err() {
                 return;
+            }
+        }
+    });
+}
+
+/// How often a throwaway VM's supervisor looks for its `run`.
+const OWNER_POLL: Duration = Duration::from_millis(200);
+
+/// Tells the dispatcher when the `run` that owns this throwaway VM is gone
+/// (run-origin.json names it by its identity; a SIGKILLed run cannot say
+/// so itself). A run that keeps its VM clears the owner before it exits,
+/// so an owner found gone is read once more before it counts.
+fn watch_owner(inst: Instance, tx: mpsc::UnboundedSender<Msg>) {
+    use crate::instance::records::RunOrigin;
+    let owner = move || read_json::<RunOrigin>(&inst.run_origin()).ok().flatten().filter(|o| o.owner.is_some());
+    if owner().is_none() {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(OWNER_POLL);
+        loop {
+            tick.tick().await;
+            match owner() {
+                None => return,
+                Some(o) => match o.owner_gone() {
+                    Some(gone) if owner().is_some_and(|o| o.owner_gone() == Some(gone)) => {
+                        let _ = tx.send(Msg::OwnerGone(gone));
+                        return;
+                    }
+                    _ if tx.is_closed() => return,
+                    _ => {}
+                },
             }
         }
     });

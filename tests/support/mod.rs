@@ -3,6 +3,7 @@
 //! the test guest; when either is missing they fail loudly, never skip.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -395,4 +396,57 @@ pub fn count_retry(count: &AtomicUsize, why: &str, out: &Out) {
 /// `name` on PATH, as a shell finds it.
 pub fn which(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+/// `run` with the test guest's kernel boot and the test defaults.
+pub fn run_args(extra: &[&str], command: &[&str]) -> Vec<String> {
+    let g = guest();
+    let mut v: Vec<String> = ["run", "--kernel", path_str(&g.kernel), "--initrd", path_str(&g.initrd)]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    if !extra.contains(&"--append") {
+        v.extend(["--append".into(), "console=ttyS0 quiet".into()]);
+    }
+    for (flag, value) in [("--accel", "tcg"), ("--memory", "512M")] {
+        if !extra.contains(&flag) {
+            v.extend([flag.to_string(), value.to_string()]);
+        }
+    }
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v.push("--".into());
+    v.extend(command.iter().map(|s| s.to_string()));
+    v
+}
+
+/// Nothing of a throwaway run is left: no instance, no QEMU.
+pub fn nothing_left(env: &Env) {
+    let left: Vec<_> = std::fs::read_dir(env.state.join("instances"))
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    let left: Vec<_> = left.into_iter().filter(|n| n.to_string_lossy().starts_with("run-")).collect();
+    assert!(left.is_empty(), "run left instances behind: {left:?}");
+    let qemus: Vec<i32> = env
+        .qemu_pids()
+        .into_iter()
+        .filter(|p| {
+            String::from_utf8_lossy(&std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default())
+                .contains("instances/run-")
+        })
+        .collect();
+    assert!(qemus.is_empty(), "run left QEMU running: {qemus:?}");
+}
+
+/// Starts a run of `command` and returns it once the guest printed `started`.
+pub fn started_run(env: &Env, extra: &[&str], command: &str) -> std::process::Child {
+    let args = run_args(extra, &["sh", "-c", command]);
+    let mut child = env.cmd(&strs(&args)).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    match lines.next() {
+        Some(Ok(l)) if l == "started" => {}
+        other => panic!("COMMAND did not start: {other:?}"),
+    }
+    // Keep draining stdout so the guest never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    child
 }
