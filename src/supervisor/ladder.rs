@@ -34,6 +34,8 @@ pub const QUIT_DEADLINE: Duration = Duration::from_secs(10);
 pub const SIGNAL_DEADLINE: Duration = Duration::from_secs(5);
 /// How long the ladder asks whether the guest agent answers.
 const AGENT_PING: Duration = Duration::from_secs(1);
+/// How long QEMU's last events may take to arrive after its exit was seen.
+const EVENTS_AFTER_EXIT: Duration = Duration::from_millis(500);
 /// How long one QMP command or agent request of the ladder may take.
 const COMMAND_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -221,11 +223,22 @@ impl Watch {
             let Some(rx) = self.events.as_mut() else { return proc.wait_gone(deadline).await };
             tokio::select! {
                 gone = proc.wait_gone(deadline) => {
-                    // Events QEMU sent just before it exited are still queued.
+                    // Events QEMU sent just before it exited are queued, or
+                    // still on their way: its QMP EOF follows its exit within
+                    // milliseconds (a QEMU we are not the parent of is seen
+                    // gone by polling, maybe before its last lines are read).
+                    let drain = Instant::now() + EVENTS_AFTER_EXIT;
                     loop {
                         match rx.try_recv() {
                             Ok(ev) => note(&mut self.shutdown, &ev),
                             Err(TryRecvError::Lagged(_)) => continue,
+                            Err(TryRecvError::Empty) if gone && self.shutdown.is_none() => {
+                                match tokio::time::timeout_at(drain, rx.recv()).await {
+                                    Ok(Ok(ev)) => note(&mut self.shutdown, &ev),
+                                    Ok(Err(RecvError::Lagged(_))) => continue,
+                                    _ => break,
+                                }
+                            }
                             Err(_) => break,
                         }
                     }

@@ -386,6 +386,9 @@ pub fn describe_stop(
         (Some((false, r)), _) => (false, format!("QEMU was told to stop ({r}){by}")),
         (None, Some(e)) if outcome.is_some() => (false, format!("QEMU ended, {e}{by}")),
         (None, Some(e)) => (true, format!("QEMU crashed or was killed: {e}, without a shutdown event")),
+        // A step of the ladder ended it (a QEMU we are not the parent of has
+        // no exit status for us, and its SHUTDOWN may not have been read).
+        (None, None) if outcome.is_some_and(|o| o.method.is_some()) => (false, format!("QEMU ended{by}")),
         (None, None) => (true, "QEMU ended unexpectedly; its exit status is unknown".into()),
     }
 }

@@ -25,6 +25,9 @@ struct Behaviour {
     dies_on_sigkill: bool,
     paused: bool,
     gone: bool,
+    /// Its last events reach the socket after its exit is seen (a QEMU
+    /// we are not the parent of is seen gone by polling).
+    late_events: bool,
 }
 
 const QEMU: Behaviour = Behaviour {
@@ -35,6 +38,7 @@ const QEMU: Behaviour = Behaviour {
     dies_on_sigkill: true,
     paused: false,
     gone: false,
+    late_events: false,
 };
 
 struct FakeQemu {
@@ -105,6 +109,10 @@ async fn serve(stream: UnixStream, b: Behaviour, gone: Arc<watch::Sender<bool>>,
             _ => None,
         };
         if let Some(data) = shutdown {
+            if b.late_events {
+                gone.send_replace(true);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             let _ = w.write_all(event("SHUTDOWN", data).as_bytes()).await;
             gone.send_replace(true);
             return;
@@ -152,6 +160,13 @@ async fn a_guest_that_obeys_the_button_stops_at_powerdown() {
     assert!(o.guest);
     assert_eq!(o.shutdown_reason.as_deref(), Some("guest-shutdown"));
     assert_eq!(heard, ["query-status", "system_powerdown"]);
+}
+
+#[tokio::test]
+async fn a_shutdown_event_read_after_the_exit_still_names_the_cause() {
+    let (o, _) = ladder(Behaviour { late_events: true, ..QEMU }, opts(5000), None).await;
+    assert_eq!(o.method, Some(StopMethod::Powerdown));
+    assert_eq!((o.guest, o.shutdown_reason.as_deref()), (true, Some("guest-shutdown")));
 }
 
 #[tokio::test]
