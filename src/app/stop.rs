@@ -187,7 +187,7 @@ async fn ladder_forced_on_ctrl_c(
     let mut ctrl_c = ctrl_c()?;
     let (hurry, hurried) = tokio::sync::watch::channel(false);
     let show = |m: StopMethod, wait: Duration| ctx.stage(&step_message(m, wait.as_secs_f64()));
-    let ladder = ladder::stop(qmp, proc, opts, None, Some(agent), &show, hurried);
+    let ladder = ladder::stop(qmp, proc, opts, None, Some(agent), &show, hurried, Default::default());
     tokio::pin!(ladder);
     loop {
         tokio::select! {

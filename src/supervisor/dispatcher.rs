@@ -332,7 +332,9 @@ impl Dispatcher {
             let on_step = move |m: StopMethod, wait: Duration| {
                 let _ = step_tx.send(Msg::LadderStep(m, wait));
             };
-            let o = ladder::stop(Some(&qmp), &proc, &opts, known, agent.as_deref(), &on_step, hurried).await;
+            let o =
+                ladder::stop(Some(&qmp), &proc, &opts, known, agent.as_deref(), &on_step, hurried, Default::default())
+                    .await;
             let _ = tx.send(Msg::LadderDone(o));
         });
     }

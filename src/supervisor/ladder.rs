@@ -76,22 +76,10 @@ pub struct StopOptions {
 /// `agent` is the guest agent's socket when an agent may run (the guest
 /// opened its port). `on_step` is told each step as it starts (the
 /// supervisor shows it in `status`). `hurry` turning true ends the wait for
-/// the guest.
-pub async fn stop<P: QemuProcess + Sync>(
-    qmp: Option<&Qmp>,
-    proc: &P,
-    opts: &StopOptions,
-    known_shutdown: Option<Event>,
-    agent: Option<&Path>,
-    on_step: &(dyn Fn(StopMethod, Duration) + Sync),
-    hurry: watch::Receiver<bool>,
-) -> StopOutcome {
-    stop_within(qmp, proc, opts, known_shutdown, agent, on_step, hurry, Deadlines::default()).await
-}
-
-/// [`stop`] with its later steps' deadlines given (tests make them short).
+/// the guest. `limits` bound the later steps (`Deadlines::default()`; tests
+/// make them short).
 #[allow(clippy::too_many_arguments)]
-pub async fn stop_within<P: QemuProcess + Sync>(
+pub async fn stop<P: QemuProcess + Sync>(
     qmp: Option<&Qmp>,
     proc: &P,
     opts: &StopOptions,

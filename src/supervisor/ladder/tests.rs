@@ -144,7 +144,7 @@ async fn ladder(b: Behaviour, opts: StopOptions, hurry_after: Option<Duration>) 
             hurry.closed().await;
         });
     }
-    let o = stop_within(Some(&qmp), &proc, &opts, None, None, &|_, _| {}, hurried, SHORT).await;
+    let o = stop(Some(&qmp), &proc, &opts, None, None, &|_, _| {}, hurried, SHORT).await;
     let heard = heard.lock().unwrap().iter().filter(|c| *c != "qmp_capabilities").cloned().collect();
     (o, heard)
 }
