@@ -4,11 +4,12 @@ guest's own disk, in one run. See docs/benchmarks.md ("C++ build and file
 microbench"). A benchmark, run by hand; never part of `cargo test`.
 
   tests/bench/cxx_build.py [--share-types virtiofs,9p] [--micro-rounds N]
-                           [--no-build] [--tmpfs-build] [--cpus N] [--memory SIZE]
+                           [--no-build] [--no-guest-build] [--tmpfs-build] [--cpus N] [--memory SIZE]
                            [--markdown FILE] [--keep-work]
 
-Needs the guest from `sudo tests/bench/cxx-guest.sh` (tests/bench/out) and
-runs as root (the share is written by the guest's root). For each share
+It first runs tests/bench/cxx-guest.sh, which makes the guest in
+tests/bench/out or finds it up to date, and runs as root for it (and because
+the guest's root writes the share). For each share
 type it boots the guest once with qbuf-qemu (`--accel tcg`, `--image` the
 ext4 disk, `--share` a fresh directory holding a copy of the source tree)
 and, over `qbuf-qemu ssh`, runs tests/bench/cxx-guest-run.sh there: the
@@ -224,6 +225,9 @@ class Bench:
             log(f"markdown written to {self.args.markdown}")
 
     def run(self):
+        if not self.args.no_guest_build:
+            # Idempotent, and quick when the guest is up to date.
+            subprocess.run([os.path.join(HERE, "cxx-guest.sh"), self.guest], check=True)
         for f in ["guest/vmlinux", "guest/initrd.img", "rootfs.img"]:
             if not os.path.exists(os.path.join(self.guest, f)):
                 raise SystemExit(f"cxx-bench: {self.guest}/{f} is missing: run sudo tests/bench/cxx-guest.sh")
@@ -255,6 +259,8 @@ def main():
     ap.add_argument("--share-types", default="virtiofs,9p",
                     help="comma-separated share types, one boot each (default: virtiofs,9p)")
     ap.add_argument("--micro-rounds", type=int, default=5, help="microbench rounds per place and boot (default 5)")
+    ap.add_argument("--no-guest-build", action="store_true",
+                    help="do not run cxx-guest.sh first (by default it runs: it makes or checks the guest)")
     ap.add_argument("--no-build", action="store_true", help="only the microbench (a quick check)")
     ap.add_argument("--tmpfs-build", action="store_true", help="also build in a tmpfs in each boot")
     ap.add_argument("--cpus", type=int, default=2, help="guest vCPUs, and make -jN (default 2)")
