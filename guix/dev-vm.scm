@@ -17,11 +17,14 @@
 ;;   read-only: the VM must run on a writable copy of the image or on a
 ;;   qcow2 overlay backed by it.
 ;;
-;; qbuf-qemu then boots the image with QEMU: the qbuf checkout is shared over
-;; virtio-9p with mount tag "qbuf" and appears at /mnt/qbuf; the serial port
-;; is the console; the QEMU guest agent listens on the virtio-serial port
-;; org.qemu.guest_agent.0; QMP `system_powerdown' (ACPI power button) shuts
-;; the guest down cleanly.
+;; qbuf-qemu then boots the image with QEMU: the qbuf checkout is shared with
+;; mount tag "qbuf" over virtio-fs (a vhost-user-fs-pci device served by
+;; virtiofsd) or, when no virtiofsd is available, over virtio-9p; each boot
+;; has exactly one of the two, and the `qbuf-share' service below mounts
+;; whichever it is at /mnt/qbuf.  The serial port is the console; the QEMU
+;; guest agent listens on the virtio-serial port org.qemu.guest_agent.0; QMP
+;; `system_powerdown' (ACPI power button) shuts the guest down cleanly; a
+;; kernel panic reaches QEMU through its pvpanic device (GUEST_PANICKED).
 ;;
 ;; How to customize
 ;; ----------------
@@ -37,6 +40,7 @@
              (gnu services dbus)        ;dbus-root-service-type, polkit-service-type
              (gnu services desktop)     ;elogind-service-type
              (gnu services networking)  ;dhcpcd-service-type
+             (gnu services shepherd)    ;shepherd-service, user-processes-...
              (gnu services ssh)         ;openssh-service-type
              (gnu services virtualization) ;qemu-guest-agent-service-type
              (gnu packages bash)        ;bash, the login shell of 'dev'
@@ -110,10 +114,13 @@ build the image with 'qbuf-qemu build'"))))
 
 (define %qbuf-dev-uid
   ;; The host user's uid, when qbuf-qemu passes it (QBUF_QEMU_DEV_UID, set
-  ;; for host uids of 1000 and up).  Over 9p with security_model=none the
-  ;; guest sees the host's owners and modes, so 'dev' can write the checkout
-  ;; in /mnt/qbuf only with the host user's uid.  #f lets Guix choose (the
-  ;; 'uid' field of <user-account>, gnu/system/accounts.scm, defaults to #f).
+  ;; for host uids of 1000 and up).  The share shows the guest the host's
+  ;; owners and modes (9p with security_model=none, and virtio-fs, whose
+  ;; virtiofsd reports host uids as they are unless told to map them), so
+  ;; 'dev' can write the checkout in /mnt/qbuf only with the host user's
+  ;; uid, and what it writes there belongs to that user.  #f lets Guix
+  ;; choose (the 'uid' field of <user-account>, gnu/system/accounts.scm,
+  ;; defaults to #f).
   (let ((uid (getenv "QBUF_QEMU_DEV_UID")))
     (and uid (string->number uid))))
 
@@ -125,6 +132,98 @@ build the image with 'qbuf-qemu build'"))))
   (plain-file "sudoers"
               (string-append (plain-file-content %sudoers-specification)
                              "dev ALL=(ALL) NOPASSWD: ALL\n")))
+
+
+;;;
+;;; The share: tag "qbuf" at /mnt/qbuf, over virtio-fs or 9p.
+;;;
+
+;; Why a service of its own and not two <file-system> entries: Guix makes
+;; one Shepherd service per <file-system>, named after the mount point
+;; ('file-system->shepherd-service-name' in gnu/services/base.scm:
+;; file-system-/mnt/qbuf), and refuses a system in which two services
+;; provide the same name ('assert-valid-graph' in gnu/services/shepherd.scm:
+;; "service '~a' provided more than once").  A <file-system> has a single
+;; 'type', so one entry cannot try virtiofs and then 9p either.  Hence no
+;; <file-system> for /mnt/qbuf at all (do not add one: it would be mounted
+;; on top of this one), and this one service instead, which mounts the
+;; share over whichever transport this boot has.
+
+(define %qbuf-share-tag "qbuf")
+(define %qbuf-share-mount-point "/mnt/qbuf")
+(define %qbuf-share-9p-options
+  ;; The options qbuf-qemu itself uses to mount 9p shares in the guest.
+  "trans=virtio,version=9p2000.L,msize=262144")
+
+(define %qbuf-share-shepherd-service
+  (shepherd-service
+   (documentation "Mount the qbuf checkout at /mnt/qbuf (virtio-fs or 9p).")
+   (provision '(qbuf-share))
+   ;; What the <file-system> services require (gnu/services/base.scm).
+   (requirement '(root-file-system udev))
+   ;; Runs in PID 1.  'mount', 'umount' (guix/build/syscalls.scm; 'mount'
+   ;; takes SOURCE TARGET TYPE [FLAGS [OPTIONS]] and raises 'system-error')
+   ;; and 'mkdir-p' (guix/build/utils.scm) come with %default-modules
+   ;; (gnu/services/shepherd.scm).  At most one of the two devices exists:
+   ;; virtio-fs is tried first, and mounting a tag that no device of that
+   ;; type carries fails at once (Linux logs "virtio-fs: tag <qbuf> not
+   ;; found" and returns EINVAL, fs/fuse/virtio_fs.c; 9p logs "no channels
+   ;; available for device qbuf", net/9p/trans_virtio.c), so the other
+   ;; transport is tried next.  The kernel modules of both are loaded by
+   ;; the initrd (see 'initrd-modules' below).
+   ;;
+   ;; The service starts even when neither mount works (a VM booted
+   ;; without a share, as 'mount-may-fail? #t' used to allow): it only
+   ;; says so in the Shepherd's log.  It must never fail, because
+   ;; 'user-processes' waits for it (see qbuf-share-service-type).
+   (start #~(lambda _
+              (define (mount-share type options)
+                (catch 'system-error
+                  (lambda ()
+                    (mount #$%qbuf-share-tag #$%qbuf-share-mount-point
+                           type 0 options)
+                    (format #t "qbuf share mounted at ~a over ~a~%"
+                            #$%qbuf-share-mount-point type)
+                    #t)
+                  (lambda args
+                    (format #t "qbuf share: no ~a mount (~a)~%"
+                            type (strerror (system-error-errno args)))
+                    #f)))
+
+              (mkdir-p #$%qbuf-share-mount-point)
+              (or (mount-share "virtiofs" #f)
+                  (mount-share "9p" #$%qbuf-share-9p-options)
+                  (format #t "qbuf share: nothing mounted at ~a~%"
+                          #$%qbuf-share-mount-point))
+              #t))
+   ;; Like the <file-system> services' 'stop' with 'mount-may-fail?': leave
+   ;; the mount point (PID 1 must not keep it busy), unmount, ignore errors
+   ;; (nothing mounted).  Returning #f means "stopped".
+   (stop #~(lambda _
+             (chdir "/")
+             (catch 'system-error
+               (lambda () (umount #$%qbuf-share-mount-point))
+               (const #f))
+             #f))
+   (respawn? #f)))
+
+(define qbuf-share-service-type
+  ;; Extending 'user-processes' with 'qbuf-share' is what
+  ;; 'file-system-service-type' does with its 'file-systems' target
+  ;; (gnu/services/base.scm): services that run user code start only once
+  ;; the share is mounted, and at shutdown the share is unmounted only after
+  ;; every user process was killed.  <service-type> fields from
+  ;; gnu/services.scm.
+  (service-type
+   (name 'qbuf-share)
+   (extensions
+    (list (service-extension shepherd-root-service-type
+                             (const (list %qbuf-share-shepherd-service)))
+          (service-extension user-processes-service-type
+                             (const '(qbuf-share)))))
+   (default-value #f)
+   (description "Mount the qbuf checkout shared by QEMU (tag \"qbuf\") at
+/mnt/qbuf, over virtio-fs or 9p, whichever the VM has.")))
 
 
 ;;;
@@ -178,7 +277,10 @@ build the image with 'qbuf-qemu build'"))))
    (service polkit-service-type)
    (service elogind-service-type
             (elogind-configuration
-             (handle-power-key 'poweroff)))))
+             (handle-power-key 'poweroff)))
+
+   ;; The qbuf checkout at /mnt/qbuf (see above).
+   (service qbuf-share-service-type)))
 
 (define %qbuf-base-services
   ;; %base-services (gnu/services/base.scm) already contains what a headless
@@ -230,15 +332,35 @@ Add tools in guix/manifest.scm, then run 'qbuf-qemu build'.\n\n"))))))
                (serial-unit 0)
                (serial-speed 115200)))
 
-  ;; Kernel modules loaded from the initrd.  %base-initrd-modules
+  ;; Kernel modules loaded from the initrd, so they are there before the
+  ;; Shepherd starts any service.  %base-initrd-modules
   ;; (gnu/system/linux-initrd.scm) already has virtio_pci, virtio_blk (for
   ;; /dev/vda), virtio_net and virtio_console (guest agent port); they are
   ;; listed again to make the requirement explicit (duplicates removed).
-  ;; 9p and 9pnet_virtio are only added automatically for file systems
-  ;; needed at boot, which /mnt/qbuf is not, so they are added here.
+  ;; * The share (qbuf-share-service-type): "virtiofs" (fs/fuse/Makefile in
+  ;;   Linux: CONFIG_VIRTIO_FS builds virtiofs.ko; Guix's 6.17 x86_64 config,
+  ;;   gnu/packages/aux-files/linux-libre/6.17-x86_64.conf, has
+  ;;   CONFIG_VIRTIO_FS=m and CONFIG_FUSE_FS=y), and "9p" and "9pnet_virtio"
+  ;;   (CONFIG_9P_FS=m there).  Guix adds file system modules by itself only
+  ;;   for file systems needed at boot ('file-system-modules', which knows
+  ;;   9p but not virtiofs), and /mnt/qbuf is not one.
+  ;; * Panics: QEMU's ISA "pvpanic" device is the ACPI device QEMU0001, which
+  ;;   the pvpanic-mmio driver binds (drivers/misc/pvpanic/pvpanic-mmio.c:
+  ;;   acpi_device_id "QEMU0001").  The same config has CONFIG_PVPANIC=y (the
+  ;;   shared core, built in) and CONFIG_PVPANIC_MMIO=m (6.18's too), so
+  ;;   "pvpanic-mmio" is listed; it reports a panic to QEMU, which emits
+  ;;   GUEST_PANICKED.  (pvpanic-pci would be for QEMU's pvpanic-pci device,
+  ;;   which qbuf-qemu does not use.)
+  ;; Built-in modules among these are harmless: the initrd builder drops
+  ;; what modules.builtin lists ('flat-linux-module-directory' in
+  ;; gnu/system/linux-initrd.scm) and the boot code skips names that have
+  ;; no .ko file ('load-linux-modules-from-directory' in
+  ;; gnu/build/linux-modules.scm).  Hyphens and underscores are equivalent
+  ;; ('find-module-file', same file).
   (initrd-modules (delete-duplicates
                    (append (list "virtio_pci" "virtio_blk" "virtio_console"
-                                 "9p" "9pnet_virtio")
+                                 "virtiofs" "9p" "9pnet_virtio"
+                                 "pvpanic-mmio")
                            %base-initrd-modules)))
 
   (file-systems
@@ -252,24 +374,7 @@ Add tools in guix/manifest.scm, then run 'qbuf-qemu build'.\n\n"))))))
             (device (file-system-label "Guix_image"))
             (mount-point "/")
             (type "ext4"))
-          (file-system
-            ;; The qbuf checkout, shared by QEMU with
-            ;; -virtfs ...,mount_tag=qbuf.  Fields from <file-system> in
-            ;; gnu/system/file-systems.scm.  The device string is the 9p
-            ;; mount tag, passed as is to mount(2) ('canonicalize-device-spec'
-            ;; in gnu/build/file-systems.scm returns such strings unchanged);
-            ;; Guix's own 'guix system vm' shares are declared the same way
-            ;; (gnu/system/vm.scm).  Not needed for boot, so the Shepherd
-            ;; mounts it once the system is up; 'mount-may-fail?' keeps the
-            ;; boot going when the VM is started without the share.
-            (device "qbuf")
-            (mount-point "/mnt/qbuf")
-            (type "9p")
-            (options "trans=virtio,version=9p2000.L,msize=262144")
-            (mount? #t)
-            (mount-may-fail? #t)
-            (check? #f)
-            (create-mount-point? #t))
+          ;; No entry for /mnt/qbuf: qbuf-share-service-type mounts it.
           %base-file-systems))
 
   ;; 'kvm' and the other groups are all in %base-groups

@@ -21,6 +21,29 @@ pub enum ShareMode {
     Ro,
 }
 
+/// How the share reaches the guest, as asked for: `auto` picks virtio-fs
+/// when a usable `virtiofsd` is found at boot, else 9p.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ShareType {
+    #[default]
+    Auto,
+    Virtiofs,
+    #[value(name = "9p")]
+    #[serde(rename = "9p")]
+    NineP,
+}
+
+impl ShareType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShareType::Auto => "auto",
+            ShareType::Virtiofs => "virtiofs",
+            ShareType::NineP => "9p",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PortChoice {
     Fixed(u16),
@@ -99,6 +122,7 @@ pub struct Origins {
     pub ssh_port: Option<Origin>,
     pub share: Option<Origin>,
     pub share_mode: Option<Origin>,
+    pub share_type: Option<Origin>,
     pub source: Option<Origin>,
     pub accel: Option<Origin>,
     pub ssh_user: Option<Origin>,
@@ -123,6 +147,7 @@ fn origins(saved: Option<&Settings>, f: &LaunchFlags, d: &Defaults) -> Origins {
         },
         share: keep(f.share.is_some() || f.no_share, |o| o.share, share_default),
         share_mode: keep(f.share_mode.is_some(), |o| o.share_mode, Origin::Default),
+        share_type: keep(f.share_type.is_some(), |o| o.share_type, Origin::Default),
         source: keep(source_given || f.append.is_some(), |o| o.source, Origin::Default),
         accel: keep(f.accel.is_some(), |o| o.accel, Origin::Default),
         ssh_user: keep(f.ssh_user.is_some(), |o| o.ssh_user, Origin::Default),
@@ -138,6 +163,9 @@ pub struct Settings {
     pub ssh_port: u16,
     pub share: Option<PathBuf>,
     pub share_mode: ShareMode,
+    /// Saved before virtio-fs existed: `auto`.
+    #[serde(default)]
+    pub share_type: ShareType,
     pub source: Source,
     pub accel: AccelChoice,
     pub ssh_user: String,
@@ -157,6 +185,7 @@ pub struct LaunchFlags {
     pub share: Option<PathBuf>,
     pub no_share: bool,
     pub share_mode: Option<ShareMode>,
+    pub share_type: Option<ShareType>,
     pub image: Option<PathBuf>,
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
@@ -279,6 +308,7 @@ pub fn merge(saved: Option<&Settings>, f: &LaunchFlags, d: &Defaults) -> Result<
         ssh_port,
         share,
         share_mode,
+        share_type: f.share_type.or(saved.map(|s| s.share_type)).unwrap_or_default(),
         source,
         accel: f.accel.or(saved.map(|s| s.accel)).unwrap_or(AccelChoice::Auto),
         ssh_user: f.ssh_user.clone().or(saved.map(|s| s.ssh_user.clone())).unwrap_or_else(|| DEFAULT_SSH_USER.into()),
@@ -287,6 +317,19 @@ pub fn merge(saved: Option<&Settings>, f: &LaunchFlags, d: &Defaults) -> Result<
     };
     let changes = saved.map(|old| diff(old, &s)).unwrap_or_default();
     Ok((s, changes))
+}
+
+/// A run from another instance's snapshot starts from that instance's
+/// settings (its guest is that instance's: the same user and key get in,
+/// the same share mode and type are expected); flags given to the run win.
+/// Memory and CPUs come from the snapshot itself.
+pub fn inherit(f: &mut LaunchFlags, source: &Settings) {
+    f.ssh_user.get_or_insert_with(|| source.ssh_user.clone());
+    if f.ssh_key.is_none() {
+        f.ssh_key = source.ssh_key.clone();
+    }
+    f.share_mode.get_or_insert(source.share_mode);
+    f.share_type.get_or_insert(source.share_type);
 }
 
 fn diff(a: &Settings, b: &Settings) -> Vec<Change> {
@@ -302,6 +345,7 @@ fn diff(a: &Settings, b: &Settings) -> Vec<Change> {
     let share = |s: &Settings| s.share.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into());
     cmp("share", share(a), share(b));
     cmp("share mode", format!("{:?}", a.share_mode).to_lowercase(), format!("{:?}", b.share_mode).to_lowercase());
+    cmp("share type", a.share_type.as_str().into(), b.share_type.as_str().into());
     cmp("image", a.source.describe(), b.source.describe());
     cmp("accel", format!("{:?}", a.accel).to_lowercase(), format!("{:?}", b.accel).to_lowercase());
     cmp("ssh user", a.ssh_user.clone(), b.ssh_user.clone());
@@ -317,6 +361,29 @@ mod tests {
 
     fn d() -> Defaults {
         Defaults { share: Some("/src/qbuf".into()) }
+    }
+
+    #[test]
+    fn a_run_from_a_snapshot_inherits_the_source_settings_unless_given() {
+        let (src, _) = merge(
+            None,
+            &LaunchFlags {
+                ssh_user: Some("root".into()),
+                ssh_key: Some("/k".into()),
+                share_mode: Some(ShareMode::Ro),
+                share_type: Some(ShareType::NineP),
+                ..Default::default()
+            },
+            &d(),
+        )
+        .unwrap();
+        let mut f = LaunchFlags::default();
+        inherit(&mut f, &src);
+        assert_eq!((f.ssh_user.as_deref(), f.ssh_key.as_deref()), (Some("root"), Some(Path::new("/k"))));
+        assert_eq!((f.share_mode, f.share_type), (Some(ShareMode::Ro), Some(ShareType::NineP)));
+        let mut f = LaunchFlags { ssh_user: Some("dev".into()), share_mode: Some(ShareMode::Rw), ..Default::default() };
+        inherit(&mut f, &src);
+        assert_eq!((f.ssh_user.as_deref(), f.share_mode), (Some("dev"), Some(ShareMode::Rw)), "flags win");
     }
 
     #[test]

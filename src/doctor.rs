@@ -2,12 +2,13 @@
 //! how to fix each problem. It changes nothing; problems are in its report,
 //! and it fails only when it cannot run its checks at all.
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::config::{Settings, DEFAULT_SSH_PORT};
 use crate::host;
+use crate::instance::owner::NotOurs;
 use crate::instance::{read_json, Instance, Lock, StateDir};
 use crate::qemu::args::{accel_args, Accel};
 use crate::qemu::host::{self as qemu_host, Kvm, QemuBinaries};
@@ -37,7 +38,7 @@ pub fn run(inst: &Instance) -> Report {
     checks.push(check_ssh_client());
     checks.push(check_ssh_port(inst));
     checks.push(check_stale(&state));
-    checks.push(check_state_dir(&state));
+    checks.push(check_state_dir(&state, &inst.name));
     checks.push(check_space(&state.root));
     let problems = checks.iter().filter(|c| c.level != Level::Ok).count();
     Report { checks, problems }
@@ -204,13 +205,21 @@ fn check_stale(state: &StateDir) -> Check {
     )
 }
 
-fn check_state_dir(state: &StateDir) -> Check {
-    let me = nix::unistd::getuid().as_raw();
+/// The state dir: refused by every other command when it is not the
+/// user's (the one check, [`StateDir::check_owned`]), so a failure here;
+/// a loose mode is a warning (`launch` tightens it).
+fn check_state_dir(state: &StateDir, name: &str) -> Check {
+    if let Err(e) = state.check_owned(name) {
+        return match e.downcast_ref::<NotOurs>() {
+            Some(n) => problem("state-dir", Level::Fail, n.reason(), n.fix()),
+            None => problem("state-dir", Level::Fail, format!("{e:#}"), "check that the state dir is readable"),
+        };
+    }
     let mut loose = vec![];
     for dir in [state.root.clone(), state.root.join("instances")] {
         let Ok(m) = std::fs::metadata(&dir) else { continue };
-        if m.permissions().mode() & 0o077 != 0 || m.uid() != me {
-            loose.push(format!("{} (mode {:o}, owner uid {})", dir.display(), m.permissions().mode() & 0o777, m.uid()));
+        if m.permissions().mode() & 0o077 != 0 {
+            loose.push(format!("{} (mode {:o})", dir.display(), m.permissions().mode() & 0o777));
         }
     }
     if !state.root.exists() {
@@ -223,7 +232,7 @@ fn check_state_dir(state: &StateDir) -> Check {
         "state-dir",
         Level::Warn,
         format!("not private (it holds SSH keys and VM sockets): {}", loose.join(", ")),
-        format!("chmod 700 {0} {0}/instances (and own them: chown -R $USER {0})", state.root.display()),
+        format!("chmod 700 {0} {0}/instances (launch does it too)", state.root.display()),
     )
 }
 
@@ -279,11 +288,11 @@ mod tests {
     fn loose_state_dir_and_stale_files_are_reported_with_the_fix() {
         let root = std::env::temp_dir().join(format!("qbuf-doctor-{}", std::process::id()));
         let state = StateDir::new(root.clone());
-        assert_eq!(check_state_dir(&state).level, Level::Ok, "a missing dir is fine");
+        assert_eq!(check_state_dir(&state, "x").level, Level::Ok, "a missing dir is fine");
         state.ensure().unwrap();
-        assert_eq!(check_state_dir(&state).level, Level::Ok);
+        assert_eq!(check_state_dir(&state, "x").level, Level::Ok);
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let c = check_state_dir(&state);
+        let c = check_state_dir(&state, "x");
         assert_eq!(c.level, Level::Warn);
         assert!(c.fix.unwrap().contains("chmod 700"));
         let inst = state.instance("x");
@@ -294,6 +303,12 @@ mod tests {
         assert_eq!(c.level, Level::Warn);
         assert!(c.detail.contains("'x' (run.json)"), "{}", c.detail);
         assert_eq!(existing_ancestor(&root.join("a/b")), root);
-        std::fs::remove_dir_all(root).unwrap();
+        std::fs::remove_dir_all(&root).unwrap();
+        // What every other command refuses is a failure here, with the fix.
+        std::os::unix::fs::symlink("/nonexistent/qbuf", &root).unwrap();
+        let c = check_state_dir(&state, "x");
+        assert_eq!(c.level, Level::Fail);
+        assert!(c.detail.contains("which does not exist") && c.fix.unwrap().contains("--state-dir"), "{}", c.detail);
+        std::fs::remove_file(root).unwrap();
     }
 }

@@ -270,6 +270,73 @@ fn run_guix(
     Ok((status, stdout, tail.into()))
 }
 
+/// What the pinned channels gave for `virtiofsd`
+/// (STATE/images/virtiofsd-KEY/virtiofsd.json): its binary, rooted like an
+/// image, or why there is none (asked once per channels file).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PinnedDaemon {
+    binary: Option<PathBuf>,
+    gc_root: Option<PathBuf>,
+    missing: Option<String>,
+}
+
+/// The exact argv that builds the pinned channels' `virtiofsd`.
+pub fn virtiofsd_command(guix_dir: &Path, root: &Path) -> Vec<String> {
+    let channels = guix_dir.join("channels.scm").display().to_string();
+    ["guix", "time-machine", "-C", &channels, "--", "build", "virtiofsd", &format!("--root={}", root.display())]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+/// The `virtiofsd` of the pinned channels, so every host runs the same
+/// daemon; `Err` says why not (no Guix, or the channels have no such
+/// package), and the caller falls back to the host's. Built at most once
+/// per channels file and protected from `guix gc` by its own root.
+pub fn pinned_virtiofsd(state: &StateDir, guix_dir: &Path) -> Result<PathBuf, String> {
+    let channels = std::fs::read(guix_dir.join("channels.scm")).map_err(|e| format!("no channels.scm: {e}"))?;
+    let key = cache_key(&[("channels.scm".into(), channels)], "virtiofsd", "");
+    let dir = state.images_dir().join(format!("virtiofsd-{key}"));
+    let record = dir.join("virtiofsd.json");
+    if let Ok(Some(p)) = read_json::<PinnedDaemon>(&record) {
+        match (p.binary, p.gc_root, p.missing) {
+            (Some(b), Some(r), _) if std::fs::canonicalize(&r).is_ok_and(|t| b.starts_with(t)) && b.is_file() => {
+                return Ok(b)
+            }
+            (_, _, Some(why)) => return Err(why),
+            _ => {}
+        }
+    }
+    let guix = crate::host::find_in_path("guix").ok_or("no guix on PATH")?;
+    crate::instance::private_dir(&dir).map_err(|e| format!("{e:#}"))?;
+    let root = dir.join("virtiofsd.gcroot");
+    let _ = std::fs::remove_file(&root);
+    let argv = virtiofsd_command(guix_dir, &root);
+    let out = Command::new(&guix)
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", guix.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let item = stdout.lines().rev().map(str::trim).find(|l| l.starts_with('/')).map(PathBuf::from);
+    let found = match item.map(|i| i.join("bin/virtiofsd")) {
+        Some(b) if out.status.success() && b.is_file() => {
+            PinnedDaemon { binary: Some(b), gc_root: Some(root), missing: None }
+        }
+        _ => {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let said = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no virtiofsd in its output");
+            PinnedDaemon {
+                binary: None,
+                gc_root: None,
+                missing: Some(format!("the pinned channels: {}", compact(said))),
+            }
+        }
+    };
+    let _ = write_json(&record, &found);
+    found.binary.ok_or_else(|| found.missing.unwrap_or_default())
+}
+
 /// One progress line, shortened: store hashes are noise to a reader.
 pub fn compact(line: &str) -> String {
     let mut out = String::with_capacity(line.len());
@@ -354,6 +421,14 @@ mod tests {
         assert_ne!(k, cache_key(&files("(os)"), "30G", "ssh-ed25519 AAA"));
         assert_ne!(k, cache_key(&files("(os)"), "20G", "ssh-ed25519 BBB"));
         assert_eq!(k.len(), 32);
+    }
+
+    #[test]
+    fn the_pinned_virtiofsd_is_built_with_the_same_channels() {
+        assert_eq!(
+            shell_words::join(virtiofsd_command(Path::new("/src/guix"), Path::new("/s/images/v/virtiofsd.gcroot"))),
+            "guix time-machine -C /src/guix/channels.scm -- build virtiofsd '--root=/s/images/v/virtiofsd.gcroot'"
+        );
     }
 
     #[test]

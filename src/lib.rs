@@ -2,7 +2,7 @@
 //!
 //! Layers, lowest first (see docs/architecture.md): `clock`, `host`,
 //! `instance`, `qmp`, `qga`, `config`; `qemu` (pure argv, images, parsers,
-//! binaries); `ssh`, `guix`, `logs`, `console`; `supervisor` (QEMU's
+//! binaries); `ssh`, `guest_files`, `guix`, `logs`, `console`; `supervisor` (QEMU's
 //! parent: start, dispatcher, protocol, client, ladder); `report` (typed
 //! outcomes and their renderers); `cli`, `doctor`; `app`, the command layer
 //! that only `main` uses. A module imports only from its own layer or below.
@@ -13,6 +13,7 @@ mod clock;
 mod config;
 mod console;
 mod doctor;
+mod guest_files;
 mod guix;
 pub mod host;
 mod instance;

@@ -18,10 +18,13 @@ use crate::instance::{private_dir, Instance, StateDir};
 /// Creates the tool's ed25519 key once (private 0600) and returns its path.
 pub fn ensure_user_key(state: &StateDir) -> Result<PathBuf> {
     let path = state.user_key();
+    // Refuses an `ssh/` or a key someone else owns: their key would be
+    // the one this user's VMs trust.
+    private_dir(&state.ssh_dir())?;
+    crate::instance::owner::check(&path, "SSH key")?;
     if path.exists() {
         return Ok(path);
     }
-    private_dir(&state.ssh_dir())?;
     let mut key = ssh_key::PrivateKey::random(&mut ssh_key::rand_core::OsRng, ssh_key::Algorithm::Ed25519)
         .context("cannot generate an SSH key")?;
     key.set_comment("qbuf-qemu");
@@ -349,21 +352,28 @@ pub fn run_explained(argv: &[String], t: &Target, inst: &Instance) -> Result<i32
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot run '{}': {SSH_MISSING}", argv[0]))?;
-    let stderr = child.stderr.take().expect("piped");
+    let mismatch = pass_stderr(child.stderr.take().expect("piped"));
+    let status = child.wait()?;
+    if mismatch {
+        eprintln!("qbuf-qemu: {}", host_key_mismatch_message(t, inst));
+    }
+    Ok(status.code().unwrap_or(255))
+}
+
+/// Copies OpenSSH's stderr `from` to ours line by line; whether it said the
+/// guest's host key changed (the caller then explains, see
+/// [`host_key_mismatch_message`]).
+pub fn pass_stderr(from: impl Read) -> bool {
     let mut mismatch = false;
     let mut out = std::io::stderr();
-    let mut r = BufReader::new(stderr);
+    let mut r = BufReader::new(from);
     let mut line = Vec::new();
     while r.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
         mismatch |= String::from_utf8_lossy(&line).contains(HOST_KEY_CHANGED);
         let _ = out.write_all(&line);
         line.clear();
     }
-    let status = child.wait()?;
-    if mismatch {
-        eprintln!("qbuf-qemu: {}", host_key_mismatch_message(t, inst));
-    }
-    Ok(status.code().unwrap_or(255))
+    mismatch
 }
 
 #[cfg(test)]

@@ -330,3 +330,85 @@ fn out_of_range_values_are_usage_errors_and_touch_nothing() {
     assert!(stderr(&o).contains("/tmp/disk-") && stderr(&o).contains("UTF-8"), "{}", stderr(&o));
     assert!(!s.exists());
 }
+
+/// Whether this test may give directories to another user (root, as in
+/// CI); when not, says so (and fails under CI, where it must run).
+fn as_root(test: &str) -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    if !root {
+        assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "{test} needs root, and CI runs as root");
+        eprintln!("{test}: not run: it needs root to give a directory to another user (CI runs it as root)");
+    }
+    root
+}
+
+/// `uid 65534 (nobody)` as the tool names that user.
+fn nobody() -> (nix::unistd::Uid, String) {
+    let uid = nix::unistd::Uid::from_raw(65534);
+    let name = nix::unistd::User::from_uid(uid).ok().flatten().map(|u| format!(" ({})", u.name));
+    (uid, format!("uid 65534{}", name.unwrap_or_default()))
+}
+
+/// Runs `args` with state dir `s`; asserts exit 1 with `said` in the message.
+fn refused(s: &std::path::Path, args: &[&str], said: &str) {
+    let mut a = vec!["--state-dir", s.to_str().unwrap()];
+    a.extend_from_slice(args);
+    let o = run(&a);
+    assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+    assert!(stderr(&o).contains(said), "{args:?}: expected {said:?} in: {}", stderr(&o));
+    assert!(stderr(&o).contains("--state-dir DIR"), "{args:?}: the fix is named: {}", stderr(&o));
+}
+
+#[test]
+fn a_state_dir_another_user_owns_is_refused_before_anything_is_written() {
+    if !as_root("a_state_dir_another_user_owns_is_refused_before_anything_is_written") {
+        return;
+    }
+    let (uid, owner) = nobody();
+    let theirs = state("theirs");
+    std::fs::create_dir_all(&theirs).unwrap();
+    nix::unistd::chown(&theirs, Some(uid), None).unwrap();
+    let said = format!("state dir {} belongs to {owner}, not to you (uid 0", theirs.display());
+    for args in [&["launch", "--image", "/nonexistent"][..], &["status"], &["list"], &["ssh-config"]] {
+        refused(&theirs, args, &said);
+        assert_eq!(std::fs::read_dir(&theirs).unwrap().count(), 0, "{args:?} wrote into their state dir");
+    }
+
+    // The attack: their ssh/ in a state dir of ours.
+    let ours = state("ssh-swap");
+    std::fs::create_dir_all(ours.join("ssh")).unwrap();
+    std::fs::write(ours.join("ssh/id_ed25519.pub"), "ssh-ed25519 AAAA their-key\n").unwrap();
+    nix::unistd::chown(&ours.join("ssh"), Some(uid), None).unwrap();
+    refused(
+        &ours,
+        &["launch", "--image", "/nonexistent"],
+        &format!("SSH key dir {}/ssh belongs to {owner}", ours.display()),
+    );
+    assert!(!ours.join("instances").exists(), "launch went on");
+
+    // A symlink into their directory, or to a directory of theirs.
+    let link = state("link");
+    std::os::unix::fs::symlink(&theirs, &link).unwrap();
+    refused(
+        &link,
+        &["launch", "--image", "/nonexistent"],
+        &format!("is a symlink to {}, which belongs to {owner}", theirs.display()),
+    );
+    let inside = theirs.join("mine");
+    std::fs::create_dir(&inside).unwrap();
+    std::fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink(&inside, &link).unwrap();
+    refused(&link, &["list"], &format!("in a directory that belongs to {owner}"));
+
+    // A symlink to a directory of the user's own is fine.
+    let mine = state("mine");
+    std::fs::create_dir_all(&mine).unwrap();
+    std::fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink(&mine, &link).unwrap();
+    let o = run(&["--state-dir", link.to_str().unwrap(), "list"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    for d in [theirs, ours, link, mine] {
+        let _ = std::fs::remove_file(&d);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}

@@ -226,7 +226,8 @@ fn share_added_while_running_is_recorded_and_mountable_after_the_next_boot() {
     let dir = env.dir.join("extra");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("note.txt"), "from the host\n").unwrap();
-    env.launch(&["--no-share", "--ssh-user", "root"]);
+    // 9p on purpose (tests/shares.rs covers virtio-fs).
+    env.launch(&["--no-share", "--ssh-user", "root", "--share-type", "9p"]);
 
     let (sh, out) = env.json(&["share", "add", path_str(&dir), "extra", "--ro"]);
     out.ok();

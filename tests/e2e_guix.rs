@@ -139,3 +139,39 @@ fn a_stale_gc_root_link_is_replaced_not_fatal() {
     assert_eq!(g.calls(), 2);
     assert_eq!(b2["store_path"], b["store_path"]);
 }
+
+#[test]
+fn a_guix_image_shares_over_the_pinned_channels_virtiofsd_when_they_have_one() {
+    let Guix { env, log, guix_dir } = setup("guixvfsd");
+    let share = env.dir.join("checkout");
+    std::fs::create_dir_all(&share).unwrap();
+    std::fs::write(share.join("f"), "from the host\n").unwrap();
+    let store = std::fs::canonicalize(env.dir.join("store")).unwrap();
+    let host_daemon = which("virtiofsd").expect("virtiofsd is not on PATH: run tests/setup.sh");
+    let mut env = env.with_env("FAKE_GUIX_VIRTIOFSD", path_str(&host_daemon));
+    let args = vm_args(&["--guix-dir", path_str(&guix_dir), "--share", path_str(&share)], &[]);
+    let daemon = |env: &Env| s(&env.json(&["status"]).0["shares"][0], "daemon_binary");
+    let builds = || std::fs::read_to_string(&log).unwrap_or_default().matches("build virtiofsd").count();
+    env.boot(&strs(&args)).1.ok();
+    assert!(daemon(&env).starts_with(path_str(&store)), "Guix's virtiofsd serves the share");
+    assert_eq!(env.ssh("dev", "cat /mnt/qbuf/f").stdout(), "from the host\n");
+    assert_eq!(builds(), 1);
+    env.run(&["powerdown"]).code_is(0);
+    env.boot(&["launch", "--timeout", "120"]).1.ok();
+    assert_eq!(builds(), 1, "asked once per channels file");
+    env.run(&["powerdown"]).code_is(0);
+
+    // Other channels, without the package: the host's virtiofsd, and that
+    // answer is remembered too.
+    env.envs.retain(|(k, _)| k != "FAKE_GUIX_VIRTIOFSD");
+    let mut channels = std::fs::read_to_string(guix_dir.join("channels.scm")).unwrap();
+    channels.push_str("\n;; other channels\n");
+    std::fs::write(guix_dir.join("channels.scm"), channels).unwrap();
+    env.boot(&["launch", "--timeout", "120"]).1.ok();
+    assert_eq!(daemon(&env), path_str(&host_daemon));
+    assert_eq!(builds(), 2);
+    env.run(&["powerdown"]).code_is(0);
+    env.boot(&["launch", "--timeout", "120"]).1.ok();
+    assert_eq!(builds(), 2, "the missing package is remembered");
+    env.run(&["powerdown"]).code_is(0);
+}

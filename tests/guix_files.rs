@@ -7,8 +7,11 @@
 //!   reader extended the way Guix extends it (`#~`, `#$`, `#$@`, `#+`,
 //!   `#+@`) — see `tests/support/guix-read-check.scm`;
 //! * the reader check itself rejects broken files (so a pass means something);
-//! * the files state the facts qbuf-qemu relies on (SSH key only, 9p share
-//!   that may fail, guest agent port, pinned channel...);
+//! * the files state the facts qbuf-qemu relies on (SSH key only, the share
+//!   mounted over virtio-fs or 9p and allowed to be absent, the pvpanic
+//!   driver, guest agent port, pinned channel...); where a comment could
+//!   state the fact as well, the code itself is checked (`--forms` of the
+//!   read check writes the forms, without comments);
 //! * `tests/support/fake-guix/guix` keeps the contract other tests rely on.
 //!
 //! Needs `guile` (Debian package `guile-3.0`) and `bash`.  A missing `guile`
@@ -116,6 +119,29 @@ fn read_check(files: &[PathBuf]) -> Output {
     }
 }
 
+/// The forms of FILE (at any depth) whose head is one of HEADS, one per line
+/// as Guile writes them: comments are gone, strings are quoted.
+fn forms(file: &Path, heads: &[&str]) -> Vec<String> {
+    let root = repo_root();
+    let output = Command::new("guile")
+        .arg("--no-auto-compile")
+        .arg("-s")
+        .arg(root.join("tests/support/guix-read-check.scm"))
+        .arg("--forms")
+        .arg(file)
+        .args(heads)
+        .current_dir(&root)
+        .env("GUILE_AUTO_COMPILE", "0")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run guile (install guile-3.0): {}", e));
+    assert!(output.status.success(), "--forms failed on {}\n{}", file.display(), describe(&output));
+    String::from_utf8_lossy(&output.stdout).lines().map(str::to_string).collect()
+}
+
+fn dev_vm() -> PathBuf {
+    repo_root().join("guix/dev-vm.scm")
+}
+
 #[test]
 fn every_guix_file_reads_as_scheme() {
     let files = guix_scm_files();
@@ -190,13 +216,15 @@ fn dev_vm_states_what_qbuf_qemu_relies_on() {
         "openssh-service-type",
         "(name \"dev\")",
         "NOPASSWD: ALL",
-        // 9p share of the checkout.
-        "(device \"qbuf\")",
-        "(mount-point \"/mnt/qbuf\")",
-        "(type \"9p\")",
-        "trans=virtio",
-        "(mount-may-fail? #t)",
-        "\"9pnet_virtio\"",
+        // The checkout at /mnt/qbuf, over virtio-fs or 9p (the code is
+        // checked in dev_vm_mounts_the_share_over_virtiofs_or_9p), writable
+        // by `dev` with the host user's uid.
+        "(define %qbuf-share-tag \"qbuf\")",
+        "(define %qbuf-share-mount-point \"/mnt/qbuf\")",
+        "trans=virtio,version=9p2000.L,msize=262144",
+        "(service qbuf-share-service-type)",
+        "(getenv \"QBUF_QEMU_DEV_UID\")",
+        "(uid %qbuf-dev-uid)",
         // Guest agent and power button.
         "qemu-guest-agent-service-type",
         "org.qemu.guest_agent.0",
@@ -218,6 +246,86 @@ fn dev_vm_states_what_qbuf_qemu_relies_on() {
     let missing: Vec<&str> = required.iter().cloned().filter(|s| !text.contains(s)).collect();
     assert!(missing.is_empty(), "guix/dev-vm.scm lacks {:?}", missing);
     assert!(!text.contains("(password-authentication? #t)"), "password authentication must stay off");
+}
+
+#[test]
+fn dev_vm_mounts_the_share_over_virtiofs_or_9p() {
+    let file = dev_vm();
+
+    // Tag and mount point, and the 9p options qbuf-qemu itself uses.
+    let defines = forms(&file, &["define"]);
+    for expected in [
+        "(define %qbuf-share-tag \"qbuf\")",
+        "(define %qbuf-share-mount-point \"/mnt/qbuf\")",
+        "(define %qbuf-share-9p-options \"trans=virtio,version=9p2000.L,msize=262144\")",
+    ]
+    .iter()
+    {
+        assert!(defines.iter().any(|f| f == expected), "guix/dev-vm.scm lacks {}", expected);
+    }
+
+    // One mount(2) of the tag at the mount point, tried over virtio-fs first
+    // (filesystem type "virtiofs", no options), then over 9p.
+    let mounts = forms(&file, &["mount", "mount-share"]);
+    assert!(
+        mounts.iter().any(|f| f == "(mount (ungexp %qbuf-share-tag) (ungexp %qbuf-share-mount-point) type 0 options)"),
+        "the share service does not mount the tag at the mount point: {:?}",
+        mounts
+    );
+    let calls: Vec<&String> = mounts.iter().filter(|f| f.starts_with("(mount-share \"")).collect();
+    assert_eq!(
+        calls,
+        ["(mount-share \"virtiofs\" #f)", "(mount-share \"9p\" (ungexp %qbuf-share-9p-options))"],
+        "virtiofs first, then 9p"
+    );
+
+    // No <file-system> for /mnt/qbuf: a second one would make Guix refuse
+    // the system (two services named file-system-/mnt/qbuf), and even one
+    // would mount over the share service's mount.
+    let file_systems = forms(&file, &["file-system"]);
+    assert!(!file_systems.is_empty(), "no file-system entries found at all");
+    assert!(
+        !file_systems.iter().any(|f| f.contains("(mount-point \"/mnt/qbuf\")")),
+        "a <file-system> mounts /mnt/qbuf besides qbuf-share-service-type: {:?}",
+        file_systems
+    );
+
+    // The service is in the system, and user processes wait for it.
+    let services = forms(&file, &["service", "service-extension", "provision"]);
+    for expected in [
+        "(service qbuf-share-service-type)",
+        "(service-extension user-processes-service-type (const (quote (qbuf-share))))",
+        "(provision (quote (qbuf-share)))",
+    ]
+    .iter()
+    {
+        assert!(services.iter().any(|f| f == expected), "guix/dev-vm.scm lacks {}: {:?}", expected, services);
+    }
+}
+
+#[test]
+fn dev_vm_loads_the_share_and_pvpanic_modules_from_the_initrd() {
+    let found = forms(&dev_vm(), &["initrd-modules"]);
+    assert_eq!(found.len(), 1, "expected one initrd-modules field: {:?}", found);
+    let field = &found[0];
+    // virtiofs.ko, the 9p client over virtio, and pvpanic-mmio (the driver
+    // of QEMU's ISA pvpanic device, ACPI QEMU0001); Guix's defaults kept.
+    for module in ["virtiofs", "9p", "9pnet_virtio", "pvpanic-mmio"].iter() {
+        let quoted = format!("\"{}\"", module);
+        assert!(field.contains(&quoted), "initrd-modules lacks {}: {}", quoted, field);
+    }
+    assert!(field.contains("%base-initrd-modules"), "initrd-modules drops Guix's defaults: {}", field);
+}
+
+#[test]
+fn read_check_writes_the_forms_asked_for() {
+    let tmp = TempDir::new("forms");
+    let file = tmp.write(
+        "forms.scm",
+        ";; (wanted \"in a comment\")\n(define x\n  (list (wanted 1) #~(wanted #$y)))\n(other (wanted \"two\"))\n",
+    );
+    assert_eq!(forms(&file, &["wanted"]), ["(wanted 1)", "(wanted (ungexp y))", "(wanted \"two\")"]);
+    assert_eq!(forms(&file, &["nothing"]), Vec::<String>::new());
 }
 
 #[test]

@@ -19,16 +19,17 @@ const LAYERS: &[&[&str]] = &[
         "qmp.rs",
         "qga.rs",
         "instance/paths.rs",
+        "instance/owner.rs",
         "instance/proc.rs",
         "instance/lock.rs",
         "progress.rs",
     ],
     // QEMU as data: the pure argv builder, parsers of its output, its binaries.
-    &["qemu/args.rs", "qemu/forward.rs", "qemu/parse.rs", "qemu/host.rs"],
+    &["qemu/value.rs", "qemu/args.rs", "qemu/forward.rs", "qemu/virtiofs.rs", "qemu/parse.rs", "qemu/host.rs"],
     // The records an instance keeps.
     &["instance/records.rs", "instance/mod.rs"],
-    // Services over the records: images, SSH, Guix, logs, the console.
-    &["qemu/image.rs", "qemu/mod.rs", "ssh.rs", "guix.rs", "logs.rs", "console.rs"],
+    // Services over the records: images, SSH, files out of a guest, Guix, logs, the console.
+    &["qemu/image.rs", "qemu/mod.rs", "ssh.rs", "guest_files.rs", "guix.rs", "logs.rs", "console.rs"],
     // QEMU's parent process and its protocol.
     &["supervisor/"],
     // Typed outcomes and their renderers.

@@ -95,6 +95,80 @@ fn copy_out_brings_guest_files_home_without_a_share() {
     nothing_left(&env);
 }
 
+/// What an untrusted guest leaves in /tmp/evil for the host: a device node
+/// of each kind (the host's disk, /dev/mem), a setuid-root program, a fifo,
+/// symlinks out of the tree, a hard link pair, and plain files.
+const EVIL: &str = "set -e; mkdir -p /tmp/evil/sub; cd /tmp/evil; echo plain > a.txt; echo deep > sub/deep.txt; \
+     mknod sda b 8 0; mknod mem c 1 1; chmod 666 sda mem; mkfifo pipe; \
+     echo '#!/bin/sh' > suid; chown 0:0 suid; chmod 6755 suid; chmod 2775 sub; \
+     ln -s /etc/passwd passwd; ln -s ../../x sub/out; ln -s ../a.txt sub/in; \
+     echo h > h1; ln h1 h2; chown 1234:1234 a.txt";
+
+/// Asserts that `dest` holds only what may come out of a guest, owned by
+/// the running user, and that `skipped` (a JSON list) names the rest.
+fn only_plain_files_landed(dest: &std::path::Path, skipped: &Value) {
+    use std::os::unix::fs::MetadataExt;
+    let me = nix::unistd::geteuid().as_raw();
+    let meta = |p: &str| std::fs::symlink_metadata(dest.join(p));
+    for gone in ["sda", "mem", "pipe", "passwd", "sub/out"] {
+        assert!(meta(gone).is_err(), "{gone} came out of the guest into {}", dest.display());
+    }
+    assert_eq!(std::fs::read_to_string(dest.join("sub/in")).unwrap(), "plain\n", "an inner link is kept");
+    assert_eq!(std::fs::read_to_string(dest.join("sub/deep.txt")).unwrap(), "deep\n");
+    for p in ["", "a.txt", "suid", "sub", "sub/in"] {
+        let m = meta(p).unwrap();
+        assert_eq!(m.uid(), me, "{p} is owned by uid {}, not the running user", m.uid());
+        assert_eq!(m.mode() & 0o7000, 0, "{p} kept mode {:o}", m.mode());
+    }
+    assert_eq!(meta("suid").unwrap().mode() & 0o777, 0o755);
+    let hard = ["h1", "h2"].iter().filter(|h| meta(h).is_err()).count();
+    assert_eq!(hard, 1, "one of a hard-linked pair is the file, the other a skipped link");
+    let reason = |p: &str| {
+        let e = skipped.as_array().unwrap().iter().find(|s| s["path"].as_str().unwrap().ends_with(p));
+        e.map(|e| e["reason"].as_str().unwrap().to_string()).unwrap_or_else(|| panic!("{p} not in {skipped}"))
+    };
+    for (p, why) in [
+        ("/tmp/evil/sda", "device"),
+        ("/tmp/evil/mem", "device"),
+        ("/tmp/evil/pipe", "fifo"),
+        ("/tmp/evil/passwd", "link-escapes"),
+        ("/tmp/evil/sub/out", "link-escapes"),
+    ] {
+        assert_eq!(reason(p), why, "{p}");
+    }
+    assert!(skipped.as_array().unwrap().iter().any(|s| s["reason"] == "hard-link"), "{skipped}");
+}
+
+#[test]
+fn files_out_of_an_untrusted_guest_land_as_plain_files_owned_by_the_user() {
+    let env = Env::new("untrusted");
+    let (art, summary) = (env.dir.join("art"), env.dir.join("summary.json"));
+    let copy = format!("/tmp/evil:{}", path_str(&art));
+    let extra = ["--no-share", "--ssh-user", "root", "--name", "evil", "--keep", "--summary", path_str(&summary)];
+    let mut extra: Vec<&str> = extra.to_vec();
+    extra.extend(["--copy-out", &copy]);
+    let out = env.run(&strs(&run_args(&extra, &["sh", "-c", EVIL])));
+    out.code_is(0);
+    assert!(out.stderr().contains("skipped /tmp/evil/sda: a device node"), "{}", out.text());
+    assert!(out.stderr().contains("copied /tmp/evil/suid without its setuid/setgid/sticky bits"), "{}", out.text());
+    let s = read_json(&summary);
+    only_plain_files_landed(&art, &s["skipped"]);
+    assert!(s["mode_bits_dropped"].to_string().contains("/tmp/evil/suid"), "{s}");
+    let temps: Vec<_> = std::fs::read_dir(&env.dir).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(!temps.iter().any(|n| n.to_string_lossy().starts_with(".qbuf-copy")), "{temps:?}");
+
+    // `copy` guest → host obeys the same rule, into an existing directory.
+    let down = env.dir.join("down");
+    std::fs::create_dir(&down).unwrap();
+    let (c, out) = env.json(&["copy", "evil:/tmp/evil", path_str(&down)]);
+    out.ok();
+    only_plain_files_landed(&down.join("evil"), &c["skipped"]);
+    let out = env.run(&["copy", "evil:/tmp/evil", path_str(&down)]);
+    out.code_is(1);
+    assert!(out.stderr().contains("never merges into a directory"), "{}", out.text());
+    env.run(&["--name", "evil", "destroy", "--yes"]).ok();
+}
+
 #[test]
 fn the_checkout_is_the_working_directory() {
     let env = Env::new("runshare");

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the test suite needs on a Debian bookworm host, as root:
-# QEMU 10 (backports) and 7.2 beside it, OpenSSH's client, Guile (reads the
-# guix/ files), and the busybox test guest. Idempotent.
+# QEMU 10 (backports) and 7.2 beside it, virtiofsd, OpenSSH's client, Guile
+# (reads the guix/ files), and the busybox test guest. Idempotent.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 export DEBIAN_FRONTEND=noninteractive
@@ -14,4 +14,5 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -q --no-install-recommends "${need[@]}" || { apt-get update -q && apt-get install -y -q --no-install-recommends "${need[@]}"; }
 fi
 "$here/support/install-host-qemu.sh"
+"$here/support/install-virtiofsd.sh"
 "$here/guest/build.sh"

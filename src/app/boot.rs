@@ -10,7 +10,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use super::ready;
 use super::resume::{self, Resume};
-use super::spec::{defaults, launched, must_exist, ssh_key_for, vm_spec, LaunchOptions, ResumeFrom};
+use super::spec::{defaults, launched, must_exist, share_transport, ssh_key_for, vm_spec, LaunchOptions, ResumeFrom};
 use super::Ctx;
 use crate::config::{self, AccelChoice, Change, PortChoice, Settings, Source};
 use crate::host;
@@ -135,7 +135,7 @@ fn plan(
     notes: &mut Vec<String>,
 ) -> Result<(BootPlan, bool)> {
     let devices = DevicesRecord::load(inst)?;
-    let (spec, auto_kvm) = match resume {
+    let (mut spec, auto_kvm) = match resume {
         Some(r) => {
             resume::check(ctx, &devices, bins, r)?;
             let disk = resume::disk(inst, bins, r)?;
@@ -164,9 +164,10 @@ fn plan(
             (vm_spec(inst, s, accel, disk, kernel, &devices, bins.firmware.clone()), auto_kvm)
         }
     };
+    let daemons = share_transport(ctx, inst, s, resume.map(|r| r.record.spec.share_kind), &mut spec, notes)?;
     let argv = crate::qemu::args::build_args(&spec)?;
     let serial_start = std::fs::metadata(inst.serial_log()).map(|m| m.len()).unwrap_or(0);
-    let plan = BootPlan { qemu: bins.system.clone(), argv, spec, serial_start };
+    let plan = BootPlan { qemu: bins.system.clone(), argv, spec, serial_start, daemons };
     write_json(&inst.boot_plan(), &plan)?;
     Ok((plan, auto_kvm))
 }

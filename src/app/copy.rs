@@ -1,7 +1,11 @@
 //! `copy SRC… DEST`: files and directories between the host and a guest,
-//! recursively, by `scp` with the instance's pinned SSH settings (the same
-//! table as `ssh` and `ssh-config`).
+//! recursively, with the instance's pinned SSH settings (the same table as
+//! `ssh` and `ssh-config`). Host → guest is `scp`; guest → host goes
+//! through [`crate::guest_files`], as `run --copy-out` does, because what
+//! comes out of a guest is untrusted: no device nodes, setuid bits, owners
+//! or links out of the copy, even for root.
 
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Result};
@@ -9,6 +13,8 @@ use anyhow::{anyhow, bail, Result};
 use super::observe::running_target;
 use super::Ctx;
 use crate::cli::parse::CopyPath;
+use crate::guest_files::{self, Unpacked};
+use crate::instance::Instance;
 use crate::report::access::Copied;
 use crate::report::error::Usage;
 use crate::ssh::{self, ScpPath};
@@ -66,12 +72,18 @@ pub fn copy(ctx: &Ctx, paths: &[CopyPath]) -> Result<Copied> {
     }
     let one = Ctx { name: plan.name.clone(), ..ctx.clone() };
     let (inst, t) = running_target(&one)?;
-    let argv = t.scp_command(&plan.sources, &plan.dest, ssh::scp_speaks_sftp(), ctx.json || ctx.quiet);
     let started = Instant::now();
-    let code = ssh::run_explained(&argv, &t, &inst)?;
-    if code != 0 {
-        return Err(anyhow!("scp failed (exit status {code}); its message is above"));
-    }
+    let left_out = match &plan.dest {
+        ScpPath::Local(dest) => from_guest(&t, &inst, &plan.sources, Path::new(dest))?,
+        ScpPath::Guest(_) => {
+            let argv = t.scp_command(&plan.sources, &plan.dest, ssh::scp_speaks_sftp(), ctx.json || ctx.quiet);
+            let code = ssh::run_explained(&argv, &t, &inst)?;
+            if code != 0 {
+                return Err(anyhow!("scp failed (exit status {code}); its message is above"));
+            }
+            Unpacked::default()
+        }
+    };
     let show = |p: &ScpPath| match p {
         ScpPath::Local(l) => l.clone(),
         ScpPath::Guest(g) => format!("{}:{g}", plan.name),
@@ -82,7 +94,23 @@ pub fn copy(ctx: &Ctx, paths: &[CopyPath]) -> Result<Copied> {
         sources: plan.sources.iter().map(show).collect(),
         destination: show(&plan.dest),
         seconds: started.elapsed().as_secs_f64(),
+        left_out,
     })
+}
+
+/// Guest → host, each source like `cp -r`: several need DEST to be a
+/// directory.
+fn from_guest(t: &ssh::Target, inst: &Instance, sources: &[ScpPath], dest: &Path) -> Result<Unpacked> {
+    if sources.len() > 1 && !dest.is_dir() {
+        bail!("{} is not a directory: copying several sources needs an existing directory as DEST", dest.display());
+    }
+    let mut all = Unpacked::default();
+    for s in sources {
+        if let ScpPath::Guest(g) = s {
+            all.extend(guest_files::copy_from_guest(t, inst, g, dest)?);
+        }
+    }
+    Ok(all)
 }
 
 #[cfg(test)]

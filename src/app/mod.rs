@@ -117,6 +117,11 @@ fn done<T: Render>(ctx: &Ctx, value: &T) -> Result<i32> {
 /// Runs one command line; the result is the process's exit status.
 pub fn run(cli: Cli) -> Result<i32> {
     let ctx = context(&cli)?;
+    // The contract: a state dir that is not the user's is refused, before
+    // any command reads or writes there. doctor reports it instead.
+    if !matches!(cli.command, Command::Doctor | Command::Completions { .. } | Command::Man { .. }) {
+        ctx.state.check_owned(&ctx.name)?;
+    }
     match cli.command {
         Command::Launch(a) => done(&ctx, &launch::launch(&ctx, &spec::LaunchOptions::from_args(*a)?)?),
         Command::Build(a) => done(&ctx, &build::build(&ctx, a)?),

@@ -1,6 +1,7 @@
 //! `run [launch flags] -- COMMAND`: a throwaway VM for one command, the CI
 //! verb. It boots (or resumes a snapshot), runs COMMAND over the pinned SSH
-//! with its output streamed, copies artifacts out, then stops the VM with
+//! with its output streamed, copies artifacts out (as untrusted input,
+//! see [`crate::guest_files`]), then stops the VM with
 //! the ladder and removes everything the run created, on every path:
 //! COMMAND failing, Ctrl-C, SIGTERM from a CI runner, `--timeout`, a hung
 //! guest, QEMU crashing. Exit status as `timeout(1)` does it: COMMAND's,
@@ -18,6 +19,7 @@ use super::spec::{vm_flags, LaunchOptions, ResumeFrom};
 use super::{launch, resume, stop, Ctx};
 use crate::cli::RunArgs;
 use crate::config::PortChoice;
+use crate::guest_files;
 use crate::instance::read_json;
 use crate::instance::records::RunRecord;
 use crate::report::error::{RunNotStarted, Usage};
@@ -129,6 +131,11 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<i32> {
     let rctx = Ctx { name, named: true, ..ctx.clone() };
     let mut opts = LaunchOptions::plain(a.timeout);
     opts.flags = vm_flags(a.vm, Some(PortChoice::Auto))?;
+    if a.from_snapshot.is_some() {
+        if let Some(source) = read_json::<crate::config::Settings>(&ctx.instance().settings())? {
+            crate::config::inherit(&mut opts.flags, &source);
+        }
+    }
     opts.cancel = Some(int.cancel.clone());
     opts.resume = resume.map(|r| ResumeFrom::Checked(Box::new(r)));
     let mut summary = RunSummary::new(&rctx.name, a.from_snapshot.clone(), &a.command);
@@ -199,9 +206,17 @@ fn command_then_artifacts(
     }
     let t1 = Instant::now();
     for (guest, host) in copy_out {
-        if let Err(e) = copy_from_guest(&t, guest, host) {
-            eprintln!("qbuf-qemu: run: --copy-out {guest}: {e:#}");
-            summary.error.get_or_insert_with(|| format!("--copy-out {guest}: {e:#}"));
+        match guest_files::copy_from_guest(&t, &inst, guest, host) {
+            Ok(u) => {
+                for line in crate::report::access::left_out(&u) {
+                    eprintln!("qbuf-qemu: run: --copy-out {guest}: {line}");
+                }
+                summary.copy_out.extend(u);
+            }
+            Err(e) => {
+                eprintln!("qbuf-qemu: run: --copy-out {guest}: {e:#}");
+                summary.error.get_or_insert_with(|| format!("--copy-out {guest}: {e:#}"));
+            }
         }
     }
     if !copy_out.is_empty() {
@@ -234,44 +249,6 @@ fn run_command(t: &Target, workdir: Option<&str>, command: &[String], int: &Inte
     int.child.store(0, Ordering::SeqCst);
     use std::os::unix::process::ExitStatusExt;
     Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
-}
-
-/// Copies `guest` (a file or a directory) to `host` through tar over the
-/// pinned SSH (the guest needs no scp or sftp): like `cp -r`, into `host`
-/// when it is a directory, as `host` otherwise.
-fn copy_from_guest(t: &Target, guest: &str, host: &Path) -> Result<()> {
-    let g = Path::new(guest.trim_end_matches('/'));
-    let base = g.file_name().and_then(|b| b.to_str()).context("the guest path names no file")?.to_string();
-    let parent = g.parent().map(|p| p.display().to_string()).filter(|p| !p.is_empty()).unwrap_or_else(|| ".".into());
-    let remote = format!("tar -cf - -C {} {}", shell_words::quote(&parent), shell_words::quote(&base));
-    let dest = if host.is_dir() { host.join(&base) } else { host.to_path_buf() };
-    let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tmp = dir.join(format!(".qbuf-copy-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp)?;
-    let argv = ssh::streaming_command(t, &remote);
-    let mut from = Command::new(&argv[0])
-        .args(&argv[1..])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot run 'ssh': {}", ssh::SSH_MISSING))?;
-    let untar = Command::new("tar")
-        .arg("-xf")
-        .arg("-")
-        .arg("-C")
-        .arg(&tmp)
-        .stdin(from.stdout.take().expect("piped"))
-        .status()
-        .context("cannot run tar on the host")?;
-    let sent = from.wait()?;
-    let moved = if sent.success() && untar.success() {
-        std::fs::rename(tmp.join(&base), &dest).with_context(|| format!("cannot move the copy to {}", dest.display()))
-    } else {
-        Err(anyhow::anyhow!("the guest could not send {guest} (does it exist?)"))
-    };
-    let _ = std::fs::remove_dir_all(&tmp);
-    moved
 }
 
 /// Stops and removes the run's VM, or says how to reach it when kept.

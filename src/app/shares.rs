@@ -1,6 +1,7 @@
-//! `share add|remove|list`: extra 9p shares, recorded in devices.json.
+//! `share add|remove|list`: extra shares, recorded in devices.json; they go
+//! over virtio-fs or 9p as the boot's default share does (`--share-type`).
 //!
-//! 9p shares cannot be hot-added: a `virtio-9p-pci` device needs an fsdev,
+//! Shares are added at boot. 9p shares cannot be hot-added: a `virtio-9p-pci` device needs an fsdev,
 //! and fsdevs exist only from `-fsdev`/`-virtfs` at start-up. Neither QMP nor
 //! HMP has `fsdev_add` (checked on QEMU 7.2 and 10.0: `device_add
 //! virtio-9p-pci` answers "9pfs device couldn't find fsdev", HMP answers

@@ -7,7 +7,7 @@ use anyhow::{anyhow, Result};
 use super::Ctx;
 use crate::config::{Origin, Settings, ShareMode};
 use crate::instance::read_json;
-use crate::instance::records::DevicesRecord;
+use crate::instance::records::{BootPlan, DevicesRecord};
 use crate::report::devices::describe;
 use crate::report::show::{ShowReport, Shown, ShownOrigin};
 
@@ -18,6 +18,15 @@ fn shown(o: Option<Origin>) -> ShownOrigin {
         Some(Origin::Checkout) => ShownOrigin::Checkout,
         Some(Origin::Auto) => ShownOrigin::Auto,
         None => ShownOrigin::Saved,
+    }
+}
+
+/// `--share-type`, and what the last boot used (what `auto` chose).
+fn share_type(inst: &crate::instance::Instance, s: &Settings) -> String {
+    let plan: Option<BootPlan> = read_json(&inst.boot_plan()).ok().flatten();
+    match plan.filter(|p| !p.spec.shares.is_empty()) {
+        Some(p) => format!("{} (the last boot shared over {})", s.share_type.as_str(), p.spec.share_kind.as_str()),
+        None => s.share_type.as_str().to_string(),
     }
 }
 
@@ -42,6 +51,7 @@ pub fn show(ctx: &Ctx) -> Result<ShowReport> {
         row("ssh", format!("{}@127.0.0.1 port {}", s.ssh_user, s.ssh_port), shown(o.ssh_port)),
         row("ssh key", key, shown(o.ssh_key)),
         row("share", share, shown(o.share)),
+        row("share type", share_type(&inst, &s), shown(o.share_type)),
         row("boot", s.source.describe(), shown(o.source)),
         row("accel", format!("{:?}", s.accel).to_lowercase(), shown(o.accel)),
     ];

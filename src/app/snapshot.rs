@@ -22,6 +22,7 @@ use crate::instance::paths::Snapshot;
 use crate::instance::records::{BootPlan, RunRecord, SnapshotRecord};
 use crate::instance::{read_json, write_json, Instance};
 use crate::qemu::args::validate_id;
+use crate::qemu::args::ShareKind;
 use crate::report::snapshot::{SnapshotDone, SnapshotEntry, SnapshotList};
 
 /// No bandwidth cap: the VM is paused, the file is local.
@@ -61,6 +62,15 @@ pub fn save(ctx: &Ctx, name: &str) -> Result<SnapshotDone> {
     let remounted = guest::mount_shares(&t, &mounts);
     if let Err(e) = saved {
         let _ = std::fs::remove_dir_all(&snap.dir);
+        let e = match plan.spec.share_kind {
+            // QEMU 7.2 refuses ("State blocked by non-migratable device
+            // '…/vhost-user-fs'"); 10.0 saves and resumes it.
+            ShareKind::Virtiofs if format!("{e:#}").contains("vhost-user-fs") => e.context(format!(
+                "this QEMU cannot save a VM with a virtio-fs share (QEMU 10 can): relaunch with \
+                 '--share-type 9p' to take snapshots with this QEMU, or use a newer QEMU"
+            )),
+            _ => e,
+        };
         return Err(e.context(format!("saving snapshot '{name}' (nothing was kept; the VM runs on)")));
     }
     resumed?;

@@ -12,11 +12,12 @@ use anyhow::{Context, Result};
 use super::resume::Resume;
 use super::{absolute_flag, Ctx};
 use crate::cli::{LaunchArgs, VmArgs};
-use crate::config::{self, Change, LaunchFlags, PortChoice, Settings};
+use crate::config::{self, Change, LaunchFlags, PortChoice, Settings, ShareType};
 use crate::host;
 use crate::instance::records::DevicesRecord;
 use crate::instance::{Instance, StateDir};
 use crate::qemu::args::{Accel, Endpoints, KernelBoot, Share, VmSpec, DEFAULT_SHARE_TAG, HOTPLUG_PORTS};
+use crate::qemu::virtiofs::{self, Daemon, ShareKind};
 use crate::report::launch::Launched;
 use crate::ssh;
 
@@ -88,6 +89,7 @@ pub fn vm_flags(a: VmArgs, ssh_port: Option<PortChoice>) -> Result<LaunchFlags> 
         share: absolute_flag(a.share)?,
         no_share: a.no_share,
         share_mode: a.share_mode,
+        share_type: a.share_type,
         image: absolute_flag(a.image)?,
         kernel: absolute_flag(a.kernel)?,
         initrd: absolute_flag(a.initrd)?,
@@ -175,6 +177,7 @@ pub fn vm_spec(
         disk,
         kernel,
         shares,
+        share_kind: ShareKind::NineP,
         extra_disks: devices.disks.clone(),
         forwards: devices.forwards.clone(),
         authorized_key: inst.authorized_key(),
@@ -184,9 +187,86 @@ pub fn vm_spec(
             console: inst.console(),
             serial_log: inst.serial_log(),
             guest_agent: inst.guest_agent(),
+            share_sockets: vec![],
         },
         hotplug_ports: HOTPLUG_PORTS,
         firmware,
         incoming: false,
     }
+}
+
+/// How this boot's shares reach the guest (`--share-type`, or the saved
+/// VM's way for a resume: its devices must be the same), and the
+/// `virtiofsd` each needs when that is virtio-fs. `auto` without a usable
+/// `virtiofsd` falls back to 9p with one note saying why and what to do.
+pub fn share_transport(
+    ctx: &Ctx,
+    inst: &Instance,
+    s: &Settings,
+    resumed: Option<ShareKind>,
+    spec: &mut VmSpec,
+    notes: &mut Vec<String>,
+) -> Result<Vec<Daemon>> {
+    spec.share_kind = ShareKind::NineP;
+    spec.endpoints.share_sockets.clear();
+    if spec.shares.is_empty() {
+        return Ok(vec![]);
+    }
+    let asked = match resumed {
+        Some(ShareKind::NineP) => ShareType::NineP,
+        Some(ShareKind::Virtiofs) => ShareType::Virtiofs,
+        None => s.share_type,
+    };
+    if asked == ShareType::NineP {
+        return Ok(vec![]);
+    }
+    let binary = match (asked, guix_virtiofsd(ctx, s).or_else(|_| virtiofs::find_virtiofsd())) {
+        (ShareType::NineP, _) => return Ok(vec![]),
+        (_, Ok(b)) => b,
+        (ShareType::Virtiofs, Err(why)) if resumed.is_some() => anyhow::bail!(
+            "the snapshot was saved with a virtio-fs share, and there is no usable virtiofsd ({why}): {}",
+            virtiofs::HOW_TO_GET
+        ),
+        (ShareType::Virtiofs, Err(why)) => anyhow::bail!(
+            "--share-type virtiofs, but there is no usable virtiofsd ({why}): {}; or share over 9p with --share-type 9p",
+            virtiofs::HOW_TO_GET
+        ),
+        (ShareType::Auto, Err(why)) => {
+            notes.push(format!(
+                "sharing over 9p, which is much slower for builds than virtio-fs: no usable virtiofsd ({why}); {}",
+                virtiofs::HOW_TO_GET
+            ));
+            return Ok(vec![]);
+        }
+    };
+    crate::instance::paths::private_dir(&inst.virtiofs_dir())?;
+    tracing::info!("virtio-fs shares served by {}", binary.display());
+    let (uid, gid) = (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw());
+    spec.share_kind = ShareKind::Virtiofs;
+    let mut daemons = vec![];
+    for (i, share) in spec.shares.iter().enumerate() {
+        let socket = inst.share_socket(i);
+        daemons.push(Daemon {
+            tag: share.tag.clone(),
+            binary: binary.clone(),
+            argv: virtiofs::daemon_args(&share.path, share.readonly, &socket, uid, gid),
+            socket: socket.clone(),
+            log: inst.share_daemon_log(i),
+        });
+        spec.endpoints.share_sockets.push(socket);
+    }
+    Ok(daemons)
+}
+
+/// For a Guix image, the pinned channels' `virtiofsd` (the same daemon on
+/// every host), when they have one that works; else `Err` and the caller
+/// looks on this host.
+fn guix_virtiofsd(ctx: &Ctx, s: &Settings) -> Result<PathBuf, String> {
+    let config::Source::Guix { guix_dir, .. } = &s.source else {
+        return Err("not a Guix image".into());
+    };
+    let dir = crate::guix::resolve_dir(guix_dir.as_deref(), &ctx.state).map_err(|e| format!("{e:#}"))?;
+    let b = crate::guix::pinned_virtiofsd(&ctx.state, &dir)
+        .inspect_err(|why| tracing::info!("no virtiofsd from Guix ({why}): looking on this host"))?;
+    virtiofs::usable(&b).map(|()| b)
 }

@@ -32,6 +32,7 @@ pub fn status(ctx: &Ctx) -> Result<Status> {
         memory_mib: settings.as_ref().map(|s| s.memory_mib),
         cpus: settings.as_ref().map(|s| s.cpus),
         disks: vec![],
+        shares: vec![],
         hotplug_ports: None,
         hotplug_ports_used: None,
         hotplug_ports_free: None,

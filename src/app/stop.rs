@@ -300,13 +300,15 @@ fn remove_files(inst: &Instance) -> Result<Vec<PathBuf>> {
         }
         let _ = std::fs::remove_dir(&disks);
     }
-    // Every file under snapshots/ is made by `snapshot save`.
-    let snapshots = inst.snapshots_dir();
-    if snapshots.is_dir() && std::fs::remove_dir_all(&snapshots).is_ok() {
-        removed.push(snapshots);
+    // Every file under snapshots/ is made by `snapshot save`, and every
+    // one under virtiofs/ by the supervisor (sockets, virtiofsd's logs).
+    for dir in [inst.snapshots_dir(), inst.virtiofs_dir()] {
+        if dir.is_dir() && std::fs::remove_dir_all(&dir).is_ok() {
+            removed.push(dir);
+        }
     }
     for name in crate::instance::paths::INSTANCE_FILES {
-        if ["lock", "disks", "snapshots"].contains(name) {
+        if ["lock", "disks", "snapshots", "virtiofs"].contains(name) {
             continue;
         }
         let p = inst.dir.join(name);

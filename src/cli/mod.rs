@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{AccelChoice, PortChoice, ShareMode};
+use crate::config::{AccelChoice, PortChoice, ShareMode, ShareType};
 use crate::qemu::forward::Forward;
 use crate::qemu::image::DiskFormat;
 use parse::{CopyPath, HostEnd};
@@ -109,7 +109,7 @@ Examples: qbuf-qemu copy notes.txt build/ :/tmp/\n          qbuf-qemu copy dev:/
     /// Host ports forwarded to the guest (QEMU user network), on 127.0.0.1 unless an address is given
     #[command(subcommand)]
     Forward(ForwardCommand),
-    /// Extra 9p directory shares; QEMU cannot add one to a running VM, so they appear at the next boot
+    /// Extra directory shares (virtio-fs or 9p, as the default share); they appear at the next boot
     #[command(subcommand)]
     Share(ShareCommand),
     /// Send any QMP command to the running VM and print QEMU's raw reply as JSON
@@ -241,12 +241,12 @@ pub enum ForwardCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum ShareCommand {
-    /// Record a directory shared as 9p tag TAG from the next boot on
+    /// Record a directory shared as tag TAG from the next boot on
     Add {
         /// The host directory to share
         #[arg(value_name = "DIR", value_parser = parse::path())]
         dir: PathBuf,
-        /// The 9p mount tag the guest mounts it by (letters, digits, '-', '_')
+        /// The mount tag the guest mounts it by (letters, digits, '-', '_')
         #[arg(value_name = "TAG", value_parser = parse::share_tag)]
         tag: String,
         /// Read-only for the guest
@@ -255,7 +255,7 @@ pub enum ShareCommand {
     },
     /// Stop sharing TAG from the next boot on
     Remove {
-        /// The share's 9p mount tag (see 'share list')
+        /// The share's mount tag (see 'share list')
         #[arg(value_name = "TAG")]
         tag: String,
     },
@@ -284,7 +284,7 @@ pub struct VmArgs {
     /// Virtual CPUs, at most the host's [default: 2]
     #[arg(long, value_name = "N", value_parser = parse::cpus)]
     pub cpus: Option<u32>,
-    /// Host directory shared at /mnt/qbuf (9p tag qbuf) [default: the git checkout you are in]
+    /// Host directory shared at /mnt/qbuf (tag qbuf) [default: the git checkout you are in]
     #[arg(long, value_name = "DIR", value_parser = parse::path())]
     pub share: Option<PathBuf>,
     /// Do not share a directory
@@ -293,6 +293,9 @@ pub struct VmArgs {
     /// rw lets the guest write the checkout (including .git/hooks the host runs); ro prevents that [default: rw]
     #[arg(long, value_enum, value_name = "MODE")]
     pub share_mode: Option<ShareMode>,
+    /// How /mnt/qbuf is shared: auto = virtio-fs when a virtiofsd is found (fast), else 9p [default: auto]
+    #[arg(long, value_enum, value_name = "TYPE")]
+    pub share_type: Option<ShareType>,
     /// auto = KVM when /dev/kvm is usable, else TCG with a warning [default: auto]
     #[arg(long, value_enum)]
     pub accel: Option<AccelChoice>,

@@ -1,8 +1,10 @@
 //! One instance on disk: where its files are ([`paths`]), the lock held for
 //! the VM's whole life ([`lock`]), the JSON records that survive QEMU
-//! ([`records`]), and process identities ([`proc`]).
+//! ([`records`]), process identities ([`proc`]), and the one check that the
+//! state dir is the running user's ([`owner`]).
 
 pub mod lock;
+pub mod owner;
 pub mod paths;
 pub mod proc;
 pub mod records;

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+use super::owner;
+
 /// The instance a command means when `--name` is not given.
 pub const DEFAULT_NAME: &str = "dev";
 
@@ -49,13 +51,18 @@ pub fn default_state_dir() -> Result<PathBuf> {
     Ok(PathBuf::from(home).join(".local/state/qbuf-qemu"))
 }
 
-/// Creates `dir` (and parents) private to the user; tightens an existing one.
+/// Creates `dir` (and parents) private to the user; tightens an existing
+/// one. One that belongs to someone else is refused, never tightened
+/// (see [`owner`]): checked before, and again once made, so a directory
+/// another user put there in between is refused too.
 pub fn private_dir(dir: &Path) -> Result<()> {
+    owner::check(dir, "directory")?;
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
         .with_context(|| format!("cannot create {}", dir.display()))?;
+    owner::check(dir, "directory")?;
     let meta = fs::metadata(dir)?;
     if meta.permissions().mode() & 0o077 != 0 {
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
@@ -77,6 +84,22 @@ impl StateDir {
     pub fn ensure(&self) -> Result<()> {
         private_dir(&self.root)?;
         private_dir(&self.root.join("instances"))
+    }
+    /// The one ownership check ([`owner`]) of what every command relies
+    /// on: the state dir, `instances/`, the instance `name`'s directory,
+    /// `ssh/` and the user key. Run before a command reads or writes there,
+    /// so a refusal comes before any file is written.
+    pub fn check_owned(&self, name: &str) -> Result<()> {
+        let key = self.user_key();
+        let checks = [
+            (self.root.clone(), "state dir"),
+            (self.root.join("instances"), "instances dir"),
+            (self.instance(name).dir, "instance dir"),
+            (self.ssh_dir(), "SSH key dir"),
+            (key.with_extension("pub"), "SSH public key"),
+            (key, "SSH key"),
+        ];
+        checks.iter().try_for_each(|(path, what)| owner::check(path, what))
     }
     pub fn ssh_dir(&self) -> PathBuf {
         self.root.join("ssh")
@@ -179,6 +202,8 @@ files! {
     guix_image => "guix-image.json";
     /// Saved VMs (`snapshot save`), one directory each.
     snapshots_dir => "snapshots";
+    /// virtio-fs shares' vhost-user sockets and `virtiofsd` logs.
+    virtiofs_dir => "virtiofs";
 }
 
 /// A saved VM: its files, all made by `snapshot save`.
@@ -236,6 +261,16 @@ impl Instance {
 
     pub fn ensure_dir(&self) -> Result<()> {
         private_dir(&self.dir)
+    }
+
+    /// Share number `index`'s vhost-user socket (virtio-fs).
+    pub fn share_socket(&self, index: usize) -> PathBuf {
+        self.virtiofs_dir().join(format!("{index}.sock"))
+    }
+
+    /// What share number `index`'s `virtiofsd` wrote to stderr.
+    pub fn share_daemon_log(&self, index: usize) -> PathBuf {
+        self.virtiofs_dir().join(format!("{index}.log"))
     }
 
     /// The unix sockets QEMU and the supervisor create.

@@ -17,8 +17,10 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use super::paths::Instance;
 use super::proc::{ExitInfo, ProcIdentity};
+use crate::qemu::args::ShareKind;
 use crate::qemu::args::{Accel, ExtraDisk, Share, VmSpec};
 use crate::qemu::forward::Forward;
+use crate::qemu::virtiofs::Daemon;
 use crate::qmp::Event;
 
 /// Writes JSON atomically (temp file + rename), private to the user. A
@@ -80,6 +82,9 @@ pub struct BootPlan {
     /// boots), for `logs --boot`.
     #[serde(default)]
     pub serial_start: u64,
+    /// The `virtiofsd`s to start before QEMU, one per virtio-fs share.
+    #[serde(default)]
+    pub daemons: Vec<Daemon>,
 }
 
 impl BootPlan {
@@ -231,6 +236,9 @@ pub struct SnapshotRecord {
 pub struct GuestMount {
     pub tag: String,
     pub path: String,
+    /// How it was mounted (snapshots saved before virtio-fs: 9p).
+    #[serde(default)]
+    pub kind: ShareKind,
 }
 
 /// devices.json: runtime additions that persist across launches.

@@ -1,9 +1,5 @@
 //! QEMU's command line, built as data from a resolved [`VmSpec`] with no I/O,
-//! so every option and its escaping is unit-tested.
-//!
-//! QEMU's option parsers (QemuOpts and keyval) split values on `,`; a literal
-//! `,` must be doubled. An unescaped one can be silently misparsed: a path
-//! ending in `,snapshot` or `,readonly` starts fine with a different meaning.
+//! so every option and its escaping (see [`super::value`]) is unit-tested.
 
 use std::path::{Path, PathBuf};
 
@@ -11,6 +7,8 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use super::forward::Forward;
+pub use super::value::{escape_value, path_value, socket_value};
+pub use super::virtiofs::ShareKind;
 
 /// Accelerator actually used for a boot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,6 +59,9 @@ pub struct Endpoints {
     pub console: PathBuf,
     pub serial_log: PathBuf,
     pub guest_agent: PathBuf,
+    /// One vhost-user socket per share, when they go over virtio-fs.
+    #[serde(default)]
+    pub share_sockets: Vec<PathBuf>,
 }
 
 /// Everything a boot needs, resolved: no defaults are applied past this point.
@@ -75,6 +76,9 @@ pub struct VmSpec {
     pub disk: Option<PathBuf>,
     pub kernel: Option<KernelBoot>,
     pub shares: Vec<Share>,
+    /// How the shares reach the guest (all of one boot's the same way).
+    #[serde(default)]
+    pub share_kind: ShareKind,
     pub extra_disks: Vec<ExtraDisk>,
     /// Extra user-network forwards `(proto, host_addr, host_port, guest_port)`.
     pub forwards: Vec<Forward>,
@@ -123,37 +127,6 @@ pub fn validate_id(what: &str, id: &str) -> Result<()> {
     Ok(())
 }
 
-/// Doubles every `,` so a value survives QEMU's option parser.
-pub fn escape_value(v: &str) -> String {
-    v.replace(',', ",,")
-}
-
-/// A path as a QEMU option value: UTF-8 only (QEMU's parsers are byte
-/// strings, but our own records are JSON), commas doubled.
-pub fn path_value(what: &str, p: &Path) -> Result<String> {
-    let Some(s) = p.to_str() else {
-        bail!("{what} path {} is not valid UTF-8; QEMU cannot be given it safely: rename or move it", p.display())
-    };
-    if s.contains('\n') || s.contains('\0') {
-        bail!("{what} path {s:?} contains a newline; choose a path without one");
-    }
-    Ok(escape_value(s))
-}
-
-/// A unix socket path must fit `sun_path` (108 bytes with the NUL).
-pub fn socket_value(what: &str, p: &Path) -> Result<String> {
-    let v = path_value(what, p)?;
-    if p.as_os_str().len() > crate::instance::paths::MAX_SOCKET_PATH {
-        bail!(
-            "{what} socket path {} is {} bytes, over the {} a unix socket allows: use a shorter --state-dir",
-            p.display(),
-            p.as_os_str().len(),
-            crate::instance::paths::MAX_SOCKET_PATH
-        );
-    }
-    Ok(v)
-}
-
 fn chardev_socket(id: &str, what: &str, path: &Path) -> Result<String> {
     Ok(format!("socket,id={id},path={},server=on,wait=off", socket_value(what, path)?))
 }
@@ -188,13 +161,12 @@ pub fn build_args(spec: &VmSpec) -> Result<Vec<String>> {
     let name = escape_value(&spec.name);
     a.push(&["-name", &format!("qbuf-{name},process=qbuf-{name}")]);
     a.push(&["-nodefaults", "-no-user-config", "-display", "none"]);
-    a.push(&["-machine", "q35"]);
+    memory(&mut a, spec);
     a.push(&accel_args(spec.accel));
-    a.push(&["-m", &format!("{}M", spec.memory_mib), "-smp", &spec.cpus.to_string()]);
     monitors_and_serial(&mut a, &spec.endpoints)?;
     disks(&mut a, spec)?;
     network(&mut a, spec);
-    shares(&mut a, &spec.shares)?;
+    shares(&mut a, spec)?;
     agent_and_panic(&mut a, &spec.endpoints)?;
     let key = path_value("authorized key", &spec.authorized_key)?;
     a.push(&["-fw_cfg", &format!("name={FW_CFG_AUTHORIZED_KEYS},file={key}")]);
@@ -261,8 +233,31 @@ fn network(a: &mut Argv, spec: &VmSpec) {
     a.push(&["-netdev", &netdev, "-device", &format!("virtio-net-pci,netdev={NETDEV_ID}")]);
 }
 
-fn shares(a: &mut Argv, shares: &[Share]) -> Result<()> {
-    for (i, s) in shares.iter().enumerate() {
+/// The machine and its RAM. vhost-user (virtio-fs) needs guest RAM that
+/// `virtiofsd` can map: a shared memfd backend, the machine's RAM.
+fn memory(a: &mut Argv, spec: &VmSpec) {
+    let (m, smp) = (format!("{}M", spec.memory_mib), spec.cpus.to_string());
+    if spec.share_kind == ShareKind::Virtiofs && !spec.shares.is_empty() {
+        a.push(&["-object", &format!("memory-backend-memfd,id=mem0,size={m},share=on")]);
+        a.push(&["-machine", "q35,memory-backend=mem0"]);
+    } else {
+        a.push(&["-machine", "q35"]);
+    }
+    a.push(&["-m", &m, "-smp", &smp]);
+}
+
+fn shares(a: &mut Argv, spec: &VmSpec) -> Result<()> {
+    if spec.share_kind == ShareKind::Virtiofs {
+        let socks = &spec.endpoints.share_sockets;
+        if socks.len() != spec.shares.len() {
+            bail!("internal: {} virtio-fs shares but {} sockets", spec.shares.len(), socks.len());
+        }
+        for (i, (s, sock)) in spec.shares.iter().zip(socks).enumerate() {
+            a.0.extend(super::virtiofs::device_args(i, &escape_value(&s.tag), &socket_value("virtio-fs", sock)?));
+        }
+        return Ok(());
+    }
+    for (i, s) in spec.shares.iter().enumerate() {
         let path = path_value("share", &s.path)?;
         let ro = if s.readonly { ",readonly=on" } else { "" };
         // security_model=none: files the guest creates belong to the host
@@ -317,6 +312,7 @@ mod tests {
             disk: Some(d.join("overlay.qcow2")),
             kernel: None,
             shares: vec![Share { path: "/home/u/qbuf".into(), tag: "qbuf".into(), readonly: false }],
+            share_kind: ShareKind::NineP,
             extra_disks: vec![],
             forwards: vec![],
             authorized_key: d.join("authorized_keys"),
@@ -326,6 +322,7 @@ mod tests {
                 console: d.join("console.sock"),
                 serial_log: d.join("serial.log"),
                 guest_agent: d.join("qga.sock"),
+                share_sockets: vec![],
             },
             hotplug_ports: 4,
             firmware: None,
@@ -361,6 +358,22 @@ mod tests {
         assert!(all.contains("path=/s/a,,snapshot/qmp.sock,server=on"), "{all}");
         assert!(all.contains("logfile=/s/a,,snapshot/serial.log"), "{all}");
         assert!(all.contains("file=/s/a,,snapshot/authorized_keys"), "{all}");
+    }
+
+    #[test]
+    fn a_virtiofs_share_gets_shared_memory_and_its_socket() {
+        let mut s = spec("/s,x");
+        s.share_kind = ShareKind::Virtiofs;
+        assert!(build_args(&s).is_err(), "a share without its socket is refused");
+        s.endpoints.share_sockets = vec!["/s,x/virtiofs/0.sock".into()];
+        let a = build_args(&s).unwrap();
+        assert_eq!(after(&a, "-object"), ["memory-backend-memfd,id=mem0,size=4096M,share=on"]);
+        assert_eq!(after(&a, "-machine"), ["q35,memory-backend=mem0"]);
+        assert!(after(&a, "-chardev").contains(&"socket,id=vfs0,path=/s,,x/virtiofs/0.sock"));
+        assert!(after(&a, "-device").iter().any(|d| d.starts_with("vhost-user-fs-pci,chardev=vfs0,tag=qbuf,")));
+        assert!(after(&a, "-fsdev").is_empty(), "no 9p device beside it");
+        (s.shares, s.endpoints.share_sockets) = (vec![], vec![]);
+        assert_eq!(after(&build_args(&s).unwrap(), "-machine"), ["q35"], "no share, no shared memory");
     }
 
     #[test]

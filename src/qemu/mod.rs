@@ -1,9 +1,12 @@
 //! QEMU as data and as a program: its command line built with no I/O
-//! ([`args`]; a port forward's rule in [`forward`]), disk images ([`image`]), readers of its output ([`parse`]),
-//! and the binaries and KVM on this host ([`host`]).
+//! ([`args`], its option values escaped by [`value`]; a port forward's rule in [`forward`]), disk images ([`image`]), readers of its output ([`parse`]),
+//! the binaries and KVM on this host ([`host`]), and virtio-fs shares'
+//! `virtiofsd` ([`virtiofs`]).
 
 pub mod args;
 pub mod forward;
 pub mod host;
 pub mod image;
 pub mod parse;
+pub mod value;
+pub mod virtiofs;

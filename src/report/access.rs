@@ -3,6 +3,7 @@
 use serde::Serialize;
 
 use super::Render;
+use crate::guest_files::{SkipReason, Unpacked};
 
 /// One instance's `Host` block.
 #[derive(Debug, Clone, Serialize)]
@@ -49,17 +50,86 @@ pub struct Copied {
     pub sources: Vec<String>,
     pub destination: String,
     pub seconds: f64,
+    /// Guest → host: what the guest sent that was not copied
+    /// (`skipped`), and what lost its setuid/setgid/sticky bits.
+    #[serde(flatten)]
+    pub left_out: Unpacked,
 }
 
 impl Render for Copied {
     fn human(&self) -> String {
         let (from, to) = if self.to_guest { ("", "the guest's ") } else { ("the guest's ", "") };
-        format!(
+        let mut s = format!(
             "Copied {from}{} to {to}{} (instance '{}', {:.1}s).",
             self.sources.join(", "),
             self.destination,
             self.name,
             self.seconds
-        )
+        );
+        for line in left_out(&self.left_out) {
+            s.push_str(&format!("\n{line}"));
+        }
+        s
+    }
+}
+
+impl SkipReason {
+    fn describe(self) -> &'static str {
+        match self {
+            SkipReason::Device => "a device node",
+            SkipReason::Fifo => "a named pipe",
+            SkipReason::HardLink => "a hard link",
+            SkipReason::LinkEscapes => "a symlink out of the copied tree",
+            SkipReason::PathEscapes => "a path out of the copied tree",
+            SkipReason::ParentNotDirectory => "below a symlink or a file",
+            SkipReason::ReplacesDirectory => "would replace a directory",
+            SkipReason::Unsupported => "not a file, directory or symlink",
+        }
+    }
+}
+
+/// One line per entry a copy out of the guest left out or changed (the
+/// guest is untrusted: see `crate::guest_files`).
+pub fn left_out(u: &Unpacked) -> Vec<String> {
+    let mut v: Vec<String> = u
+        .skipped
+        .iter()
+        .map(|s| {
+            let to = s.target.as_ref().map(|t| format!(" -> {t}")).unwrap_or_default();
+            format!("skipped {}{to}: {}", s.path, s.reason.describe())
+        })
+        .collect();
+    v.extend(u.mode_bits_dropped.iter().map(|p| format!("copied {p} without its setuid/setgid/sticky bits")));
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guest_files::Skipped;
+
+    #[test]
+    fn a_copy_says_what_it_left_out() {
+        let c = Copied {
+            name: "dev".into(),
+            to_guest: false,
+            sources: vec!["dev:/tmp/out".into()],
+            destination: "art".into(),
+            seconds: 1.0,
+            left_out: Unpacked {
+                skipped: vec![Skipped {
+                    path: "/tmp/out/pw".into(),
+                    reason: SkipReason::LinkEscapes,
+                    target: Some("/etc/passwd".into()),
+                }],
+                mode_bits_dropped: vec!["/tmp/out/suid".into()],
+            },
+        };
+        let h = c.human();
+        assert!(h.contains("\nskipped /tmp/out/pw -> /etc/passwd: a symlink out of the copied tree\n"), "{h}");
+        assert!(h.ends_with("copied /tmp/out/suid without its setuid/setgid/sticky bits"), "{h}");
+        let j = serde_json::to_value(&c).unwrap();
+        assert_eq!(j["skipped"][0]["reason"], "link-escapes", "{j}");
+        assert_eq!(j["mode_bits_dropped"][0], "/tmp/out/suid", "{j}");
     }
 }

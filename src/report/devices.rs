@@ -227,19 +227,17 @@ impl Render for ShareChanged {
         if self.added {
             let when = if self.running {
                 format!(
-                    "QEMU cannot add a 9p share to a running VM (no fsdev_add in QMP or HMP), so it appears at the next boot: {}",
+                    "A share is added at boot (QEMU cannot add a 9p share to a running VM: no fsdev_add in QMP or HMP), so it appears at the next boot: {}",
                     self.relaunch_command
                 )
             } else {
                 "It appears at the next launch.".into()
             };
             format!(
-                "Share '{}' recorded: {}{ro}.\n{when}\nIn the guest: sudo mkdir -p /mnt/{} && sudo mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 {} /mnt/{}",
-                self.tag,
+                "Share '{tag}' recorded: {}{ro}.\n{when}\nIn the guest, over virtio-fs: sudo mkdir -p /mnt/{tag} && sudo mount -t virtiofs {tag} /mnt/{tag}\n\
+                 or over 9p (--share-type 9p, or no virtiofsd): sudo mkdir -p /mnt/{tag} && sudo mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 {tag} /mnt/{tag}",
                 self.path.display(),
-                self.tag,
-                self.tag,
-                self.tag
+                tag = self.tag,
             )
         } else if self.running {
             format!(

@@ -4,6 +4,7 @@
 use serde::Serialize;
 
 use super::Render;
+use crate::guest_files::Unpacked;
 use crate::instance::records::StopMethod;
 
 /// How the run ended.
@@ -48,6 +49,10 @@ pub struct RunSummary {
     /// The VM was left running (`--keep`, `--keep-on-failure`).
     pub kept: bool,
     pub error: Option<String>,
+    /// What `--copy-out` left out of the guest's files (`skipped`) or
+    /// copied without setuid/setgid/sticky bits.
+    #[serde(flatten)]
+    pub copy_out: Unpacked,
 }
 
 impl RunSummary {
@@ -63,6 +68,7 @@ impl RunSummary {
             stop_method: None,
             kept: false,
             error: None,
+            copy_out: Unpacked::default(),
         }
     }
 }
@@ -82,6 +88,10 @@ impl Render for RunSummary {
             (false, None) => "nothing left running".to_string(),
         };
         let boot = self.phases.boot.map(|b| format!(", up in {b:.1}s")).unwrap_or_default();
-        format!("{what}; {vm} (total {:.1}s{boot})", self.phases.total)
+        let skipped = match self.copy_out.skipped.len() {
+            0 => String::new(),
+            n => format!("; --copy-out skipped {n} of the guest's entries (listed above)"),
+        };
+        format!("{what}; {vm}{skipped} (total {:.1}s{boot})", self.phases.total)
     }
 }

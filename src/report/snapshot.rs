@@ -13,7 +13,7 @@ pub struct SnapshotEntry {
     pub state_bytes: u64,
     /// How long the save took.
     pub seconds: f64,
-    /// The 9p shares unmounted for the save and mounted again on resume.
+    /// The shares (9p or virtio-fs) unmounted for the save and mounted again on resume.
     pub shares: Vec<String>,
 }
 

@@ -10,7 +10,7 @@ use crate::qemu::args::Accel;
 use crate::qemu::parse::LiveDisk;
 use crate::qga::AgentState;
 use crate::qmp::Event;
-use crate::supervisor::protocol::{Live, VmState};
+use crate::supervisor::protocol::{Live, ShareState, VmState};
 
 /// The instance's state as the user sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -96,6 +96,9 @@ pub struct Status {
     pub memory_mib: Option<u64>,
     pub cpus: Option<u32>,
     pub disks: Vec<DiskLine>,
+    /// The running VM's shares and how each reaches the guest (`kind`:
+    /// `9p` or `virtiofs`).
+    pub shares: Vec<ShareState>,
     /// Reserved PCIe root ports, and how many carry a device now.
     pub hotplug_ports: Option<u32>,
     pub hotplug_ports_used: Option<u32>,
@@ -134,6 +137,10 @@ impl Status {
         self.hotplug_ports = Some(vm.hotplug_ports);
         self.stopping_step = vm.stopping;
         self.last_shutdown = vm.last_shutdown;
+        for sh in vm.shares.iter().filter(|s| s.daemon_exit.is_some()) {
+            self.notes.push(share_lost(sh));
+        }
+        self.shares = vm.shares;
         if let Some(ended) = vm.ended {
             // QEMU has exited; the supervisor is finishing its records.
             self.exit = Some(ended.exit);
@@ -162,6 +169,37 @@ impl Status {
             None => self.state = State::Stopping,
         }
     }
+}
+
+/// The note for a share whose `virtiofsd` ended under the running VM.
+fn share_lost(sh: &ShareState) -> String {
+    let exit = sh.daemon_exit.map(|e| e.to_string()).unwrap_or_default();
+    // Its last line that is not routine chatter ("INFO ... Client connected").
+    let said = sh
+        .daemon_stderr
+        .as_deref()
+        .and_then(|t| t.lines().rev().find(|l| !l.contains(" INFO ") && !l.trim().is_empty()));
+    format!(
+        "virtiofsd of share '{}' ended ({exit}): the guest cannot use {} until the next boot (powerdown, then launch){}",
+        sh.tag,
+        if sh.tag == crate::qemu::args::DEFAULT_SHARE_TAG { "/mnt/qbuf".to_string() } else { format!("share '{}'", sh.tag) },
+        said.map(|l| format!("; it said: {}", l.trim())).unwrap_or_default()
+    )
+}
+
+/// One share line of `status`.
+fn share_human(sh: &ShareState) -> String {
+    let mode = if sh.readonly { "read-only" } else { "read-write" };
+    let at = if sh.tag == crate::qemu::args::DEFAULT_SHARE_TAG { " at /mnt/qbuf".to_string() } else { String::new() };
+    let daemon = match (sh.daemon_pid, sh.daemon_exit) {
+        (_, Some(_)) => ", its virtiofsd has ended".to_string(),
+        (Some(p), None) => match &sh.daemon_binary {
+            Some(b) => format!(", virtiofsd pid {p}: {}", b.display()),
+            None => format!(", virtiofsd pid {p}"),
+        },
+        _ => String::new(),
+    };
+    format!("{} {}{at} over {} ({mode}{daemon})", sh.tag, sh.path.display(), sh.kind.as_str())
 }
 
 fn agent_human(a: AgentState) -> &'static str {
@@ -203,6 +241,9 @@ impl Render for Status {
         }
         for d in &self.disks {
             line("disk:", d.summary.clone());
+        }
+        for sh in &self.shares {
+            line("share:", share_human(sh));
         }
         match (self.hotplug_ports, self.hotplug_ports_used, self.hotplug_ports_free) {
             (Some(h), Some(u), Some(f)) => line("hot-plug:", format!("{h} PCIe root ports: {u} used, {f} free")),

@@ -44,6 +44,12 @@ pub enum Msg {
     HostSignal,
     /// The instance's directory was deleted under the running VM.
     InstanceGone,
+    /// A virtio-fs share's `virtiofsd` ended.
+    ShareDaemonExited {
+        tag: String,
+        exit: ExitInfo,
+        stderr_tail: String,
+    },
 }
 
 enum Ladder {
@@ -138,6 +144,7 @@ impl Dispatcher {
                 tracing::info!("host signal received: powering the guest down");
                 self.start_ladder(StopOptions { timeout: HOST_SIGNAL_TIMEOUT, force: false });
             }
+            Msg::ShareDaemonExited { tag, exit, stderr_tail } => self.share_daemon_exited(tag, exit, stderr_tail),
             Msg::InstanceGone => {
                 // No command can reach this VM any more (its sockets and lock
                 // file are gone): power it down rather than leave an orphan.
@@ -145,6 +152,25 @@ impl Dispatcher {
                 self.start_ladder(StopOptions { timeout: HOST_SIGNAL_TIMEOUT, force: false });
             }
         }
+    }
+
+    /// While QEMU runs, a `virtiofsd` that ends has taken the share from
+    /// under the guest: `status` and `events` say so. After QEMU, it is
+    /// the daemon's normal end.
+    fn share_daemon_exited(&mut self, tag: String, exit: ExitInfo, stderr_tail: String) {
+        if self.state.ended.is_some() {
+            return;
+        }
+        tracing::warn!("virtiofsd for share '{tag}' ended under the running VM: {exit}");
+        if let Some(s) = self.state.shares.iter_mut().find(|s| s.tag == tag) {
+            s.daemon_exit = Some(exit);
+            s.daemon_stderr = Some(stderr_tail.clone());
+        }
+        self.log_event(&Event {
+            event: "QBUF_VIRTIOFSD_EXITED".into(),
+            data: json!({ "tag": tag, "exit": exit.to_string(), "stderr_tail": stderr_tail }),
+            timestamp: crate::clock::now(),
+        });
     }
 
     fn note_event(&mut self, ev: Event) {

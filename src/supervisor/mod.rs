@@ -11,9 +11,11 @@
 //!
 //! [`start`] brings QEMU up; [`dispatcher`] owns the state from then on;
 //! [`protocol`] is what clients and the supervisor say; [`client`] is the
-//! commands' side of it; [`ladder`] is the stop ladder.
+//! commands' side of it; [`ladder`] is the stop ladder; [`daemons`] are the
+//! `virtiofsd`s of virtio-fs shares, started before QEMU and stopped after.
 
 pub mod client;
+pub mod daemons;
 pub mod dispatcher;
 pub mod ladder;
 pub mod protocol;
@@ -52,13 +54,16 @@ async fn supervise(inst: Instance) -> Result<i32> {
     for p in inst.runtime_files() {
         let _ = std::fs::remove_file(p);
     }
+    let daemons = match daemons::start(&plan.daemons).await {
+        Ok(d) => d,
+        Err(failure) => return launch_failed(&inst, &failure),
+    };
     tracing::info!("starting {}", shell_words::join(plan.command_line()));
     let started = match start::start(&inst, &plan).await {
         Ok(s) => s,
         Err(failure) => {
-            tracing::error!("{}", failure.message);
-            write_json(&inst.launch_failure(), &failure)?;
-            return Ok(1);
+            daemons::stop(daemons, Duration::ZERO).await;
+            return launch_failed(&inst, &failure);
         }
     };
     let (tx, rx) = mpsc::unbounded_channel();
@@ -66,6 +71,7 @@ async fn supervise(inst: Instance) -> Result<i32> {
     forward_events(&started.qmp, tx.clone());
     forward_exit(started.exited.clone(), tx.clone());
     forward_host_signals(tx.clone());
+    daemons::forward_exits(&daemons, tx.clone());
     watch_instance_dir(inst.dir.clone(), tx.clone());
 
     let listener = UnixListener::bind(inst.control()).context("cannot create the control socket")?;
@@ -73,8 +79,10 @@ async fn supervise(inst: Instance) -> Result<i32> {
         let _ = std::fs::set_permissions(s, std::fs::Permissions::from_mode(0o600));
     }
     let me = std::process::id() as i32;
-    let state =
+    let mut state =
         VmState::new(started.pid, crate::clock::now(), plan.spec.accel, &started.version, plan.spec.hotplug_ports);
+    let pids: Vec<_> = daemons.iter().map(|d| (&d.daemon, d.pid)).collect();
+    state.shares = protocol::ShareState::of_boot(&plan.spec, &pids);
     let record = RunRecord {
         qemu: ProcIdentity::of(started.pid).unwrap_or(ProcIdentity {
             pid: started.pid,
@@ -93,9 +101,16 @@ async fn supervise(inst: Instance) -> Result<i32> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let acceptor = tokio::spawn(accept(listener, tx.clone(), started.qmp.clone(), stop_rx));
     Dispatcher::new(inst, started.qmp, started.exited, tx, state).run(rx).await;
+    daemons::stop_after_qemu(daemons).await;
     let _ = stop_tx.send(true);
     let _ = acceptor.await;
     Ok(0)
+}
+
+fn launch_failed(inst: &Instance, failure: &crate::instance::records::LaunchFailure) -> Result<i32> {
+    tracing::error!("{}", failure.message);
+    write_json(&inst.launch_failure(), failure)?;
+    Ok(1)
 }
 
 /// QMP events in the order QEMU sent them, then `QmpClosed` once the

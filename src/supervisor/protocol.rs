@@ -12,8 +12,10 @@ use serde_json::Value;
 
 use crate::instance::proc::ExitInfo;
 use crate::instance::records::{StopMethod, StopOutcome, StopRecord};
-use crate::qemu::args::Accel;
+use crate::qemu::args::ShareKind;
+use crate::qemu::args::{Accel, VmSpec};
 use crate::qemu::parse::LiveDisk;
+use crate::qemu::virtiofs::Daemon;
 use crate::qga::AgentState;
 use crate::qmp::Event;
 
@@ -80,6 +82,9 @@ pub struct VmState {
     pub agent_port_open: bool,
     /// Set once QEMU has exited: how, and why once the supervisor knows.
     pub ended: Option<Ended>,
+    /// The shares this boot has, and how each reaches the guest.
+    #[serde(default)]
+    pub shares: Vec<ShareState>,
     /// QEMU's answers; `None` once it has exited.
     pub live: Option<Live>,
 }
@@ -99,8 +104,46 @@ impl VmState {
             panicked: None,
             agent_port_open: false,
             ended: None,
+            shares: vec![],
             live: None,
         }
+    }
+}
+
+/// One share of the running VM, as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShareState {
+    pub tag: String,
+    pub path: std::path::PathBuf,
+    pub readonly: bool,
+    /// `9p` or `virtiofs`.
+    pub kind: ShareKind,
+    /// The share's `virtiofsd` (virtio-fs only), and which binary it is.
+    pub daemon_pid: Option<i32>,
+    #[serde(default)]
+    pub daemon_binary: Option<std::path::PathBuf>,
+    /// Set when that `virtiofsd` ended while QEMU ran: the guest lost the share.
+    pub daemon_exit: Option<ExitInfo>,
+    /// The end of its stderr, when it ended.
+    pub daemon_stderr: Option<String>,
+}
+
+impl ShareState {
+    /// The shares of a boot, with the started `virtiofsd`s and their pids.
+    pub fn of_boot(spec: &VmSpec, daemons: &[(&Daemon, i32)]) -> Vec<ShareState> {
+        spec.shares
+            .iter()
+            .map(|s| ShareState {
+                tag: s.tag.clone(),
+                path: s.path.clone(),
+                readonly: s.readonly,
+                kind: spec.share_kind,
+                daemon_pid: daemons.iter().find(|(d, _)| d.tag == s.tag).map(|(_, pid)| *pid),
+                daemon_binary: daemons.iter().find(|(d, _)| d.tag == s.tag).map(|(d, _)| d.binary.clone()),
+                daemon_exit: None,
+                daemon_stderr: None,
+            })
+            .collect()
     }
 }
 

@@ -85,7 +85,7 @@ if [ ! -s "$moddir/modules.dep" ]; then
   busybox depmod -b "$kx" "$kver" 2>/dev/null || true
   [ -s "$moddir/modules.dep" ] || { mkdir -p "$kx/lib/modules"; ln -sfn "$moddir" "$kx/lib/modules/$kver"; busybox depmod -b "$kx" "$kver"; }
 fi
-want=(virtio_pci virtio_blk virtio_net virtio_console 9pnet_virtio 9p button evdev qemu_fw_cfg
+want=(virtio_pci virtio_blk virtio_net virtio_console 9pnet_virtio 9p virtiofs button evdev qemu_fw_cfg
       vfat nls_cp437 nls_ascii nls_iso8859-1 nls_utf8)
 # More modules (and their dependencies) for other guests built from this one,
 # e.g. tests/bench/cxx-guest.sh's ext4 and virtiofs. Only put in the initramfs:

@@ -3,12 +3,20 @@
 ;;
 ;; Usage:
 ;;   guile --no-auto-compile -s tests/support/guix-read-check.scm FILE.scm...
+;;   guile --no-auto-compile -s tests/support/guix-read-check.scm \
+;;     --forms FILE.scm HEAD...
 ;;
 ;; Every top-level form of every FILE is read with Guile's reader, extended
 ;; the way Guix extends it, and nothing is evaluated.  Exit status 0 when all
 ;; files read cleanly; otherwise 1, with one "FILE:LINE:COLUMN: ..." line per
 ;; bad file on stderr (Guile's own message, plus where the form that could
 ;; not be read starts).
+;;
+;; With --forms, FILE is read the same way and every form in it, at any
+;; depth, whose first element is one of the HEAD symbols is written on
+;; stdout, one per line, in the order met (outer forms before the forms
+;; inside them).  Comments are gone by then, so tests can check what the
+;; code says rather than what its comments say.
 ;;
 ;; Guix's reader extensions are registered as stand-ins, mirroring the
 ;; "Syntactic sugar" section at the end of guix/gexp.scm:
@@ -105,12 +113,41 @@ starting here: ~a~%"
       (format (current-error-port) "~a: ~a~%" file (describe-error key args))
       #f)))
 
+(define (read-all file)
+  "Return the list of top-level forms of FILE."
+  (call-with-input-file file
+    (lambda (port)
+      (let loop ((forms '()))
+        (let ((datum (read port)))
+          (if (eof-object? datum)
+              (reverse forms)
+              (loop (cons datum forms))))))))
+
+(define (write-forms file heads)
+  "Write every form of FILE, at any depth, whose car is in HEADS."
+  (let walk ((x (read-all file)))
+    (when (pair? x)
+      (when (memq (car x) heads)
+        (write x)
+        (newline))
+      ;; Walk the elements, including the tail of an improper list.
+      (let loop ((rest x))
+        (cond ((pair? rest) (walk (car rest)) (loop (cdr rest)))
+              ((null? rest) #t)
+              (else (walk rest)))))))
+
 (define (main args)
   (match args
     (()
      (format (current-error-port)
              "usage: guile --no-auto-compile -s guix-read-check.scm FILE...~%")
      (exit 2))
+    (("--forms" file heads ..1)
+     (if (check-file file)
+         (begin
+           (write-forms file (map string->symbol heads))
+           (exit 0))
+         (exit 1)))
     (files
      ;; Check every file, even after a failure, so all problems are shown.
      (let ((results (map check-file files)))

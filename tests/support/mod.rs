@@ -359,3 +359,8 @@ pub fn guest_kernel_stalled(out: &Out) -> bool {
     let text = out.text();
     text.contains("did not accept an SSH login") && text.contains("rcu_preempt detected stalls")
 }
+
+/// `name` on PATH, as a shell finds it.
+pub fn which(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| p.is_file())
+}

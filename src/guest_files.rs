@@ -1,0 +1,492 @@
+//! Files out of an untrusted guest (`copy` guest → host, `run --copy-out`).
+//! The guest's `tar -cf -` comes over the pinned SSH (the guest needs no scp
+//! or sftp) and is unpacked here, not by the host's tar: run as root, that
+//! one recreates what the guest says, device nodes (the host's disk made
+//! world-writable), setuid-root binaries and owners included. Only regular
+//! files, directories and symlinks that stay inside the copied tree land,
+//! owned by the user running the tool, with permission bits only (no
+//! setuid, setgid or sticky); everything else is skipped and said.
+
+use std::ffi::OsString;
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{anyhow, Context, Result};
+use serde::Serialize;
+
+use crate::instance::Instance;
+use crate::ssh::{self, Target};
+
+/// Why an entry of the guest's stream was not copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SkipReason {
+    /// A character or block device node.
+    Device,
+    /// A named pipe.
+    Fifo,
+    /// A hard link: it may name any file, inside the copy or not.
+    HardLink,
+    /// A symlink whose target is absolute or leaves the copied tree.
+    LinkEscapes,
+    /// A path that is absolute, has `..`, or lies outside the copied path.
+    PathEscapes,
+    /// A path below a symlink or a file: writing it would go through a link.
+    ParentNotDirectory,
+    /// A non-directory where a directory was already unpacked.
+    ReplacesDirectory,
+    /// Any other kind of entry (sparse file, socket, …).
+    Unsupported,
+}
+
+/// One entry the guest sent that did not land on the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Skipped {
+    /// The path in the guest.
+    pub path: String,
+    pub reason: SkipReason,
+    /// A link's target, for links.
+    pub target: Option<String>,
+}
+
+/// What a copy out of the guest left out or changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Unpacked {
+    /// Entries not copied.
+    pub skipped: Vec<Skipped>,
+    /// Paths (in the guest) copied without their setuid/setgid/sticky bits.
+    pub mode_bits_dropped: Vec<String>,
+}
+
+impl Unpacked {
+    pub fn extend(&mut self, other: Unpacked) {
+        self.skipped.extend(other.skipped);
+        self.mode_bits_dropped.extend(other.mode_bits_dropped);
+    }
+
+    /// Paths as the guest names them: `under` joined to each stream path.
+    fn rooted(mut self, under: &str) -> Unpacked {
+        let join = |p: &mut String| *p = Path::new(under).join(&*p).display().to_string();
+        self.skipped.iter_mut().for_each(|s| join(&mut s.path));
+        self.mode_bits_dropped.iter_mut().for_each(join);
+        self
+    }
+}
+
+/// The most read past the end of the archive (tar pads its stream to a
+/// 10 KiB record); draining it lets the guest's tar and ssh exit cleanly.
+const TRAILER_LIMIT: u64 = 1 << 20;
+
+/// Unpacks the tar stream `from` into `root`, a fresh private directory:
+/// only what lies under `root/base` lands. Directories get their modes at
+/// the end (deepest first), so a read-only one can still be filled.
+pub fn unpack<R: Read>(from: R, root: &Path, base: &str) -> Result<Unpacked> {
+    let mut archive = tar::Archive::new(from);
+    let mut out = Unpacked::default();
+    let mut dirs: Vec<(PathBuf, u32, Option<SystemTime>)> = vec![];
+    let bad_stream = "the guest sent a broken tar stream";
+    for entry in archive.entries().context(bad_stream)? {
+        let mut entry = entry.context(bad_stream)?;
+        let shown = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let mode = entry.header().mode().unwrap_or(0o600);
+        let target = entry.link_name().ok().flatten().map(|l| l.display().to_string());
+        match place(&mut entry, root, base, mode)? {
+            Placed::Skipped(reason) => out.skipped.push(Skipped { path: shown, reason, target }),
+            Placed::Symlink | Placed::Nothing => {}
+            placed => {
+                if mode & 0o7000 != 0 {
+                    out.mode_bits_dropped.push(shown);
+                }
+                if let Placed::Directory(p) = placed {
+                    dirs.push((p, mode & 0o777, mtime(entry.header())));
+                }
+            }
+        }
+    }
+    io::copy(&mut archive.into_inner().take(TRAILER_LIMIT), &mut io::sink()).context(bad_stream)?;
+    dirs.sort_by_key(|(p, ..)| std::cmp::Reverse(p.components().count()));
+    for (p, mode, time) in dirs {
+        if let Some(t) = time {
+            let _ = fs::File::open(&p).and_then(|f| f.set_modified(t));
+        }
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode))
+            .with_context(|| format!("cannot set the mode of {}", p.display()))?;
+    }
+    Ok(out)
+}
+
+/// What became of one entry.
+enum Placed {
+    File,
+    Directory(PathBuf),
+    Symlink,
+    /// A header that only describes other entries.
+    Nothing,
+    Skipped(SkipReason),
+}
+
+/// Lands one entry under `root`, or says why not.
+fn place<R: Read>(entry: &mut tar::Entry<R>, root: &Path, base: &str, mode: u32) -> Result<Placed> {
+    use tar::EntryType as T;
+    let kind = entry.header().entry_type();
+    let skip = |r| Ok(Placed::Skipped(r));
+    match kind {
+        T::Regular | T::Continuous | T::Directory | T::Symlink => {}
+        T::Char | T::Block => return skip(SkipReason::Device),
+        T::Fifo => return skip(SkipReason::Fifo),
+        T::Link => return skip(SkipReason::HardLink),
+        // Metadata for other entries (the tar crate applies the local ones).
+        T::XGlobalHeader | T::XHeader | T::GNULongName | T::GNULongLink => return Ok(Placed::Nothing),
+        _ => return skip(SkipReason::Unsupported),
+    }
+    let parts = match entry.path().ok().and_then(|p| inside(&p, base)) {
+        Some(parts) => parts,
+        None => return skip(SkipReason::PathEscapes),
+    };
+    let dest = match parent_dirs(root, &parts)? {
+        Some(dest) => dest,
+        None => return skip(SkipReason::ParentNotDirectory),
+    };
+    let is_dir = kind == T::Directory;
+    if !make_room(&dest, is_dir)? {
+        return skip(SkipReason::ReplacesDirectory);
+    }
+    match kind {
+        T::Directory => {
+            if fs::symlink_metadata(&dest).is_err() {
+                fs::DirBuilder::new().mode(0o700).create(&dest).with_context(|| cannot("create", &dest))?;
+            }
+            Ok(Placed::Directory(dest))
+        }
+        T::Symlink => {
+            let target = entry.link_name().ok().flatten().map(|l| l.into_owned()).unwrap_or_default();
+            // The link's parent sits this many directories below the copy's top.
+            match parts.len().checked_sub(2).filter(|depth| link_stays_inside(&target, *depth)) {
+                Some(_) => {
+                    std::os::unix::fs::symlink(&target, &dest).with_context(|| cannot("create", &dest))?;
+                    Ok(Placed::Symlink)
+                }
+                None => skip(SkipReason::LinkEscapes),
+            }
+        }
+        _ => {
+            write_file(entry, &dest, mode)?;
+            Ok(Placed::File)
+        }
+    }
+}
+
+fn cannot(what: &str, p: &Path) -> String {
+    format!("cannot {what} {}", p.display())
+}
+
+/// The entry's path as names below the extraction root, the first being
+/// `base`; `None` when it is absolute, has `..` or lies elsewhere.
+fn inside(path: &Path, base: &str) -> Option<Vec<OsString>> {
+    let mut parts = vec![];
+    for c in path.components() {
+        match c {
+            Component::Normal(n) => parts.push(n.to_os_string()),
+            Component::CurDir => {}
+            Component::RootDir | Component::Prefix(_) | Component::ParentDir => return None,
+        }
+    }
+    (parts.first().is_some_and(|p| p == base)).then_some(parts)
+}
+
+/// Whether a symlink target, read from a link whose directory is `depth`
+/// levels below the copy's top, stays inside the copy: relative, with its
+/// `..` only in front and no more of them than `depth`. A `..` after a
+/// name is refused because it would climb from wherever that name leads
+/// when it is itself a symlink (`s/../x` with `s -> .` leaves the copy),
+/// so every link resolves inside by induction, whatever the others are.
+fn link_stays_inside(target: &Path, depth: usize) -> bool {
+    let mut up = 0;
+    let mut named = false;
+    for c in target.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir if !named => up += 1,
+            Component::Normal(_) => named = true,
+            _ => return false,
+        }
+    }
+    !target.as_os_str().is_empty() && up <= depth
+}
+
+/// Makes every parent of the entry a real directory (creating missing ones)
+/// and returns the entry's full path; `None` when a parent is a symlink or
+/// a file, so nothing is ever written through a link.
+fn parent_dirs(root: &Path, parts: &[OsString]) -> Result<Option<PathBuf>> {
+    let (last, parents) = parts.split_last().expect("inside() has the base");
+    let mut at = root.to_path_buf();
+    for p in parents {
+        at.push(p);
+        match fs::symlink_metadata(&at) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::DirBuilder::new().mode(0o755).create(&at).with_context(|| cannot("create", &at))?;
+            }
+            Err(e) => return Err(e).with_context(|| cannot("inspect", &at)),
+        }
+    }
+    Ok(Some(at.join(last)))
+}
+
+/// Clears `dest` for a new entry as tar does (a later entry wins), except
+/// that only a directory may take a directory's place (`false`): the links
+/// already checked rely on directories staying directories.
+fn make_room(dest: &Path, is_dir: bool) -> Result<bool> {
+    match fs::symlink_metadata(dest) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(e).with_context(|| cannot("inspect", dest)),
+        Ok(m) if m.is_dir() => Ok(is_dir),
+        // A file or a symlink: the name is removed, never what a link names.
+        Ok(_) => fs::remove_file(dest).map(|()| true).with_context(|| cannot("replace", dest)),
+    }
+}
+
+/// A new file (never an existing one, never through a link) with the
+/// entry's content, its permission bits only, and its time.
+fn write_file<R: Read>(entry: &mut tar::Entry<R>, dest: &Path, mode: u32) -> Result<()> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dest)
+        .with_context(|| cannot("create", dest))?;
+    io::copy(entry, &mut f).with_context(|| cannot("write", dest))?;
+    f.set_permissions(fs::Permissions::from_mode(mode & 0o777)).with_context(|| cannot("chmod", dest))?;
+    if let Some(t) = mtime(entry.header()) {
+        let _ = f.set_modified(t);
+    }
+    Ok(())
+}
+
+fn mtime(h: &tar::Header) -> Option<SystemTime> {
+    SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(h.mtime().ok()?))
+}
+
+/// Copies `guest` (a file or a directory) to `host`, like `cp -r`: into
+/// `host` when it is a directory, as `host` otherwise. The copy is unpacked
+/// in a private directory with an unpredictable name beside its
+/// destination, then renamed into place; a directory already there is
+/// never merged into.
+pub fn copy_from_guest(t: &Target, inst: &Instance, guest: &str, host: &Path) -> Result<Unpacked> {
+    let g = Path::new(guest.trim_end_matches('/'));
+    let base = g.file_name().and_then(|b| b.to_str()).context("the guest path names no file")?.to_string();
+    let parent = g.parent().map(|p| p.display().to_string()).filter(|p| !p.is_empty()).unwrap_or_else(|| ".".into());
+    let dest = if host.is_dir() { host.join(&base) } else { host.to_path_buf() };
+    let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).with_context(|| cannot("create", dir))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".qbuf-copy-")
+        .tempdir_in(dir)
+        .with_context(|| format!("cannot make a private directory in {}", dir.display()))?;
+    let unpacked = receive(t, inst, guest, &parent, &base, tmp.path())?;
+    let top = tmp.path().join(&base);
+    if fs::symlink_metadata(&top).is_ok() {
+        let full = [nix::errno::Errno::ENOTEMPTY as i32, nix::errno::Errno::EEXIST as i32];
+        fs::rename(&top, &dest).map_err(|e| match e.raw_os_error() {
+            Some(c) if full.contains(&c) => anyhow!(
+                "{} exists and is not empty: a copy from the guest never merges into a directory; remove it or copy elsewhere",
+                dest.display()
+            ),
+            _ => anyhow!(e).context(format!("cannot move the copy to {}", dest.display())),
+        })?;
+    }
+    Ok(unpacked.rooted(&parent))
+}
+
+/// Runs the guest's `tar -cf - -C PARENT BASE` over the pinned SSH and
+/// unpacks its output into `root`; ssh's stderr (the guest tar's message
+/// for a missing file) is passed through, a changed host key explained.
+fn receive(t: &Target, inst: &Instance, guest: &str, parent: &str, base: &str, root: &Path) -> Result<Unpacked> {
+    let remote = format!("tar -cf - -C {} {}", shell_words::quote(parent), shell_words::quote(base));
+    let argv = ssh::streaming_command(t, &remote);
+    tracing::info!("running {}", shell_words::join(&argv));
+    let mut child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run 'ssh': {}", ssh::SSH_MISSING))?;
+    let stderr = child.stderr.take().expect("piped");
+    let errors = std::thread::spawn(move || ssh::pass_stderr(stderr));
+    let unpacked = unpack(child.stdout.take().expect("piped"), root, base);
+    if unpacked.is_err() {
+        let _ = child.kill();
+    }
+    let sent = child.wait()?;
+    if errors.join().unwrap_or(false) {
+        eprintln!("qbuf-qemu: {}", ssh::host_key_mismatch_message(t, inst));
+    }
+    let unpacked = unpacked?;
+    if !sent.success() {
+        return Err(anyhow!("the guest could not send {guest} (does it exist? the guest's message is above)"));
+    }
+    Ok(unpacked)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+    use tar::EntryType as T;
+
+    /// A tar stream of `(kind, path, link target, mode, content)`, names
+    /// written raw: the tar crate's own setters refuse `..` and `/`.
+    fn stream(entries: &[(T, &str, &str, u32, &str)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (kind, path, link, mode, data) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(*kind);
+            h.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
+            h.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+            h.set_mode(*mode);
+            h.set_uid(0);
+            h.set_size(data.len() as u64);
+            h.set_mtime(1_600_000_000);
+            h.set_cksum();
+            b.append(&h, data.as_bytes()).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn unpacked(entries: &[(T, &str, &str, u32, &str)]) -> (tempfile::TempDir, Unpacked) {
+        let root = tempfile::tempdir().unwrap();
+        let u = unpack(&stream(entries)[..], root.path(), "out").unwrap();
+        (root, u)
+    }
+
+    fn reasons(u: &Unpacked) -> Vec<(&str, SkipReason)> {
+        u.skipped.iter().map(|s| (s.path.as_str(), s.reason)).collect()
+    }
+
+    #[test]
+    fn files_directories_and_inner_links_land_without_special_bits() {
+        let (root, u) = unpacked(&[
+            (T::Directory, "out/", "", 0o1755, ""),
+            (T::Regular, "out/a.txt", "", 0o644, "hello"),
+            (T::Regular, "out/suid", "", 0o4755, "#!/bin/sh"),
+            (T::Regular, "out/sub/deep.txt", "", 0o2640, "deep"),
+            (T::Symlink, "out/sub/up", "../a.txt", 0o777, ""),
+            (T::Symlink, "out/here", "./sub", 0o777, ""),
+        ]);
+        let out = root.path().join("out");
+        assert_eq!(fs::read_to_string(out.join("sub/up")).unwrap(), "hello");
+        assert_eq!(fs::read_to_string(out.join("here/deep.txt")).unwrap(), "deep");
+        let mode = |p: &str| fs::symlink_metadata(out.join(p)).unwrap().mode() & 0o7777;
+        assert_eq!((mode(""), mode("suid"), mode("sub/deep.txt"), mode("a.txt")), (0o755, 0o755, 0o640, 0o644));
+        let me = nix::unistd::geteuid().as_raw();
+        assert_eq!(fs::metadata(out.join("suid")).unwrap().uid(), me, "owned by the user, not the header's");
+        assert_eq!(fs::metadata(out.join("a.txt")).unwrap().mtime(), 1_600_000_000);
+        assert!(u.skipped.is_empty(), "{u:?}");
+        assert_eq!(u.mode_bits_dropped, ["out/", "out/suid", "out/sub/deep.txt"]);
+    }
+
+    #[test]
+    fn devices_fifos_and_hard_links_are_skipped_and_named() {
+        let (root, u) = unpacked(&[
+            (T::Directory, "out/", "", 0o755, ""),
+            (T::Block, "out/sda", "", 0o666, ""),
+            (T::Char, "out/mem", "", 0o666, ""),
+            (T::Fifo, "out/pipe", "", 0o666, ""),
+            (T::Link, "out/shadow", "/etc/shadow", 0o644, ""),
+            (T::Regular, "out/ok", "", 0o644, "ok"),
+        ]);
+        use SkipReason::*;
+        let want = [("out/sda", Device), ("out/mem", Device), ("out/pipe", Fifo), ("out/shadow", HardLink)];
+        assert_eq!(reasons(&u), want);
+        assert_eq!(u.skipped[3].target.as_deref(), Some("/etc/shadow"));
+        let left: Vec<_> = fs::read_dir(root.path().join("out")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, ["ok"]);
+    }
+
+    #[test]
+    fn paths_that_leave_the_copy_are_skipped() {
+        let (root, u) = unpacked(&[
+            (T::Regular, "out/../escaped", "", 0o644, "x"),
+            (T::Regular, "/tmp/absolute", "", 0o644, "x"),
+            (T::Regular, "other/file", "", 0o644, "x"),
+            (T::Regular, "out/ok", "", 0o644, "ok"),
+        ]);
+        let want = ["out/../escaped", "/tmp/absolute", "other/file"].map(|p| (p, SkipReason::PathEscapes));
+        assert_eq!(reasons(&u), want);
+        let left: Vec<_> = fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, ["out"]);
+        assert!(!Path::new("/tmp/absolute").exists() || fs::read("/tmp/absolute").unwrap() != b"x");
+    }
+
+    #[test]
+    fn links_that_leave_the_copy_are_skipped() {
+        let (root, u) = unpacked(&[
+            (T::Directory, "out/", "", 0o755, ""),
+            (T::Symlink, "out/passwd", "/etc/passwd", 0o777, ""),
+            (T::Symlink, "out/up", "../x", 0o777, ""),
+            (T::Symlink, "out/d/upup", "../../x", 0o777, ""),
+            (T::Symlink, "out/self", ".", 0o777, ""),
+            // Inside by its letters, outside once `self` is followed.
+            (T::Symlink, "out/sneaky", "self/../x", 0o777, ""),
+            (T::Symlink, "out/empty", "", 0o777, ""),
+            (T::Symlink, "out", "out2", 0o777, ""),
+        ]);
+        let r = reasons(&u);
+        let escaped: Vec<&str> = r.iter().filter(|(_, why)| *why == SkipReason::LinkEscapes).map(|(p, _)| *p).collect();
+        assert_eq!(escaped, ["out/passwd", "out/up", "out/d/upup", "out/sneaky", "out/empty"]);
+        assert_eq!(r.last(), Some(&("out", SkipReason::ReplacesDirectory)));
+        assert_eq!(u.skipped[0].target.as_deref(), Some("/etc/passwd"));
+        assert!(fs::symlink_metadata(root.path().join("out/self")).unwrap().file_type().is_symlink());
+        assert!(link_stays_inside(Path::new("../../a/b"), 2) && !link_stays_inside(Path::new("a/../b"), 5));
+    }
+
+    #[test]
+    fn nothing_is_written_through_an_unpacked_symlink() {
+        let outside = tempfile::tempdir().unwrap();
+        let (root, u) = unpacked(&[
+            (T::Directory, "out/", "", 0o755, ""),
+            (T::Directory, "out/real/", "", 0o755, ""),
+            (T::Symlink, "out/link", "real", 0o777, ""),
+            (T::Regular, "out/link/through", "", 0o644, "x"),
+            (T::Regular, "out/file", "", 0o644, "x"),
+            (T::Regular, "out/file/below", "", 0o644, "x"),
+            // A later entry replaces a link by its name, not what it names.
+            (T::Symlink, "out/again", "real", 0o777, ""),
+            (T::Regular, "out/again", "", 0o600, "replaced"),
+        ]);
+        use SkipReason::ParentNotDirectory;
+        assert_eq!(reasons(&u), [("out/link/through", ParentNotDirectory), ("out/file/below", ParentNotDirectory)]);
+        let out = root.path().join("out");
+        assert!(fs::read_dir(out.join("real")).unwrap().next().is_none(), "nothing landed through the link");
+        assert_eq!(fs::read_to_string(out.join("again")).unwrap(), "replaced");
+        assert!(fs::symlink_metadata(out.join("again")).unwrap().is_file());
+        assert!(fs::read_dir(outside.path()).unwrap().next().is_none());
+    }
+
+    #[test]
+    fn a_read_only_directory_is_filled_then_closed() {
+        let (root, _) = unpacked(&[(T::Directory, "out/", "", 0o555, ""), (T::Regular, "out/f", "", 0o444, "f")]);
+        let out = root.path().join("out");
+        assert_eq!(fs::read_to_string(out.join("f")).unwrap(), "f");
+        assert_eq!(fs::metadata(&out).unwrap().mode() & 0o777, 0o555);
+        fs::set_permissions(&out, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    #[test]
+    fn garbage_is_an_error_and_guest_paths_are_rooted() {
+        let root = tempfile::tempdir().unwrap();
+        assert!(unpack(&[7u8; 1024][..], root.path(), "out").is_err());
+        let u = Unpacked {
+            skipped: vec![Skipped { path: "out/sda".into(), reason: SkipReason::Device, target: None }],
+            mode_bits_dropped: vec!["out/suid".into()],
+        };
+        let r = u.rooted("/tmp");
+        assert_eq!((r.skipped[0].path.as_str(), r.mode_bits_dropped[0].as_str()), ("/tmp/out/sda", "/tmp/out/suid"));
+    }
+}
