@@ -181,14 +181,14 @@ class Bench:
             return f"{statistics.median(a) / statistics.median(b):.2f}x"
 
         head = ["figure"] + [f"/mnt/qbuf over {FS_LABEL[t]}" for t in types] + ["guest disk (ext4)", "tmpfs"] \
-            + [f"{FS_LABEL[t]} / disk" for t in types] + ["target"]
+            + [f"{FS_LABEL[t]} / disk (same boot)" for t in types] + ["target"]
         rows = []
         micro_target = {"stat": "share <= 2x disk", "read": "share <= 2x disk"}
         for ph in PHASES:
             r = [PHASE_LABEL[ph]]
             r += [cell(self.values(t, "share", ph), "ms") for t in types]
             r += [cell(self.values(None, p, ph), "ms") for p in places]
-            r += [ratio(self.values(t, "share", ph), self.values(None, "disk", ph)) for t in types]
+            r += [ratio(self.values(t, "share", ph), self.values(t, "disk", ph)) for t in types]
             r.append(micro_target.get(ph, "–"))
             rows.append(r)
         for metric, label, target in [("build_configure", "cmake configure", "–"),
@@ -196,7 +196,7 @@ class Bench:
             r = [label]
             r += [cell(self.values(t, "share", metric), "s") for t in types]
             r += [cell(self.values(None, p, metric), "s") for p in places]
-            r += [ratio(self.values(t, "share", metric), self.values(None, "disk", metric)) for t in types]
+            r += [ratio(self.values(t, "share", metric), self.values(t, "disk", metric)) for t in types]
             r.append(target)
             rows.append(r)
         md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -207,7 +207,8 @@ class Bench:
             "",
             f"Microbench: median of {n_micro} rounds per share type and of {n_disk} rounds on the disk and in the tmpfs "
             f"({len(types)} boot{'s' if len(types) > 1 else ''} x {self.args.micro_rounds}); each figure is the whole "
-            f"phase for 1,000 files. Build: median over boots, every sample in brackets (s).",
+            f"phase for 1,000 files. Build: median over boots, every sample in brackets (s). A ratio is the share's "
+            f"median over the disk's median *in the same boot* (the host's load drifts between boots).",
             "",
             "Host 1-min load average: " + ", ".join(f"{k} {v:.2f}" for k, v in self.loads) + ".",
         ]
