@@ -212,7 +212,7 @@ class Bench:
             "",
             "Host 1-min load average: " + ", ".join(f"{k} {v:.2f}" for k, v in self.loads) + ".",
         ]
-        raw = ["", "Every sample (share type of the boot, place, figure, seconds):", "", "```"]
+        raw = ["", "Every sample (share type of the boot, place, figure, seconds; build_objects is a count):", "", "```"]
         for t, p, m, v in self.samples:
             raw.append(f"{t:9} {p:6} {m:16} {v:.6f}")
         raw.append("```")
