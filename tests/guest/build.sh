@@ -48,6 +48,7 @@ stamp_key=$(
   {
     cat "$here/build.sh" "$here/init"
     echo "$kernel_pkg=$kernel_ver"
+    [ -z "${QBUF_GUEST_EXTRA_MODULES:-}" ] || echo "extra modules: $QBUF_GUEST_EXTRA_MODULES"
     dpkg-query -W "${pkgs[@]}"
   } | sha256sum | cut -d' ' -f1
 )
@@ -86,6 +87,11 @@ if [ ! -s "$moddir/modules.dep" ]; then
 fi
 want=(virtio_pci virtio_blk virtio_net virtio_console 9pnet_virtio 9p virtiofs button evdev qemu_fw_cfg
       vfat nls_cp437 nls_ascii nls_iso8859-1 nls_utf8)
+# More modules (and their dependencies) for other guests built from this one,
+# e.g. tests/bench/cxx-guest.sh's ext4 and virtiofs. Only put in the initramfs:
+# init loads its own list; `modprobe NAME` loads these.
+read -r -a extra_mods <<< "${QBUF_GUEST_EXTRA_MODULES:-}"
+want+=("${extra_mods[@]}")
 declare -A need_mod=()
 add_mod() { # $1 = path relative to moddir, as in modules.dep
   local rel=$1 line dep
