@@ -324,17 +324,14 @@ impl Dispatcher {
         self.ladder = Ladder::Running(hurry);
         let qmp = self.qmp.clone();
         let proc = ChildProcess { pid: self.state.qemu_pid, exited: self.exited.clone() };
-        let known = self.state.last_shutdown.clone();
-        let agent = self.agent_socket();
-        let tx = self.tx.clone();
+        let (known, agent, tx) = (self.state.last_shutdown.clone(), self.agent_socket(), self.tx.clone());
         tokio::spawn(async move {
             let step_tx = tx.clone();
             let on_step = move |m: StopMethod, wait: Duration| {
                 let _ = step_tx.send(Msg::LadderStep(m, wait));
             };
-            let o =
-                ladder::stop(Some(&qmp), &proc, &opts, known, agent.as_deref(), &on_step, hurried, Default::default())
-                    .await;
+            let limits = ladder::Deadlines::default();
+            let o = ladder::stop(Some(&qmp), &proc, &opts, known, agent.as_deref(), &on_step, hurried, limits).await;
             let _ = tx.send(Msg::LadderDone(o));
         });
     }
