@@ -161,7 +161,7 @@ fn pause_resume_and_reboot_by_the_guest_or_by_a_reset() {
     let by_qemu = |e: &Value| e["event"] == "RESET" && e["data"]["reason"] == "host-qmp-system-reset";
     // QEMU's RESET event reaches events.jsonl just after its reply to
     // system_reset, which ends the command.
-    wait_until("QEMU's reset in the events", Duration::from_secs(10), || env.events("dev").iter().any(|e| by_qemu(e)));
+    wait_until("QEMU's reset in the events", Duration::from_secs(10), || env.events("dev").iter().any(&by_qemu));
     assert_eq!(env.events("dev").iter().filter(|e| by_qemu(e)).count(), 1, "one reset by QEMU, the forced one");
     // --force skips the guest's shutdown: stopped, and exit 3 says how.
     env.run(&["powerdown", "--force"]).code_is(3);
