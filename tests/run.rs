@@ -244,6 +244,12 @@ fn a_loaded_snapshot_forgets_what_came_after_it() {
     let (v, out) = env.json(&["snapshot", "load", "s1"]);
     out.ok();
     assert!(v["ready_seconds"].as_f64().is_some(), "{v}");
+    // A resumed guest does not boot: its progress says so.
+    assert!(
+        out.stderr().contains("waiting for the resumed guest") && !out.stderr().contains("firmware"),
+        "{}",
+        out.text()
+    );
     assert_eq!(env.ssh("dev", "cat /data/marker").stdout(), "before\n");
     // The clock was set: not the saved instant.
     let guest_now: i64 = env.ssh("dev", "date +%s").stdout().trim().parse().unwrap();

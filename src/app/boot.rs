@@ -83,7 +83,8 @@ pub fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Res
         s.ssh_port,
         inst.serial_log().display()
     ));
-    let watch = ready::Watch { auto_kvm, silence: opts.silence, serial_before, cancel: opts.cancel.clone() };
+    let stage = if resume.is_some() { "waiting for the resumed guest to answer SSH" } else { ready::BOOTING };
+    let watch = ready::Watch { auto_kvm, silence: opts.silence, serial_before, cancel: opts.cancel.clone(), stage };
     match ready::wait(inst, &t, &run.qemu, started + opts.timeout, &watch) {
         Ok(()) => {
             if let Some(r) = &resume {

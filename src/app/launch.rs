@@ -133,8 +133,13 @@ fn already_running(ctx: &Ctx, inst: &Instance, opts: &LaunchOptions, vm: Running
     // Another launch may still be booting it: answer when a login works,
     // as that launch will.
     if let (false, Some(run)) = (opts.no_wait, read_json::<RunRecord>(&inst.run_record())?) {
-        let watch =
-            ready::Watch { auto_kvm: false, silence: opts.silence, serial_before: 0, cancel: opts.cancel.clone() };
+        let watch = ready::Watch {
+            auto_kvm: false,
+            silence: opts.silence,
+            serial_before: 0,
+            cancel: opts.cancel.clone(),
+            stage: "waiting for the running guest to answer SSH",
+        };
         if let Err(r) = ready::wait(inst, &t, &run.qemu, Instant::now() + opts.timeout, &watch) {
             bail!("instance '{}' runs (QEMU pid {pid}), but it is not reachable: {}", ctx.name, r.describe(&t, inst));
         }

@@ -89,7 +89,8 @@ pub fn reboot(ctx: &Ctx, opts: &RebootOptions) -> Result<Rebooted> {
     }
     let run: RunRecord =
         read_json(&inst.run_record())?.ok_or_else(|| super::vm::missing_record(&inst, &inst.run_record()))?;
-    let watch = ready::Watch { auto_kvm: false, silence: Duration::MAX, serial_before, cancel: None };
+    let watch =
+        ready::Watch { auto_kvm: false, silence: Duration::MAX, serial_before, cancel: None, stage: ready::BOOTING };
     if let Err(r) = ready::wait(&inst, &t, &run.qemu, Instant::now() + opts.ssh_timeout, &watch) {
         bail!("instance '{}' was reset, but {}", ctx.name, r.describe(&t, &inst));
     }

@@ -29,7 +29,13 @@ pub struct Watch {
     pub serial_before: u64,
     /// Set from outside (a signal, a deadline): stop waiting.
     pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// What the wait is for, as the progress line says it: a booting guest
+    /// goes through firmware and its kernel, a resumed one does not.
+    pub stage: &'static str,
 }
+
+/// The progress line while a guest boots.
+pub const BOOTING: &str = "waiting for the guest: firmware, then its kernel";
 
 /// Why a boot did not become ready.
 #[derive(Debug)]
@@ -95,7 +101,7 @@ pub fn wait(
     let mut last = String::from("no SSH banner yet");
     let mut serial_seen = w.serial_before;
     let (mut refused_since, mut next_panic_check) = (None::<Instant>, start);
-    crate::progress::stage("waiting for the guest: firmware, then its kernel");
+    crate::progress::stage(w.stage);
     loop {
         if w.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst)) {
             return Err(Readiness::Cancelled);
