@@ -226,7 +226,6 @@ pub fn share_transport(
         return Ok(vec![]);
     }
     let binary = match (asked, guix_virtiofsd(ctx, s).or_else(|_| virtiofs::find_virtiofsd())) {
-        (ShareType::NineP, _) => return Ok(vec![]),
         (_, Ok(b)) => b,
         (ShareType::Virtiofs, Err(why)) if resumed.is_some() => anyhow::bail!(
             "the snapshot was saved with a virtio-fs share, and there is no usable virtiofsd ({why}): {}",
@@ -236,7 +235,7 @@ pub fn share_transport(
             "--share-type virtiofs, but there is no usable virtiofsd ({why}): {}; or share over 9p with --share-type 9p",
             virtiofs::HOW_TO_GET
         ),
-        (ShareType::Auto, Err(why)) => {
+        (_, Err(why)) => {
             notes.push(format!(
                 "sharing over 9p, which is much slower for builds than virtio-fs: no usable virtiofsd ({why}); {}",
                 virtiofs::HOW_TO_GET
