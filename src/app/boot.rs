@@ -60,7 +60,7 @@ pub fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Res
     let serial_before = plan.serial_start;
     let hint = auto_kvm.then(|| kvm_hint(ctx));
     if let Some(origin) = &opts.run {
-        write_json(&inst.run_origin(), origin)?;
+        write_json(&inst.run_origin(), origin).map_err(undo)?;
     }
     ctx.stage("starting QEMU");
     let run = start_and_load(ctx, inst, lock, serial_before, hint.clone(), resume.as_ref()).map_err(undo)?;

@@ -217,7 +217,8 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<i32> {
     let mut opts = LaunchOptions::plain(a.timeout);
     opts.flags = vm_flags(a.vm, Some(PortChoice::Auto))?;
     if a.from_snapshot.is_some() {
-        if let Some(source) = read_json::<crate::config::Settings>(&ctx.instance().settings())? {
+        let saved = read_json::<crate::config::Settings>(&ctx.instance().settings());
+        if let Some(source) = saved.map_err(|e| e.context(RunNotStarted))? {
             crate::config::inherit(&mut opts.flags, &source);
         }
     }
@@ -241,7 +242,10 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<i32> {
             command_then_artifacts(&rctx, &a.workdir, &a.command, &a.copy_out, &int, &mut summary)
         }
     };
-    let keep = a.keep || (a.keep_on_failure && (found != 0 || int.code().is_some()));
+    // The contract: after 124 the VM is stopped and removed, after 125
+    // nothing is left behind, whatever --keep or --keep-on-failure asked.
+    let removed_anyway = int.code() == Some(TIMED_OUT) || found == VM_BROKE;
+    let keep = !removed_anyway && (a.keep || (a.keep_on_failure && (found != 0 || int.code().is_some())));
     finish(&rctx, keep, &mut summary, start);
     let code = int.settle(&mut summary, found);
     report(ctx, &summary, a.summary.as_deref())?;
@@ -273,7 +277,10 @@ fn command_then_artifacts(
         // Its hint ("start it with launch") would name an instance
         // that is removed with the run.
         Err(_) if ctx.throwaway && !ctx.instance().run_record().exists() => {
-            summary.error = Some("QEMU ended before COMMAND started".into());
+            summary.error = Some(
+                "QEMU ended before COMMAND started (its instance goes with the run): try again, and if it recurs launch an instance with the same flags (qbuf-qemu --name NAME launch …) and look at its logs"
+                    .into(),
+            );
             summary.outcome = Outcome::VmFailed;
             return VM_BROKE;
         }

@@ -163,7 +163,10 @@ impl GuestKernel {
             return false;
         }
         self.panics += 1;
-        self.panic = Some(ConsolePanic { at: now, line: line.trim().to_string() });
+        // Guest output: no terminal control characters reach the user, and
+        // a bounded length.
+        let line: String = line.trim().chars().filter(|c| !c.is_control()).take(300).collect();
+        self.panic = Some(ConsolePanic { at: now, line });
         true
     }
 
@@ -217,6 +220,7 @@ pub struct ShareState {
 impl ShareState {
     /// The shares of a boot, with the started `virtiofsd`s and their pids.
     pub fn of_boot(spec: &VmSpec, daemons: &[(&Daemon, i32)]) -> Vec<ShareState> {
+        let daemon = |s: &crate::qemu::args::Share| daemons.iter().find(|(d, _)| d.tag == s.tag);
         spec.shares
             .iter()
             .map(|s| ShareState {
@@ -224,8 +228,8 @@ impl ShareState {
                 path: s.path.clone(),
                 readonly: s.readonly,
                 kind: spec.share_kind,
-                daemon_pid: daemons.iter().find(|(d, _)| d.tag == s.tag).map(|(_, pid)| *pid),
-                daemon_binary: daemons.iter().find(|(d, _)| d.tag == s.tag).map(|(d, _)| d.binary.clone()),
+                daemon_pid: daemon(s).map(|(_, pid)| *pid),
+                daemon_binary: daemon(s).map(|(d, _)| d.binary.clone()),
                 daemon_exit: None,
                 daemon_stderr: None,
             })
