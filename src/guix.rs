@@ -333,7 +333,13 @@ pub fn pinned_virtiofsd(state: &StateDir, guix_dir: &Path) -> Result<PathBuf, St
             }
         }
     };
-    let _ = write_json(&record, &found);
+    // Only a definite answer is remembered: a package the channels lack
+    // ("unknown package"), or the daemon built. A failed build (network,
+    // substitutes) is asked again at the next launch.
+    let definite = found.binary.is_some() || found.missing.as_deref().is_some_and(|m| m.contains("unknown package"));
+    if definite {
+        let _ = write_json(&record, &found);
+    }
     found.binary.ok_or_else(|| found.missing.unwrap_or_default())
 }
 
