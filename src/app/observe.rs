@@ -35,8 +35,12 @@ pub fn ssh(ctx: &Ctx, args: &[String]) -> Result<i32> {
     }
     let (inst, t) = running_target(ctx)?;
     // A dead guest would only time out (keepalives end a session that was
-    // open when it died).
-    if let Some(line) = super::ready::console_panic(&inst) {
+    // open when it died). The console is the guest's own output: a line
+    // that merely looks like a panic does not lock the user out while its
+    // sshd still greets.
+    let panic = super::ready::console_panic(&inst)
+        .filter(|_| crate::ssh::banner(t.port, std::time::Duration::from_secs(1)).is_none());
+    if let Some(line) = panic {
         anyhow::bail!(
             "the guest's kernel panicked ({line}): SSH cannot answer; '{}' shows its console, '{}' stops the VM",
             ctx.command("logs"),
