@@ -237,7 +237,14 @@ pub fn failed(
         Readiness::Panicked(line) => stopped_with_tail(
             ctx,
             inst,
-            format!("the guest's kernel panicked while it booted: {line}"),
+            format!(
+                "the guest's kernel panicked while it booted: {line}. Check the image's kernel and its command line \
+                 (--append){}",
+                match ctx.throwaway {
+                    true => String::new(),
+                    false => format!("; '{}' shows the whole boot", ctx.command("logs --boot")),
+                }
+            ),
             hint,
             serial_tail(),
         ),
