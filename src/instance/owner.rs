@@ -64,7 +64,7 @@ impl NotOurs {
                 describe_uid(*u)
             ),
             Why::TargetDir(t, u) => format!(
-                "{what} {path} is a symlink to {}, in a directory that belongs to {}, not to you ({me})",
+                "{what} {path} is a symlink to {}, below a directory that belongs to {} (or cannot be inspected), not to you ({me})",
                 t.display(),
                 describe_uid(*u)
             ),
@@ -114,9 +114,14 @@ pub fn check(path: &Path, what: &'static str) -> Result<()> {
     if t.uid() != me {
         return refuse(Why::Target(target, t.uid()));
     }
-    let dir_owner = target.parent().and_then(|d| fs::metadata(d).ok()).map(|m| m.uid()).unwrap_or(0);
-    if dir_owner != me && dir_owner != 0 {
-        return refuse(Why::TargetDir(target, dir_owner));
+    // Every directory above the target, not only its parent: whoever owns
+    // any of them can rename what is below and put their own in its place.
+    // One that cannot be inspected is refused, not taken for root's.
+    for dir in target.ancestors().skip(1) {
+        let owner = fs::metadata(dir).map(|m| m.uid()).unwrap_or(u32::MAX);
+        if owner != me && owner != 0 {
+            return refuse(Why::TargetDir(target.clone(), owner));
+        }
     }
     Ok(())
 }
