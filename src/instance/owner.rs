@@ -64,7 +64,7 @@ impl NotOurs {
                 describe_uid(*u)
             ),
             Why::TargetDir(t, u) => format!(
-                "{what} {path} is a symlink to {}, below a directory that belongs to {} (or cannot be inspected), not to you ({me})",
+                "{what} {path} is a symlink to {}, in a directory that belongs to {} (at or above it), not to you ({me})",
                 t.display(),
                 describe_uid(*u)
             ),
