@@ -44,7 +44,13 @@ PHASE_LABEL = {
     "read_cold": "read 1,000, caches dropped",
     "rm": "rm -r (unlink 1,000, rmdir)",
 }
-FS_LABEL = {"virtiofs": "virtio-fs", "9p": "9p"}
+FS_LABEL = {"virtiofs": "virtio-fs", "9p": "9p", "virtiofs-always": "virtio-fs, cache=always"}
+# The share type qbuf-qemu is given for each bench share type, and the kind
+# the guest must report at /mnt/qbuf. "virtiofs-always" is not a qbuf-qemu
+# setting: it runs the same virtiofsd through a wrapper that swaps the tool's
+# --cache=auto for --cache=always, to show what the targets would take and
+# what it costs (the host-edit row).
+BASE_TYPE = {"virtiofs": "virtiofs", "9p": "9p", "virtiofs-always": "virtiofs"}
 
 
 def log(msg):
@@ -64,9 +70,9 @@ class Bench:
         self.info = {}
         self.loads = []  # (moment, 1-min load average)
 
-    def q(self, name, *a, check=True, capture=True, timeout=None):
+    def q(self, name, *a, check=True, capture=True, timeout=None, env=None):
         cmd = [self.bin, "--state-dir", self.state, "--name", name, *a]
-        p = subprocess.run(cmd, stdout=subprocess.PIPE if capture else None, text=True, timeout=timeout)
+        p = subprocess.run(cmd, stdout=subprocess.PIPE if capture else None, text=True, timeout=timeout, env=env)
         if check and p.returncode != 0:
             raise SystemExit(f"cxx-bench: failed (exit {p.returncode}): {' '.join(cmd)}")
         return p.stdout if capture else ""
@@ -112,7 +118,8 @@ class Bench:
                   "--memory", self.args.memory, "--cpus", str(self.args.cpus), "--ssh-port", "auto",
                   "--accel", "tcg", "--share", share, "--ssh-user", "root", "--timeout", "240", "--json"]
         if self.share_type_flag:
-            launch += ["--share-type", share_type]
+            launch += ["--share-type", BASE_TYPE[share_type]]
+        env = self.always_env() if share_type == "virtiofs-always" else None
         self.names.append(name)
         self.loads.append((f"at the {FS_LABEL[share_type]} boot", os.getloadavg()[0]))
         log(f"boot {len(self.names)}: {FS_LABEL[share_type]} share, {self.args.cpus} cpus, {self.args.memory}")
@@ -121,7 +128,7 @@ class Bench:
         # tests/support/mod.rs), and QEMU 10.0's TCG can abort early in a
         # boot: a failed boot is destroyed and tried again, up to 3 times.
         for attempt in range(1, 4):
-            out = self.q(name, *launch, check=False)
+            out = self.q(name, *launch, check=False, env=env)
             try:
                 launched = json.loads(out)
                 if launched.get("pid"):
@@ -134,12 +141,13 @@ class Bench:
             raise SystemExit(f"cxx-bench: the {share_type} guest did not boot in 3 attempts")
         status = json.loads(self.q(name, "status", "--json"))
         info = {k: v for k, v in ((r[0], " ".join(r[1:])) for r in self.guest_run(name, "setup"))}
-        if info.get("share") != share_type:
+        if info.get("share") != BASE_TYPE[share_type]:
             raise SystemExit(f"cxx-bench: asked for a {share_type} share, the guest has '{info.get('share')}' "
                              f"at /mnt/qbuf (status: {json.dumps(status.get('share', status))[:300]})")
         self.info[share_type] = info
         log(f"guest: {info}; qemu pid {launched.get('pid')}")
 
+        self.host_edit(name, share_type, share)
         for place in ["share", "disk", "tmpfs"]:
             log(f"  microbench in {place} ({self.args.micro_rounds} rounds)")
             for row in self.guest_run(name, "micro", place, str(self.args.micro_rounds)):
@@ -154,6 +162,35 @@ class Bench:
         if p.get("method") != "powerdown":
             log(f"  warning: the VM was stopped by '{p.get('method')}'")
         self.q(name, "destroy", "--yes", "--json")
+
+    def always_env(self):
+        """An environment whose QBUF_QEMU_VIRTIOFSD is a wrapper running the
+        real virtiofsd with --cache=always instead of --cache=auto."""
+        real = os.environ.get("QBUF_QEMU_VIRTIOFSD") or shutil.which("virtiofsd")
+        if not real:
+            raise SystemExit("cxx-bench: virtiofs-always needs virtiofsd on PATH or in QBUF_QEMU_VIRTIOFSD")
+        wrapper = os.path.join(self.work, "virtiofsd-always")
+        with open(wrapper, "w") as f:
+            f.write("#!/bin/sh\n"
+                    "for a; do shift; [ \"$a\" = --cache=auto ] && a=--cache=always; set -- \"$@\" \"$a\"; done\n"
+                    f"exec '{real}' \"$@\"\n")
+        os.chmod(wrapper, 0o755)
+        return dict(os.environ, QBUF_QEMU_VIRTIOFSD=wrapper)
+
+    def host_edit(self, name, share_type, share):
+        """Is a file rewritten on the host seen by the guest 1 s later, after
+        the guest has read (and may cache) the old content? 1 = yes."""
+        path = os.path.join(share, "host-edit.txt")
+        with open(path, "w") as f:
+            f.write("before\n")
+        self.q(name, "ssh", "--", "cat", "/mnt/qbuf/host-edit.txt")
+        with open(path, "w") as f:
+            f.write("after the host's edit\n")
+        time.sleep(1.0)
+        seen = self.q(name, "ssh", "--", "cat", "/mnt/qbuf/host-edit.txt").strip()
+        ok = seen == "after the host's edit"
+        log(f"  host edit seen after 1 s: {'yes' if ok else 'no (the guest read ' + repr(seen) + ')'}")
+        self.samples.append((share_type, "share", "host_edit_seen", 1.0 if ok else 0.0))
 
     def values(self, share_type, place, metric):
         return [v for (t, p, m, v) in self.samples
@@ -199,6 +236,10 @@ class Bench:
             r += [ratio(self.values(t, "share", metric), self.values(t, "disk", metric)) for t in types]
             r.append(target)
             rows.append(r)
+        seen = [self.values(t, "share", "host_edit_seen") for t in types]
+        rows.append(["host edit seen by the guest 1 s later"]
+                    + [("yes" if v and min(v) == 1.0 else "no") if v else "–" for v in seen]
+                    + ["–", "–"] + ["–"] * len(types) + ["yes"])
         md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         md += ["| " + " | ".join(r) + " |" for r in rows]
         n_micro = len(self.values(types[0], "share", "stat"))
@@ -214,7 +255,7 @@ class Bench:
         ]
         raw = ["", "Every sample (share type of the boot, place, figure, seconds; build_objects is a count):", "", "```"]
         for t, p, m, v in self.samples:
-            raw.append(f"{t:9} {p:6} {m:16} {v:.6f}")
+            raw.append(f"{t:15} {p:6} {m:16} {v:.6f}")
         raw.append("```")
         guest = ["", "Guests: " + "; ".join(f"{FS_LABEL[t]} boot: " + ", ".join(f"{k} {v}" for k, v in i.items())
                                            for t, i in self.info.items())]
@@ -258,7 +299,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--share-types", default="virtiofs,9p",
-                    help="comma-separated share types, one boot each (default: virtiofs,9p)")
+                    help="comma-separated share types, one boot each (default: virtiofs,9p; also "
+                         "virtiofs-always: virtiofsd with --cache=always instead of the tool's --cache=auto)")
     ap.add_argument("--micro-rounds", type=int, default=5, help="microbench rounds per place and boot (default 5)")
     ap.add_argument("--no-guest-build", action="store_true",
                     help="do not run cxx-guest.sh first (by default it runs: it makes or checks the guest)")
@@ -272,7 +314,7 @@ def main():
     args.share_types = [t.strip() for t in args.share_types.split(",") if t.strip()]
     for t in args.share_types:
         if t not in FS_LABEL:
-            ap.error(f"unknown share type '{t}' (virtiofs or 9p)")
+            ap.error(f"unknown share type '{t}' (virtiofs, 9p or virtiofs-always)")
     if os.geteuid() != 0:
         ap.error("run as root (the guest's root writes the share)")
     b = Bench(args)
