@@ -29,7 +29,16 @@ const LAYERS: &[&[&str]] = &[
     // The records an instance keeps.
     &["instance/records.rs", "instance/mod.rs"],
     // Services over the records: images, SSH, files out of a guest, Guix, logs, the console.
-    &["qemu/image.rs", "qemu/mod.rs", "ssh.rs", "guest_files.rs", "guix.rs", "logs.rs", "console.rs"],
+    &[
+        "qemu/image.rs",
+        "qemu/mod.rs",
+        "ssh.rs",
+        "guest_files.rs",
+        "guest_files/tests.rs",
+        "guix.rs",
+        "logs.rs",
+        "console.rs",
+    ],
     // QEMU's parent process and its protocol.
     &["supervisor/"],
     // Typed outcomes and their renderers.

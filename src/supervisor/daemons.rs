@@ -2,7 +2,6 @@
 //! before QEMU (QEMU connects to their sockets at start-up), its children
 //! like QEMU, watched for an early death, and stopped after QEMU.
 
-use std::fs::File;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -78,14 +77,44 @@ async fn start_one(d: &Daemon) -> Result<Running, LaunchFailure> {
 }
 
 /// Our child, with SIGTERM and SIGHUP blocked as QEMU's are: a host-wide
-/// SIGTERM must not take the share away while the guest powers down.
+/// SIGTERM must not take the share away while the guest powers down. Its
+/// stderr goes through a pipe into its log, bounded like QEMU's
+/// ([`super::pump`]: a guest can make virtiofsd complain without end). The
+/// watch it returns says the daemon exited only once all it wrote is in the
+/// log, so whoever quotes the log's tail then has its last words.
 fn spawn(d: &Daemon) -> Result<(i32, watch::Receiver<Option<ExitInfo>>), String> {
-    let log = File::create(&d.log).map_err(|e| format!("cannot create {}: {e}", d.log.display()))?;
+    let old = old_log(d);
+    for f in [&d.log, &old] {
+        let _ = std::fs::remove_file(f);
+    }
+    let cannot = |e: std::io::Error| format!("cannot make a pipe for virtiofsd's stderr: {e}");
+    let (writer, reader) = tokio::net::unix::pipe::pipe().map_err(cannot)?;
+    let writer = writer.into_blocking_fd().map_err(cannot)?;
     let mut cmd = tokio::process::Command::new(&d.binary);
-    cmd.args(&d.argv).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(log);
+    cmd.args(&d.argv).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(writer);
     super::start::block_host_signals(&mut cmd);
     let child = cmd.spawn().map_err(|e| format!("cannot run {}: {e}", d.binary.display()))?;
-    super::start::reap(child, "virtiofsd")
+    // The write end now lives in the child only: its exit ends the pump.
+    drop(cmd);
+    let (pid, exited) = super::start::reap(child, "virtiofsd")?;
+    let (logged, rx) = watch::channel(None);
+    let log = (d.log.clone(), old, crate::logs::SMALL_CAP);
+    tokio::spawn(async move {
+        let mut exited = exited;
+        super::pump::pump(reader, log, exited.clone(), None).await;
+        let e = exited.wait_for(|e| e.is_some()).await.map(|e| *e).ok().flatten();
+        if e.is_some() {
+            let _ = logged.send(e);
+        }
+    });
+    Ok((pid, rx))
+}
+
+/// Where a daemon's log goes once it is full.
+fn old_log(d: &Daemon) -> std::path::PathBuf {
+    let mut name = d.log.clone().into_os_string();
+    name.push(".1");
+    name.into()
 }
 
 /// Tells the dispatcher when a daemon ends (while QEMU runs, that is the

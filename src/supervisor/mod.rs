@@ -61,8 +61,6 @@ async fn supervise(inst: Instance) -> Result<i32> {
         Err(failure) => return launch_failed(&inst, &failure),
     };
     tracing::info!("starting {}", shell_words::join(plan.command_line()));
-    // serial.log is appended across boots: this QEMU's lines start here.
-    let serial_from = std::fs::metadata(inst.serial_log()).map(|m| m.len()).unwrap_or(0);
     let started = match start::start(&inst, &plan).await {
         Ok(s) => s,
         Err(failure) => {
@@ -77,8 +75,9 @@ async fn supervise(inst: Instance) -> Result<i32> {
     forward_host_signals(tx.clone());
     daemons::forward_exits(&daemons, tx.clone());
     watch_instance_dir(inst.dir.clone(), tx.clone());
-    watch_serial_log(inst.serial_log(), serial_from, tx.clone());
+    watch_console(started.console, tx.clone());
     watch_owner(inst.clone(), tx.clone());
+    pump::cap_own_log(&inst);
 
     let listener = UnixListener::bind(inst.control()).context("cannot create the control socket")?;
     for s in inst.sockets() {
@@ -242,40 +241,13 @@ fn watch_instance_dir(dir: std::path::PathBuf, tx: mpsc::UnboundedSender<Msg>) {
     });
 }
 
-/// How often serial.log is read for the kernel's lines, and how much of it
-/// at most each time: a guest that floods its console gets lines skipped,
-/// never the supervisor's attention.
-const SERIAL_POLL: Duration = Duration::from_millis(200);
-const SERIAL_CHUNK: u64 = 256 * 1024;
-
-/// Reads what the guest prints on its serial console (QEMU's chardev
-/// logfile) for the kernel's panic and banner lines ([`crate::console::sign`]):
-/// a guest kernel without a pvpanic driver panics without QEMU knowing.
-/// A log that shrank (rotated) is read again from its start.
-fn watch_serial_log(path: std::path::PathBuf, from: u64, tx: mpsc::UnboundedSender<Msg>) {
-    use std::io::{Read, Seek, SeekFrom};
+/// Looks at what the guest prints on its serial console for the kernel's
+/// panic and banner lines ([`crate::console::sign`]): a guest kernel
+/// without a pvpanic driver panics without QEMU knowing.
+fn watch_console(mut console: pump::Console, tx: mpsc::UnboundedSender<Msg>) {
     tokio::spawn(async move {
-        let (mut pos, mut partial) = (from, Vec::<u8>::new());
-        let mut tick = tokio::time::interval(SERIAL_POLL);
-        while !tx.is_closed() {
-            tick.tick().await;
-            let Ok(mut f) = std::fs::File::open(&path) else { continue };
-            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-            if len < pos {
-                (pos, partial) = (0, vec![]);
-            }
-            if len - pos > SERIAL_CHUNK * 16 {
-                tracing::warn!(
-                    "the guest's console outruns the supervisor: {} bytes not scanned",
-                    len - pos - SERIAL_CHUNK
-                );
-                (pos, partial) = (len - SERIAL_CHUNK, vec![]);
-            }
-            let mut chunk = Vec::new();
-            if f.seek(SeekFrom::Start(pos)).is_err() || f.take(SERIAL_CHUNK).read_to_end(&mut chunk).is_err() {
-                continue;
-            }
-            pos += chunk.len() as u64;
+        let mut partial = Vec::<u8>::new();
+        while let Some(chunk) = console.recv().await {
             partial.extend_from_slice(&chunk);
             let done = partial.iter().rposition(|b| *b == b'\n').map(|i| i + 1).unwrap_or(0);
             for line in String::from_utf8_lossy(&partial[..done]).lines() {

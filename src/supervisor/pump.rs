@@ -1,6 +1,6 @@
 //! QEMU's output into the logs the supervisor keeps, each bounded
 //! ([`Capped`]): the guest's console (serial.log) and QEMU's own stdout and
-//! stderr (qemu.log).
+//! stderr (qemu.log); [`pump`] also carries each virtiofsd's stderr.
 //!
 //! QEMU writes the console through its chardev `logfile=`, and a file QEMU
 //! holds cannot be rotated: QEMU would go on writing into the renamed one.
@@ -17,15 +17,23 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::net::unix::pipe;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::instance::proc::ExitInfo;
 use crate::instance::Instance;
 use crate::logs::{Capped, SERIAL_CAP, SMALL_CAP};
 
+/// How often the supervisor looks at the size of its own log.
+const OWN_LOG_CHECK: Duration = Duration::from_secs(1);
+
 /// How long the pumps may take to read QEMU's last words after its exit.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(2);
+
+/// How many chunks of console output may wait for the supervisor's look
+/// (at most 64 KiB each): a guest that floods its console gets chunks
+/// skipped there, never written late or not at all to serial.log.
+const CONSOLE_BACKLOG: usize = 64;
 
 /// The pipes made for QEMU, before it starts.
 pub struct Pipes {
@@ -33,11 +41,16 @@ pub struct Pipes {
     output: pipe::Receiver,
     /// QEMU's stdout and stderr.
     pub output_writer: OwnedFd,
+    console: mpsc::Sender<Vec<u8>>,
 }
+
+/// What the guest prints on its console, as it is written to serial.log:
+/// for the supervisor to look for the kernel's panic and banner lines.
+pub type Console = mpsc::Receiver<Vec<u8>>;
 
 /// Makes the serial FIFO (which QEMU's argv names) and the pipe for QEMU's
 /// output.
-pub fn prepare(inst: &Instance) -> std::io::Result<Pipes> {
+pub fn prepare(inst: &Instance) -> std::io::Result<(Pipes, Console)> {
     // qemu.log is this boot's alone (a launch failure quotes it whole).
     for f in [inst.qemu_stderr(), inst.qemu_stderr_old()] {
         let _ = std::fs::remove_file(f);
@@ -47,7 +60,8 @@ pub fn prepare(inst: &Instance) -> std::io::Result<Pipes> {
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))?;
     let serial = pipe::OpenOptions::new().read_write(true).open_receiver(&fifo)?;
     let (tx, output) = pipe::pipe()?;
-    Ok(Pipes { serial, output, output_writer: tx.into_blocking_fd()? })
+    let (console, seen) = mpsc::channel(CONSOLE_BACKLOG);
+    Ok((Pipes { serial, output, output_writer: tx.into_blocking_fd()?, console }, seen))
 }
 
 /// The running pumps.
@@ -58,8 +72,8 @@ pub fn start(inst: &Instance, p: Pipes, exited: &watch::Receiver<Option<ExitInfo
     let serial = (inst.serial_log(), inst.serial_log_old(), SERIAL_CAP);
     let output = (inst.qemu_stderr(), inst.qemu_stderr_old(), SMALL_CAP);
     Pumps(vec![
-        tokio::spawn(pump(p.serial, serial, exited.clone())),
-        tokio::spawn(pump(p.output, output, exited.clone())),
+        tokio::spawn(pump(p.serial, serial, exited.clone(), Some(p.console))),
+        tokio::spawn(pump(p.output, output, exited.clone(), None)),
     ])
 }
 
@@ -73,7 +87,15 @@ impl Pumps {
     }
 }
 
-async fn pump(rx: pipe::Receiver, to: (PathBuf, PathBuf, u64), mut exited: watch::Receiver<Option<ExitInfo>>) {
+/// Copies `rx` into the capped log `to` (path, rotated path, cap) until the
+/// pipe ends, or until `exited` says its writer is gone and what it wrote
+/// is read. Each chunk also goes to `observer` when it has room.
+pub async fn pump(
+    rx: pipe::Receiver,
+    to: (PathBuf, PathBuf, u64),
+    mut exited: watch::Receiver<Option<ExitInfo>>,
+    observer: Option<mpsc::Sender<Vec<u8>>>,
+) {
     let (path, old, cap) = to;
     let mut log = match Capped::open(&path, &old, cap) {
         Ok(l) => l,
@@ -83,7 +105,7 @@ async fn pump(rx: pipe::Receiver, to: (PathBuf, PathBuf, u64), mut exited: watch
     loop {
         tokio::select! {
             r = rx.readable() => {
-                if r.is_err() || copy(&rx, &mut buf, &mut log, &path) == Read::Ended {
+                if r.is_err() || copy(&rx, &mut buf, &mut log, &path, &observer) == Read::Ended {
                     return;
                 }
             }
@@ -91,7 +113,7 @@ async fn pump(rx: pipe::Receiver, to: (PathBuf, PathBuf, u64), mut exited: watch
         }
     }
     // QEMU is gone: what it wrote before is in the pipe.
-    while copy(&rx, &mut buf, &mut log, &path) == Read::Data {}
+    while copy(&rx, &mut buf, &mut log, &path, &observer) == Read::Data {}
 }
 
 #[derive(PartialEq, Eq)]
@@ -102,7 +124,13 @@ enum Read {
 }
 
 /// Copies what the pipe holds now into the log.
-fn copy(rx: &pipe::Receiver, buf: &mut [u8], log: &mut Capped, path: &Path) -> Read {
+fn copy(
+    rx: &pipe::Receiver,
+    buf: &mut [u8],
+    log: &mut Capped,
+    path: &Path,
+    observer: &Option<mpsc::Sender<Vec<u8>>>,
+) -> Read {
     match rx.try_read(buf) {
         Ok(0) => Read::Ended,
         Ok(n) => {
@@ -110,9 +138,64 @@ fn copy(rx: &pipe::Receiver, buf: &mut [u8], log: &mut Capped, path: &Path) -> R
             if let Err(e) = log.write(&buf[..n]) {
                 tracing::warn!("cannot write {}: {e}", path.display());
             }
+            if let Some(o) = observer {
+                if o.try_send(buf[..n].to_vec()).is_err() && !o.is_closed() {
+                    tracing::warn!("the guest's console outruns the supervisor: {n} bytes not scanned");
+                }
+            }
             Read::Data
         }
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Read::Empty,
         Err(_) => Read::Ended,
+    }
+}
+
+/// Keeps the supervisor's own log (its stdout and stderr, which `launch`
+/// opened) under its cap for the VM's whole life: a guest can make the
+/// supervisor log without end (a reboot loop). Checked every second, so the
+/// file can pass the cap by what is logged in a second.
+pub fn cap_own_log(inst: &Instance) {
+    let (path, old) = (inst.supervisor_log(), inst.supervisor_log_old());
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(OWN_LOG_CHECK).await;
+            if std::fs::metadata(&path).is_ok_and(|m| m.len() > SMALL_CAP) {
+                if let Err(e) = rotate_onto(&path, &old, &[1, 2]) {
+                    tracing::warn!("cannot rotate {}: {e}", path.display());
+                }
+            }
+        }
+    });
+}
+
+/// Renames `path` to `old` and makes `fds` write to a fresh `path`
+/// (appending, so nothing written to one fd overwrites another's lines).
+fn rotate_onto(path: &Path, old: &Path, fds: &[std::os::fd::RawFd]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::rename(path, old)?;
+    let fresh = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
+    for fd in fds {
+        nix::unistd::dup2(fresh.as_raw_fd(), *fd)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn a_rotated_log_goes_on_in_a_fresh_file_through_the_same_fd() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, old) = (dir.path().join("supervisor.log"), dir.path().join("supervisor.log.1"));
+        let mut stderr_like = std::fs::File::create(&path).unwrap();
+        stderr_like.write_all(b"first\n").unwrap();
+        rotate_onto(&path, &old, &[stderr_like.as_raw_fd()]).unwrap();
+        stderr_like.write_all(b"second\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&old).unwrap(), "first\n");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "second\n");
     }
 }

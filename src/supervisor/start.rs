@@ -29,6 +29,8 @@ pub struct Started {
     pub version: String,
     /// QEMU's output on its way into the logs; finished after QEMU exited.
     pub pumps: Pumps,
+    /// The guest's console output, as it is logged.
+    pub console: pump::Console,
 }
 
 pub async fn start(inst: &Instance, plan: &BootPlan) -> Result<Started, LaunchFailure> {
@@ -39,7 +41,8 @@ pub async fn start(inst: &Instance, plan: &BootPlan) -> Result<Started, LaunchFa
         stderr_tail: crate::logs::tail(&inst.qemu_stderr(), 0, 4000, ""),
         serial_tail: String::new(),
     };
-    let pipes = pump::prepare(inst).map_err(|e| fail(format!("cannot make the pipes for QEMU's output: {e}"), None))?;
+    let (pipes, console) =
+        pump::prepare(inst).map_err(|e| fail(format!("cannot make the pipes for QEMU's output: {e}"), None))?;
     let (pid, exited, pumps) = spawn(inst, plan, pipes).map_err(|m| fail(m, None))?;
     let qmp = match connect(inst, &exited).await {
         Ok(q) => q,
@@ -64,7 +67,7 @@ pub async fn start(inst: &Instance, plan: &BootPlan) -> Result<Started, LaunchFa
         .await
         .map(|v| format!("{}.{}.{}", v.qemu.major, v.qemu.minor, v.qemu.micro))
         .unwrap_or_else(|_| "unknown".into());
-    Ok(Started { pid, qmp, exited, version, pumps })
+    Ok(Started { pid, qmp, exited, version, pumps, console })
 }
 
 /// Starts QEMU as our child; a task reaps it and publishes its exit.
