@@ -8,6 +8,7 @@ use super::vm::Vm;
 use super::Ctx;
 use crate::config::Settings;
 use crate::instance::{read_json, Instance, Lock};
+use crate::qemu::parse::RunState;
 use crate::report::print_line;
 use crate::ssh::Target;
 
@@ -57,14 +58,14 @@ pub fn ssh(ctx: &Ctx, args: &[String]) -> Result<i32> {
 fn refuse_stopped_guest(ctx: &Ctx) -> Result<()> {
     let Ok(Some(vm)) = Vm::if_running(ctx) else { return Ok(()) };
     let Ok(Ok(v)) = vm.call("query-status", json!({}), std::time::Duration::from_secs(5)) else { return Ok(()) };
-    let state = v.get("status").and_then(Value::as_str).unwrap_or("unknown");
+    let state = RunState::of_query_status(&v);
     match state {
-        "paused" | "suspended" => anyhow::bail!(
+        RunState::Paused | RunState::Suspended => anyhow::bail!(
             "instance '{}' is {state}, so its guest cannot answer SSH: resume it with '{}'",
             ctx.name,
             ctx.command("resume")
         ),
-        "guest-panicked" | "internal-error" | "io-error" | "shutdown" => anyhow::bail!(
+        RunState::GuestPanicked | RunState::InternalError | RunState::IoError | RunState::Shutdown => anyhow::bail!(
             "instance '{}' does not run its guest (QEMU's state: {state}), so it cannot answer SSH: see '{}'",
             ctx.name,
             ctx.command("status")

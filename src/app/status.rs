@@ -94,6 +94,15 @@ fn running_notes(ctx: &Ctx, st: &mut Status, panicked: bool) {
             ctx.command("resume")
         ));
     }
+    if let State::Qemu(r) = &st.state {
+        st.notes.push(format!(
+            "QEMU's run state is '{r}', not 'running': the guest's CPUs are stopped and SSH does not answer; \
+             QEMU's own words are in {}; '{}' tries to go on, '{}' stops the VM",
+            ctx.instance().qemu_stderr().display(),
+            ctx.command("resume"),
+            ctx.command("powerdown")
+        ));
+    }
     if st.guest_panic.is_some() {
         st.notes.push(format!(
             "the guest's kernel panicked (its serial console says so; it has no pvpanic driver, so QEMU \

@@ -146,9 +146,87 @@ pub fn parse_qemu_version(line: &str) -> Option<(u32, u32)> {
     Some((it.next()??, it.next()??))
 }
 
+/// QEMU's run state (QAPI `RunState`, what `query-status` and the
+/// `STOP`/`RESUME` story say), with the states this tool acts on named and
+/// any other kept as QEMU spelled it: a QEMU newer than this list must not
+/// make a state unreadable, or turn into another one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunState {
+    Running,
+    Paused,
+    Suspended,
+    Shutdown,
+    GuestPanicked,
+    InternalError,
+    IoError,
+    /// Any other state (`inmigrate`, `save-vm`, `watchdog`, a newer one).
+    Other(String),
+}
+
+impl RunState {
+    const NAMED: [(RunState, &'static str); 7] = [
+        (RunState::Running, "running"),
+        (RunState::Paused, "paused"),
+        (RunState::Suspended, "suspended"),
+        (RunState::Shutdown, "shutdown"),
+        (RunState::GuestPanicked, "guest-panicked"),
+        (RunState::InternalError, "internal-error"),
+        (RunState::IoError, "io-error"),
+    ];
+
+    pub fn parse(s: &str) -> RunState {
+        Self::NAMED.iter().find(|(_, n)| *n == s).map(|(r, _)| r.clone()).unwrap_or_else(|| RunState::Other(s.into()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            RunState::Other(s) => s,
+            named => Self::NAMED.iter().find(|(r, _)| r == named).map(|(_, n)| *n).unwrap_or("unknown"),
+        }
+    }
+
+    /// The state in a `query-status` reply (`unknown` when it has none).
+    pub fn of_query_status(reply: &Value) -> RunState {
+        RunState::parse(reply.get("status").and_then(Value::as_str).unwrap_or("unknown"))
+    }
+}
+
+impl std::fmt::Display for RunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for RunState {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for RunState {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(RunState::parse(&String::deserialize(d)?))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn run_states_round_trip_and_unknown_ones_stay_as_qemu_spelled_them() {
+        for s in ["running", "paused", "suspended", "shutdown", "guest-panicked", "internal-error", "io-error"] {
+            assert!(!matches!(RunState::parse(s), RunState::Other(_)), "{s}");
+            assert_eq!(RunState::parse(s).as_str(), s);
+        }
+        assert_eq!(RunState::parse("colo-new-state"), RunState::Other("colo-new-state".into()));
+        let v: RunState = serde_json::from_str("\"inmigrate\"").unwrap();
+        assert_eq!(serde_json::to_string(&v).unwrap(), "\"inmigrate\"");
+        assert_eq!(
+            RunState::of_query_status(&serde_json::json!({"status": "io-error", "running": false})),
+            RunState::IoError
+        );
+    }
 
     fn fwd(udp: bool, a: &str, h: u16, g: u16) -> Forward {
         Forward { udp, host_addr: a.into(), host_port: h, guest_port: g }

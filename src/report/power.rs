@@ -3,6 +3,7 @@
 use serde::Serialize;
 
 use super::Render;
+use crate::qemu::parse::RunState;
 
 /// `pause` or `resume`.
 #[derive(Debug, Clone, Serialize)]
@@ -11,8 +12,8 @@ pub struct RunStateChanged {
     /// `pause` or `resume`.
     pub action: &'static str,
     /// QEMU's run state before and after (`running`, `paused`, …).
-    pub before: String,
-    pub after: String,
+    pub before: RunState,
+    pub after: RunState,
     /// The command that undoes it.
     #[serde(skip)]
     pub undo_command: String,

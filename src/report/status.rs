@@ -7,14 +7,13 @@ use crate::clock::human_duration;
 use crate::instance::proc::ExitInfo;
 use crate::instance::records::{RunOrigin, SnapshotOrigin, StopMethod, StopRecord};
 use crate::qemu::args::Accel;
-use crate::qemu::parse::LiveDisk;
+use crate::qemu::parse::{LiveDisk, RunState};
 use crate::qga::AgentState;
 use crate::qmp::Event;
 use crate::supervisor::protocol::{ConsolePanic, GuestKernel, Live, ShareState, VmState};
 
 /// The instance's state as the user sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum State {
     Running,
     Paused,
@@ -25,10 +24,20 @@ pub enum State {
     Unresponsive,
     Stopped,
     Crashed,
+    /// QEMU's vCPUs stopped for a reason none of the above names
+    /// (`internal-error`, `io-error`, `suspended`, `inmigrate`, a state
+    /// newer than this tool): shown as QEMU says it.
+    Qemu(RunState),
+}
+
+impl Serialize for State {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
 }
 
 impl State {
-    pub fn as_str(self) -> &'static str {
+    pub fn as_str(&self) -> &str {
         match self {
             State::Running => "running",
             State::Paused => "paused",
@@ -37,16 +46,18 @@ impl State {
             State::Unresponsive => "unresponsive",
             State::Stopped => "stopped",
             State::Crashed => "crashed",
+            State::Qemu(r) => r.as_str(),
         }
     }
 
     /// From QEMU's run state while no stop is under way.
-    pub fn of_run_state(run_state: &str) -> State {
+    pub fn of_run_state(run_state: &RunState) -> State {
         match run_state {
-            "running" => State::Running,
-            "guest-panicked" => State::Crashed,
-            "shutdown" => State::Stopping,
-            _ => State::Paused,
+            RunState::Running => State::Running,
+            RunState::Paused => State::Paused,
+            RunState::GuestPanicked => State::Crashed,
+            RunState::Shutdown => State::Stopping,
+            other => State::Qemu(other.clone()),
         }
     }
 
@@ -113,7 +124,7 @@ pub struct Status {
     pub name: String,
     pub state: State,
     /// QEMU's own run state, e.g. `running`, `paused`, `guest-panicked`.
-    pub qemu_status: Option<String>,
+    pub qemu_status: Option<RunState>,
     pub pid: Option<i32>,
     pub ssh_port: Option<u16>,
     pub ssh_user: Option<String>,
@@ -327,5 +338,22 @@ impl Render for Status {
             line("note:", n.clone());
         }
         s.trim_end().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stopped_vcpu_is_shown_as_qemu_says_not_as_paused() {
+        let of = |s: &str| State::of_run_state(&RunState::parse(s));
+        assert_eq!(of("running"), State::Running);
+        assert_eq!(of("paused"), State::Paused);
+        assert_eq!(of("guest-panicked"), State::Crashed);
+        for s in ["internal-error", "io-error", "suspended", "inmigrate", "some-future-state"] {
+            assert_eq!(of(s).as_str(), s);
+            assert_eq!(serde_json::to_value(of(s)).unwrap(), s);
+        }
     }
 }

@@ -20,6 +20,7 @@ use crate::instance::proc::ExitInfo;
 use crate::instance::records::{write_json, StopMethod, StopOutcome, StopRecord};
 use crate::instance::Instance;
 use crate::qemu::args::GUEST_AGENT_PORT_ID;
+use crate::qemu::parse::RunState;
 use crate::qmp::{Event, Qmp};
 
 /// How long the ladder gives the guest when the host asks us to go away.
@@ -437,7 +438,7 @@ async fn live(qmp: &Qmp, agent: Option<PathBuf>) -> Option<Live> {
     );
     let disks = blocks.map(|b| crate::qemu::parse::parse_query_block(&b)).ok();
     let run_state = match status {
-        Ok(v) => v.get("status").and_then(Value::as_str).unwrap_or("unknown").to_string(),
+        Ok(v) => RunState::of_query_status(&v),
         // The connection ended under the question: QEMU is exiting.
         Err(crate::qmp::QmpError::Disconnected { .. }) => return None,
         Err(e) => return Some(Live::Unresponsive { reason: e.to_string() }),

@@ -28,6 +28,7 @@ use tokio::time::Instant;
 
 use crate::instance::proc::{ExitInfo, ProcIdentity};
 use crate::instance::records::{StopMethod, StopOutcome};
+use crate::qemu::parse::RunState;
 use crate::qmp::{Event, Qmp};
 
 pub const QUIT_DEADLINE: Duration = Duration::from_secs(10);
@@ -186,7 +187,7 @@ async fn resume_if_paused(qmp: Option<&Qmp>, t: Duration) -> Option<String> {
     let q = qmp?;
     // Raw, not qapi's RunState: a state newer than its schema must not fail.
     let status = q.execute_raw("query-status", serde_json::json!({}), t).await.ok()?;
-    if status.get("status").and_then(serde_json::Value::as_str) != Some("paused") {
+    if RunState::of_query_status(&status) != RunState::Paused {
         // Running needs nothing; guest-panicked or shutdown would not be
         // helped by resuming.
         return None;

@@ -14,7 +14,7 @@ use crate::instance::proc::ExitInfo;
 use crate::instance::records::{StopMethod, StopOutcome, StopRecord};
 use crate::qemu::args::ShareKind;
 use crate::qemu::args::{Accel, VmSpec};
-use crate::qemu::parse::LiveDisk;
+use crate::qemu::parse::{LiveDisk, RunState};
 use crate::qemu::virtiofs::Daemon;
 use crate::qga::AgentState;
 use crate::qmp::Event;
@@ -257,9 +257,9 @@ pub enum Live {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LiveState {
-    /// QEMU's run state (`running`, `paused`, `guest-panicked`, …), raw so a
-    /// state newer than qapi's schema still reaches the user.
-    pub run_state: String,
+    /// QEMU's run state (`running`, `paused`, `guest-panicked`, …); a state
+    /// newer than this tool still reaches the user as QEMU spelled it.
+    pub run_state: RunState,
     pub memory_mib: Option<u64>,
     pub cpus: Option<u32>,
     pub disks: Vec<LiveDisk>,
