@@ -111,7 +111,14 @@ pub struct Target {
     pub user: String,
     pub key: PathBuf,
     pub known_hosts: PathBuf,
+    /// The control socket of the shared connection; `None` when its path
+    /// is too long for one (OpenSSH would say so on every login).
+    pub control: Option<PathBuf>,
 }
+
+/// What OpenSSH appends to a ControlPath while it sets the socket up
+/// (`.` and 16 random characters).
+const CONTROL_TEMP_SUFFIX: usize = 17;
 
 impl Target {
     pub fn for_instance(inst: &Instance, port: u16, user: &str, key: &Path) -> Target {
@@ -121,6 +128,8 @@ impl Target {
             user: user.to_string(),
             key: key.to_path_buf(),
             known_hosts: inst.known_hosts(),
+            control: Some(inst.ssh_control())
+                .filter(|c| c.as_os_str().len() + CONTROL_TEMP_SUFFIX <= crate::instance::paths::MAX_SOCKET_PATH),
         }
     }
 
@@ -134,7 +143,7 @@ impl Target {
     /// after unquoting (paths with `%` doubled, as ssh expands `%` tokens in
     /// them); each renderer quotes them once for its syntax.
     pub fn settings(&self) -> Vec<(&'static str, String)> {
-        vec![
+        let mut v = vec![
             ("IdentityFile", ssh_path(&self.key)),
             ("Port", self.port.to_string()),
             ("IdentitiesOnly", "yes".into()),
@@ -151,7 +160,18 @@ impl Target {
             ("ServerAliveInterval", SERVER_ALIVE_INTERVAL.to_string()),
             ("ServerAliveCountMax", SERVER_ALIVE_COUNT.to_string()),
             ("LogLevel", "ERROR".into()),
-        ]
+        ];
+        // One key exchange per boot: the first login stays as a master in
+        // the background (its stdio closed, so a caller reading its output
+        // is not kept waiting) until the guest's connection ends, when
+        // QEMU exits, the guest closes it or the keepalives above give up.
+        // The socket is in the private instance dir.
+        if let Some(c) = &self.control {
+            v.push(("ControlMaster", "auto".into()));
+            v.push(("ControlPath", ssh_path(c)));
+            v.push(("ControlPersist", "yes".into()));
+        }
+        v
     }
 
     /// Options before the destination: `-i KEY -p PORT`, then `-o K=V`.
@@ -291,7 +311,9 @@ pub fn banner(port: u16, timeout: Duration) -> Option<String> {
 /// Result of one login attempt.
 #[derive(Debug, PartialEq)]
 pub enum Login {
-    Ok,
+    /// The login worked; the remote command's output and status (which
+    /// may be a failure of its own).
+    Ok(std::process::Output),
     HostKeyChanged,
     /// The guest's sshd answered and refused the key
     /// (`Permission denied (publickey)`): no slow boot, a missing key.
@@ -321,12 +343,14 @@ fn run(argv: &[String], stdin: Stdio) -> Result<std::process::Output> {
         .with_context(|| format!("cannot run 'ssh': {SSH_MISSING}"))
 }
 
-/// `ssh … true` with the instance key: readiness means a login works.
-pub fn try_login(t: &Target, timeout: Duration) -> Result<Login> {
-    let out = run(&batch(t, &["true".into()], timeout), Stdio::null())?;
+/// `ssh … REMOTE` with the instance key: readiness means a login works.
+/// OpenSSH exits 255 for its own failures; any other status is REMOTE's,
+/// so the login worked.
+pub fn try_login(t: &Target, remote: &str, timeout: Duration) -> Result<Login> {
+    let out = run(&batch(t, &[remote.into()], timeout), Stdio::null())?;
     let err = String::from_utf8_lossy(&out.stderr);
-    if out.status.success() {
-        Ok(Login::Ok)
+    if out.status.code() != Some(255) {
+        Ok(Login::Ok(out))
     } else if err.contains(HOST_KEY_CHANGED) || err.contains("Host key verification failed") {
         Ok(Login::HostKeyChanged)
     } else {
@@ -400,7 +424,21 @@ mod tests {
             user: "dev".into(),
             key: "/s/ssh/id_ed25519".into(),
             known_hosts: "/s/instances/dev/known_hosts".into(),
+            control: Some("/s/instances/dev/ssh.sock".into()),
         }
+    }
+
+    #[test]
+    fn logins_share_one_connection_when_its_socket_path_fits() {
+        let o = target().options().join(" ");
+        assert!(o.contains("ControlMaster=auto"), "{o}");
+        assert!(o.contains("ControlPath=/s/instances/dev/ssh.sock") && o.contains("ControlPersist=yes"), "{o}");
+        let pct = Target { control: Some("/s/100%/instances/dev/ssh.sock".into()), ..target() };
+        assert!(pct.options().contains(&"ControlPath=/s/100%%/instances/dev/ssh.sock".to_string()));
+        let long = Instance { name: "dev".into(), dir: PathBuf::from(format!("/{}/instances/dev", "x".repeat(80))) };
+        let t = Target::for_instance(&long, 2222, "dev", Path::new("/k"));
+        assert_eq!(t.control, None, "a socket path OpenSSH cannot make");
+        assert!(!t.options().join(" ").contains("ControlMaster"));
     }
 
     #[test]

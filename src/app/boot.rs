@@ -64,6 +64,7 @@ pub fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Res
     }
     ctx.stage("starting QEMU");
     let run = start_and_load(ctx, inst, lock, serial_before, hint.clone(), resume.as_ref()).map_err(undo)?;
+    let qemu_up = started.elapsed().as_secs_f64();
     // Saved once QEMU came up with them: a setting QEMU refuses is not kept.
     if let Err(e) = write_json(&inst.settings(), &s) {
         let _ = super::stop::stop_running(ctx, inst, &StopOptions { timeout: Duration::ZERO, force: true });
@@ -71,7 +72,11 @@ pub fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Res
     }
 
     let t = ssh::Target::for_instance(inst, s.ssh_port, &s.ssh_user, &key);
+    // A master of an earlier boot is ending with its QEMU: this boot's
+    // first login makes a new one.
+    let _ = std::fs::remove_file(inst.ssh_control());
     let mut result = launched(ctx, inst, &t, run.qemu.pid, plan.spec.accel, false, changes, notes);
+    result.qemu_up_seconds = Some(qemu_up);
     if opts.no_wait {
         return Ok(result);
     }
@@ -84,11 +89,23 @@ pub fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Res
         inst.serial_log().display()
     ));
     let stage = if resume.is_some() { "waiting for the resumed guest to answer SSH" } else { ready::BOOTING };
-    let watch = ready::Watch { auto_kvm, silence: opts.silence, serial_before, cancel: opts.cancel.clone(), stage };
+    let login = resume.as_ref().map(|r| {
+        let mounts = r.record.mounts.clone();
+        Box::new(move || super::guest::after_resume_login(&mounts)) as Box<dyn Fn() -> String>
+    });
+    let watch = ready::Watch {
+        auto_kvm,
+        silence: opts.silence,
+        serial_before,
+        cancel: opts.cancel.clone(),
+        stage,
+        listening: login.is_some(),
+        login,
+    };
     match ready::wait(inst, &t, &run.qemu, started + opts.timeout, &watch) {
-        Ok(()) => {
+        Ok(out) => {
             if let Some(r) = &resume {
-                resume::after_resume(&t, r, &mut result.notes);
+                result.notes.extend(super::guest::after_resume_notes(&t, out, &r.record.mounts));
             }
             result.ready_seconds = Some(started.elapsed().as_secs_f64());
             Ok(result)

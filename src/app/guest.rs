@@ -18,12 +18,20 @@ const NO_SUDO: i32 = 97;
 /// cannot become root (no `sudo`, or one that wants a password) is told
 /// apart from a script that failed: the fix is the user, not the script.
 fn as_root(t: &Target, script: &str) -> Result<String> {
-    let wrapped = format!(
+    judge_as_root(t, ssh::capture(t, &as_root_command(script))?)
+}
+
+/// The remote command line that runs `script` as root.
+fn as_root_command(script: &str) -> String {
+    format!(
         "if [ \"$(id -u)\" = 0 ]; then sh -c {0}; elif command -v sudo >/dev/null 2>&1; then sudo -n sh -c {0}; \
          else exit {NO_SUDO}; fi",
         shell_words::quote(script)
-    );
-    let out = ssh::capture(t, &wrapped)?;
+    )
+}
+
+/// The stdout of an [`as_root_command`] that worked, or why it did not.
+fn judge_as_root(t: &Target, out: std::process::Output) -> Result<String> {
     let stderr = String::from_utf8_lossy(&out.stderr);
     let no_root = |why: String| anyhow::Error::new(NoRoot { user: t.user.clone(), why });
     match out.status.code() {
@@ -101,34 +109,123 @@ pub fn unmount_shares(t: &Target, mounts: &[GuestMount]) -> Result<()> {
     Ok(())
 }
 
+/// The command that mounts share `m` as the guest mounts it at boot.
+fn mount_command(m: &GuestMount) -> String {
+    let how = match m.kind {
+        ShareKind::NineP => "-t 9p -o trans=virtio,version=9p2000.L,msize=262144",
+        ShareKind::Virtiofs => "-t virtiofs",
+    };
+    format!(
+        "mkdir -p {path} && mount {how} {tag} {path}",
+        path = shell_words::quote(&m.path),
+        tag = shell_words::quote(&m.tag)
+    )
+}
+
 /// Mounts the shares again, as the guest mounts its share at boot.
 pub fn mount_shares(t: &Target, mounts: &[GuestMount]) -> Result<()> {
     for m in mounts {
-        let how = match m.kind {
-            ShareKind::NineP => "-t 9p -o trans=virtio,version=9p2000.L,msize=262144",
-            ShareKind::Virtiofs => "-t virtiofs",
-        };
-        let script = format!(
-            "mkdir -p {path} && mount {how} {tag} {path}",
-            path = shell_words::quote(&m.path),
-            tag = shell_words::quote(&m.tag)
-        );
-        as_root(t, &script)
+        as_root(t, &mount_command(m))
             .map_err(|e| anyhow::anyhow!("could not mount share '{}' at {} again: {e}", m.tag, m.path))?;
     }
     Ok(())
 }
 
-/// Sets the guest's clock to the host's: a resumed guest's clock stands
-/// where it was saved.
-pub fn set_clock(t: &Target) -> Result<()> {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
-    as_root(t, &format!("date -s @{now} >/dev/null")).map(|_| ())
+/// What a resumed guest needs, run by the login that shows it is ready
+/// (each login costs a key exchange, about 0.2 s under TCG, and
+/// `run --from-snapshot` waits for it): the clock set to the host's (it
+/// stands where it was saved) and the shares mounted again. Made at each
+/// login attempt, so the time is the attempt's.
+pub fn after_resume_login(mounts: &[GuestMount]) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    as_root_command(&after_resume_script(now, mounts))
+}
+
+/// What [`after_resume_login`]'s output says could not be done, as notes:
+/// each step is tried whatever the others did, and the VM runs anyway.
+pub fn after_resume_notes(t: &Target, out: std::process::Output, mounts: &[GuestMount]) -> Vec<String> {
+    match judge_as_root(t, out) {
+        Ok(out) => failed_steps(&out)
+            .into_iter()
+            .map(|(step, why)| match step.checked_sub(1).and_then(|i| mounts.get(i)) {
+                Some(m) => format!(
+                    "could not mount share '{}' at {} again: {why}; mount it in the guest yourself",
+                    m.tag, m.path
+                ),
+                None => format!("could not set the resumed guest's clock ({why}); it stands where it was saved"),
+            })
+            .collect(),
+        Err(e) => vec![format!(
+            "could not set the resumed guest's clock or mount its shares again ({e}); its clock stands where it \
+             was saved, and its shares are to be mounted in the guest by hand"
+        )],
+    }
+}
+
+/// A script that runs each step and prints `qbuf-failed N WHY` for each
+/// step that failed: N is 0 for the clock, then 1 for the first mount, 2
+/// for the second, …
+fn after_resume_script(now: u64, mounts: &[GuestMount]) -> String {
+    let mut steps = vec![format!("date -s @{now} >/dev/null")];
+    steps.extend(mounts.iter().map(mount_command));
+    let mut script = String::from(
+        "step() { n=$1; shift; out=$(sh -c \"$1\" 2>&1 >/dev/null) || printf 'qbuf-failed %s %s\\n' \"$n\" \"$(printf %s \"$out\" | tr '\\n' ' ')\"; }\n",
+    );
+    for (i, st) in steps.iter().enumerate() {
+        script.push_str(&format!("step {i} {}\n", shell_words::quote(st)));
+    }
+    script
+}
+
+/// The steps [`after_resume_script`] said failed, with why.
+fn failed_steps(out: &str) -> Vec<(usize, String)> {
+    out.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("qbuf-failed ")?;
+            let (n, why) = rest.split_once(' ').unwrap_or((rest, ""));
+            let why = why.trim();
+            Some((n.parse().ok()?, if why.is_empty() { "no reason given".to_string() } else { why.to_string() }))
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_after_resume_script_runs_every_step_and_names_the_failed_ones() {
+        let mounts = vec![
+            GuestMount { tag: "qbuf".into(), path: "/mnt/qbuf".into(), kind: ShareKind::Virtiofs },
+            GuestMount { tag: "x".into(), path: "/nonexistent/$(touch /tmp/pwned)".into(), kind: ShareKind::NineP },
+        ];
+        let script = after_resume_script(1_700_000_000, &mounts);
+        // Run by a real shell with stand-ins for mount and date: the first
+        // mount and the clock succeed, the second mount fails.
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path();
+        for (name, body) in [
+            ("mount", "case \"$*\" in *qbuf*) exit 0;; *) echo \"mount: $4: special device x does not exist\" >&2; exit 32;; esac"),
+            ("mkdir", "exit 0"),
+            ("date", "[ \"$2\" = @1700000000 ] || exit 1"),
+        ] {
+            let p = bin.join(name);
+            std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        }
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&script)
+            .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let failed = failed_steps(&String::from_utf8_lossy(&out.stdout));
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert_eq!(failed[0].0, 2);
+        assert!(failed[0].1.contains("does not exist"), "{failed:?}");
+        assert!(!std::path::Path::new("/tmp/pwned").exists(), "a share path reached the shell unquoted");
+    }
 
     #[test]
     fn only_9p_and_virtiofs_mounts_are_shares() {

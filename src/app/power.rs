@@ -11,28 +11,28 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::observe::running_target;
 use super::vm::{Vm, QUERY_TIMEOUT};
 use super::{block_on, ready, Ctx};
 use crate::instance::records::{BootPlan, RunRecord};
 use crate::instance::{read_json, Instance};
+use crate::qemu::parse::RunState;
 use crate::qga::AgentState;
 use crate::report::power::{RebootMethod, Rebooted, RunStateChanged};
 use crate::ssh::Target;
 use crate::supervisor::client;
 
 /// QEMU's run state (`running`, `paused`, …).
-fn run_state(vm: &Vm) -> Result<String> {
-    let v = vm.execute("query-status", json!({}))?;
-    Ok(v.get("status").and_then(Value::as_str).unwrap_or("unknown").to_string())
+fn run_state(vm: &Vm) -> Result<RunState> {
+    Ok(RunState::of_query_status(&vm.execute("query-status", json!({}))?))
 }
 
 pub fn pause(ctx: &Ctx) -> Result<RunStateChanged> {
     let vm = Vm::running(ctx)?;
     let before = run_state(&vm)?;
-    if before == "running" {
+    if before == RunState::Running {
         vm.execute("stop", json!({}))?;
     }
     let after = run_state(&vm)?;
@@ -42,7 +42,7 @@ pub fn pause(ctx: &Ctx) -> Result<RunStateChanged> {
 pub fn resume(ctx: &Ctx) -> Result<RunStateChanged> {
     let vm = Vm::running(ctx)?;
     let before = run_state(&vm)?;
-    if before != "running" {
+    if before != RunState::Running {
         vm.execute("cont", json!({}))?;
     }
     let after = run_state(&vm)?;
@@ -69,7 +69,7 @@ pub fn reboot(ctx: &Ctx, opts: &RebootOptions) -> Result<Rebooted> {
         Some(crate::supervisor::protocol::Live::Answered(l)) => Some(l),
         _ => None,
     };
-    if live.as_ref().is_some_and(|l| l.run_state != "running") {
+    if live.as_ref().is_some_and(|l| l.run_state != RunState::Running) {
         vm.execute("cont", json!({}))?;
         notes.push("the VM was paused: resumed it first, since a paused guest cannot reboot".into());
     }
@@ -77,6 +77,9 @@ pub fn reboot(ctx: &Ctx, opts: &RebootOptions) -> Result<Rebooted> {
     let started = Instant::now();
     let serial_before = std::fs::metadata(inst.serial_log()).map(|m| m.len()).unwrap_or(0);
     let method = block_on(reset(ctx, &inst, &t, agent, opts, &mut notes))?;
+    // The shared SSH connection went with the old boot (a reset guest may
+    // not even close it): the next login makes a new one.
+    let _ = std::fs::remove_file(inst.ssh_control());
     let seconds = started.elapsed().as_secs_f64();
     let mut out = Rebooted { name: ctx.name.clone(), method, seconds, ready_seconds: None, notes };
     if opts.no_wait {
@@ -89,8 +92,15 @@ pub fn reboot(ctx: &Ctx, opts: &RebootOptions) -> Result<Rebooted> {
     }
     let run: RunRecord =
         read_json(&inst.run_record())?.ok_or_else(|| super::vm::missing_record(&inst, &inst.run_record()))?;
-    let watch =
-        ready::Watch { auto_kvm: false, silence: Duration::MAX, serial_before, cancel: None, stage: ready::BOOTING };
+    let watch = ready::Watch {
+        auto_kvm: false,
+        silence: Duration::MAX,
+        serial_before,
+        cancel: None,
+        stage: ready::BOOTING,
+        login: None,
+        listening: false,
+    };
     if let Err(r) = ready::wait(&inst, &t, &run.qemu, Instant::now() + opts.ssh_timeout, &watch) {
         bail!("instance '{}' was reset, but {}", ctx.name, r.describe(&t, &inst));
     }

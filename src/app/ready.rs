@@ -32,6 +32,13 @@ pub struct Watch {
     /// What the wait is for, as the progress line says it: a booting guest
     /// goes through firmware and its kernel, a resumed one does not.
     pub stage: &'static str,
+    /// What the login runs, made afresh for each attempt; `None`: `true`.
+    /// A resumed guest's chores ride on it (one login less).
+    pub login: Option<Box<dyn Fn() -> String>>,
+    /// The guest's sshd was listening when its state was saved: the first
+    /// login is tried at once, without a banner probe first (which costs
+    /// the guest's sshd a connection of its own).
+    pub listening: bool,
 }
 
 /// The progress line while a guest boots.
@@ -71,8 +78,21 @@ impl Readiness {
 /// How long a guest's sshd may refuse the key before the boot fails: it
 /// may start before the guest installed its authorized keys.
 pub const KEY_GRACE: Duration = Duration::from_secs(10);
-/// The pause between logins the guest refused.
-const REFUSED_PAUSE: Duration = Duration::from_millis(500);
+/// The pause after a login the guest refused, doubled after each (a guest
+/// that installs its keys a moment after its sshd starts is let in at
+/// once; one that never does is not asked ten times a second).
+const REFUSED_PAUSE: Duration = Duration::from_millis(50);
+const REFUSED_PAUSE_MAX: Duration = Duration::from_millis(800);
+
+/// The pause after the guest refused the key for `since`: 50 ms at first,
+/// doubling to 800 ms.
+fn refused_pause(since: Duration) -> Duration {
+    let mut pause = REFUSED_PAUSE;
+    while pause < REFUSED_PAUSE_MAX && since > pause * 2 {
+        pause *= 2;
+    }
+    pause
+}
 /// How often the supervisor is asked whether the console showed a panic.
 const PANIC_CHECK: Duration = Duration::from_millis(500);
 
@@ -89,19 +109,21 @@ fn key_refused_message(t: &ssh::Target, said: &str, secs: u64) -> String {
     )
 }
 
-/// Waits until a login works, QEMU ends, or `deadline`.
+/// Waits until a login works, QEMU ends, or `deadline`; the output of the
+/// login's command.
 pub fn wait(
     inst: &Instance,
     t: &ssh::Target,
     qemu: &ProcIdentity,
     deadline: Instant,
     w: &Watch,
-) -> Result<(), Readiness> {
+) -> Result<std::process::Output, Readiness> {
     let start = Instant::now();
     let mut last = String::from("no SSH banner yet");
     let mut serial_seen = w.serial_before;
     let (mut refused_since, mut next_panic_check) = (None::<Instant>, start);
     crate::progress::stage(w.stage);
+    let mut listening = w.listening;
     loop {
         if w.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst)) {
             return Err(Readiness::Cancelled);
@@ -128,16 +150,24 @@ pub fn wait(
                 return Err(Readiness::Panicked(line));
             }
         }
-        if ssh::banner(t.port, BANNER).is_some() {
+        if std::mem::take(&mut listening) || ssh::banner(t.port, BANNER).is_some() {
             crate::progress::stage("SSH answered; logging in");
             tracing::info!(
-                "SSH banner on port {} after {:.1}s; logging in as {}",
+                "SSH on port {} after {:.1}s; logging in as {}",
                 t.port,
                 start.elapsed().as_secs_f64(),
                 t.user
             );
-            match ssh::try_login(t, Duration::from_secs(10)) {
-                Ok(ssh::Login::Ok) => return Ok(()),
+            let remote = w.login.as_ref().map(|l| l()).unwrap_or_else(|| "true".into());
+            match ssh::try_login(t, &remote, Duration::from_secs(10)) {
+                // `true` failing is a login that does not work (a shell
+                // that refuses it); another command's status is its own.
+                Ok(ssh::Login::Ok(out)) if w.login.is_some() || out.status.success() => return Ok(out),
+                Ok(ssh::Login::Ok(out)) => {
+                    let said = String::from_utf8_lossy(&out.stderr).trim().lines().last().unwrap_or("").to_string();
+                    tracing::info!("logged in, but 'true' failed ({}), trying again: {said}", out.status);
+                    last = format!("logged in, but 'true' failed ({}): {said}", out.status)
+                }
                 Ok(ssh::Login::HostKeyChanged) => return Err(Readiness::HostKey),
                 Ok(ssh::Login::KeyRefused(said)) => {
                     let since = *refused_since.get_or_insert_with(Instant::now);
@@ -146,7 +176,7 @@ pub fn wait(
                     }
                     tracing::info!("the guest refused the key, trying again for up to {KEY_GRACE:?}: {said}");
                     last = format!("banner seen, the key was refused: {said}");
-                    std::thread::sleep(REFUSED_PAUSE);
+                    std::thread::sleep(refused_pause(since.elapsed()));
                 }
                 Ok(ssh::Login::Failed(e)) => {
                     tracing::info!("login failed, trying again: {e}");
@@ -282,8 +312,16 @@ fn crash_hint(exit: Option<&crate::instance::proc::ExitInfo>) -> Option<String> 
 
 #[cfg(test)]
 mod tests {
-    use super::crash_hint;
+    use super::{crash_hint, refused_pause};
     use crate::instance::proc::ExitInfo;
+    use std::time::Duration;
+
+    #[test]
+    fn a_refused_key_is_asked_again_soon_then_less_often() {
+        assert_eq!(refused_pause(Duration::ZERO), Duration::from_millis(50));
+        assert_eq!(refused_pause(Duration::from_millis(250)), Duration::from_millis(200));
+        assert_eq!(refused_pause(Duration::from_secs(9)), Duration::from_millis(800));
+    }
 
     #[test]
     fn only_a_crash_of_qemu_itself_gets_the_crash_hint() {

@@ -10,14 +10,13 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 
 use super::vm::Vm;
-use super::{guest, Ctx};
+use super::Ctx;
 use crate::config::Settings;
 use crate::instance::paths::Snapshot;
 use crate::instance::records::{DevicesRecord, SnapshotRecord};
 use crate::instance::{read_json, write_json, Instance};
 use crate::qemu::args::{validate_id, Accel, Share, VmSpec, DEFAULT_SHARE_TAG};
 use crate::qemu::host::QemuBinaries;
-use crate::ssh;
 
 /// How long saving or loading the state may take.
 const MIGRATION_DEADLINE: Duration = Duration::from_secs(300);
@@ -233,15 +232,4 @@ pub fn qemu_said(inst: &Instance, e: anyhow::Error) -> anyhow::Error {
         return e;
     }
     anyhow!("{e:#}\nQEMU said:\n{said}")
-}
-
-/// After a resume: the clock set, the shares mounted again. What could not
-/// be done is a note, not a failure: the VM runs.
-pub fn after_resume(t: &ssh::Target, r: &Resume, notes: &mut Vec<String>) {
-    if let Err(e) = guest::set_clock(t) {
-        notes.push(format!("could not set the resumed guest's clock ({e}); it stands where it was saved"));
-    }
-    if let Err(e) = guest::mount_shares(t, &r.record.mounts) {
-        notes.push(format!("{e}; mount it in the guest yourself"));
-    }
 }

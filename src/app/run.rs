@@ -238,7 +238,10 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<i32> {
             VM_BROKE
         }
         Ok(l) => {
-            summary.phases.boot = l.ready_seconds;
+            // The launch's own clock starts after the run's checks.
+            let before = start.elapsed().as_secs_f64() - l.ready_seconds.unwrap_or(0.0);
+            summary.phases.qemu_up = l.qemu_up_seconds.map(|u| before + u);
+            summary.phases.boot = l.ready_seconds.map(|r| before + r);
             command_then_artifacts(&rctx, &a.workdir, &a.command, &a.copy_out, &int, &mut summary)
         }
     };

@@ -126,6 +126,7 @@ pub fn launched(
         qmp_socket: inst.qmp_user(),
         serial_log: inst.serial_log(),
         ready_seconds: None,
+        qemu_up_seconds: None,
         already_running,
         accel,
         changes,

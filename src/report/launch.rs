@@ -17,6 +17,9 @@ pub struct Launched {
     pub qmp_socket: PathBuf,
     pub serial_log: PathBuf,
     pub ready_seconds: Option<f64>,
+    /// From the launch starting to QEMU up (and, for a resume, its saved
+    /// state loaded): the rest of `ready_seconds` is the guest's.
+    pub qemu_up_seconds: Option<f64>,
     pub already_running: bool,
     pub accel: Accel,
     pub changes: Vec<Change>,

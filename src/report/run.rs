@@ -26,7 +26,10 @@ pub enum Outcome {
 /// Seconds each phase took; `None` for a phase that did not run.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Phases {
-    /// From `run` starting to an SSH login working (boot or resume).
+    /// From `run` starting to QEMU up (from a snapshot: its state loaded).
+    pub qemu_up: Option<f64>,
+    /// From `run` starting to an SSH login working (boot or resume; from a
+    /// snapshot, the guest's clock set and its shares mounted again too).
     pub boot: Option<f64>,
     pub command: Option<f64>,
     pub copy_out: Option<f64>,
