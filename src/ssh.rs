@@ -111,8 +111,10 @@ pub struct Target {
     pub user: String,
     pub key: PathBuf,
     pub known_hosts: PathBuf,
-    /// The control socket of the shared connection; `None` when its path
-    /// is too long for one (OpenSSH would say so on every login).
+    /// The directory of the shared connections' control sockets (one per
+    /// guest user: a user changed on a running VM must not ride on the old
+    /// user's connection); `None` when there is none yet (an instance that
+    /// booted before it existed) or its path is too long for a socket.
     pub control: Option<PathBuf>,
 }
 
@@ -128,8 +130,11 @@ impl Target {
             user: user.to_string(),
             key: key.to_path_buf(),
             known_hosts: inst.known_hosts(),
-            control: Some(inst.ssh_control())
-                .filter(|c| c.as_os_str().len() + CONTROL_TEMP_SUFFIX <= crate::instance::paths::MAX_SOCKET_PATH),
+            control: Some(inst.ssh_mux_dir()).filter(|d| {
+                // DIR/USER.sock plus OpenSSH's temporary suffix.
+                let len = d.as_os_str().len() + 1 + user.len() + ".sock".len() + CONTROL_TEMP_SUFFIX;
+                len <= crate::instance::paths::MAX_SOCKET_PATH && d.is_dir()
+            }),
         }
     }
 
@@ -168,7 +173,8 @@ impl Target {
         // The socket is in the private instance dir.
         if let Some(c) = &self.control {
             v.push(("ControlMaster", "auto".into()));
-            v.push(("ControlPath", ssh_path(c)));
+            // %r: the remote user, expanded by OpenSSH.
+            v.push(("ControlPath", format!("{}/%r.sock", ssh_path(c))));
             v.push(("ControlPersist", "yes".into()));
         }
         v
@@ -414,114 +420,4 @@ pub fn pass_stderr(from: impl Read) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn target() -> Target {
-        Target {
-            alias: "qbuf-qemu-dev".into(),
-            port: 2222,
-            user: "dev".into(),
-            key: "/s/ssh/id_ed25519".into(),
-            known_hosts: "/s/instances/dev/known_hosts".into(),
-            control: Some("/s/instances/dev/ssh.sock".into()),
-        }
-    }
-
-    #[test]
-    fn logins_share_one_connection_when_its_socket_path_fits() {
-        let o = target().options().join(" ");
-        assert!(o.contains("ControlMaster=auto"), "{o}");
-        assert!(o.contains("ControlPath=/s/instances/dev/ssh.sock") && o.contains("ControlPersist=yes"), "{o}");
-        let pct = Target { control: Some("/s/100%/instances/dev/ssh.sock".into()), ..target() };
-        assert!(pct.options().contains(&"ControlPath=/s/100%%/instances/dev/ssh.sock".to_string()));
-        let long = Instance { name: "dev".into(), dir: PathBuf::from(format!("/{}/instances/dev", "x".repeat(80))) };
-        let t = Target::for_instance(&long, 2222, "dev", Path::new("/k"));
-        assert_eq!(t.control, None, "a socket path OpenSSH cannot make");
-        assert!(!t.options().join(" ").contains("ControlMaster"));
-    }
-
-    #[test]
-    fn remote_arguments_follow_the_destination_as_given() {
-        let argv = target().command(&["cd /mnt/qbuf && make".into(), "-j2".into()]);
-        let dest = argv.iter().position(|a| a == "dev@127.0.0.1").unwrap();
-        assert_eq!(&argv[dest + 1..], ["cd /mnt/qbuf && make", "-j2"]);
-    }
-
-    #[test]
-    fn host_keys_are_pinned_per_instance_and_key_only() {
-        let o = target().options().join(" ");
-        assert!(o.contains("StrictHostKeyChecking=accept-new"));
-        assert!(o.contains("UserKnownHostsFile=/s/instances/dev/known_hosts"));
-        assert!(o.contains("GlobalKnownHostsFile=/dev/null"));
-        assert!(o.contains("PasswordAuthentication=no"));
-        assert!(o.contains("IdentitiesOnly=yes"));
-        assert!(!o.contains("StrictHostKeyChecking=no"));
-        // A dead guest ends a session within seconds, in every rendering.
-        assert!(o.contains("ServerAliveInterval=5") && o.contains("ServerAliveCountMax=3"), "{o}");
-        let block: Vec<_> = target().config_lines().into_iter().map(|(k, _)| k).collect();
-        assert!(block.contains(&"ServerAliveInterval") && block.contains(&"ServerAliveCountMax"), "{block:?}");
-    }
-
-    #[test]
-    fn ssh_scp_and_the_config_block_share_one_set_of_options() {
-        let t = Target { known_hosts: "/s s/instances/dev/known_hosts".into(), ..target() };
-        let ssh = t.options().join(" ");
-        assert!(ssh.starts_with("-i /s/ssh/id_ed25519 -p 2222 -o IdentitiesOnly=yes"), "{ssh}");
-        assert!(ssh.contains("UserKnownHostsFile=\"/s s/instances/dev/known_hosts\""), "{ssh}");
-        let scp = t.scp_command(&[ScpPath::Local("a b".into())], &ScpPath::Guest("/tmp/x y".into()), false, true);
-        assert_eq!(&scp[..3], ["scp", "-r", "-q"]);
-        assert!(scp.contains(&"Port=2222".to_string()) && !scp.contains(&"-p".to_string()), "{scp:?}");
-        assert_eq!(scp[scp.len() - 2..], ["a b", "dev@127.0.0.1:'/tmp/x y'"], "old scp: the guest's shell reads it");
-        let sftp = t.scp_command(&[ScpPath::Guest("/tmp/x y".into())], &ScpPath::Local(".".into()), true, false);
-        assert_eq!(sftp[sftp.len() - 2..], ["dev@127.0.0.1:/tmp/x y", "."]);
-        let block: Vec<String> = t.config_lines().iter().map(|(k, v)| format!("{k} {v}")).collect();
-        for (k, _) in t.settings() {
-            assert!(block.iter().any(|l| l.starts_with(k)), "{k} missing from {block:?}");
-        }
-        assert!(block.contains(&"HostKeyAlias qbuf-qemu-dev".to_string()), "{block:?}");
-        // Quoted once, in every rendering.
-        let kh = "UserKnownHostsFile=\"/s s/instances/dev/known_hosts\"".to_string();
-        assert!(scp.contains(&kh), "{scp:?}");
-        assert!(block.contains(&"UserKnownHostsFile \"/s s/instances/dev/known_hosts\"".to_string()), "{block:?}");
-        assert_eq!(config_value(r#"a"b\c"#), r#""a\"b\\c""#);
-        let pct = Target { key: "/s/100%/id".into(), ..target() };
-        assert!(pct.options().contains(&"/s/100%%/id".to_string()), "ssh expands % in IdentityFile");
-        assert_eq!(openssh_major("OpenSSH_9.2p1 Debian-2+deb12u10, OpenSSL 3.0.19"), Some(9));
-        assert_eq!(openssh_major("OpenSSH_8.4p1"), Some(8));
-        assert_eq!(openssh_major("Dropbear"), None);
-    }
-
-    #[test]
-    fn generated_key_is_private_and_its_public_half_derivable() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!("qbuf-ssh-{}", std::process::id()));
-        let state = StateDir::new(dir.clone());
-        let k = ensure_user_key(&state).unwrap();
-        assert_eq!(fs::metadata(&k).unwrap().permissions().mode() & 0o777, 0o600);
-        let pub_line = public_key_line(&k).unwrap();
-        assert!(pub_line.starts_with("ssh-ed25519 "), "{pub_line}");
-        fs::remove_file(k.with_extension("pub")).unwrap();
-        assert_eq!(public_key_line(&k).unwrap().split(' ').nth(1), pub_line.split(' ').nth(1));
-        assert_eq!(ensure_user_key(&state).unwrap(), k, "generated once");
-        check_private_key(&k).unwrap();
-        fs::set_permissions(&k, fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(check_private_key(&k).unwrap_err().to_string().contains("chmod 600"));
-        fs::remove_dir_all(dir).unwrap();
-    }
-
-    #[test]
-    fn banner_needs_an_ssh_greeting_not_just_a_connect() {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        let t = std::thread::spawn(move || {
-            let (mut s, _) = l.accept().unwrap();
-            s.write_all(b"HTTP/1.0 200 OK\r\n").unwrap();
-            let (mut s2, _) = l.accept().unwrap();
-            s2.write_all(b"SSH-2.0-dropbear\r\n").unwrap();
-        });
-        assert_eq!(banner(port, Duration::from_secs(2)), None);
-        assert_eq!(banner(port, Duration::from_secs(2)).as_deref(), Some("SSH-2.0-dropbear"));
-        t.join().unwrap();
-    }
-}
+mod tests;

@@ -33,6 +33,7 @@ const LAYERS: &[&[&str]] = &[
         "qemu/image.rs",
         "qemu/mod.rs",
         "ssh.rs",
+        "ssh/tests.rs",
         "guest_files.rs",
         "guest_files/tests.rs",
         "guix.rs",

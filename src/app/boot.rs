@@ -71,10 +71,8 @@ pub fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Res
         return Err(e.context("the VM was stopped: its settings could not be saved"));
     }
 
+    let _ = inst.fresh_ssh_mux_dir();
     let t = ssh::Target::for_instance(inst, s.ssh_port, &s.ssh_user, &key);
-    // A master of an earlier boot is ending with its QEMU: this boot's
-    // first login makes a new one.
-    let _ = std::fs::remove_file(inst.ssh_control());
     let mut result = launched(ctx, inst, &t, run.qemu.pid, plan.spec.accel, false, changes, notes);
     result.qemu_up_seconds = Some(qemu_up);
     if opts.no_wait {

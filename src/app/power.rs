@@ -77,9 +77,8 @@ pub fn reboot(ctx: &Ctx, opts: &RebootOptions) -> Result<Rebooted> {
     let started = Instant::now();
     let serial_before = std::fs::metadata(inst.serial_log()).map(|m| m.len()).unwrap_or(0);
     let method = block_on(reset(ctx, &inst, &t, agent, opts, &mut notes))?;
-    // The shared SSH connection went with the old boot (a reset guest may
-    // not even close it): the next login makes a new one.
-    let _ = std::fs::remove_file(inst.ssh_control());
+    // The shared SSH connections went with the old boot.
+    let _ = inst.fresh_ssh_mux_dir();
     let seconds = started.elapsed().as_secs_f64();
     let mut out = Rebooted { name: ctx.name.clone(), method, seconds, ready_seconds: None, notes };
     if opts.no_wait {

@@ -210,11 +210,12 @@ files! {
     /// The supervisor's older log lines once supervisor.log passed its cap.
     supervisor_log_old => "supervisor.log.1";
     known_hosts => "known_hosts";
-    /// OpenSSH's control socket: the first login of a boot becomes a
-    /// master connection that later `ssh`, `scp` and `run` COMMANDs share
-    /// (a login costs a key exchange, about 0.15 s under TCG; a shared one
-    /// 10–20 ms). The master ends with the guest's connection.
-    ssh_control => "ssh.sock";
+    /// OpenSSH's control sockets, one per guest user (`USER.sock`): a
+    /// boot's first login as a user becomes a master connection that later
+    /// `ssh`, `scp` and `run` COMMANDs as that user share (a login costs a
+    /// key exchange, about 0.15 s under TCG; a shared one 10–20 ms). A
+    /// master ends with the guest's connection.
+    ssh_mux_dir => "ssh-mux";
     authorized_key => "authorized_key.pub";
     /// Images and disks created for this instance by `disk add --size`.
     disks_dir => "disks";
@@ -287,6 +288,14 @@ impl Instance {
         private_dir(&self.dir)
     }
 
+    /// A new boot's ssh-mux/, empty: the masters of an earlier boot are
+    /// ending with their connections (a reset guest may not even close
+    /// them), and this boot's first login makes new ones.
+    pub fn fresh_ssh_mux_dir(&self) -> Result<()> {
+        let _ = fs::remove_dir_all(self.ssh_mux_dir());
+        private_dir(&self.ssh_mux_dir())
+    }
+
     /// Share number `index`'s vhost-user socket (virtio-fs).
     pub fn share_socket(&self, index: usize) -> PathBuf {
         self.virtiofs_dir().join(format!("{index}.sock"))
@@ -351,15 +360,16 @@ impl Instance {
             removed.extend(images.into_iter().filter(|d| fs::remove_file(d).is_ok()));
             let _ = fs::remove_dir(&disks);
         }
-        // Every file under snapshots/ is made by `snapshot save`, and every
-        // one under virtiofs/ by the supervisor (sockets, virtiofsd's logs).
-        for dir in [self.snapshots_dir(), self.virtiofs_dir()] {
+        // Every file under snapshots/ is made by `snapshot save`, every one
+        // under virtiofs/ by the supervisor (sockets, virtiofsd's logs), and
+        // under ssh-mux/ by the OpenSSH masters the tool's logins started.
+        for dir in [self.snapshots_dir(), self.virtiofs_dir(), self.ssh_mux_dir()] {
             if dir.is_dir() && fs::remove_dir_all(&dir).is_ok() {
                 removed.push(dir);
             }
         }
         for name in INSTANCE_FILES {
-            if ["lock", "disks", "snapshots", "virtiofs"].contains(name) {
+            if ["lock", "disks", "snapshots", "virtiofs", "ssh-mux"].contains(name) {
                 continue;
             }
             let p = self.dir.join(name);

@@ -456,45 +456,4 @@ async fn live(qmp: &Qmp, agent: Option<PathBuf>) -> Option<Live> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn state() -> VmState {
-        VmState::new(1, 0.0, crate::qemu::args::Accel::Tcg, "10.0.2", 4)
-    }
-
-    #[test]
-    fn agent_port_and_panic_are_tracked_from_events() {
-        let mut s = state();
-        let e = |name: &str, data| Event { event: name.into(), data, timestamp: 1.0 };
-        note_event(&mut s, &e("VSERPORT_CHANGE", json!({"id": "other", "open": true})));
-        assert!(!s.agent_port_open);
-        note_event(&mut s, &e("VSERPORT_CHANGE", json!({"id": GUEST_AGENT_PORT_ID, "open": true})));
-        assert!(s.agent_port_open);
-        note_event(&mut s, &e("VSERPORT_CHANGE", json!({"id": GUEST_AGENT_PORT_ID, "open": false})));
-        assert!(!s.agent_port_open);
-        note_event(&mut s, &e("GUEST_PANICKED", json!({"action": "pause"})));
-        assert!(s.panicked.is_some());
-    }
-
-    #[test]
-    fn a_powerdown_after_the_end_reports_already_stopped_with_the_reason() {
-        let rec = StopRecord {
-            stopped_at: 1.0,
-            exit: Some(ExitInfo { code: Some(0), signal: None }),
-            shutdown: Some(Event {
-                event: "SHUTDOWN".into(),
-                data: json!({"guest": true, "reason": "guest-shutdown"}),
-                timestamp: 1.0,
-            }),
-            outcome: None,
-            panicked: None,
-            crashed: false,
-            reason: "the guest shut down (guest-shutdown)".into(),
-        };
-        let o = StopOutcome::already_stopped(Some(&rec));
-        assert_eq!(o.method, Some(StopMethod::AlreadyStopped));
-        assert_eq!(o.shutdown_reason.as_deref(), Some("guest-shutdown"));
-        assert!(o.guest);
-    }
-}
+mod tests;

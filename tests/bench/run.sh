@@ -140,12 +140,15 @@ marker_time() {
 }
 
 # ssh argv from launch --json's ssh_command, with BatchMode=yes (as the tool's
-# own readiness check) before the destination; sets ssh_cmd.
+# own readiness check) before the destination; sets ssh_cmd. ControlPath=none
+# (given first, so it wins over the command's own): the floor and the peers
+# are logins of their own, with a key exchange, not riding on the boot's
+# shared connection.
 ssh_argv() {
   mapfile -t ssh_cmd < <(python3 -c '
 import json, shlex, sys
 a = shlex.split(json.load(open(sys.argv[1]))["ssh_command"])
-print("\n".join(a[:1] + ["-o", "BatchMode=yes"] + sys.argv[2:] + a[1:]))' "$@")
+print("\n".join(a[:1] + ["-o", "BatchMode=yes", "-o", "ControlPath=none"] + sys.argv[2:] + a[1:]))' "$@")
 }
 
 cd "$work"

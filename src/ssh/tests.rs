@@ -1,0 +1,118 @@
+//! The OpenSSH settings table and its renderings, logins' classification, the user key.
+use super::*;
+
+fn target() -> Target {
+    Target {
+        alias: "qbuf-qemu-dev".into(),
+        port: 2222,
+        user: "dev".into(),
+        key: "/s/ssh/id_ed25519".into(),
+        known_hosts: "/s/instances/dev/known_hosts".into(),
+        control: Some("/s/instances/dev/ssh-mux".into()),
+    }
+}
+
+#[test]
+fn logins_share_one_connection_when_its_socket_path_fits() {
+    let o = target().options().join(" ");
+    assert!(o.contains("ControlMaster=auto"), "{o}");
+    // One master per guest user: `--ssh-user` changes on a running VM.
+    assert!(o.contains("ControlPath=/s/instances/dev/ssh-mux/%r.sock") && o.contains("ControlPersist=yes"), "{o}");
+    let pct = Target { control: Some("/s/100%/instances/dev/ssh-mux".into()), ..target() };
+    assert!(pct.options().contains(&"ControlPath=/s/100%%/instances/dev/ssh-mux/%r.sock".to_string()));
+    let dir = tempfile::tempdir().unwrap();
+    for (depth, shared) in [(1, true), (60, false)] {
+        let deep = dir.path().join("d".repeat(depth)).join("instances/dev");
+        let inst = Instance { name: "dev".into(), dir: deep };
+        inst.fresh_ssh_mux_dir().unwrap();
+        let t = Target::for_instance(&inst, 2222, "dev", Path::new("/k"));
+        assert_eq!(t.control.is_some(), shared, "{:?}: a socket path OpenSSH cannot make is left out", inst.dir);
+        assert_eq!(t.options().join(" ").contains("ControlMaster"), shared);
+    }
+    let none = Instance { name: "old".into(), dir: dir.path().join("old") };
+    assert_eq!(Target::for_instance(&none, 2222, "dev", Path::new("/k")).control, None, "no ssh-mux/ yet");
+}
+
+#[test]
+fn remote_arguments_follow_the_destination_as_given() {
+    let argv = target().command(&["cd /mnt/qbuf && make".into(), "-j2".into()]);
+    let dest = argv.iter().position(|a| a == "dev@127.0.0.1").unwrap();
+    assert_eq!(&argv[dest + 1..], ["cd /mnt/qbuf && make", "-j2"]);
+}
+
+#[test]
+fn host_keys_are_pinned_per_instance_and_key_only() {
+    let o = target().options().join(" ");
+    assert!(o.contains("StrictHostKeyChecking=accept-new"));
+    assert!(o.contains("UserKnownHostsFile=/s/instances/dev/known_hosts"));
+    assert!(o.contains("GlobalKnownHostsFile=/dev/null"));
+    assert!(o.contains("PasswordAuthentication=no"));
+    assert!(o.contains("IdentitiesOnly=yes"));
+    assert!(!o.contains("StrictHostKeyChecking=no"));
+    // A dead guest ends a session within seconds, in every rendering.
+    assert!(o.contains("ServerAliveInterval=5") && o.contains("ServerAliveCountMax=3"), "{o}");
+    let block: Vec<_> = target().config_lines().into_iter().map(|(k, _)| k).collect();
+    assert!(block.contains(&"ServerAliveInterval") && block.contains(&"ServerAliveCountMax"), "{block:?}");
+}
+
+#[test]
+fn ssh_scp_and_the_config_block_share_one_set_of_options() {
+    let t = Target { known_hosts: "/s s/instances/dev/known_hosts".into(), ..target() };
+    let ssh = t.options().join(" ");
+    assert!(ssh.starts_with("-i /s/ssh/id_ed25519 -p 2222 -o IdentitiesOnly=yes"), "{ssh}");
+    assert!(ssh.contains("UserKnownHostsFile=\"/s s/instances/dev/known_hosts\""), "{ssh}");
+    let scp = t.scp_command(&[ScpPath::Local("a b".into())], &ScpPath::Guest("/tmp/x y".into()), false, true);
+    assert_eq!(&scp[..3], ["scp", "-r", "-q"]);
+    assert!(scp.contains(&"Port=2222".to_string()) && !scp.contains(&"-p".to_string()), "{scp:?}");
+    assert_eq!(scp[scp.len() - 2..], ["a b", "dev@127.0.0.1:'/tmp/x y'"], "old scp: the guest's shell reads it");
+    let sftp = t.scp_command(&[ScpPath::Guest("/tmp/x y".into())], &ScpPath::Local(".".into()), true, false);
+    assert_eq!(sftp[sftp.len() - 2..], ["dev@127.0.0.1:/tmp/x y", "."]);
+    let block: Vec<String> = t.config_lines().iter().map(|(k, v)| format!("{k} {v}")).collect();
+    for (k, _) in t.settings() {
+        assert!(block.iter().any(|l| l.starts_with(k)), "{k} missing from {block:?}");
+    }
+    assert!(block.contains(&"HostKeyAlias qbuf-qemu-dev".to_string()), "{block:?}");
+    // Quoted once, in every rendering.
+    let kh = "UserKnownHostsFile=\"/s s/instances/dev/known_hosts\"".to_string();
+    assert!(scp.contains(&kh), "{scp:?}");
+    assert!(block.contains(&"UserKnownHostsFile \"/s s/instances/dev/known_hosts\"".to_string()), "{block:?}");
+    assert_eq!(config_value(r#"a"b\c"#), r#""a\"b\\c""#);
+    let pct = Target { key: "/s/100%/id".into(), ..target() };
+    assert!(pct.options().contains(&"/s/100%%/id".to_string()), "ssh expands % in IdentityFile");
+    assert_eq!(openssh_major("OpenSSH_9.2p1 Debian-2+deb12u10, OpenSSL 3.0.19"), Some(9));
+    assert_eq!(openssh_major("OpenSSH_8.4p1"), Some(8));
+    assert_eq!(openssh_major("Dropbear"), None);
+}
+
+#[test]
+fn generated_key_is_private_and_its_public_half_derivable() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("qbuf-ssh-{}", std::process::id()));
+    let state = StateDir::new(dir.clone());
+    let k = ensure_user_key(&state).unwrap();
+    assert_eq!(fs::metadata(&k).unwrap().permissions().mode() & 0o777, 0o600);
+    let pub_line = public_key_line(&k).unwrap();
+    assert!(pub_line.starts_with("ssh-ed25519 "), "{pub_line}");
+    fs::remove_file(k.with_extension("pub")).unwrap();
+    assert_eq!(public_key_line(&k).unwrap().split(' ').nth(1), pub_line.split(' ').nth(1));
+    assert_eq!(ensure_user_key(&state).unwrap(), k, "generated once");
+    check_private_key(&k).unwrap();
+    fs::set_permissions(&k, fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(check_private_key(&k).unwrap_err().to_string().contains("chmod 600"));
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn banner_needs_an_ssh_greeting_not_just_a_connect() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let t = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.write_all(b"HTTP/1.0 200 OK\r\n").unwrap();
+        let (mut s2, _) = l.accept().unwrap();
+        s2.write_all(b"SSH-2.0-dropbear\r\n").unwrap();
+    });
+    assert_eq!(banner(port, Duration::from_secs(2)), None);
+    assert_eq!(banner(port, Duration::from_secs(2)).as_deref(), Some("SSH-2.0-dropbear"));
+    t.join().unwrap();
+}
