@@ -112,6 +112,25 @@ fn a_guest_panic_qemu_never_hears_of_is_reported_and_stops_at_once() {
     assert!(s(&st, "stop_reason").contains("Kernel panic - not syncing"), "{st}");
 }
 
+/// The console is the guest's own output: a line that only looks like a
+/// panic (root may write /dev/console) marks the status, but a guest whose
+/// sshd still greets gets its power button, and its unsynced writes a clean
+/// shutdown.
+#[test]
+fn a_panic_line_the_guest_prints_itself_does_not_cost_it_the_power_button() {
+    let env = Env::new("fakepanic");
+    env.launch(&["--no-share", "--ssh-user", "root"]);
+    // A line of its own: the console's shell prompt may stand before it.
+    env.ssh("dev", "printf '\\nKernel panic - not syncing: only words\\n' > /dev/console").ok();
+    wait_until("the console's panic line to be seen", Duration::from_secs(10), || {
+        env.json(&["status"]).0["guest_panic"]["line"].as_str().is_some_and(|l| l.contains("only words"))
+    });
+    let (p, out) = env.json(&["powerdown"]);
+    out.ok();
+    assert_eq!(s(&p, "method"), "powerdown", "the guest's sshd answered, so the button was pressed: {p}");
+    assert_eq!(p["guest"], true, "{p}");
+}
+
 #[test]
 fn run_ends_at_once_with_125_when_the_guests_kernel_panics() {
     let env = Env::new("runpanic");

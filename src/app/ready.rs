@@ -56,6 +56,13 @@ pub enum Readiness {
     },
     /// The guest's serial console showed a kernel panic (this line).
     Panicked(String),
+    /// Under a KVM qbuf-qemu chose, the guest printed nothing for this long.
+    SilentUnderKvm(Duration),
+    /// No login worked within the deadline; what the last attempt saw.
+    TimedOut {
+        waited: Duration,
+        last: String,
+    },
     Failed(String),
     /// Told to stop waiting.
     Cancelled,
@@ -69,6 +76,8 @@ impl Readiness {
             Readiness::HostKey => ssh::host_key_mismatch_message(t, inst),
             Readiness::KeyRefused { said, secs } => key_refused_message(t, said, *secs),
             Readiness::Panicked(line) => format!("the guest's kernel panicked: {line}"),
+            Readiness::SilentUnderKvm(d) => silent_under_kvm(*d),
+            Readiness::TimedOut { waited, last } => timed_out(inst, t, *waited, last),
             Readiness::Failed(m) => m.clone(),
             Readiness::Cancelled => "stopped waiting (cancelled)".into(),
         }
@@ -139,10 +148,11 @@ pub fn wait(
             crate::progress::detail(&crate::logs::last_line(&inst.serial_log(), w.serial_before).unwrap_or_default());
         }
         if w.auto_kvm && serial_now == w.serial_before && start.elapsed() > w.silence {
-            return Err(Readiness::Failed(silent_under_kvm(w.silence)));
+            return Err(Readiness::SilentUnderKvm(w.silence));
         }
         if Instant::now() > deadline {
-            return Err(Readiness::Failed(timed_out(inst, t, start, deadline, &last)));
+            let waited = deadline.saturating_duration_since(start).max(start.elapsed());
+            return Err(Readiness::TimedOut { waited, last });
         }
         if Instant::now() >= next_panic_check {
             next_panic_check = Instant::now() + PANIC_CHECK;
@@ -197,11 +207,11 @@ fn silent_under_kvm(silence: Duration) -> String {
     )
 }
 
-fn timed_out(inst: &Instance, t: &ssh::Target, start: Instant, deadline: Instant, last: &str) -> String {
+fn timed_out(inst: &Instance, t: &ssh::Target, waited: Duration, last: &str) -> String {
     format!(
         "the guest did not accept an SSH login on port {} within {}s (last: {last}); raise --timeout, or look at the serial log {}",
         t.port,
-        deadline.saturating_duration_since(start).as_secs().max(start.elapsed().as_secs()),
+        waited.as_secs(),
         inst.serial_log().display()
     )
 }
@@ -278,7 +288,9 @@ pub fn failed(
             hint,
             serial_tail(),
         ),
-        Readiness::Failed(msg) => stopped_with_tail(ctx, inst, msg, hint, serial_tail()),
+        Readiness::SilentUnderKvm(_) | Readiness::TimedOut { .. } | Readiness::Failed(_) => {
+            stopped_with_tail(ctx, inst, r.describe(t, inst), hint, serial_tail())
+        }
     }
 }
 

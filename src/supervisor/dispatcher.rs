@@ -32,6 +32,8 @@ pub const OWNER_GONE_TIMEOUT: Duration = Duration::from_secs(10);
 /// After QEMU's exit, how long to wait for the rest of its QMP output (its
 /// last events come before EOF, which follows the exit within milliseconds).
 const DRAIN: Duration = Duration::from_secs(2);
+/// How long the guest's sshd gets to greet when the console showed a panic.
+const SSH_ALIVE: Duration = Duration::from_secs(1);
 /// How long one QMP query of `status` may take.
 const QUERY: Duration = Duration::from_secs(2);
 /// The event a kernel panic seen on the serial console is logged as (and
@@ -90,6 +92,8 @@ pub struct Dispatcher {
     waiters: Vec<oneshot::Sender<Response>>,
     qmp_closed: bool,
     afterwards: Afterwards,
+    /// The host port forwarded to the guest's sshd.
+    ssh_port: Option<u16>,
 }
 
 impl Dispatcher {
@@ -112,7 +116,13 @@ impl Dispatcher {
             waiters: vec![],
             qmp_closed: false,
             afterwards: Afterwards::Keep,
+            ssh_port: None,
         }
+    }
+
+    pub fn with_ssh_port(mut self, port: u16) -> Dispatcher {
+        self.ssh_port = Some(port);
+        self
     }
 
     /// Runs until QEMU is gone and everything it said is recorded; then
@@ -316,17 +326,31 @@ impl Dispatcher {
         if !matches!(self.ladder, Ladder::Idle) {
             return;
         }
-        // A dead kernel cannot answer the power button or the agent.
-        if self.state.guest_kernel.panic.is_some() && !opts.force {
+        // A dead kernel cannot answer the power button or the agent. A
+        // panic line on the console may be the guest's own output, though
+        // (anyone who may write /dev/console): a guest whose sshd still
+        // greets is alive and gets the button after all.
+        let console_panic = self.state.guest_kernel.panic.is_some() && !opts.force;
+        if console_panic {
             tracing::info!("the guest's kernel panicked: going on at quit");
             opts.force = true;
         }
+        let port = self.ssh_port.filter(|_| console_panic);
         let (hurry, hurried) = watch::channel(false);
         self.ladder = Ladder::Running(hurry);
         let qmp = self.qmp.clone();
         let proc = ChildProcess { pid: self.state.qemu_pid, exited: self.exited.clone() };
         let (known, agent, tx) = (self.state.last_shutdown.clone(), self.agent_socket(), self.tx.clone());
         tokio::spawn(async move {
+            if let Some(port) = port {
+                let greets = tokio::task::spawn_blocking(move || crate::ssh::banner(port, SSH_ALIVE));
+                if greets.await.ok().flatten().is_some() {
+                    tracing::warn!(
+                        "the console showed a kernel panic, but the guest's sshd answers: pressing the button"
+                    );
+                    opts.force = false;
+                }
+            }
             let step_tx = tx.clone();
             let on_step = move |m: StopMethod, wait: Duration| {
                 let _ = step_tx.send(Msg::LadderStep(m, wait));

@@ -105,7 +105,10 @@ async fn supervise(inst: Instance) -> Result<i32> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let acceptor = tokio::spawn(accept(listener, tx.clone(), started.qmp.clone(), stop_rx));
-    let afterwards = Dispatcher::new(inst.clone(), started.qmp, started.exited, tx, state).run(rx).await;
+    let afterwards = Dispatcher::new(inst.clone(), started.qmp, started.exited, tx, state)
+        .with_ssh_port(plan.spec.ssh_port)
+        .run(rx)
+        .await;
     started.pumps.finish().await;
     daemons::stop_after_qemu(daemons).await;
     let _ = stop_tx.send(true);
