@@ -51,12 +51,60 @@ impl Event {
     }
 }
 
+/// The class of an error QEMU answered with (QAPI `QapiErrorClass`), the
+/// ones this tool acts on named, any other kept as QEMU spelled it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ErrorClass {
+    GenericError,
+    CommandNotFound,
+    DeviceNotFound,
+    Other(String),
+}
+
+impl ErrorClass {
+    pub fn parse(s: &str) -> ErrorClass {
+        match s {
+            "GenericError" => ErrorClass::GenericError,
+            "CommandNotFound" => ErrorClass::CommandNotFound,
+            "DeviceNotFound" => ErrorClass::DeviceNotFound,
+            other => ErrorClass::Other(other.into()),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            ErrorClass::GenericError => "GenericError",
+            ErrorClass::CommandNotFound => "CommandNotFound",
+            ErrorClass::DeviceNotFound => "DeviceNotFound",
+            ErrorClass::Other(s) => s,
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl serde::Serialize for ErrorClass {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ErrorClass {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(ErrorClass::parse(&<String as serde::Deserialize>::deserialize(d)?))
+    }
+}
+
 /// Why a command did not return a value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum QmpError {
     /// QEMU answered with an error object.
     Qemu {
-        class: String,
+        class: ErrorClass,
         desc: String,
     },
     /// No answer in time; the id is forgotten so a late reply is dropped.
@@ -305,7 +353,7 @@ pub fn request_line(name: &str, args: &Value, id: u64) -> String {
 pub enum Incoming {
     Reply {
         id: u64,
-        result: Result<Value, (String, String)>,
+        result: Result<Value, (ErrorClass, String)>,
     },
     /// An error QEMU could not tie to a request (e.g. a malformed line).
     Unrouted(Value),
@@ -326,7 +374,7 @@ pub fn classify(line: &str) -> Option<Incoming> {
         });
     }
     if let Some(e) = v.get("error") {
-        let class = e.get("class").and_then(Value::as_str).unwrap_or("GenericError").to_string();
+        let class = ErrorClass::parse(e.get("class").and_then(Value::as_str).unwrap_or("GenericError"));
         let desc = e.get("desc").and_then(Value::as_str).unwrap_or("").to_string();
         return Some(match id {
             Some(id) => Incoming::Reply { id, result: Err((class, desc)) },
@@ -396,7 +444,7 @@ mod tests {
     fn classify_routes_replies_events_and_unrouted_errors() {
         assert_eq!(classify("{\"return\": {}, \"id\": 3}\r\n"), Some(Incoming::Reply { id: 3, result: Ok(json!({})) }));
         match classify("{\"id\": 4, \"error\": {\"class\": \"CommandNotFound\", \"desc\": \"x\"}}\r\n") {
-            Some(Incoming::Reply { id: 4, result: Err((c, _)) }) => assert_eq!(c, "CommandNotFound"),
+            Some(Incoming::Reply { id: 4, result: Err((c, _)) }) => assert_eq!(c, ErrorClass::CommandNotFound),
             other => panic!("{other:?}"),
         }
         assert!(matches!(

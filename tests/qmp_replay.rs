@@ -581,7 +581,7 @@ fn check_outcome(label: &str, name: &str, expected: &Expected, got: &Result<Valu
     match (expected, got) {
         (Expected::Return(want), Ok(v)) => assert_eq!(v, want, "{label}: {name}: return value"),
         (Expected::Error { class, desc }, Err(QmpError::Qemu { class: c, desc: d })) => {
-            assert_eq!((c, d), (class, desc), "{label}: {name}: error")
+            assert_eq!((c.as_str(), d), (class.as_str(), desc), "{label}: {name}: error")
         }
         (Expected::Disconnected, Err(QmpError::Disconnected { command, .. })) => {
             assert_eq!(command, name, "{label}: Disconnected names the command")
@@ -957,7 +957,7 @@ fn command_before_capabilities_is_command_not_found() {
         let refused = Incoming::Reply {
             id: 1,
             result: Err((
-                "CommandNotFound".to_string(),
+                qbuf_qemu::qmp::ErrorClass::CommandNotFound,
                 "Expecting capabilities negotiation with 'qmp_capabilities'".to_string(),
             )),
         };

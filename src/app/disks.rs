@@ -250,7 +250,7 @@ fn hotplug(ctx: &Ctx, vm: &Vm, id: &str, path: &Path, format: DiskFormat) -> Res
     )?;
     let added = vm.execute("device_add", json!({ "driver": "virtio-blk-pci", "drive": id, "id": id, "bus": port }));
     if let Err(e) = added {
-        let _ = vm.execute("blockdev-del", json!({ "node-name": id }));
+        let _ = vm.run(&qapi::qmp::blockdev_del { node_name: id.to_string() });
         return Err(e);
     }
     Ok(port)
@@ -346,7 +346,9 @@ async fn unplug(inst: &Instance, id: &str, timeout: Duration) -> Result<Unplug> 
     let start = tokio::time::Instant::now();
     match client::qmp(&sock, "device_del", json!({ "id": id }), QUERY_TIMEOUT).await? {
         Ok(_) => {}
-        Err(crate::qmp::QmpError::Qemu { class, .. }) if class == "DeviceNotFound" => return Ok(Unplug::AlreadyGone),
+        Err(crate::qmp::QmpError::Qemu { class: crate::qmp::ErrorClass::DeviceNotFound, .. }) => {
+            return Ok(Unplug::AlreadyGone)
+        }
         Err(e) => bail!("QEMU refused to unplug '{id}': {e}"),
     }
     let released = async {

@@ -33,7 +33,7 @@ pub fn pause(ctx: &Ctx) -> Result<RunStateChanged> {
     let vm = Vm::running(ctx)?;
     let before = run_state(&vm)?;
     if before == RunState::Running {
-        vm.execute("stop", json!({}))?;
+        vm.run(&qapi::qmp::stop {})?;
     }
     let after = run_state(&vm)?;
     Ok(RunStateChanged { name: ctx.name.clone(), action: "pause", before, after, undo_command: ctx.command("resume") })
@@ -43,7 +43,7 @@ pub fn resume(ctx: &Ctx) -> Result<RunStateChanged> {
     let vm = Vm::running(ctx)?;
     let before = run_state(&vm)?;
     if before != RunState::Running {
-        vm.execute("cont", json!({}))?;
+        vm.run(&qapi::qmp::cont {})?;
     }
     let after = run_state(&vm)?;
     Ok(RunStateChanged { name: ctx.name.clone(), action: "resume", before, after, undo_command: ctx.command("pause") })
@@ -70,7 +70,7 @@ pub fn reboot(ctx: &Ctx, opts: &RebootOptions) -> Result<Rebooted> {
         _ => None,
     };
     if live.as_ref().is_some_and(|l| l.run_state != RunState::Running) {
-        vm.execute("cont", json!({}))?;
+        vm.run(&qapi::qmp::cont {})?;
         notes.push("the VM was paused: resumed it first, since a paused guest cannot reboot".into());
     }
     let agent = live.is_some_and(|l| l.guest_agent == AgentState::Answers);

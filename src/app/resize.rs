@@ -64,7 +64,8 @@ pub fn resize(ctx: &Ctx, id: &str, bytes: u64) -> Result<DiskResized> {
             })?;
             out.live = true;
             if must_grow(id, out.from_bytes, bytes)? {
-                vm.execute("block_resize", json!({ "node-name": d.node, "size": bytes }))?;
+                let size = i64::try_from(bytes).map_err(|_| anyhow!("{bytes} bytes is too big for QEMU"))?;
+                vm.run(&qapi::qmp::block_resize { device: None, node_name: Some(d.node), size })?;
             }
             return Ok(out);
         }

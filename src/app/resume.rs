@@ -219,7 +219,7 @@ pub fn load_state(inst: &Instance, r: &Resume) -> Result<()> {
     let vm = Vm { inst: inst.clone() };
     vm.execute("migrate-incoming", json!({ "uri": exec_uri(false, &r.snapshot.state()) }))?;
     wait_migration(&vm).with_context(|| format!("loading snapshot '{}'", r.record.name))?;
-    vm.execute("cont", json!({}))?;
+    vm.run(&qapi::qmp::cont {})?;
     Ok(())
 }
 

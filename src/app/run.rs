@@ -439,6 +439,8 @@ fn finish(ctx: &Ctx, keep: bool, summary: &mut RunSummary, start: Instant) {
 /// removed now rather than by surprise later.
 fn keep_vm(inst: &crate::instance::Instance) -> bool {
     let released = read_json::<RunOrigin>(&inst.run_origin()).and_then(|o| match o {
+        // `--keep`: it never had an owner.
+        Some(o) if o.owner.is_none() => Ok(()),
         Some(o) => write_json(&inst.run_origin(), &RunOrigin { owner: None, ..o }),
         None => Ok(()),
     });

@@ -58,7 +58,7 @@ pub fn save(ctx: &Ctx, name: &str) -> Result<SnapshotDone> {
     let start = Instant::now();
     crate::instance::private_dir(&snap.dir)?;
     let saved = freeze(&vm, &inst, &snap, &plan);
-    let resumed = vm.execute("cont", json!({}));
+    let resumed = vm.run(&qapi::qmp::cont {});
     let remounted = guest::mount_shares(&t, &mounts);
     if let Err(e) = saved {
         let e = full_disk(&inst, &snap, e);
@@ -98,7 +98,7 @@ pub fn save(ctx: &Ctx, name: &str) -> Result<SnapshotDone> {
 /// and lets go of the disk when the migration completes, so the copy is the
 /// disk at that instant.
 fn freeze(vm: &Vm, inst: &Instance, snap: &Snapshot, plan: &BootPlan) -> Result<()> {
-    vm.execute("stop", json!({}))?;
+    vm.run(&qapi::qmp::stop {})?;
     let _ = vm.execute("migrate-set-parameters", json!({ "max-bandwidth": UNLIMITED }));
     vm.execute("migrate", json!({ "uri": exec_uri(true, &snap.state()) }))?;
     wait_migration(vm)?;

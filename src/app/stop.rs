@@ -5,16 +5,14 @@
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde_json::json;
 
 use super::{block_on, Ctx};
 use crate::instance::records::{RunRecord, StopMethod, StopOutcome, StopRecord};
-use crate::instance::{read_json, write_json, Instance, Lock};
-use crate::qmp::{Event, Qmp};
+use crate::instance::{read_json, Instance, Lock};
 use crate::report::error::Interrupted;
 use crate::report::stop::{Destroyed, StopReport};
 use crate::supervisor::client;
-use crate::supervisor::ladder::{self, ForeignProcess, StopOptions, QUIT_DEADLINE, SIGNAL_DEADLINE};
+use crate::supervisor::ladder::{StopOptions, QUIT_DEADLINE, SIGNAL_DEADLINE};
 use crate::supervisor::protocol::Stopped;
 
 /// How long the supervisor may take to exit after it answered.
@@ -174,36 +172,10 @@ fn ctrl_c() -> Result<tokio::signal::unix::Signal> {
     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).context("cannot watch for Ctrl-C")
 }
 
-/// The ladder run here (the supervisor is gone): the first Ctrl-C hurries it
-/// past the guest's own steps; later ones are ignored, as the rest of the
-/// ladder is short and only it can stop this QEMU.
-async fn ladder_forced_on_ctrl_c(
-    ctx: &Ctx,
-    qmp: Option<&Qmp>,
-    proc: &ForeignProcess,
-    opts: &StopOptions,
-    agent: &std::path::Path,
-) -> Result<StopOutcome> {
-    let mut ctrl_c = ctrl_c()?;
-    let (hurry, hurried) = tokio::sync::watch::channel(false);
-    let show = |m: StopMethod, wait: Duration| ctx.stage(&step_message(m, wait.as_secs_f64()));
-    let ladder = ladder::stop(qmp, proc, opts, None, Some(agent), &show, hurried, Default::default());
-    tokio::pin!(ladder);
-    loop {
-        tokio::select! {
-            o = &mut ladder => return Ok(o),
-            _ = ctrl_c.recv() => {
-                if !*hurry.borrow() {
-                    ctx.stage("Ctrl-C: forcing the stop (QMP quit, then signals)");
-                }
-                let _ = hurry.send(true);
-            }
-        }
-    }
-}
-
-/// QEMU whose supervisor died: run the ladder over the user QMP socket and
-/// judge the process by its identity.
+/// QEMU whose supervisor died: the supervisor's orphan stop
+/// ([`crate::supervisor::orphan`]) run here, the steps shown. The first
+/// Ctrl-C hurries it past the guest's own steps; later ones are ignored,
+/// as the rest of the ladder is short and only it can stop this QEMU.
 fn stop_orphan(ctx: &Ctx, inst: &Instance, opts: &StopOptions) -> Result<Stopped> {
     let Some(run) = read_json::<RunRecord>(&inst.run_record())? else {
         if let Some(done) = supervisor_finishing(inst)? {
@@ -211,36 +183,24 @@ fn stop_orphan(ctx: &Ctx, inst: &Instance, opts: &StopOptions) -> Result<Stopped
         }
         bail!("the instance is locked but has no run record: another qbuf-qemu command is using it; try again");
     };
-    let proc = ForeignProcess(run.qemu.clone());
-    let outcome = block_on(async {
-        let qmp = Qmp::connect(&inst.qmp_user(), Duration::from_secs(3)).await.ok();
-        ladder_forced_on_ctrl_c(ctx, qmp.as_ref(), &proc, opts, &inst.guest_agent()).await
-    })?;
-    let mut record = None;
-    if outcome.method.is_some() {
-        // The SHUTDOWN event the ladder saw on the user QMP socket.
-        let shutdown = outcome.shutdown_reason.as_ref().map(|r| Event {
-            event: "SHUTDOWN".into(),
-            data: json!({ "guest": outcome.guest, "reason": r }),
-            timestamp: crate::clock::now(),
-        });
-        let (crashed, reason) = crate::supervisor::describe_stop(shutdown.as_ref(), None, None, Some(&outcome));
-        let rec = StopRecord {
-            stopped_at: crate::clock::now(),
-            exit: None,
-            shutdown,
-            outcome: Some(outcome.clone()),
-            panicked: None,
-            crashed,
-            reason,
-        };
-        if let Err(e) = write_json(&inst.stop_record(), &rec) {
-            tracing::warn!("cannot record how the VM stopped: {e:#}");
+    block_on(async {
+        let mut ctrl_c = ctrl_c()?;
+        let (hurry, hurried) = tokio::sync::watch::channel(false);
+        let show = |m: StopMethod, wait: Duration| ctx.stage(&step_message(m, wait.as_secs_f64()));
+        let stop = crate::supervisor::orphan::stop(inst, &run, opts, &show, hurried);
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                s = &mut stop => return Ok(s),
+                _ = ctrl_c.recv() => {
+                    if !*hurry.borrow() {
+                        ctx.stage("Ctrl-C: forcing the stop (QMP quit, then signals)");
+                    }
+                    let _ = hurry.send(true);
+                }
+            }
         }
-        inst.clean_stale();
-        record = Some(rec);
-    }
-    Ok(Stopped { outcome, record })
+    })
 }
 
 /// QEMU ended by itself and its supervisor is exiting: it wrote this boot's

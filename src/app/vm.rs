@@ -71,6 +71,16 @@ impl Vm {
         }
     }
 
+    /// A QMP command as qapi's schema types it: its arguments serialized,
+    /// QEMU's answer read back as the command's return type. For commands
+    /// whose schema is the same in every QEMU this tool supports; the rest
+    /// go through [`Vm::execute`].
+    pub fn run<C: qapi::Command>(&self, cmd: &C) -> Result<C::Ok> {
+        let v = self.execute(C::NAME, serde_json::to_value(cmd)?)?;
+        serde_json::from_value(v)
+            .map_err(|e| anyhow!("QEMU's answer to '{}' is not what its schema says: {e}", C::NAME))
+    }
+
     /// An HMP command line through `human-monitor-command`: QEMU's text,
     /// with `\r\n` made `\n`. HMP reports failures as text, not as QMP
     /// errors (see qmp-fixtures/*/hmp-usernet.jsonl), so the caller judges it.

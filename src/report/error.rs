@@ -22,7 +22,7 @@ pub enum Failure {
         hint: Option<String>,
     },
     /// QEMU refused a QMP command.
-    QmpError { command: String, class: String, desc: String },
+    QmpError { command: String, class: crate::qmp::ErrorClass, desc: String },
 }
 
 impl std::fmt::Display for Failure {

@@ -13,12 +13,14 @@
 //! [`protocol`] is what clients and the supervisor say; [`client`] is the
 //! commands' side of it; [`ladder`] is the stop ladder; [`daemons`] are the
 //! `virtiofsd`s of virtio-fs shares, started before QEMU and stopped after;
-//! [`pump`] writes QEMU's console and output into bounded logs.
+//! [`pump`] writes QEMU's console and output into bounded logs; [`orphan`]
+//! stops a QEMU whose supervisor died and records it as the supervisor would.
 
 pub mod client;
 pub mod daemons;
 pub mod dispatcher;
 pub mod ladder;
+pub mod orphan;
 pub mod protocol;
 pub mod pump;
 pub mod start;
@@ -204,23 +206,23 @@ const OWNER_POLL: Duration = Duration::from_millis(200);
 fn watch_owner(inst: Instance, tx: mpsc::UnboundedSender<Msg>) {
     use crate::instance::records::RunOrigin;
     let owner = move || read_json::<RunOrigin>(&inst.run_origin()).ok().flatten().filter(|o| o.owner.is_some());
-    if owner().is_none() {
-        return;
-    }
+    let Some(mut origin) = owner() else { return };
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(OWNER_POLL);
+        // The record is read again only when its owner looks gone.
         loop {
             tick.tick().await;
+            if tx.is_closed() {
+                return;
+            }
+            let Some(gone) = origin.owner_gone() else { continue };
             match owner() {
                 None => return,
-                Some(o) => match o.owner_gone() {
-                    Some(gone) if owner().is_some_and(|o| o.owner_gone() == Some(gone)) => {
-                        let _ = tx.send(Msg::OwnerGone(gone));
-                        return;
-                    }
-                    _ if tx.is_closed() => return,
-                    _ => {}
-                },
+                Some(now) if now.owner_gone() == Some(gone) => {
+                    let _ = tx.send(Msg::OwnerGone(gone));
+                    return;
+                }
+                Some(now) => origin = now,
             }
         }
     });

@@ -49,7 +49,7 @@ pub enum Response {
     Return(Value),
     /// QEMU's error for a QMP command.
     QmpError {
-        class: String,
+        class: crate::qmp::ErrorClass,
         desc: String,
     },
     /// The supervisor could not do what was asked.
@@ -320,7 +320,7 @@ mod tests {
         }
         let answers = [
             Response::Return(serde_json::json!({"a": 1})),
-            Response::QmpError { class: "GenericError".into(), desc: "x \"quoted\"\n".into() },
+            Response::QmpError { class: crate::qmp::ErrorClass::GenericError, desc: "x \"quoted\"\n".into() },
             Response::Failed("no".into()),
             Response::Subscribed,
         ];
