@@ -155,6 +155,11 @@ impl Target {
             ("IdentityAgent", "none".into()),
             ("PasswordAuthentication", "no".into()),
             ("KbdInteractiveAuthentication", "no".into()),
+            // Key only, and no Kerberos round trips: Debian's own
+            // ssh_config turns GSSAPI on, and a guest whose sshd offers it
+            // would have every login try it first.
+            ("GSSAPIAuthentication", "no".into()),
+            ("PreferredAuthentications", "publickey".into()),
             ("StrictHostKeyChecking", "accept-new".into()),
             ("UserKnownHostsFile", ssh_path(&self.known_hosts)),
             ("GlobalKnownHostsFile", "/dev/null".into()),

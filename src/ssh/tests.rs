@@ -47,6 +47,7 @@ fn host_keys_are_pinned_per_instance_and_key_only() {
     assert!(o.contains("UserKnownHostsFile=/s/instances/dev/known_hosts"));
     assert!(o.contains("GlobalKnownHostsFile=/dev/null"));
     assert!(o.contains("PasswordAuthentication=no"));
+    assert!(o.contains("GSSAPIAuthentication=no") && o.contains("PreferredAuthentications=publickey"), "{o}");
     assert!(o.contains("IdentitiesOnly=yes"));
     assert!(!o.contains("StrictHostKeyChecking=no"));
     // A dead guest ends a session within seconds, in every rendering.
