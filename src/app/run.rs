@@ -304,7 +304,7 @@ fn command_then_artifacts(
     let t0 = Instant::now();
     let status = run_command(&t, workdir.as_deref(), command, int);
     summary.phases.command = Some(t0.elapsed().as_secs_f64());
-    let alive = read_json::<RunRecord>(&inst.run_record()).ok().flatten().is_some_and(|r| r.qemu.is_running());
+    let alive = vm_alive_after(&inst, &t, &status);
     let code = match status {
         // Whatever ssh said: the connection went with the VM.
         // ssh was stopped: the guest's kernel is dead (said below).
@@ -338,6 +338,25 @@ fn command_then_artifacts(
     }
     copy_artifacts(&t, &inst, copy_out, summary);
     code
+}
+
+/// Whether QEMU still runs after COMMAND's ssh ended. A QEMU that is being
+/// killed closes its sockets (and so ends the SSH connection: ssh's 255)
+/// a moment before it is seen gone: when ssh failed so and the SSH forward
+/// no longer answers, QEMU gets up to 2 s to be seen gone.
+fn vm_alive_after(inst: &crate::instance::Instance, t: &crate::ssh::Target, status: &Result<i32>) -> bool {
+    let running = || read_json::<RunRecord>(&inst.run_record()).ok().flatten().is_some_and(|r| r.qemu.is_running());
+    if !matches!(status, Ok(255)) || !running() || crate::ssh::banner(t.port, Duration::from_millis(500)).is_some() {
+        return running();
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while running() {
+        if Instant::now() > deadline {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
 }
 
 /// `--copy-out`: each artifact through the untrusted-guest unpacker; what

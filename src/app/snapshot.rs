@@ -23,7 +23,7 @@ use crate::instance::records::{BootPlan, RunRecord, SnapshotRecord};
 use crate::instance::{read_json, write_json, Instance};
 use crate::qemu::args::validate_id;
 use crate::qemu::args::ShareKind;
-use crate::report::snapshot::{SnapshotDone, SnapshotEntry, SnapshotList};
+use crate::report::snapshot::{SnapshotAction, SnapshotDone, SnapshotEntry, SnapshotList};
 
 /// No bandwidth cap: the VM is paused, the file is local.
 const UNLIMITED: u64 = 1 << 40;
@@ -91,7 +91,7 @@ pub fn save(ctx: &Ctx, name: &str) -> Result<SnapshotDone> {
     if let Err(e) = remounted {
         notes.push(format!("{e}; mount it in the guest yourself"));
     }
-    Ok(done(ctx, "saved", record, notes))
+    Ok(done(ctx, SnapshotAction::Saved, record, notes))
 }
 
 /// Pauses the VM, writes its state and copies its boot disk. QEMU flushes
@@ -126,7 +126,7 @@ fn full_disk(inst: &Instance, snap: &Snapshot, e: anyhow::Error) -> anyhow::Erro
     ))
 }
 
-fn done(ctx: &Ctx, what: &'static str, record: SnapshotRecord, notes: Vec<String>) -> SnapshotDone {
+fn done(ctx: &Ctx, what: SnapshotAction, record: SnapshotRecord, notes: Vec<String>) -> SnapshotDone {
     SnapshotDone {
         instance: ctx.name.clone(),
         what,
@@ -188,5 +188,5 @@ pub fn delete(ctx: &Ctx, name: &str) -> Result<SnapshotDone> {
         anyhow!("instance '{}' has no snapshot '{name}' ('{}' lists them)", ctx.name, ctx.command("snapshot list"))
     })?;
     std::fs::remove_dir_all(&snap.dir).with_context(|| format!("cannot remove {}", snap.dir.display()))?;
-    Ok(done(ctx, "deleted", record, vec![]))
+    Ok(done(ctx, SnapshotAction::Deleted, record, vec![]))
 }

@@ -191,6 +191,51 @@ impl StopMethod {
     pub fn graceful(self) -> bool {
         matches!(self, StopMethod::Powerdown | StopMethod::GuestAgent | StopMethod::AlreadyStopped)
     }
+
+    pub fn parse(s: &str) -> Option<StopMethod> {
+        use StopMethod::*;
+        [Powerdown, GuestAgent, Quit, Sigterm, Sigkill, AlreadyStopped].into_iter().find(|m| m.as_str() == s)
+    }
+}
+
+/// What one step of a stop did. Written as `METHOD: NOTE` (the JSON's and
+/// stopped.json's `steps` strings), read back from that.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StopStep {
+    /// The ladder step it belongs to; `None` for a line without one.
+    pub method: Option<StopMethod>,
+    pub note: String,
+}
+
+impl StopStep {
+    pub fn new(method: StopMethod, note: impl Into<String>) -> StopStep {
+        StopStep { method: Some(method), note: note.into() }
+    }
+}
+
+impl std::fmt::Display for StopStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.method {
+            Some(m) => write!(f, "{}: {}", m.as_str(), self.note),
+            None => f.write_str(&self.note),
+        }
+    }
+}
+
+impl Serialize for StopStep {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for StopStep {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Ok(match text.split_once(": ").and_then(|(m, note)| Some((StopMethod::parse(m)?, note))) {
+            Some((m, note)) => StopStep::new(m, note),
+            None => StopStep { method: None, note: text },
+        })
+    }
 }
 
 /// The result of a stop, as the user sees it.
@@ -205,7 +250,7 @@ pub struct StopOutcome {
     pub seconds: f64,
     pub exit: Option<ExitInfo>,
     /// What happened at each step, for the log and the user.
-    pub steps: Vec<String>,
+    pub steps: Vec<StopStep>,
 }
 
 impl StopOutcome {
@@ -310,6 +355,16 @@ impl DevicesRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stop_step_reads_back_as_it_was_written() {
+        let step = StopStep::new(StopMethod::GuestAgent, "asked: guest-shutdown");
+        let text = serde_json::to_string(&step).unwrap();
+        assert_eq!(text, "\"guest-agent: asked: guest-shutdown\"");
+        assert_eq!(serde_json::from_str::<StopStep>(&text).unwrap(), step);
+        let odd: StopStep = serde_json::from_str("\"no method here\"").unwrap();
+        assert_eq!(odd, StopStep { method: None, note: "no method here".into() });
+    }
 
     #[test]
     fn method_names_are_the_documented_ones() {

@@ -37,12 +37,29 @@ impl SnapshotEntry {
     }
 }
 
+/// What a `snapshot` verb did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SnapshotAction {
+    Saved,
+    Deleted,
+}
+
+impl SnapshotAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotAction::Saved => "saved",
+            SnapshotAction::Deleted => "deleted",
+        }
+    }
+}
+
 /// `snapshot save` and `snapshot delete`.
 #[derive(Debug, Clone, Serialize)]
 pub struct SnapshotDone {
     pub instance: String,
     /// `saved` or `deleted`.
-    pub what: &'static str,
+    pub what: SnapshotAction,
     pub snapshot: SnapshotEntry,
     pub notes: Vec<String>,
     #[serde(skip)]
@@ -53,8 +70,9 @@ pub struct SnapshotDone {
 
 impl Render for SnapshotDone {
     fn human(&self) -> String {
-        let mut s = format!("Snapshot '{}' of instance '{}' {}.", self.snapshot.name, self.instance, self.what);
-        if self.what == "saved" {
+        let mut s =
+            format!("Snapshot '{}' of instance '{}' {}.", self.snapshot.name, self.instance, self.what.as_str());
+        if self.what == SnapshotAction::Saved {
             s.push_str(&format!("\n  {}", self.snapshot.line()));
             if !self.snapshot.shares.is_empty() {
                 s.push_str(&format!(

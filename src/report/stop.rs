@@ -47,7 +47,7 @@ impl Render for StopReport {
     fn human(&self) -> String {
         let o = &self.outcome;
         let reason = o.shutdown_reason.clone().unwrap_or_else(|| "no SHUTDOWN event".into());
-        let steps = || o.steps.join("\n  ");
+        let steps = || o.steps.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  ");
         match o.method {
             Some(StopMethod::AlreadyStopped) => format!("Instance '{}' is already stopped.", self.name),
             Some(m @ (StopMethod::Powerdown | StopMethod::GuestAgent)) => format!(
@@ -56,7 +56,7 @@ impl Render for StopReport {
                 if m == StopMethod::Powerdown { "the ACPI power button" } else { "the guest agent's shutdown" },
                 o.seconds
             ),
-            Some(m) if !o.steps.iter().any(|s| s.starts_with("powerdown:")) => format!(
+            Some(m) if !o.steps.iter().any(|s| s.method == Some(StopMethod::Powerdown)) => format!(
                 "Instance '{}' stopped by '{}' ({reason}) after {:.1}s; --force skipped the guest's own shutdown.\nsteps:\n  {}",
                 self.name,
                 m.as_str(),

@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::instance::proc::{ExitInfo, ProcIdentity};
-use crate::instance::records::{StopMethod, StopOutcome};
+use crate::instance::records::{StopMethod, StopOutcome, StopStep};
 use crate::qemu::parse::RunState;
 use crate::qmp::{Event, Qmp};
 
@@ -94,7 +94,7 @@ pub async fn stop<P: QemuProcess + Sync>(
     let mut watch =
         Watch { events: qmp.map(|q| q.subscribe()), shutdown: known_shutdown.as_ref().and_then(Event::shutdown) };
     let mut steps = Vec::new();
-    let finish = |method: Option<StopMethod>, shutdown: Option<(bool, String)>, steps: Vec<String>| StopOutcome {
+    let finish = |method: Option<StopMethod>, shutdown: Option<(bool, String)>, steps: Vec<StopStep>| StopOutcome {
         method,
         guest: shutdown.as_ref().is_some_and(|s| s.0),
         shutdown_reason: shutdown.map(|s| s.1),
@@ -107,7 +107,7 @@ pub async fn stop<P: QemuProcess + Sync>(
     }
     if !opts.force {
         if let Some(note) = resume_if_paused(qmp, limits.command.min(Duration::from_secs(2))).await {
-            steps.push(format!("powerdown: {note}"));
+            steps.push(StopStep::new(StopMethod::Powerdown, note));
         }
     }
     for (method, deadline) in plan(opts, agent, start).await {
@@ -124,16 +124,13 @@ pub async fn stop<P: QemuProcess + Sync>(
         on_step(method, deadline.saturating_duration_since(Instant::now()));
         let note = act(qmp, proc, method, agent, limits.command).await;
         tracing::info!(step = method.as_str(), "{note}");
-        steps.push(format!("{}: {note}", method.as_str()));
+        steps.push(StopStep::new(method, note));
         let gone = tokio::select! {
             gone = watch.until_gone(proc, deadline) => gone,
             // A dropped sender disables this branch; it never hurries.
             true = async { hurry.wait_for(|h| *h).await.is_ok() }, if guests_step => {
-                steps.push(format!(
-                    "{}: forced on request after {:.0}s: going on at quit",
-                    method.as_str(),
-                    start.elapsed().as_secs_f64()
-                ));
+                let note = format!("forced on request after {:.0}s: going on at quit", start.elapsed().as_secs_f64());
+                steps.push(StopStep::new(method, note));
                 // An exit that raced the request still counts for this step.
                 if proc.wait_gone(Instant::now()).await {
                     return finish(Some(method), watch.shutdown, steps);
@@ -144,7 +141,7 @@ pub async fn stop<P: QemuProcess + Sync>(
         if gone {
             return finish(Some(method), watch.shutdown, steps);
         }
-        steps.push(format!("{}: QEMU still running after {:.0}s", method.as_str(), start.elapsed().as_secs_f64()));
+        steps.push(StopStep::new(method, format!("QEMU still running after {:.0}s", start.elapsed().as_secs_f64())));
     }
     finish(None, watch.shutdown, steps)
 }
