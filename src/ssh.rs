@@ -356,11 +356,11 @@ fn run(argv: &[String], stdin: Stdio) -> Result<std::process::Output> {
 
 /// `ssh … REMOTE` with the instance key: readiness means a login works.
 /// OpenSSH exits 255 for its own failures; any other status is REMOTE's,
-/// so the login worked.
+/// so the login worked (an ssh ended by a signal proves nothing).
 pub fn try_login(t: &Target, remote: &str, timeout: Duration) -> Result<Login> {
     let out = run(&batch(t, &[remote.into()], timeout), Stdio::null())?;
     let err = String::from_utf8_lossy(&out.stderr);
-    if out.status.code() != Some(255) {
+    if matches!(out.status.code(), Some(c) if c != 255) {
         Ok(Login::Ok(out))
     } else if err.contains(HOST_KEY_CHANGED) || err.contains("Host key verification failed") {
         Ok(Login::HostKeyChanged)

@@ -71,7 +71,9 @@ pub fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Res
         return Err(e.context("the VM was stopped: its settings could not be saved"));
     }
 
-    let _ = inst.fresh_ssh_mux_dir();
+    if let Err(e) = inst.fresh_ssh_mux_dir() {
+        tracing::warn!("logins will not share a connection: {e:#}");
+    }
     let t = ssh::Target::for_instance(inst, s.ssh_port, &s.ssh_user, &key);
     let mut result = launched(ctx, inst, &t, run.qemu.pid, plan.spec.accel, false, changes, notes);
     result.qemu_up_seconds = Some(qemu_up);

@@ -30,17 +30,24 @@ fn as_root_command(script: &str) -> String {
     )
 }
 
+/// What the guest wrote, as text fit for the user's terminal: its control
+/// sequences removed (the guest is untrusted), at most `max` characters.
+fn guest_text(bytes: &[u8], max: usize) -> String {
+    let clean = crate::logs::TerminalFilter::clean(bytes);
+    String::from_utf8_lossy(&clean).trim().chars().take(max).collect()
+}
+
 /// The stdout of an [`as_root_command`] that worked, or why it did not.
 fn judge_as_root(t: &Target, out: std::process::Output) -> Result<String> {
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = guest_text(&out.stderr, 2000);
     let no_root = |why: String| anyhow::Error::new(NoRoot { user: t.user.clone(), why });
     match out.status.code() {
         Some(0) => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
         Some(NO_SUDO) => Err(no_root("the guest has no sudo".into())),
         _ if stderr.contains("sudo:") && stderr.contains("password") => {
-            Err(no_root(format!("sudo wants a password ({})", stderr.trim())))
+            Err(no_root(format!("sudo wants a password ({stderr})")))
         }
-        _ => bail!("{}", stderr.trim()),
+        _ => bail!("{stderr}"),
     }
 }
 
@@ -183,8 +190,8 @@ fn failed_steps(out: &str) -> Vec<(usize, String)> {
         .filter_map(|l| {
             let rest = l.strip_prefix("qbuf-failed ")?;
             let (n, why) = rest.split_once(' ').unwrap_or((rest, ""));
-            let why = why.trim();
-            Some((n.parse().ok()?, if why.is_empty() { "no reason given".to_string() } else { why.to_string() }))
+            let why = guest_text(why.as_bytes(), 300);
+            Some((n.parse().ok()?, if why.is_empty() { "no reason given".to_string() } else { why }))
         })
         .collect()
 }

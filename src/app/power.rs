@@ -78,7 +78,9 @@ pub fn reboot(ctx: &Ctx, opts: &RebootOptions) -> Result<Rebooted> {
     let serial_before = std::fs::metadata(inst.serial_log()).map(|m| m.len()).unwrap_or(0);
     let method = block_on(reset(ctx, &inst, &t, agent, opts, &mut notes))?;
     // The shared SSH connections went with the old boot.
-    let _ = inst.fresh_ssh_mux_dir();
+    if let Err(e) = inst.fresh_ssh_mux_dir() {
+        tracing::warn!("logins will not share a connection: {e:#}");
+    }
     let seconds = started.elapsed().as_secs_f64();
     let mut out = Rebooted { name: ctx.name.clone(), method, seconds, ready_seconds: None, notes };
     if opts.no_wait {

@@ -64,7 +64,8 @@ pub fn resize(ctx: &Ctx, id: &str, bytes: u64) -> Result<DiskResized> {
             })?;
             out.live = true;
             if must_grow(id, out.from_bytes, bytes)? {
-                let size = i64::try_from(bytes).map_err(|_| anyhow!("{bytes} bytes is too big for QEMU"))?;
+                let size = i64::try_from(bytes)
+                    .map_err(|_| anyhow!("{bytes} bytes is more than QEMU can address: give a smaller SIZE"))?;
                 vm.run(&qapi::qmp::block_resize { device: None, node_name: Some(d.node), size })?;
             }
             return Ok(out);

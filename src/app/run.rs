@@ -346,8 +346,9 @@ fn command_then_artifacts(
 /// no longer answers, QEMU gets up to 2 s to be seen gone.
 fn vm_alive_after(inst: &crate::instance::Instance, t: &crate::ssh::Target, status: &Result<i32>) -> bool {
     let running = || read_json::<RunRecord>(&inst.run_record()).ok().flatten().is_some_and(|r| r.qemu.is_running());
-    if !matches!(status, Ok(255)) || !running() || crate::ssh::banner(t.port, Duration::from_millis(500)).is_some() {
-        return running();
+    let alive = running();
+    if !alive || !matches!(status, Ok(255)) || crate::ssh::banner(t.port, Duration::from_millis(500)).is_some() {
+        return alive;
     }
     let deadline = Instant::now() + Duration::from_secs(2);
     while running() {

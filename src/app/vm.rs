@@ -77,8 +77,13 @@ impl Vm {
     /// go through [`Vm::execute`].
     pub fn run<C: qapi::Command>(&self, cmd: &C) -> Result<C::Ok> {
         let v = self.execute(C::NAME, serde_json::to_value(cmd)?)?;
-        serde_json::from_value(v)
-            .map_err(|e| anyhow!("QEMU's answer to '{}' is not what its schema says: {e}", C::NAME))
+        serde_json::from_value(v).map_err(|e| {
+            anyhow!(
+                "QEMU's answer to '{}' is not what its schema says ({e}): is this a QEMU qbuf-qemu supports? '{}' checks",
+                C::NAME,
+                self.inst.command("doctor")
+            )
+        })
     }
 
     /// An HMP command line through `human-monitor-command`: QEMU's text,

@@ -32,8 +32,10 @@ pub const OWNER_GONE_TIMEOUT: Duration = Duration::from_secs(10);
 /// After QEMU's exit, how long to wait for the rest of its QMP output (its
 /// last events come before EOF, which follows the exit within milliseconds).
 const DRAIN: Duration = Duration::from_secs(2);
-/// How long the guest's sshd gets to greet when the console showed a panic.
-const SSH_ALIVE: Duration = Duration::from_secs(1);
+/// How long the guest's sshd gets to greet when the console showed a panic
+/// (a live guest under TCG on a busy host may take a second or two; a dead
+/// one costs the stop this long).
+const SSH_ALIVE: Duration = Duration::from_secs(3);
 /// How long one QMP query of `status` may take.
 const QUERY: Duration = Duration::from_secs(2);
 /// The event a kernel panic seen on the serial console is logged as (and
