@@ -53,7 +53,8 @@ impl Event {
 
 /// The class of an error QEMU answered with (QAPI `QapiErrorClass`), the
 /// ones this tool acts on named, any other kept as QEMU spelled it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(from = "String", into = "String")]
 pub enum ErrorClass {
     GenericError,
     CommandNotFound,
@@ -87,15 +88,15 @@ impl std::fmt::Display for ErrorClass {
     }
 }
 
-impl serde::Serialize for ErrorClass {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
+impl From<String> for ErrorClass {
+    fn from(s: String) -> ErrorClass {
+        ErrorClass::parse(&s)
     }
 }
 
-impl<'de> serde::Deserialize<'de> for ErrorClass {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Ok(ErrorClass::parse(&<String as serde::Deserialize>::deserialize(d)?))
+impl From<ErrorClass> for String {
+    fn from(c: ErrorClass) -> String {
+        c.as_str().into()
     }
 }
 

@@ -200,7 +200,8 @@ impl StopMethod {
 
 /// What one step of a stop did. Written as `METHOD: NOTE` (the JSON's and
 /// stopped.json's `steps` strings), read back from that.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
 pub struct StopStep {
     /// The ladder step it belongs to; `None` for a line without one.
     pub method: Option<StopMethod>,
@@ -222,19 +223,18 @@ impl std::fmt::Display for StopStep {
     }
 }
 
-impl Serialize for StopStep {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_string())
+impl From<String> for StopStep {
+    fn from(text: String) -> StopStep {
+        match text.split_once(": ").and_then(|(m, note)| Some((StopMethod::parse(m)?, note))) {
+            Some((m, note)) => StopStep::new(m, note),
+            None => StopStep { method: None, note: text },
+        }
     }
 }
 
-impl<'de> Deserialize<'de> for StopStep {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        Ok(match text.split_once(": ").and_then(|(m, note)| Some((StopMethod::parse(m)?, note))) {
-            Some((m, note)) => StopStep::new(m, note),
-            None => StopStep { method: None, note: text },
-        })
+impl From<StopStep> for String {
+    fn from(s: StopStep) -> String {
+        s.to_string()
     }
 }
 

@@ -150,7 +150,8 @@ pub fn parse_qemu_version(line: &str) -> Option<(u32, u32)> {
 /// `STOP`/`RESUME` story say), with the states this tool acts on named and
 /// any other kept as QEMU spelled it: a QEMU newer than this list must not
 /// make a state unreadable, or turn into another one.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
 pub enum RunState {
     Running,
     Paused,
@@ -197,15 +198,15 @@ impl std::fmt::Display for RunState {
     }
 }
 
-impl Serialize for RunState {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
+impl From<String> for RunState {
+    fn from(s: String) -> RunState {
+        RunState::parse(&s)
     }
 }
 
-impl<'de> Deserialize<'de> for RunState {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Ok(RunState::parse(&String::deserialize(d)?))
+impl From<RunState> for String {
+    fn from(r: RunState) -> String {
+        r.as_str().into()
     }
 }
 

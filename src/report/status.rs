@@ -13,7 +13,8 @@ use crate::qmp::Event;
 use crate::supervisor::protocol::{ConsolePanic, GuestKernel, Live, ShareState, VmState};
 
 /// The instance's state as the user sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(into = "String")]
 pub enum State {
     Running,
     Paused,
@@ -30,9 +31,9 @@ pub enum State {
     Qemu(RunState),
 }
 
-impl Serialize for State {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
+impl From<State> for String {
+    fn from(s: State) -> String {
+        s.as_str().into()
     }
 }
 

@@ -96,6 +96,7 @@ pub async fn pump(
     mut exited: watch::Receiver<Option<ExitInfo>>,
     observer: Option<mpsc::Sender<Vec<u8>>>,
 ) {
+    let mut observer = observer.map(|tx| Observer { tx, skipping: false });
     let (path, old, cap) = to;
     let mut log = match Capped::open(&path, &old, cap) {
         Ok(l) => l,
@@ -105,7 +106,7 @@ pub async fn pump(
     loop {
         tokio::select! {
             r = rx.readable() => {
-                if r.is_err() || copy(&rx, &mut buf, &mut log, &path, &observer) == Read::Ended {
+                if r.is_err() || copy(&rx, &mut buf, &mut log, &path, &mut observer) == Read::Ended {
                     return;
                 }
             }
@@ -113,7 +114,25 @@ pub async fn pump(
         }
     }
     // QEMU is gone: what it wrote before is in the pipe.
-    while copy(&rx, &mut buf, &mut log, &path, &observer) == Read::Data {}
+    while copy(&rx, &mut buf, &mut log, &path, &mut observer) == Read::Data {}
+}
+
+/// Whoever looks at the output as it is logged, fed when it keeps up.
+struct Observer {
+    tx: mpsc::Sender<Vec<u8>>,
+    /// Chunks are being skipped (said once per run of skipped chunks, not
+    /// once per chunk of a flood).
+    skipping: bool,
+}
+
+impl Observer {
+    fn offer(&mut self, chunk: &[u8]) {
+        let kept = self.tx.try_send(chunk.to_vec()).is_ok() || self.tx.is_closed();
+        if !kept && !self.skipping {
+            tracing::warn!("the guest's console outruns the supervisor: chunks are not scanned for kernel messages");
+        }
+        self.skipping = !kept;
+    }
 }
 
 #[derive(PartialEq, Eq)]
@@ -124,13 +143,7 @@ enum Read {
 }
 
 /// Copies what the pipe holds now into the log.
-fn copy(
-    rx: &pipe::Receiver,
-    buf: &mut [u8],
-    log: &mut Capped,
-    path: &Path,
-    observer: &Option<mpsc::Sender<Vec<u8>>>,
-) -> Read {
+fn copy(rx: &pipe::Receiver, buf: &mut [u8], log: &mut Capped, path: &Path, observer: &mut Option<Observer>) -> Read {
     match rx.try_read(buf) {
         Ok(0) => Read::Ended,
         Ok(n) => {
@@ -139,9 +152,7 @@ fn copy(
                 tracing::warn!("cannot write {}: {e}", path.display());
             }
             if let Some(o) = observer {
-                if o.try_send(buf[..n].to_vec()).is_err() && !o.is_closed() {
-                    tracing::warn!("the guest's console outruns the supervisor: {n} bytes not scanned");
-                }
+                o.offer(&buf[..n]);
             }
             Read::Data
         }

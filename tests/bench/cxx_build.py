@@ -24,6 +24,7 @@ QBUF_CXX_GUEST_DIR (default tests/bench/out).
 
 import argparse
 import json
+import shlex
 import os
 import shutil
 import signal
@@ -173,7 +174,7 @@ class Bench:
         with open(wrapper, "w") as f:
             f.write("#!/bin/sh\n"
                     "for a; do shift; [ \"$a\" = --cache=auto ] && a=--cache=always; set -- \"$@\" \"$a\"; done\n"
-                    f"exec '{real}' \"$@\"\n")
+                    f"exec {shlex.quote(real)} \"$@\"\n")
         os.chmod(wrapper, 0o755)
         return dict(os.environ, QBUF_QEMU_VIRTIOFSD=wrapper)
 
