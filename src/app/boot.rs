@@ -89,19 +89,12 @@ pub fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Res
         inst.serial_log().display()
     ));
     let stage = if resume.is_some() { "waiting for the resumed guest to answer SSH" } else { ready::BOOTING };
-    let login = resume.as_ref().map(|r| {
+    let resumed = resume.as_ref().map(|r| {
         let mounts = r.record.mounts.clone();
         Box::new(move || super::guest::after_resume_login(&mounts)) as Box<dyn Fn() -> String>
     });
-    let watch = ready::Watch {
-        auto_kvm,
-        silence: opts.silence,
-        serial_before,
-        cancel: opts.cancel.clone(),
-        stage,
-        listening: login.is_some(),
-        login,
-    };
+    let watch =
+        ready::Watch { auto_kvm, silence: opts.silence, serial_before, cancel: opts.cancel.clone(), stage, resumed };
     match ready::wait(inst, &t, &run.qemu, started + opts.timeout, &watch) {
         Ok(out) => {
             if let Some(r) = &resume {

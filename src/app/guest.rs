@@ -142,15 +142,24 @@ pub fn mount_shares(t: &Target, mounts: &[GuestMount]) -> Result<()> {
 /// (each login costs a key exchange, about 0.2 s under TCG, and
 /// `run --from-snapshot` waits for it): the clock set to the host's (it
 /// stands where it was saved) and the shares mounted again. Made at each
-/// login attempt, so the time is the attempt's.
+/// login attempt, so the time is the attempt's. It exits 0 like the
+/// readiness check's `true` whatever becoming root did; that status is on
+/// its last line of stdout.
 pub fn after_resume_login(mounts: &[GuestMount]) -> String {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    as_root_command(&after_resume_script(now, mounts))
+    format!("{}; echo \"{ROOT_EXIT} $?\"", as_root_command(&after_resume_script(now, mounts)))
 }
+
+/// The last line of [`after_resume_login`]'s stdout: `qbuf-root-exit N`.
+const ROOT_EXIT: &str = "qbuf-root-exit";
 
 /// What [`after_resume_login`]'s output says could not be done, as notes:
 /// each step is tried whatever the others did, and the VM runs anyway.
-pub fn after_resume_notes(t: &Target, out: std::process::Output, mounts: &[GuestMount]) -> Vec<String> {
+pub fn after_resume_notes(t: &Target, mut out: std::process::Output, mounts: &[GuestMount]) -> Vec<String> {
+    use std::os::unix::process::ExitStatusExt;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let code = text.lines().rev().find_map(|l| l.strip_prefix(ROOT_EXIT)?.trim().parse::<i32>().ok()).unwrap_or(1);
+    out.status = std::process::ExitStatus::from_raw((code & 0xff) << 8);
     match judge_as_root(t, out) {
         Ok(out) => failed_steps(&out)
             .into_iter()
@@ -199,6 +208,32 @@ fn failed_steps(out: &str) -> Vec<(usize, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_resumed_guests_login_exit_status_is_read_from_its_last_line() {
+        use std::os::unix::process::ExitStatusExt;
+        let t = Target {
+            alias: "a".into(),
+            port: 1,
+            user: "dev".into(),
+            key: "/k".into(),
+            known_hosts: "/h".into(),
+            control: None,
+        };
+        let mounts = [GuestMount { tag: "qbuf".into(), path: "/mnt/qbuf".into(), kind: ShareKind::Virtiofs }];
+        let out = |stdout: &str| std::process::Output {
+            status: std::process::ExitStatus::from_raw(0),
+            stdout: stdout.as_bytes().to_vec(),
+            stderr: vec![],
+        };
+        let notes = after_resume_notes(&t, out("qbuf-failed 1 mount: \x1b[31mgone\nqbuf-root-exit 0\n"), &mounts);
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].contains("share 'qbuf'") && notes[0].contains("mount: gone"), "filtered: {notes:?}");
+        let notes = after_resume_notes(&t, out(&format!("qbuf-root-exit {NO_SUDO}\n")), &mounts);
+        assert!(notes[0].contains("has no sudo"), "{notes:?}");
+        assert!(after_resume_notes(&t, out("qbuf-root-exit 0\n"), &mounts).is_empty());
+        assert!(after_resume_login(&mounts).ends_with("; echo \"qbuf-root-exit $?\""));
+    }
 
     #[test]
     fn the_after_resume_script_runs_every_step_and_names_the_failed_ones() {

@@ -99,8 +99,7 @@ pub fn reboot(ctx: &Ctx, opts: &RebootOptions) -> Result<Rebooted> {
         serial_before,
         cancel: None,
         stage: ready::BOOTING,
-        login: None,
-        listening: false,
+        resumed: None,
     };
     if let Err(r) = ready::wait(&inst, &t, &run.qemu, Instant::now() + opts.ssh_timeout, &watch) {
         bail!("instance '{}' was reset, but {}", ctx.name, r.describe(&t, &inst));

@@ -32,13 +32,12 @@ pub struct Watch {
     /// What the wait is for, as the progress line says it: a booting guest
     /// goes through firmware and its kernel, a resumed one does not.
     pub stage: &'static str,
-    /// What the login runs, made afresh for each attempt; `None`: `true`.
-    /// A resumed guest's chores ride on it (one login less).
-    pub login: Option<Box<dyn Fn() -> String>>,
-    /// The guest's sshd was listening when its state was saved: the first
-    /// login is tried at once, without a banner probe first (which costs
-    /// the guest's sshd a connection of its own).
-    pub listening: bool,
+    /// A resumed guest: what its login runs (its chores ride on it, one
+    /// login less), made afresh for each attempt. Its sshd was listening
+    /// when its state was saved, so the first login is tried at once,
+    /// without a banner probe (which costs the sshd a connection of its
+    /// own). `None`: a boot, whose login runs `true`.
+    pub resumed: Option<Box<dyn Fn() -> String>>,
 }
 
 /// The progress line while a guest boots.
@@ -132,7 +131,7 @@ pub fn wait(
     let mut serial_seen = w.serial_before;
     let (mut refused_since, mut next_panic_check) = (None::<Instant>, start);
     crate::progress::stage(w.stage);
-    let mut listening = w.listening;
+    let mut listening = w.resumed.is_some();
     loop {
         if w.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst)) {
             return Err(Readiness::Cancelled);
@@ -168,16 +167,9 @@ pub fn wait(
                 start.elapsed().as_secs_f64(),
                 t.user
             );
-            let remote = w.login.as_ref().map(|l| l()).unwrap_or_else(|| "true".into());
+            let remote = w.resumed.as_ref().map(|l| l()).unwrap_or_else(|| "true".into());
             match ssh::try_login(t, &remote, Duration::from_secs(10)) {
-                // `true` failing is a login that does not work (a shell
-                // that refuses it); another command's status is its own.
-                Ok(ssh::Login::Ok(out)) if w.login.is_some() || out.status.success() => return Ok(out),
-                Ok(ssh::Login::Ok(out)) => {
-                    let said = String::from_utf8_lossy(&out.stderr).trim().lines().last().unwrap_or("").to_string();
-                    tracing::info!("logged in, but 'true' failed ({}), trying again: {said}", out.status);
-                    last = format!("logged in, but 'true' failed ({}): {said}", out.status)
-                }
+                Ok(ssh::Login::Ok(out)) => return Ok(out),
                 Ok(ssh::Login::HostKeyChanged) => return Err(Readiness::HostKey),
                 Ok(ssh::Login::KeyRefused(said)) => {
                     let since = *refused_since.get_or_insert_with(Instant::now);

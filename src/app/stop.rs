@@ -1,6 +1,7 @@
 //! `powerdown` and `destroy`. A running instance is stopped by its
-//! supervisor's ladder; a QEMU whose supervisor died is stopped here by the
-//! same ladder over the user QMP socket, judged by the process's identity.
+//! supervisor's ladder; a QEMU whose supervisor died is stopped by the same
+//! ladder run from here (`supervisor::orphan`), with its steps shown and
+//! Ctrl-C passed on.
 
 use std::time::Duration;
 
