@@ -363,16 +363,17 @@ impl Instance {
         // Every file under snapshots/ is made by `snapshot save`, every one
         // under virtiofs/ by the supervisor (sockets, virtiofsd's logs), and
         // under ssh-mux/ by the OpenSSH masters the tool's logins started.
-        for dir in [self.snapshots_dir(), self.virtiofs_dir(), self.ssh_mux_dir()] {
-            if dir.is_dir() && fs::remove_dir_all(&dir).is_ok() {
-                removed.push(dir);
+        let made_dirs = [self.snapshots_dir(), self.virtiofs_dir(), self.ssh_mux_dir()];
+        for dir in &made_dirs {
+            if dir.is_dir() && fs::remove_dir_all(dir).is_ok() {
+                removed.push(dir.clone());
             }
         }
         for name in INSTANCE_FILES {
-            if ["lock", "disks", "snapshots", "virtiofs", "ssh-mux"].contains(name) {
+            let p = self.dir.join(name);
+            if p == self.lock() || p == disks || made_dirs.contains(&p) {
                 continue;
             }
-            let p = self.dir.join(name);
             if fs::symlink_metadata(&p).is_ok() && fs::remove_file(&p).is_ok() {
                 removed.push(p);
             }
