@@ -65,15 +65,17 @@ pub fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Res
     ctx.stage("starting QEMU");
     let run = start_and_load(ctx, inst, lock, serial_before, hint.clone(), resume.as_ref()).map_err(undo)?;
     let qemu_up = started.elapsed().as_secs_f64();
+    // Before the settings: a launch that finds this VM running waits for
+    // them, and then logs in through this boot's ssh-mux/.
+    if let Err(e) = inst.fresh_ssh_mux_dir() {
+        tracing::warn!("logins will not share a connection: {e:#}");
+    }
     // Saved once QEMU came up with them: a setting QEMU refuses is not kept.
     if let Err(e) = write_json(&inst.settings(), &s) {
         let _ = super::stop::stop_running(ctx, inst, &StopOptions { timeout: Duration::ZERO, force: true });
         return Err(e.context("the VM was stopped: its settings could not be saved"));
     }
 
-    if let Err(e) = inst.fresh_ssh_mux_dir() {
-        tracing::warn!("logins will not share a connection: {e:#}");
-    }
     let t = ssh::Target::for_instance(inst, s.ssh_port, &s.ssh_user, &key);
     let mut result = launched(ctx, inst, &t, run.qemu.pid, plan.spec.accel, false, changes, notes);
     result.qemu_up_seconds = Some(qemu_up);

@@ -71,7 +71,9 @@ fn take_lock(ctx: &Ctx, inst: &Instance, opts: &LaunchOptions) -> Result<Taken> 
         }
         // Only finding the VM is retried: once it runs, what goes wrong
         // with it (a refused --disk-size, an unreachable guest) is said.
-        if let Some(vm) = running_vm(ctx, inst)? {
+        // The launch that starts it saves its settings once QEMU is up:
+        // until then it is still starting.
+        if let Some(vm) = running_vm(ctx, inst)?.filter(|_| inst.settings().exists()) {
             return Ok(Taken::Running(Box::new(already_running(ctx, inst, opts, vm)?)));
         }
         if Instant::now() > deadline {
