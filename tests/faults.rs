@@ -448,9 +448,10 @@ fn unsynced_guest_writes_survive_powerdown_and_a_kill_loses_them() {
     for trial in 0..3 {
         env.ssh("dev", "dd if=/dev/zero of=/dev/vdb bs=512 count=1 conv=fsync 2>/dev/null").ok();
         assert!(env.ssh("dev", UNSYNCED_WRITE).stdout().contains("written"));
-        env.run(&["powerdown"]).code_is(0);
+        let (p, out) = env.json(&["powerdown"]);
+        out.code_is(0);
         env.launch(&[]);
-        assert!(marker_on_disk(&env), "trial {trial}: the write was lost by powerdown");
+        assert!(marker_on_disk(&env), "trial {trial}: the write was lost by powerdown: {p}");
     }
     // Control: the same write, then QEMU killed, loses it.
     env.ssh("dev", "dd if=/dev/zero of=/dev/vdb bs=512 count=1 conv=fsync 2>/dev/null").ok();
