@@ -47,6 +47,7 @@ proptest! {
             let _ = crate::qemu::parse::port_has_device(&v);
             let _ = crate::qemu::parse::block_node_names(&v);
             let _ = crate::qemu::parse::peripheral_ids(&v);
+            let _ = crate::qemu::parse::MigrationProgress::of_query_migrate(&v);
         }
     }
 

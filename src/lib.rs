@@ -2,12 +2,14 @@
 //!
 //! Layers, lowest first (see docs/architecture.md, whose table
 //! tests/layers.rs checks file for file): `clock`, `host`, `config`, `qmp`,
-//! `qga`, `instance` (paths, owner, proc, lock), `progress`; `qemu` as data
-//! (value, args, forward, virtiofs, parse, host); the records
-//! (`instance::records`); `qemu` images, `ssh`, `guest_files`, `guix`, `logs`,
-//! `console`; `supervisor` (QEMU's parent); `report` (typed outcomes and
-//! their renderers); `cli`; `app`, the command layer (doctor included) that
-//! only `main` uses. A module imports only from its own layer or below.
+//! `qga`, `instance` (paths, owner, proc, lock), `progress`, `runtime`;
+//! `qemu` as data (value, args, forward, virtiofs, parse, host); the records
+//! (`instance::records`); `qemu` images, `ssh`, `guest_files`, `guix`,
+//! `logs`, `console`; `supervisor` (QEMU's parent); `machine` (a running VM
+//! behind its supervisor: typed QMP, disks, migration, forwards); `report`
+//! (typed outcomes and their renderers); `cli`; `app`, the command layer
+//! (doctor included) that only `main` uses. A module imports only from its
+//! own layer or below.
 
 mod app;
 pub mod cli;
@@ -19,11 +21,13 @@ mod guix;
 pub mod host;
 mod instance;
 mod logs;
+mod machine;
 mod progress;
 mod qemu;
 mod qga;
 pub mod qmp;
 mod report;
+mod runtime;
 mod ssh;
 mod supervisor;
 

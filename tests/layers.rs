@@ -23,6 +23,7 @@ const LAYERS: &[&[&str]] = &[
         "instance/proc.rs",
         "instance/lock.rs",
         "progress.rs",
+        "runtime.rs",
     ],
     // QEMU as data: the pure argv builder, parsers of its output, its binaries.
     &["qemu/value.rs", "qemu/args.rs", "qemu/forward.rs", "qemu/virtiofs.rs", "qemu/parse.rs", "qemu/host.rs"],
@@ -42,6 +43,8 @@ const LAYERS: &[&[&str]] = &[
     ],
     // QEMU's parent process and its protocol.
     &["supervisor/"],
+    // A running VM behind its supervisor: typed QMP, hot-plug, migration, forwards.
+    &["machine/"],
     // Typed outcomes and their renderers.
     &["report/"],
     // The command line's types and parsers.

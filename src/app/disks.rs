@@ -1,28 +1,21 @@
-//! `disk add|remove|list`: virtio disks hot-plugged over QMP onto the PCIe
-//! root ports reserved at launch, and recorded in devices.json to come back
-//! at the next launch.
-//!
-//! Disk changes follow Lima's hotplug: each QMP conversation is short, a
-//! removal subscribes to events *before* `device_del` and then waits for the
-//! guest's `DEVICE_DELETED` with a deadline. Until the guest has released a
-//! device nothing else is undone, so a timeout leaves no half-removed disk.
+//! `disk add|remove|list`: virtio disks hot-plugged onto the PCIe root ports
+//! reserved at launch (`machine::disks`), and recorded in devices.json to
+//! come back at the next launch.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Result};
-use serde_json::{json, Value};
+use anyhow::{bail, Result};
 
-use super::vm::{Vm, QUERY_TIMEOUT};
-use super::{block_on, Ctx};
+use super::Ctx;
 use crate::instance::lock::devices_lock;
 use crate::instance::records::DevicesRecord;
 use crate::instance::Instance;
+use crate::machine::{disks, Vm};
 use crate::qemu::args::{validate_id, ExtraDisk, BOOT_DISK_DEVICE, HOTPLUG_PORTS};
 use crate::qemu::image::{self, DiskFormat};
-use crate::qemu::parse::{self, LiveDisk};
+use crate::qemu::parse::LiveDisk;
 use crate::report::devices::{DiskAdded, DiskEntry, DiskList, DiskRemoved};
-use crate::supervisor::client;
 
 #[derive(Debug, Clone)]
 pub struct DiskAdd {
@@ -49,29 +42,6 @@ pub fn next_disk_id(taken: &[String]) -> String {
     (1..).map(|n| format!("disk{n}")).find(|id| !taken.contains(id)).expect("an unused id")
 }
 
-/// The disks QEMU has now.
-fn live_disks(vm: &Vm) -> Result<Vec<LiveDisk>> {
-    Ok(parse::parse_query_block(&vm.execute("query-block", json!({}))?))
-}
-
-fn block_nodes(vm: &Vm) -> Result<Vec<String>> {
-    Ok(parse::block_node_names(&vm.execute("query-named-block-nodes", json!({ "flat": true }))?))
-}
-
-fn peripherals(vm: &Vm) -> Result<Vec<String>> {
-    Ok(parse::peripheral_ids(&vm.execute("qom-list", json!({ "path": "/machine/peripheral" }))?))
-}
-
-/// For each reserved root port `hpN`, whether a device sits on it.
-fn used_ports(vm: &Vm, ports: u32) -> Result<Vec<bool>> {
-    (0..ports)
-        .map(|i| {
-            let v = vm.execute("qom-list", json!({ "path": format!("/machine/peripheral/hp{i}/hp{i}") }))?;
-            Ok(parse::port_has_device(&v))
-        })
-        .collect()
-}
-
 /// The command that attaches `path` again, with its format when not qcow2.
 fn attach_command(ctx: &Ctx, path: &Path, format: &str) -> String {
     let file = shell_words::quote(&path.display().to_string()).into_owned();
@@ -82,8 +52,8 @@ fn attach_command(ctx: &Ctx, path: &Path, format: &str) -> String {
 }
 
 pub fn add(ctx: &Ctx, req: &DiskAdd) -> Result<DiskAdded> {
-    let vm = Vm::if_running(ctx)?;
     let inst = ctx.existing()?;
+    let vm = Vm::if_running(&inst)?;
     if vm.is_none() && req.transient {
         bail!(
             "instance '{}' is not running, and a --transient disk is never recorded: launch it first, or drop --transient",
@@ -92,7 +62,7 @@ pub fn add(ctx: &Ctx, req: &DiskAdd) -> Result<DiskAdded> {
     }
     let _lock = devices_lock(&inst)?;
     let mut rec = DevicesRecord::load(&inst)?;
-    let live = vm.as_ref().map(live_disks).transpose()?.unwrap_or_default();
+    let live = vm.as_ref().map(disks::live).transpose()?.unwrap_or_default();
     let id = choose_id(ctx, &inst, vm.as_ref(), &rec, &live, req)?;
     if vm.is_none() && rec.disks.len() as u32 >= HOTPLUG_PORTS {
         bail!(
@@ -120,7 +90,7 @@ pub fn add(ctx: &Ctx, req: &DiskAdd) -> Result<DiskAdded> {
         destroy_command: ctx.command("destroy"),
     };
     if let Some(vm) = &vm {
-        match hotplug(ctx, vm, &id, &path, format) {
+        match disks::hotplug(vm, &id, &path, format) {
             Ok(port) => {
                 out.attached = true;
                 out.port = Some(port);
@@ -154,8 +124,8 @@ fn choose_id(
     let mut taken: Vec<String> =
         rec.disks.iter().map(|d| d.id.clone()).chain(live.iter().map(|d| d.id.clone())).collect();
     if let Some(vm) = vm {
-        taken.extend(peripherals(vm)?);
-        taken.extend(block_nodes(vm)?);
+        taken.extend(disks::peripherals(vm)?);
+        taken.extend(disks::block_nodes(vm)?);
     }
     if let Some(id) = &req.id {
         validate_id("disk id", id)?;
@@ -225,50 +195,12 @@ fn create_image(ctx: &Ctx, inst: &Instance, id: &str, format: DiskFormat, bytes:
     Ok(path)
 }
 
-/// `blockdev-add` (format given, never probed) then `device_add` on the first
-/// free root port; undoes the first when the second fails.
-fn hotplug(ctx: &Ctx, vm: &Vm, id: &str, path: &Path, format: DiskFormat) -> Result<String> {
-    let used = used_ports(vm, vm.hotplug_ports()?)?;
-    let Some(free) = used.iter().position(|u| !u) else {
-        bail!(
-            "all {} hot-plug ports of instance '{}' are in use: remove a disk first ('{}', '{}')",
-            used.len(),
-            vm.inst.name,
-            ctx.command("disk list"),
-            ctx.command("disk remove ID")
-        );
-    };
-    let port = format!("hp{free}");
-    let filename = path.to_str().ok_or_else(|| anyhow!("{} is not valid UTF-8: rename it", path.display()))?;
-    vm.execute(
-        "blockdev-add",
-        json!({
-            "driver": format.as_str(),
-            "node-name": id,
-            "file": { "driver": "file", "filename": filename, "node-name": format!("{id}-file") },
-        }),
-    )?;
-    let added = vm.execute("device_add", json!({ "driver": "virtio-blk-pci", "drive": id, "id": id, "bus": port }));
-    if let Err(e) = added {
-        let _ = vm.run(&qapi::qmp::blockdev_del { node_name: id.to_string() });
-        return Err(e);
-    }
-    Ok(port)
-}
-
-/// How a `device_del` ended.
-enum Unplug {
-    Released(Duration),
-    AlreadyGone,
-    TimedOut,
-}
-
 pub fn remove(ctx: &Ctx, id: &str, timeout: Duration) -> Result<DiskRemoved> {
     if id == BOOT_DISK_DEVICE || id == "disk0" {
         bail!("'{id}' is the boot disk; it cannot be removed");
     }
-    let vm = Vm::if_running(ctx)?;
     let inst = ctx.existing()?;
+    let vm = Vm::if_running(&inst)?;
     let _lock = devices_lock(&inst)?;
     let mut rec = DevicesRecord::load(&inst)?;
     let recorded = rec.disks.iter().find(|d| d.id == id).cloned();
@@ -283,12 +215,14 @@ pub fn remove(ctx: &Ctx, id: &str, timeout: Duration) -> Result<DiskRemoved> {
     };
     let mut format = recorded.as_ref().map(|r| r.format.clone()).unwrap_or_else(|| "qcow2".into());
     if let Some(vm) = &vm {
-        let live = live_disks(vm)?.into_iter().find(|d| d.id == id);
+        let live = disks::live(vm)?.into_iter().find(|d| d.id == id);
         if let Some(l) = &live {
             out.path = Some(PathBuf::from(&l.file));
             format = l.format.clone();
         }
-        detach(ctx, vm, id, live.is_some() || recorded.is_some(), timeout, &mut out)?;
+        let d = disks::detach(vm, id, live.is_some() || recorded.is_some(), timeout)?;
+        out.seconds = d.released_after.map(|t| t.as_secs_f64());
+        out.detached = d.detached;
     } else if recorded.is_none() {
         bail!("instance '{}' has no recorded disk '{id}' ('{}' shows its disks)", ctx.name, ctx.command("disk list"));
     }
@@ -302,75 +236,11 @@ pub fn remove(ctx: &Ctx, id: &str, timeout: Duration) -> Result<DiskRemoved> {
     Ok(out)
 }
 
-/// Unplugs disk `id` from the running VM once the guest released it, then
-/// drops its block node.
-fn detach(ctx: &Ctx, vm: &Vm, id: &str, known: bool, timeout: Duration, out: &mut DiskRemoved) -> Result<()> {
-    let has_node = block_nodes(vm)?.iter().any(|n| n == id);
-    // Only a disk's device: never unplug another device by its id.
-    let is_disk = known || has_node;
-    if !is_disk {
-        bail!("instance '{}' has no disk '{id}' ('{}' shows its disks)", ctx.name, ctx.command("disk list"));
-    }
-    let has_device = peripherals(vm)?.iter().any(|p| p == id);
-    let again = ctx.command(&format!("disk remove {id}"));
-    if has_device {
-        match block_on(unplug(&vm.inst, id, timeout))? {
-            Unplug::Released(t) => out.seconds = Some(t.as_secs_f64()),
-            Unplug::AlreadyGone => {}
-            Unplug::TimedOut => bail!(
-                "the guest did not release disk '{id}' within {}s (it may still be in use in the guest, or the guest \
-                 ignores unplug requests). Nothing was removed: the disk stays attached and recorded, and QEMU keeps \
-                 its image open. The guest may still release it later; unmount it in the guest and run \
-                 '{again}' again (a larger --timeout waits longer)",
-                timeout.as_secs()
-            ),
-        }
-    }
-    if has_node {
-        vm.call("blockdev-del", json!({ "node-name": id }), QUERY_TIMEOUT)?.map_err(|e| {
-            anyhow!(
-                "the guest released disk '{id}', but QEMU kept its image open ({e}); it stays recorded: run '{again}' again"
-            )
-        })?;
-    }
-    out.detached = has_device || has_node;
-    Ok(())
-}
-
-/// Subscribes first, then `device_del`, then waits for the guest's
-/// `DEVICE_DELETED` for this id (QEMU also sends one for the virtio backend,
-/// without `device`).
-async fn unplug(inst: &Instance, id: &str, timeout: Duration) -> Result<Unplug> {
-    let sock = inst.control();
-    let mut events = client::subscribe(&sock).await?;
-    let start = tokio::time::Instant::now();
-    match client::qmp(&sock, "device_del", json!({ "id": id }), QUERY_TIMEOUT).await? {
-        Ok(_) => {}
-        Err(crate::qmp::QmpError::Qemu { class: crate::qmp::ErrorClass::DeviceNotFound, .. }) => {
-            return Ok(Unplug::AlreadyGone)
-        }
-        Err(e) => bail!("QEMU refused to unplug '{id}': {e}"),
-    }
-    let released = async {
-        while let Some(ev) = events.next().await {
-            if ev.event == "DEVICE_DELETED" && ev.data.get("device").and_then(Value::as_str) == Some(id) {
-                return true;
-            }
-        }
-        false
-    };
-    match tokio::time::timeout(timeout, released).await {
-        Ok(true) => Ok(Unplug::Released(start.elapsed())),
-        Ok(false) => bail!("the VM stopped while waiting for the guest to release disk '{id}'"),
-        Err(_) => Ok(Unplug::TimedOut),
-    }
-}
-
 pub fn list(ctx: &Ctx) -> Result<DiskList> {
-    let vm = Vm::if_running(ctx)?;
     let inst = ctx.existing()?;
+    let vm = Vm::if_running(&inst)?;
     let rec = DevicesRecord::load(&inst)?;
-    let live = vm.as_ref().map(live_disks).transpose()?.unwrap_or_default();
+    let live = vm.as_ref().map(disks::live).transpose()?.unwrap_or_default();
     let mut disks: Vec<DiskEntry> = live
         .iter()
         .map(|d| DiskEntry {

@@ -1,25 +1,18 @@
 //! `forward add|remove|list`: host ports forwarded to the guest over QEMU's
-//! user network (slirp), recorded in devices.json for the next launch.
-//!
-//! QMP has no command for user-network forwards; HMP's `hostfwd_add`,
-//! `hostfwd_remove` and `info usernet` do it, reached through
-//! `human-monitor-command`. HMP reports failure as text in a successful QMP
-//! reply (`"Could not set up host forwarding rule …"`), so every reply is
-//! judged here: `hostfwd_add` succeeds with an empty string only. Forwards
-//! bind 127.0.0.1 unless an address is given explicitly.
+//! user network (slirp, `machine::usernet`), recorded in devices.json for
+//! the next launch. Forwards bind 127.0.0.1 unless an address is given
+//! explicitly.
 
 use anyhow::{bail, Result};
 
-use super::vm::Vm;
 use super::Ctx;
 use crate::cli::parse::{HostEnd, LOOPBACK};
 use crate::config::Settings;
 use crate::instance::lock::devices_lock;
 use crate::instance::read_json;
 use crate::instance::records::DevicesRecord;
-use crate::qemu::args::NETDEV_ID;
+use crate::machine::{usernet, Vm};
 use crate::qemu::forward::Forward;
-use crate::qemu::parse::live_forwards;
 use crate::report::devices::{describe, ForwardChanged, ForwardEntry, ForwardList};
 
 fn ssh_port(ctx: &Ctx) -> Result<Option<u16>> {
@@ -27,8 +20,8 @@ fn ssh_port(ctx: &Ctx) -> Result<Option<u16>> {
 }
 
 pub fn add(ctx: &Ctx, f: &Forward, transient: bool) -> Result<ForwardChanged> {
-    let vm = Vm::if_running(ctx)?;
     let inst = ctx.existing()?;
+    let vm = Vm::if_running(&inst)?;
     if vm.is_none() && transient {
         bail!("instance '{}' is not running, and a --transient forward is never recorded: launch it first", ctx.name);
     }
@@ -39,19 +32,10 @@ pub fn add(ctx: &Ctx, f: &Forward, transient: bool) -> Result<ForwardChanged> {
     let mut rec = DevicesRecord::load(&inst)?;
     let taken = |g: &Forward| g.udp == f.udp && g.host_port == f.host_port;
     if let Some(vm) = &vm {
-        if let Some(g) = live_forwards(&vm.hmp("info usernet")?).iter().find(|g| taken(g)) {
+        if let Some(g) = usernet::forwards(vm)?.iter().find(|g| taken(g)) {
             bail!("host port {} is already forwarded ({}): remove it first", f.host_port, describe(g));
         }
-        let reply = vm.hmp(&format!("hostfwd_add {NETDEV_ID} {}", f.rule()))?;
-        let reply = reply.trim();
-        if !reply.is_empty() {
-            let hint = if reply.starts_with("Could not set up") {
-                format!(": host port {} on {} is probably in use; choose another", f.host_port, f.host_addr)
-            } else {
-                String::new()
-            };
-            bail!("QEMU refused the forward {}: {reply}{hint}", describe(f));
-        }
+        usernet::add(vm, f, &describe(f))?;
     } else if let Some(g) = rec.forwards.iter().find(|g| taken(g)) {
         bail!("host port {} is already recorded for a forward ({}): remove it first", f.host_port, describe(g));
     }
@@ -70,25 +54,22 @@ pub fn add(ctx: &Ctx, f: &Forward, transient: bool) -> Result<ForwardChanged> {
 }
 
 pub fn remove(ctx: &Ctx, end: &HostEnd) -> Result<ForwardChanged> {
-    let vm = Vm::if_running(ctx)?;
     let inst = ctx.existing()?;
+    let vm = Vm::if_running(&inst)?;
     if end.udp != Some(true) && ssh_port(ctx)? == Some(end.port) {
         bail!("host port {} is the instance's SSH forward; change it with 'launch --ssh-port' instead", end.port);
     }
     let _lock = devices_lock(&inst)?;
     let mut rec = DevicesRecord::load(&inst)?;
     let live_now = match &vm {
-        Some(vm) => live_forwards(&vm.hmp("info usernet")?),
+        Some(vm) => usernet::forwards(vm)?,
         None => vec![],
     };
     let end = &narrow(ctx, end, live_now.iter().chain(rec.forwards.iter()))?;
     let recorded = rec.forwards.iter().find(|g| end.matches(g)).cloned();
     let live = live_now.into_iter().find(|g| end.matches(g));
     if let (Some(vm), Some(f)) = (&vm, &live) {
-        let reply = vm.hmp(&format!("hostfwd_remove {NETDEV_ID} {}", f.host_end()))?;
-        if !reply.contains("removed") {
-            bail!("QEMU did not remove the forward {}: {}", describe(f), reply.trim());
-        }
+        usernet::remove(vm, f, &describe(f))?;
     }
     let Some(forward) = live.clone().or(recorded.clone()) else {
         bail!(
@@ -124,13 +105,13 @@ fn narrow<'a>(ctx: &Ctx, end: &HostEnd, known: impl Iterator<Item = &'a Forward>
 }
 
 pub fn list(ctx: &Ctx) -> Result<ForwardList> {
-    let vm = Vm::if_running(ctx)?;
     let inst = ctx.existing()?;
+    let vm = Vm::if_running(&inst)?;
     let rec = DevicesRecord::load(&inst)?;
     let ssh = ssh_port(ctx)?;
     let is_ssh = |f: &Forward| !f.udp && Some(f.host_port) == ssh && f.guest_port == 22;
     let mut forwards: Vec<ForwardEntry> = match &vm {
-        Some(vm) => live_forwards(&vm.hmp("info usernet")?)
+        Some(vm) => usernet::forwards(vm)?
             .into_iter()
             .map(|f| ForwardEntry { ssh: is_ssh(&f), recorded: rec.forwards.contains(&f), live: true, forward: f })
             .collect(),

@@ -117,7 +117,7 @@ fn already_running(ctx: &Ctx, inst: &Instance, opts: &LaunchOptions, vm: Running
     let RunningVm { pid, accel, note } = vm;
     let mut notes: Vec<String> = note.into_iter().collect();
     let saved: Settings =
-        read_json(&inst.settings())?.ok_or_else(|| super::vm::missing_record(inst, &inst.settings()))?;
+        read_json(&inst.settings())?.ok_or_else(|| crate::machine::missing_record(inst, &inst.settings()))?;
     let (mut new, changes) = config::merge(Some(&saved), &opts.flags, &spec::defaults())?;
     if new.ssh_port == 0 {
         new.ssh_port = saved.ssh_port;

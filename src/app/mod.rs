@@ -27,10 +27,8 @@ pub mod spec;
 pub mod ssh_config;
 pub mod status;
 pub mod stop;
-pub mod vm;
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
 
 use anyhow::Result;
 
@@ -96,14 +94,7 @@ impl Ctx {
     }
 }
 
-/// Runs a future on the process's one runtime; commands are synchronous
-/// otherwise.
-pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RUNTIME
-        .get_or_init(|| tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime"))
-        .block_on(f)
-}
+pub use crate::runtime::block_on;
 
 fn context(cli: &Cli) -> Result<Ctx> {
     let g = &cli.global;

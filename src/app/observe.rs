@@ -4,10 +4,10 @@
 use anyhow::Result;
 use serde_json::{json, Value};
 
-use super::vm::Vm;
 use super::Ctx;
 use crate::config::Settings;
 use crate::instance::{read_json, Instance, Lock};
+use crate::machine::Vm;
 use crate::qemu::parse::RunState;
 use crate::report::print_line;
 use crate::ssh::Target;
@@ -17,7 +17,7 @@ pub fn console(ctx: &Ctx) -> Result<i32> {
     if ctx.json {
         return usage("this command streams the guest's console as text; --json does not apply");
     }
-    let vm = Vm::running(ctx)?;
+    let vm = Vm::running(&ctx.existing()?)?;
     crate::console::attach(&vm.inst.console(), &ctx.name)?;
     Ok(0)
 }
@@ -56,9 +56,8 @@ pub fn ssh(ctx: &Ctx, args: &[String]) -> Result<i32> {
 /// said at once instead. (Nothing is said when QEMU cannot be asked: ssh
 /// then finds out for itself.)
 fn refuse_stopped_guest(ctx: &Ctx) -> Result<()> {
-    let Ok(Some(vm)) = Vm::if_running(ctx) else { return Ok(()) };
-    let Ok(Ok(v)) = vm.call("query-status", json!({}), std::time::Duration::from_secs(5)) else { return Ok(()) };
-    let state = RunState::of_query_status(&v);
+    let Ok(Some(vm)) = ctx.existing().and_then(|i| Vm::if_running(&i)) else { return Ok(()) };
+    let Ok(state) = vm.run_state_within(std::time::Duration::from_secs(5)) else { return Ok(()) };
     match state {
         RunState::Paused | RunState::Suspended => anyhow::bail!(
             "instance '{}' is {state}, so its guest cannot answer SSH: resume it with '{}'",
@@ -104,7 +103,7 @@ pub fn running_target(ctx: &Ctx) -> Result<(Instance, Target)> {
 /// `qmp COMMAND [JSON]`: QEMU's raw reply; a refusal is a typed failure.
 pub fn qmp(ctx: &Ctx, command: &str, arguments: Option<&str>, timeout: std::time::Duration) -> Result<i32> {
     let args = parse_arguments(arguments).map_err(crate::report::error::Usage)?;
-    let reply = Vm::running(ctx)?.execute_within(command, args, timeout)?;
+    let reply = Vm::running(&ctx.existing()?)?.execute_raw(command, args, timeout)?;
     print_line(&serde_json::to_string_pretty(&reply)?)?;
     Ok(0)
 }

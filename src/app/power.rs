@@ -14,38 +14,33 @@ use anyhow::{anyhow, bail, Result};
 use serde_json::json;
 
 use super::observe::running_target;
-use super::vm::{Vm, QUERY_TIMEOUT};
 use super::{block_on, ready, Ctx};
 use crate::instance::records::{BootPlan, RunRecord};
 use crate::instance::{read_json, Instance};
+use crate::machine::{missing_record, Vm, QUERY_TIMEOUT};
 use crate::qemu::parse::RunState;
 use crate::qga::AgentState;
 use crate::report::power::{RebootMethod, Rebooted, RunStateChanged};
 use crate::ssh::Target;
 use crate::supervisor::client;
 
-/// QEMU's run state (`running`, `paused`, …).
-fn run_state(vm: &Vm) -> Result<RunState> {
-    Ok(RunState::of_query_status(&vm.execute("query-status", json!({}))?))
-}
-
 pub fn pause(ctx: &Ctx) -> Result<RunStateChanged> {
-    let vm = Vm::running(ctx)?;
-    let before = run_state(&vm)?;
+    let vm = Vm::running(&ctx.existing()?)?;
+    let before = vm.run_state()?;
     if before == RunState::Running {
         vm.run(&qapi::qmp::stop {})?;
     }
-    let after = run_state(&vm)?;
+    let after = vm.run_state()?;
     Ok(RunStateChanged { name: ctx.name.clone(), action: "pause", before, after, undo_command: ctx.command("resume") })
 }
 
 pub fn resume(ctx: &Ctx) -> Result<RunStateChanged> {
-    let vm = Vm::running(ctx)?;
-    let before = run_state(&vm)?;
+    let vm = Vm::running(&ctx.existing()?)?;
+    let before = vm.run_state()?;
     if before != RunState::Running {
         vm.run(&qapi::qmp::cont {})?;
     }
-    let after = run_state(&vm)?;
+    let after = vm.run_state()?;
     Ok(RunStateChanged { name: ctx.name.clone(), action: "resume", before, after, undo_command: ctx.command("pause") })
 }
 
@@ -61,7 +56,7 @@ pub struct RebootOptions {
 }
 
 pub fn reboot(ctx: &Ctx, opts: &RebootOptions) -> Result<Rebooted> {
-    let vm = Vm::running(ctx)?;
+    let vm = Vm::running(&ctx.existing()?)?;
     let (inst, t) = running_target(ctx)?;
     let mut notes = vec![];
     // One question for both: is it paused, and does a guest agent answer.
@@ -91,8 +86,7 @@ pub fn reboot(ctx: &Ctx, opts: &RebootOptions) -> Result<Rebooted> {
     if plan.is_some_and(|p| p.spec.disk.is_none()) {
         let _ = std::fs::remove_file(inst.known_hosts());
     }
-    let run: RunRecord =
-        read_json(&inst.run_record())?.ok_or_else(|| super::vm::missing_record(&inst, &inst.run_record()))?;
+    let run: RunRecord = read_json(&inst.run_record())?.ok_or_else(|| missing_record(&inst, &inst.run_record()))?;
     let watch = ready::Watch {
         auto_kvm: false,
         silence: Duration::MAX,

@@ -8,15 +8,13 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Result};
-use serde_json::json;
 
-use super::vm::Vm;
 use super::Ctx;
 use crate::instance::lock::devices_lock;
 use crate::instance::records::DevicesRecord;
 use crate::instance::{Instance, Lock};
+use crate::machine::{disks, Vm};
 use crate::qemu::args::BOOT_DISK_DEVICE;
-use crate::qemu::parse::parse_query_block;
 use crate::report::devices::DiskResized;
 use crate::report::list::human_bytes;
 
@@ -40,8 +38,8 @@ fn must_grow(id: &str, from: u64, to: u64) -> Result<bool> {
 
 pub fn resize(ctx: &Ctx, id: &str, bytes: u64) -> Result<DiskResized> {
     let bytes = sectors(bytes);
-    let vm = Vm::if_running(ctx)?;
     let inst = ctx.existing()?;
+    let vm = Vm::if_running(&inst)?;
     let _devices = devices_lock(&inst)?;
     let mut out = DiskResized {
         name: ctx.name.clone(),
@@ -53,8 +51,7 @@ pub fn resize(ctx: &Ctx, id: &str, bytes: u64) -> Result<DiskResized> {
         boot: id == BOOT_DISK_DEVICE,
     };
     if let Some(vm) = &vm {
-        let blocks = vm.execute("query-block", json!({}))?;
-        if let Some(d) = parse_query_block(&blocks).into_iter().find(|d| d.id == id) {
+        if let Some(d) = disks::live(vm)?.into_iter().find(|d| d.id == id) {
             out.path = PathBuf::from(&d.file);
             out.from_bytes = d.virtual_size.ok_or_else(|| {
                 anyhow!(

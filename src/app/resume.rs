@@ -4,22 +4,17 @@
 //! guest's clock and shares afterwards. See app/snapshot.rs for saving.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde_json::{json, Value};
 
-use super::vm::Vm;
 use super::Ctx;
 use crate::config::Settings;
 use crate::instance::paths::Snapshot;
 use crate::instance::records::{DevicesRecord, SnapshotRecord};
 use crate::instance::{read_json, write_json, Instance};
+use crate::machine::{migration, Vm};
 use crate::qemu::args::{validate_id, Accel, Share, VmSpec, DEFAULT_SHARE_TAG};
 use crate::qemu::host::QemuBinaries;
-
-/// How long saving or loading the state may take.
-const MIGRATION_DEADLINE: Duration = Duration::from_secs(300);
 
 /// A saved VM to start from, checked against this host.
 #[derive(Debug, Clone)]
@@ -183,44 +178,11 @@ pub fn undo(inst: &Instance, e: anyhow::Error) -> anyhow::Error {
     }
 }
 
-/// The QMP `exec:` URI that reads or writes `path` (quoted for the shell
-/// QEMU runs it with).
-pub fn exec_uri(write: bool, path: &Path) -> String {
-    let p = shell_words::quote(&path.display().to_string()).into_owned();
-    if write {
-        format!("exec:cat > {p}")
-    } else {
-        format!("exec:cat {p}")
-    }
-}
-
-/// Waits for QEMU's migration to end; its error when it failed.
-pub fn wait_migration(vm: &Vm) -> Result<()> {
-    let start = Instant::now();
-    loop {
-        let v = vm.execute("query-migrate", json!({}))?;
-        match v.get("status").and_then(Value::as_str) {
-            Some("completed") => return Ok(()),
-            Some("failed") | Some("cancelled") => {
-                let why = v.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given");
-                bail!("QEMU's migration failed: {why}");
-            }
-            _ if start.elapsed() > MIGRATION_DEADLINE => {
-                bail!("QEMU's migration did not end within {MIGRATION_DEADLINE:?}")
-            }
-            _ => std::thread::sleep(Duration::from_millis(5)),
-        }
-    }
-}
-
 /// Loads the saved state into a QEMU started with `-incoming defer`, then
 /// lets the guest run.
 pub fn load_state(inst: &Instance, r: &Resume) -> Result<()> {
     let vm = Vm { inst: inst.clone() };
-    vm.execute("migrate-incoming", json!({ "uri": exec_uri(false, &r.snapshot.state()) }))?;
-    wait_migration(&vm).with_context(|| format!("loading snapshot '{}'", r.record.name))?;
-    vm.run(&qapi::qmp::cont {})?;
-    Ok(())
+    migration::load(&vm, &r.snapshot.state()).with_context(|| format!("loading snapshot '{}'", r.record.name))
 }
 
 /// QEMU's own words on a failed load, once it is stopped: QEMU exits when

@@ -13,12 +13,12 @@ use std::path::Path;
 
 use anyhow::{bail, Result};
 
-use super::vm::Vm;
 use super::Ctx;
 use crate::config::Settings;
 use crate::instance::lock::devices_lock;
 use crate::instance::read_json;
 use crate::instance::records::{BootPlan, DevicesRecord};
+use crate::machine::Vm;
 use crate::qemu::args::{validate_id, Share, DEFAULT_SHARE_TAG};
 use crate::report::devices::{ShareChanged, ShareEntry, ShareList};
 
@@ -43,7 +43,7 @@ pub fn add(ctx: &Ctx, dir: &Path, tag: &str, readonly: bool) -> Result<ShareChan
             "tag '{DEFAULT_SHARE_TAG}' is the default share's (set it with 'launch --share DIR'): choose another tag"
         );
     }
-    let running = Vm::if_running(ctx)?.is_some();
+    let running = Vm::if_running(&ctx.existing()?)?.is_some();
     let inst = ctx.existing()?;
     let path = super::spec::must_exist(dir, "share directory")?;
     if !path.is_dir() {
@@ -64,7 +64,7 @@ pub fn remove(ctx: &Ctx, tag: &str) -> Result<ShareChanged> {
     if tag == DEFAULT_SHARE_TAG {
         bail!("'{DEFAULT_SHARE_TAG}' is the default share: stop sharing it with 'launch --no-share'");
     }
-    let running = Vm::if_running(ctx)?.is_some();
+    let running = Vm::if_running(&ctx.existing()?)?.is_some();
     let inst = ctx.existing()?;
     let _lock = devices_lock(&inst)?;
     let mut rec = DevicesRecord::load(&inst)?;
@@ -77,7 +77,7 @@ pub fn remove(ctx: &Ctx, tag: &str) -> Result<ShareChanged> {
 }
 
 pub fn list(ctx: &Ctx) -> Result<ShareList> {
-    let running = Vm::if_running(ctx)?.is_some();
+    let running = Vm::if_running(&ctx.existing()?)?.is_some();
     let inst = ctx.existing()?;
     let settings: Option<Settings> = read_json(&inst.settings())?;
     let booted: Vec<Share> = match running {

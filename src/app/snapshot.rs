@@ -13,26 +13,22 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde_json::json;
 
-use super::resume::{exec_uri, resume_from, wait_migration};
-use super::vm::Vm;
+use super::resume::resume_from;
 use super::{guest, Ctx};
 use crate::instance::paths::Snapshot;
 use crate::instance::records::{BootPlan, RunRecord, SnapshotRecord};
 use crate::instance::{read_json, write_json, Instance};
+use crate::machine::{disks, migration, missing_record, Vm};
 use crate::qemu::args::validate_id;
 use crate::qemu::args::ShareKind;
 use crate::report::snapshot::{SnapshotAction, SnapshotDone, SnapshotEntry, SnapshotList};
 
-/// No bandwidth cap: the VM is paused, the file is local.
-const UNLIMITED: u64 = 1 << 40;
-
 /// `snapshot save NAME`.
 pub fn save(ctx: &Ctx, name: &str) -> Result<SnapshotDone> {
     validate_id("snapshot name", name)?;
-    let vm = Vm::running(ctx)?;
-    let inst = vm.inst.clone();
+    let inst = ctx.existing()?;
+    let vm = Vm::running(&inst)?;
     let snap = inst.snapshot(name);
     if snap.dir.exists() {
         bail!(
@@ -41,9 +37,8 @@ pub fn save(ctx: &Ctx, name: &str) -> Result<SnapshotDone> {
             ctx.command(&format!("snapshot delete {name}"))
         );
     }
-    let plan: BootPlan =
-        read_json(&inst.boot_plan())?.ok_or_else(|| super::vm::missing_record(&inst, &inst.boot_plan()))?;
-    let live = crate::qemu::parse::parse_query_block(&vm.execute("query-block", json!({}))?);
+    let plan: BootPlan = read_json(&inst.boot_plan())?.ok_or_else(|| missing_record(&inst, &inst.boot_plan()))?;
+    let live = disks::live(&vm)?;
     if let Some(d) = live.iter().find(|d| !d.is_boot()) {
         bail!(
             "disk '{}' is attached: snapshots cover the boot disk only; remove it first ('{}')",
@@ -98,10 +93,7 @@ pub fn save(ctx: &Ctx, name: &str) -> Result<SnapshotDone> {
 /// and lets go of the disk when the migration completes, so the copy is the
 /// disk at that instant.
 fn freeze(vm: &Vm, inst: &Instance, snap: &Snapshot, plan: &BootPlan) -> Result<()> {
-    vm.run(&qapi::qmp::stop {})?;
-    let _ = vm.execute("migrate-set-parameters", json!({ "max-bandwidth": UNLIMITED }));
-    vm.execute("migrate", json!({ "uri": exec_uri(true, &snap.state()) }))?;
-    wait_migration(vm)?;
+    migration::save(vm, &snap.state())?;
     if plan.spec.disk.is_some() {
         std::fs::copy(inst.overlay(), snap.disk()).context("cannot copy the boot disk into the snapshot")?;
     }

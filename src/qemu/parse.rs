@@ -210,9 +210,66 @@ impl From<RunState> for String {
     }
 }
 
+/// Where a migration (a snapshot's save or load) is, from `query-migrate`:
+/// the states this tool acts on named, any other kept as QEMU spelled it
+/// (QEMU adds states over releases: a newer one means "not finished yet").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MigrationStatus {
+    /// No migration has started (`none`) or the reply had no status.
+    NotStarted,
+    Completed,
+    Failed,
+    Cancelled,
+    /// `setup`, `active`, `device`, `pre-switchover`, … or a newer state.
+    Other(String),
+}
+
+impl MigrationStatus {
+    pub fn parse(s: &str) -> MigrationStatus {
+        match s {
+            "none" => MigrationStatus::NotStarted,
+            "completed" => MigrationStatus::Completed,
+            "failed" => MigrationStatus::Failed,
+            "cancelled" => MigrationStatus::Cancelled,
+            other => MigrationStatus::Other(other.into()),
+        }
+    }
+}
+
+/// A `query-migrate` reply: its status, and QEMU's reason when it failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationProgress {
+    pub status: MigrationStatus,
+    pub error: Option<String>,
+}
+
+impl MigrationProgress {
+    pub fn of_query_migrate(reply: &Value) -> MigrationProgress {
+        MigrationProgress {
+            status: reply
+                .get("status")
+                .and_then(Value::as_str)
+                .map_or(MigrationStatus::NotStarted, MigrationStatus::parse),
+            error: reply.get("error-desc").and_then(Value::as_str).map(String::from),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn migration_states_are_named_or_kept_as_spelled() {
+        let p =
+            MigrationProgress::of_query_migrate(&serde_json::json!({"status": "failed", "error-desc": "disk full"}));
+        assert_eq!(p, MigrationProgress { status: MigrationStatus::Failed, error: Some("disk full".into()) });
+        let p = MigrationProgress::of_query_migrate(&serde_json::json!({"status": "postcopy-recover-setup"}));
+        assert_eq!(p.status, MigrationStatus::Other("postcopy-recover-setup".into()));
+        assert_eq!(MigrationProgress::of_query_migrate(&serde_json::json!({})).status, MigrationStatus::NotStarted);
+        assert_eq!(MigrationStatus::parse("completed"), MigrationStatus::Completed);
+        assert_eq!(MigrationStatus::parse("cancelled"), MigrationStatus::Cancelled);
+    }
 
     #[test]
     fn run_states_round_trip_and_unknown_ones_stay_as_qemu_spelled_them() {

@@ -10,6 +10,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::instance::records::LaunchFailure;
+use crate::machine::Refused;
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
@@ -21,8 +22,6 @@ pub enum Failure {
         /// What to do about it.
         hint: Option<String>,
     },
-    /// QEMU refused a QMP command.
-    QmpError { command: String, class: crate::qmp::ErrorClass, desc: String },
 }
 
 impl std::fmt::Display for Failure {
@@ -45,7 +44,6 @@ impl std::fmt::Display for Failure {
                 }
                 Ok(())
             }
-            Failure::QmpError { command, class, desc } => write!(f, "QEMU refused '{command}': {class}: {desc}"),
         }
     }
 }
@@ -106,7 +104,15 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
 
 /// The `--json` document for a failure.
 pub fn error_document(e: &anyhow::Error, exit_code: i32) -> Value {
-    let detail = e.downcast_ref::<Failure>().map(|f| serde_json::to_value(f).unwrap_or(Value::Null));
+    let detail = match (e.downcast_ref::<Failure>(), e.downcast_ref::<Refused>()) {
+        (Some(f), _) => Some(serde_json::to_value(f).unwrap_or(Value::Null)),
+        // `kind` as a `Failure` would have it: scripts tell details apart by it.
+        (None, Some(r)) => serde_json::to_value(r).ok().map(|mut v| {
+            v["kind"] = json!("qmp-error");
+            v
+        }),
+        (None, None) => None,
+    };
     json!({ "error": format!("{e:#}"), "exit_code": exit_code, "detail": detail })
 }
 
@@ -134,5 +140,19 @@ mod tests {
         assert!(doc["error"].as_str().unwrap().contains("'1T M'"), "{doc}");
         let plain = error_document(&anyhow::anyhow!("no instance"), 1);
         assert_eq!(plain["detail"], Value::Null);
+    }
+
+    #[test]
+    fn a_qmp_refusal_keeps_its_class_as_a_field() {
+        let r = Refused {
+            command: "device_del".into(),
+            class: crate::qmp::ErrorClass::DeviceNotFound,
+            desc: "Device 'x' not found".into(),
+        };
+        let doc = error_document(&anyhow::Error::new(r).context("removing disk 'x'"), 1);
+        assert_eq!(doc["detail"]["kind"], "qmp-error");
+        assert_eq!(doc["detail"]["class"], "DeviceNotFound");
+        assert_eq!(doc["detail"]["command"], "device_del");
+        assert!(doc["error"].as_str().unwrap().contains("QEMU refused 'device_del': DeviceNotFound"), "{doc}");
     }
 }
