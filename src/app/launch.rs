@@ -10,15 +10,14 @@ use anyhow::{bail, Result};
 use super::boot;
 use super::ready;
 use super::spec::{self, launched, LaunchOptions};
-use super::{block_on, Ctx};
+use super::Ctx;
 use crate::config::{self, Settings};
 use crate::instance::records::RunRecord;
-use crate::instance::{read_json, write_json, Instance, Lock};
+use crate::instance::{read_json, write_json, Instance, Liveness, Lock};
 use crate::qemu::args::Accel;
 use crate::report::error::Usage;
 use crate::report::launch::Launched;
 use crate::ssh;
-use crate::supervisor::client;
 
 pub fn launch(ctx: &Ctx, opts: &LaunchOptions) -> Result<Launched> {
     crate::cli::parse::fits_host(opts.flags.memory, opts.flags.cpus).map_err(Usage)?;
@@ -94,21 +93,21 @@ struct RunningVm {
     note: Option<String>,
 }
 
-/// The running VM, from its supervisor or (when QEMU runs on after its
-/// supervisor died) from the run record; `None` while another command is
-/// still starting it or finishing with it.
+/// The running VM (also when QEMU runs on after its supervisor died);
+/// `None` while another command is still starting it or finishing with it.
 fn running_vm(ctx: &Ctx, inst: &Instance) -> Result<Option<RunningVm>> {
-    if let Ok(vm) = block_on(client::state(&inst.control(), Duration::from_secs(5))) {
-        return Ok(Some(RunningVm { pid: vm.qemu_pid, accel: vm.accel, note: None }));
-    }
-    Ok(read_json::<RunRecord>(&inst.run_record())?.filter(|r| r.qemu.is_running()).map(|run| RunningVm {
-        pid: run.qemu.pid,
-        accel: run.accel,
-        note: Some(format!(
-            "the instance's supervisor is gone, so events are not recorded; '{}' still stops it",
-            ctx.command("powerdown")
-        )),
-    }))
+    Ok(match Liveness::probe(inst)? {
+        Liveness::Supervised(run) => Some(RunningVm { pid: run.qemu.pid, accel: run.accel, note: None }),
+        Liveness::Orphaned(run) => Some(RunningVm {
+            pid: run.qemu.pid,
+            accel: run.accel,
+            note: Some(format!(
+                "the instance's supervisor is gone, so events are not recorded; '{}' still stops it",
+                ctx.command("powerdown")
+            )),
+        }),
+        Liveness::Stopped | Liveness::Busy => None,
+    })
 }
 
 /// `launch` on a running instance: the same connection info, and changed

@@ -13,7 +13,7 @@ use super::observe::usage;
 use super::{done, Ctx};
 use crate::cli::LogsArgs;
 use crate::instance::records::BootPlan;
-use crate::instance::{read_json, Instance, Lock};
+use crate::instance::{read_json, Instance, Liveness, Lock};
 use crate::logs::TerminalFilter;
 use crate::report::events::{EventLine, Events, SerialLog};
 use crate::report::write_stdout;
@@ -137,7 +137,7 @@ fn follow_to_end(
     offset: u64,
     emit: impl FnMut(&[u8]) -> Result<()>,
 ) -> Result<()> {
-    if !Lock::is_held(inst)? {
+    if Liveness::probe(inst)?.is_stopped() {
         ctx.progress(&format!("instance '{}' is not running: nothing more will come", ctx.name));
         return Ok(());
     }

@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 
 use super::Ctx;
 use crate::config::Settings;
-use crate::instance::{read_json, Instance, Lock};
+use crate::instance::{read_json, Instance, Liveness};
 use crate::machine::Vm;
 use crate::qemu::parse::RunState;
 use crate::report::print_line;
@@ -94,7 +94,7 @@ pub fn ssh_target_and_settings(ctx: &Ctx) -> Result<(Instance, Settings, Target)
 /// [`ssh_target`] of an instance that runs now.
 pub fn running_target(ctx: &Ctx) -> Result<(Instance, Target)> {
     let (inst, t) = ssh_target(ctx)?;
-    if !Lock::is_held(&inst)? {
+    if Liveness::probe(&inst)?.is_stopped() {
         anyhow::bail!("instance '{}' is not running: start it with '{}'", ctx.name, ctx.command("launch"));
     }
     Ok((inst, t))

@@ -21,8 +21,8 @@ use crate::cli::RunArgs;
 use crate::config::PortChoice;
 use crate::guest_files;
 use crate::instance::proc::ProcIdentity;
-use crate::instance::records::{RunOrigin, RunRecord, SnapshotOrigin};
-use crate::instance::{read_json, write_json};
+use crate::instance::records::{RunOrigin, SnapshotOrigin};
+use crate::instance::{read_json, write_json, Liveness};
 use crate::report::error::{RunNotStarted, Usage};
 use crate::report::run::{Outcome, RunSummary};
 use crate::ssh::{self, Target};
@@ -345,7 +345,7 @@ fn command_then_artifacts(
 /// a moment before it is seen gone: when ssh failed so and the SSH forward
 /// no longer answers, QEMU gets up to 2 s to be seen gone.
 fn vm_alive_after(inst: &crate::instance::Instance, t: &crate::ssh::Target, status: &Result<i32>) -> bool {
-    let running = || read_json::<RunRecord>(&inst.run_record()).ok().flatten().is_some_and(|r| r.qemu.is_running());
+    let running = || Liveness::probe(inst).is_ok_and(|l| l.running().is_some());
     let alive = running();
     if !alive || !matches!(status, Ok(255)) || crate::ssh::banner(t.port, Duration::from_millis(500)).is_some() {
         return alive;

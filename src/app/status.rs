@@ -7,8 +7,8 @@ use anyhow::Result;
 
 use super::{block_on, Ctx};
 use crate::config::Settings;
-use crate::instance::records::{RunOrigin, RunRecord, StopRecord};
-use crate::instance::{read_json, Lock};
+use crate::instance::records::{RunOrigin, StopRecord};
+use crate::instance::{read_json, Liveness};
 use crate::report::status::{RunMark, State, Status};
 use crate::supervisor::client;
 
@@ -49,7 +49,8 @@ pub fn status(ctx: &Ctx) -> Result<Status> {
     if let Some(r) = &st.run {
         st.notes.push(r.describe());
     }
-    if !Lock::is_held(&inst)? || lock_freed_after_both_ended(&inst)? {
+    let live = Liveness::probe(&inst)?;
+    if live.is_stopped() {
         return stopped(&inst, st);
     }
     match block_on(client::status(&inst.control(), ANSWER)) {
@@ -61,7 +62,7 @@ pub fn status(ctx: &Ctx) -> Result<Status> {
         Err(e) => {
             // No supervisor answers, yet the lock is held: QEMU runs orphaned,
             // or another command is starting (or finishing with) the VM.
-            match read_json::<RunRecord>(&inst.run_record())?.filter(|r| r.qemu.is_running()) {
+            match live.running().filter(|r| r.qemu.is_running()) {
                 Some(r) => {
                     st.state = State::Unresponsive;
                     st.pid = Some(r.qemu.pid);
@@ -128,22 +129,4 @@ fn stopped(inst: &crate::instance::Instance, mut st: Status) -> Result<Status> {
     }
     st.apply_record(read_json::<StopRecord>(&inst.stop_record())?);
     Ok(st)
-}
-
-/// How long the last threads of a killed QEMU may take to let go of the
-/// lock (freeing guest RAM on a loaded host) after its main thread ended.
-const DYING: Duration = Duration::from_secs(5);
-
-/// Whether the lock, held now, is let go within [`DYING`] because both
-/// processes of the last boot have ended: after `kill -9` of both, QEMU's
-/// main thread is gone while its other threads still hold the inherited
-/// lock for a moment, which is no one "starting" the VM.
-fn lock_freed_after_both_ended(inst: &crate::instance::Instance) -> Result<bool> {
-    let Some(run) = read_json::<RunRecord>(&inst.run_record())? else {
-        return Ok(false);
-    };
-    if run.qemu.is_running() || run.supervisor.is_running() {
-        return Ok(false);
-    }
-    Lock::wait_released(inst, DYING)
 }

@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use super::{block_on, Ctx};
 use crate::instance::records::{RunRecord, StopMethod, StopOutcome, StopRecord};
-use crate::instance::{read_json, Instance, Lock};
+use crate::instance::{read_json, Instance, Liveness, Lock};
 use crate::report::error::Interrupted;
 use crate::report::stop::{Destroyed, StopReport};
 use crate::supervisor::client;
@@ -74,18 +74,24 @@ pub fn stop_running(ctx: &Ctx, inst: &Instance, opts: &StopOptions) -> Result<Op
 }
 
 fn stop(ctx: &Ctx, inst: &Instance, opts: &StopOptions, ctrl_c: CtrlC) -> Result<Option<Stopped>> {
-    if !Lock::is_held(inst)? {
-        return Ok(None);
-    }
-    let budget = opts.timeout + QUIT_DEADLINE + SIGNAL_DEADLINE * 2 + Duration::from_secs(15);
-    let shown = block_on(powerdown_showing_steps(ctx, inst, opts, budget, ctrl_c));
-    crate::progress::finish();
-    let stopped = match shown {
-        Ok(s) => s,
-        Err(e) if e.is::<Interrupted>() => return Err(e),
-        Err(e) => {
-            tracing::warn!("supervisor unreachable ({e}); stopping QEMU directly");
-            stop_orphan(ctx, inst, opts)?
+    let stopped = match Liveness::probe(inst)? {
+        Liveness::Stopped => return Ok(None),
+        Liveness::Orphaned(_) => stop_orphan(ctx, inst, opts)?,
+        // A supervisor that serves the VM, or one still starting or
+        // finishing: it is asked, and the VM is stopped from here only
+        // when it does not answer.
+        Liveness::Supervised(_) | Liveness::Busy => {
+            let budget = opts.timeout + QUIT_DEADLINE + SIGNAL_DEADLINE * 2 + Duration::from_secs(15);
+            let shown = block_on(powerdown_showing_steps(ctx, inst, opts, budget, ctrl_c));
+            crate::progress::finish();
+            match shown {
+                Ok(s) => s,
+                Err(e) if e.is::<Interrupted>() => return Err(e),
+                Err(e) => {
+                    tracing::warn!("supervisor unreachable ({e}); stopping QEMU directly");
+                    stop_orphan(ctx, inst, opts)?
+                }
+            }
         }
     };
     // The supervisor exits right after answering; wait so the lock is free

@@ -19,7 +19,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::instance::records::BootPlan;
-use crate::instance::{Instance, Lock};
+use crate::instance::{Instance, Liveness};
 use crate::qemu::parse::RunState;
 use crate::qmp::{ErrorClass, QmpError};
 use crate::runtime::block_on;
@@ -52,20 +52,26 @@ pub struct Vm {
 
 impl Vm {
     /// The instance if it runs now; `None` if it is stopped. An instance
-    /// that is starting or stopping (locked, no control socket) is an error:
-    /// a device change then would race the boot or the shutdown.
+    /// that is starting or stopping is an error (a device change then
+    /// would race the boot or the shutdown), and so is a QEMU whose
+    /// supervisor died (nothing holds its QMP for a command to use).
     pub fn if_running(inst: &Instance) -> Result<Option<Vm>> {
-        if !Lock::is_held(inst)? {
-            return Ok(None);
-        }
-        if !inst.control().exists() {
-            bail!(
-                "instance '{}' is starting or stopping (or its supervisor died): try again in a moment, or see '{}'",
+        match Liveness::probe(inst)? {
+            Liveness::Stopped => Ok(None),
+            Liveness::Supervised(_) => Ok(Some(Vm { inst: inst.clone() })),
+            Liveness::Orphaned(run) => bail!(
+                "instance '{}' runs (QEMU pid {}), but its supervisor died, so it takes no commands: stop it \
+                 with '{}' and launch it again",
+                inst.name,
+                run.qemu.pid,
+                inst.command("powerdown")
+            ),
+            Liveness::Busy => bail!(
+                "instance '{}' is starting or stopping: try again in a moment, or see '{}'",
                 inst.name,
                 inst.command("status")
-            );
+            ),
         }
-        Ok(Some(Vm { inst: inst.clone() }))
     }
 
     /// The running instance, or an error that says how to start it.
