@@ -71,7 +71,7 @@ impl Readiness {
     /// One sentence for a VM that is left running.
     pub fn describe(&self, t: &ssh::Target, inst: &Instance) -> String {
         match self {
-            Readiness::Exited(rec) => format!("QEMU stopped: {}", rec.reason),
+            Readiness::Exited(rec) => format!("QEMU stopped: {}", crate::report::stop::stop_reason(rec)),
             Readiness::HostKey => ssh::host_key_mismatch_message(t, inst),
             Readiness::KeyRefused { said, secs } => key_refused_message(t, said, *secs),
             Readiness::Panicked(line) => format!("the guest's kernel panicked: {line}"),
@@ -246,7 +246,10 @@ pub fn failed(
     match r {
         Readiness::Exited(rec) => Failure::LaunchFailed {
             failure: LaunchFailure {
-                message: format!("QEMU stopped while the guest was booting: {}", rec.reason),
+                message: format!(
+                    "QEMU stopped while the guest was booting: {}",
+                    crate::report::stop::stop_reason(&rec)
+                ),
                 exit: rec.exit,
                 command_line: plan.command_line(),
                 stderr_tail: crate::logs::tail(&inst.qemu_stderr(), 0, 2000, ""),

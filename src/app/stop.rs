@@ -222,7 +222,12 @@ fn supervisor_finishing(inst: &Instance) -> Result<Option<Stopped>> {
 }
 
 fn report(ctx: &Ctx, s: &Stopped) -> StopReport {
-    StopReport::from_outcome(&ctx.name, &s.outcome, s.record.as_ref().map(|r| r.reason.clone()), ctx.command("status"))
+    StopReport::from_outcome(
+        &ctx.name,
+        &s.outcome,
+        s.record.as_ref().map(crate::report::stop::stop_reason),
+        ctx.command("status"),
+    )
 }
 
 pub fn powerdown(ctx: &Ctx, opts: &StopOptions) -> Result<StopReport> {

@@ -281,8 +281,60 @@ pub struct StopRecord {
     #[serde(default)]
     pub panicked: Option<Event>,
     pub crashed: bool,
-    /// One sentence for humans.
-    pub reason: String,
+    /// Why QEMU ended; `None` in a record of an older qbuf-qemu, which
+    /// wrote only `reason`.
+    #[serde(default)]
+    pub cause: Option<StopCause>,
+    /// The sentence an older qbuf-qemu wrote instead of `cause` (kept to
+    /// read its records; `report::stop` words a `cause` itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Why QEMU ended, judged from a guest panic, its last `SHUTDOWN` and its
+/// exit status; `by` is the ladder step of qbuf-qemu's that ended it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StopCause {
+    pub kind: StopKind,
+    pub by: Option<StopMethod>,
+}
+
+/// The kinds of [`StopCause`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum StopKind {
+    /// The serial console showed the kernel's panic (a guest kernel
+    /// without a pvpanic driver, which QEMU never hears of).
+    ConsolePanic { line: String },
+    /// QEMU's `GUEST_PANICKED`, or a `SHUTDOWN` for a guest panic.
+    GuestPanicked,
+    /// The guest shut itself down (`SHUTDOWN` with `guest: true`).
+    GuestShutdown { reason: String },
+    /// A termination signal from the host (`host-signal`).
+    HostSignal,
+    /// QMP `quit` (`host-qmp-quit`).
+    QmpQuit,
+    /// Another stop the host asked for, by QEMU's reason.
+    HostRequest { reason: String },
+    /// QEMU exited without a `SHUTDOWN` while qbuf-qemu stopped it.
+    Exited { exit: ExitInfo },
+    /// QEMU exited without a `SHUTDOWN`, and nobody was stopping it.
+    Crashed { exit: ExitInfo },
+    /// A ladder step ended a QEMU this process is not the parent of: no
+    /// exit status, and its `SHUTDOWN` may not have been read.
+    Stopped,
+    /// Nothing tells: no exit status, no event, no stop.
+    Unknown,
+}
+
+impl StopCause {
+    /// A crash: the guest's kernel or QEMU died, nobody stopped them.
+    pub fn crashed(&self) -> bool {
+        matches!(
+            self.kind,
+            StopKind::ConsolePanic { .. } | StopKind::GuestPanicked | StopKind::Crashed { .. } | StopKind::Unknown
+        )
+    }
 }
 
 /// base.json: the identity of the image under the boot overlay (a base

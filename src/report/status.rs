@@ -164,7 +164,7 @@ impl Status {
         match rec {
             Some(rec) => {
                 self.state = State::of_record(&rec);
-                self.stop_reason = Some(rec.reason);
+                self.stop_reason = Some(super::stop::stop_reason(&rec));
                 self.last_shutdown = rec.shutdown;
                 self.exit = rec.exit;
             }

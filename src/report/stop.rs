@@ -5,7 +5,34 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use super::Render;
-use crate::instance::records::{StopMethod, StopOutcome};
+use crate::instance::records::{StopCause, StopKind, StopMethod, StopOutcome, StopRecord};
+
+/// Why QEMU ended, in one sentence: the record's cause worded, or the
+/// sentence an older qbuf-qemu wrote.
+pub fn stop_reason(rec: &StopRecord) -> String {
+    match (&rec.cause, &rec.reason) {
+        (Some(c), _) => describe_cause(c),
+        (None, Some(r)) => r.clone(),
+        (None, None) => "QEMU ended; this record does not say why".into(),
+    }
+}
+
+/// A [`StopCause`] in words, naming QEMU's own reason where it gave one.
+pub fn describe_cause(c: &StopCause) -> String {
+    let by = c.by.map(|m| format!(" (stopped by qbuf-qemu: {})", m.as_str())).unwrap_or_default();
+    match &c.kind {
+        StopKind::ConsolePanic { line } => format!("the guest kernel panicked (its serial console: {line}){by}"),
+        StopKind::GuestPanicked => format!("the guest kernel panicked (GUEST_PANICKED){by}"),
+        StopKind::GuestShutdown { reason } => format!("the guest shut down ({reason}){by}"),
+        StopKind::HostSignal => format!("QEMU got a termination signal from the host (host-signal){by}"),
+        StopKind::QmpQuit => format!("QEMU was told to quit over QMP (host-qmp-quit){by}"),
+        StopKind::HostRequest { reason } => format!("QEMU was told to stop ({reason}){by}"),
+        StopKind::Exited { exit } => format!("QEMU ended, {exit}{by}"),
+        StopKind::Crashed { exit } => format!("QEMU crashed or was killed: {exit}, without a shutdown event"),
+        StopKind::Stopped => format!("QEMU ended{by}"),
+        StopKind::Unknown => "QEMU ended unexpectedly; its exit status is unknown".into(),
+    }
+}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct StopReport {
@@ -144,5 +171,34 @@ mod tests {
         assert_eq!(o(Some(StopMethod::Quit)), 3);
         assert_eq!(o(Some(StopMethod::Sigkill)), 3);
         assert_eq!(o(None), 1);
+    }
+
+    #[test]
+    fn causes_are_worded_with_qemus_reason_and_the_step_that_ended_them() {
+        use crate::instance::proc::ExitInfo;
+        let c = |kind, by| describe_cause(&StopCause { kind, by });
+        let r = c(StopKind::GuestShutdown { reason: "guest-shutdown".into() }, None);
+        assert_eq!(r, "the guest shut down (guest-shutdown)");
+        let r = c(StopKind::Crashed { exit: ExitInfo { code: None, signal: Some(9) } }, None);
+        assert!(r.contains("SIGKILL") && r.contains("crashed or was killed"), "{r}");
+        let r = c(StopKind::Crashed { exit: ExitInfo { code: Some(1), signal: None } }, None);
+        assert!(r.contains("exit status 1"), "{r}");
+        let r = c(StopKind::HostSignal, None);
+        assert!(r.contains("signal from the host (host-signal)"), "{r}");
+        let r = c(StopKind::GuestPanicked, Some(StopMethod::Quit));
+        assert!(r.contains("panicked (GUEST_PANICKED)") && r.contains("stopped by qbuf-qemu: quit"), "{r}");
+        let line = "[ 23.9] Kernel panic - not syncing: sysrq triggered crash";
+        let r = c(StopKind::ConsolePanic { line: line.into() }, Some(StopMethod::Quit));
+        assert!(r.contains(&format!("panicked (its serial console: {line})")), "{r}");
+    }
+
+    #[test]
+    fn a_record_of_an_older_build_keeps_its_sentence() {
+        let rec: StopRecord = serde_json::from_value(serde_json::json!({
+            "stopped_at": 1.0, "exit": null, "shutdown": null, "outcome": null, "crashed": false,
+            "reason": "the guest shut down (guest-shutdown)"
+        }))
+        .unwrap();
+        assert_eq!(stop_reason(&rec), "the guest shut down (guest-shutdown)");
     }
 }

@@ -13,9 +13,9 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::describe_stop;
 use super::ladder::{self, ChildProcess, StopOptions};
 use super::protocol::{Ended, Live, LiveState, Request, Response, Stopped, VmState};
+use super::stop_cause;
 use crate::instance::proc::ExitInfo;
 use crate::instance::records::{write_json, StopMethod, StopOutcome, StopRecord};
 use crate::instance::Instance;
@@ -377,17 +377,17 @@ impl Dispatcher {
             let p = self.state.guest_kernel.panic.as_ref()?;
             Some(Event { event: PANIC_EVENT.into(), data: json!({ "line": p.line }), timestamp: p.at })
         });
-        let (crashed, reason) =
-            describe_stop(self.state.last_shutdown.as_ref(), panicked.as_ref(), exit, outcome.as_ref());
-        tracing::info!("QEMU is gone: {reason}");
+        let cause = stop_cause(self.state.last_shutdown.as_ref(), panicked.as_ref(), exit, outcome.as_ref());
+        tracing::info!("QEMU is gone: {cause:?}");
         let record = StopRecord {
             stopped_at: crate::clock::now(),
             exit,
             shutdown: self.state.last_shutdown.clone(),
             outcome: outcome.clone(),
             panicked,
-            crashed,
-            reason,
+            crashed: cause.crashed(),
+            cause: Some(cause),
+            reason: None,
         };
         if let Err(e) = write_json(&self.inst.stop_record(), &record) {
             tracing::error!("cannot record how the VM stopped: {e:#}");

@@ -34,7 +34,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::instance::proc::{ExitInfo, ProcIdentity};
-use crate::instance::records::{read_json, write_json, BootPlan, RunRecord, StopOutcome};
+use crate::instance::records::{read_json, write_json, BootPlan, RunRecord, StopCause, StopKind, StopOutcome};
 use crate::instance::Instance;
 use crate::qmp::{Event, Qmp};
 use dispatcher::{Afterwards, Dispatcher, Msg};
@@ -333,40 +333,42 @@ async fn serve(conn: UnixStream, tx: mpsc::UnboundedSender<Msg>, qmp: Qmp) {
     let _ = w.flush().await;
 }
 
-/// Summarises why QEMU ended, from a guest panic, the last SHUTDOWN and the
-/// exit status. Every cause gets a name: guest shutdown, guest panic, a
-/// signal from the host, QMP quit, or a crash with its exit code or signal.
-pub fn describe_stop(
+/// Why QEMU ended, from a guest panic, the last SHUTDOWN and the exit
+/// status. Every cause gets a kind: guest shutdown, guest panic, a signal
+/// from the host, QMP quit, or a crash with its exit code or signal.
+pub fn stop_cause(
     shutdown: Option<&Event>,
     panicked: Option<&Event>,
     exit: Option<ExitInfo>,
     outcome: Option<&StopOutcome>,
-) -> (bool, String) {
+) -> StopCause {
+    let by = outcome.and_then(|o| o.method);
+    StopCause { kind: stop_kind(shutdown, panicked, exit, outcome), by }
+}
+
+fn stop_kind(
+    shutdown: Option<&Event>,
+    panicked: Option<&Event>,
+    exit: Option<ExitInfo>,
+    outcome: Option<&StopOutcome>,
+) -> StopKind {
     let reason = shutdown.and_then(Event::shutdown);
-    let by =
-        outcome.and_then(|o| o.method).map(|m| format!(" (stopped by qbuf-qemu: {})", m.as_str())).unwrap_or_default();
     if let Some(p) = panicked.filter(|p| p.event == dispatcher::PANIC_EVENT) {
         let line = p.data.get("line").and_then(serde_json::Value::as_str).unwrap_or("").trim();
-        return (true, format!("the guest kernel panicked (its serial console: {line}){by}"));
+        return StopKind::ConsolePanic { line: line.into() };
     }
     if panicked.is_some() || reason.as_ref().is_some_and(|(_, r)| r == "guest-panic") {
-        return (true, format!("the guest kernel panicked (GUEST_PANICKED){by}"));
+        return StopKind::GuestPanicked;
     }
     match (reason, exit) {
-        (Some((true, r)), _) => (false, format!("the guest shut down ({r}){by}")),
-        (Some((false, r)), _) if r == "host-signal" => {
-            (false, format!("QEMU got a termination signal from the host (host-signal){by}"))
-        }
-        (Some((false, r)), _) if r == "host-qmp-quit" => {
-            (false, format!("QEMU was told to quit over QMP (host-qmp-quit){by}"))
-        }
-        (Some((false, r)), _) => (false, format!("QEMU was told to stop ({r}){by}")),
-        (None, Some(e)) if outcome.is_some() => (false, format!("QEMU ended, {e}{by}")),
-        (None, Some(e)) => (true, format!("QEMU crashed or was killed: {e}, without a shutdown event")),
-        // A step of the ladder ended it (a QEMU we are not the parent of has
-        // no exit status for us, and its SHUTDOWN may not have been read).
-        (None, None) if outcome.is_some_and(|o| o.method.is_some()) => (false, format!("QEMU ended{by}")),
-        (None, None) => (true, "QEMU ended unexpectedly; its exit status is unknown".into()),
+        (Some((true, r)), _) => StopKind::GuestShutdown { reason: r },
+        (Some((false, r)), _) if r == "host-signal" => StopKind::HostSignal,
+        (Some((false, r)), _) if r == "host-qmp-quit" => StopKind::QmpQuit,
+        (Some((false, r)), _) => StopKind::HostRequest { reason: r },
+        (None, Some(exit)) if outcome.is_some() => StopKind::Exited { exit },
+        (None, Some(exit)) => StopKind::Crashed { exit },
+        (None, None) if outcome.is_some_and(|o| o.method.is_some()) => StopKind::Stopped,
+        (None, None) => StopKind::Unknown,
     }
 }
 
@@ -380,25 +382,19 @@ mod tests {
     }
 
     #[test]
-    fn stop_reasons_name_the_cause() {
+    fn stop_causes_are_told_apart() {
         let exit0 = Some(ExitInfo { code: Some(0), signal: None });
-        let (c, r) = describe_stop(Some(&ev(true, "guest-shutdown")), None, exit0, None);
-        assert!(!c);
-        assert!(r.contains("guest shut down (guest-shutdown)"), "{r}");
-        let (c, r) = describe_stop(None, None, Some(ExitInfo { code: None, signal: Some(9) }), None);
-        assert!(c);
-        assert!(r.contains("SIGKILL") && r.contains("crashed or was killed"), "{r}");
-        let (c, r) = describe_stop(None, None, Some(ExitInfo { code: Some(1), signal: None }), None);
-        assert!(c);
-        assert!(r.contains("exit status 1"), "{r}");
-        let (c, r) = describe_stop(Some(&ev(true, "guest-panic")), None, None, None);
-        assert!(c);
-        assert!(r.contains("panicked"));
-        let (c, r) = describe_stop(Some(&ev(false, "host-signal")), None, exit0, None);
-        assert!(!c);
-        assert!(r.contains("signal from the host (host-signal)"), "{r}");
-        let (_, r) = describe_stop(Some(&ev(false, "host-qmp-quit")), None, exit0, None);
-        assert!(r.contains("quit over QMP"), "{r}");
+        let kind = |sh: Option<&Event>, exit| stop_cause(sh, None, exit, None).kind;
+        let k = kind(Some(&ev(true, "guest-shutdown")), exit0);
+        assert_eq!(k, StopKind::GuestShutdown { reason: "guest-shutdown".into() });
+        let kill = ExitInfo { code: None, signal: Some(9) };
+        assert_eq!(kind(None, Some(kill)), StopKind::Crashed { exit: kill });
+        assert!(stop_cause(None, None, Some(kill), None).crashed());
+        assert_eq!(kind(Some(&ev(true, "guest-panic")), None), StopKind::GuestPanicked);
+        assert_eq!(kind(Some(&ev(false, "host-signal")), exit0), StopKind::HostSignal);
+        assert!(!stop_cause(Some(&ev(false, "host-signal")), None, exit0, None).crashed());
+        assert_eq!(kind(Some(&ev(false, "host-qmp-quit")), exit0), StopKind::QmpQuit);
+        assert_eq!(kind(None, None), StopKind::Unknown);
     }
 
     #[test]
@@ -412,14 +408,17 @@ mod tests {
             exit: None,
             steps: vec![],
         };
-        let (c, r) = describe_stop(Some(&ev(false, "host-qmp-quit")), Some(&panic), None, Some(&o));
-        assert!(c);
-        assert!(r.contains("panicked (GUEST_PANICKED)") && r.contains("stopped by qbuf-qemu: quit"), "{r}");
+        let c = stop_cause(Some(&ev(false, "host-qmp-quit")), Some(&panic), None, Some(&o));
+        assert_eq!(
+            c,
+            StopCause { kind: StopKind::GuestPanicked, by: Some(crate::instance::records::StopMethod::Quit) }
+        );
+        assert!(c.crashed());
         // No pvpanic driver: the console's line is the evidence.
         let line = "[ 23.9] Kernel panic - not syncing: sysrq triggered crash";
         let seen = Event { event: dispatcher::PANIC_EVENT.into(), data: json!({ "line": line }), timestamp: 1.0 };
-        let (c, r) = describe_stop(Some(&ev(false, "host-qmp-quit")), Some(&seen), None, Some(&o));
-        assert!(c);
-        assert!(r.contains(&format!("panicked (its serial console: {line})")) && r.contains("quit"), "{r}");
+        let c = stop_cause(Some(&ev(false, "host-qmp-quit")), Some(&seen), None, Some(&o));
+        assert_eq!(c.kind, StopKind::ConsolePanic { line: line.into() });
+        assert!(c.crashed());
     }
 }

@@ -40,15 +40,16 @@ fn record(inst: &Instance, outcome: &StopOutcome) -> StopRecord {
         data: json!({ "guest": outcome.guest, "reason": r }),
         timestamp: crate::clock::now(),
     });
-    let (crashed, reason) = super::describe_stop(shutdown.as_ref(), None, None, Some(outcome));
+    let cause = super::stop_cause(shutdown.as_ref(), None, None, Some(outcome));
     let rec = StopRecord {
         stopped_at: crate::clock::now(),
         exit: None,
         shutdown,
         outcome: Some(outcome.clone()),
         panicked: None,
-        crashed,
-        reason,
+        crashed: cause.crashed(),
+        cause: Some(cause),
+        reason: None,
     };
     if let Err(e) = write_json(&inst.stop_record(), &rec) {
         tracing::warn!("cannot record how the VM stopped: {e:#}");

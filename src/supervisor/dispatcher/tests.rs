@@ -10,6 +10,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 use super::*;
+use crate::instance::records::{StopCause, StopKind};
 use crate::qemu::args::Accel;
 
 /// QEMU 10.0's greeting, as recorded (qmp-fixtures/).
@@ -109,7 +110,8 @@ async fn events_are_logged_in_order_and_the_stop_is_recorded_once_qemu_and_qmp_a
         other => panic!("{other:?}"),
     }
     let rec: StopRecord = crate::instance::read_json(&f.inst.stop_record()).unwrap().unwrap();
-    assert!(!rec.crashed && rec.reason.contains("guest"), "{rec:?}");
+    let guest_shutdown = StopKind::GuestShutdown { reason: "guest-shutdown".into() };
+    assert!(!rec.crashed && rec.cause.as_ref().map(|c| &c.kind) == Some(&guest_shutdown), "{rec:?}");
 }
 
 #[tokio::test]
@@ -199,7 +201,8 @@ fn a_powerdown_after_the_end_reports_already_stopped_with_the_reason() {
         outcome: None,
         panicked: None,
         crashed: false,
-        reason: "the guest shut down (guest-shutdown)".into(),
+        cause: Some(StopCause { kind: StopKind::GuestShutdown { reason: "guest-shutdown".into() }, by: None }),
+        reason: None,
     };
     let o = StopOutcome::already_stopped(Some(&rec));
     assert_eq!(o.method, Some(StopMethod::AlreadyStopped));
