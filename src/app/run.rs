@@ -9,8 +9,7 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -27,6 +26,9 @@ use crate::report::error::{RunNotStarted, Usage};
 use crate::report::run::{Outcome, RunSummary};
 use crate::ssh::{self, Target};
 use crate::supervisor::ladder::StopOptions;
+use interrupt::{watch, Interrupt, Why};
+
+mod interrupt;
 
 /// Exit status when `--timeout` expired.
 pub const TIMED_OUT: i32 = 124;
@@ -34,131 +36,6 @@ pub const TIMED_OUT: i32 = 124;
 pub const VM_BROKE: i32 = 125;
 /// How long the guest gets to power off when the run ends.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// What ended a run early: the deadline or a signal. Set once, by the
-/// watcher thread; the ssh child is killed when it is set.
-#[derive(Default)]
-struct Interrupt {
-    cancel: Arc<AtomicBool>,
-    /// 0: none; -1: the deadline; N: signal N.
-    why: AtomicI32,
-    /// The running COMMAND's ssh process, to stop it at once.
-    child: AtomicI32,
-    /// COMMAND's ssh was ended (an interruption, a dead guest): its exit
-    /// status is ssh's, not COMMAND's.
-    killed: AtomicBool,
-    /// The kernel panic the guest's serial console showed (the supervisor
-    /// saw it): the guest is dead, and the run ends at once with 125.
-    panic: std::sync::Mutex<Option<String>>,
-}
-
-impl Interrupt {
-    fn set(&self, why: i32) {
-        self.why.store(why, Ordering::SeqCst);
-        self.cancel.store(true, Ordering::SeqCst);
-        self.end_command();
-    }
-
-    /// The guest's kernel panicked: COMMAND's ssh waits for a dead guest,
-    /// so it is ended. The boot's own wait sees the panic itself.
-    fn set_panic(&self, line: String) {
-        *self.panic.lock().unwrap_or_else(|e| e.into_inner()) = Some(line);
-        let _ = self.why.compare_exchange(0, PANICKED, Ordering::SeqCst, Ordering::SeqCst);
-        self.end_command();
-    }
-
-    /// Ends COMMAND's ssh, when one runs and the run is interrupted or its
-    /// guest dead.
-    fn end_command(&self) {
-        let pid = self.child.load(Ordering::SeqCst);
-        if pid > 0 && self.why.load(Ordering::SeqCst) != 0 {
-            self.killed.store(true, Ordering::SeqCst);
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
-        }
-    }
-
-    fn panic_line(&self) -> Option<String> {
-        self.panic.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// The exit status an interruption ends the run with, if any.
-    fn code(&self) -> Option<i32> {
-        match self.why.load(Ordering::SeqCst) {
-            0 => None,
-            -1 => Some(TIMED_OUT),
-            PANICKED => Some(VM_BROKE),
-            sig => Some(128 + sig),
-        }
-    }
-
-    /// The run's end, decided once: an interruption at any point (the
-    /// cleanup's included) or a dead guest decides the exit status over
-    /// what the run found, and the summary says the status the process
-    /// exits with.
-    fn settle(&self, summary: &mut RunSummary, found: i32) -> i32 {
-        let (code, outcome) = match self.code() {
-            Some(TIMED_OUT) => (TIMED_OUT, Outcome::TimedOut),
-            Some(VM_BROKE) => (VM_BROKE, Outcome::GuestPanicked),
-            Some(c) => (c, Outcome::Interrupted),
-            None => (found, summary.outcome),
-        };
-        summary.outcome = outcome;
-        summary.exit_code = code;
-        code
-    }
-}
-
-/// `Interrupt::why` for a guest kernel panic.
-const PANICKED: i32 = -2;
-/// How often the run asks the supervisor whether the guest panicked.
-const PANIC_CHECK: Duration = Duration::from_millis(500);
-
-/// Returns the line of the first kernel panic that the supervisor of the
-/// instance at `control` saw on the guest's console (it waits until then).
-async fn console_panic(control: &Path) -> String {
-    loop {
-        tokio::time::sleep(PANIC_CHECK).await;
-        if let Ok(s) = crate::supervisor::client::state(control, Duration::from_secs(2)).await {
-            if let Some(p) = s.guest_kernel.panic {
-                return p.line;
-            }
-        }
-    }
-}
-
-/// Watches SIGINT, SIGTERM, SIGHUP, the deadline and a guest kernel panic
-/// (asking the supervisor at `control`) on its own thread (the main one is
-/// busy booting or waiting for COMMAND).
-fn watch(deadline: Instant, control: std::path::PathBuf) -> Arc<Interrupt> {
-    let int = Arc::new(Interrupt::default());
-    let i = int.clone();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
-        rt.block_on(async {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut a), Ok(mut b), Ok(mut c)) =
-                (signal(SignalKind::interrupt()), signal(SignalKind::terminate()), signal(SignalKind::hangup()))
-            else {
-                return;
-            };
-            let mut panicked = false;
-            let why = loop {
-                tokio::select! {
-                    _ = a.recv() => break nix::sys::signal::Signal::SIGINT as i32,
-                    _ = b.recv() => break nix::sys::signal::Signal::SIGTERM as i32,
-                    _ = c.recv() => break nix::sys::signal::Signal::SIGHUP as i32,
-                    _ = tokio::time::sleep_until(deadline.into()) => break -1,
-                    line = console_panic(&control), if !panicked => {
-                        panicked = true;
-                        i.set_panic(line);
-                    }
-                }
-            };
-            i.set(why);
-        });
-    });
-    int
-}
 
 /// A name no instance has: `run-` and 8 hex digits.
 fn throwaway_name(ctx: &Ctx) -> String {
@@ -247,7 +124,7 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<i32> {
     };
     // The contract: after 124 the VM is stopped and removed, after 125
     // nothing is left behind, whatever --keep or --keep-on-failure asked.
-    let removed_anyway = int.code() == Some(TIMED_OUT) || found == VM_BROKE;
+    let removed_anyway = int.why() == Some(Why::Deadline) || found == VM_BROKE;
     let keep = !removed_anyway && (a.keep || (a.keep_on_failure && (found != 0 || int.code().is_some())));
     finish(&rctx, keep, &mut summary, start);
     let code = int.settle(&mut summary, found);
