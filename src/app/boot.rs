@@ -3,7 +3,6 @@
 //! for QEMU to be up, then wait for SSH ([`super::ready`]).
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -14,7 +13,7 @@ use super::spec::{defaults, launched, must_exist, share_transport, ssh_key_for, 
 use super::Ctx;
 use crate::config::{self, AccelChoice, Change, PortChoice, Settings, Source};
 use crate::host;
-use crate::instance::records::{BootPlan, DevicesRecord, LaunchFailure, RunRecord};
+use crate::instance::records::{BootPlan, DevicesRecord, RunRecord};
 use crate::instance::{read_json, write_json, Instance, Lock};
 use crate::qemu::args::{Accel, KernelBoot};
 use crate::qemu::host::{kvm_runs, qemu_binaries, QemuBinaries};
@@ -22,6 +21,7 @@ use crate::report::error::Failure;
 use crate::report::launch::Launched;
 use crate::ssh;
 use crate::supervisor::ladder::StopOptions;
+use crate::supervisor::spawn;
 
 /// Said with every failure of a KVM boot that qbuf-qemu chose by itself.
 fn kvm_hint(ctx: &Ctx) -> String {
@@ -31,9 +31,6 @@ fn kvm_hint(ctx: &Ctx) -> String {
         ctx.host_command("doctor")
     )
 }
-
-/// How long QEMU may take to come up (its QMP socket answering).
-const UP_DEADLINE: Duration = Duration::from_secs(90);
 
 pub fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Result<Launched> {
     let started = Instant::now();
@@ -364,74 +361,15 @@ fn start_and_load(
     Ok(run)
 }
 
-/// Starts the supervisor (which starts QEMU) and waits until QEMU is up or
-/// failed. Records of an earlier boot go first, so they cannot be mistaken
-/// for this boot's.
+/// Starts the supervisor (which starts QEMU) and waits until QEMU is up;
+/// a QEMU that failed to start is a [`Failure::LaunchFailed`] with the
+/// console's tail and `hint`.
 fn start(ctx: &Ctx, inst: &Instance, lock: Lock, serial_before: u64, hint: Option<String>) -> Result<RunRecord> {
-    for old in [inst.launch_failure(), inst.stop_record(), inst.run_record()] {
-        let _ = std::fs::remove_file(old);
+    match spawn::start(&ctx.state.root, inst, lock)? {
+        Ok(run) => Ok(run),
+        Err(mut f) => {
+            f.serial_tail = crate::logs::tail(&inst.serial_log(), serial_before, 1500, "");
+            Err(Failure::LaunchFailed { failure: f, hint }.into())
+        }
     }
-    let mut sup = spawn_supervisor(ctx, inst, &lock)?;
-    drop(lock); // the supervisor and QEMU hold it now
-    let failed = |mut f: LaunchFailure| -> anyhow::Error {
-        f.serial_tail = crate::logs::tail(&inst.serial_log(), serial_before, 1500, "");
-        Failure::LaunchFailed { failure: f, hint: hint.clone() }.into()
-    };
-    let deadline = Instant::now() + UP_DEADLINE;
-    loop {
-        if let Some(r) = read_json::<RunRecord>(&inst.run_record())? {
-            // Reap the supervisor later without blocking: it is detached (setsid).
-            std::thread::spawn(move || sup.wait());
-            return Ok(r);
-        }
-        if let Some(f) = read_json::<LaunchFailure>(&inst.launch_failure())? {
-            let _ = sup.wait();
-            return Err(failed(f));
-        }
-        if let Some(st) = sup.try_wait()? {
-            if let Some(f) = read_json::<LaunchFailure>(&inst.launch_failure())? {
-                return Err(failed(f));
-            }
-            bail!(
-                "the instance supervisor exited ({st}) before QEMU came up; its log:\n{}",
-                crate::logs::tail(&inst.supervisor_log(), 0, 3000, "(empty)")
-            );
-        }
-        if Instant::now() > deadline {
-            bail!("QEMU did not come up within {}s; see {}", UP_DEADLINE.as_secs(), inst.supervisor_log().display());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn spawn_supervisor(ctx: &Ctx, inst: &Instance, lock: &Lock) -> Result<std::process::Child> {
-    use std::os::unix::process::CommandExt;
-    lock.inheritable()?;
-    let log = {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(inst.supervisor_log())
-            .with_context(|| format!("cannot create {}", inst.supervisor_log().display()))?
-    };
-    let exe = std::env::current_exe().context("cannot find the qbuf-qemu binary to start the supervisor")?;
-    let mut cmd = std::process::Command::new(exe);
-    cmd.arg("--state-dir")
-        .arg(&ctx.state.root)
-        .arg("--name")
-        .arg(&ctx.name)
-        .arg("__supervise")
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    // SAFETY: setsid is async-signal-safe. Own session: the user's terminal
-    // closing must not signal the VM.
-    unsafe {
-        cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
-    }
-    cmd.spawn().context("cannot start the instance supervisor")
 }

@@ -23,6 +23,7 @@ pub mod ladder;
 pub mod orphan;
 pub mod protocol;
 pub mod pump;
+pub mod spawn;
 pub mod start;
 
 use std::os::unix::fs::PermissionsExt;
