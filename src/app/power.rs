@@ -10,13 +10,13 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Result};
-use serde_json::json;
+use anyhow::{bail, Result};
 
 use super::observe::running_target;
 use super::{block_on, ready, Ctx};
 use crate::instance::records::{BootPlan, RunRecord};
 use crate::instance::{read_json, Instance};
+use crate::machine::reset::Resets;
 use crate::machine::{missing_record, Vm, QUERY_TIMEOUT};
 use crate::qemu::parse::RunState;
 use crate::qga::AgentState;
@@ -112,19 +112,7 @@ async fn reset(
     opts: &RebootOptions,
     notes: &mut Vec<String>,
 ) -> Result<RebootMethod> {
-    let sock = inst.control();
-    let mut events = client::subscribe(&sock).await?;
-    let mut wait = async |limit: Duration| {
-        let reset = async {
-            while let Some(ev) = events.next().await {
-                if ev.event == "RESET" {
-                    return Ok(());
-                }
-            }
-            Err(anyhow!("instance '{}' stopped while rebooting (see '{}')", ctx.name, ctx.command("status")))
-        };
-        tokio::time::timeout(limit, reset).await.ok()
-    };
+    let mut resets = Resets::subscribe(&Vm { inst: inst.clone() }).await?;
     if !opts.force {
         let asked = match agent {
             true => {
@@ -138,7 +126,7 @@ async fn reset(
                     "asked the guest to reboot; waiting up to {}s before resetting it",
                     opts.timeout.as_secs()
                 ));
-                if let Some(r) = wait(opts.timeout).await {
+                if let Some(r) = resets.next(opts.timeout).await {
                     return r.map(|()| m);
                 }
                 notes.push(format!("the guest did not reboot within {}s, so it was reset", opts.timeout.as_secs()));
@@ -146,11 +134,7 @@ async fn reset(
             Err(e) => notes.push(format!("the guest could not be asked to reboot ({e}), so it was reset")),
         }
     }
-    match client::qmp(&sock, "system_reset", json!({}), QUERY_TIMEOUT).await? {
-        Ok(_) => {}
-        Err(e) => bail!("QEMU refused system_reset: {e}"),
-    }
-    wait(QUERY_TIMEOUT).await.unwrap_or(Ok(()))?;
+    resets.force().await?;
     Ok(RebootMethod::SystemReset)
 }
 

@@ -10,6 +10,7 @@
 
 pub mod disks;
 pub mod migration;
+pub mod reset;
 pub mod usernet;
 
 use std::time::Duration;
