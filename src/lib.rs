@@ -3,7 +3,7 @@
 //! Layers, lowest first (see docs/architecture.md, whose table
 //! tests/layers.rs checks file for file): `clock`, `host`, `config`, `qmp`,
 //! `qga`, `instance` (paths, owner, proc, lock), `progress`, `runtime`;
-//! `qemu` as data (value, args, forward, virtiofs, parse, host); the records
+//! `qemu` as data (value, args, forward, virtiofs, parse, binaries); the records
 //! (`instance::records`); `qemu` images, `ssh`, `guest_files`, `guix`,
 //! `logs`, `console`; `supervisor` (QEMU's parent); `machine` (a running VM
 //! behind its supervisor: typed QMP, disks, migration, forwards); `report`

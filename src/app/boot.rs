@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 use super::ready;
-use super::resume::{self, Resume};
+use super::restore::{self, Resume};
 use super::spec::{defaults, launched, must_exist, share_transport, ssh_key_for, vm_spec, LaunchOptions, ResumeFrom};
 use super::Ctx;
 use crate::config::{self, AccelChoice, Change, PortChoice, Settings, Source};
@@ -16,7 +16,7 @@ use crate::host;
 use crate::instance::records::{BootPlan, DevicesRecord, RunRecord};
 use crate::instance::{read_json, write_json, Instance, Lock};
 use crate::qemu::args::{Accel, KernelBoot};
-use crate::qemu::host::{kvm_runs, qemu_binaries, QemuBinaries};
+use crate::qemu::binaries::{kvm_runs, qemu_binaries, QemuBinaries};
 use crate::report::error::Failure;
 use crate::report::launch::Launched;
 use crate::ssh;
@@ -41,7 +41,7 @@ pub fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Res
         notes.push(format!("removed stale files left by an earlier crash: {}", names.join(", ")));
     }
     let resume = match &opts.resume {
-        Some(ResumeFrom::Own(name)) => Some(resume::resume_from(ctx, inst, name, false)?),
+        Some(ResumeFrom::Own(name)) => Some(restore::resume_from(ctx, inst, name, false)?),
         Some(ResumeFrom::Checked(r)) => Some((**r).clone()),
         None => None,
     };
@@ -52,7 +52,7 @@ pub fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Res
     std::fs::write(inst.authorized_key(), format!("{pubkey}\n"))
         .with_context(|| format!("cannot write {}", inst.authorized_key().display()))?;
     // A resume that fails before its state loaded puts back the disk it replaced.
-    let undo = |e: anyhow::Error| if resume.is_some() { resume::undo(inst, e) } else { e };
+    let undo = |e: anyhow::Error| if resume.is_some() { restore::undo(inst, e) } else { e };
     let (plan, auto_kvm) = plan(ctx, inst, &s, opts, &bins, &pubkey, resume.as_ref(), &mut notes).map_err(undo)?;
     let serial_before = plan.serial_start;
     let hint = auto_kvm.then(|| kvm_hint(ctx));
@@ -147,11 +147,11 @@ fn plan(
     let devices = DevicesRecord::load(inst)?;
     let (mut spec, auto_kvm) = match resume {
         Some(r) => {
-            resume::check(ctx, &devices, bins, r)?;
-            let disk = resume::disk(inst, bins, r)?;
+            restore::check(ctx, &devices, bins, r)?;
+            let disk = restore::disk(inst, bins, r)?;
             let saved = &r.record.spec;
             let mut spec = vm_spec(inst, s, saved.accel, disk, saved.kernel.clone(), &devices, bins.firmware.clone());
-            resume::adapt(&mut spec, s, r);
+            restore::adapt(&mut spec, s, r);
             (spec, false)
         }
         None => {
@@ -352,11 +352,11 @@ fn start_and_load(
 ) -> Result<RunRecord> {
     let run = start(ctx, inst, lock, serial_before, hint)?;
     if let Some(r) = resume {
-        if let Err(e) = resume::load_state(inst, r) {
+        if let Err(e) = restore::load_state(inst, r) {
             let _ = super::stop::stop_running(ctx, inst, &StopOptions { timeout: Duration::ZERO, force: true });
-            return Err(resume::qemu_said(inst, e).context("the VM was stopped"));
+            return Err(restore::qemu_said(inst, e).context("the VM was stopped"));
         }
-        resume::loaded(inst);
+        restore::loaded(inst);
     }
     Ok(run)
 }

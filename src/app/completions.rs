@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use clap::CommandFactory;
 
-use super::observe::usage;
+use super::usage;
 use super::Ctx;
 use crate::cli::Cli;
 use crate::report::write_stdout;

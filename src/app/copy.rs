@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Result};
 
-use super::observe::running_target;
+use super::ssh::running_target;
 use super::Ctx;
 use crate::cli::parse::CopyPath;
 use crate::guest_files::{self, Unpacked};

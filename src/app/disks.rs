@@ -190,7 +190,7 @@ fn create_image(ctx: &Ctx, inst: &Instance, id: &str, format: DiskFormat, bytes:
             attach_command(ctx, &path, format.as_str())
         );
     }
-    let img = crate::qemu::host::qemu_binaries()?.img;
+    let img = crate::qemu::binaries::qemu_binaries()?.img;
     image::create(&img, &path, format, bytes)?;
     Ok(path)
 }

@@ -11,7 +11,7 @@ use crate::host;
 use crate::instance::owner::NotOurs;
 use crate::instance::{read_json, Instance, Lock, StateDir};
 use crate::qemu::args::{accel_args, Accel};
-use crate::qemu::host::{self as qemu_host, Kvm, QemuBinaries};
+use crate::qemu::binaries::{self as qemu_host, Kvm, QemuBinaries};
 use crate::qemu::parse::parse_qemu_version;
 use crate::report::doctor::{Check, Level, Report};
 

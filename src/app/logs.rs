@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use super::observe::usage;
+use super::usage;
 use super::{done, Ctx};
 use crate::cli::LogsArgs;
 use crate::instance::records::BootPlan;

@@ -6,6 +6,7 @@
 pub mod boot;
 pub mod build;
 pub mod completions;
+pub mod console;
 pub mod copy;
 pub mod disks;
 pub mod doctor;
@@ -14,16 +15,17 @@ pub mod guest;
 pub mod launch;
 pub mod list;
 pub mod logs;
-pub mod observe;
 pub mod power;
+pub mod qmp;
 pub mod ready;
 pub mod resize;
-pub mod resume;
+pub mod restore;
 pub mod run;
 pub mod shares;
 pub mod show;
 pub mod snapshot;
 pub mod spec;
+pub mod ssh;
 pub mod ssh_config;
 pub mod status;
 pub mod stop;
@@ -95,6 +97,13 @@ impl Ctx {
 }
 
 pub use crate::runtime::block_on;
+
+/// `--json` given to a command whose stdout is a stream of text: refused
+/// as a usage error with stdout left empty (no document could describe it).
+pub fn usage(msg: &str) -> Result<i32> {
+    eprintln!("qbuf-qemu: error: {msg}");
+    Ok(2)
+}
 
 fn context(cli: &Cli) -> Result<Ctx> {
     let g = &cli.global;
@@ -172,9 +181,9 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Snapshot(c) => snapshots(&ctx, c),
         Command::Run(a) => run::run(&ctx, *a),
         Command::Supervise => crate::supervisor::run(ctx.instance()),
-        Command::Ssh { args } => observe::ssh(&ctx, &args),
-        Command::Qmp { command, arguments, timeout } => observe::qmp(&ctx, &command, arguments.as_deref(), timeout),
-        Command::Console => observe::console(&ctx),
+        Command::Ssh { args } => ssh::ssh(&ctx, &args),
+        Command::Qmp { command, arguments, timeout } => qmp::qmp(&ctx, &command, arguments.as_deref(), timeout),
+        Command::Console => console::console(&ctx),
         Command::Doctor => done(&ctx, &doctor::run(&ctx.instance())),
     }
 }

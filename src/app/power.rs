@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 
-use super::observe::running_target;
+use super::ssh::running_target;
 use super::{block_on, ready, Ctx};
 use crate::instance::records::{BootPlan, RunRecord};
 use crate::instance::{read_json, Instance};

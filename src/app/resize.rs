@@ -81,7 +81,7 @@ pub fn resize(ctx: &Ctx, id: &str, bytes: u64) -> Result<DiskResized> {
         })?),
     };
     let (path, format) = image_of(ctx, &inst, id)?;
-    let img = crate::qemu::host::qemu_binaries()?.img;
+    let img = crate::qemu::binaries::qemu_binaries()?.img;
     out.from_bytes = crate::qemu::image::virtual_size(&img, &path, &format)?;
     out.path = path;
     if must_grow(id, out.from_bytes, bytes)? {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use super::spec::{vm_flags, LaunchOptions, ResumeFrom};
-use super::{launch, resume, stop, Ctx};
+use super::{launch, restore, stop, Ctx};
 use crate::cli::RunArgs;
 use crate::config::PortChoice;
 use crate::guest_files;
@@ -51,11 +51,11 @@ fn throwaway_name(ctx: &Ctx) -> String {
 }
 
 /// The run's instance name, and the checked snapshot it starts from.
-fn instance_to_run(ctx: &Ctx, from_snapshot: Option<&str>) -> Result<(String, Option<resume::Resume>)> {
+fn instance_to_run(ctx: &Ctx, from_snapshot: Option<&str>) -> Result<(String, Option<restore::Resume>)> {
     Ok(match from_snapshot {
         Some(snap) => {
             let source = ctx.existing()?;
-            (throwaway_name(ctx), Some(resume::resume_from(ctx, &source, snap, true)?))
+            (throwaway_name(ctx), Some(restore::resume_from(ctx, &source, snap, true)?))
         }
         None if ctx.named => {
             if ctx.instance().exists() {
@@ -152,7 +152,7 @@ fn command_then_artifacts(
     int: &Interrupt,
     summary: &mut RunSummary,
 ) -> i32 {
-    let (inst, settings, t) = match super::observe::ssh_target_and_settings(ctx) {
+    let (inst, settings, t) = match super::ssh::ssh_target_and_settings(ctx) {
         Ok(found) => found,
         // Its hint ("start it with launch") would name an instance
         // that is removed with the run.

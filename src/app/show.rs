@@ -77,7 +77,7 @@ pub fn show(ctx: &Ctx) -> Result<ShowReport> {
     // The binaries a launch would use, found the way a launch finds them.
     let from_env = std::env::var_os("QBUF_QEMU_SYSTEM").is_some_and(|v| !v.is_empty());
     let origin = if from_env { ShownOrigin::Environment } else { ShownOrigin::Path };
-    settings.push(match crate::qemu::host::qemu_binaries() {
+    settings.push(match crate::qemu::binaries::qemu_binaries() {
         Ok(b) if from_env => row("qemu", format!("{} (QBUF_QEMU_SYSTEM)", b.system.display()), origin),
         Ok(b) => row("qemu", b.system.display().to_string(), origin),
         Err(e) => row("qemu", format!("not usable: {e:#}"), origin),

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::resume::resume_from;
+use super::restore::resume_from;
 use super::{guest, Ctx};
 use crate::instance::paths::Snapshot;
 use crate::instance::records::{BootPlan, RunRecord, SnapshotRecord};
@@ -46,7 +46,7 @@ pub fn save(ctx: &Ctx, name: &str) -> Result<SnapshotDone> {
             ctx.command(&format!("disk remove {}", d.id))
         );
     }
-    let (_, t) = super::observe::ssh_target(ctx)?;
+    let (_, t) = super::ssh::ssh_target(ctx)?;
     let mounts = guest::mounted_shares(&t)?;
     guest::unmount_shares(&t, &mounts)?;
     ctx.progress(&format!("saving instance '{}' as snapshot '{name}' (the VM pauses meanwhile)", ctx.name));
@@ -163,7 +163,7 @@ pub fn list(ctx: &Ctx) -> Result<SnapshotList> {
             rd.filter_map(|e| {
                 let snap = inst.snapshot(e.ok()?.file_name().to_str()?);
                 let r = read_json::<SnapshotRecord>(&snap.record()).ok()??;
-                Some(entry(&r, super::resume::damage(&snap, &r)))
+                Some(entry(&r, super::restore::damage(&snap, &r)))
             })
             .collect()
         })

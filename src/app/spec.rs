@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use super::resume::Resume;
+use super::restore::Resume;
 use super::{absolute_flag, Ctx};
 use crate::cli::{LaunchArgs, VmArgs};
 use crate::config::{self, Change, LaunchFlags, PortChoice, Settings, ShareType};
@@ -45,7 +45,7 @@ pub struct LaunchOptions {
 pub enum ResumeFrom {
     /// One of this instance's snapshots (`launch --resume`).
     Own(String),
-    /// A snapshot already checked by `resume::resume_from` (`snapshot load`,
+    /// A snapshot already checked by `restore::resume_from` (`snapshot load`,
     /// and `run --from-snapshot`, which resumes another instance's under a
     /// fresh overlay).
     Checked(Box<Resume>),

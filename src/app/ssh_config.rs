@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Result};
 
-use super::observe::ssh_target;
+use super::ssh::ssh_target;
 use super::Ctx;
 use crate::report::access::{SshConfig, SshHost};
 

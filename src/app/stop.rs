@@ -110,7 +110,7 @@ fn step_message(step: StopMethod, wait_secs: f64) -> String {
         ),
         StopMethod::GuestAgent => format!("asked the guest agent to shut down, waiting up to {secs} s"),
         StopMethod::Quit => format!("sent QMP quit, waiting up to {secs} s for QEMU to exit"),
-        StopMethod::Sigterm => format!("sent QEMU SIGINT, waiting up to {secs} s"),
+        StopMethod::TermSignal => format!("sent QEMU SIGINT, waiting up to {secs} s"),
         StopMethod::Sigkill => format!("sent QEMU SIGKILL, waiting up to {secs} s"),
         StopMethod::AlreadyStopped => "already stopped".into(),
     }

@@ -170,7 +170,11 @@ pub enum StopMethod {
     Powerdown,
     GuestAgent,
     Quit,
-    Sigterm,
+    /// The contract's `sigterm` step: QEMU told to terminate by a signal.
+    /// The signal is SIGINT, which QEMU handles like SIGTERM: QEMU runs
+    /// with SIGTERM blocked, so that only its supervisor hears the host's.
+    #[serde(rename = "sigterm")]
+    TermSignal,
     Sigkill,
     AlreadyStopped,
 }
@@ -181,7 +185,7 @@ impl StopMethod {
             StopMethod::Powerdown => "powerdown",
             StopMethod::GuestAgent => "guest-agent",
             StopMethod::Quit => "quit",
-            StopMethod::Sigterm => "sigterm",
+            StopMethod::TermSignal => "sigterm",
             StopMethod::Sigkill => "sigkill",
             StopMethod::AlreadyStopped => "already-stopped",
         }
@@ -194,7 +198,7 @@ impl StopMethod {
 
     pub fn parse(s: &str) -> Option<StopMethod> {
         use StopMethod::*;
-        [Powerdown, GuestAgent, Quit, Sigterm, Sigkill, AlreadyStopped].into_iter().find(|m| m.as_str() == s)
+        [Powerdown, GuestAgent, Quit, TermSignal, Sigkill, AlreadyStopped].into_iter().find(|m| m.as_str() == s)
     }
 }
 
@@ -424,7 +428,7 @@ mod tests {
             StopMethod::Powerdown,
             StopMethod::GuestAgent,
             StopMethod::Quit,
-            StopMethod::Sigterm,
+            StopMethod::TermSignal,
             StopMethod::Sigkill,
             StopMethod::AlreadyStopped,
         ]

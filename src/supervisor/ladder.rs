@@ -162,7 +162,7 @@ async fn plan(opts: &StopOptions, agent: Option<&Path>, start: Instant) -> Vec<(
             ladder.push((StopMethod::GuestAgent, start + opts.timeout));
         }
     }
-    for m in [StopMethod::Quit, StopMethod::Sigterm, StopMethod::Sigkill] {
+    for m in [StopMethod::Quit, StopMethod::TermSignal, StopMethod::Sigkill] {
         ladder.push((m, start));
     }
     ladder
@@ -271,7 +271,7 @@ async fn act<P: QemuProcess>(
             },
             None => "no QMP connection; skipped".into(),
         },
-        StopMethod::Sigterm => match proc.signal(Signal::SIGINT) {
+        StopMethod::TermSignal => match proc.signal(Signal::SIGINT) {
             Ok(()) => "sent QEMU its termination signal (SIGINT; SIGTERM is blocked in QEMU)".into(),
             Err(e) => format!("signal failed: {e}"),
         },

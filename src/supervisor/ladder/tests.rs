@@ -190,7 +190,7 @@ async fn a_guest_that_ignores_the_button_is_stopped_by_quit_after_timeout() {
 #[tokio::test]
 async fn a_frozen_qemu_is_ended_by_its_termination_signal() {
     let (o, heard) = ladder(Behaviour { answers: false, ..QEMU }, opts(200), None).await;
-    assert_eq!(o.method, Some(StopMethod::Sigterm));
+    assert_eq!(o.method, Some(StopMethod::TermSignal));
     assert_eq!(heard, ["query-status", "system_powerdown", "quit", "SIGINT"], "SIGINT: QEMU's SIGTERM is blocked");
     assert!(
         o.steps.iter().any(|s| s.method == Some(StopMethod::Quit) && s.note.contains("quit failed")),

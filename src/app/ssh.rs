@@ -1,33 +1,14 @@
-//! Reaching into a VM to look and poke: `ssh` (and the SSH target that
-//! `copy`, `ssh-config` and `reboot` use), `qmp` and `console`.
+//! `ssh`, and the SSH target of an instance that `copy`, `ssh-config`,
+//! `reboot`, `snapshot save` and `run` use.
 
 use anyhow::Result;
-use serde_json::{json, Value};
 
-use super::Ctx;
+use super::{usage, Ctx};
 use crate::config::Settings;
 use crate::instance::{read_json, Instance, Liveness};
 use crate::machine::Vm;
 use crate::qemu::parse::RunState;
-use crate::report::print_line;
 use crate::ssh::Target;
-
-/// `console`: the terminal attached to the guest's serial console.
-pub fn console(ctx: &Ctx) -> Result<i32> {
-    if ctx.json {
-        return usage("this command streams the guest's console as text; --json does not apply");
-    }
-    let vm = Vm::running(&ctx.existing()?)?;
-    crate::console::attach(&vm.inst.console(), &ctx.name)?;
-    Ok(0)
-}
-
-/// `--json` given to a command whose stdout is a stream of text: refused
-/// as a usage error with stdout left empty (no document could describe it).
-pub fn usage(msg: &str) -> Result<i32> {
-    eprintln!("qbuf-qemu: error: {msg}");
-    Ok(2)
-}
 
 /// `ssh -- ARGS…`: OpenSSH with the instance's key and pinned host key.
 pub fn ssh(ctx: &Ctx, args: &[String]) -> Result<i32> {
@@ -98,41 +79,4 @@ pub fn running_target(ctx: &Ctx) -> Result<(Instance, Target)> {
         anyhow::bail!("instance '{}' is not running: start it with '{}'", ctx.name, ctx.command("launch"));
     }
     Ok((inst, t))
-}
-
-/// `qmp COMMAND [JSON]`: QEMU's raw reply; a refusal is a typed failure.
-pub fn qmp(ctx: &Ctx, command: &str, arguments: Option<&str>, timeout: std::time::Duration) -> Result<i32> {
-    let args = parse_arguments(arguments).map_err(crate::report::error::Usage)?;
-    let reply = Vm::running(&ctx.existing()?)?.execute_raw(command, args, timeout)?;
-    print_line(&serde_json::to_string_pretty(&reply)?)?;
-    Ok(0)
-}
-
-/// `qbuf-qemu qmp COMMAND [ARGS]`'s argument: a JSON object, or nothing.
-pub fn parse_arguments(text: Option<&str>) -> Result<Value, String> {
-    let Some(text) = text else { return Ok(json!({})) };
-    match serde_json::from_str::<Value>(text) {
-        Ok(v @ Value::Object(_)) => Ok(v),
-        Ok(other) => Err(format!(
-            "QMP arguments must be a JSON object, not {other}: e.g. '{{\"id\": \"disk1\"}}' (quote it for the shell)"
-        )),
-        Err(e) => Err(format!(
-            "QMP arguments are not valid JSON ({e}): e.g. '{{\"id\": \"disk1\"}}' (quote it for the shell)"
-        )),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn arguments_must_be_a_json_object() {
-        assert_eq!(parse_arguments(None).unwrap(), json!({}));
-        assert_eq!(parse_arguments(Some(r#"{"id": "d1"}"#)).unwrap(), json!({"id": "d1"}));
-        let e = parse_arguments(Some("{id: d1}")).unwrap_err();
-        assert!(e.contains("not valid JSON") && e.contains("quote it"), "{e}");
-        let e = parse_arguments(Some("[1]")).unwrap_err();
-        assert!(e.contains("must be a JSON object"), "{e}");
-    }
 }

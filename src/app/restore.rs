@@ -14,7 +14,7 @@ use crate::instance::records::{DevicesRecord, SnapshotRecord};
 use crate::instance::{read_json, write_json, Instance};
 use crate::machine::{migration, Vm};
 use crate::qemu::args::{validate_id, Accel, Share, VmSpec, DEFAULT_SHARE_TAG};
-use crate::qemu::host::QemuBinaries;
+use crate::qemu::binaries::QemuBinaries;
 
 /// A saved VM to start from, checked against this host.
 #[derive(Debug, Clone)]
@@ -49,8 +49,8 @@ pub fn resume_from(ctx: &Ctx, inst: &Instance, name: &str, layered: bool) -> Res
         crate::qemu::image::compare(base, &now, &way_out)
             .with_context(|| format!("snapshot '{name}' cannot be used"))?;
     }
-    let bins = crate::qemu::host::qemu_binaries()?;
-    let version = crate::qemu::host::qemu_version(&bins).unwrap_or_default();
+    let bins = crate::qemu::binaries::qemu_binaries()?;
+    let version = crate::qemu::binaries::qemu_version(&bins).unwrap_or_default();
     if !version.contains(&format!("version {}", record.qemu_version)) {
         bail!(
             "snapshot '{name}' was saved by QEMU {}, and this is {version:?}: a saved state loads only into the QEMU that wrote it",
@@ -90,7 +90,7 @@ pub fn check(ctx: &Ctx, devices: &DevicesRecord, bins: &QemuBinaries, r: &Resume
         );
     }
     if r.record.spec.accel == Accel::Kvm {
-        crate::qemu::host::kvm_runs(bins).map_err(|e| {
+        crate::qemu::binaries::kvm_runs(bins).map_err(|e| {
             anyhow!("snapshot '{}' was saved under KVM, which cannot run guests here ({e})", r.record.name)
         })?;
     }
