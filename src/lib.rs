@@ -2,7 +2,7 @@
 //!
 //! Layers, lowest first (see docs/architecture.md, whose table
 //! tests/layers.rs checks file for file): `clock`, `host`, `config`, `qmp`,
-//! `qga`, `instance` (paths, owner, proc, lock), `progress`, `runtime`;
+//! `qga`, `instance` (paths, owner, proc, lock), `progress`, `runtime`, `timeouts`;
 //! `qemu` as data (value, args, forward, virtiofs, parse, binaries); the records
 //! (`instance::records`); `qemu` images, `ssh`, `guest_files`, `guix`,
 //! `logs`, `console`; `supervisor` (QEMU's parent); `machine` (a running VM
@@ -30,6 +30,7 @@ mod report;
 mod runtime;
 mod ssh;
 mod supervisor;
+mod timeouts;
 
 pub use app::run;
 pub use progress::{finish as finish_progress, Stderr as ProgressStderr};

@@ -11,12 +11,10 @@
 use std::path::Path;
 use std::time::Duration;
 
+use crate::timeouts::AGENT_SHUTDOWN_REPLY;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
-
-/// How long a ping may take before the agent counts as absent.
-pub const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Whether the guest agent answers, as `status` shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -112,7 +110,7 @@ async fn guest_shutdown(sock: &Path, mode: &str, timeout: Duration) -> Result<St
             .write_all(&request(<qapi::qga::guest_shutdown as qapi::Command>::NAME, args))
             .await
             .map_err(|e| e.to_string())?;
-        match tokio::time::timeout(Duration::from_secs(1), read_json_line(&mut r)).await {
+        match tokio::time::timeout(AGENT_SHUTDOWN_REPLY, read_json_line(&mut r)).await {
             Ok(Ok(v)) if v.get("error").is_some() => {
                 Err(format!("the guest agent refused guest-shutdown ({mode}): {}", v["error"]))
             }

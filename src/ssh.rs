@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::host::LOOPBACK;
 use crate::instance::{private_dir, Instance, StateDir};
+use crate::timeouts::SSH_CONNECT;
 
 /// Creates the tool's ed25519 key once (private 0600) and returns its path.
 pub fn ensure_user_key(state: &StateDir) -> Result<PathBuf> {
@@ -379,7 +380,7 @@ pub fn capture(t: &Target, remote: &str) -> Result<std::process::Output> {
 /// argv of a non-interactive ssh running `remote` with the terminal's
 /// streams (for `run`: COMMAND's output goes straight through).
 pub fn streaming_command(t: &Target, remote: &str) -> Vec<String> {
-    batch(t, &[remote.to_string()], Duration::from_secs(10))
+    batch(t, &[remote.to_string()], SSH_CONNECT)
 }
 
 /// Runs OpenSSH for the user with the terminal attached; stderr is passed

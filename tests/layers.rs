@@ -24,6 +24,7 @@ const LAYERS: &[&[&str]] = &[
         "instance/lock.rs",
         "progress.rs",
         "runtime.rs",
+        "timeouts.rs",
     ],
     // QEMU as data: the pure argv builder, parsers of its output, its binaries.
     &["qemu/value.rs", "qemu/args.rs", "qemu/forward.rs", "qemu/virtiofs.rs", "qemu/parse.rs", "qemu/binaries.rs"],

@@ -11,9 +11,10 @@ use crate::host;
 use crate::instance::owner::NotOurs;
 use crate::instance::{read_json, Instance, Lock, StateDir};
 use crate::qemu::args::{accel_args, Accel};
-use crate::qemu::binaries::{self as qemu_host, Kvm, QemuBinaries};
+use crate::qemu::binaries::{self, Kvm, QemuBinaries};
 use crate::qemu::parse::parse_qemu_version;
 use crate::report::doctor::{Check, Level, Report};
+use crate::timeouts::KVM_TEST_VM;
 
 /// A Guix image is 20G by default and grows into it.
 pub const SPACE_WANTED: u64 = 25 << 30;
@@ -46,7 +47,7 @@ pub fn run(inst: &Instance) -> Report {
 }
 
 fn check_qemu() -> (Check, Option<QemuBinaries>) {
-    let bins = match qemu_host::qemu_binaries() {
+    let bins = match binaries::qemu_binaries() {
         Ok(b) => b,
         Err(e) => {
             return (
@@ -60,7 +61,7 @@ fn check_qemu() -> (Check, Option<QemuBinaries>) {
             )
         }
     };
-    let line = qemu_host::qemu_version(&bins).unwrap_or_default();
+    let line = binaries::qemu_version(&bins).unwrap_or_default();
     let c = match parse_qemu_version(&line) {
         Some(v) if v < OLDEST_TESTED => problem(
             "qemu",
@@ -81,8 +82,8 @@ fn check_qemu() -> (Check, Option<QemuBinaries>) {
 
 fn check_kvm(bins: Option<&QemuBinaries>) -> Check {
     let tcg = "launch uses TCG software emulation (slow: expect minutes to boot)";
-    let dev = qemu_host::kvm_device().display().to_string();
-    match qemu_host::probe_kvm() {
+    let dev = binaries::kvm_device().display().to_string();
+    match binaries::probe_kvm() {
         Kvm::Missing => problem(
             "kvm",
             Level::Warn,
@@ -101,10 +102,10 @@ fn check_kvm(bins: Option<&QemuBinaries>) -> Check {
                 return problem("kvm", Level::Warn, format!("{dev} opens, but without QEMU a test VM cannot be run"), "install QEMU first");
             };
             let tcg_args = accel_args(Accel::Tcg);
-            if let Err(e) = qemu_host::vcpu_runs(b, &tcg_args, qemu_host::KVM_PROBE_TIMEOUT) {
+            if let Err(e) = binaries::vcpu_runs(b, &tcg_args, KVM_TEST_VM) {
                 return problem("kvm", Level::Warn, format!("could not run the test VM even under TCG: {e}"), "check the QEMU installation");
             }
-            match qemu_host::vcpu_runs(b, &accel_args(Accel::Kvm), qemu_host::KVM_PROBE_TIMEOUT) {
+            match binaries::vcpu_runs(b, &accel_args(Accel::Kvm), KVM_TEST_VM) {
                 Ok(t) => ok("kvm", format!("KVM runs guests (a test VM reached protected mode in {:.2}s)", t.as_secs_f64())),
                 Err(e) => problem(
                     "kvm",

@@ -38,6 +38,7 @@ use crate::cli::{Cli, Command, DiskCommand, ForwardCommand, ShareCommand, Snapsh
 use crate::instance::{default_state_dir, Instance, StateDir};
 use crate::report::{emit, Render};
 use crate::supervisor::ladder::StopOptions;
+use crate::timeouts::SNAPSHOT_LOAD_READY;
 
 /// What every command knows: where state lives, which instance, and how
 /// to print.
@@ -219,9 +220,7 @@ fn share(ctx: &Ctx, c: ShareCommand) -> Result<i32> {
 fn snapshots(ctx: &Ctx, c: SnapshotCommand) -> Result<i32> {
     match c {
         SnapshotCommand::Save { snapshot: s } => done(ctx, &snapshot::save(ctx, &s)?),
-        SnapshotCommand::Load { snapshot: s } => {
-            done(ctx, &snapshot::load(ctx, &s, std::time::Duration::from_secs(300))?)
-        }
+        SnapshotCommand::Load { snapshot: s } => done(ctx, &snapshot::load(ctx, &s, SNAPSHOT_LOAD_READY)?),
         SnapshotCommand::List => done(ctx, &snapshot::list(ctx)?),
         SnapshotCommand::Delete { snapshot: s } => done(ctx, &snapshot::delete(ctx, &s)?),
     }

@@ -17,12 +17,13 @@ use super::{block_on, ready, Ctx};
 use crate::instance::records::{BootPlan, RunRecord};
 use crate::instance::{read_json, Instance};
 use crate::machine::reset::Resets;
-use crate::machine::{missing_record, Vm, QUERY_TIMEOUT};
+use crate::machine::{missing_record, Vm};
 use crate::qemu::parse::RunState;
 use crate::qga::AgentState;
 use crate::report::power::{RebootMethod, Rebooted, RunStateChanged};
 use crate::ssh::Target;
 use crate::supervisor::client;
+use crate::timeouts::{AGENT_REBOOT, QMP_QUERY};
 
 pub fn pause(ctx: &Ctx) -> Result<RunStateChanged> {
     let vm = Vm::running(&ctx.existing()?)?;
@@ -60,7 +61,7 @@ pub fn reboot(ctx: &Ctx, opts: &RebootOptions) -> Result<Rebooted> {
     let (inst, t) = running_target(ctx)?;
     let mut notes = vec![];
     // One question for both: is it paused, and does a guest agent answer.
-    let live = match block_on(client::status(&inst.control(), QUERY_TIMEOUT))?.live {
+    let live = match block_on(client::status(&inst.control(), QMP_QUERY))?.live {
         Some(crate::supervisor::protocol::Live::Answered(l)) => Some(l),
         _ => None,
     };
@@ -115,9 +116,7 @@ async fn reset(
     let mut resets = Resets::subscribe(&Vm { inst: inst.clone() }).await?;
     if !opts.force {
         let asked = match agent {
-            true => {
-                crate::qga::reboot(&inst.guest_agent(), Duration::from_secs(5)).await.map(|_| RebootMethod::GuestAgent)
-            }
+            true => crate::qga::reboot(&inst.guest_agent(), AGENT_REBOOT).await.map(|_| RebootMethod::GuestAgent),
             false => ask_over_ssh(t.clone()).await.map(|()| RebootMethod::Ssh),
         };
         match asked {

@@ -14,11 +14,12 @@ use crate::instance::{read_json, Instance};
 use crate::report::error::Failure;
 use crate::ssh;
 use crate::supervisor::ladder::StopOptions;
+use crate::timeouts::{
+    BANNER, CANCELLED_STOP, HOST_KEY_MISMATCH_STOP, KEY_GRACE, SSH_CONNECT, STATE_ANSWER, STOP_RECORD,
+};
 
 /// How often the banner is probed while the guest boots.
 const POLL: Duration = Duration::from_millis(20);
-/// How long one banner probe may wait for the guest's first line.
-const BANNER: Duration = Duration::from_secs(1);
 
 /// What else to watch while waiting.
 pub struct Watch {
@@ -83,9 +84,6 @@ impl Readiness {
     }
 }
 
-/// How long a guest's sshd may refuse the key before the boot fails: it
-/// may start before the guest installed its authorized keys.
-pub const KEY_GRACE: Duration = Duration::from_secs(10);
 /// The pause after a login the guest refused, doubled after each (a guest
 /// that installs its keys a moment after its sshd starts is let in at
 /// once; one that never does is not asked ten times a second).
@@ -168,7 +166,7 @@ pub fn wait(
                 t.user
             );
             let remote = w.resumed.as_ref().map(|l| l()).unwrap_or_else(|| "true".into());
-            match ssh::try_login(t, &remote, Duration::from_secs(10)) {
+            match ssh::try_login(t, &remote, SSH_CONNECT) {
                 Ok(ssh::Login::Ok(out)) => return Ok(out),
                 Ok(ssh::Login::HostKeyChanged) => return Err(Readiness::HostKey),
                 Ok(ssh::Login::KeyRefused(said)) => {
@@ -212,14 +210,14 @@ fn timed_out(inst: &Instance, t: &ssh::Target, waited: Duration, last: &str) -> 
 /// this boot, if any (a guest kernel without a pvpanic driver panics
 /// without QEMU knowing).
 pub fn console_panic(inst: &Instance) -> Option<String> {
-    let state = super::block_on(crate::supervisor::client::state(&inst.control(), Duration::from_secs(2))).ok()?;
+    let state = super::block_on(crate::supervisor::client::state(&inst.control(), STATE_ANSWER)).ok()?;
     state.guest_kernel.panic.map(|p| p.line)
 }
 
 /// QEMU ended during the boot: its stop record, written by the supervisor
 /// right after it reaped QEMU.
 fn exited(inst: &Instance) -> Readiness {
-    let until = Instant::now() + Duration::from_secs(5);
+    let until = Instant::now() + STOP_RECORD;
     loop {
         if let Ok(Some(rec)) = read_json::<StopRecord>(&inst.stop_record()) {
             return Readiness::Exited(Box::new(rec));
@@ -259,11 +257,11 @@ pub fn failed(
         }
         .into(),
         Readiness::HostKey => {
-            let _ = stop::stop_running(ctx, inst, &StopOptions { timeout: Duration::from_secs(20), force: false });
+            let _ = stop::stop_running(ctx, inst, &StopOptions { timeout: HOST_KEY_MISMATCH_STOP, force: false });
             anyhow!("{}\nThe VM was powered down.", ssh::host_key_mismatch_message(t, inst))
         }
         Readiness::Cancelled => {
-            let _ = stop::stop_running(ctx, inst, &StopOptions { timeout: Duration::from_secs(10), force: false });
+            let _ = stop::stop_running(ctx, inst, &StopOptions { timeout: CANCELLED_STOP, force: false });
             anyhow!("stopped waiting for SSH (cancelled); the VM was stopped")
         }
         Readiness::KeyRefused { said, secs } => {

@@ -26,6 +26,7 @@ use crate::report::error::{RunNotStarted, Usage};
 use crate::report::run::{Outcome, RunSummary};
 use crate::ssh::{self, Target};
 use crate::supervisor::ladder::StopOptions;
+use crate::timeouts::{BANNER_RECHECK, QEMU_SEEN_GONE, RUN_STOP};
 use interrupt::{watch, Interrupt, Why};
 
 mod interrupt;
@@ -34,8 +35,6 @@ mod interrupt;
 pub const TIMED_OUT: i32 = 124;
 /// Exit status when the VM could not be started or reached.
 pub const VM_BROKE: i32 = 125;
-/// How long the guest gets to power off when the run ends.
-const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A name no instance has: `run-` and 8 hex digits.
 fn throwaway_name(ctx: &Ctx) -> String {
@@ -224,10 +223,10 @@ fn command_then_artifacts(
 fn vm_alive_after(inst: &crate::instance::Instance, t: &crate::ssh::Target, status: &Result<i32>) -> bool {
     let running = || Liveness::probe(inst).is_ok_and(|l| l.running().is_some());
     let alive = running();
-    if !alive || !matches!(status, Ok(255)) || crate::ssh::banner(t.port, Duration::from_millis(500)).is_some() {
+    if !alive || !matches!(status, Ok(255)) || crate::ssh::banner(t.port, BANNER_RECHECK).is_some() {
         return alive;
     }
-    let deadline = Instant::now() + Duration::from_secs(2);
+    let deadline = Instant::now() + QEMU_SEEN_GONE;
     while running() {
         if Instant::now() > deadline {
             return true;
@@ -319,7 +318,7 @@ fn finish(ctx: &Ctx, keep: bool, summary: &mut RunSummary, start: Instant) {
         );
     } else if inst.exists() {
         let t = Instant::now();
-        match stop::destroy(ctx, &StopOptions { timeout: STOP_TIMEOUT, force: false }) {
+        match stop::destroy(ctx, &StopOptions { timeout: RUN_STOP, force: false }) {
             Ok(d) => summary.stop_method = d.stop.and_then(|s| s.method()),
             Err(e) => {
                 eprintln!("qbuf-qemu: run: could not remove instance '{}': {e:#}", ctx.name);

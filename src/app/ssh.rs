@@ -9,6 +9,7 @@ use crate::instance::{read_json, Instance, Liveness};
 use crate::machine::Vm;
 use crate::qemu::parse::RunState;
 use crate::ssh::Target;
+use crate::timeouts::{BANNER, RUN_STATE_QUESTION};
 
 /// `ssh -- ARGS…`: OpenSSH with the instance's key and pinned host key.
 pub fn ssh(ctx: &Ctx, args: &[String]) -> Result<i32> {
@@ -20,8 +21,7 @@ pub fn ssh(ctx: &Ctx, args: &[String]) -> Result<i32> {
     // open when it died). The console is the guest's own output: a line
     // that merely looks like a panic does not lock the user out while its
     // sshd still greets.
-    let panic = super::ready::console_panic(&inst)
-        .filter(|_| crate::ssh::banner(t.port, std::time::Duration::from_secs(1)).is_none());
+    let panic = super::ready::console_panic(&inst).filter(|_| crate::ssh::banner(t.port, BANNER).is_none());
     if let Some(line) = panic {
         anyhow::bail!(
             "the guest's kernel panicked ({line}): SSH cannot answer; '{}' shows its console, '{}' stops the VM",
@@ -38,7 +38,7 @@ pub fn ssh(ctx: &Ctx, args: &[String]) -> Result<i32> {
 /// then finds out for itself.)
 fn refuse_stopped_guest(ctx: &Ctx) -> Result<()> {
     let Ok(Some(vm)) = ctx.existing().and_then(|i| Vm::if_running(&i)) else { return Ok(()) };
-    let Ok(state) = vm.run_state_within(std::time::Duration::from_secs(5)) else { return Ok(()) };
+    let Ok(state) = vm.run_state_within(RUN_STATE_QUESTION) else { return Ok(()) };
     match state {
         RunState::Paused | RunState::Suspended => anyhow::bail!(
             "instance '{}' is {state}, so its guest cannot answer SSH: resume it with '{}'",

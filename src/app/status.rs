@@ -1,8 +1,6 @@
 //! `status`: one question to the supervisor, answered in one reply, or the
 //! records of a stopped instance.
 
-use std::time::Duration;
-
 use anyhow::Result;
 
 use super::{block_on, Ctx};
@@ -11,10 +9,7 @@ use crate::instance::records::{RunOrigin, StopRecord};
 use crate::instance::{read_json, Liveness};
 use crate::report::status::{RunMark, State, Status};
 use crate::supervisor::client;
-
-/// Longer than the supervisor's own per-query deadline (2 s), so a frozen
-/// QEMU is reported by the supervisor rather than by a timeout here.
-const ANSWER: Duration = Duration::from_secs(5);
+use crate::timeouts::STATUS_ANSWER;
 
 pub fn status(ctx: &Ctx) -> Result<Status> {
     let inst = ctx.existing()?;
@@ -53,7 +48,7 @@ pub fn status(ctx: &Ctx) -> Result<Status> {
     if live.is_stopped() {
         return stopped(&inst, st);
     }
-    match block_on(client::status(&inst.control(), ANSWER)) {
+    match block_on(client::status(&inst.control(), STATUS_ANSWER)) {
         Ok(vm) => {
             let panicked = vm.panicked.is_some() && vm.ended.is_none();
             st.apply_vm(vm, crate::clock::now());

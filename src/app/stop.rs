@@ -13,11 +13,9 @@ use crate::instance::{read_json, Instance, Liveness, Lock};
 use crate::report::error::Interrupted;
 use crate::report::stop::{Destroyed, StopReport};
 use crate::supervisor::client;
-use crate::supervisor::ladder::{StopOptions, QUIT_DEADLINE, SIGNAL_DEADLINE};
+use crate::supervisor::ladder::StopOptions;
 use crate::supervisor::protocol::Stopped;
-
-/// How long the supervisor may take to exit after it answered.
-const EXIT_DEADLINE: Duration = Duration::from_secs(10);
+use crate::timeouts::{QUIT_DEADLINE, SIGNAL_DEADLINE, STATE_ANSWER, STOP_BUDGET_MARGIN, SUPERVISOR_EXIT};
 
 /// What Ctrl-C does while a stop waits. The first always forces it; after
 /// that the `powerdown` and `destroy` verbs let the user stop waiting, while
@@ -81,7 +79,7 @@ fn stop(ctx: &Ctx, inst: &Instance, opts: &StopOptions, ctrl_c: CtrlC) -> Result
         // finishing: it is asked, and the VM is stopped from here only
         // when it does not answer.
         Liveness::Supervised(_) | Liveness::Busy => {
-            let budget = opts.timeout + QUIT_DEADLINE + SIGNAL_DEADLINE * 2 + Duration::from_secs(15);
+            let budget = opts.timeout + QUIT_DEADLINE + SIGNAL_DEADLINE * 2 + STOP_BUDGET_MARGIN;
             let shown = block_on(powerdown_showing_steps(ctx, inst, opts, budget, ctrl_c));
             crate::progress::finish();
             match shown {
@@ -96,7 +94,7 @@ fn stop(ctx: &Ctx, inst: &Instance, opts: &StopOptions, ctrl_c: CtrlC) -> Result
     };
     // The supervisor exits right after answering; wait so the lock is free
     // for the next command.
-    Lock::wait_released(inst, EXIT_DEADLINE)?;
+    Lock::wait_released(inst, SUPERVISOR_EXIT)?;
     Ok(Some(stopped))
 }
 
@@ -165,7 +163,7 @@ async fn powerdown_showing_steps(
                 tick = Duration::from_millis(500);
                 // `state`, not `status`: polling must not send QEMU and the
                 // guest agent questions while the ladder talks to them.
-                if let Ok(s) = client::state(&sock, Duration::from_secs(3)).await {
+                if let Ok(s) = client::state(&sock, STATE_ANSWER).await {
                     if let (Some(step), Some(wait)) = (s.stopping, s.stopping_wait_secs) {
                         ctx.stage(&step_message(step, wait));
                     }
@@ -215,7 +213,7 @@ fn stop_orphan(ctx: &Ctx, inst: &Instance, opts: &StopOptions) -> Result<Stopped
 /// lock for a moment. Waits for it; the VM was already stopped.
 fn supervisor_finishing(inst: &Instance) -> Result<Option<Stopped>> {
     let Some(record) = read_json::<StopRecord>(&inst.stop_record())? else { return Ok(None) };
-    if !Lock::wait_released(inst, EXIT_DEADLINE)? {
+    if !Lock::wait_released(inst, SUPERVISOR_EXIT)? {
         return Ok(None);
     }
     Ok(Some(Stopped { outcome: StopOutcome::already_stopped(Some(&record)), record: Some(record) }))

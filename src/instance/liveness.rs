@@ -3,19 +3,11 @@
 //! supervisor), the supervisor's control socket, and the two processes
 //! `run.json` names (a zombie is not running).
 
-use std::time::Duration;
-
 use anyhow::Result;
 
 use super::records::{read_json, RunRecord};
 use super::{Instance, Lock};
-
-/// How long the last threads of a killed QEMU may take to let go of the
-/// lock (freeing guest RAM on a loaded host) after its main thread ended:
-/// after `kill -9` of both processes, QEMU's main thread is gone while its
-/// other threads still hold the inherited lock for a moment, which is no
-/// one "starting" the VM.
-const DYING: Duration = Duration::from_secs(5);
+use crate::timeouts::DYING;
 
 /// What runs of an instance, as one probe tells it.
 #[derive(Debug, Clone)]

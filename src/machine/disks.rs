@@ -12,12 +12,13 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Value};
 
-use super::{Vm, QUERY_TIMEOUT};
+use super::Vm;
 use crate::qemu::image::DiskFormat;
 use crate::qemu::parse::{self, LiveDisk};
 use crate::qmp::{ErrorClass, QmpError};
 use crate::runtime::block_on;
 use crate::supervisor::client;
+use crate::timeouts::QMP_QUERY;
 
 /// The disks QEMU has now.
 pub fn live(vm: &Vm) -> Result<Vec<LiveDisk>> {
@@ -141,7 +142,7 @@ async fn unplug(vm: &Vm, id: &str, timeout: Duration) -> Result<Unplug> {
     let sock = vm.inst.control();
     let mut events = client::subscribe(&sock).await?;
     let start = tokio::time::Instant::now();
-    match client::qmp(&sock, "device_del", json!({ "id": id }), QUERY_TIMEOUT).await? {
+    match client::qmp(&sock, "device_del", json!({ "id": id }), QMP_QUERY).await? {
         Ok(_) => {}
         Err(QmpError::Qemu { class: ErrorClass::DeviceNotFound, .. }) => return Ok(Unplug::AlreadyGone),
         Err(e) => bail!("QEMU refused to unplug '{id}': {e}"),

@@ -11,9 +11,7 @@ use serde_json::json;
 
 use super::Vm;
 use crate::qemu::parse::{MigrationProgress, MigrationStatus};
-
-/// How long saving or loading the state may take.
-const MIGRATION_DEADLINE: Duration = Duration::from_secs(300);
+use crate::timeouts::MIGRATION;
 
 /// How often a migration's status is asked for: a saved state of a small
 /// VM is written in tens of milliseconds.
@@ -62,8 +60,8 @@ fn wait(vm: &Vm) -> Result<()> {
             MigrationStatus::Failed | MigrationStatus::Cancelled => {
                 bail!("QEMU's migration failed: {}", p.error.as_deref().unwrap_or("no reason given"))
             }
-            _ if start.elapsed() > MIGRATION_DEADLINE => {
-                bail!("QEMU's migration did not end within {MIGRATION_DEADLINE:?}")
+            _ if start.elapsed() > MIGRATION => {
+                bail!("QEMU's migration did not end within {MIGRATION:?}")
             }
             _ => std::thread::sleep(MIGRATION_POLL),
         }

@@ -25,9 +25,7 @@ use crate::qemu::parse::RunState;
 use crate::qmp::{ErrorClass, QmpError};
 use crate::runtime::block_on;
 use crate::supervisor::client;
-
-/// How long a short QMP query may take.
-pub const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::timeouts::QMP_QUERY;
 
 /// QEMU refused a QMP command: its error class and words.
 #[derive(Debug, Clone, Serialize)]
@@ -97,9 +95,9 @@ impl Vm {
         }
     }
 
-    /// [`Vm::execute_raw`] within [`QUERY_TIMEOUT`].
+    /// [`Vm::execute_raw`] within [`QMP_QUERY`].
     fn query(&self, command: &str, arguments: Value) -> Result<Value> {
-        self.execute_raw(command, arguments, QUERY_TIMEOUT)
+        self.execute_raw(command, arguments, QMP_QUERY)
     }
 
     /// A QMP command as qapi's schema types it: its arguments serialized,
@@ -123,7 +121,7 @@ impl Vm {
 
     /// QEMU's run state.
     pub fn run_state(&self) -> Result<RunState> {
-        self.run_state_within(QUERY_TIMEOUT)
+        self.run_state_within(QMP_QUERY)
     }
 
     /// An HMP command line through `human-monitor-command`: QEMU's text,

@@ -7,8 +7,9 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Result};
 use serde_json::json;
 
-use super::{Vm, QUERY_TIMEOUT};
+use super::Vm;
 use crate::supervisor::client;
+use crate::timeouts::QMP_QUERY;
 
 /// The `RESET` events of one VM from the moment of [`Resets::subscribe`].
 pub struct Resets {
@@ -39,9 +40,9 @@ impl Resets {
     /// QMP `system_reset`, and its `RESET`.
     pub async fn force(&mut self) -> Result<()> {
         let sock = self.vm.inst.control();
-        if let Err(e) = client::qmp(&sock, "system_reset", json!({}), QUERY_TIMEOUT).await? {
+        if let Err(e) = client::qmp(&sock, "system_reset", json!({}), QMP_QUERY).await? {
             bail!("QEMU refused system_reset: {e}");
         }
-        self.next(QUERY_TIMEOUT).await.unwrap_or(Ok(()))
+        self.next(QMP_QUERY).await.unwrap_or(Ok(()))
     }
 }

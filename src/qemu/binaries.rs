@@ -7,6 +7,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 use crate::host::find_in_path;
+use crate::timeouts::KVM_TEST_VM;
 
 /// QEMU's system emulator and its optional firmware dir (`-L`), from
 /// `$QBUF_QEMU_SYSTEM` / `$QBUF_QEMU_FIRMWARE` (used to test QEMU 7.2 beside
@@ -80,16 +81,13 @@ pub fn kvm_device() -> PathBuf {
         .unwrap_or_else(|| "/dev/kvm".into())
 }
 
-/// How long a KVM test VM gets to show its vCPU runs.
-pub const KVM_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
 /// Whether guests can run under KVM with the options `launch` uses: the
 /// device checks of [`probe_kvm`], then a real test VM ([`vcpu_runs`]).
 pub fn kvm_runs(b: &QemuBinaries) -> Result<(), String> {
     if let Some(p) = probe_kvm().problem() {
         return Err(p);
     }
-    vcpu_runs(b, &super::args::accel_args(super::args::Accel::Kvm), KVM_PROBE_TIMEOUT)
+    vcpu_runs(b, &super::args::accel_args(super::args::Accel::Kvm), KVM_TEST_VM)
         .map(|_| ())
         .map_err(|e| format!("{} opens, but {e}", kvm_device().display()))
 }

@@ -12,6 +12,7 @@ use tokio::net::UnixStream;
 
 use super::protocol::{Request, Response, Stopped, VmState};
 use crate::qmp::{Event, QmpError};
+use crate::timeouts::{FORCE_STOP_SEND, RELAY_MARGIN, SUBSCRIBE};
 
 async fn send(sock: &Path, req: &Request) -> Result<BufReader<UnixStream>> {
     let mut s = UnixStream::connect(sock).await.with_context(|| format!("cannot connect to {}", sock.display()))?;
@@ -52,7 +53,7 @@ fn unexpected(r: Response) -> anyhow::Error {
 /// `Err` ([`QmpError::Qemu`]), anything else the outer one.
 pub async fn qmp(sock: &Path, command: &str, arguments: Value, timeout: Duration) -> Result<Result<Value, QmpError>> {
     let req = Request::Qmp { command: command.into(), arguments, timeout_ms: timeout.as_millis() as u64 };
-    match call(sock, &req, timeout + Duration::from_secs(2)).await? {
+    match call(sock, &req, timeout + RELAY_MARGIN).await? {
         Response::Return(v) => Ok(Ok(v)),
         Response::QmpError { class, desc } => Ok(Err(QmpError::Qemu { class, desc })),
         other => Err(unexpected(other)),
@@ -89,7 +90,7 @@ pub async fn powerdown(sock: &Path, timeout: Duration, force: bool, budget: Dura
 /// without waiting: the stop's first caller gets its answer.
 pub async fn force_stop(sock: &Path) -> Result<()> {
     let req = Request::Powerdown { timeout_secs: 0.0, force: true };
-    tokio::time::timeout(Duration::from_secs(3), send(sock, &req))
+    tokio::time::timeout(FORCE_STOP_SEND, send(sock, &req))
         .await
         .map_err(|_| anyhow!("the instance's supervisor did not take the request"))??;
     Ok(())
@@ -107,7 +108,7 @@ pub async fn subscribe(sock: &Path) -> Result<Events> {
             other => Err(unexpected(other)),
         }
     };
-    tokio::time::timeout(Duration::from_secs(5), fut)
+    tokio::time::timeout(SUBSCRIBE, fut)
         .await
         .map_err(|_| anyhow!("the supervisor did not confirm the event subscription (is the VM stopping?)"))?
 }

@@ -10,12 +10,8 @@ use super::dispatcher::Msg;
 use crate::instance::proc::ExitInfo;
 use crate::instance::records::LaunchFailure;
 use crate::qemu::virtiofs::Daemon;
+use crate::timeouts::{KILLED_EXIT, VIRTIOFSD_EXIT_GRACE, VIRTIOFSD_SOCKET};
 
-/// How long a `virtiofsd` may take to create its socket.
-const SOCKET_DEADLINE: Duration = Duration::from_secs(10);
-/// How long a `virtiofsd` may take to exit by itself once QEMU is gone (it
-/// does when its vhost-user connection closes) before it is killed.
-const EXIT_GRACE: Duration = Duration::from_secs(2);
 /// How much of a `virtiofsd`'s stderr a failure or an event carries.
 pub const TAIL: usize = 2000;
 
@@ -53,7 +49,7 @@ async fn start_one(d: &Daemon) -> Result<Running, LaunchFailure> {
     };
     let _ = std::fs::remove_file(&d.socket);
     let (pid, exited) = spawn(d).map_err(|m| fail(m, None))?;
-    let deadline = tokio::time::Instant::now() + SOCKET_DEADLINE;
+    let deadline = tokio::time::Instant::now() + VIRTIOFSD_SOCKET;
     loop {
         if let Some(e) = *exited.borrow() {
             return Err(fail(format!("virtiofsd for share '{}' exited during start-up ({e})", d.tag), Some(e)));
@@ -67,7 +63,7 @@ async fn start_one(d: &Daemon) -> Result<Running, LaunchFailure> {
                 format!(
                     "virtiofsd for share '{}' did not create its socket within {}s; it was killed",
                     d.tag,
-                    SOCKET_DEADLINE.as_secs()
+                    VIRTIOFSD_SOCKET.as_secs()
                 ),
                 None,
             ));
@@ -139,7 +135,7 @@ pub async fn stop(running: Vec<Running>, grace: Duration) {
         if tokio::time::timeout(grace, r.exited.wait_for(|e| e.is_some())).await.is_err() {
             tracing::warn!("virtiofsd for share '{}' did not exit with QEMU: killing it", r.daemon.tag);
             kill(r.pid);
-            let _ = tokio::time::timeout(Duration::from_secs(5), r.exited.wait_for(|e| e.is_some())).await;
+            let _ = tokio::time::timeout(KILLED_EXIT, r.exited.wait_for(|e| e.is_some())).await;
         }
         let _ = std::fs::remove_file(&r.daemon.socket);
     }
@@ -147,7 +143,7 @@ pub async fn stop(running: Vec<Running>, grace: Duration) {
 
 /// After QEMU is gone: the usual grace, then a kill.
 pub async fn stop_after_qemu(running: Vec<Running>) {
-    stop(running, EXIT_GRACE).await
+    stop(running, VIRTIOFSD_EXIT_GRACE).await
 }
 
 fn kill(pid: i32) {

@@ -22,22 +22,8 @@ use crate::instance::Instance;
 use crate::qemu::args::GUEST_AGENT_PORT_ID;
 use crate::qemu::parse::RunState;
 use crate::qmp::{Event, Qmp};
+use crate::timeouts::{AGENT_PING_ANSWER, HOST_SIGNAL_STOP, OWNER_GONE_STOP, QMP_DRAIN, SSH_ALIVE, SUPERVISOR_QUERY};
 
-/// How long the ladder gives the guest when the host asks us to go away.
-pub const HOST_SIGNAL_TIMEOUT: Duration = Duration::from_secs(45);
-/// How long a throwaway VM whose `run` is gone gets to power off: nobody
-/// waits for its files, and a CI runner that killed the job may soon start
-/// the next one.
-pub const OWNER_GONE_TIMEOUT: Duration = Duration::from_secs(10);
-/// After QEMU's exit, how long to wait for the rest of its QMP output (its
-/// last events come before EOF, which follows the exit within milliseconds).
-const DRAIN: Duration = Duration::from_secs(2);
-/// How long the guest's sshd gets to greet when the console showed a panic
-/// (a live guest under TCG on a busy host may take a second or two; a dead
-/// one costs the stop this long).
-const SSH_ALIVE: Duration = Duration::from_secs(3);
-/// How long one QMP query of `status` may take.
-const QUERY: Duration = Duration::from_secs(2);
 /// The event a kernel panic seen on the serial console is logged as (and
 /// recorded as, in stopped.json, when QEMU had no GUEST_PANICKED).
 pub const PANIC_EVENT: &str = "QBUF_GUEST_PANIC";
@@ -137,7 +123,9 @@ impl Dispatcher {
                 Some(t) => match tokio::time::timeout_at(t, rx.recv()).await {
                     Ok(m) => m,
                     Err(_) => {
-                        tracing::warn!("QMP did not close within {DRAIN:?} of QEMU's exit; recording what is known");
+                        tracing::warn!(
+                            "QMP did not close within {QMP_DRAIN:?} of QEMU's exit; recording what is known"
+                        );
                         break;
                     }
                 },
@@ -145,7 +133,7 @@ impl Dispatcher {
             let Some(msg) = msg else { break };
             self.handle(msg);
             if self.state.ended.is_some() && drain_until.is_none() {
-                drain_until = Some(tokio::time::Instant::now() + DRAIN);
+                drain_until = Some(tokio::time::Instant::now() + QMP_DRAIN);
             }
         }
         self.finish(&mut rx);
@@ -177,7 +165,7 @@ impl Dispatcher {
             Msg::LadderDone(o) => self.ladder = Ladder::Done(o),
             Msg::HostSignal => {
                 tracing::info!("host signal received: powering the guest down");
-                self.start_ladder(StopOptions { timeout: HOST_SIGNAL_TIMEOUT, force: false });
+                self.start_ladder(StopOptions { timeout: HOST_SIGNAL_STOP, force: false });
             }
             Msg::ShareDaemonExited { tag, exit, stderr_tail } => self.share_daemon_exited(tag, exit, stderr_tail),
             Msg::Console(sign, line) => self.console(sign, &line),
@@ -185,13 +173,13 @@ impl Dispatcher {
                 // No command can reach this VM any more (its sockets and lock
                 // file are gone): power it down rather than leave an orphan.
                 tracing::warn!("the instance directory was deleted: powering the guest down");
-                self.start_ladder(StopOptions { timeout: HOST_SIGNAL_TIMEOUT, force: false });
+                self.start_ladder(StopOptions { timeout: HOST_SIGNAL_STOP, force: false });
             }
             Msg::OwnerGone(pid) => {
                 // A stop already under way (the run's own cleanup) goes on.
                 tracing::warn!("run {pid}, which owns this throwaway VM, is gone: stopping the VM and removing it");
                 self.afterwards = Afterwards::Remove;
-                self.start_ladder(StopOptions { timeout: OWNER_GONE_TIMEOUT, force: false });
+                self.start_ladder(StopOptions { timeout: OWNER_GONE_STOP, force: false });
             }
         }
     }
@@ -443,11 +431,11 @@ pub fn note_event(state: &mut VmState, ev: &Event) {
 /// not answer it (frozen, SIGSTOPped) is reported as unresponsive.
 /// `None` when QEMU is exiting.
 async fn live(qmp: &Qmp, agent: Option<PathBuf>) -> Option<Live> {
-    let q = |cmd: &'static str, args: Value| qmp.execute_raw(cmd, args, QUERY);
+    let q = |cmd: &'static str, args: Value| qmp.execute_raw(cmd, args, SUPERVISOR_QUERY);
     let agent_state = async {
         match agent {
             None => crate::qga::AgentState::NotRunning,
-            Some(sock) => match crate::qga::ping(&sock, crate::qga::PING_TIMEOUT).await {
+            Some(sock) => match crate::qga::ping(&sock, AGENT_PING_ANSWER).await {
                 Ok(()) => crate::qga::AgentState::Answers,
                 Err(_) => crate::qga::AgentState::NoAnswer,
             },

@@ -30,15 +30,9 @@ use crate::instance::proc::{ExitInfo, ProcIdentity};
 use crate::instance::records::{StopMethod, StopOutcome, StopStep};
 use crate::qemu::parse::RunState;
 use crate::qmp::{Event, Qmp};
-
-pub const QUIT_DEADLINE: Duration = Duration::from_secs(10);
-pub const SIGNAL_DEADLINE: Duration = Duration::from_secs(5);
-/// How long the ladder asks whether the guest agent answers.
-const AGENT_PING: Duration = Duration::from_secs(1);
-/// How long QEMU's last events may take to arrive after its exit was seen.
-const EVENTS_AFTER_EXIT: Duration = Duration::from_millis(500);
-/// How long one QMP command or agent request of the ladder may take.
-const COMMAND_DEADLINE: Duration = Duration::from_secs(5);
+use crate::timeouts::{
+    AGENT_PING, EVENTS_AFTER_EXIT, LADDER_COMMAND, QUIT_DEADLINE, RESUME_BEFORE_POWERDOWN, SIGNAL_DEADLINE,
+};
 
 /// QEMU's process as the ladder sees it.
 pub trait QemuProcess {
@@ -62,7 +56,7 @@ pub struct Deadlines {
 
 impl Default for Deadlines {
     fn default() -> Deadlines {
-        Deadlines { quit: QUIT_DEADLINE, signal: SIGNAL_DEADLINE, command: COMMAND_DEADLINE }
+        Deadlines { quit: QUIT_DEADLINE, signal: SIGNAL_DEADLINE, command: LADDER_COMMAND }
     }
 }
 
@@ -106,7 +100,7 @@ pub async fn stop<P: QemuProcess + Sync>(
         return finish(Some(StopMethod::AlreadyStopped), watch.shutdown, steps);
     }
     if !opts.force {
-        if let Some(note) = resume_if_paused(qmp, limits.command.min(Duration::from_secs(2))).await {
+        if let Some(note) = resume_if_paused(qmp, limits.command.min(RESUME_BEFORE_POWERDOWN)).await {
             steps.push(StopStep::new(StopMethod::Powerdown, note));
         }
     }

@@ -38,13 +38,9 @@ use crate::instance::proc::{ExitInfo, ProcIdentity};
 use crate::instance::records::{read_json, write_json, BootPlan, RunRecord, StopCause, StopKind, StopOutcome};
 use crate::instance::Instance;
 use crate::qmp::{Event, Qmp};
+use crate::timeouts::{ANSWERS_FLUSH, CONTROL_REQUEST};
 use dispatcher::{Afterwards, Dispatcher, Msg};
 use protocol::{Request, Response, VmState};
-
-/// How long a client may take to send its request line.
-const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
-/// How long answers already decided may take to reach their clients.
-const FLUSH_DEADLINE: Duration = Duration::from_secs(1);
 
 /// Entry point of `qbuf-qemu __supervise`.
 pub fn run(inst: Instance) -> Result<i32> {
@@ -285,7 +281,7 @@ async fn accept(listener: UnixListener, tx: mpsc::UnboundedSender<Msg>, qmp: Qmp
         }
     }
     drop(listener);
-    let _ = tokio::time::timeout(FLUSH_DEADLINE, async { while conns.join_next().await.is_some() {} }).await;
+    let _ = tokio::time::timeout(ANSWERS_FLUSH, async { while conns.join_next().await.is_some() {} }).await;
     conns.abort_all();
 }
 
@@ -293,7 +289,7 @@ async fn serve(conn: UnixStream, tx: mpsc::UnboundedSender<Msg>, qmp: Qmp) {
     let (r, mut w) = conn.into_split();
     let mut r = BufReader::new(r);
     let mut line = String::new();
-    match tokio::time::timeout(REQUEST_DEADLINE, r.read_line(&mut line)).await {
+    match tokio::time::timeout(CONTROL_REQUEST, r.read_line(&mut line)).await {
         Ok(Ok(n)) if n > 0 => {}
         _ => return,
     }

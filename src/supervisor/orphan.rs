@@ -13,6 +13,7 @@ use super::protocol::Stopped;
 use crate::instance::records::{RunRecord, StopMethod, StopOutcome, StopRecord};
 use crate::instance::{write_json, Instance};
 use crate::qmp::{Event, Qmp};
+use crate::timeouts::ORPHAN_QMP_CONNECT;
 
 /// Runs the ladder on the QEMU of `run`; `on_step` hears each step and
 /// `hurried` set to true skips the guest's own steps.
@@ -24,7 +25,7 @@ pub async fn stop(
     hurried: watch::Receiver<bool>,
 ) -> Stopped {
     let proc = ForeignProcess(run.qemu.clone());
-    let qmp = Qmp::connect(&inst.qmp_user(), Duration::from_secs(3)).await.ok();
+    let qmp = Qmp::connect(&inst.qmp_user(), ORPHAN_QMP_CONNECT).await.ok();
     let agent = inst.guest_agent();
     let outcome =
         ladder::stop(qmp.as_ref(), &proc, opts, None, Some(&agent), on_step, hurried, Default::default()).await;

@@ -23,12 +23,10 @@ use tokio::task::JoinHandle;
 use crate::instance::proc::ExitInfo;
 use crate::instance::Instance;
 use crate::logs::{Capped, SERIAL_CAP, SMALL_CAP};
+use crate::timeouts::LOG_DRAIN;
 
 /// How often the supervisor looks at the size of its own log.
 const OWN_LOG_CHECK: Duration = Duration::from_secs(1);
-
-/// How long the pumps may take to read QEMU's last words after its exit.
-const DRAIN_DEADLINE: Duration = Duration::from_secs(2);
 
 /// How many chunks of console output may wait for the supervisor's look
 /// (at most 64 KiB each): a guest that floods its console gets chunks
@@ -82,7 +80,7 @@ impl Pumps {
     /// once QEMU has exited.
     pub async fn finish(self) {
         for t in self.0 {
-            let _ = tokio::time::timeout(DRAIN_DEADLINE, t).await;
+            let _ = tokio::time::timeout(LOG_DRAIN, t).await;
         }
     }
 }

@@ -12,9 +12,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::instance::records::{read_json, LaunchFailure, RunRecord};
 use crate::instance::{Instance, Lock};
-
-/// How long QEMU may take to come up (its QMP socket answering).
-const UP_DEADLINE: Duration = Duration::from_secs(90);
+use crate::timeouts::QEMU_UP;
 
 /// How often the records are looked for: QEMU comes up in tens of
 /// milliseconds when it does quickly.
@@ -31,7 +29,7 @@ pub fn start(state_root: &Path, inst: &Instance, lock: Lock) -> Result<Result<Ru
     }
     let mut sup = spawn(state_root, inst, &lock)?;
     drop(lock); // the supervisor and QEMU hold it now
-    let deadline = Instant::now() + UP_DEADLINE;
+    let deadline = Instant::now() + QEMU_UP;
     loop {
         if let Some(r) = read_json::<RunRecord>(&inst.run_record())? {
             // Reap the supervisor later without blocking: it is detached (setsid).
@@ -52,7 +50,7 @@ pub fn start(state_root: &Path, inst: &Instance, lock: Lock) -> Result<Result<Ru
             );
         }
         if Instant::now() > deadline {
-            bail!("QEMU did not come up within {}s; see {}", UP_DEADLINE.as_secs(), inst.supervisor_log().display());
+            bail!("QEMU did not come up within {}s; see {}", QEMU_UP.as_secs(), inst.supervisor_log().display());
         }
         std::thread::sleep(UP_POLL);
     }

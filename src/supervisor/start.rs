@@ -14,11 +14,7 @@ use crate::instance::proc::ExitInfo;
 use crate::instance::records::{BootPlan, LaunchFailure};
 use crate::instance::Instance;
 use crate::qmp::{Qmp, QmpError};
-
-/// How long QEMU may take to create its QMP socket.
-const SOCKET_DEADLINE: Duration = Duration::from_secs(60);
-/// How long QEMU may take to greet once it accepted the connection.
-const GREETING_DEADLINE: Duration = Duration::from_secs(10);
+use crate::timeouts::{KILLED_EXIT, QEMU_VERSION_QUERY, QMP_GREETING, QMP_SOCKET};
 
 /// QEMU running, with the supervisor's QMP connection.
 pub struct Started {
@@ -53,7 +49,7 @@ pub async fn start(inst: &Instance, plan: &BootPlan) -> Result<Started, LaunchFa
         Err(Early::Stuck(m)) => {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
             let mut rx = exited.clone();
-            let _ = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|e| e.is_some())).await;
+            let _ = tokio::time::timeout(KILLED_EXIT, rx.wait_for(|e| e.is_some())).await;
             let exit = *exited.borrow();
             pumps.finish().await;
             return Err(fail(format!("{m}; it was killed"), exit));
@@ -63,7 +59,7 @@ pub async fn start(inst: &Instance, plan: &BootPlan) -> Result<Started, LaunchFa
     // name is not needed any more.
     let _ = std::fs::remove_file(inst.serial_fifo());
     let version = qmp
-        .execute(&qapi::qmp::query_version {}, Duration::from_secs(5))
+        .execute(&qapi::qmp::query_version {}, QEMU_VERSION_QUERY)
         .await
         .map(|v| format!("{}.{}.{}", v.qemu.major, v.qemu.minor, v.qemu.micro))
         .unwrap_or_else(|_| "unknown".into());
@@ -123,27 +119,24 @@ enum Early {
 /// Connects as soon as QEMU has created its socket. A QEMU that accepts
 /// but never greets is told apart from one that never opened the socket.
 async fn connect(inst: &Instance, exited: &watch::Receiver<Option<ExitInfo>>) -> Result<Qmp, Early> {
-    let deadline = tokio::time::Instant::now() + SOCKET_DEADLINE;
+    let deadline = tokio::time::Instant::now() + QMP_SOCKET;
     loop {
         if let Some(e) = *exited.borrow() {
             return Err(Early::Exited(e));
         }
         if let Ok(s) = UnixStream::connect(inst.qmp_supervisor()).await {
-            return match Qmp::handshake(s, GREETING_DEADLINE).await {
+            return match Qmp::handshake(s, QMP_GREETING).await {
                 Ok(q) => Ok(q),
                 Err(_) if exited.borrow().is_some() => Err(Early::Exited(exited.borrow().expect("checked"))),
                 Err(QmpError::Timeout { .. }) => Err(Early::Stuck(format!(
                     "QEMU opened its QMP socket but never answered on it (no greeting within {}s)",
-                    GREETING_DEADLINE.as_secs()
+                    QMP_GREETING.as_secs()
                 ))),
                 Err(e) => Err(Early::Stuck(format!("QEMU's QMP greeting failed: {e}"))),
             };
         }
         if tokio::time::Instant::now() > deadline {
-            return Err(Early::Stuck(format!(
-                "QEMU did not open its QMP socket within {}s",
-                SOCKET_DEADLINE.as_secs()
-            )));
+            return Err(Early::Stuck(format!("QEMU did not open its QMP socket within {}s", QMP_SOCKET.as_secs())));
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::{TIMED_OUT, VM_BROKE};
 use crate::report::run::{Outcome, RunSummary};
+use crate::timeouts::STATE_ANSWER;
 
 /// What ended a run early.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -113,7 +114,7 @@ const PANIC_CHECK: Duration = Duration::from_millis(500);
 async fn console_panic(control: &Path) -> String {
     loop {
         tokio::time::sleep(PANIC_CHECK).await;
-        if let Ok(s) = crate::supervisor::client::state(control, Duration::from_secs(2)).await {
+        if let Ok(s) = crate::supervisor::client::state(control, STATE_ANSWER).await {
             if let Some(p) = s.guest_kernel.panic {
                 return p.line;
             }

@@ -121,7 +121,7 @@ async fn an_exit_whose_qmp_never_closes_is_recorded_after_the_drain() {
     f.tx.send(Msg::Exited(exited(1))).unwrap();
     let started = tokio::time::Instant::now();
     f.dispatcher.run(f.rx).await;
-    assert!(started.elapsed() >= DRAIN, "it waited for QEMU's last output");
+    assert!(started.elapsed() >= QMP_DRAIN, "it waited for QEMU's last output");
     let rec: StopRecord = crate::instance::read_json(&f.inst.stop_record()).unwrap().unwrap();
     assert_eq!(rec.exit, Some(exited(1)));
 }
