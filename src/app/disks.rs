@@ -12,9 +12,10 @@ use crate::instance::lock::devices_lock;
 use crate::instance::records::DevicesRecord;
 use crate::instance::Instance;
 use crate::machine::{disks, Vm};
-use crate::qemu::args::{validate_id, ExtraDisk, BOOT_DISK_DEVICE, HOTPLUG_PORTS};
+use crate::qemu::args::{ExtraDisk, BOOT_DISK_DEVICE, HOTPLUG_PORTS};
 use crate::qemu::image::{self, DiskFormat};
 use crate::qemu::parse::LiveDisk;
+use crate::qemu::value::{validate_id, IdKind};
 use crate::report::devices::{DiskAdded, DiskEntry, DiskList, DiskRemoved};
 
 #[derive(Debug, Clone)]
@@ -43,11 +44,11 @@ pub fn next_disk_id(taken: &[String]) -> String {
 }
 
 /// The command that attaches `path` again, with its format when not qcow2.
-fn attach_command(ctx: &Ctx, path: &Path, format: &str) -> String {
+fn attach_command(ctx: &Ctx, path: &Path, format: DiskFormat) -> String {
     let file = shell_words::quote(&path.display().to_string()).into_owned();
     match format {
-        "raw" => ctx.command(&format!("disk add {file} --format raw")),
-        _ => ctx.command(&format!("disk add {file}")),
+        DiskFormat::Raw => ctx.command(&format!("disk add {file} --format raw")),
+        DiskFormat::Qcow2 => ctx.command(&format!("disk add {file}")),
     }
 }
 
@@ -105,7 +106,7 @@ pub fn add(ctx: &Ctx, req: &DiskAdd) -> Result<DiskAdded> {
         }
     }
     if out.recorded {
-        rec.disks.push(ExtraDisk { id, path, format: format.as_str().into() });
+        rec.disks.push(ExtraDisk { id, path, format });
         rec.save(&inst)?;
     }
     Ok(out)
@@ -128,7 +129,7 @@ fn choose_id(
         taken.extend(disks::block_nodes(vm)?);
     }
     if let Some(id) = &req.id {
-        validate_id("disk id", id)?;
+        validate_id(IdKind::Disk, id)?;
         if taken.contains(id) {
             bail!(
                 "there is already a disk or device '{id}': choose another --id ('{}' shows them)",
@@ -146,7 +147,7 @@ fn choose_id(
     let own =
         req.file.as_deref().and_then(|f| std::fs::canonicalize(f).ok()).filter(|f| f.starts_with(inst.disks_dir()));
     Ok(match own.as_deref().and_then(stem) {
-        Some(name) if validate_id("disk id", &name).is_ok() && !taken.contains(&name) => name,
+        Some(name) if validate_id(IdKind::Disk, &name).is_ok() && !taken.contains(&name) => name,
         _ => next_disk_id(&[taken, existing].concat()),
     })
 }
@@ -187,7 +188,7 @@ fn create_image(ctx: &Ctx, inst: &Instance, id: &str, format: DiskFormat, bytes:
         bail!(
             "{} already exists: attach it with '{}', or choose another --id",
             path.display(),
-            attach_command(ctx, &path, format.as_str())
+            attach_command(ctx, &path, format)
         );
     }
     let img = crate::qemu::binaries::qemu_binaries()?.img;
@@ -213,12 +214,12 @@ pub fn remove(ctx: &Ctx, id: &str, timeout: Duration) -> Result<DiskRemoved> {
         path: None,
         attach_command: None,
     };
-    let mut format = recorded.as_ref().map(|r| r.format.clone()).unwrap_or_else(|| "qcow2".into());
+    let mut format = recorded.as_ref().map_or(DiskFormat::Qcow2, |r| r.format);
     if let Some(vm) = &vm {
         let live = disks::live(vm)?.into_iter().find(|d| d.id == id);
         if let Some(l) = &live {
             out.path = Some(PathBuf::from(&l.file));
-            format = l.format.clone();
+            format = DiskFormat::parse(&l.format).unwrap_or(format);
         }
         let d = disks::detach(vm, id, live.is_some() || recorded.is_some(), timeout)?;
         out.seconds = d.released_after.map(|t| t.as_secs_f64());
@@ -232,7 +233,7 @@ pub fn remove(ctx: &Ctx, id: &str, timeout: Duration) -> Result<DiskRemoved> {
         out.unrecorded = true;
         out.path = Some(r.path);
     }
-    out.attach_command = out.path.as_deref().filter(|p| p.is_file()).map(|p| attach_command(ctx, p, &format));
+    out.attach_command = out.path.as_deref().filter(|p| p.is_file()).map(|p| attach_command(ctx, p, format));
     Ok(out)
 }
 
@@ -258,7 +259,7 @@ pub fn list(ctx: &Ctx) -> Result<DiskList> {
         disks.push(DiskEntry {
             id: r.id.clone(),
             file: r.path.display().to_string(),
-            format: r.format.clone(),
+            format: r.format.as_str().into(),
             node: None,
             read_only: false,
             boot: false,

@@ -15,6 +15,7 @@ use crate::instance::records::DevicesRecord;
 use crate::instance::{Instance, Lock};
 use crate::machine::{disks, Vm};
 use crate::qemu::args::BOOT_DISK_DEVICE;
+use crate::qemu::value::DiskFormat;
 use crate::report::devices::DiskResized;
 use crate::report::list::human_bytes;
 
@@ -82,22 +83,22 @@ pub fn resize(ctx: &Ctx, id: &str, bytes: u64) -> Result<DiskResized> {
     };
     let (path, format) = image_of(ctx, &inst, id)?;
     let img = crate::qemu::binaries::qemu_binaries()?.img;
-    out.from_bytes = crate::qemu::image::virtual_size(&img, &path, &format)?;
+    out.from_bytes = crate::qemu::image::virtual_size(&img, &path, format)?;
     out.path = path;
     if must_grow(id, out.from_bytes, bytes)? {
-        crate::qemu::image::grow(&img, &out.path, &format, bytes)?;
+        crate::qemu::image::grow(&img, &out.path, format, bytes)?;
     }
     Ok(out)
 }
 
 /// The image file and format of a disk that is not attached now.
-fn image_of(ctx: &Ctx, inst: &Instance, id: &str) -> Result<(PathBuf, String)> {
+fn image_of(ctx: &Ctx, inst: &Instance, id: &str) -> Result<(PathBuf, DiskFormat)> {
     if id == BOOT_DISK_DEVICE {
         let overlay = inst.overlay();
         if !overlay.is_file() {
             bail!("instance '{}' has no boot disk image (it boots a kernel without a disk, or never booted)", ctx.name);
         }
-        return Ok((overlay, "qcow2".into()));
+        return Ok((overlay, DiskFormat::Qcow2));
     }
     let rec = DevicesRecord::load(inst)?;
     let d = rec.disks.into_iter().find(|d| d.id == id).ok_or_else(|| {
@@ -110,11 +111,11 @@ fn image_of(ctx: &Ctx, inst: &Instance, id: &str) -> Result<(PathBuf, String)> {
 /// returns what to tell the user.
 pub fn grow_before_boot(qemu_img: &Path, overlay: &Path, bytes: u64) -> Result<Option<String>> {
     let bytes = sectors(bytes);
-    let from = crate::qemu::image::virtual_size(qemu_img, overlay, "qcow2")?;
+    let from = crate::qemu::image::virtual_size(qemu_img, overlay, DiskFormat::Qcow2)?;
     if !must_grow(BOOT_DISK_DEVICE, from, bytes)? {
         return Ok(None);
     }
-    crate::qemu::image::grow(qemu_img, overlay, "qcow2", bytes)?;
+    crate::qemu::image::grow(qemu_img, overlay, DiskFormat::Qcow2, bytes)?;
     Ok(Some(format!(
         "the boot disk grew from {} to {} (--disk-size); {}",
         human_bytes(from),

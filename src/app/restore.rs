@@ -13,8 +13,9 @@ use crate::instance::paths::Snapshot;
 use crate::instance::records::{DevicesRecord, SnapshotRecord};
 use crate::instance::{read_json, write_json, Instance};
 use crate::machine::{migration, Vm};
-use crate::qemu::args::{validate_id, Accel, Share, VmSpec, DEFAULT_SHARE_TAG};
+use crate::qemu::args::{Accel, Share, VmSpec, DEFAULT_SHARE_TAG};
 use crate::qemu::binaries::QemuBinaries;
+use crate::qemu::value::{validate_id, IdKind};
 
 /// A saved VM to start from, checked against this host.
 #[derive(Debug, Clone)]
@@ -29,7 +30,7 @@ pub struct Resume {
 /// Snapshot `name` of `inst`, ready to resume: it exists, its base image is
 /// unchanged, and this host's QEMU is the one that saved it.
 pub fn resume_from(ctx: &Ctx, inst: &Instance, name: &str, layered: bool) -> Result<Resume> {
-    validate_id("snapshot name", name)?;
+    validate_id(IdKind::Snapshot, name)?;
     let snapshot = inst.snapshot(name);
     let record: SnapshotRecord = read_json(&snapshot.record())?.ok_or_else(|| {
         anyhow!("instance '{}' has no snapshot '{name}' ('{}' lists them)", inst.name, ctx.command("snapshot list"))

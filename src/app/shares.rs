@@ -19,7 +19,8 @@ use crate::instance::lock::devices_lock;
 use crate::instance::read_json;
 use crate::instance::records::{BootPlan, DevicesRecord};
 use crate::machine::Vm;
-use crate::qemu::args::{validate_id, Share, DEFAULT_SHARE_TAG};
+use crate::qemu::args::{Share, DEFAULT_SHARE_TAG};
+use crate::qemu::value::{validate_id, IdKind};
 use crate::report::devices::{ShareChanged, ShareEntry, ShareList};
 
 fn changed(ctx: &Ctx, s: Share, added: bool, running: bool) -> ShareChanged {
@@ -37,7 +38,7 @@ fn changed(ctx: &Ctx, s: Share, added: bool, running: bool) -> ShareChanged {
 }
 
 pub fn add(ctx: &Ctx, dir: &Path, tag: &str, readonly: bool) -> Result<ShareChanged> {
-    validate_id("share tag", tag)?;
+    validate_id(IdKind::ShareTag, tag)?;
     if tag == DEFAULT_SHARE_TAG {
         bail!(
             "tag '{DEFAULT_SHARE_TAG}' is the default share's (set it with 'launch --share DIR'): choose another tag"

@@ -93,7 +93,7 @@ pub fn show(ctx: &Ctx) -> Result<ShowReport> {
     let mut devices: Vec<Shown> = rec
         .disks
         .iter()
-        .map(|d| row("disk", format!("{} {} ({})", d.id, d.path.display(), d.format), ShownOrigin::Recorded))
+        .map(|d| row("disk", format!("{} {} ({})", d.id, d.path.display(), d.format.as_str()), ShownOrigin::Recorded))
         .collect();
     devices.extend(rec.shares.iter().map(|sh| {
         let mode = if sh.readonly { "read-only" } else { "read-write" };

@@ -20,13 +20,13 @@ use crate::instance::paths::Snapshot;
 use crate::instance::records::{BootPlan, RunRecord, SnapshotRecord};
 use crate::instance::{read_json, write_json, Instance};
 use crate::machine::{disks, migration, missing_record, Vm};
-use crate::qemu::args::validate_id;
 use crate::qemu::args::ShareKind;
+use crate::qemu::value::{validate_id, IdKind};
 use crate::report::snapshot::{SnapshotAction, SnapshotDone, SnapshotEntry, SnapshotList};
 
 /// `snapshot save NAME`.
 pub fn save(ctx: &Ctx, name: &str) -> Result<SnapshotDone> {
-    validate_id("snapshot name", name)?;
+    validate_id(IdKind::Snapshot, name)?;
     let inst = ctx.existing()?;
     let vm = Vm::running(&inst)?;
     let snap = inst.snapshot(name);
@@ -173,7 +173,7 @@ pub fn list(ctx: &Ctx) -> Result<SnapshotList> {
 }
 
 pub fn delete(ctx: &Ctx, name: &str) -> Result<SnapshotDone> {
-    validate_id("snapshot name", name)?;
+    validate_id(IdKind::Snapshot, name)?;
     let inst = ctx.existing()?;
     let snap = inst.snapshot(name);
     let record: SnapshotRecord = read_json(&snap.record())?.ok_or_else(|| {

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{AccelChoice, PortChoice, ShareMode, ShareType};
 use crate::qemu::forward::Forward;
-use crate::qemu::image::DiskFormat;
+use crate::qemu::value::DiskFormat;
 use parse::{CopyPath, HostEnd};
 
 #[derive(Debug, Parser)]

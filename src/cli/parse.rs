@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::qemu::forward::Forward;
+use crate::qemu::value::{DiskFormat, IdKind};
 
 /// The longest timeout any flag takes: one day.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
@@ -22,21 +23,21 @@ pub fn name(s: &str) -> Result<String, String> {
 }
 
 /// A disk id, share tag or snapshot name, by the one rule of
-/// [`crate::qemu::args::validate_id`].
-fn id(what: &str, s: &str) -> Result<String, String> {
-    crate::qemu::args::validate_id(what, s).map(|()| s.to_string()).map_err(|e| e.to_string())
+/// [`crate::qemu::value::validate_id`].
+fn id(kind: IdKind, s: &str) -> Result<String, String> {
+    crate::qemu::value::validate_id(kind, s).map(|()| s.to_string()).map_err(|e| e.to_string())
 }
 
 pub fn disk_id(s: &str) -> Result<String, String> {
-    id("disk id", s)
+    id(IdKind::Disk, s)
 }
 
 pub fn share_tag(s: &str) -> Result<String, String> {
-    id("share tag", s)
+    id(IdKind::ShareTag, s)
 }
 
 pub fn snapshot_name(s: &str) -> Result<String, String> {
-    id("snapshot name", s)
+    id(IdKind::Snapshot, s)
 }
 
 /// A guest user name as Linux tools accept one: a letter or `_`, then
@@ -283,6 +284,18 @@ pub fn copy_path(s: &str) -> Result<CopyPath, String> {
             )),
         },
         _ => Ok(CopyPath::Host(s.into())),
+    }
+}
+
+/// `--format qcow2|raw`: the command line's face of a disk format (the
+/// type itself sits with QEMU's option values, below the records).
+impl clap::ValueEnum for DiskFormat {
+    fn value_variants<'a>() -> &'a [Self] {
+        &DiskFormat::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.as_str()))
     }
 }
 

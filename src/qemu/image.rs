@@ -14,26 +14,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
 
 use crate::instance::records::BaseIdentity;
 use crate::instance::{read_json, write_json, Instance};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum DiskFormat {
-    Qcow2,
-    Raw,
-}
-
-impl DiskFormat {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DiskFormat::Qcow2 => "qcow2",
-            DiskFormat::Raw => "raw",
-        }
-    }
-}
+pub use crate::qemu::value::DiskFormat;
 
 /// What an image's first bytes say about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -227,9 +211,9 @@ pub fn create(qemu_img: &Path, path: &Path, format: DiskFormat, bytes: u64) -> R
 
 /// The size the guest sees of image `path` (`qemu-img info`, the format
 /// given so nothing is probed).
-pub fn virtual_size(qemu_img: &Path, path: &Path, format: &str) -> Result<u64> {
+pub fn virtual_size(qemu_img: &Path, path: &Path, format: DiskFormat) -> Result<u64> {
     let out = Command::new(qemu_img)
-        .args(["info", "--output=json", "-f", format])
+        .args(["info", "--output=json", "-f", format.as_str()])
         .arg(path)
         .output()
         .with_context(|| format!("cannot run {}", qemu_img.display()))?;
@@ -242,10 +226,10 @@ pub fn virtual_size(qemu_img: &Path, path: &Path, format: &str) -> Result<u64> {
 
 /// Grows image `path` to `bytes` with `qemu-img resize` (never shrinks:
 /// the caller compared sizes). The image must not be open in a VM.
-pub fn grow(qemu_img: &Path, path: &Path, format: &str, bytes: u64) -> Result<()> {
-    tracing::info!("qemu-img resize -f {format} {} {bytes}", path.display());
+pub fn grow(qemu_img: &Path, path: &Path, format: DiskFormat, bytes: u64) -> Result<()> {
+    tracing::info!("qemu-img resize -f {} {} {bytes}", format.as_str(), path.display());
     let out = Command::new(qemu_img)
-        .args(["resize", "-q", "-f", format])
+        .args(["resize", "-q", "-f", format.as_str()])
         .arg(path)
         .arg(bytes.to_string())
         .output()
@@ -315,12 +299,12 @@ mod tests {
     fn images_grow_and_report_their_size() {
         let d = tmp("grow");
         let img = Path::new("qemu-img");
-        for (format, name) in [("qcow2", "a.qcow2"), ("raw", "a.img")] {
+        for (format, name) in [(DiskFormat::Qcow2, "a.qcow2"), (DiskFormat::Raw, "a.img")] {
             let p = d.join(name);
-            qemu_img(&["create", "-q", "-f", format, p.to_str().unwrap(), "1M"]);
+            qemu_img(&["create", "-q", "-f", format.as_str(), p.to_str().unwrap(), "1M"]);
             assert_eq!(virtual_size(img, &p, format).unwrap(), 1 << 20);
             grow(img, &p, format, 3 << 20).unwrap();
-            assert_eq!(virtual_size(img, &p, format).unwrap(), 3 << 20, "{format}");
+            assert_eq!(virtual_size(img, &p, format).unwrap(), 3 << 20, "{format:?}");
         }
         std::fs::remove_dir_all(d).unwrap();
     }
