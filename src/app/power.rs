@@ -20,7 +20,7 @@ use crate::machine::reset::Resets;
 use crate::machine::{missing_record, Vm};
 use crate::qemu::parse::RunState;
 use crate::qga::AgentState;
-use crate::report::power::{RebootMethod, Rebooted, RunStateChanged};
+use crate::report::power::{PowerAction, RebootMethod, Rebooted, RunStateChanged};
 use crate::ssh::Target;
 use crate::supervisor::client;
 use crate::timeouts::{AGENT_REBOOT, QMP_QUERY};
@@ -32,7 +32,13 @@ pub fn pause(ctx: &Ctx) -> Result<RunStateChanged> {
         vm.run(&qapi::qmp::stop {})?;
     }
     let after = vm.run_state()?;
-    Ok(RunStateChanged { name: ctx.name.clone(), action: "pause", before, after, undo_command: ctx.command("resume") })
+    Ok(RunStateChanged {
+        name: ctx.name.clone(),
+        action: PowerAction::Pause,
+        before,
+        after,
+        undo_command: ctx.command("resume"),
+    })
 }
 
 pub fn resume(ctx: &Ctx) -> Result<RunStateChanged> {
@@ -42,7 +48,13 @@ pub fn resume(ctx: &Ctx) -> Result<RunStateChanged> {
         vm.run(&qapi::qmp::cont {})?;
     }
     let after = vm.run_state()?;
-    Ok(RunStateChanged { name: ctx.name.clone(), action: "resume", before, after, undo_command: ctx.command("pause") })
+    Ok(RunStateChanged {
+        name: ctx.name.clone(),
+        action: PowerAction::Resume,
+        before,
+        after,
+        undo_command: ctx.command("pause"),
+    })
 }
 
 #[derive(Debug, Clone)]

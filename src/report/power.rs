@@ -5,12 +5,19 @@ use serde::Serialize;
 use super::Render;
 use crate::qemu::parse::RunState;
 
+/// What `pause` and `resume` did to the VM's CPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PowerAction {
+    Pause,
+    Resume,
+}
+
 /// `pause` or `resume`.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunStateChanged {
     pub name: String,
-    /// `pause` or `resume`.
-    pub action: &'static str,
+    pub action: PowerAction,
     /// QEMU's run state before and after (`running`, `paused`, …).
     pub before: RunState,
     pub after: RunState,
@@ -22,13 +29,13 @@ pub struct RunStateChanged {
 impl Render for RunStateChanged {
     fn human(&self) -> String {
         match (self.action, self.before == self.after) {
-            ("pause", true) => format!("Instance '{}' was already paused. Resume it with '{}'.", self.name, self.undo_command),
-            ("pause", false) => format!(
+            (PowerAction::Pause, true) => format!("Instance '{}' was already paused. Resume it with '{}'.", self.name, self.undo_command),
+            (PowerAction::Pause, false) => format!(
                 "Instance '{}' is paused: its CPUs are stopped (memory and devices are kept), so SSH and the console do not answer. Resume it with '{}'.",
                 self.name, self.undo_command
             ),
-            (_, true) => format!("Instance '{}' was already running.", self.name),
-            (_, false) => format!("Instance '{}' runs again (it was {}).", self.name, self.before),
+            (PowerAction::Resume, true) => format!("Instance '{}' was already running.", self.name),
+            (PowerAction::Resume, false) => format!("Instance '{}' runs again (it was {}).", self.name, self.before),
         }
     }
 }
