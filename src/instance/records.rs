@@ -202,43 +202,77 @@ impl StopMethod {
     }
 }
 
-/// What one step of a stop did. Written as `METHOD: NOTE` (the JSON's and
-/// stopped.json's `steps` strings), read back from that.
+/// What one step of a stop did, when (seconds since the stop began).
+/// `report::stop` words it; stopped.json keeps it as data. A record of an
+/// older qbuf-qemu has `METHOD: NOTE` strings, read as [`StepAction::Note`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(from = "String", into = "String")]
+#[serde(from = "StepWire")]
 pub struct StopStep {
     /// The ladder step it belongs to; `None` for a line without one.
     pub method: Option<StopMethod>,
-    pub note: String,
+    #[serde(flatten)]
+    pub action: StepAction,
+    pub after_seconds: f64,
+}
+
+/// What a step of the ladder did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "kebab-case")]
+pub enum StepAction {
+    /// The step's request went out: the power button pressed, the agent
+    /// asked, `quit` accepted, the signal sent.
+    Sent,
+    /// QEMU accepted `quit` and closed QMP at once.
+    QuitClosedQmp,
+    /// The step could not be taken: no QMP connection, no guest agent.
+    Skipped,
+    /// QEMU, the agent or the OS refused the step, in their words.
+    Failed { error: String },
+    /// The VM was paused (no power button reaches a paused guest): resumed
+    /// first.
+    ResumedFirst,
+    /// The VM was paused and `cont` failed, in QEMU's words.
+    ResumeFailed { error: String },
+    /// The user forced the stop while the guest's step waited.
+    Forced,
+    /// QEMU still ran when the step's wait ended.
+    StillRunning,
+    /// A step recorded as text by an older qbuf-qemu.
+    Note { text: String },
 }
 
 impl StopStep {
-    pub fn new(method: StopMethod, note: impl Into<String>) -> StopStep {
-        StopStep { method: Some(method), note: note.into() }
+    pub fn new(method: StopMethod, action: StepAction, after: std::time::Duration) -> StopStep {
+        StopStep { method: Some(method), action, after_seconds: after.as_secs_f64() }
     }
 }
 
-impl std::fmt::Display for StopStep {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.method {
-            Some(m) => write!(f, "{}: {}", m.as_str(), self.note),
-            None => f.write_str(&self.note),
+/// A step as stored: typed, or an older build's `METHOD: NOTE` line.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StepWire {
+    Typed {
+        method: Option<StopMethod>,
+        #[serde(flatten)]
+        action: StepAction,
+        #[serde(default)]
+        after_seconds: f64,
+    },
+    Line(String),
+}
+
+impl From<StepWire> for StopStep {
+    fn from(w: StepWire) -> StopStep {
+        match w {
+            StepWire::Typed { method, action, after_seconds } => StopStep { method, action, after_seconds },
+            StepWire::Line(text) => {
+                let (method, text) = match text.split_once(": ").and_then(|(m, n)| Some((StopMethod::parse(m)?, n))) {
+                    Some((m, note)) => (Some(m), note.to_string()),
+                    None => (None, text),
+                };
+                StopStep { method, action: StepAction::Note { text }, after_seconds: 0.0 }
+            }
         }
-    }
-}
-
-impl From<String> for StopStep {
-    fn from(text: String) -> StopStep {
-        match text.split_once(": ").and_then(|(m, note)| Some((StopMethod::parse(m)?, note))) {
-            Some((m, note)) => StopStep::new(m, note),
-            None => StopStep { method: None, note: text },
-        }
-    }
-}
-
-impl From<StopStep> for String {
-    fn from(s: StopStep) -> String {
-        s.to_string()
     }
 }
 
@@ -411,15 +445,20 @@ impl DevicesRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
-    fn a_stop_step_reads_back_as_it_was_written() {
-        let step = StopStep::new(StopMethod::GuestAgent, "asked: guest-shutdown");
-        let text = serde_json::to_string(&step).unwrap();
-        assert_eq!(text, "\"guest-agent: asked: guest-shutdown\"");
-        assert_eq!(serde_json::from_str::<StopStep>(&text).unwrap(), step);
+    fn a_stop_step_reads_back_as_it_was_written_and_an_older_line_as_a_note() {
+        let step =
+            StopStep::new(StopMethod::Quit, StepAction::Failed { error: "no".into() }, Duration::from_millis(1500));
+        let v = serde_json::to_value(&step).unwrap();
+        assert_eq!(v, serde_json::json!({"method": "quit", "action": "failed", "error": "no", "after_seconds": 1.5}));
+        assert_eq!(serde_json::from_value::<StopStep>(v).unwrap(), step);
+        let old: StopStep = serde_json::from_str("\"guest-agent: asked: guest-shutdown\"").unwrap();
+        let note = StepAction::Note { text: "asked: guest-shutdown".into() };
+        assert_eq!(old, StopStep { method: Some(StopMethod::GuestAgent), action: note, after_seconds: 0.0 });
         let odd: StopStep = serde_json::from_str("\"no method here\"").unwrap();
-        assert_eq!(odd, StopStep { method: None, note: "no method here".into() });
+        assert_eq!(odd.method, None);
     }
 
     #[test]

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use super::Render;
-use crate::instance::records::{StopCause, StopKind, StopMethod, StopOutcome, StopRecord};
+use crate::instance::proc::ExitInfo;
+use crate::instance::records::{StepAction, StopCause, StopKind, StopMethod, StopOutcome, StopRecord, StopStep};
 
 /// Why QEMU ended, in one sentence: the record's cause worded, or the
 /// sentence an older qbuf-qemu wrote.
@@ -34,16 +35,63 @@ pub fn describe_cause(c: &StopCause) -> String {
     }
 }
 
+/// One step of a stop in words: `METHOD: what happened`.
+pub fn describe_step(s: &StopStep) -> String {
+    use StopMethod as M;
+    let words = match (&s.action, s.method) {
+        (StepAction::Sent, Some(M::Powerdown)) => "pressed the ACPI power button (system_powerdown)".into(),
+        (StepAction::Sent, Some(M::GuestAgent)) => "asked the guest agent to power off (guest-shutdown)".into(),
+        (StepAction::Sent, Some(M::Quit)) => "QEMU accepted quit".into(),
+        (StepAction::Sent, Some(M::TermSignal)) => {
+            "sent QEMU its termination signal (SIGINT; SIGTERM is blocked in QEMU)".into()
+        }
+        (StepAction::Sent, Some(M::Sigkill)) => "sent SIGKILL".into(),
+        (StepAction::Sent, _) => "done".into(),
+        (StepAction::QuitClosedQmp, _) => "QEMU accepted quit and closed QMP".into(),
+        (StepAction::Skipped, Some(M::GuestAgent)) => "no guest agent; skipped".into(),
+        (StepAction::Skipped, _) => "no QMP connection; skipped".into(),
+        (StepAction::Failed { error }, Some(M::Powerdown)) => format!("system_powerdown failed: {error}"),
+        (StepAction::Failed { error }, Some(M::Quit)) => format!("quit failed: {error}"),
+        (StepAction::Failed { error }, Some(M::TermSignal)) => format!("signal failed: {error}"),
+        (StepAction::Failed { error }, Some(M::Sigkill)) => format!("SIGKILL failed: {error}"),
+        (StepAction::Failed { error }, _) => error.clone(),
+        (StepAction::ResumedFirst, _) => {
+            "the VM was paused, where the guest cannot see the power button: resumed it (cont) first".into()
+        }
+        (StepAction::ResumeFailed { error }, _) => {
+            format!("the VM is paused and could not be resumed ({error}): the guest cannot see the power button")
+        }
+        (StepAction::Forced, _) => format!("forced on request after {:.0}s: going on at quit", s.after_seconds),
+        (StepAction::StillRunning, _) => format!("QEMU still running after {:.0}s", s.after_seconds),
+        (StepAction::Note { text }, _) => text.clone(),
+    };
+    match s.method {
+        Some(m) => format!("{}: {words}", m.as_str()),
+        None => words,
+    }
+}
+
+/// What `powerdown` (and `destroy`'s stop) report. The JSON has the
+/// ladder's outcome's fields, with `steps` in words as before and the same
+/// steps as data in `step_details`.
 #[derive(Debug, Clone, Serialize)]
 pub struct StopReport {
     pub name: String,
-    /// What the ladder did: `method` (the step that stopped the VM; `None`
-    /// when nothing could), `shutdown_reason`, `guest`, `seconds`, `exit`,
-    /// `steps`.
-    #[serde(flatten)]
-    pub outcome: StopOutcome,
+    /// The step that stopped the VM; `None` when nothing could.
+    pub method: Option<StopMethod>,
+    pub shutdown_reason: Option<String>,
+    pub guest: bool,
+    pub seconds: f64,
+    pub exit: Option<ExitInfo>,
+    /// What happened at each step, in words (`METHOD: …`).
+    pub steps: Vec<String>,
+    /// The same steps as data: `method`, `action` (with `error` when it
+    /// failed), `after_seconds`.
+    pub step_details: Vec<StopStep>,
     /// Why QEMU ended, in one sentence (from the stop record).
     pub reason: Option<String>,
+    #[serde(skip)]
+    pub outcome: StopOutcome,
     /// The command that stops it by hand when nothing could.
     #[serde(skip)]
     pub status_command: String,
@@ -51,7 +99,19 @@ pub struct StopReport {
 
 impl StopReport {
     pub fn from_outcome(name: &str, o: &StopOutcome, reason: Option<String>, status_command: String) -> StopReport {
-        StopReport { name: name.into(), outcome: o.clone(), reason, status_command }
+        StopReport {
+            name: name.into(),
+            method: o.method,
+            shutdown_reason: o.shutdown_reason.clone(),
+            guest: o.guest,
+            seconds: o.seconds,
+            exit: o.exit,
+            steps: o.steps.iter().map(describe_step).collect(),
+            step_details: o.steps.clone(),
+            reason,
+            outcome: o.clone(),
+            status_command,
+        }
     }
 
     /// The step that stopped the VM.
@@ -74,7 +134,7 @@ impl Render for StopReport {
     fn human(&self) -> String {
         let o = &self.outcome;
         let reason = o.shutdown_reason.clone().unwrap_or_else(|| "no SHUTDOWN event".into());
-        let steps = || o.steps.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  ");
+        let steps = || self.steps.join("\n  ");
         match o.method {
             Some(StopMethod::AlreadyStopped) => format!("Instance '{}' is already stopped.", self.name),
             Some(m @ (StopMethod::Powerdown | StopMethod::GuestAgent)) => format!(
@@ -200,5 +260,37 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(stop_reason(&rec), "the guest shut down (guest-shutdown)");
+    }
+
+    #[test]
+    fn steps_are_data_in_step_details_and_words_in_steps() {
+        use std::time::Duration;
+        let steps = vec![
+            StopStep::new(StopMethod::Powerdown, StepAction::ResumedFirst, Duration::ZERO),
+            StopStep::new(StopMethod::Powerdown, StepAction::StillRunning, Duration::from_secs(30)),
+            StopStep::new(StopMethod::Quit, StepAction::Failed { error: "timed out".into() }, Duration::from_secs(35)),
+            StopStep::new(StopMethod::TermSignal, StepAction::Sent, Duration::from_secs(35)),
+        ];
+        let o = StopOutcome {
+            method: Some(StopMethod::TermSignal),
+            shutdown_reason: None,
+            guest: false,
+            seconds: 36.0,
+            exit: None,
+            steps,
+        };
+        let v = serde_json::to_value(StopReport::from_outcome("dev", &o, None, String::new())).unwrap();
+        assert_eq!(v["method"], "sigterm");
+        assert_eq!(v["steps"][1], "powerdown: QEMU still running after 30s");
+        assert_eq!(v["steps"][2], "quit: quit failed: timed out");
+        assert!(v["steps"][0].as_str().unwrap().contains("resumed it (cont) first"), "{v}");
+        assert!(
+            v["steps"][3].as_str().unwrap().starts_with("sigterm: sent QEMU its termination signal (SIGINT"),
+            "{v}"
+        );
+        assert_eq!(
+            v["step_details"][2],
+            serde_json::json!({"method": "quit", "action": "failed", "error": "timed out", "after_seconds": 35.0})
+        );
     }
 }

@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::instance::proc::{ExitInfo, ProcIdentity};
-use crate::instance::records::{StopMethod, StopOutcome, StopStep};
+use crate::instance::records::{StepAction, StopMethod, StopOutcome, StopStep};
 use crate::qemu::parse::RunState;
 use crate::qmp::{Event, Qmp};
 use crate::timeouts::{
@@ -100,8 +100,8 @@ pub async fn stop<P: QemuProcess + Sync>(
         return finish(Some(StopMethod::AlreadyStopped), watch.shutdown, steps);
     }
     if !opts.force {
-        if let Some(note) = resume_if_paused(qmp, limits.command.min(RESUME_BEFORE_POWERDOWN)).await {
-            steps.push(StopStep::new(StopMethod::Powerdown, note));
+        if let Some(action) = resume_if_paused(qmp, limits.command.min(RESUME_BEFORE_POWERDOWN)).await {
+            steps.push(StopStep::new(StopMethod::Powerdown, action, start.elapsed()));
         }
     }
     for (method, deadline) in plan(opts, agent, start).await {
@@ -116,15 +116,14 @@ pub async fn stop<P: QemuProcess + Sync>(
             _ => Instant::now() + limits.signal,
         };
         on_step(method, deadline.saturating_duration_since(Instant::now()));
-        let note = act(qmp, proc, method, agent, limits.command).await;
-        tracing::info!(step = method.as_str(), "{note}");
-        steps.push(StopStep::new(method, note));
+        let action = act(qmp, proc, method, agent, limits.command).await;
+        tracing::info!(step = method.as_str(), "{action:?}");
+        steps.push(StopStep::new(method, action, start.elapsed()));
         let gone = tokio::select! {
             gone = watch.until_gone(proc, deadline) => gone,
             // A dropped sender disables this branch; it never hurries.
             true = async { hurry.wait_for(|h| *h).await.is_ok() }, if guests_step => {
-                let note = format!("forced on request after {:.0}s: going on at quit", start.elapsed().as_secs_f64());
-                steps.push(StopStep::new(method, note));
+                steps.push(StopStep::new(method, StepAction::Forced, start.elapsed()));
                 // An exit that raced the request still counts for this step.
                 if proc.wait_gone(Instant::now()).await {
                     return finish(Some(method), watch.shutdown, steps);
@@ -135,7 +134,7 @@ pub async fn stop<P: QemuProcess + Sync>(
         if gone {
             return finish(Some(method), watch.shutdown, steps);
         }
-        steps.push(StopStep::new(method, format!("QEMU still running after {:.0}s", start.elapsed().as_secs_f64())));
+        steps.push(StopStep::new(method, StepAction::StillRunning, start.elapsed()));
     }
     finish(None, watch.shutdown, steps)
 }
@@ -174,7 +173,7 @@ fn power_button_wait(timeout: Duration, agent_answers: bool) -> Duration {
 
 /// A paused guest (QMP `stop`, a debugger) cannot see the power button, so
 /// it is resumed first; says so when it did.
-async fn resume_if_paused(qmp: Option<&Qmp>, t: Duration) -> Option<String> {
+async fn resume_if_paused(qmp: Option<&Qmp>, t: Duration) -> Option<StepAction> {
     let q = qmp?;
     // Raw, not qapi's RunState: a state newer than its schema must not fail.
     let status = q.execute_raw("query-status", serde_json::json!({}), t).await.ok()?;
@@ -184,8 +183,8 @@ async fn resume_if_paused(qmp: Option<&Qmp>, t: Duration) -> Option<String> {
         return None;
     }
     Some(match q.execute(&qapi::qmp::cont {}, t).await {
-        Ok(_) => "the VM was paused, where the guest cannot see the power button: resumed it (cont) first".into(),
-        Err(e) => format!("the VM is paused and could not be resumed ({e}): the guest cannot see the power button"),
+        Ok(_) => StepAction::ResumedFirst,
+        Err(e) => StepAction::ResumeFailed { error: e.to_string() },
     })
 }
 
@@ -246,38 +245,32 @@ async fn act<P: QemuProcess>(
     method: StopMethod,
     agent: Option<&Path>,
     t: Duration,
-) -> String {
+) -> StepAction {
     use nix::sys::signal::Signal;
+    let failed = |e: &dyn std::fmt::Display| StepAction::Failed { error: e.to_string() };
     match method {
         StopMethod::Powerdown => match qmp {
-            Some(q) => match q.execute(&qapi::qmp::system_powerdown {}, t).await {
-                Ok(_) => "pressed the ACPI power button (system_powerdown)".into(),
-                Err(e) => format!("system_powerdown failed: {e}"),
-            },
-            None => "no QMP connection; skipped".into(),
+            Some(q) => {
+                q.execute(&qapi::qmp::system_powerdown {}, t).await.map_or_else(|e| failed(&e), |_| StepAction::Sent)
+            }
+            None => StepAction::Skipped,
         },
         StopMethod::Quit => match qmp {
             Some(q) => match q.execute(&qapi::qmp::quit {}, t).await {
-                Ok(_) => "QEMU accepted quit".into(),
+                Ok(_) => StepAction::Sent,
                 // After quit, EOF or a reset is QEMU going away, not a failure.
-                Err(crate::qmp::QmpError::Disconnected { .. }) => "QEMU accepted quit and closed QMP".into(),
-                Err(e) => format!("quit failed: {e}"),
+                Err(crate::qmp::QmpError::Disconnected { .. }) => StepAction::QuitClosedQmp,
+                Err(e) => failed(&e),
             },
-            None => "no QMP connection; skipped".into(),
+            None => StepAction::Skipped,
         },
-        StopMethod::TermSignal => match proc.signal(Signal::SIGINT) {
-            Ok(()) => "sent QEMU its termination signal (SIGINT; SIGTERM is blocked in QEMU)".into(),
-            Err(e) => format!("signal failed: {e}"),
-        },
-        StopMethod::Sigkill => match proc.signal(Signal::SIGKILL) {
-            Ok(()) => "sent SIGKILL".into(),
-            Err(e) => format!("SIGKILL failed: {e}"),
-        },
+        StopMethod::TermSignal => proc.signal(Signal::SIGINT).map_or_else(|e| failed(&e), |()| StepAction::Sent),
+        StopMethod::Sigkill => proc.signal(Signal::SIGKILL).map_or_else(|e| failed(&e), |()| StepAction::Sent),
         StopMethod::GuestAgent => match agent {
-            Some(sock) => crate::qga::shutdown(sock, t).await.unwrap_or_else(|e| e),
-            None => "no guest agent; skipped".into(),
+            Some(sock) => crate::qga::shutdown(sock, t).await.map_or_else(|e| failed(&e), |_| StepAction::Sent),
+            None => StepAction::Skipped,
         },
-        StopMethod::AlreadyStopped => String::new(),
+        StopMethod::AlreadyStopped => StepAction::Skipped,
     }
 }
 

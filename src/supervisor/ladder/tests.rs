@@ -174,7 +174,7 @@ async fn a_paused_guest_is_resumed_before_the_button() {
     let (o, heard) = ladder(Behaviour { paused: true, ..QEMU }, opts(5000), None).await;
     assert_eq!(o.method, Some(StopMethod::Powerdown));
     assert_eq!(heard, ["query-status", "cont", "system_powerdown"]);
-    assert!(o.steps[0].note.contains("resumed it (cont) first"), "{:?}", o.steps);
+    assert_eq!((o.steps[0].method, &o.steps[0].action), (Some(StopMethod::Powerdown), &StepAction::ResumedFirst));
 }
 
 #[tokio::test]
@@ -184,7 +184,8 @@ async fn a_guest_that_ignores_the_button_is_stopped_by_quit_after_timeout() {
     assert!(!o.guest);
     assert_eq!(o.shutdown_reason.as_deref(), Some("host-qmp-quit"));
     assert_eq!(heard, ["query-status", "system_powerdown", "quit"]);
-    assert!(o.steps.iter().any(|s| s.to_string().starts_with("powerdown: QEMU still running")), "{:?}", o.steps);
+    let still = |s: &StopStep| s.method == Some(StopMethod::Powerdown) && s.action == StepAction::StillRunning;
+    assert!(o.steps.iter().any(still), "{:?}", o.steps);
 }
 
 #[tokio::test]
@@ -193,7 +194,7 @@ async fn a_frozen_qemu_is_ended_by_its_termination_signal() {
     assert_eq!(o.method, Some(StopMethod::TermSignal));
     assert_eq!(heard, ["query-status", "system_powerdown", "quit", "SIGINT"], "SIGINT: QEMU's SIGTERM is blocked");
     assert!(
-        o.steps.iter().any(|s| s.method == Some(StopMethod::Quit) && s.note.contains("quit failed")),
+        o.steps.iter().any(|s| s.method == Some(StopMethod::Quit) && matches!(s.action, StepAction::Failed { .. })),
         "{:?}",
         o.steps
     );
@@ -223,7 +224,7 @@ async fn a_hurried_ladder_stops_waiting_for_the_guest_and_goes_on_at_quit() {
         ladder(Behaviour { obeys_button: false, ..QEMU }, opts(60_000), Some(Duration::from_millis(100))).await;
     assert_eq!(o.method, Some(StopMethod::Quit));
     assert!(started.elapsed() < Duration::from_secs(10), "the 60 s wait for the guest was cut short");
-    assert!(o.steps.iter().any(|s| s.note.contains("forced on request")), "{:?}", o.steps);
+    assert!(o.steps.iter().any(|s| s.action == StepAction::Forced), "{:?}", o.steps);
     assert_eq!(heard, ["query-status", "system_powerdown", "quit"]);
 }
 
