@@ -115,7 +115,7 @@ fn copy_goes_both_ways_and_ssh_config_serves_a_real_scp_and_list_shows_two_insta
 #[test]
 fn pause_resume_and_reboot_by_the_guest_or_by_a_reset() {
     let env = Env::new("power");
-    env.launch(&["--no-share", "--ssh-user", "root"]);
+    env.launch(&["--no-share"]);
     let (p, out) = env.json(&["pause"]);
     out.ok();
     assert_eq!((s(&p, "before").as_str(), s(&p, "after").as_str()), ("running", "paused"), "{p}");
@@ -143,9 +143,9 @@ fn pause_resume_and_reboot_by_the_guest_or_by_a_reset() {
     assert_eq!(out.code(), 1, "the guest booted again (its /tmp is new):\n{}", out.text());
     assert!(env.events("dev").iter().any(|e| e["event"] == "RESET" && e["data"]["guest"] == true), "a guest reset");
 
-    // Without an agent, 'reboot' over SSH (as root here): the guest reboots
-    // itself, so QEMU reports a guest reset, not one asked over QMP. (The
-    // fake agent did not survive the first reboot.)
+    // Without an agent, 'reboot' over SSH (as dev, through sudo -n): the
+    // guest reboots itself, so QEMU reports a guest reset, not one asked over
+    // QMP. (The fake agent did not survive the first reboot.)
     env.ssh("dev", "touch /tmp/before-reboot").ok();
     let resets = env.events("dev").iter().filter(|e| e["event"] == "RESET").count();
     let (b, out) = env.json(&["reboot"]);
@@ -321,25 +321,29 @@ fn a_guest_flooding_its_console_keeps_its_logs_capped_and_logs_streams_them() {
 fn rough_edges_a_wide_share_a_user_without_sudo_a_paused_guest_and_a_deleted_share() {
     use std::os::unix::fs::PermissionsExt;
     let env = Env::new("edges");
-    // The home directory, shared read-write over 9p as dev (uid 1000, which
-    // cannot write it): warned about, and its mode left as it is.
+    // The home directory, shared read-write over 9p as nosudo (uid 1001,
+    // which cannot write it): warned about, and its mode left as it is.
     let home = env.dir.join("home");
     std::fs::create_dir_all(&home).unwrap();
     std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).unwrap();
     let env = env.with_env("HOME", path_str(&home));
-    let v = env.launch(&["--share", path_str(&home), "--share-type", "9p"]);
+    let v = env.launch(&["--share", path_str(&home), "--share-type", "9p", "--ssh-user", "nosudo"]);
     let notes = v["notes"].to_string();
     assert!(notes.contains("warning: the share") && notes.contains("--share-mode ro"), "{v}");
     assert_eq!(std::fs::metadata(&home).unwrap().permissions().mode() & 0o7777, 0o755, "the guest chmodded the share");
-    // The guest has no sudo: said so, not "stop what uses it".
+    // nosudo's sudo wants a password (Debian's sudo, no NOPASSWD rule): said
+    // so with the fix, not "stop what uses it".
     let out = env.run(&["snapshot", "save", "s"]);
     out.code_is(1);
-    assert!(out.stderr().contains("has no sudo") && out.stderr().contains("--ssh-user root"), "{}", out.text());
-    assert!(!out.stderr().contains("stop what uses it"), "{}", out.text());
+    let err = out.stderr();
+    assert!(err.contains("'nosudo' is not root") && err.contains("sudo: a password is required"), "{}", out.text());
+    assert!(err.contains("--ssh-user root") && err.contains("give 'nosudo' passwordless sudo"), "{}", out.text());
+    assert!(!err.contains("stop what uses it"), "{}", out.text());
+    assert_eq!(env.ssh("dev", "cat /proc/mounts").stdout().matches(" 9p ").count(), 1, "the share is still mounted");
     // A new SSH user applies at once, and says so.
     let out = env.run(&["launch", "--ssh-user", "root"]);
     out.ok();
-    assert!(out.stdout().contains("ssh user changed from dev to root: saved, applies now"), "{}", out.text());
+    assert!(out.stdout().contains("ssh user changed from nosudo to root: saved, applies now"), "{}", out.text());
     assert_eq!(env.ssh("dev", "id -u").stdout(), "0\n");
     // ssh into a paused guest is refused at once, not left hanging.
     env.run(&["pause"]).ok();

@@ -416,7 +416,7 @@ fn a_full_state_dir_neither_fails_a_clean_stop_nor_loses_its_reason() {
 fn a_snapshot_save_on_a_full_disk_says_no_space_left_and_the_vm_runs_on() {
     assert!(can_mount(), "this test mounts a small tmpfs: run it as root (CI does)");
     let env = Env::new("snapfull");
-    env.launch(&["--no-share", "--ssh-user", "root"]);
+    env.launch(&["--no-share"]);
     let snaps = env.instance_dir("dev").join("snapshots");
     let _fs = Tmpfs::new(snaps.clone(), "4M");
     let out = env.run(&["snapshot", "save", "s"]);

@@ -132,7 +132,7 @@ fn a_deadline_during_the_boot_exits_124_and_the_summary_says_timed_out() {
 #[test]
 fn a_kept_run_from_a_snapshot_says_where_it_came_from_and_outlives_its_run() {
     let env = Env::new("runkeptsnap");
-    env.launch(&["--image", path_str(&guest().disk), "--ssh-user", "root", "--no-share"]);
+    env.launch(&["--image", path_str(&guest().disk), "--no-share"]);
     env.run(&["snapshot", "save", "ci"]).ok();
     let summary = env.dir.join("summary.json");
     let out = env.run(&["run", "--from-snapshot", "ci", "--keep", "--summary", path_str(&summary), "--", "true"]);

@@ -166,16 +166,9 @@ fn snapshots_and_runs_from_them_keep_a_virtiofs_share() {
     let env = Env::new("vfssnap");
     let c = checkout(&env);
     let disk = guest().disk;
-    env.launch(&[
-        "--image",
-        path_str(&disk),
-        "--ssh-user",
-        "root",
-        "--share",
-        path_str(&c),
-        "--share-type",
-        "virtiofs",
-    ]);
+    // As dev: the unmount for the save and the mounts after a resume are sudo's.
+    env.launch(&["--image", path_str(&disk), "--share", path_str(&c), "--share-type", "virtiofs"]);
+    assert_eq!(env.ssh("dev", "id -un").stdout(), "dev\n");
     let (s1, out) = env.json(&["snapshot", "save", "s1"]);
     out.ok();
     assert_eq!(s1["snapshot"]["shares"][0], "qbuf", "{s1}");
@@ -195,6 +188,9 @@ fn snapshots_and_runs_from_them_keep_a_virtiofs_share() {
     env.run(&["snapshot", "load", "s1"]).ok();
     assert_eq!(shares(&env)[0]["kind"], "virtiofs");
     assert_eq!(env.ssh("dev", "cat /mnt/qbuf/after.txt").stdout(), "written after the save\n");
+    env.run(&["powerdown"]).ok();
+    env.boot(&["launch", "--resume", "s1"]).1.ok();
+    assert_eq!(env.ssh("dev", "cat /mnt/qbuf/after.txt").stdout(), "written after the save\n", "after launch --resume");
     env.run(&["destroy", "--yes"]).ok();
 }
 
@@ -205,7 +201,7 @@ fn qemu_7_2_runs_a_virtiofs_share_and_says_why_it_cannot_snapshot_it() {
     let env =
         Env::new("vfs72").with_env("QBUF_QEMU_SYSTEM", path_str(&bin)).with_env("QBUF_QEMU_FIRMWARE", path_str(&fw));
     let c = checkout(&env);
-    env.launch(&["--share", path_str(&c), "--share-type", "virtiofs", "--ssh-user", "root"]);
+    env.launch(&["--share", path_str(&c), "--share-type", "virtiofs"]);
     assert_eq!(env.ssh("dev", "cat /mnt/qbuf/src/main.cc").stdout(), "int main() { return 0; }\n");
     let out = env.run(&["snapshot", "save", "s"]);
     out.code_is(1);

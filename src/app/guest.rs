@@ -21,12 +21,31 @@ fn as_root(t: &Target, script: &str) -> Result<String> {
     judge_as_root(t, ssh::capture(t, &as_root_command(script))?)
 }
 
+/// Put before a root job: root's tools (`reboot`; `mount` on some systems)
+/// live in sbin directories a user's PATH may lack (dropbear gives a user
+/// `/usr/bin:/bin`), and a sudo without `secure_path` (Guix's, the test
+/// guest's) keeps the user's PATH. Guix keeps them in its system profile.
+const ROOT_PATH: &str =
+    "PATH=\"$PATH:/run/current-system/profile/sbin:/usr/local/sbin:/usr/sbin:/sbin\"; export PATH; ";
+
+/// `script` for `sh -c`, quoted, with root's PATH.
+fn root_script(script: &str) -> String {
+    shell_words::quote(&format!("{ROOT_PATH}{script}")).into_owned()
+}
+
+/// The remote command line that runs `script` through `sudo -n`, with
+/// root's PATH.
+pub fn sudo_command(script: &str) -> String {
+    format!("sudo -n sh -c {}", root_script(script))
+}
+
 /// The remote command line that runs `script` as root.
 fn as_root_command(script: &str) -> String {
     format!(
-        "if [ \"$(id -u)\" = 0 ]; then sh -c {0}; elif command -v sudo >/dev/null 2>&1; then sudo -n sh -c {0}; \
+        "if [ \"$(id -u)\" = 0 ]; then sh -c {0}; elif command -v sudo >/dev/null 2>&1; then {1}; \
          else exit {NO_SUDO}; fi",
-        shell_words::quote(script)
+        root_script(script),
+        sudo_command(script)
     )
 }
 
@@ -233,6 +252,52 @@ mod tests {
         assert!(notes[0].contains("has no sudo"), "{notes:?}");
         assert!(after_resume_notes(&t, out("qbuf-root-exit 0\n"), &mounts).is_empty());
         assert!(after_resume_login(&mounts).ends_with("; echo \"qbuf-root-exit $?\""));
+    }
+
+    #[test]
+    fn root_jobs_find_roots_tools_when_the_users_path_lacks_sbin() {
+        // As the test guest's dev runs them: dropbear's PATH for a user,
+        // kept by a sudo without secure_path.
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("sh -c {}", root_script("echo \"$PATH\"")))
+            .env("PATH", "/usr/bin:/bin")
+            .output()
+            .unwrap();
+        let path = String::from_utf8_lossy(&out.stdout);
+        assert!(path.starts_with("/usr/bin:/bin:") && path.contains(":/usr/sbin:/sbin"), "{path}");
+        assert!(sudo_command("reboot").starts_with("sudo -n sh -c ") && sudo_command("reboot").ends_with("reboot'"));
+        assert!(as_root_command("reboot").contains(&sudo_command("reboot")));
+    }
+
+    #[test]
+    fn a_user_whom_sudo_refuses_is_told_the_fix_not_a_script_failure() {
+        use std::os::unix::process::ExitStatusExt;
+        let t = Target {
+            alias: "a".into(),
+            port: 1,
+            user: "nosudo".into(),
+            key: "/k".into(),
+            known_hosts: "/h".into(),
+            control: None,
+        };
+        let out = |code: i32, stderr: &str| std::process::Output {
+            status: std::process::ExitStatus::from_raw(code << 8),
+            stdout: vec![],
+            stderr: stderr.as_bytes().to_vec(),
+        };
+        // What Debian's sudo 1.9.13 says to `sudo -n` from a user with no
+        // NOPASSWD rule, in sudoers or not (the test guest's nosudo).
+        let e = judge_as_root(&t, out(1, "sudo: a password is required\n")).unwrap_err();
+        assert!(e.is::<NoRoot>(), "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains("'nosudo' is not root") && msg.contains("a password is required"), "{msg}");
+        assert!(msg.contains("--ssh-user root") && msg.contains("give 'nosudo' passwordless sudo"), "{msg}");
+        let e = judge_as_root(&t, out(NO_SUDO, "")).unwrap_err();
+        assert!(e.is::<NoRoot>() && e.to_string().contains("has no sudo"), "{e}");
+        // A script that failed is the script's failure, with what it said.
+        let e = judge_as_root(&t, out(32, "umount: /mnt/qbuf: target is busy\n")).unwrap_err();
+        assert!(!e.is::<NoRoot>() && e.to_string() == "umount: /mnt/qbuf: target is busy", "{e}");
     }
 
     #[test]

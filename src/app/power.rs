@@ -153,8 +153,11 @@ async fn reset(
 /// as the guest goes down (ssh's 255): only a refusal from the guest's
 /// side (another status) counts as a failure.
 async fn ask_over_ssh(t: Target) -> Result<(), String> {
-    let cmd = if t.user == "root" { "reboot" } else { "sudo -n reboot" };
-    let out = tokio::task::spawn_blocking(move || crate::ssh::capture(&t, cmd))
+    let (cmd, remote) = match t.user == "root" {
+        true => ("reboot", "reboot".to_string()),
+        false => ("sudo -n reboot", super::guest::sudo_command("reboot")),
+    };
+    let out = tokio::task::spawn_blocking(move || crate::ssh::capture(&t, &remote))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;

@@ -19,8 +19,11 @@ log() { echo "guest-build: $*" >&2; }
 export DEBIAN_FRONTEND=noninteractive
 apt_opts=(-q -o APT::Sandbox::User=root)
 
-# Host packages this script needs (the kernel is only downloaded, not installed).
-pkgs=(busybox-static dropbear-bin openssh-sftp-server syslinux syslinux-common mtools dosfstools cpio qemu-utils)
+# Host packages this script needs (the kernel and sudo are only downloaded,
+# not installed). The libraries the guest's sudo and PAM link are copied from
+# the host: they are on every Debian, listed so that the stamp follows them.
+pkgs=(busybox-static dropbear-bin openssh-sftp-server syslinux syslinux-common mtools dosfstools cpio qemu-utils
+      libc6 libcrypt1 zlib1g libpam0g libpam-modules libaudit1 libselinux1 libcap-ng0 libpcre2-8-0)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$p")
@@ -42,12 +45,21 @@ if [ -z "$kernel_pkg" ]; then
 fi
 [ -n "$kernel_pkg" ] || { log "cannot resolve linux-image-amd64"; exit 1; }
 kernel_ver=$(apt-cache policy "$kernel_pkg" | awk '$1 == "Candidate:" {print $2}')
+# sudo for the guest: downloaded and unpacked, never installed on the host (a
+# root-only host has no sudo and should not get a setuid one from a test build).
+sudo_ver=$(apt-cache policy sudo | awk '$1 == "Candidate:" && $2 != "(none)" {print $2}')
+if [ -z "$sudo_ver" ]; then
+  apt-get update "${apt_opts[@]}" >&2
+  sudo_ver=$(apt-cache policy sudo | awk '$1 == "Candidate:" && $2 != "(none)" {print $2}')
+fi
+[ -n "$sudo_ver" ] || { log "no candidate for the sudo package"; exit 1; }
 
 # Up to date? The stamp covers this script, the guest files and the versions used.
 stamp_key=$(
   {
     cat "$here/build.sh" "$here/init"
     echo "$kernel_pkg=$kernel_ver"
+    echo "sudo=$sudo_ver"
     [ -z "${QBUF_GUEST_EXTRA_MODULES:-}" ] || echo "extra modules: $QBUF_GUEST_EXTRA_MODULES"
     dpkg-query -W "${pkgs[@]}"
   } | sha256sum | cut -d' ' -f1
@@ -62,15 +74,21 @@ rm -f "$out/.stamp"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
+# A package's .deb in the cache (older ones matching $3 are dropped); prints its path.
+fetch_deb() { # $1 package, $2 version, $3 glob of the package's older .debs
+  local deb=$cache/${1}_${2//:/%3a}_amd64.deb
+  if [ ! -s "$deb" ]; then
+    rm -f "$cache"/$3
+    log "downloading $1 $2"
+    (cd "$cache" && apt-get download "${apt_opts[@]}" "$1=$2" >&2) ||
+      { apt-get update "${apt_opts[@]}" >&2; (cd "$cache" && apt-get download "${apt_opts[@]}" "$1=$2" >&2); }
+    deb=$(ls "$cache"/"$1"_*.deb | head -n1)
+  fi
+  echo "$deb"
+}
+
 # --- kernel -----------------------------------------------------------------
-deb=$cache/${kernel_pkg}_${kernel_ver//:/%3a}_amd64.deb
-if [ ! -s "$deb" ]; then
-  rm -f "$cache"/linux-image-*.deb
-  log "downloading $kernel_pkg $kernel_ver"
-  (cd "$cache" && apt-get download "${apt_opts[@]}" "$kernel_pkg=$kernel_ver" >&2) ||
-    { apt-get update "${apt_opts[@]}" >&2; (cd "$cache" && apt-get download "${apt_opts[@]}" "$kernel_pkg=$kernel_ver" >&2); }
-  deb=$(ls "$cache"/"$kernel_pkg"_*.deb | head -n1)
-fi
+deb=$(fetch_deb "$kernel_pkg" "$kernel_ver" 'linux-image-*.deb')
 kx=$tmp/kernel
 mkdir -p "$kx"
 dpkg-deb -x "$deb" "$kx"
@@ -117,7 +135,7 @@ done
 
 # --- initramfs --------------------------------------------------------------
 root=$tmp/root
-mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,usr/lib,lib,lib64,etc,proc,sys,dev,run,tmp,root,home/dev,mnt/qbuf,data,var/log}
+mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,usr/lib,lib,lib64,etc/pam.d,proc,sys,dev,run,tmp,root,home/dev,home/nosudo,mnt/qbuf,data,var/log}
 mkdir -p "$root/etc/acpi/PWRF" "$root/lib/modules/$kver"
 ln -s ../run "$root/var/run"
 
@@ -143,32 +161,76 @@ for a in $(/bin/busybox --list-full); do
 done
 
 # dropbear (+ dropbearkey, sftp-server) with the shared libraries ldd names.
-copy_bin() { # $1 host binary, $2 path in guest
-  mkdir -p "$root/$(dirname "$2")"
-  cp -L "$1" "$root/$2"
+copy_libs() { # $1 binary or library: the host's libraries it links (not those under $tmp)
   ldd "$1" | awk '{for (i = 1; i <= NF; i++) if ($i ~ /^\//) print $i}' | while read -r lib; do
+    case "$lib" in "$tmp"/*) continue ;; esac
     mkdir -p "$root/$(dirname "$lib")"
     [ -e "$root/$lib" ] || cp -L "$lib" "$root/$lib"
   done
 }
+copy_bin() { # $1 host binary, $2 path in guest
+  mkdir -p "$root/$(dirname "$2")"
+  cp -L "$1" "$root/$2"
+  copy_libs "$1"
+}
 copy_bin /usr/sbin/dropbear /usr/sbin/dropbear
 copy_bin /usr/bin/dropbearkey /usr/bin/dropbearkey
 copy_bin /usr/lib/openssh/sftp-server /usr/lib/sftp-server
+
+# sudo from Debian's package, because the tool runs root jobs in the guest
+# through `sudo -n` as the real dev VM's `dev`. Only sudo itself, its sudoers
+# plugin and libsudo_util (found through sudo's RUNPATH /usr/libexec/sudo),
+# and the PAM modules /etc/pam.d/sudo names.
+sx=$tmp/sudo
+mkdir -p "$sx"
+dpkg-deb -x "$(fetch_deb sudo "$sudo_ver" 'sudo_*.deb')" "$sx"
+mkdir -p "$root/usr/libexec/sudo" "$root/var/lib/sudo/lectured"
+install -m 4755 -o 0 -g 0 "$sx/usr/bin/sudo" "$root/usr/bin/sudo"
+cp -a "$sx"/usr/libexec/sudo/sudoers.so "$sx"/usr/libexec/sudo/libsudo_util.so* "$root/usr/libexec/sudo/"
+chmod 700 "$root/var/lib/sudo/lectured"
+for f in "$sx/usr/bin/sudo" "$sx/usr/libexec/sudo/sudoers.so"; do
+  LD_LIBRARY_PATH=$sx/usr/libexec/sudo copy_libs "$f"
+done
+pamdir=$(dirname "$(dpkg -L libpam-modules | grep -m1 '/security/pam_permit\.so$')")
+mkdir -p "$root/$pamdir"
+for m in pam_permit pam_deny pam_unix; do
+  cp -L "$pamdir/$m.so" "$root/$pamdir/$m.so"
+  copy_libs "$pamdir/$m.so"
+done
+# No user has a password (shadow has '*'): pam_unix's auth never succeeds, so
+# only NOPASSWD rules work, and anyone else's `sudo -n` says "a password is
+# required".
+cat > "$root/etc/pam.d/sudo" <<'EOF'
+auth     required pam_unix.so
+account  required pam_permit.so
+session  required pam_permit.so
+password required pam_deny.so
+EOF
+cat > "$root/etc/sudoers" <<'EOF'
+# dev's rule is the real dev VM's (guix/dev-vm.scm); nosudo has none.
+Defaults env_reset
+root ALL=(ALL) ALL
+dev  ALL=(ALL) NOPASSWD: ALL
+EOF
+chmod 440 "$root/etc/sudoers"
 
 install -m 0755 "$here/init" "$root/init"
 
 cat > "$root/etc/passwd" <<'EOF'
 root:x:0:0:root:/root:/bin/sh
 dev:x:1000:1000:dev:/home/dev:/bin/sh
+nosudo:x:1001:1001:nosudo:/home/nosudo:/bin/sh
 EOF
 cat > "$root/etc/group" <<'EOF'
 root:x:0:
 tty:x:5:
 dev:x:1000:
+nosudo:x:1001:
 EOF
 cat > "$root/etc/shadow" <<'EOF'
 root:*:19000:0:99999:7:::
 dev:*:19000:0:99999:7:::
+nosudo:*:19000:0:99999:7:::
 EOF
 chmod 600 "$root/etc/shadow"
 printf '/bin/sh\n/bin/ash\n' > "$root/etc/shells"

@@ -246,6 +246,11 @@ def run(args, boot):
     try:
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", os.path.join(d, "key")], check=True)
         os.makedirs(os.path.join(d, "share"))
+        if os.getuid() == 0:
+            # 9p with security_model=none: the guest's dev (uid 1000) writes only
+            # where the host lets uid 1000 write.
+            os.chown(d, 1000, 1000)
+            os.chown(os.path.join(d, "share"), 1000, 1000)
         with open(os.path.join(d, "share", "from-host.txt"), "w") as f:
             f.write("hello from host\n")
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
@@ -261,6 +266,13 @@ def run(args, boot):
             check(f"{tag}: serial console shows ready line", bool(ready), ready[0].strip() if ready else "")
             r = vm.ssh("root", "id -u; hostname")
             check(f"{tag}: ssh root@ works, hostname qbuf-test", r.stdout.split() == ["0", "qbuf-test"], r.stdout.strip())
+            r = vm.ssh("dev", "sudo -n id -u")
+            check(f"{tag}: dev's sudo -n needs no password", r.returncode == 0 and r.stdout.strip() == "0",
+                  (r.stdout + r.stderr).strip())
+            r = vm.ssh("nosudo", "id -u; sudo -n id -u")
+            check(f"{tag}: nosudo logs in, its sudo -n is refused (a password is required)",
+                  r.returncode != 0 and r.stdout.split() == ["1001"] and "a password is required" in r.stderr,
+                  (r.stdout + r.stderr).strip().replace("\n", " | "))
             r = vm.ssh("dev", "cd /mnt/qbuf && ls && cat from-host.txt && id")
             check(f"{tag}: dev reads 9p share", "from-host.txt" in r.stdout and "hello from host" in r.stdout
                   and "uid=1000(dev)" in r.stdout, r.stdout.strip().replace("\n", " | "))

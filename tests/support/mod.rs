@@ -187,14 +187,15 @@ impl Env {
 }
 
 impl Env {
-    /// Starts [`FAKE_AGENT`] in instance `dev`'s guest and waits until
-    /// `status` says the agent answers.
+    /// Starts [`FAKE_AGENT`] in instance `dev`'s guest, as root like
+    /// qemu-ga (the agent's port is root's; `sudo -n` serves root and dev
+    /// alike), and waits until `status` says the agent answers.
     pub fn start_fake_agent(&self) {
         use std::io::Write;
         let mut put = self.cmd(&["ssh", "--", "cat > /tmp/agent.sh"]).stdin(Stdio::piped()).spawn().unwrap();
         put.stdin.take().unwrap().write_all(FAKE_AGENT.as_bytes()).unwrap();
         assert!(put.wait().unwrap().success());
-        self.ssh("dev", "setsid sh /tmp/agent.sh </dev/null >/dev/null 2>&1 &").ok();
+        self.ssh("dev", "sudo -n setsid sh /tmp/agent.sh </dev/null >/dev/null 2>&1 &").ok();
         wait_until("the agent to answer", Duration::from_secs(10), || {
             self.json(&["status"]).0["guest_agent"] == "answers"
         });
