@@ -291,7 +291,7 @@ TIMEOUT 0
 LABEL qbuf
   LINUX /vmlinuz
   INITRD /initrd.img
-  APPEND console=ttyS0 quiet
+  APPEND console=ttyS0 quiet no_timer_check
 EOF
 fat=$tmp/disk.img
 mkfs.vfat -C -n QBUFTEST "$fat" $((128 * 1024)) >/dev/null

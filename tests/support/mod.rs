@@ -126,7 +126,7 @@ impl Env {
         let g = guest();
         let mut boot = vec!["--kernel", path_str(&g.kernel), "--initrd", path_str(&g.initrd)];
         if !extra.contains(&"--append") {
-            boot.extend(["--append", "console=ttyS0 quiet"]);
+            boot.extend(["--append", "console=ttyS0 quiet no_timer_check"]);
         }
         vm_args(&boot, extra)
     }
@@ -407,7 +407,7 @@ pub fn run_args(extra: &[&str], command: &[&str]) -> Vec<String> {
         .map(|s| s.to_string())
         .collect();
     if !extra.contains(&"--append") {
-        v.extend(["--append".into(), "console=ttyS0 quiet".into()]);
+        v.extend(["--append".into(), "console=ttyS0 quiet no_timer_check".into()]);
     }
     for (flag, value) in [("--accel", "tcg"), ("--memory", "512M")] {
         if !extra.contains(&flag) {
