@@ -141,6 +141,9 @@ ROWS = [
     ("run_snap_boot", "… `run` starts -> the first login worked, clock set (`boot`)", "ms", [], [], None),
     ("run_snap_command", "… COMMAND `sh -c 'echo started'` over the shared connection (`command`)", "ms", [], [], None),
     ("run_snap_total", "`run -- true` from a snapshot, whole (VM stopped and removed)", "ms", [], ["run_cold_total"], "<= 2.5 s"),
+    ("sshd_ready", "OpenSSH guest: sshd marker -> `launch` returns", "ms", ["sshd_floor"], ["sshd_first", "sshd_ready_peer"], None),
+    ("sshd_first", "OpenSSH guest, nothing probing: sshd marker -> first `ssh true` returns", "ms", ["sshd_first_second"], ["sshd_nologind", "sshd_usedns"], None),
+    ("sshd_ready_probes", "OpenSSH guest: connections sshd saw closed before the key exchange, `launch` boot", "", [], ["sshd_ready_peer_probes", "sshd_first_probes"], None),
     ("build", "`cargo build --release` in a fresh clone", "s", [], [], None),
     ("load", "host 1-min load average at each round's start (includes the harness's own last guest)", "", [], [], "quiet host: about 1"),
 ]
@@ -153,6 +156,14 @@ LABELS = {
     "qmp_raw": "raw socket",
     "qmp_qapi": "qapi QmpStreamTokio",
     "qmp_python": "Python qemu.qmp",
+    "sshd_floor": "one more `ssh true` (ControlPath=none)",
+    "sshd_first": "`launch --no-wait`, first `ssh true` at the marker (own boot)",
+    "sshd_ready_peer": "`launch`, peer binary (own boot)",
+    "sshd_first_second": "a second `ssh true` right after it",
+    "sshd_nologind": "the same, booted without pam_systemd (own boot)",
+    "sshd_usedns": "the same, booted with sshd `UseDNS yes` (own boot)",
+    "sshd_ready_peer_probes": "`launch` boot, peer binary",
+    "sshd_first_probes": "`--no-wait` boot, nothing probing",
     "run_cold_start": "the same `run` booting the guest (cold)",
     "run_cold_total": "the same `run` booting the guest (cold)",
 }
@@ -185,7 +196,8 @@ def report(tsv, mdout):
             if k not in med:
                 continue
             nk = f"{med['qmp_calls']:.0f} calls" if k.startswith("qmp_") and "qmp_calls" in med else f"n={n[k]}"
-            c = f"{LABELS[k]}: {fmt(med[k], unit)} ({nk}); {m / med[k]:.2f}x"
+            ratio = f"{m / med[k]:.2f}x" if med[k] else "–"
+            c = f"{LABELS[k]}: {fmt(med[k], unit)} ({nk}); {ratio}"
             capped = int(sum(vals.get(k + "_capped", [])))
             if capped:
                 c += f" ({capped} of {n[k]} stopped by the run's time cap: a lower bound)"
