@@ -40,7 +40,13 @@ fn no_instances_left(env: &Env) {
 #[test]
 fn a_refused_key_fails_launch_within_the_grace_naming_the_user_and_the_key() {
     let env = Env::new("nokey");
-    let args = env.launch_args(&["--no-share", "--timeout", "300", "--append", "console=ttyS0 quiet no_timer_check qbuf.nokey=1"]);
+    let args = env.launch_args(&[
+        "--no-share",
+        "--timeout",
+        "300",
+        "--append",
+        "console=ttyS0 quiet no_timer_check qbuf.nokey=1",
+    ]);
     let t = Instant::now();
     let out = env.run(&strs(&args));
     let took = t.elapsed();

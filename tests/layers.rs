@@ -29,7 +29,7 @@ const LAYERS: &[&[&str]] = &[
     // QEMU as data: the pure argv builder, parsers of its output, its binaries.
     &["qemu/value.rs", "qemu/args.rs", "qemu/forward.rs", "qemu/virtiofs.rs", "qemu/parse.rs", "qemu/binaries.rs"],
     // The records an instance keeps.
-    &["instance/records.rs", "instance/liveness.rs", "instance/mod.rs"],
+    &["instance/records.rs", "instance/stops.rs", "instance/liveness.rs", "instance/mod.rs"],
     // Services over the records: images, SSH, files out of a guest, Guix, logs, the console.
     &[
         "qemu/image.rs",

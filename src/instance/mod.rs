@@ -9,6 +9,7 @@ pub mod owner;
 pub mod paths;
 pub mod proc;
 pub mod records;
+pub mod stops;
 
 pub use liveness::Liveness;
 pub use lock::Lock;
