@@ -90,8 +90,6 @@ pub struct StopReport {
     pub step_details: Vec<StopStep>,
     /// Why QEMU ended, in one sentence (from the stop record).
     pub reason: Option<String>,
-    #[serde(skip)]
-    pub outcome: StopOutcome,
     /// The command that stops it by hand when nothing could.
     #[serde(skip)]
     pub status_command: String,
@@ -109,20 +107,19 @@ impl StopReport {
             steps: o.steps.iter().map(describe_step).collect(),
             step_details: o.steps.clone(),
             reason,
-            outcome: o.clone(),
             status_command,
         }
     }
 
     /// The step that stopped the VM.
     pub fn method(&self) -> Option<StopMethod> {
-        self.outcome.method
+        self.method
     }
 
     /// The contract's exit code: 0 graceful or already stopped, 3
     /// escalated but stopped, 1 still running.
     pub fn exit_code(&self) -> i32 {
-        match self.outcome.method {
+        match self.method {
             Some(m) if m.graceful() => 0,
             Some(_) => 3,
             None => 1,
@@ -132,29 +129,28 @@ impl StopReport {
 
 impl Render for StopReport {
     fn human(&self) -> String {
-        let o = &self.outcome;
-        let reason = o.shutdown_reason.clone().unwrap_or_else(|| "no SHUTDOWN event".into());
+        let reason = self.shutdown_reason.clone().unwrap_or_else(|| "no SHUTDOWN event".into());
         let steps = || self.steps.join("\n  ");
-        match o.method {
+        match self.method {
             Some(StopMethod::AlreadyStopped) => format!("Instance '{}' is already stopped.", self.name),
             Some(m @ (StopMethod::Powerdown | StopMethod::GuestAgent)) => format!(
                 "Instance '{}' powered off by itself after {} ({reason}) in {:.1}s.",
                 self.name,
                 if m == StopMethod::Powerdown { "the ACPI power button" } else { "the guest agent's shutdown" },
-                o.seconds
+                self.seconds
             ),
-            Some(m) if !o.steps.iter().any(|s| s.method == Some(StopMethod::Powerdown)) => format!(
+            Some(m) if !self.step_details.iter().any(|s| s.method == Some(StopMethod::Powerdown)) => format!(
                 "Instance '{}' stopped by '{}' ({reason}) after {:.1}s; --force skipped the guest's own shutdown.\nsteps:\n  {}",
                 self.name,
                 m.as_str(),
-                o.seconds,
+                self.seconds,
                 steps()
             ),
             Some(m) => format!(
                 "Instance '{}' did not power off by itself; stopped by '{}' ({reason}) after {:.1}s.\nsteps:\n  {}",
                 self.name,
                 m.as_str(),
-                o.seconds,
+                self.seconds,
                 steps()
             ),
             None => format!(
