@@ -15,7 +15,7 @@ use anyhow::{bail, Result};
 use super::ssh::running_target;
 use super::{block_on, ready, Ctx};
 use crate::instance::records::{BootPlan, RunRecord};
-use crate::instance::{read_json, Instance};
+use crate::instance::read_json;
 use crate::machine::reset::Resets;
 use crate::machine::{missing_record, Vm};
 use crate::qemu::parse::RunState;
@@ -69,8 +69,8 @@ pub struct RebootOptions {
 }
 
 pub fn reboot(ctx: &Ctx, opts: &RebootOptions) -> Result<Rebooted> {
-    let vm = Vm::running(&ctx.existing()?)?;
     let (inst, t) = running_target(ctx)?;
+    let vm = Vm::running(&inst)?;
     let mut notes = vec![];
     // One question for both: is it paused, and does a guest agent answer.
     let live = match block_on(client::status(&inst.control(), QMP_QUERY))?.live {
@@ -84,7 +84,7 @@ pub fn reboot(ctx: &Ctx, opts: &RebootOptions) -> Result<Rebooted> {
     let agent = live.is_some_and(|l| l.guest_agent == AgentState::Answers);
     let started = Instant::now();
     let serial_before = std::fs::metadata(inst.serial_log()).map(|m| m.len()).unwrap_or(0);
-    let method = block_on(reset(ctx, &inst, &t, agent, opts, &mut notes))?;
+    let method = block_on(reset(ctx, &vm, &t, agent, opts, &mut notes))?;
     // The shared SSH connections went with the old boot.
     if let Err(e) = inst.fresh_ssh_mux_dir() {
         tracing::warn!("logins will not share a connection: {e:#}");
@@ -119,16 +119,16 @@ pub fn reboot(ctx: &Ctx, opts: &RebootOptions) -> Result<Rebooted> {
 /// when the guest did not within the timeout (or at once with `force`).
 async fn reset(
     ctx: &Ctx,
-    inst: &Instance,
+    vm: &Vm,
     t: &Target,
     agent: bool,
     opts: &RebootOptions,
     notes: &mut Vec<String>,
 ) -> Result<RebootMethod> {
-    let mut resets = Resets::subscribe(&Vm { inst: inst.clone() }).await?;
+    let mut resets = Resets::subscribe(vm).await?;
     if !opts.force {
         let asked = match agent {
-            true => crate::qga::reboot(&inst.guest_agent(), AGENT_REBOOT).await.map(|_| RebootMethod::GuestAgent),
+            true => crate::qga::reboot(&vm.inst.guest_agent(), AGENT_REBOOT).await.map(|_| RebootMethod::GuestAgent),
             false => ask_over_ssh(t.clone()).await.map(|()| RebootMethod::Ssh),
         };
         match asked {

@@ -81,7 +81,7 @@ impl Vm {
     }
 
     /// A QMP command by name; QEMU's own refusal is the inner `Err`.
-    pub fn call(&self, command: &str, arguments: Value, timeout: Duration) -> Result<Result<Value, QmpError>> {
+    fn call(&self, command: &str, arguments: Value, timeout: Duration) -> Result<Result<Value, QmpError>> {
         block_on(client::qmp(&self.inst.control(), command, arguments, timeout))
     }
 
