@@ -14,8 +14,8 @@ use anyhow::{bail, Result};
 
 use super::ssh::running_target;
 use super::{block_on, ready, Ctx};
-use crate::instance::records::{BootPlan, RunRecord};
 use crate::instance::read_json;
+use crate::instance::records::{BootPlan, RunRecord};
 use crate::machine::reset::Resets;
 use crate::machine::{missing_record, Vm};
 use crate::qemu::parse::RunState;
@@ -26,35 +26,34 @@ use crate::supervisor::client;
 use crate::timeouts::{AGENT_REBOOT, QMP_QUERY};
 
 pub fn pause(ctx: &Ctx) -> Result<RunStateChanged> {
-    let vm = Vm::running(&ctx.existing()?)?;
-    let before = vm.run_state()?;
-    if before == RunState::Running {
-        vm.run(&qapi::qmp::stop {})?;
-    }
-    let after = vm.run_state()?;
-    Ok(RunStateChanged {
-        name: ctx.name.clone(),
-        action: PowerAction::Pause,
-        before,
-        after,
-        undo_command: ctx.command("resume"),
-    })
+    set_cpus(ctx, PowerAction::Pause)
 }
 
 pub fn resume(ctx: &Ctx) -> Result<RunStateChanged> {
+    set_cpus(ctx, PowerAction::Resume)
+}
+
+/// QMP `stop` (pause) of a running VM or `cont` (resume) of one that is
+/// not; nothing when it already is as asked.
+fn set_cpus(ctx: &Ctx, action: PowerAction) -> Result<RunStateChanged> {
     let vm = Vm::running(&ctx.existing()?)?;
     let before = vm.run_state()?;
-    if before != RunState::Running {
-        vm.run(&qapi::qmp::cont {})?;
-    }
+    let undo = match (action, before == RunState::Running) {
+        (PowerAction::Pause, running) => {
+            if running {
+                vm.run(&qapi::qmp::stop {})?;
+            }
+            "resume"
+        }
+        (PowerAction::Resume, running) => {
+            if !running {
+                vm.run(&qapi::qmp::cont {})?;
+            }
+            "pause"
+        }
+    };
     let after = vm.run_state()?;
-    Ok(RunStateChanged {
-        name: ctx.name.clone(),
-        action: PowerAction::Resume,
-        before,
-        after,
-        undo_command: ctx.command("pause"),
-    })
+    Ok(RunStateChanged { name: ctx.name.clone(), action, before, after, undo_command: ctx.command(undo) })
 }
 
 #[derive(Debug, Clone)]
