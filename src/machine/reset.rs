@@ -41,7 +41,10 @@ impl Resets {
     pub async fn force(&mut self) -> Result<()> {
         let sock = self.vm.inst.control();
         if let Err(e) = client::qmp(&sock, "system_reset", json!({}), QMP_QUERY).await? {
-            bail!("QEMU refused system_reset: {e}");
+            bail!(
+                "QEMU refused system_reset ({e}): the guest was not reset; '{}' stops the VM, 'launch' starts it again",
+                self.vm.inst.command("powerdown")
+            );
         }
         self.next(QMP_QUERY).await.unwrap_or(Ok(()))
     }

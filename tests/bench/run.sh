@@ -17,6 +17,8 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 timing=$here/timing.py
+# shellcheck source=tests/bench/lib.sh
+. "$here/lib.sh"
 
 rounds=5
 status_runs=50
@@ -68,42 +70,15 @@ results=$work/results.tsv
 bg_pids=()
 
 cleanup() {
-  local rc=$? p n
+  local rc=$? p
   trap - EXIT INT TERM
   for p in "${bg_pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  if [ -d "$state/instances" ]; then
-    for n in "$state"/instances/*/; do
-      [ -d "$n" ] || continue
-      n=$(basename "$n")
-      timeout 90 "$bin" --state-dir "$state" --name "$n" destroy --force --yes >/dev/null 2>&1 || true
-    done
-  fi
-  # Anything still running that belongs to this run (QEMU, supervisors, helpers), by pid.
-  for p in /proc/[0-9]*; do
-    p=${p#/proc/}
-    [ "$p" = $$ ] && continue
-    if tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | grep -qF "$work/"; then
-      kill -9 "$p" 2>/dev/null || true
-    fi
-  done
-  if [ "$rc" != 0 ] && [ -s "$results" ]; then
-    log "stopped early (exit $rc); the values measured so far:"
-    cat "$results" >&2
-  fi
-  rm -rf "$work"
-  exit "$rc"
+  end_run "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-jget() { python3 -c 'import json,sys; v=json.load(open(sys.argv[1])); [v:=v[k] for k in sys.argv[2:]]; print(v)' "$@"; }
-# Milliseconds between two stamps: ms A B = (B - A) * 1000.
-ms() { python3 -c 'import sys; print(f"{(float(sys.argv[2]) - float(sys.argv[1])) * 1e3:.3f}")' "$1" "$2"; }
-put() {
-  [ -n "$2" ] || { log "no value measured for $1"; exit 1; }
-  echo "$1 $2" >> "$results"
-}
 median_of() { python3 -c 'import statistics,sys; print(statistics.median(map(float, open(sys.argv[1]).read().split())))' "$1"; }
 
 q() { "$bin" --state-dir "$state" --name "$name" "$@"; }

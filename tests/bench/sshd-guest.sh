@@ -48,24 +48,10 @@ log() { echo "sshd-guest: $*" >&2; }
 [ "$(id -u)" = 0 ] || { log "must run as root"; exit 1; }
 
 export DEBIAN_FRONTEND=noninteractive
-apt_opts=(-q -o APT::Sandbox::User=root)
-missing=()
-for p in debootstrap e2fsprogs; do
-  dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  log "installing ${missing[*]}"
-  apt-get install -y --no-install-recommends "${apt_opts[@]}" "${missing[@]}" >&2 ||
-    { apt-get update "${apt_opts[@]}" >&2; apt-get install -y --no-install-recommends "${apt_opts[@]}" "${missing[@]}" >&2; }
-fi
-
-# The Debian mirror the machine already uses (deb822 or one-line form), as
-# tests/bench/cxx-guest.sh finds it. Never written into the repo.
-mirror=$(sed -n 's/^URIs:[[:space:]]*\([^[:space:]]*\).*/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null \
-         | grep -v security | head -n1 || true)
-[ -n "$mirror" ] ||
-  mirror=$(awk '$1=="deb" && $3 ~ /^bookworm$/ {print $2; exit}' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null || true)
-[ -n "$mirror" ] || { log "no bookworm entry found in /etc/apt/sources.list*"; exit 1; }
+# shellcheck source=tests/bench/lib.sh
+. "$here/lib.sh"
+install_missing debootstrap e2fsprogs
+mirror=$(debian_mirror)
 
 # --- Debian root: systemd, sshd, kernel (debootstrap minbase) ------------------
 root=$cache/root

@@ -24,6 +24,8 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 timing=$here/timing.py
+# shellcheck source=tests/bench/lib.sh
+. "$here/lib.sh"
 
 rounds=4
 md_out=-
@@ -60,37 +62,15 @@ results=$work/results.tsv
 watcher=
 
 cleanup() {
-  local rc=$? p n
+  local rc=$?
   trap - EXIT INT TERM
   [ -n "$watcher" ] && kill "$watcher" 2>/dev/null || true
-  if [ -d "$state/instances" ]; then
-    for n in "$state"/instances/*/; do
-      [ -d "$n" ] || continue
-      timeout 90 "$bin" --state-dir "$state" --name "$(basename "$n")" destroy --force --yes >/dev/null 2>&1 || true
-    done
-  fi
-  for p in /proc/[0-9]*; do
-    p=${p#/proc/}
-    [ "$p" = $$ ] && continue
-    if tr '\0' ' ' 2>/dev/null < "/proc/$p/cmdline" | grep -qF "$work/"; then kill -9 "$p" 2>/dev/null || true; fi
-  done
-  if [ "$rc" != 0 ] && [ -s "$results" ]; then
-    log "stopped early (exit $rc); the values measured so far:"
-    cat "$results" >&2
-  fi
-  rm -rf "$work"
-  exit "$rc"
+  end_run "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-jget() { python3 -c 'import json,sys; v=json.load(open(sys.argv[1])); [v:=v[k] for k in sys.argv[2:]]; print(v)' "$@"; }
-ms() { python3 -c 'import sys; print(f"{(float(sys.argv[2]) - float(sys.argv[1])) * 1e3:.3f}")' "$1" "$2"; }
-put() {
-  [ -n "$2" ] || { log "no value measured for $1"; exit 1; }
-  echo "$1 $2" >> "$results"
-}
 
 marker='qbuf-sshd-guest: sshd ready'
 append='root=/dev/vda rw console=ttyS0 quiet'
