@@ -85,7 +85,7 @@ fn boots_from_a_bootable_qcow2_disk_and_powers_off() {
 #[test]
 fn guest_ignoring_the_power_button_is_stopped_by_quit_with_exit_3() {
     let env = Env::new("ignorepower");
-    let append = "console=ttyS0 quiet no_timer_check qbuf.ignore_power=1 qbuf.ignore_reboot=1";
+    let append = &format!("{APPEND_DEAF} qbuf.ignore_reboot=1");
     let args = env.launch_args(&["--no-share", "--ssh-user", "root", "--append", append]);
     let a = strs(&args);
     env.run(&a).ok();
@@ -108,7 +108,7 @@ fn guest_ignoring_the_power_button_is_stopped_by_quit_with_exit_3() {
 #[test]
 fn status_answers_while_a_powerdown_waits() {
     let env = Env::new("concurrent");
-    let args = env.launch_args(&["--no-share", "--append", "console=ttyS0 quiet no_timer_check qbuf.ignore_power=1"]);
+    let args = env.launch_args(&["--no-share", "--append", APPEND_DEAF]);
     let a = strs(&args);
     env.run(&a).ok();
     let mut pd =
@@ -263,7 +263,7 @@ fn qemu_7_2_runs_the_same_lifecycle() {
     assert_eq!(s(&p, "shutdown_reason"), "guest-shutdown");
     assert!(!pid_running(pid_of(&v)));
     // 7.2's quit path too.
-    let args = env.launch_args(&["--append", "console=ttyS0 quiet no_timer_check qbuf.ignore_power=1"]);
+    let args = env.launch_args(&["--append", APPEND_DEAF]);
     let a = strs(&args);
     env.run(&a).ok();
     let (p, out) = env.json(&["powerdown", "--force"]);

@@ -429,13 +429,7 @@ fn doctor_reports_the_hosts_kvm_and_a_stand_in_that_cannot_run_guests() {
 #[test]
 fn guest_agent_is_reported_and_powers_off_a_guest_that_ignores_acpi() {
     let env = Env::new("guestagent");
-    env.launch(&[
-        "--no-share",
-        "--ssh-user",
-        "root",
-        "--append",
-        "console=ttyS0 quiet no_timer_check qbuf.ignore_power=1",
-    ]);
+    env.launch(&["--no-share", "--ssh-user", "root", "--append", APPEND_DEAF]);
     let t = Instant::now();
     let (st, _) = env.json(&["status"]);
     assert_eq!(s(&st, "guest_agent"), "not-running");

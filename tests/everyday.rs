@@ -399,7 +399,7 @@ fn progress_is_one_updating_line_on_a_terminal_and_plain_lines_in_a_pipe() {
     // The guest ignores the power button, so the ladder waits at that step
     // for its whole --timeout: the line is shown however fast a guest
     // would power off (one did in 0.1 s, before the first 100 ms poll).
-    let deaf = ["--append", "console=ttyS0 quiet no_timer_check qbuf.ignore_power=1"];
+    let deaf = ["--append", APPEND_DEAF];
     let args = env.launch_args(&[&["--no-share"][..], &deaf].concat());
     let (code, stdout, tty) = on_pty(&env, &strs(&args), b"");
     assert_eq!(code, 0, "{stdout}\n{tty}");

@@ -483,7 +483,7 @@ fn powerdown_waiting(env: &Env) -> std::process::Child {
 #[test]
 fn ctrl_c_during_powerdown_forces_the_stop_and_a_second_one_stops_waiting() {
     let env = Env::new("ctrlc");
-    let ignore = ["--no-share", "--append", "console=ttyS0 quiet no_timer_check qbuf.ignore_power=1"];
+    let ignore = ["--no-share", "--append", APPEND_DEAF];
     env.launch(&ignore);
     let t = Instant::now();
     let child = powerdown_waiting(&env);

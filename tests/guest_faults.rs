@@ -21,7 +21,7 @@ fn run_args(append: &str, extra: &[&str], command: &[&str]) -> Vec<String> {
         .iter()
         .map(|s| s.to_string())
         .collect();
-    v.extend(["--append".into(), format!("console=ttyS0 quiet no_timer_check {append}")]);
+    v.extend(["--append".into(), format!("{APPEND} {append}")]);
     v.extend(["--accel", "tcg", "--memory", "512M", "--no-share"].map(String::from));
     v.extend(extra.iter().map(|s| s.to_string()));
     v.push("--".into());
@@ -40,13 +40,7 @@ fn no_instances_left(env: &Env) {
 #[test]
 fn a_refused_key_fails_launch_within_the_grace_naming_the_user_and_the_key() {
     let env = Env::new("nokey");
-    let args = env.launch_args(&[
-        "--no-share",
-        "--timeout",
-        "300",
-        "--append",
-        "console=ttyS0 quiet no_timer_check qbuf.nokey=1",
-    ]);
+    let args = env.launch_args(&["--no-share", "--timeout", "300", "--append", &format!("{APPEND} qbuf.nokey=1")]);
     let t = Instant::now();
     let out = env.run(&strs(&args));
     let took = t.elapsed();
@@ -159,7 +153,7 @@ fn a_reboot_loop_shows_in_status_and_events() {
     let env = Env::new("reboots");
     // Each boot panics 6 s after its sshd is up, and the kernel reboots
     // 1 s after a panic.
-    env.launch(&["--no-share", "--append", "console=ttyS0 quiet no_timer_check panic=1 qbuf.panic_after=6"]);
+    env.launch(&["--no-share", "--append", &format!("{APPEND} panic=1 qbuf.panic_after=6")]);
     let mut st = Value::Null;
     wait_until("status to name a reboot loop", Duration::from_secs(150), || {
         st = env.json(&["status"]).0;

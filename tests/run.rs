@@ -156,7 +156,7 @@ fn sigterm_to_run_mid_command_stops_the_vm_and_leaves_nothing() {
 fn ctrl_c_stops_a_run_and_another_forces_its_cleanup_which_still_removes_everything() {
     let env = Env::new("runctrlc");
     let summary = env.dir.join("summary.json");
-    let ignore = ["--no-share", "--append", "console=ttyS0 quiet no_timer_check qbuf.ignore_power=1"];
+    let ignore = ["--no-share", "--append", APPEND_DEAF];
     let extra: Vec<&str> = ignore.iter().copied().chain(["--summary", path_str(&summary)]).collect();
     let child = started_run(&env, &extra, "echo started; sleep 1000");
     let pid = child.id() as i32;

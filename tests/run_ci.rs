@@ -68,7 +68,7 @@ fn sigterm_during_the_cleanup_hurries_it_and_the_summary_says_interrupted() {
     let env = Env::new("runtermclean");
     let summary = env.dir.join("summary.json");
     // A guest that ignores the power button: the cleanup waits for it.
-    let extra = ["--append", "console=ttyS0 quiet no_timer_check qbuf.ignore_power=1", "--summary", path_str(&summary)];
+    let extra = ["--append", APPEND_DEAF, "--summary", path_str(&summary)];
     // No share and no --workdir (the test's directory is no checkout).
     let args = run_args(&extra, &["pwd"]);
     let mut child = env.cmd(&strs(&args)).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();

@@ -13,6 +13,18 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
+macro_rules! base_append {
+    () => {
+        "console=ttyS0 quiet no_timer_check"
+    };
+}
+/// The test guest's kernel command line (tests/guest/README.md): its init
+/// on the console, and no IO-APIC timer check, which a loaded TCG host can
+/// fail.
+pub const APPEND: &str = base_append!();
+/// [`APPEND`] for a guest that ignores the power button (no acpid).
+pub const APPEND_DEAF: &str = concat!(base_append!(), " qbuf.ignore_power=1");
+
 /// TCG on two cores: one VM at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -126,7 +138,7 @@ impl Env {
         let g = guest();
         let mut boot = vec!["--kernel", path_str(&g.kernel), "--initrd", path_str(&g.initrd)];
         if !extra.contains(&"--append") {
-            boot.extend(["--append", "console=ttyS0 quiet no_timer_check"]);
+            boot.extend(["--append", APPEND]);
         }
         vm_args(&boot, extra)
     }
@@ -407,7 +419,7 @@ pub fn run_args(extra: &[&str], command: &[&str]) -> Vec<String> {
         .map(|s| s.to_string())
         .collect();
     if !extra.contains(&"--append") {
-        v.extend(["--append".into(), "console=ttyS0 quiet no_timer_check".into()]);
+        v.extend(["--append".into(), APPEND.into()]);
     }
     for (flag, value) in [("--accel", "tcg"), ("--memory", "512M")] {
         if !extra.contains(&flag) {
