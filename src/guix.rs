@@ -192,6 +192,9 @@ pub fn ensure(state: &StateDir, req: &Request, quiet: bool, retry: &str) -> Resu
         std::fs::remove_file(&root).with_context(|| format!("cannot remove the stale GC root {}", root.display()))?;
         tracing::info!(root = %root.display(), "removed a stale GC root link before building");
     }
+    // The bytes the key was made of, kept for the pinned virtiofsd.
+    let channels = std::fs::read(req.guix_dir.join("channels.scm"))
+        .with_context(|| format!("cannot read {}", req.guix_dir.join("channels.scm").display()))?;
     let argv = command(req, &root);
     if !quiet {
         crate::progress::stage("building the Guix image (first time, or guix/ changed); this can take a while");
@@ -226,7 +229,20 @@ pub fn ensure(state: &StateDir, req: &Request, quiet: bool, retry: &str) -> Resu
         built_at: crate::clock::now(),
     };
     write_json(&dir.join("build.json"), &built)?;
+    record_channels(&image_channels(state, &key), &channels)?;
     Ok(BuildResult { store_path: image, gc_root: root, key, cache_hit: false, seconds: start.elapsed().as_secs_f64() })
+}
+
+/// Writes the channels copy, private like the rest of the state dir.
+fn record_channels(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Runs Guix with its progress (stderr) passed through, shortened, unless
@@ -281,20 +297,30 @@ struct PinnedDaemon {
 }
 
 /// The exact argv that builds the pinned channels' `virtiofsd`.
-pub fn virtiofsd_command(guix_dir: &Path, root: &Path) -> Vec<String> {
-    let channels = guix_dir.join("channels.scm").display().to_string();
+pub fn virtiofsd_command(channels: &Path, root: &Path) -> Vec<String> {
+    let channels = channels.display().to_string();
     ["guix", "time-machine", "-C", &channels, "--", "build", "virtiofsd", &format!("--root={}", root.display())]
         .iter()
         .map(|s| s.to_string())
         .collect()
 }
 
-/// The `virtiofsd` of the pinned channels, so every host runs the same
-/// daemon; `Err` says why not (no Guix, or the channels have no such
-/// package), and the caller falls back to the host's. Built at most once
-/// per channels file and protected from `guix gc` by its own root.
-pub fn pinned_virtiofsd(state: &StateDir, guix_dir: &Path) -> Result<PathBuf, String> {
-    let channels = std::fs::read(guix_dir.join("channels.scm")).map_err(|e| format!("no channels.scm: {e}"))?;
+/// The copy of channels.scm an image was built with (images/KEY/), the
+/// only channels file a plain `launch` evaluates: the checkout's `guix/`
+/// is in the share, which the guest can write, and Guix runs a channels
+/// file as code. The checkout's files are read only when the user asks
+/// for a build (`build`, a new instance, `launch --recreate`).
+pub fn image_channels(state: &StateDir, key: &str) -> PathBuf {
+    entry_dir(state, key).join("channels.scm")
+}
+
+/// The `virtiofsd` of the pinned channels (`channels`: an image's
+/// [`image_channels`]), so every host runs the same daemon; `Err` says why
+/// not (no Guix, or the channels have no such package), and the caller
+/// falls back to the host's. Built at most once per channels file and
+/// protected from `guix gc` by its own root.
+pub fn pinned_virtiofsd(state: &StateDir, channels_file: &Path) -> Result<PathBuf, String> {
+    let channels = std::fs::read(channels_file).map_err(|e| format!("cannot read {}: {e}", channels_file.display()))?;
     let key = cache_key(&[("channels.scm".into(), channels)], "virtiofsd", "");
     let dir = state.images_dir().join(format!("virtiofsd-{key}"));
     let record = dir.join("virtiofsd.json");
@@ -311,7 +337,7 @@ pub fn pinned_virtiofsd(state: &StateDir, guix_dir: &Path) -> Result<PathBuf, St
     crate::instance::private_dir(&dir).map_err(|e| format!("{e:#}"))?;
     let root = dir.join("virtiofsd.gcroot");
     let _ = std::fs::remove_file(&root);
-    let argv = virtiofsd_command(guix_dir, &root);
+    let argv = virtiofsd_command(channels_file, &root);
     let out = Command::new(&guix)
         .args(&argv[1..])
         .stdin(Stdio::null())
@@ -432,8 +458,11 @@ mod tests {
     #[test]
     fn the_pinned_virtiofsd_is_built_with_the_same_channels() {
         assert_eq!(
-            shell_words::join(virtiofsd_command(Path::new("/src/guix"), Path::new("/s/images/v/virtiofsd.gcroot"))),
-            "guix time-machine -C /src/guix/channels.scm -- build virtiofsd '--root=/s/images/v/virtiofsd.gcroot'"
+            shell_words::join(virtiofsd_command(
+                Path::new("/s/images/k/channels.scm"),
+                Path::new("/s/images/v/virtiofsd.gcroot")
+            )),
+            "guix time-machine -C /s/images/k/channels.scm -- build virtiofsd '--root=/s/images/v/virtiofsd.gcroot'"
         );
     }
 

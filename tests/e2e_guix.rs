@@ -161,13 +161,22 @@ fn a_guix_image_shares_over_the_pinned_channels_virtiofsd_when_they_have_one() {
     assert_eq!(builds(), 1, "asked once per channels file");
     env.run(&["powerdown"]).code_is(0);
 
-    // Other channels, without the package: the host's virtiofsd, and that
-    // answer is remembered too.
+    // Other channels, without the package. guix/ is in the checkout, which
+    // the guest can write, and Guix runs a channels file as code: a plain
+    // launch runs no Guix for it and keeps the image's channels' daemon.
     env.envs.retain(|(k, _)| k != "FAKE_GUIX_VIRTIOFSD");
     let mut channels = std::fs::read_to_string(guix_dir.join("channels.scm")).unwrap();
     channels.push_str("\n;; other channels\n");
     std::fs::write(guix_dir.join("channels.scm"), channels).unwrap();
+    let calls = || std::fs::read_to_string(&log).unwrap_or_default().lines().count();
+    let before = calls();
     env.boot(&["launch", "--timeout", "120"]).1.ok();
+    assert_eq!(calls(), before, "a changed channels.scm runs no Guix at a plain launch");
+    assert!(daemon(&env).starts_with(path_str(&store)), "the image's channels' daemon");
+    env.run(&["powerdown"]).code_is(0);
+    // Asked for (--recreate): the new image's channels have no virtiofsd,
+    // so the host's serves, and that answer is remembered too.
+    env.boot(&["launch", "--recreate", "--timeout", "120"]).1.ok();
     assert_eq!(daemon(&env), path_str(&host_daemon));
     assert_eq!(builds(), 2);
     env.run(&["powerdown"]).code_is(0);

@@ -226,7 +226,7 @@ pub fn share_transport(
     if asked == ShareType::NineP {
         return Ok(vec![]);
     }
-    let binary = match (asked, guix_virtiofsd(ctx, s).or_else(|_| virtiofs::find_virtiofsd())) {
+    let binary = match (asked, guix_virtiofsd(ctx, inst, s).or_else(|_| virtiofs::find_virtiofsd())) {
         (_, Ok(b)) => b,
         (ShareType::Virtiofs, Err(why)) if resumed.is_some() => anyhow::bail!(
             "the snapshot was saved with a virtio-fs share, and there is no usable virtiofsd ({why}): {}",
@@ -263,15 +263,21 @@ pub fn share_transport(
     Ok(daemons)
 }
 
-/// For a Guix image, the pinned channels' `virtiofsd` (the same daemon on
-/// every host), when they have one that works; else `Err` and the caller
-/// looks on this host.
-fn guix_virtiofsd(ctx: &Ctx, s: &Settings) -> Result<PathBuf, String> {
-    let config::Source::Guix { guix_dir, .. } = &s.source else {
+/// For a Guix image, the `virtiofsd` of the channels it was built with
+/// (the same daemon on every host), when they have one that works; else
+/// `Err` and the caller looks on this host. Never the checkout's current
+/// channels.scm: see [`crate::guix::image_channels`].
+fn guix_virtiofsd(ctx: &Ctx, inst: &Instance, s: &Settings) -> Result<PathBuf, String> {
+    if !matches!(s.source, config::Source::Guix { .. }) {
         return Err("not a Guix image".into());
-    };
-    let dir = crate::guix::resolve_dir(guix_dir.as_deref(), &ctx.state).map_err(|e| format!("{e:#}"))?;
-    let b = crate::guix::pinned_virtiofsd(&ctx.state, &dir)
+    }
+    let image: Option<crate::guix::InstanceImage> = crate::instance::read_json(&inst.guix_image()).ok().flatten();
+    let key = image.ok_or("the instance records no Guix image")?.key;
+    let channels = crate::guix::image_channels(&ctx.state, &key);
+    if !channels.is_file() {
+        return Err("its image's channels were not recorded (an image built by an older qbuf-qemu)".into());
+    }
+    let b = crate::guix::pinned_virtiofsd(&ctx.state, &channels)
         .inspect_err(|why| tracing::info!("no virtiofsd from Guix ({why}): looking on this host"))?;
     virtiofs::usable(&b).map(|()| b)
 }
