@@ -78,10 +78,12 @@ impl Capped {
 /// The last `max` bytes of a log file from byte `from` on, trimmed, or
 /// `when_empty`: what error messages quote of QEMU's output, the supervisor
 /// log and the serial console (which is appended across boots, so a boot
-/// quotes only from where it started).
+/// quotes only from where it started). Without terminal control sequences:
+/// the guest writes the console, and a message must not carry its escapes
+/// to the user's terminal.
 pub fn tail(path: &Path, from: u64, max: usize, when_empty: &str) -> String {
     let b = read_end(path, from, max).unwrap_or_default();
-    let s = String::from_utf8_lossy(&b).trim().to_string();
+    let s = String::from_utf8_lossy(&TerminalFilter::clean(&b)).trim().to_string();
     if s.is_empty() {
         when_empty.to_string()
     } else {
@@ -493,6 +495,8 @@ mod tests {
         // Past the end: the file was rotated since, so it is all new.
         assert_eq!(tail(&f, 1000, 7, "(nothing)"), "line 2");
         assert_eq!(tail(&dir.join("missing"), 0, 10, "(none)"), "(none)");
+        std::fs::write(&f, "Kernel panic - not syncing: \x1b]0;title\x07x\x1b[6n\n").unwrap();
+        assert_eq!(tail(&f, 0, 1000, "-"), "Kernel panic - not syncing: x", "the guest's escapes are dropped");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
