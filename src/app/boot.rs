@@ -155,6 +155,7 @@ fn plan(
             (spec, false)
         }
         None => {
+            notes.extend(restore::cut_short(inst));
             let (disk, kernel) = boot_disk(ctx, inst, s, opts, bins, pubkey, notes)?;
             if let Some(bytes) = opts.disk_size {
                 let d = disk

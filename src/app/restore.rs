@@ -132,11 +132,12 @@ pub fn adapt(spec: &mut VmSpec, s: &Settings, r: &Resume) {
 /// failed load.
 fn copy_disk(inst: &Instance, r: &Resume) -> Result<std::path::PathBuf> {
     use std::os::unix::fs::PermissionsExt;
-    if inst.overlay_kept().exists() {
-        // An earlier load was cut short: the kept disk is the user's, the
-        // current one a copy of a snapshot.
-        let _ = std::fs::remove_file(inst.overlay());
-    } else if inst.overlay().exists() {
+    if let Some(why) = cut_short(inst) {
+        // Which of the two disks the user wants is theirs to say: the
+        // current one may hold work done after the cut-short load.
+        bail!("{why}. Nothing was changed; keep one of the two disks, then load again");
+    }
+    if inst.overlay().exists() {
         std::fs::rename(inst.overlay(), inst.overlay_kept()).context("cannot set the current boot disk aside")?;
         let _ = std::fs::rename(inst.base_identity(), inst.base_kept());
     }
@@ -149,6 +150,28 @@ fn copy_disk(inst: &Instance, r: &Resume) -> Result<std::path::PathBuf> {
         }
     }
     Ok(inst.overlay())
+}
+
+/// When an earlier load of the instance's own snapshot was cut short (the
+/// disk it set aside is still there): what to tell the user, for `launch`'s
+/// note and a new load's refusal.
+pub fn cut_short(inst: &Instance) -> Option<String> {
+    let kept = inst.overlay_kept();
+    if !kept.exists() {
+        return None;
+    }
+    let base = if inst.base_kept().exists() {
+        format!(" and {} over {}", inst.base_kept().display(), inst.base_identity().display())
+    } else {
+        String::new()
+    };
+    Some(format!(
+        "an earlier snapshot load was cut short: the boot disk from before it is set aside as {kept}, and the current \
+         boot disk {overlay} (the snapshot's disk) may hold work done since. To keep the current disk, delete {kept}; \
+         to go back to the disk from before the load, move {kept} over {overlay}{base}",
+        kept = kept.display(),
+        overlay = inst.overlay().display(),
+    ))
 }
 
 /// The saved state loaded: the disk set aside for it is not needed.
@@ -195,4 +218,28 @@ pub fn qemu_said(inst: &Instance, e: anyhow::Error) -> anyhow::Error {
         return e;
     }
     anyhow!("{e:#}\nQEMU said:\n{said}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cut_short_load_is_told_with_both_disks() {
+        let root = std::env::temp_dir().join(format!("qbuf-cut-{}", std::process::id()));
+        let inst = crate::instance::StateDir::new(root.clone()).instance("r");
+        std::fs::create_dir_all(&inst.dir).unwrap();
+        assert_eq!(cut_short(&inst), None);
+        std::fs::write(inst.overlay_kept(), "before the load").unwrap();
+        let why = cut_short(&inst).unwrap();
+        let (kept, overlay) = (inst.overlay_kept().display().to_string(), inst.overlay().display().to_string());
+        assert!(
+            why.contains(&format!("delete {kept}")) && why.contains(&format!("move {kept} over {overlay}")),
+            "{why}"
+        );
+        assert!(!why.contains("base.json"), "{why}");
+        std::fs::write(inst.base_kept(), "{}").unwrap();
+        assert!(cut_short(&inst).unwrap().contains("base.json.kept over"));
+        std::fs::remove_dir_all(root).unwrap();
+    }
 }
