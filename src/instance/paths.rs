@@ -353,9 +353,16 @@ impl Instance {
     pub fn remove_created(&self) -> Vec<PathBuf> {
         let mut removed = Vec::new();
         let disks = self.disks_dir();
-        if disks.is_dir() {
-            let mut images: Vec<PathBuf> =
-                fs::read_dir(&disks).map(|rd| rd.filter_map(|e| Some(e.ok()?.path())).collect()).unwrap_or_default();
+        // Never through a symlink: only the tool's own directory's files go.
+        if fs::symlink_metadata(&disks).is_ok_and(|m| m.is_dir()) {
+            let mut images: Vec<PathBuf> = fs::read_dir(&disks)
+                .map(|rd| {
+                    rd.filter_map(|e| e.ok())
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+                        .map(|e| e.path())
+                        .collect()
+                })
+                .unwrap_or_default();
             images.sort();
             removed.extend(images.into_iter().filter(|d| fs::remove_file(d).is_ok()));
             let _ = fs::remove_dir(&disks);
@@ -432,5 +439,25 @@ mod tests {
         private_dir(&dir).unwrap();
         assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
         fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn removal_takes_the_tools_files_and_never_goes_through_a_symlink() {
+        let root = std::env::temp_dir().join(format!("qbuf-rm-{}", std::process::id()));
+        let inst = StateDir::new(root.join("s")).instance("x");
+        let elsewhere = root.join("user-images");
+        fs::create_dir_all(&elsewhere).unwrap();
+        fs::write(elsewhere.join("thesis.txt"), "mine").unwrap();
+        fs::create_dir_all(&inst.dir).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, inst.disks_dir()).unwrap();
+        fs::write(inst.overlay(), "overlay").unwrap();
+        let removed = inst.remove_created();
+        assert!(elsewhere.join("thesis.txt").exists(), "a linked disks/ is not followed: {removed:?}");
+        assert!(removed.contains(&inst.overlay()) && !inst.overlay().exists(), "{removed:?}");
+        fs::remove_file(inst.disks_dir()).unwrap();
+        fs::create_dir_all(inst.disks_dir().join("sub")).unwrap();
+        fs::write(inst.disks_dir().join("disk1.qcow2"), "made by disk add --size").unwrap();
+        assert_eq!(inst.remove_created(), vec![inst.disks_dir().join("disk1.qcow2")]);
+        fs::remove_dir_all(root).unwrap();
     }
 }
