@@ -457,7 +457,14 @@ pub fn started_run(env: &Env, extra: &[&str], command: &str) -> std::process::Ch
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     match lines.next() {
         Some(Ok(l)) if l == "started" => {}
-        other => panic!("COMMAND did not start: {other:?}"),
+        other => {
+            // run ended without COMMAND's first line: say what run said.
+            let _ = child.kill();
+            let status = child.wait();
+            let mut err = String::new();
+            let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err);
+            panic!("COMMAND did not start: {other:?}; run: {status:?}, its stderr:\n{err}");
+        }
     }
     // Keep draining stdout so the guest never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
