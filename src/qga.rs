@@ -13,8 +13,14 @@ use std::time::Duration;
 
 use crate::timeouts::AGENT_SHUTDOWN_REPLY;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
+
+/// The most the agent may send in one reply (or as stale output before its
+/// sync's 0xFF). The guest is untrusted and the supervisor reads these for
+/// every `status` and in the stop ladder: a guest streaming bytes without a
+/// line end must not grow its memory. Real replies here are a few bytes.
+const MAX_REPLY: u64 = 1 << 20;
 
 /// Whether the guest agent answers, as `status` shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -37,14 +43,45 @@ fn request(name: &str, args: Value) -> Vec<u8> {
     line
 }
 
-async fn read_json_line(r: &mut BufReader<UnixStream>) -> Result<Value, String> {
-    let mut line = String::new();
-    match r.read_line(&mut line).await {
-        Ok(0) => Err("the agent's socket closed".into()),
-        Ok(_) => {
-            serde_json::from_str(line.trim()).map_err(|e| format!("the agent sent something that is not JSON: {e}"))
+/// Reads up to and including `end` into `buf`, at most [`MAX_REPLY`]
+/// bytes; `what` names the read in the error when the cap is reached.
+/// Returns how many bytes were read (0 at EOF).
+async fn read_capped<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    end: u8,
+    buf: &mut Vec<u8>,
+    what: &str,
+) -> Result<usize, String> {
+    let n = (&mut *r).take(MAX_REPLY).read_until(end, buf).await.map_err(|e| e.to_string())?;
+    if n as u64 == MAX_REPLY && buf.last() != Some(&end) {
+        return Err(format!(
+            "the guest agent sent more than {} KiB {what}: stopped reading (the guest is not trusted)",
+            MAX_REPLY / 1024
+        ));
+    }
+    Ok(n)
+}
+
+async fn read_json_line<R: AsyncBufRead + Unpin>(r: &mut R) -> Result<Value, String> {
+    let mut line = Vec::new();
+    match read_capped(r, b'\n', &mut line, "without a line end").await? {
+        0 => Err("the agent's socket closed".into()),
+        _ => serde_json::from_slice(line.trim_ascii())
+            .map_err(|e| format!("the agent sent something that is not JSON: {e}")),
+    }
+}
+
+/// Skips the agent's output up to the 0xFF that starts the answer to the
+/// sync numbered `id` (stale output of earlier clients comes first).
+async fn skip_to_sync<R: AsyncBufRead + Unpin>(r: &mut R, id: i64) -> Result<(), String> {
+    loop {
+        let mut skipped = Vec::new();
+        if read_capped(r, 0xFF, &mut skipped, "before its sync marker (0xFF)").await? == 0 {
+            return Err("the agent's socket closed".into());
         }
-        Err(e) => Err(e.to_string()),
+        if read_json_line(r).await?.get("return").and_then(Value::as_i64) == Some(id) {
+            return Ok(());
+        }
     }
 }
 
@@ -59,15 +96,8 @@ async fn synced(sock: &Path) -> Result<BufReader<UnixStream>, String> {
     req.extend(request(<qapi::qga::guest_sync_delimited as qapi::Command>::NAME, json!({ "id": id })));
     s.write_all(&req).await.map_err(|e| e.to_string())?;
     let mut r = BufReader::new(s);
-    loop {
-        let mut skipped = Vec::new();
-        if r.read_until(0xFF, &mut skipped).await.map_err(|e| e.to_string())? == 0 {
-            return Err("the agent's socket closed".into());
-        }
-        if read_json_line(&mut r).await?.get("return").and_then(Value::as_i64) == Some(id) {
-            return Ok(r);
-        }
-    }
+    skip_to_sync(&mut r, id).await?;
+    Ok(r)
 }
 
 async fn ping_inner(sock: &Path) -> Result<(), String> {
@@ -132,6 +162,27 @@ mod tests {
         assert_eq!(request("guest-ping", Value::Null), b"{\"execute\":\"guest-ping\"}\n");
         let r = String::from_utf8(request("guest-sync-delimited", json!({"id": 5}))).unwrap();
         assert_eq!(r, "{\"arguments\":{\"id\":5},\"execute\":\"guest-sync-delimited\"}\n");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_guest_streaming_without_end_is_cut_off_at_the_cap() {
+        // Twice the cap and more, with no line end and no 0xFF: before the
+        // cap, the whole stream was kept in memory (and then parsed).
+        let flood = vec![b'a'; 2 * MAX_REPLY as usize + 7];
+        let mut r = BufReader::new(&flood[..]);
+        let e = read_json_line(&mut r).await.unwrap_err();
+        assert!(e.contains("more than 1024 KiB without a line end"), "{e}");
+        let mut r = BufReader::new(&flood[..]);
+        let e = skip_to_sync(&mut r, 5).await.unwrap_err();
+        assert!(e.contains("more than 1024 KiB before its sync marker"), "{e}");
+        // A reply of exactly the cap, line end included, is still read.
+        let mut line = vec![b' '; MAX_REPLY as usize - 3];
+        line.extend(b"{}\n");
+        assert_eq!(read_json_line(&mut BufReader::new(&line[..])).await.unwrap(), json!({}));
+        // Stale output, then the sync's answer.
+        let mut r = BufReader::new(&b"junk\xff{\"return\": 4}\n\xff{\"return\": 5}\n{\"return\": {}}\n"[..]);
+        skip_to_sync(&mut r, 5).await.unwrap();
+        assert_eq!(read_json_line(&mut r).await.unwrap(), json!({"return": {}}));
     }
 
     #[tokio::test(flavor = "current_thread")]

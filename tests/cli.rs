@@ -398,7 +398,7 @@ fn a_state_dir_another_user_owns_is_refused_before_anything_is_written() {
     std::fs::create_dir(&inside).unwrap();
     std::fs::remove_file(&link).unwrap();
     std::os::unix::fs::symlink(&inside, &link).unwrap();
-    refused(&link, &["list"], &format!("in a directory that belongs to {owner}"));
+    refused(&link, &["list"], &format!("which is reached through {} (owned by {owner}", theirs.display()));
 
     // A symlink to a directory of the user's own is fine.
     let mine = state("mine");
@@ -411,4 +411,52 @@ fn a_state_dir_another_user_owns_is_refused_before_anything_is_written() {
         let _ = std::fs::remove_file(&d);
         let _ = std::fs::remove_dir_all(&d);
     }
+}
+
+/// The review's case, as a user who is not root: uid 1000 (by `setpriv`)
+/// with a state dir of its own inside another user's directory (sticky
+/// and world-writable, like their own `/tmp`) or behind their symlink.
+#[test]
+fn a_state_dir_inside_another_users_directory_is_refused_for_a_plain_user() {
+    if !as_root("a_state_dir_inside_another_users_directory_is_refused_for_a_plain_user") {
+        return;
+    }
+    let (alice, (bob, bobs)) = (1000, nobody());
+    let give = |p: &std::path::Path, uid: u32, mode: u32| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(p).unwrap();
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+        std::os::unix::fs::chown(p, Some(uid), Some(uid)).unwrap();
+    };
+    let base = state("setpriv");
+    give(&base, 0, 0o755);
+    let (theirs, mine) = (base.join("bob-tmp"), base.join("alice"));
+    give(&theirs, bob.as_raw(), 0o1777);
+    give(&theirs.join("state"), alice, 0o700);
+    give(&mine, alice, 0o755);
+    give(&mine.join("state"), alice, 0o700);
+    let link = base.join("bob-link");
+    std::os::unix::fs::symlink(&mine, &link).unwrap();
+    std::os::unix::fs::lchown(&link, Some(bob.as_raw()), None).unwrap();
+    let as_alice = |s: &std::path::Path| {
+        Command::new("setpriv")
+            .args(["--reuid=1000", "--regid=1000", "--clear-groups", env!("CARGO_BIN_EXE_qbuf-qemu"), "--state-dir"])
+            .arg(s)
+            .arg("list")
+            .env_remove("QBUF_QEMU_STATE_DIR")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let o = as_alice(&theirs.join("state"));
+    let said = format!("is reached through {} (owned by {bobs}, mode 1777)", theirs.display());
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains(&said) && stderr(&o).contains("under your home"), "{}", stderr(&o));
+    let o = as_alice(&link.join("state"));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains(&format!("{}, a symlink owned by {bobs}", link.display())), "{}", stderr(&o));
+    // Their own state dir, reached through root's and their own directories.
+    let o = as_alice(&mine.join("state"));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    std::fs::remove_dir_all(&base).unwrap();
 }

@@ -265,15 +265,22 @@ fn choose_port(s: &mut Settings, opts: &LaunchOptions, notes: &mut Vec<String>) 
 }
 
 /// Recorded disks must exist and recorded forwards' host ports be free, as
-/// for the SSH port: QEMU would fail on either with a raw message.
+/// for the SSH port: QEMU would fail on either with a raw message. A
+/// recorded disk's header is checked again, as `disk add` did (it may have
+/// changed, or been added before that check refused backing files).
 fn check_devices(ctx: &Ctx, s: &Settings, devices: &DevicesRecord) -> Result<()> {
-    if let Some(d) = devices.disks.iter().find(|d| !d.path.is_file()) {
-        bail!(
-            "disk '{}' recorded for this instance is missing ({}): restore it, or stop attaching it with '{}'",
-            d.id,
-            d.path.display(),
-            ctx.command(&format!("disk remove {}", d.id))
-        );
+    for d in &devices.disks {
+        let detach = ctx.command(&format!("disk remove {}", d.id));
+        if !d.path.is_file() {
+            bail!(
+                "disk '{}' recorded for this instance is missing ({}): restore it, or stop attaching it with '{detach}'",
+                d.id,
+                d.path.display(),
+            );
+        }
+        crate::qemu::image::check_image(&d.path, d.format).with_context(|| {
+            format!("disk '{}' recorded for this instance is refused (stop attaching it with '{detach}')", d.id)
+        })?;
     }
     for f in &devices.forwards {
         let proto = f.proto();

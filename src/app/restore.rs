@@ -103,7 +103,7 @@ pub fn check(ctx: &Ctx, devices: &DevicesRecord, bins: &QemuBinaries, r: &Resume
 pub fn disk(inst: &Instance, bins: &QemuBinaries, r: &Resume) -> Result<Option<std::path::PathBuf>> {
     Ok(match (&r.record.spec.disk, r.layered) {
         (None, _) => None,
-        (Some(_), true) => Some(crate::qemu::image::prepare(inst, &bins.img, &r.snapshot.disk())?),
+        (Some(_), true) => Some(crate::qemu::image::prepare_on_snapshot(inst, &bins.img, &r.snapshot.disk())?),
         (Some(_), false) => Some(copy_disk(inst, r)?),
     })
 }

@@ -22,17 +22,29 @@ pub use crate::qemu::value::DiskFormat;
 /// What an image's first bytes say about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Header {
-    /// qcow2; `backing` is its backing file's format when it has one
-    /// (`Some(None)`: a backing file without a recorded format).
+    /// qcow2, with the host files its header names besides itself.
     Qcow2 {
-        backing: Option<Option<String>>,
+        backing: Option<Backing>,
+        /// The "external data file" extension: the file that holds the
+        /// guest's data instead of this one.
+        data_file: Option<String>,
     },
     Other,
+}
+
+/// A qcow2 header's backing file: its name as written (None when it lies
+/// past the bytes read) and its format when recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backing {
+    pub name: Option<String>,
+    pub format: Option<String>,
 }
 
 const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
 /// qcow2 header extension "backing file format name".
 const QCOW2_EXT_BACKING_FORMAT: u32 = 0xE279_2ACA;
+/// qcow2 header extension "external data file name".
+const QCOW2_EXT_DATA_FILE: u32 = 0x4441_5441;
 
 fn be32(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
@@ -42,54 +54,83 @@ fn be64(b: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_be_bytes(b.get(at..at + 8)?.try_into().ok()?))
 }
 
+/// `len` bytes at `at` as text, when they are all in `b`.
+fn text(b: &[u8], at: usize, len: usize) -> Option<String> {
+    b.get(at..at.checked_add(len)?).map(|d| String::from_utf8_lossy(d).into_owned())
+}
+
 /// Reads a qcow2 header (docs/interop/qcow2.txt in QEMU): magic, version,
-/// backing file offset, and for a backing file the format extension that
-/// spares QEMU from probing it.
+/// the backing file's name (offset 8, length at 16) and the extensions
+/// that name host files: the backing file's format and an external data
+/// file.
 pub fn inspect_header(b: &[u8]) -> Header {
     if b.len() < 4 || &b[..4] != QCOW2_MAGIC {
         return Header::Other;
-    }
-    if be64(b, 8).unwrap_or(0) == 0 {
-        return Header::Qcow2 { backing: None };
     }
     // Version 2 headers are 72 bytes; version 3 states its length at 100.
     let mut at = match be32(b, 4) {
         Some(2) => 72,
         _ => be32(b, 100).unwrap_or(104) as usize,
     };
-    let mut format = None;
+    let (mut format, mut data_file) = (None, None);
     while let (Some(kind), Some(len)) = (be32(b, at), be32(b, at + 4)) {
         if kind == 0 {
             break;
         }
         let data = at + 8;
-        if kind == QCOW2_EXT_BACKING_FORMAT {
-            format = b.get(data..data + len as usize).map(|d| String::from_utf8_lossy(d).into_owned());
+        match kind {
+            QCOW2_EXT_BACKING_FORMAT => format = text(b, data, len as usize),
+            QCOW2_EXT_DATA_FILE => data_file = Some(text(b, data, len as usize).unwrap_or_default()),
+            _ => {}
         }
         at = data + (len as usize).div_ceil(8) * 8;
     }
-    Header::Qcow2 { backing: Some(format) }
+    let backing = match be64(b, 8).unwrap_or(0) {
+        0 => None,
+        offset => {
+            let name = usize::try_from(offset).ok().and_then(|o| text(b, o, be32(b, 16).unwrap_or(0) as usize));
+            Some(Backing { name, format })
+        }
+    };
+    Header::Qcow2 { backing, data_file }
 }
 
-/// Refuses an image QEMU would misread: a non-qcow2 file given as qcow2
-/// (the default), a qcow2 given as raw (the guest would see the container),
-/// or a qcow2 whose backing file QEMU would have to probe.
+/// Refuses an image QEMU would misread or that would open other host
+/// files: a non-qcow2 file given as qcow2 (the default), a qcow2 given as
+/// raw (the guest would see the container), or a qcow2 whose header names
+/// a backing file or an external data file. Such a header may name any
+/// file the user can read (`~/.ssh/id_ed25519` as raw) and QEMU would
+/// open it and show it to the guest; a base without its backing format
+/// would also be probed. The one check of every image a user gives: a
+/// `--image` base ([`prepare`]) and a `disk add` file. The tool's own
+/// overlays (and a snapshot's disk) have backing files by design and are
+/// never checked here.
 pub fn check_image(path: &Path, format: DiskFormat) -> Result<()> {
+    let flatten = |names: &str| {
+        format!(
+            "{} names {names}, which QEMU would open as well and show to the guest: qbuf-qemu takes only \
+             self-contained images. Make one with 'qemu-img convert -O qcow2 {} FLAT.qcow2' and give FLAT.qcow2",
+            path.display(),
+            shell_words::quote(&path.display().to_string())
+        )
+    };
     match (format, inspect_header(&read_head(path)?)) {
         (DiskFormat::Qcow2, Header::Other) => bail!(
             "{} is not a qcow2 image (no qcow2 header); if it is a raw disk image, pass --format raw",
-            path.display()
-        ),
-        (DiskFormat::Qcow2, Header::Qcow2 { backing: Some(None) }) => bail!(
-            "{} has a backing file but does not record its format, so QEMU would have to guess it; record it with \
-             'qemu-img rebase -u -F FORMAT -b BACKING {}'",
-            path.display(),
             path.display()
         ),
         (DiskFormat::Raw, Header::Qcow2 { .. }) => bail!(
             "{} is a qcow2 image, not raw: drop --format raw (the guest would see the qcow2 container as its disk)",
             path.display()
         ),
+        (DiskFormat::Qcow2, Header::Qcow2 { backing: Some(b), .. }) => bail!(flatten(&format!(
+            "{} as its backing file ({})",
+            b.name.as_deref().unwrap_or("a file (its name lies past the header's first 64 KiB)"),
+            b.format.map_or("format not recorded, so QEMU would guess it".into(), |f| format!("format {f}"))
+        ))),
+        (DiskFormat::Qcow2, Header::Qcow2 { data_file: Some(d), .. }) => {
+            bail!(flatten(&format!("{d} as its external data file")))
+        }
         _ => Ok(()),
     }
 }
@@ -142,10 +183,29 @@ pub fn compare(recorded: &BaseIdentity, now: &BaseIdentity, way_out: &str) -> Re
     Ok(())
 }
 
-/// Returns the overlay, creating it on first use; refuses a changed base.
+/// Returns the overlay on a base from outside the instance (`--image`, a
+/// Guix build), creating it on first use; refuses a changed base, and on
+/// every launch a base whose header names other files ([`check_image`]).
 pub fn prepare(inst: &Instance, qemu_img: &Path, base: &Path) -> Result<PathBuf> {
     let base = std::fs::canonicalize(base).with_context(|| format!("image {} does not exist", base.display()))?;
-    let id = identity(&base)?;
+    check_image(&base, detect_format(&base)?)?;
+    overlay_on(inst, qemu_img, &base)
+}
+
+/// Returns the overlay on a snapshot's disk (`run --from-snapshot`). That
+/// disk is the tool's own, made in the private instance dir, and its
+/// backing file is the instance's base by design (checked when that
+/// instance launched), so it is not [`check_image`]d.
+pub fn prepare_on_snapshot(inst: &Instance, qemu_img: &Path, disk: &Path) -> Result<PathBuf> {
+    let disk =
+        std::fs::canonicalize(disk).with_context(|| format!("snapshot disk {} does not exist", disk.display()))?;
+    overlay_on(inst, qemu_img, &disk)
+}
+
+/// The overlay on `base` (canonical): made on first use, else its recorded
+/// base compared with `base` now.
+fn overlay_on(inst: &Instance, qemu_img: &Path, base: &Path) -> Result<PathBuf> {
+    let id = identity(base)?;
     let overlay = inst.overlay();
     if overlay.exists() {
         match read_json::<BaseIdentity>(&inst.base_identity())? {
@@ -167,7 +227,7 @@ pub fn prepare(inst: &Instance, qemu_img: &Path, base: &Path) -> Result<PathBuf>
     }
     let out = Command::new(qemu_img)
         .args(["create", "-q", "-f", "qcow2", "-F", &id.format, "-b"])
-        .arg(&base)
+        .arg(base)
         .arg(&overlay)
         .output()
         .with_context(|| format!("cannot run {}", qemu_img.display()))?;
@@ -272,26 +332,66 @@ mod tests {
         std::fs::remove_dir_all(d).unwrap();
     }
 
-    #[test]
-    fn a_backing_file_needs_its_format_recorded() {
-        let d = tmp("backing");
-        let base = d.join("base.img");
-        std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
-        let top = d.join("top.qcow2");
+    /// A qcow2 on `base` (raw) made by qemu-img, as a download might be.
+    fn on_backing(d: &Path, name: &str, base: &Path) -> PathBuf {
+        let top = d.join(name);
         qemu_img(&["create", "-q", "-f", "qcow2", "-F", "raw", "-b", base.to_str().unwrap(), top.to_str().unwrap()]);
-        let head = std::fs::read(&top).unwrap();
-        assert_eq!(inspect_header(&head), Header::Qcow2 { backing: Some(Some("raw".into())) });
-        check_image(&top, DiskFormat::Qcow2).unwrap();
+        top
+    }
+
+    #[test]
+    fn an_image_naming_another_host_file_is_refused_with_how_to_flatten_it() {
+        let d = tmp("backing");
+        // The review's attack: a host secret as the raw backing file.
+        let secret = d.join("id_ed25519");
+        std::fs::write(&secret, vec![b'k'; 4096]).unwrap();
+        let top = on_backing(&d, "top.qcow2", &secret);
+        let name = Some(secret.display().to_string());
+        let backing = Some(Backing { name, format: Some("raw".into()) });
+        assert_eq!(inspect_header(&std::fs::read(&top).unwrap()), Header::Qcow2 { backing, data_file: None });
+        let e = check_image(&top, DiskFormat::Qcow2).unwrap_err().to_string();
+        let said = format!("{} names {} as its backing file (format raw)", top.display(), secret.display());
+        assert!(e.starts_with(&said), "{e}");
+        assert!(e.contains(&format!("'qemu-img convert -O qcow2 {} FLAT.qcow2'", top.display())), "{e}");
+        // An external data file names a host file just the same.
+        let data = d.join("data.qcow2");
+        let opt = format!("data_file={}", secret.display());
+        qemu_img(&["create", "-q", "-f", "qcow2", "-o", &opt, data.to_str().unwrap(), "4K"]);
+        let e = check_image(&data, DiskFormat::Qcow2).unwrap_err().to_string();
+        assert!(e.contains(&format!("names {} as its external data file", secret.display())), "{e}");
         // A version 2 header naming a backing file but no format extension.
         let mut v2 = vec![0u8; 512];
         v2[..4].copy_from_slice(QCOW2_MAGIC);
         v2[4..8].copy_from_slice(&2u32.to_be_bytes());
         v2[8..16].copy_from_slice(&200u64.to_be_bytes());
-        assert_eq!(inspect_header(&v2), Header::Qcow2 { backing: Some(None) });
+        v2[16..20].copy_from_slice(&4u32.to_be_bytes());
+        v2[200..204].copy_from_slice(b"base");
+        let backing = Some(Backing { name: Some("base".into()), format: None });
+        assert_eq!(inspect_header(&v2), Header::Qcow2 { backing, data_file: None });
         let old = d.join("old.qcow2");
         std::fs::write(&old, &v2).unwrap();
         let e = check_image(&old, DiskFormat::Qcow2).unwrap_err().to_string();
-        assert!(e.contains("qemu-img rebase -u -F"), "{e}");
+        assert!(e.contains("names base as its backing file (format not recorded, so QEMU would guess it)"), "{e}");
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn a_base_with_a_backing_file_gets_no_overlay_but_a_snapshot_disk_does() {
+        let d = tmp("prepare");
+        let inst = crate::instance::StateDir::new(d.join("state")).instance("dev");
+        std::fs::create_dir_all(&inst.dir).unwrap();
+        let raw = d.join("base.img");
+        std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+        let top = on_backing(&d, "top.qcow2", &raw);
+        let e = prepare(&inst, Path::new("qemu-img"), &top).unwrap_err().to_string();
+        assert!(e.contains("as its backing file") && e.contains("qemu-img convert -O qcow2"), "{e}");
+        assert!(!inst.overlay().exists(), "an overlay was made on a refused base");
+        // The tool's own layering: a snapshot's disk is a backing file.
+        let overlay = prepare_on_snapshot(&inst, Path::new("qemu-img"), &top).unwrap();
+        assert!(matches!(inspect_header(&read_head(&overlay).unwrap()), Header::Qcow2 { backing: Some(_), .. }));
+        // A self-contained base is fine.
+        std::fs::remove_file(&overlay).unwrap();
+        prepare(&inst, Path::new("qemu-img"), &raw).unwrap();
         std::fs::remove_dir_all(d).unwrap();
     }
 
