@@ -357,16 +357,32 @@ fn run(argv: &[String], stdin: Stdio) -> Result<std::process::Output> {
 /// `ssh … REMOTE` with the instance key: readiness means a login works,
 /// REMOTE succeeding (`true`, or a command that always exits 0).
 pub fn try_login(t: &Target, remote: &str, timeout: Duration) -> Result<Login> {
-    let out = run(&batch(t, &[remote.into()], timeout), Stdio::null())?;
+    Ok(judge_login(run(&batch(t, &[remote.into()], timeout), Stdio::null())?))
+}
+
+/// What a login's ssh said about it.
+fn judge_login(out: std::process::Output) -> Login {
     let err = String::from_utf8_lossy(&out.stderr);
     if out.status.success() {
-        Ok(Login::Ok(out))
+        Login::Ok(out)
     } else if err.contains(HOST_KEY_CHANGED) || err.contains("Host key verification failed") {
-        Ok(Login::HostKeyChanged)
+        Login::HostKeyChanged
     } else {
-        let last = err.trim().lines().last().unwrap_or("").to_string();
-        Ok(if last.contains("Permission denied (publickey") { Login::KeyRefused(last) } else { Login::Failed(last) })
+        let last = last_said(&out.stderr);
+        if last.contains("Permission denied (publickey") {
+            Login::KeyRefused(last)
+        } else {
+            Login::Failed(last)
+        }
     }
+}
+
+/// The last line ssh wrote on stderr, fit for the user's terminal: the
+/// guest's own words (its sshd's, its shell's) may be in it, so its
+/// terminal controls are removed, and it is cut at 500 characters.
+pub fn last_said(stderr: &[u8]) -> String {
+    let text = crate::logs::guest_text(stderr, usize::MAX);
+    crate::logs::guest_text(text.lines().last().unwrap_or("").as_bytes(), 500)
 }
 
 /// What to do when `ssh` (or `scp`) cannot be run.

@@ -7,6 +7,7 @@
 use anyhow::{bail, Result};
 
 use crate::instance::records::GuestMount;
+use crate::logs::guest_text;
 use crate::qemu::args::ShareKind;
 use crate::ssh::{self, Target};
 
@@ -47,13 +48,6 @@ fn as_root_command(script: &str) -> String {
         root_script(script),
         sudo_command(script)
     )
-}
-
-/// What the guest wrote, as text fit for the user's terminal: its control
-/// sequences removed (the guest is untrusted), at most `max` characters.
-fn guest_text(bytes: &[u8], max: usize) -> String {
-    let clean = crate::logs::TerminalFilter::clean(bytes);
-    String::from_utf8_lossy(&clean).trim().chars().take(max).collect()
 }
 
 /// The stdout of an [`as_root_command`] that worked, or why it did not.

@@ -162,9 +162,6 @@ async fn ask_over_ssh(t: Target) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     match out.status.code() {
         Some(0) | Some(255) | None => Ok(()),
-        Some(c) => Err(format!(
-            "'{cmd}' exited with {c}: {}",
-            String::from_utf8_lossy(&out.stderr).trim().lines().last().unwrap_or("")
-        )),
+        Some(c) => Err(format!("'{cmd}' exited with {c}: {}", crate::ssh::last_said(&out.stderr))),
     }
 }

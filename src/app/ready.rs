@@ -208,10 +208,11 @@ fn timed_out(inst: &Instance, t: &ssh::Target, waited: Duration, last: &str) -> 
 
 /// The kernel panic the supervisor saw on the guest's serial console in
 /// this boot, if any (a guest kernel without a pvpanic driver panics
-/// without QEMU knowing).
+/// without QEMU knowing). The line is the guest's, so its terminal
+/// controls are removed before any message quotes it.
 pub fn console_panic(inst: &Instance) -> Option<String> {
     let state = super::block_on(crate::supervisor::client::state(&inst.control(), STATE_ANSWER)).ok()?;
-    state.guest_kernel.panic.map(|p| p.line)
+    state.guest_kernel.panic.map(|p| crate::logs::guest_text(p.line.as_bytes(), 500))
 }
 
 /// QEMU ended during the boot: its stop record, written by the supervisor

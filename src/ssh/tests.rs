@@ -117,3 +117,20 @@ fn banner_needs_an_ssh_greeting_not_just_a_connect() {
     assert_eq!(banner(port, Duration::from_secs(2)).as_deref(), Some("SSH-2.0-dropbear"));
     t.join().unwrap();
 }
+
+#[test]
+fn what_the_guest_said_reaches_the_terminal_without_its_controls() {
+    use std::os::unix::process::ExitStatusExt;
+    let out = |code: i32, stderr: &[u8]| std::process::Output {
+        status: std::process::ExitStatus::from_raw(code << 8),
+        stdout: vec![],
+        stderr: stderr.to_vec(),
+    };
+    let refused = out(255, b"banner\n\x1b]0;owned\x07dev@127.0.0.1: Permission denied (publickey).\x9b2J\r\n");
+    assert_eq!(judge_login(refused), Login::KeyRefused("dev@127.0.0.1: Permission denied (publickey).".into()));
+    let failed = out(255, b"kex_exchange_identification: \x1b[6nread: Connection reset\rhidden\n");
+    assert_eq!(judge_login(failed), Login::Failed("hidden".into()), "a bare CR ends a line");
+    assert_eq!(judge_login(out(255, b"Host key verification failed.\n")), Login::HostKeyChanged);
+    assert!(matches!(judge_login(out(0, b"")), Login::Ok(_)));
+    assert_eq!(last_said(&[b'x'; 2000]).len(), 500);
+}
