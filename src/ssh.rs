@@ -161,6 +161,16 @@ impl Target {
             // would have every login try it first.
             ("GSSAPIAuthentication", "no".into()),
             ("PreferredAuthentications", "publickey".into()),
+            // The guest is untrusted: a user's `Host *` with `ForwardAgent
+            // yes` would hand it their agent (`IdentityAgent none` only
+            // keeps the agent out of our own authentication), and X11
+            // forwarding their display. Settings given first win, so these
+            // beat ~/.ssh/config; `qbuf-qemu ssh -- -A` still forwards the
+            // agent (OpenSSH's -A and -X after the destination override any
+            // -o). Forwards (-L, -R, -D) are left alone: the tool sets none
+            // up over SSH, and a user's own still work.
+            ("ForwardAgent", "no".into()),
+            ("ForwardX11", "no".into()),
             ("StrictHostKeyChecking", "accept-new".into()),
             ("UserKnownHostsFile", ssh_path(&self.known_hosts)),
             ("GlobalKnownHostsFile", "/dev/null".into()),

@@ -57,6 +57,40 @@ fn host_keys_are_pinned_per_instance_and_key_only() {
 }
 
 #[test]
+fn the_users_agent_and_display_are_not_forwarded_into_the_guest() {
+    let t = target();
+    let o = t.options().join(" ");
+    assert!(o.contains("-o ForwardAgent=no") && o.contains("-o ForwardX11=no"), "{o}");
+    let scp = t.scp_command(&[ScpPath::Local("a".into())], &ScpPath::Guest("/b".into()), true, false);
+    assert!(scp.contains(&"ForwardAgent=no".to_string()) && scp.contains(&"ForwardX11=no".to_string()));
+    let block = t.config_lines();
+    assert!(block.contains(&("ForwardAgent", "no".into())) && block.contains(&("ForwardX11", "no".into())));
+    // As this host's OpenSSH resolves it (`ssh -G`, no connection), against
+    // a user config with `Host *` forwarding both.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config");
+    fs::write(&config, "Host *\n    ForwardAgent yes\n    ForwardX11 yes\n    LocalForward 8080 localhost:80\n")
+        .unwrap();
+    let resolved = |user_args: &[&str]| {
+        let mut argv = t.command(&user_args.iter().map(|a| a.to_string()).collect::<Vec<_>>());
+        argv.splice(1..1, ["-F".to_string(), config.display().to_string(), "-G".into()]);
+        let out = Command::new(&argv[0]).args(&argv[1..]).stdin(Stdio::null()).output().expect("ssh runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let get = |k: &str| text.lines().find_map(|l| l.strip_prefix(k)?.strip_prefix(' ').map(String::from));
+        (get("forwardagent"), get("forwardx11"), get("localforward"))
+    };
+    let (agent, x11, local) = resolved(&[]);
+    assert_eq!((agent.as_deref(), x11.as_deref()), (Some("no"), Some("no")), "the user's config lost");
+    assert_eq!(local.as_deref(), Some("8080 [localhost]:80"), "the user's own forwards still apply");
+    // `qbuf-qemu ssh -- -A -X`: the user asked for it on the command line.
+    let (agent, x11, _) = resolved(&["-A", "-X"]);
+    assert_eq!((agent.as_deref(), x11.as_deref()), (Some("yes"), Some("yes")));
+    let (agent, ..) = resolved(&["-o", "ForwardAgent=yes"]);
+    assert_eq!(agent.as_deref(), Some("no"), "-o after ours does not win (the first value does)");
+}
+
+#[test]
 fn ssh_scp_and_the_config_block_share_one_set_of_options() {
     let t = Target { known_hosts: "/s s/instances/dev/known_hosts".into(), ..target() };
     let ssh = t.options().join(" ");
