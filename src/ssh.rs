@@ -209,11 +209,24 @@ impl Target {
         v
     }
 
-    /// The `Host` block lines for `~/.ssh/config` (after `Host ALIAS`).
-    pub fn config_lines(&self) -> Vec<(&'static str, String)> {
+    /// The `Host` block lines for `~/.ssh/config` (after `Host ALIAS`). A
+    /// value with a control character is refused: ssh_config has no way to
+    /// quote a newline, so one in a path (`--state-dir`, `--ssh-key`)
+    /// would end the line and start a directive of its own (a
+    /// `ProxyCommand`, run by every later `ssh` to this host).
+    pub fn config_lines(&self) -> Result<Vec<(&'static str, String)>> {
         let mut v = vec![("HostName", LOOPBACK.to_string()), ("User", self.user.clone())];
         v.extend(self.settings());
-        v.into_iter().map(|(k, val)| (k, config_value(&val))).collect()
+        v.into_iter()
+            .map(|(k, val)| match val.contains(char::is_control) {
+                true => bail!(
+                    "cannot write the SSH setting {k} {val:?} into an ssh config: it holds a control character \
+                     (a newline there would start a setting of its own); {}",
+                    config_fix(k)
+                ),
+                false => Ok((k, config_value(&val))),
+            })
+            .collect()
     }
 
     /// `scp -r` with the same settings (`-o` only: scp's `-p` is not the
@@ -260,9 +273,23 @@ pub enum ScpPath {
     Guest(String),
 }
 
+/// What to change when a setting cannot go into an ssh config
+/// ([`Target::config_lines`]).
+fn config_fix(keyword: &str) -> &'static str {
+    match keyword {
+        "IdentityFile" => {
+            "give --ssh-key a key whose path has none (for qbuf-qemu's own key, use a --state-dir whose path has none)"
+        }
+        "User" => "give --ssh-user a user name without control characters",
+        _ => "use a --state-dir whose path has no control characters (newlines, tabs, escapes)",
+    }
+}
+
 /// A value as `ssh_config` (and `ssh -o`) reads it: one with blanks,
 /// quotes or backslashes goes in double quotes, with `"` and `\` escaped
-/// (OpenSSH's argv_split), or it would be split or mangled.
+/// (OpenSSH's argv_split), or it would be split or mangled. Nothing quotes
+/// a newline: [`Target::config_lines`] refuses values with control
+/// characters (in an `ssh -o` argument a newline starts nothing).
 pub fn config_value(v: &str) -> String {
     if v.is_empty() || v.contains(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '\\' | '#')) {
         format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))
