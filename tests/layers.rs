@@ -40,6 +40,7 @@ const LAYERS: &[&[&str]] = &[
         "guest_files/tests.rs",
         "guix.rs",
         "logs.rs",
+        "logs/filter.rs",
         "console.rs",
     ],
     // QEMU's parent process and its protocol.
