@@ -382,19 +382,12 @@ fn batch(t: &Target, remote: &[String], connect_timeout: Duration) -> Vec<String
     argv
 }
 
-fn run(argv: &[String], stdin: Stdio) -> Result<std::process::Output> {
-    tracing::debug!("running {}", shell_words::join(argv));
-    Command::new(&argv[0])
-        .args(&argv[1..])
-        .stdin(stdin)
-        .output()
-        .with_context(|| format!("cannot run 'ssh': {SSH_MISSING}"))
-}
-
 /// `ssh … REMOTE` with the instance key: readiness means a login works,
-/// REMOTE succeeding (`true`, or a command that always exits 0).
-pub fn try_login(t: &Target, remote: &str, timeout: Duration) -> Result<Login> {
-    Ok(judge_login(run(&batch(t, &[remote.into()], timeout), Stdio::null())?))
+/// REMOTE succeeding (`true`, or a command that always exits 0). OpenSSH
+/// gives up connecting after `connect_timeout`; the whole login ends at
+/// `limit` (an [`Overrun`] error), whatever the guest does.
+pub fn try_login(t: &Target, remote: &str, connect_timeout: Duration, limit: &Limit) -> Result<Login> {
+    Ok(judge_login(bounded::output(&batch(t, &[remote.into()], connect_timeout), limit)?))
 }
 
 /// What a login's ssh said about it.
@@ -425,9 +418,10 @@ pub fn last_said(stderr: &[u8]) -> String {
 /// What to do when `ssh` (or `scp`) cannot be run.
 pub const SSH_MISSING: &str = "install OpenSSH's client (Debian: apt-get install openssh-client)";
 
-/// Runs the shell command line `remote` in the guest, output captured.
-pub fn capture(t: &Target, remote: &str) -> Result<std::process::Output> {
-    run(&streaming_command(t, remote), Stdio::null())
+/// Runs the shell command line `remote` in the guest, output captured (at
+/// most [`bounded::OUTPUT_CAP`] of each stream), ended at `limit`.
+pub fn capture(t: &Target, remote: &str, limit: &Limit) -> Result<std::process::Output> {
+    bounded::output(&streaming_command(t, remote), limit)
 }
 
 /// argv of a non-interactive ssh running `remote` with the terminal's
@@ -475,6 +469,9 @@ pub fn pass_stderr(from: impl Read) -> bool {
     }
     mismatch
 }
+
+mod bounded;
+pub use bounded::{Limit, Overrun};
 
 #[cfg(test)]
 mod tests;

@@ -35,6 +35,7 @@ const LAYERS: &[&[&str]] = &[
         "qemu/image.rs",
         "qemu/mod.rs",
         "ssh.rs",
+        "ssh/bounded.rs",
         "ssh/tests.rs",
         "guest_files.rs",
         "guest_files/tests.rs",
