@@ -11,6 +11,9 @@ use std::time::Duration;
 
 use anyhow::Result;
 
+mod filter;
+pub use filter::{guest_text, TerminalFilter};
+
 /// The cap of serial.log (and of serial.log.1): a guest that floods its
 /// console (measured: 15 MB a minute) keeps at most twice this on disk.
 pub const SERIAL_CAP: u64 = 2 << 20;
@@ -78,9 +81,8 @@ impl Capped {
 /// The last `max` bytes of a log file from byte `from` on, trimmed, or
 /// `when_empty`: what error messages quote of QEMU's output, the supervisor
 /// log and the serial console (which is appended across boots, so a boot
-/// quotes only from where it started). Without terminal control sequences:
-/// the guest writes the console, and a message must not carry its escapes
-/// to the user's terminal.
+/// quotes only from where it started). The guest wrote much of it, so its
+/// terminal controls are removed ([`TerminalFilter`]).
 pub fn tail(path: &Path, from: u64, max: usize, when_empty: &str) -> String {
     let b = read_end(path, from, max).unwrap_or_default();
     let s = String::from_utf8_lossy(&TerminalFilter::clean(&b)).trim().to_string();
@@ -255,84 +257,6 @@ pub fn utf8_boundary(b: &[u8]) -> usize {
     b.len()
 }
 
-/// Removes the terminal control sequences a guest prints on its console
-/// (cursor moves, colours, `ESC[6n` which would make the user's terminal
-/// type an answer, OSC titles) and other control characters, keeping text,
-/// newlines and tabs. Fed in chunks: a sequence split between two chunks is
-/// still recognised.
-#[derive(Debug, Default)]
-pub struct TerminalFilter {
-    state: Filter,
-}
-
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-enum Filter {
-    #[default]
-    Text,
-    Esc,
-    /// `ESC [` … a final byte in `@`..`~`.
-    Csi,
-    /// OSC, DCS and the like: up to BEL or `ESC \`.
-    Str,
-    StrEsc,
-    /// 0xC2: maybe the UTF-8 form of a C1 control.
-    C2,
-}
-
-impl TerminalFilter {
-    pub fn push(&mut self, input: &[u8], out: &mut Vec<u8>) {
-        for &b in input {
-            self.state = match (self.state, b) {
-                (Filter::C2, 0x9b) => Filter::Csi,
-                (Filter::C2, 0x90 | 0x9d..=0x9f) => Filter::Str,
-                (Filter::C2, 0x80..=0x9f) => Filter::Text,
-                (Filter::C2, _) => {
-                    out.push(0xc2);
-                    self.text(b, out)
-                }
-                (Filter::Text, _) => self.text(b, out),
-                (Filter::Esc, b'[') => Filter::Csi,
-                (Filter::Esc, b']' | b'P' | b'X' | b'^' | b'_') => Filter::Str,
-                (Filter::Esc, 0x20..=0x2f) => Filter::Esc,
-                (Filter::Esc | Filter::Csi, b'\n') => {
-                    out.push(b);
-                    Filter::Text
-                }
-                (Filter::Esc, _) => Filter::Text,
-                (Filter::Csi, 0x40..=0x7e) => Filter::Text,
-                (Filter::Csi, _) => Filter::Csi,
-                (Filter::Str | Filter::StrEsc, 0x07) => Filter::Text,
-                (Filter::Str | Filter::StrEsc, 0x1b) => Filter::StrEsc,
-                (Filter::StrEsc, b'\\') => Filter::Text,
-                (Filter::Str | Filter::StrEsc, _) => Filter::Str,
-            };
-        }
-    }
-
-    fn text(&mut self, b: u8, out: &mut Vec<u8>) -> Filter {
-        match b {
-            0x1b => Filter::Esc,
-            0xc2 => Filter::C2,
-            b'\n' | b'\t' | b'\r' => {
-                out.push(b);
-                Filter::Text
-            }
-            0x00..=0x1f | 0x7f => Filter::Text,
-            _ => {
-                out.push(b);
-                Filter::Text
-            }
-        }
-    }
-
-    /// `input` filtered in one go.
-    pub fn clean(input: &[u8]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(input.len());
-        TerminalFilter::default().push(input, &mut out);
-        out
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -396,20 +320,6 @@ mod tests {
         .unwrap();
         assert_eq!(String::from_utf8(seen).unwrap(), "one\nlast\nlast\n");
         std::fs::remove_dir_all(dir).unwrap();
-    }
-
-    #[test]
-    fn terminal_escapes_from_the_guest_are_not_passed_on() {
-        let raw = b"a\x1b[6nb\x1b[1;31mred\x1b[0m\x1b]0;title\x07c\x1b(Bd\x07\x08e\r\n\tf\xc2\x9b2Jg \xc3\xa9\xc2\xa0";
-        assert_eq!(TerminalFilter::clean(raw), "ab\u{72}edcde\r\n\tfg \u{e9}\u{a0}".as_bytes());
-        // Split anywhere, the same.
-        for cut in 0..raw.len() {
-            let mut f = TerminalFilter::default();
-            let mut out = Vec::new();
-            f.push(&raw[..cut], &mut out);
-            f.push(&raw[cut..], &mut out);
-            assert_eq!(out, TerminalFilter::clean(raw), "cut at {cut}");
-        }
     }
 
     #[test]
@@ -497,6 +407,9 @@ mod tests {
         assert_eq!(tail(&dir.join("missing"), 0, 10, "(none)"), "(none)");
         std::fs::write(&f, "Kernel panic - not syncing: \x1b]0;title\x07x\x1b[6n\n").unwrap();
         assert_eq!(tail(&f, 0, 1000, "-"), "Kernel panic - not syncing: x", "the guest's escapes are dropped");
+        // The guest's terminal controls are not quoted.
+        std::fs::write(&f, b"boot\n\x1b]0;owned\x07login:\x9b2J\rgone\n").unwrap();
+        assert_eq!(tail(&f, 0, 1000, "-"), "boot\nlogin:\ngone");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

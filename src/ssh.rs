@@ -161,6 +161,16 @@ impl Target {
             // would have every login try it first.
             ("GSSAPIAuthentication", "no".into()),
             ("PreferredAuthentications", "publickey".into()),
+            // The guest is untrusted: a user's `Host *` with `ForwardAgent
+            // yes` would hand it their agent (`IdentityAgent none` only
+            // keeps the agent out of our own authentication), and X11
+            // forwarding their display. Settings given first win, so these
+            // beat ~/.ssh/config; `qbuf-qemu ssh -- -A` still forwards the
+            // agent (OpenSSH's -A and -X after the destination override any
+            // -o). Forwards (-L, -R, -D) are left alone: the tool sets none
+            // up over SSH, and a user's own still work.
+            ("ForwardAgent", "no".into()),
+            ("ForwardX11", "no".into()),
             ("StrictHostKeyChecking", "accept-new".into()),
             ("UserKnownHostsFile", ssh_path(&self.known_hosts)),
             ("GlobalKnownHostsFile", "/dev/null".into()),
@@ -199,11 +209,24 @@ impl Target {
         v
     }
 
-    /// The `Host` block lines for `~/.ssh/config` (after `Host ALIAS`).
-    pub fn config_lines(&self) -> Vec<(&'static str, String)> {
+    /// The `Host` block lines for `~/.ssh/config` (after `Host ALIAS`). A
+    /// value with a control character is refused: ssh_config has no way to
+    /// quote a newline, so one in a path (`--state-dir`, `--ssh-key`)
+    /// would end the line and start a directive of its own (a
+    /// `ProxyCommand`, run by every later `ssh` to this host).
+    pub fn config_lines(&self) -> Result<Vec<(&'static str, String)>> {
         let mut v = vec![("HostName", LOOPBACK.to_string()), ("User", self.user.clone())];
         v.extend(self.settings());
-        v.into_iter().map(|(k, val)| (k, config_value(&val))).collect()
+        v.into_iter()
+            .map(|(k, val)| match val.contains(char::is_control) {
+                true => bail!(
+                    "cannot write the SSH setting {k} {val:?} into an ssh config: it holds a control character \
+                     (a newline there would start a setting of its own); {}",
+                    config_fix(k)
+                ),
+                false => Ok((k, config_value(&val))),
+            })
+            .collect()
     }
 
     /// `scp -r` with the same settings (`-o` only: scp's `-p` is not the
@@ -250,9 +273,23 @@ pub enum ScpPath {
     Guest(String),
 }
 
+/// What to change when a setting cannot go into an ssh config
+/// ([`Target::config_lines`]).
+fn config_fix(keyword: &str) -> &'static str {
+    match keyword {
+        "IdentityFile" => {
+            "give --ssh-key a key whose path has none (for qbuf-qemu's own key, use a --state-dir whose path has none)"
+        }
+        "User" => "give --ssh-user a user name without control characters",
+        _ => "use a --state-dir whose path has no control characters (newlines, tabs, escapes)",
+    }
+}
+
 /// A value as `ssh_config` (and `ssh -o`) reads it: one with blanks,
 /// quotes or backslashes goes in double quotes, with `"` and `\` escaped
-/// (OpenSSH's argv_split), or it would be split or mangled.
+/// (OpenSSH's argv_split), or it would be split or mangled. Nothing quotes
+/// a newline: [`Target::config_lines`] refuses values with control
+/// characters (in an `ssh -o` argument a newline starts nothing).
 pub fn config_value(v: &str) -> String {
     if v.is_empty() || v.contains(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '\\' | '#')) {
         format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))
@@ -345,36 +382,46 @@ fn batch(t: &Target, remote: &[String], connect_timeout: Duration) -> Vec<String
     argv
 }
 
-fn run(argv: &[String], stdin: Stdio) -> Result<std::process::Output> {
-    tracing::debug!("running {}", shell_words::join(argv));
-    Command::new(&argv[0])
-        .args(&argv[1..])
-        .stdin(stdin)
-        .output()
-        .with_context(|| format!("cannot run 'ssh': {SSH_MISSING}"))
+/// `ssh … REMOTE` with the instance key: readiness means a login works,
+/// REMOTE succeeding (`true`, or a command that always exits 0). OpenSSH
+/// gives up connecting after `connect_timeout`; the whole login ends at
+/// `limit` (an [`Overrun`] error), whatever the guest does.
+pub fn try_login(t: &Target, remote: &str, connect_timeout: Duration, limit: &Limit) -> Result<Login> {
+    Ok(judge_login(bounded::output(&batch(t, &[remote.into()], connect_timeout), limit)?))
 }
 
-/// `ssh … REMOTE` with the instance key: readiness means a login works,
-/// REMOTE succeeding (`true`, or a command that always exits 0).
-pub fn try_login(t: &Target, remote: &str, timeout: Duration) -> Result<Login> {
-    let out = run(&batch(t, &[remote.into()], timeout), Stdio::null())?;
+/// What a login's ssh said about it.
+fn judge_login(out: std::process::Output) -> Login {
     let err = String::from_utf8_lossy(&out.stderr);
     if out.status.success() {
-        Ok(Login::Ok(out))
+        Login::Ok(out)
     } else if err.contains(HOST_KEY_CHANGED) || err.contains("Host key verification failed") {
-        Ok(Login::HostKeyChanged)
+        Login::HostKeyChanged
     } else {
-        let last = err.trim().lines().last().unwrap_or("").to_string();
-        Ok(if last.contains("Permission denied (publickey") { Login::KeyRefused(last) } else { Login::Failed(last) })
+        let last = last_said(&out.stderr);
+        if last.contains("Permission denied (publickey") {
+            Login::KeyRefused(last)
+        } else {
+            Login::Failed(last)
+        }
     }
+}
+
+/// The last line ssh wrote on stderr, fit for the user's terminal: the
+/// guest's own words (its sshd's, its shell's) may be in it, so its
+/// terminal controls are removed, and it is cut at 500 characters.
+pub fn last_said(stderr: &[u8]) -> String {
+    let text = crate::logs::guest_text(stderr, usize::MAX);
+    crate::logs::guest_text(text.lines().last().unwrap_or("").as_bytes(), 500)
 }
 
 /// What to do when `ssh` (or `scp`) cannot be run.
 pub const SSH_MISSING: &str = "install OpenSSH's client (Debian: apt-get install openssh-client)";
 
-/// Runs the shell command line `remote` in the guest, output captured.
-pub fn capture(t: &Target, remote: &str) -> Result<std::process::Output> {
-    run(&streaming_command(t, remote), Stdio::null())
+/// Runs the shell command line `remote` in the guest, output captured (at
+/// most [`bounded::OUTPUT_CAP`] of each stream), ended at `limit`.
+pub fn capture(t: &Target, remote: &str, limit: &Limit) -> Result<std::process::Output> {
+    bounded::output(&streaming_command(t, remote), limit)
 }
 
 /// argv of a non-interactive ssh running `remote` with the terminal's
@@ -422,6 +469,9 @@ pub fn pass_stderr(from: impl Read) -> bool {
     }
     mismatch
 }
+
+mod bounded;
+pub use bounded::{Limit, Overrun};
 
 #[cfg(test)]
 mod tests;

@@ -116,6 +116,14 @@ pub const DYING: Duration = secs(5);
 pub const BANNER: Duration = secs(1);
 /// OpenSSH's `ConnectTimeout` for a login (readiness, `run`'s COMMAND).
 pub const SSH_CONNECT: Duration = secs(10);
+/// A job in the guest over SSH (reading its /proc/mounts, a share's
+/// unmount or mount around a snapshot, asking it to reboot): a login and a
+/// small command, seconds even under TCG on a loaded host. The guest is
+/// untrusted: a command or shell start-up that never ends (or a session
+/// kept open by an answering guest, which keepalives do not end) is
+/// stopped after this, and the step named. A login for readiness has the
+/// boot's own deadline instead (`--timeout`).
+pub const GUEST_JOB: Duration = secs(60);
 /// How long a guest's sshd may refuse the key before the boot fails: it
 /// may start before the guest installed its authorized keys.
 pub const KEY_GRACE: Duration = secs(10);

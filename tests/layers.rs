@@ -35,11 +35,13 @@ const LAYERS: &[&[&str]] = &[
         "qemu/image.rs",
         "qemu/mod.rs",
         "ssh.rs",
+        "ssh/bounded.rs",
         "ssh/tests.rs",
         "guest_files.rs",
         "guest_files/tests.rs",
         "guix.rs",
         "logs.rs",
+        "logs/filter.rs",
         "console.rs",
     ],
     // QEMU's parent process and its protocol.

@@ -7,8 +7,10 @@
 use anyhow::{bail, Result};
 
 use crate::instance::records::GuestMount;
+use crate::logs::guest_text;
 use crate::qemu::args::ShareKind;
-use crate::ssh::{self, Target};
+use crate::ssh::{self, Limit, Target};
+use crate::timeouts::GUEST_JOB;
 
 /// The exit status the wrapper of [`as_root`] gives when the guest has no
 /// `sudo` for a user that is not root.
@@ -17,8 +19,9 @@ const NO_SUDO: i32 = 97;
 /// Runs `script` as root in the guest and returns its stdout. A user that
 /// cannot become root (no `sudo`, or one that wants a password) is told
 /// apart from a script that failed: the fix is the user, not the script.
-fn as_root(t: &Target, script: &str) -> Result<String> {
-    judge_as_root(t, ssh::capture(t, &as_root_command(script))?)
+/// `step` names it if the guest takes longer than [`GUEST_JOB`].
+fn as_root(t: &Target, script: &str, step: &str) -> Result<String> {
+    judge_as_root(t, ssh::capture(t, &as_root_command(script), &Limit::within(step, GUEST_JOB))?)
 }
 
 /// Put before a root job: root's tools (`reboot`; `mount` on some systems)
@@ -47,13 +50,6 @@ fn as_root_command(script: &str) -> String {
         root_script(script),
         sudo_command(script)
     )
-}
-
-/// What the guest wrote, as text fit for the user's terminal: its control
-/// sequences removed (the guest is untrusted), at most `max` characters.
-fn guest_text(bytes: &[u8], max: usize) -> String {
-    let clean = crate::logs::TerminalFilter::clean(bytes);
-    String::from_utf8_lossy(&clean).trim().chars().take(max).collect()
 }
 
 /// The stdout of an [`as_root_command`] that worked, or why it did not.
@@ -92,7 +88,7 @@ impl std::error::Error for NoRoot {}
 
 /// The shares mounted in the guest, from its /proc/mounts.
 pub fn mounted_shares(t: &Target) -> Result<Vec<GuestMount>> {
-    let out = ssh::capture(t, "cat /proc/mounts")?;
+    let out = ssh::capture(t, "cat /proc/mounts", &Limit::within("reading the guest's /proc/mounts", GUEST_JOB))?;
     Ok(parse_share_mounts(&String::from_utf8_lossy(&out.stdout)))
 }
 
@@ -116,7 +112,7 @@ pub fn parse_share_mounts(mounts: &str) -> Vec<GuestMount> {
 /// Unmounts the guest's 9p shares; says which when the guest cannot.
 pub fn unmount_shares(t: &Target, mounts: &[GuestMount]) -> Result<()> {
     for m in mounts {
-        if let Err(e) = as_root(t, &format!("umount {}", shell_words::quote(&m.path))) {
+        if let Err(e) = as_root(t, &format!("umount {}", shell_words::quote(&m.path)), "the guest's umount") {
             if e.is::<NoRoot>() {
                 return Err(e.context(format!(
                     "a snapshot unmounts the guest's shares first, and share '{}' at {} could not be",
@@ -151,7 +147,7 @@ fn mount_command(m: &GuestMount) -> String {
 /// Mounts the shares again, as the guest mounts its share at boot.
 pub fn mount_shares(t: &Target, mounts: &[GuestMount]) -> Result<()> {
     for m in mounts {
-        as_root(t, &mount_command(m))
+        as_root(t, &mount_command(m), "the guest's mount")
             .map_err(|e| anyhow::anyhow!("could not mount share '{}' at {} again: {e}", m.tag, m.path))?;
     }
     Ok(())

@@ -23,7 +23,7 @@ use crate::qga::AgentState;
 use crate::report::power::{PowerAction, RebootMethod, Rebooted, RunStateChanged};
 use crate::ssh::Target;
 use crate::supervisor::client;
-use crate::timeouts::{AGENT_REBOOT, QMP_QUERY};
+use crate::timeouts::{AGENT_REBOOT, GUEST_JOB, QMP_QUERY};
 
 pub fn pause(ctx: &Ctx) -> Result<RunStateChanged> {
     set_cpus(ctx, PowerAction::Pause)
@@ -156,15 +156,13 @@ async fn ask_over_ssh(t: Target) -> Result<(), String> {
         true => ("reboot", "reboot".to_string()),
         false => ("sudo -n reboot", super::guest::sudo_command("reboot")),
     };
-    let out = tokio::task::spawn_blocking(move || crate::ssh::capture(&t, &remote))
+    let limit = crate::ssh::Limit::within(format!("the guest's '{cmd}'"), GUEST_JOB);
+    let out = tokio::task::spawn_blocking(move || crate::ssh::capture(&t, &remote, &limit))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
     match out.status.code() {
         Some(0) | Some(255) | None => Ok(()),
-        Some(c) => Err(format!(
-            "'{cmd}' exited with {c}: {}",
-            String::from_utf8_lossy(&out.stderr).trim().lines().last().unwrap_or("")
-        )),
+        Some(c) => Err(format!("'{cmd}' exited with {c}: {}", crate::ssh::last_said(&out.stderr))),
     }
 }

@@ -166,7 +166,10 @@ pub fn wait(
                 t.user
             );
             let remote = w.resumed.as_ref().map(|l| l()).unwrap_or_else(|| "true".into());
-            match ssh::try_login(t, &remote, SSH_CONNECT) {
+            // The login itself ends at the deadline or a cancel too: a
+            // guest whose shell never starts would hold it forever.
+            let limit = ssh::Limit { step: "the login".into(), deadline, cancel: w.cancel.as_deref() };
+            match ssh::try_login(t, &remote, SSH_CONNECT, &limit) {
                 Ok(ssh::Login::Ok(out)) => return Ok(out),
                 Ok(ssh::Login::HostKeyChanged) => return Err(Readiness::HostKey),
                 Ok(ssh::Login::KeyRefused(said)) => {
@@ -182,10 +185,21 @@ pub fn wait(
                     tracing::info!("login failed, trying again: {e}");
                     last = format!("banner seen, login failed: {e}")
                 }
-                Err(e) => return Err(Readiness::Failed(e.to_string())),
+                Err(e) => return Err(login_cut(e, deadline.saturating_duration_since(start).max(start.elapsed()))),
             }
         }
         std::thread::sleep(POLL);
+    }
+}
+
+/// Why readiness ends when a login's ssh could not be run or did not end
+/// by itself ([`ssh::Overrun`]): a cancel is the wait's own, the deadline
+/// the boot's, after `waited`.
+fn login_cut(e: anyhow::Error, waited: Duration) -> Readiness {
+    match e.downcast_ref::<ssh::Overrun>() {
+        Some(ssh::Overrun::Cancelled { .. }) => Readiness::Cancelled,
+        Some(ssh::Overrun::TimedOut { .. }) => Readiness::TimedOut { waited, last: e.to_string() },
+        _ => Readiness::Failed(e.to_string()),
     }
 }
 
@@ -208,10 +222,11 @@ fn timed_out(inst: &Instance, t: &ssh::Target, waited: Duration, last: &str) -> 
 
 /// The kernel panic the supervisor saw on the guest's serial console in
 /// this boot, if any (a guest kernel without a pvpanic driver panics
-/// without QEMU knowing).
+/// without QEMU knowing). The line is the guest's, so its terminal
+/// controls are removed before any message quotes it.
 pub fn console_panic(inst: &Instance) -> Option<String> {
     let state = super::block_on(crate::supervisor::client::state(&inst.control(), STATE_ANSWER)).ok()?;
-    state.guest_kernel.panic.map(|p| p.line)
+    state.guest_kernel.panic.map(|p| crate::logs::guest_text(p.line.as_bytes(), 500))
 }
 
 /// QEMU ended during the boot: its stop record, written by the supervisor
@@ -317,8 +332,9 @@ fn crash_hint(exit: Option<&crate::instance::proc::ExitInfo>) -> Option<String> 
 
 #[cfg(test)]
 mod tests {
-    use super::{crash_hint, refused_pause};
+    use super::{crash_hint, login_cut, refused_pause, Readiness};
     use crate::instance::proc::ExitInfo;
+    use crate::ssh::Overrun;
     use std::time::Duration;
 
     #[test]
@@ -326,6 +342,24 @@ mod tests {
         assert_eq!(refused_pause(Duration::ZERO), Duration::from_millis(50));
         assert_eq!(refused_pause(Duration::from_millis(250)), Duration::from_millis(200));
         assert_eq!(refused_pause(Duration::from_secs(9)), Duration::from_millis(800));
+    }
+
+    #[test]
+    fn a_login_stopped_at_the_deadline_or_by_a_cancel_ends_the_wait_as_such() {
+        let waited = Duration::from_secs(30);
+        let step = || "the login".to_string();
+        let cut = login_cut(Overrun::Cancelled { step: step() }.into(), waited);
+        assert!(matches!(cut, Readiness::Cancelled), "{cut:?}");
+        let cut = login_cut(Overrun::TimedOut { step: step(), after: Duration::from_secs(28) }.into(), waited);
+        match cut {
+            Readiness::TimedOut { waited: w, last } => {
+                assert_eq!(w, waited);
+                assert!(last.starts_with("the login did not finish within 28s"), "{last}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let cut = login_cut(Overrun::TooMuch { step: step(), stream: "stdout" }.into(), waited);
+        assert!(matches!(&cut, Readiness::Failed(m) if m.contains("the guest sent too much")), "{cut:?}");
     }
 
     #[test]

@@ -25,7 +25,7 @@ pub fn ssh_config(ctx: &Ctx, instance: Option<&str>, all: bool) -> Result<SshCon
     for name in names {
         let one = Ctx { name: name.clone(), ..ctx.clone() };
         let (_, t) = ssh_target(&one)?;
-        let options = t.config_lines().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        let options = t.config_lines()?.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         hosts.push(SshHost { name, host: t.alias.clone(), options });
     }
     let rest = match (all, instance) {

@@ -29,7 +29,7 @@ impl Render for SshConfig {
     fn human(&self) -> String {
         let mut s = format!(
             "# OpenSSH settings of qbuf-qemu instances, written by '{}'.\n# Run it again when an instance's SSH port or user changes.\n",
-            self.generated_by
+            one_line(&self.generated_by)
         );
         for h in &self.hosts {
             s.push_str(&format!("\nHost {}\n", h.host));
@@ -39,6 +39,20 @@ impl Render for SshConfig {
         }
         s.trim_end().to_string()
     }
+}
+
+/// `s` with its control characters escaped (`\n` as the two characters
+/// `\` `n`): a newline in a comment (a `--state-dir` in the command line
+/// it quotes) would end the comment and start an ssh config directive.
+fn one_line(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c.is_control() {
+            true => out.extend(c.escape_default()),
+            false => out.push(c),
+        }
+    }
+    out
 }
 
 /// `copy`: what went where.
@@ -107,6 +121,18 @@ pub fn left_out(u: &Unpacked) -> Vec<String> {
 mod tests {
     use super::*;
     use crate::guest_files::Skipped;
+
+    #[test]
+    fn the_header_comment_stays_one_comment_line_whatever_the_state_dir() {
+        let c = SshConfig {
+            hosts: vec![],
+            generated_by: "qbuf-qemu --state-dir '/tmp/x\nProxyCommand evil\r\x1b[6n' ssh-config".into(),
+        };
+        let h = c.human();
+        assert_eq!(h.lines().count(), 2, "{h}");
+        assert!(h.lines().all(|l| l.starts_with("# ")), "{h}");
+        assert!(h.contains(r"/tmp/x\nProxyCommand evil\r\u{1b}[6n"), "{h}");
+    }
 
     #[test]
     fn a_copy_says_what_it_left_out() {

@@ -52,8 +52,42 @@ fn host_keys_are_pinned_per_instance_and_key_only() {
     assert!(!o.contains("StrictHostKeyChecking=no"));
     // A dead guest ends a session within seconds, in every rendering.
     assert!(o.contains("ServerAliveInterval=5") && o.contains("ServerAliveCountMax=3"), "{o}");
-    let block: Vec<_> = target().config_lines().into_iter().map(|(k, _)| k).collect();
+    let block: Vec<_> = target().config_lines().unwrap().into_iter().map(|(k, _)| k).collect();
     assert!(block.contains(&"ServerAliveInterval") && block.contains(&"ServerAliveCountMax"), "{block:?}");
+}
+
+#[test]
+fn the_users_agent_and_display_are_not_forwarded_into_the_guest() {
+    let t = target();
+    let o = t.options().join(" ");
+    assert!(o.contains("-o ForwardAgent=no") && o.contains("-o ForwardX11=no"), "{o}");
+    let scp = t.scp_command(&[ScpPath::Local("a".into())], &ScpPath::Guest("/b".into()), true, false);
+    assert!(scp.contains(&"ForwardAgent=no".to_string()) && scp.contains(&"ForwardX11=no".to_string()));
+    let block = t.config_lines().unwrap();
+    assert!(block.contains(&("ForwardAgent", "no".into())) && block.contains(&("ForwardX11", "no".into())));
+    // As this host's OpenSSH resolves it (`ssh -G`, no connection), against
+    // a user config with `Host *` forwarding both.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config");
+    fs::write(&config, "Host *\n    ForwardAgent yes\n    ForwardX11 yes\n    LocalForward 8080 localhost:80\n")
+        .unwrap();
+    let resolved = |user_args: &[&str]| {
+        let mut argv = t.command(&user_args.iter().map(|a| a.to_string()).collect::<Vec<_>>());
+        argv.splice(1..1, ["-F".to_string(), config.display().to_string(), "-G".into()]);
+        let out = Command::new(&argv[0]).args(&argv[1..]).stdin(Stdio::null()).output().expect("ssh runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let get = |k: &str| text.lines().find_map(|l| l.strip_prefix(k)?.strip_prefix(' ').map(String::from));
+        (get("forwardagent"), get("forwardx11"), get("localforward"))
+    };
+    let (agent, x11, local) = resolved(&[]);
+    assert_eq!((agent.as_deref(), x11.as_deref()), (Some("no"), Some("no")), "the user's config lost");
+    assert_eq!(local.as_deref(), Some("8080 [localhost]:80"), "the user's own forwards still apply");
+    // `qbuf-qemu ssh -- -A -X`: the user asked for it on the command line.
+    let (agent, x11, _) = resolved(&["-A", "-X"]);
+    assert_eq!((agent.as_deref(), x11.as_deref()), (Some("yes"), Some("yes")));
+    let (agent, ..) = resolved(&["-o", "ForwardAgent=yes"]);
+    assert_eq!(agent.as_deref(), Some("no"), "-o after ours does not win (the first value does)");
 }
 
 #[test]
@@ -68,7 +102,7 @@ fn ssh_scp_and_the_config_block_share_one_set_of_options() {
     assert_eq!(scp[scp.len() - 2..], ["a b", "dev@127.0.0.1:'/tmp/x y'"], "old scp: the guest's shell reads it");
     let sftp = t.scp_command(&[ScpPath::Guest("/tmp/x y".into())], &ScpPath::Local(".".into()), true, false);
     assert_eq!(sftp[sftp.len() - 2..], ["dev@127.0.0.1:/tmp/x y", "."]);
-    let block: Vec<String> = t.config_lines().iter().map(|(k, v)| format!("{k} {v}")).collect();
+    let block: Vec<String> = t.config_lines().unwrap().iter().map(|(k, v)| format!("{k} {v}")).collect();
     for (k, _) in t.settings() {
         assert!(block.iter().any(|l| l.starts_with(k)), "{k} missing from {block:?}");
     }
@@ -116,4 +150,37 @@ fn banner_needs_an_ssh_greeting_not_just_a_connect() {
     assert_eq!(banner(port, Duration::from_secs(2)), None);
     assert_eq!(banner(port, Duration::from_secs(2)).as_deref(), Some("SSH-2.0-dropbear"));
     t.join().unwrap();
+}
+
+#[test]
+fn what_the_guest_said_reaches_the_terminal_without_its_controls() {
+    use std::os::unix::process::ExitStatusExt;
+    let out = |code: i32, stderr: &[u8]| std::process::Output {
+        status: std::process::ExitStatus::from_raw(code << 8),
+        stdout: vec![],
+        stderr: stderr.to_vec(),
+    };
+    let refused = out(255, b"banner\n\x1b]0;owned\x07dev@127.0.0.1: Permission denied (publickey).\x9b2J\r\n");
+    assert_eq!(judge_login(refused), Login::KeyRefused("dev@127.0.0.1: Permission denied (publickey).".into()));
+    let failed = out(255, b"kex_exchange_identification: \x1b[6nread: Connection reset\rhidden\n");
+    assert_eq!(judge_login(failed), Login::Failed("hidden".into()), "a bare CR ends a line");
+    assert_eq!(judge_login(out(255, b"Host key verification failed.\n")), Login::HostKeyChanged);
+    assert!(matches!(judge_login(out(0, b"")), Login::Ok(_)));
+    assert_eq!(last_said(&[b'x'; 2000]).len(), 500);
+}
+
+#[test]
+fn a_path_with_a_newline_cannot_add_a_directive_to_the_users_ssh_config() {
+    let key = Target { key: "/s/x\nProxyCommand sh -c evil".into(), ..target() };
+    let e = key.config_lines().unwrap_err().to_string();
+    assert!(e.contains("IdentityFile \"/s/x\\nProxyCommand sh -c evil\"") && e.contains("--ssh-key"), "{e}");
+    assert!(!e.contains('\n'), "the message shows the path escaped: {e}");
+    let state = Target { known_hosts: "/s\r/instances/dev/known_hosts".into(), ..target() };
+    let e = state.config_lines().unwrap_err().to_string();
+    assert!(e.contains("UserKnownHostsFile") && e.contains("--state-dir"), "{e}");
+    let mux = Target { control: Some("/s/\x1b[6n/ssh-mux".into()), ..target() };
+    assert!(mux.config_lines().unwrap_err().to_string().contains("ControlPath"));
+    // Blanks and quotes are quoted, not refused.
+    let blank = Target { key: "/s s/\"k\"".into(), ..target() };
+    assert!(blank.config_lines().unwrap().contains(&("IdentityFile", r#""/s s/\"k\"""#.into())));
 }
