@@ -234,6 +234,21 @@ fn share_added_while_running_is_recorded_and_mountable_after_the_next_boot() {
     assert_eq!((sh["added"].as_bool(), sh["running"].as_bool()), (Some(true), Some(true)));
     let out = env.run(&["share", "remove", "nope"]);
     out.code_is(1);
+    // Launch's checks, at once: a read-write share of / is warned about, a
+    // path QEMU could not be given is refused before it is recorded.
+    let out = env.run(&["share", "add", "/", "wide"]);
+    out.ok();
+    assert!(
+        out.stderr().contains("warning: the share / is read-write") && out.stderr().contains("--ro"),
+        "{}",
+        out.text()
+    );
+    env.run(&["share", "remove", "wide"]).ok();
+    let odd = env.dir.join("new\nline");
+    std::fs::create_dir_all(&odd).unwrap();
+    let out = env.run(&["share", "add", path_str(&odd), "odd"]);
+    out.code_is(1);
+    assert!(out.stderr().contains("contains a newline"), "{}", out.text());
     // QEMU cannot hot-add a 9p share: said so, and the guest does not have it yet.
     let out = env.run(&["share", "list"]);
     assert!(out.stdout().contains("next boot"), "{}", out.text());

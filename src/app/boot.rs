@@ -233,16 +233,11 @@ fn check_paths(s: &mut Settings) -> Result<()> {
 /// the home directory or one above it, read-write (the guest could change
 /// the user's SSH keys and shell startup files).
 fn wide_share(s: &Settings) -> Option<String> {
-    let p = s.share.as_ref()?;
-    let home = std::env::var_os("HOME").and_then(|h| std::fs::canonicalize(h).ok());
-    let wide = p.as_path() == std::path::Path::new("/") || home.is_some_and(|h| h.starts_with(p));
-    (wide && s.share_mode != config::ShareMode::Ro).then(|| {
-        format!(
-            "warning: the share {} is read-write, so the guest can change any file under it (your SSH keys and \
-             shell startup files too): share a project directory with '--share DIR', or add '--share-mode ro'",
-            p.display()
-        )
-    })
+    super::spec::wide_share_warning(
+        s.share.as_deref()?,
+        s.share_mode == config::ShareMode::Ro,
+        "share a project directory with '--share DIR', or add '--share-mode ro'",
+    )
 }
 
 /// The SSH port: the saved or given one when it is free, a free one picked

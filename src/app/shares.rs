@@ -50,6 +50,11 @@ pub fn add(ctx: &Ctx, dir: &Path, tag: &str, readonly: bool) -> Result<ShareChan
     if !path.is_dir() {
         bail!("{} is not a directory: give a directory to share", path.display());
     }
+    // Refused now, not at the next launch that would give it to QEMU.
+    crate::qemu::value::path_value("share", &path)?;
+    if let Some(w) = super::spec::wide_share_warning(&path, readonly, "share a project directory, or add '--ro'") {
+        ctx.progress(&w);
+    }
     let _lock = devices_lock(&inst)?;
     let mut rec = DevicesRecord::load(&inst)?;
     if rec.shares.iter().any(|s| s.tag == tag) {

@@ -281,3 +281,19 @@ fn guix_virtiofsd(ctx: &Ctx, inst: &Instance, s: &Settings) -> Result<PathBuf, S
         .inspect_err(|why| tracing::info!("no virtiofsd from Guix ({why}): looking on this host"))?;
     virtiofs::usable(&b).map(|()| b)
 }
+
+/// The warning for a read-write share of `/` or of a directory holding the
+/// user's home (`launch --share`, `share add`): the guest could change the
+/// user's SSH keys and shell startup files.
+/// `fix` says how to share less, in the command's own flags.
+pub fn wide_share_warning(p: &std::path::Path, readonly: bool, fix: &str) -> Option<String> {
+    let home = std::env::var_os("HOME").and_then(|h| std::fs::canonicalize(h).ok());
+    let wide = p == std::path::Path::new("/") || home.is_some_and(|h| h.starts_with(p));
+    (wide && !readonly).then(|| {
+        format!(
+            "warning: the share {} is read-write, so the guest can change any file under it (your SSH keys and \
+             shell startup files too): {fix}",
+            p.display()
+        )
+    })
+}

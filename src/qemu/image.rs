@@ -131,6 +131,13 @@ pub fn check_image(path: &Path, format: DiskFormat) -> Result<()> {
         (DiskFormat::Qcow2, Header::Qcow2 { data_file: Some(d), .. }) => {
             bail!(flatten(&format!("{d} as its external data file")))
         }
+        // Not even one sector: an empty file (a failed download, a `touch`)
+        // would boot to nothing and leave `launch` waiting for its timeout.
+        (DiskFormat::Raw, Header::Other) if std::fs::metadata(path).is_ok_and(|m| m.len() < 512) => bail!(
+            "{} is not a disk image: it holds {} bytes, less than one 512-byte sector",
+            path.display(),
+            std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+        ),
         _ => Ok(()),
     }
 }
@@ -417,6 +424,11 @@ mod tests {
         std::fs::write(d.join("b"), b"\xeb\x3c\x90mkfs").unwrap();
         assert_eq!(detect_format(&d.join("a")).unwrap(), DiskFormat::Qcow2);
         assert_eq!(detect_format(&d.join("b")).unwrap(), DiskFormat::Raw);
+        std::fs::write(d.join("empty"), b"").unwrap();
+        let e = check_image(&d.join("empty"), DiskFormat::Raw).unwrap_err().to_string();
+        assert!(e.contains("not a disk image") && e.contains("0 bytes"), "{e}");
+        std::fs::write(d.join("sector"), [0u8; 512]).unwrap();
+        check_image(&d.join("sector"), DiskFormat::Raw).unwrap();
         std::fs::remove_dir_all(d).unwrap();
     }
 
