@@ -56,6 +56,7 @@ enum Taken {
 /// is waited for.
 fn take_lock(ctx: &Ctx, inst: &Instance, opts: &LaunchOptions) -> Result<Taken> {
     let deadline = Instant::now() + opts.timeout;
+    let mut told = false;
     loop {
         if let Some(l) = Lock::try_acquire(inst)? {
             return Ok(Taken::Lock(l));
@@ -81,6 +82,16 @@ fn take_lock(ctx: &Ctx, inst: &Instance, opts: &LaunchOptions) -> Result<Taken> 
                 ctx.name,
                 ctx.command("status")
             );
+        }
+        if !told && deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(1) < opts.timeout {
+            // Said once, after a second: a wait this long is never silent.
+            told = true;
+            ctx.progress(&format!(
+                "instance '{}' is locked by another qbuf-qemu command (a launch starting it, or a change to it); \
+                 waiting up to {} s for it",
+                ctx.name,
+                deadline.saturating_duration_since(Instant::now()).as_secs()
+            ));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
