@@ -51,25 +51,36 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
 /// Reads a JSON record; `Ok(None)` when it does not exist.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     match fs::read(path) {
-        Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| {
-            format!(
-                "{} is damaged: remove it, or start the instance over with '{}'",
-                path.display(),
-                destroy_hint(path)
-            )
-        })?)),
+        Ok(b) => Ok(Some(
+            serde_json::from_slice(&b).with_context(|| format!("{} is damaged: {}", path.display(), way_out(path)))?,
+        )),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
     }
 }
 
-/// `destroy` for the instance a record belongs to (STATE/instances/NAME/x).
-fn destroy_hint(record: &Path) -> String {
-    let dir = record.parent().unwrap_or(Path::new("."));
-    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("NAME");
-    match dir.parent().and_then(Path::parent) {
-        Some(root) => super::paths::StateDir::new(root.to_path_buf()).command(name, "destroy"),
-        None => "qbuf-qemu destroy".into(),
+/// What to do about a damaged record, by where it sits: a snapshot's
+/// (STATE/instances/NAME/snapshots/SNAP/FILE) goes with that snapshot, an
+/// instance's (STATE/instances/NAME/FILE) with the instance; anything else
+/// (the Guix image cache) can only be removed.
+fn way_out(record: &Path) -> String {
+    let name = |p: &Path| p.file_name().and_then(|n| n.to_str()).map(String::from);
+    let up = |n: usize| record.ancestors().nth(n);
+    let is = |n: usize, dir: &str| up(n).and_then(name).as_deref() == Some(dir);
+    let state = |n: usize| super::paths::StateDir::new(up(n).unwrap_or(Path::new("/")).to_path_buf());
+    if is(2, "snapshots") && is(4, "instances") {
+        if let (Some(inst), Some(snap)) = (up(3).and_then(name), up(1).and_then(name)) {
+            return format!(
+                "delete that snapshot with '{}'",
+                state(5).command(&inst, &format!("snapshot delete {snap}"))
+            );
+        }
+    }
+    match up(1).and_then(name) {
+        Some(inst) if is(2, "instances") => {
+            format!("remove it, or start the instance over with '{}'", state(3).command(&inst, "destroy"))
+        }
+        _ => "remove it".into(),
     }
 }
 
@@ -243,7 +254,29 @@ mod tests {
         fs::write(&p, "{not json").unwrap();
         let e = format!("{:#}", read_json::<i32>(&p).unwrap_err());
         assert!(e.contains("settings.json is damaged") && e.contains("--name web destroy"), "{e}");
+        let root = dir.parent().unwrap().parent().unwrap();
+        assert!(e.contains(&format!("--state-dir {} --name web destroy", root.display())), "{e}");
         fs::remove_dir_all(dir.parent().unwrap().parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn a_damaged_snapshot_record_points_at_that_snapshot() {
+        let root = std::env::temp_dir().join(format!("qbuf-dmgs-{}", std::process::id()));
+        let dir = root.join("instances/x/snapshots/bad");
+        fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("snapshot.json");
+        fs::write(&p, r#"{"name":"bad""#).unwrap();
+        let e = format!("{:#}", read_json::<i32>(&p).unwrap_err());
+        let delete = format!("--state-dir {} --name x snapshot delete bad'", root.display());
+        assert!(e.contains("snapshot.json is damaged: delete that snapshot") && e.contains(&delete), "{e}");
+        assert!(!e.contains("destroy"), "{e}");
+        // Outside an instance (the Guix image cache) there is no command to give.
+        let cache = root.join("images/k/build.json");
+        fs::create_dir_all(cache.parent().unwrap()).unwrap();
+        fs::write(&cache, "{").unwrap();
+        let e = format!("{:#}", read_json::<i32>(&cache).unwrap_err());
+        assert!(e.contains("build.json is damaged: remove it:"), "{e}");
+        fs::remove_dir_all(root).unwrap();
     }
 
     #[test]

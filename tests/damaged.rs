@@ -1,0 +1,103 @@
+//! Records and state broken on purpose, without a VM: a damaged file of one
+//! instance or snapshot is shown as damaged, with the way out, and never
+//! hides the healthy ones or leaves a dead end.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+/// A scratch state dir for one test.
+struct State(PathBuf);
+
+impl State {
+    fn new(test: &str) -> State {
+        let d = std::env::temp_dir().join(format!("qbuf-dmg-{}-{test}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        State(d)
+    }
+
+    /// A stopped instance as far as the tool can tell (a file it makes).
+    fn instance(&self, name: &str) -> PathBuf {
+        let inst = self.0.join("instances").join(name);
+        fs::create_dir_all(&inst).unwrap();
+        fs::write(inst.join("serial.log"), "booted once\n").unwrap();
+        inst
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_qbuf-qemu"))
+            .arg("--state-dir")
+            .arg(&self.0)
+            .args(args)
+            .env_remove("QBUF_QEMU_STATE_DIR")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// `--json` output: its exit code and its one document.
+    fn json(&self, args: &[&str]) -> (i32, Value) {
+        let o = self.run(&[&["--json"], args].concat());
+        let v = serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: not one JSON document ({e}): {}", text(&o)));
+        (o.status.code().unwrap_or(-1), v)
+    }
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn write(p: &Path, body: &[u8]) {
+    fs::create_dir_all(p.parent().unwrap()).unwrap();
+    fs::write(p, body).unwrap();
+}
+
+#[test]
+fn snapshots_without_a_readable_record_are_listed_damaged_and_can_be_deleted() {
+    let s = State::new("snap");
+    let snaps = s.instance("x").join("snapshots");
+    write(&snaps.join("half/state.bin"), &[0; 4096]);
+    write(&snaps.join("bad/snapshot.json"), br#"{"name":"bad""#);
+
+    let (code, v) = s.json(&["--name", "x", "snapshot", "list"]);
+    assert_eq!(code, 0, "{v}");
+    let list = v["snapshots"].as_array().unwrap();
+    assert_eq!(list.len(), 2, "{v}");
+    for snap in list {
+        let name = snap["name"].as_str().unwrap();
+        let why = snap["damaged"].as_str().unwrap_or_else(|| panic!("{name} is not marked damaged: {v}"));
+        assert!(why.contains(&format!("snapshot delete {name}")), "{why}");
+        assert!(!why.contains("destroy"), "{why}");
+        for field in ["created_at", "qemu_version", "state_bytes", "seconds", "shares"] {
+            assert!(snap.get(field).is_some(), "{field} missing: {snap}");
+        }
+    }
+    let human = String::from_utf8_lossy(&s.run(&["--name", "x", "snapshot", "list"]).stdout).to_string();
+    assert!(human.contains("half") && human.contains("bad") && human.matches("DAMAGED").count() == 2, "{human}");
+
+    for name in ["half", "bad"] {
+        let (code, v) = s.json(&["--name", "x", "snapshot", "delete", name]);
+        assert_eq!(code, 0, "{v}");
+        assert_eq!(v["what"], "deleted", "{v}");
+        assert!(!snaps.join(name).exists(), "{name} is still there");
+    }
+    let (_, v) = s.json(&["--name", "x", "snapshot", "list"]);
+    assert_eq!(v["snapshots"], serde_json::json!([]), "{v}");
+    let o = s.run(&["--name", "x", "snapshot", "delete", "half"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("has no snapshot 'half'"), "{}", text(&o));
+}
