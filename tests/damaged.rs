@@ -101,3 +101,47 @@ fn snapshots_without_a_readable_record_are_listed_damaged_and_can_be_deleted() {
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stderr).contains("has no snapshot 'half'"), "{}", text(&o));
 }
+
+/// settings.json of a stopped instance booted from an image, with its own
+/// key (so nothing has to be generated).
+fn settings(port: u16) -> String {
+    serde_json::json!({
+        "memory_mib": 512, "cpus": 1, "ssh_port": port, "share": null, "share_mode": "rw",
+        "source": {"kind": "image", "path": "/nonexistent/base.qcow2"}, "accel": "tcg",
+        "ssh_user": "dev", "ssh_key": "/nonexistent/id_ed25519"
+    })
+    .to_string()
+}
+
+#[test]
+fn one_instance_with_a_damaged_record_does_not_hide_the_others() {
+    let s = State::new("list");
+    write(&s.instance("good").join("settings.json"), settings(10022).as_bytes());
+    for (name, file) in [("a", "settings.json"), ("b", "stopped.json"), ("c", "run-origin.json")] {
+        write(&s.instance(name).join(file), b"{\"half\":");
+    }
+
+    let (code, v) = s.json(&["list"]);
+    assert_eq!(code, 0, "list could list, so it succeeds: {v}");
+    let rows = v["instances"].as_array().unwrap();
+    let row = |n: &str| rows.iter().find(|r| r["name"] == n).unwrap_or_else(|| panic!("{n} is missing: {v}"));
+    assert_eq!(row("good")["state"], "stopped", "{v}");
+    assert_eq!(row("good")["damaged"], Value::Null, "{v}");
+    for (name, file) in [("a", "settings.json"), ("b", "stopped.json"), ("c", "run-origin.json")] {
+        assert_eq!(row(name)["state"], "damaged", "{v}");
+        let why = row(name)["damaged"].as_str().unwrap();
+        assert!(why.contains(&format!("{name}/{file} is damaged")), "{why}");
+        assert!(why.contains(&format!("--name {name} destroy")), "{why}");
+    }
+    let o = s.run(&["list"]);
+    let human = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(human.contains("good") && human.contains("a: ") && human.contains("settings.json is damaged"), "{human}");
+
+    let o = s.run(&["ssh-config", "--all"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("Host qbuf-qemu-good") && !out.contains("qbuf-qemu-a"), "{out}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("no block for instance 'a'") && err.contains("settings.json is damaged"), "{err}");
+}
