@@ -145,3 +145,16 @@ fn one_instance_with_a_damaged_record_does_not_hide_the_others() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("no block for instance 'a'") && err.contains("settings.json is damaged"), "{err}");
 }
+
+#[test]
+fn events_survive_a_byte_that_is_not_utf8() {
+    let s = State::new("events");
+    let log = s.instance("x").join("events.jsonl");
+    write(&log, b"{\"event\":\"RESUME\",\"data\":{},\"timestamp\":1.5}\n\xff\xfe\n");
+    let (code, v) = s.json(&["--name", "x", "events"]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["events"][0]["event"], "RESUME", "{v}");
+    assert_eq!(v["events"].as_array().unwrap().len(), 1, "{v}");
+    let o = s.run(&["--name", "x", "events"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("skipped 1 damaged line"), "{}", text(&o));
+}
