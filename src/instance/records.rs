@@ -11,6 +11,7 @@ use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -26,16 +27,13 @@ pub use super::stops::{StepAction, StopCause, StopKind, StopMethod, StopOutcome,
 
 /// Writes JSON atomically (temp file + rename), private to the user. A
 /// write that fails (a full disk) leaves the old record and no temp file.
+/// Each write has a temp file of its own ([`temp_path`]): two commands
+/// writing one record at once (two `launch --memory …` on a running
+/// instance take no lock) must not write into one inode. The directory is
+/// synced after the rename, so the new name survives a crash.
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let tmp = path.with_extension("tmp");
+    let (tmp, mut f) = temp_file(path)?;
     let written = (|| -> Result<()> {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
         serde_json::to_writer_pretty(&mut f, value)?;
         f.write_all(b"\n")?;
         f.sync_all()?;
@@ -45,7 +43,34 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     if written.is_err() {
         let _ = fs::remove_file(&tmp);
     }
-    written.with_context(|| format!("cannot write {}", path.display()))
+    written.with_context(|| format!("cannot write {}", path.display()))?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot sync {} after writing {}", dir.display(), path.display()))
+}
+
+/// A write's own temp file beside `path` (mode 0600, made anew).
+fn temp_file(path: &Path) -> Result<(PathBuf, fs::File)> {
+    loop {
+        let tmp = temp_path(path);
+        match OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp) {
+            Ok(f) => return Ok((tmp, f)),
+            // Left by a dead process that had this pid: never ours to reuse.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("cannot write {}", tmp.display())),
+        }
+    }
+}
+
+/// `NAME.tmp.PID.N` for record `NAME.json`: unique to this process and
+/// write, and found by its `NAME.tmp.` prefix (`Instance::temp_files`).
+pub fn temp_path(path: &Path) -> PathBuf {
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, Ordering::Relaxed);
+    let mut name = path.with_extension("tmp").into_os_string();
+    name.push(format!(".{}.{n}", std::process::id()));
+    PathBuf::from(name)
 }
 
 /// Reads a JSON record; `Ok(None)` when it does not exist.
@@ -290,7 +315,31 @@ mod tests {
         let bad: std::collections::HashMap<(i32, i32), i32> = [((1, 2), 3)].into();
         assert!(write_json(&p, &bad).is_err());
         assert_eq!(read_json::<i32>(&p).unwrap(), Some(1));
-        assert!(!dir.join("r.tmp").exists());
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 1, "a temp file was left");
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn concurrent_writers_of_one_record_never_garble_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("qbuf-recw-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("settings.json");
+        let values: Vec<String> = (0..6).map(|i| "x".repeat(1 + i * 3000)).collect();
+        std::thread::scope(|s| {
+            for v in &values {
+                let p = &p;
+                s.spawn(move || (0..40).for_each(|_| write_json(p, v).expect("a concurrent write failed")));
+            }
+        });
+        let last: String = read_json(&p).unwrap().unwrap();
+        assert!(values.contains(&last), "garbled: {} bytes", last.len());
+        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        let left: Vec<_> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, ["settings.json"], "temp files were left");
+        let (a, b) = (temp_path(&p), temp_path(&p));
+        assert_ne!(a, b);
+        assert!(a.file_name().unwrap().to_str().unwrap().starts_with("settings.tmp."), "{}", a.display());
         fs::remove_dir_all(dir).unwrap();
     }
 }
