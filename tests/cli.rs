@@ -74,6 +74,13 @@ fn usage_errors_exit_2() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON document");
     assert_eq!(v["exit_code"], 2, "{v}");
     assert!(v["error"].as_str().unwrap().contains("1e3"), "{v}");
+    // The whole of clap's message, not its first line: it names what is missing.
+    let o = run(&["--json", "launch", "--kernel", "/x"]);
+    assert_eq!(o.status.code(), Some(2));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON document");
+    let error = v["error"].as_str().unwrap();
+    assert!(error.starts_with("the following required arguments were not provided:"), "{v}");
+    assert!(error.contains("--initrd <FILE>") && !error.contains('\u{1b}'), "{v}");
     let o = run(&["--json", "ssh", "--", "true"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--json does not apply"), "{}", stderr(&o));
