@@ -90,6 +90,10 @@ proptest! {
         let _ = parse::parse_forward(&v);
         let _ = parse::parse_host_end(&v);
         let _ = parse::name(&v);
+        let _ = parse::disk_id(&v);
+        let _ = parse::existing_disk_id(&v);
+        let _ = parse::share_tag(&v);
+        let _ = parse::snapshot_name(&v);
     }
 
     #[test]

@@ -18,11 +18,14 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS; // --help, --version
             }
             // The contract's one document on stdout holds for a flag clap
-            // refused too.
+            // refused too, with clap's whole message: its first line alone
+            // can be "the following required arguments were not provided:"
+            // without naming them. (`to_string` is plain text: clap styles
+            // only what it prints.)
             if asked_for_json() {
                 let text = e.to_string();
-                let first = text.lines().next().unwrap_or_default();
-                let message = first.strip_prefix("error: ").unwrap_or(first).to_string();
+                let text = text.trim_end();
+                let message = text.strip_prefix("error: ").unwrap_or(text).to_string();
                 let _ = qbuf_qemu::print_line(&error_document(&anyhow::anyhow!(message), 2).to_string());
             }
             return ExitCode::from(2);

@@ -74,6 +74,13 @@ fn usage_errors_exit_2() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON document");
     assert_eq!(v["exit_code"], 2, "{v}");
     assert!(v["error"].as_str().unwrap().contains("1e3"), "{v}");
+    // The whole of clap's message, not its first line: it names what is missing.
+    let o = run(&["--json", "launch", "--kernel", "/x"]);
+    assert_eq!(o.status.code(), Some(2));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON document");
+    let error = v["error"].as_str().unwrap();
+    assert!(error.starts_with("the following required arguments were not provided:"), "{v}");
+    assert!(error.contains("--initrd <FILE>") && !error.contains('\u{1b}'), "{v}");
     let o = run(&["--json", "ssh", "--", "true"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--json does not apply"), "{}", stderr(&o));
@@ -459,4 +466,30 @@ fn a_state_dir_inside_another_users_directory_is_refused_for_a_plain_user() {
     let o = as_alice(&mine.join("state"));
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     std::fs::remove_dir_all(&base).unwrap();
+}
+
+#[test]
+fn names_given_as_arguments_are_usage_errors_like_the_same_names_as_flags() {
+    let s = state("positional-names");
+    let sd = s.to_str().unwrap();
+    let cases: [(&[&str], &str); 6] = [
+        (&["snapshot", "delete", "../x"], "invalid snapshot name \"../x\""),
+        (&["snapshot", "load", "../../y"], "invalid snapshot name \"../../y\""),
+        (&["launch", "--resume", "../x"], "invalid snapshot name \"../x\""),
+        (&["disk", "remove", "a/b"], "invalid disk id \"a/b\""),
+        (&["disk", "resize", "../d", "1G"], "invalid disk id \"../d\""),
+        (&["share", "remove", "a,b"], "invalid share tag \"a,b\""),
+    ];
+    for (args, message) in cases {
+        let o = run(&[&["--state-dir", sd], args].concat());
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(message), "{args:?}: {}", stderr(&o));
+        assert!(!s.exists(), "{args:?}: the state dir was created");
+    }
+    // The tool's own disk ids still name a disk: past the parser they meet
+    // the missing instance (exit 1), not a usage error.
+    for args in [&["disk", "resize", "disk0-dev", "40G"][..], &["disk", "remove", "disk0"]] {
+        let o = run(&[&["--state-dir", sd], args].concat());
+        assert_ne!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+    }
 }

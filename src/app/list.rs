@@ -11,30 +11,42 @@ use crate::config::Settings;
 use crate::instance::read_json;
 use crate::report::list::{boot_summary, InstanceLine, InstanceList};
 
+/// Every instance; one whose records cannot be read is listed as damaged
+/// (which file, and what to do) and never hides the others.
 pub fn list(ctx: &Ctx) -> Result<InstanceList> {
-    let mut instances = Vec::new();
-    for name in ctx.state.instance_names() {
-        let one = Ctx { name: name.clone(), ..ctx.clone() };
-        let inst = one.instance();
-        let st = super::status::status(&one)?;
-        let settings: Option<Settings> = read_json(&inst.settings())?;
-        let from = st.run.as_ref().and_then(|r| r.from_snapshot.as_ref());
-        let boot = match from {
-            Some(s) => Some(format!("snapshot {}/{}", s.instance, s.snapshot)),
-            None => settings.map(|s| boot_summary(&s.source)),
-        };
-        instances.push(InstanceLine {
-            name,
-            state: st.state,
-            pid: st.pid,
-            ssh_port: st.ssh_port,
-            boot,
-            run: st.run,
-            uptime_seconds: st.uptime_seconds,
-            disk_bytes: allocated(&inst.dir),
-        });
-    }
+    let instances = ctx
+        .state
+        .instance_names()
+        .into_iter()
+        .map(|name| {
+            let one = Ctx { name: name.clone(), ..ctx.clone() };
+            line(&one).unwrap_or_else(|e| InstanceLine::damaged(name, format!("{e:#}"), allocated(&one.instance().dir)))
+        })
+        .collect();
     Ok(InstanceList { state_dir: ctx.state.root.clone(), instances, launch_command: ctx.command("launch") })
+}
+
+/// One instance's row, from its status and saved settings.
+fn line(ctx: &Ctx) -> Result<InstanceLine> {
+    let inst = ctx.instance();
+    let st = super::status::status(ctx)?;
+    let settings: Option<Settings> = read_json(&inst.settings())?;
+    let from = st.run.as_ref().and_then(|r| r.from_snapshot.as_ref());
+    let boot = match from {
+        Some(s) => Some(format!("snapshot {}/{}", s.instance, s.snapshot)),
+        None => settings.map(|s| boot_summary(&s.source)),
+    };
+    Ok(InstanceLine {
+        name: ctx.name.clone(),
+        state: st.state,
+        pid: st.pid,
+        ssh_port: st.ssh_port,
+        boot,
+        run: st.run,
+        uptime_seconds: st.uptime_seconds,
+        disk_bytes: allocated(&inst.dir),
+        damaged: None,
+    })
 }
 
 /// Bytes allocated to the files under `dir` (a sparse file counts what it

@@ -151,7 +151,12 @@ fn follow_to_end(
 pub fn events(ctx: &Ctx, follow: bool) -> Result<i32> {
     let inst = ctx.existing()?;
     if !follow {
-        return done(ctx, &Events { name: ctx.name.clone(), events: read_events(&inst)? });
+        let (events, skipped) = read_events(&inst)?;
+        if skipped > 0 {
+            let log = inst.events_log();
+            ctx.progress(&format!("note: skipped {skipped} damaged line(s) of {} that are no event", log.display()));
+        }
+        return done(ctx, &Events { name: ctx.name.clone(), events });
     }
     let mut partial = Vec::new();
     let mut print = |chunk: &[u8]| -> Result<()> {
@@ -174,15 +179,45 @@ pub fn events(ctx: &Ctx, follow: bool) -> Result<i32> {
 }
 
 /// Every event recorded so far (events.jsonl.1, then events.jsonl: both
-/// are capped, so this is bounded).
-fn read_events(inst: &Instance) -> Result<Vec<EventLine>> {
-    let mut v = vec![];
+/// are capped, so this is bounded), read as `--follow` reads them: a byte
+/// that is not UTF-8 becomes U+FFFD, and a line that is no event (a
+/// damaged one) is skipped; how many were is returned too.
+fn read_events(inst: &Instance) -> Result<(Vec<EventLine>, usize)> {
+    let (mut v, mut skipped) = (vec![], 0);
     for path in [inst.events_log_old(), inst.events_log()] {
-        match std::fs::read_to_string(&path) {
-            Ok(s) => v.extend(s.lines().filter_map(EventLine::parse)),
+        match std::fs::read(&path) {
+            Ok(b) => {
+                for line in String::from_utf8_lossy(&b).lines().filter(|l| !l.trim().is_empty()) {
+                    match EventLine::parse(line) {
+                        Some(e) => v.push(e),
+                        None => skipped += 1,
+                    }
+                }
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         }
     }
-    Ok(v)
+    Ok((v, skipped))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_byte_that_is_not_utf8_costs_one_line_at_most_not_the_log() {
+        let root = std::env::temp_dir().join(format!("qbuf-events-{}", std::process::id()));
+        let inst = crate::instance::StateDir::new(root.clone()).instance("x");
+        std::fs::create_dir_all(&inst.dir).unwrap();
+        let mut log = br#"{"event":"RESUME","data":{},"timestamp":1.5}"#.to_vec();
+        log.extend_from_slice(b"\n{\"event\":\"X\xff\",\"timestamp\":2}\n\xfe\xff not json\n\n");
+        log.extend_from_slice(br#"{"event":"SHUTDOWN","data":{"guest":true},"timestamp":3}"#);
+        std::fs::write(inst.events_log(), log).unwrap();
+        let (events, skipped) = read_events(&inst).unwrap();
+        let names: Vec<&str> = events.iter().map(|e| e.event.event.as_str()).collect();
+        assert_eq!(names, ["RESUME", "X\u{fffd}", "SHUTDOWN"]);
+        assert_eq!(skipped, 1);
+        std::fs::remove_dir_all(root).unwrap();
+    }
 }

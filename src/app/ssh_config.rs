@@ -22,11 +22,25 @@ pub fn ssh_config(ctx: &Ctx, instance: Option<&str>, all: bool) -> Result<SshCon
         (false, None) => vec![ctx.name.clone()],
     };
     let mut hosts = Vec::new();
+    let mut skipped = Vec::new();
     for name in names {
         let one = Ctx { name: name.clone(), ..ctx.clone() };
-        let (_, t) = ssh_target(&one)?;
-        let options = t.config_lines()?.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-        hosts.push(SshHost { name, host: t.alias.clone(), options });
+        match ssh_target(&one).and_then(|(_, t)| Ok((t.config_lines()?, t))) {
+            Ok((lines, t)) => {
+                let options = lines.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+                hosts.push(SshHost { name, host: t.alias.clone(), options });
+            }
+            // One damaged instance does not cost the others their blocks.
+            Err(e) if all => {
+                let why = format!("no block for instance '{name}': {e:#}");
+                ctx.progress(&format!("note: {why}"));
+                skipped.push(why);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if hosts.is_empty() && !skipped.is_empty() {
+        bail!("{}", skipped.join("; "));
     }
     let rest = match (all, instance) {
         (true, _) => "ssh-config --all".to_string(),

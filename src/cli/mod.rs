@@ -182,6 +182,7 @@ pub enum DiskCommand {
     /// Detach a disk once the guest released it (DEVICE_DELETED); its image is kept
     Remove {
         /// The disk's id (see 'disk list')
+        #[arg(value_parser = parse::existing_disk_id)]
         id: String,
         /// How long to wait for the guest to release the disk (seconds, or e.g. 1m)
         #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse::timeout)]
@@ -192,6 +193,7 @@ pub enum DiskCommand {
     /// Grow a disk to SIZE (never shrink): live while attached, else the image file; the boot disk is disk0-dev
     Resize {
         /// The disk's id (see 'disk list'); disk0-dev is the boot disk
+        #[arg(value_parser = parse::existing_disk_id)]
         id: String,
         /// The new size, e.g. 40G (at most 64T)
         #[arg(value_name = "SIZE", value_parser = parse::disk_bytes)]
@@ -256,7 +258,7 @@ pub enum ShareCommand {
     /// Stop sharing TAG from the next boot on
     Remove {
         /// The share's mount tag (see 'share list')
-        #[arg(value_name = "TAG")]
+        #[arg(value_name = "TAG", value_parser = parse::share_tag)]
         tag: String,
     },
     /// The default share and the recorded ones
@@ -375,7 +377,7 @@ pub enum SnapshotCommand {
     /// Replace the instance's VM with snapshot NAME (a running VM is stopped first) and resume it
     Load {
         /// The snapshot to load (see 'snapshot list')
-        #[arg(value_name = "NAME")]
+        #[arg(value_name = "NAME", value_parser = parse::snapshot_name)]
         snapshot: String,
     },
     /// The instance's snapshots
@@ -383,7 +385,7 @@ pub enum SnapshotCommand {
     /// Delete snapshot NAME
     Delete {
         /// The snapshot to delete
-        #[arg(value_name = "NAME")]
+        #[arg(value_name = "NAME", value_parser = parse::snapshot_name)]
         snapshot: String,
     },
 }

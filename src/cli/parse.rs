@@ -32,6 +32,12 @@ pub fn disk_id(s: &str) -> Result<String, String> {
     id(IdKind::Disk, s)
 }
 
+/// A disk that exists, by its id (`disk remove`, `disk resize`): the
+/// form of a disk id, the tool's own (`disk0-dev`, the boot disk) included.
+pub fn existing_disk_id(s: &str) -> Result<String, String> {
+    crate::qemu::value::validate_id_form(IdKind::Disk, s).map(|()| s.to_string()).map_err(|e| e.to_string())
+}
+
 pub fn share_tag(s: &str) -> Result<String, String> {
     id(IdKind::ShareTag, s)
 }

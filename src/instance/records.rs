@@ -11,6 +11,7 @@ use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -26,16 +27,13 @@ pub use super::stops::{StepAction, StopCause, StopKind, StopMethod, StopOutcome,
 
 /// Writes JSON atomically (temp file + rename), private to the user. A
 /// write that fails (a full disk) leaves the old record and no temp file.
+/// Each write has a temp file of its own ([`temp_path`]): two commands
+/// writing one record at once (two `launch --memory …` on a running
+/// instance take no lock) must not write into one inode. The directory is
+/// synced after the rename, so the new name survives a crash.
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let tmp = path.with_extension("tmp");
+    let (tmp, mut f) = temp_file(path)?;
     let written = (|| -> Result<()> {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
         serde_json::to_writer_pretty(&mut f, value)?;
         f.write_all(b"\n")?;
         f.sync_all()?;
@@ -45,31 +43,69 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     if written.is_err() {
         let _ = fs::remove_file(&tmp);
     }
-    written.with_context(|| format!("cannot write {}", path.display()))
+    written.with_context(|| format!("cannot write {}", path.display()))?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot sync {} after writing {}", dir.display(), path.display()))
+}
+
+/// A write's own temp file beside `path` (mode 0600, made anew).
+fn temp_file(path: &Path) -> Result<(PathBuf, fs::File)> {
+    loop {
+        let tmp = temp_path(path);
+        match OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp) {
+            Ok(f) => return Ok((tmp, f)),
+            // Left by a dead process that had this pid: never ours to reuse.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("cannot write {}", tmp.display())),
+        }
+    }
+}
+
+/// `NAME.tmp.PID.N` for record `NAME.json`: unique to this process and
+/// write, and found by its `NAME.tmp.` prefix (`Instance::temp_files`).
+pub fn temp_path(path: &Path) -> PathBuf {
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, Ordering::Relaxed);
+    let mut name = path.with_extension("tmp").into_os_string();
+    name.push(format!(".{}.{n}", std::process::id()));
+    PathBuf::from(name)
 }
 
 /// Reads a JSON record; `Ok(None)` when it does not exist.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     match fs::read(path) {
-        Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| {
-            format!(
-                "{} is damaged: remove it, or start the instance over with '{}'",
-                path.display(),
-                destroy_hint(path)
-            )
-        })?)),
+        Ok(b) => Ok(Some(
+            serde_json::from_slice(&b).with_context(|| format!("{} is damaged: {}", path.display(), way_out(path)))?,
+        )),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
     }
 }
 
-/// `destroy` for the instance a record belongs to (STATE/instances/NAME/x).
-fn destroy_hint(record: &Path) -> String {
-    let dir = record.parent().unwrap_or(Path::new("."));
-    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("NAME");
-    match dir.parent().and_then(Path::parent) {
-        Some(root) => super::paths::StateDir::new(root.to_path_buf()).command(name, "destroy"),
-        None => "qbuf-qemu destroy".into(),
+/// What to do about a damaged record, by where it sits: a snapshot's
+/// (STATE/instances/NAME/snapshots/SNAP/FILE) goes with that snapshot, an
+/// instance's (STATE/instances/NAME/FILE) with the instance; anything else
+/// (the Guix image cache) can only be removed.
+fn way_out(record: &Path) -> String {
+    let name = |p: &Path| p.file_name().and_then(|n| n.to_str()).map(String::from);
+    let up = |n: usize| record.ancestors().nth(n);
+    let is = |n: usize, dir: &str| up(n).and_then(name).as_deref() == Some(dir);
+    let state = |n: usize| super::paths::StateDir::new(up(n).unwrap_or(Path::new("/")).to_path_buf());
+    if is(2, "snapshots") && is(4, "instances") {
+        if let (Some(inst), Some(snap)) = (up(3).and_then(name), up(1).and_then(name)) {
+            return format!(
+                "delete that snapshot with '{}'",
+                state(5).command(&inst, &format!("snapshot delete {snap}"))
+            );
+        }
+    }
+    match up(1).and_then(name) {
+        Some(inst) if is(2, "instances") => {
+            format!("remove it, or start the instance over with '{}'", state(3).command(&inst, "destroy"))
+        }
+        _ => "remove it".into(),
     }
 }
 
@@ -243,7 +279,29 @@ mod tests {
         fs::write(&p, "{not json").unwrap();
         let e = format!("{:#}", read_json::<i32>(&p).unwrap_err());
         assert!(e.contains("settings.json is damaged") && e.contains("--name web destroy"), "{e}");
+        let root = dir.parent().unwrap().parent().unwrap();
+        assert!(e.contains(&format!("--state-dir {} --name web destroy", root.display())), "{e}");
         fs::remove_dir_all(dir.parent().unwrap().parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn a_damaged_snapshot_record_points_at_that_snapshot() {
+        let root = std::env::temp_dir().join(format!("qbuf-dmgs-{}", std::process::id()));
+        let dir = root.join("instances/x/snapshots/bad");
+        fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("snapshot.json");
+        fs::write(&p, r#"{"name":"bad""#).unwrap();
+        let e = format!("{:#}", read_json::<i32>(&p).unwrap_err());
+        let delete = format!("--state-dir {} --name x snapshot delete bad'", root.display());
+        assert!(e.contains("snapshot.json is damaged: delete that snapshot") && e.contains(&delete), "{e}");
+        assert!(!e.contains("destroy"), "{e}");
+        // Outside an instance (the Guix image cache) there is no command to give.
+        let cache = root.join("images/k/build.json");
+        fs::create_dir_all(cache.parent().unwrap()).unwrap();
+        fs::write(&cache, "{").unwrap();
+        let e = format!("{:#}", read_json::<i32>(&cache).unwrap_err());
+        assert!(e.contains("build.json is damaged: remove it:"), "{e}");
+        fs::remove_dir_all(root).unwrap();
     }
 
     #[test]
@@ -257,7 +315,31 @@ mod tests {
         let bad: std::collections::HashMap<(i32, i32), i32> = [((1, 2), 3)].into();
         assert!(write_json(&p, &bad).is_err());
         assert_eq!(read_json::<i32>(&p).unwrap(), Some(1));
-        assert!(!dir.join("r.tmp").exists());
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 1, "a temp file was left");
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn concurrent_writers_of_one_record_never_garble_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("qbuf-recw-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("settings.json");
+        let values: Vec<String> = (0..6).map(|i| "x".repeat(1 + i * 3000)).collect();
+        std::thread::scope(|s| {
+            for v in &values {
+                let p = &p;
+                s.spawn(move || (0..40).for_each(|_| write_json(p, v).expect("a concurrent write failed")));
+            }
+        });
+        let last: String = read_json(&p).unwrap().unwrap();
+        assert!(values.contains(&last), "garbled: {} bytes", last.len());
+        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        let left: Vec<_> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, ["settings.json"], "temp files were left");
+        let (a, b) = (temp_path(&p), temp_path(&p));
+        assert_ne!(a, b);
+        assert!(a.file_name().unwrap().to_str().unwrap().starts_with("settings.tmp."), "{}", a.display());
         fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -63,16 +63,22 @@ impl IdKind {
 /// letters, digits, '-' and '_'; at most 31 characters. A disk id must not
 /// be one of the tool's own devices' ids.
 pub fn validate_id(kind: IdKind, id: &str) -> Result<()> {
-    let what = kind.label();
+    validate_id_form(kind, id)?;
+    if kind == IdKind::Disk && (id.starts_with("disk0") || id.ends_with("-file") || id.starts_with("hp")) {
+        bail!("disk id {id:?} is reserved for qbuf-qemu's own devices: choose another, e.g. 'data'");
+    }
+    Ok(())
+}
+
+/// The form of [`validate_id`] alone, for an id that names something that
+/// exists (`disk resize disk0-dev`: the tool's own ids included).
+pub fn validate_id_form(kind: IdKind, id: &str) -> Result<()> {
     let ok = !id.is_empty()
         && id.len() <= 31
         && id.starts_with(|c: char| c.is_ascii_alphabetic())
         && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
     if !ok {
-        bail!("invalid {what} {id:?}: use 1-31 letters, digits, '-' and '_', starting with a letter");
-    }
-    if kind == IdKind::Disk && (id.starts_with("disk0") || id.ends_with("-file") || id.starts_with("hp")) {
-        bail!("disk id {id:?} is reserved for qbuf-qemu's own devices: choose another, e.g. 'data'");
+        bail!("invalid {} {id:?}: use 1-31 letters, digits, '-' and '_', starting with a letter", kind.label());
     }
     Ok(())
 }

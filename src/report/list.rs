@@ -52,6 +52,26 @@ pub struct InstanceLine {
     /// Bytes the instance's files take on the host (allocated, so a sparse
     /// overlay counts what it really uses), its created disks included.
     pub disk_bytes: u64,
+    /// Why the instance's state cannot be told (a record that cannot be
+    /// read: which, and what to do), or null.
+    pub damaged: Option<String>,
+}
+
+impl InstanceLine {
+    /// An instance whose records cannot be read: `why` names the file.
+    pub fn damaged(name: String, why: String, disk_bytes: u64) -> InstanceLine {
+        InstanceLine {
+            name,
+            state: super::status::State::Damaged,
+            pid: None,
+            ssh_port: None,
+            boot: None,
+            run: None,
+            uptime_seconds: None,
+            disk_bytes,
+            damaged: Some(why),
+        }
+    }
 }
 
 /// The BOOT cell: how it boots, and a run's instance marked as such.
@@ -101,14 +121,12 @@ impl Render for InstanceList {
                 *w = (*w).max(c.chars().count());
             }
         }
-        std::iter::once(&header)
-            .chain(&rows)
-            .map(|r| {
-                let cells: Vec<String> = r.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
-                cells.join("  ").trim_end().to_string()
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
+        let table = std::iter::once(&header).chain(&rows).map(|r| {
+            let cells: Vec<String> = r.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+            cells.join("  ").trim_end().to_string()
+        });
+        let damage = self.instances.iter().filter_map(|i| Some(format!("{}: {}", i.name, i.damaged.as_ref()?)));
+        table.chain(damage).collect::<Vec<_>>().join("\n")
     }
 }
 
@@ -137,6 +155,7 @@ mod tests {
             run: None,
             uptime_seconds: None,
             disk_bytes: 0,
+            damaged: None,
         };
         let l = InstanceList {
             state_dir: "/s".into(),
@@ -164,6 +183,7 @@ mod tests {
             run: Some(RunMark { pid: 42, throwaway: true, from_snapshot: Some(from) }),
             uptime_seconds: None,
             disk_bytes: 0,
+            damaged: None,
         };
         assert_eq!(boot_cell(&line), "snapshot dev/ci (run pid 42, removed with it)");
         let mark = line.run.as_mut().unwrap();

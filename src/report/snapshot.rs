@@ -16,12 +16,20 @@ pub struct SnapshotEntry {
     /// The shares (9p or virtio-fs) unmounted for the save and mounted again on resume.
     pub shares: Vec<String>,
     /// Why the snapshot cannot be loaded (its files differ from what the
-    /// save wrote), or null.
+    /// save wrote, or its record is missing or unreadable), or null.
     pub damaged: Option<String>,
+    /// Whether the fields above come from its record (snapshot.json); a
+    /// directory without a readable one shows only its name and damage.
+    #[serde(skip)]
+    pub recorded: bool,
 }
 
 impl SnapshotEntry {
     fn line(&self) -> String {
+        if !self.recorded {
+            let why = self.damaged.as_deref().unwrap_or_default();
+            return format!("{:<16} DAMAGED: {why}", self.name);
+        }
         let mut l = format!(
             "{:<16} {}  {:>5.0} MiB state, saved in {:.2}s, QEMU {}",
             self.name,

@@ -25,6 +25,9 @@ pub enum State {
     Unresponsive,
     Stopped,
     Crashed,
+    /// A record of the instance cannot be read, so its state is unknown
+    /// (`list` shows it so rather than failing as a whole).
+    Damaged,
     /// QEMU's vCPUs stopped for a reason none of the above names
     /// (`internal-error`, `io-error`, `suspended`, `inmigrate`, a state
     /// newer than this tool): shown as QEMU says it.
@@ -47,6 +50,7 @@ impl State {
             State::Unresponsive => "unresponsive",
             State::Stopped => "stopped",
             State::Crashed => "crashed",
+            State::Damaged => "damaged",
             State::Qemu(r) => r.as_str(),
         }
     }
