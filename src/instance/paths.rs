@@ -336,12 +336,16 @@ impl Instance {
         Ok(())
     }
 
-    /// Temp files an interrupted record write may leave (see `write_json`).
+    /// Temp files an interrupted record write may leave: `NAME.tmp` of an
+    /// older build, `NAME.tmp.PID.N` of `write_json` now.
     pub fn temp_files(&self) -> Vec<PathBuf> {
-        INSTANCE_FILES
-            .iter()
-            .filter(|n| n.ends_with(".json"))
-            .map(|n| self.dir.join(Path::new(n).with_extension("tmp")))
+        let stems: Vec<String> =
+            INSTANCE_FILES.iter().filter_map(|n| n.strip_suffix(".json")).map(|stem| format!("{stem}.tmp")).collect();
+        let Ok(entries) = fs::read_dir(&self.dir) else { return vec![] };
+        entries
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| stems.iter().any(|t| n == t || n.strip_prefix(t.as_str()).is_some_and(|r| r.starts_with('.'))))
+            .map(|n| self.dir.join(n))
             .collect()
     }
 
@@ -451,7 +455,16 @@ mod tests {
         fs::create_dir_all(&inst.dir).unwrap();
         std::os::unix::fs::symlink(&elsewhere, inst.disks_dir()).unwrap();
         fs::write(inst.overlay(), "overlay").unwrap();
+        for leftover in ["settings.tmp", "settings.tmp.123.0", "run.tmp.9.1"] {
+            fs::write(inst.dir.join(leftover), "").unwrap();
+        }
+        fs::write(inst.dir.join("settings.tmpx"), "not ours").unwrap();
         let removed = inst.remove_created();
+        for leftover in ["settings.tmp", "settings.tmp.123.0", "run.tmp.9.1"] {
+            assert!(!inst.dir.join(leftover).exists(), "{leftover}");
+        }
+        assert!(inst.dir.join("settings.tmpx").exists());
+        fs::remove_file(inst.dir.join("settings.tmpx")).unwrap();
         assert!(elsewhere.join("thesis.txt").exists(), "a linked disks/ is not followed: {removed:?}");
         assert!(removed.contains(&inst.overlay()) && !inst.overlay().exists(), "{removed:?}");
         fs::remove_file(inst.disks_dir()).unwrap();
