@@ -5,7 +5,10 @@
 //! world-writable), setuid-root binaries and owners included. Only regular
 //! files, directories and symlinks that stay inside the copied tree land,
 //! owned by the user running the tool, with permission bits only (no
-//! setuid, setgid or sticky); everything else is skipped and said.
+//! setuid, setgid or sticky) less the user's umask; everything else is
+//! skipped and said. What the stream can make the host hold is bounded
+//! (`limits`, the lists of what was left out), and so is how long a copy
+//! may take when a caller has a deadline (`watch`).
 
 use std::ffi::OsString;
 use std::fs;
@@ -20,6 +23,9 @@ use serde::Serialize;
 
 use crate::instance::Instance;
 use crate::ssh::{self, Target};
+use crate::timeouts::SSH_STDERR_AFTER_EXIT;
+
+mod limits;
 
 /// Why an entry of the guest's stream was not copied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -53,19 +59,50 @@ pub struct Skipped {
     pub target: Option<String>,
 }
 
-/// What a copy out of the guest left out or changed.
+/// What a copy out of the guest left out or changed. A hostile stream can
+/// send millions of entries: past the first [`LISTED`] of each list they
+/// are counted, not kept.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Unpacked {
     /// Entries not copied.
     pub skipped: Vec<Skipped>,
     /// Paths (in the guest) copied without their setuid/setgid/sticky bits.
     pub mode_bits_dropped: Vec<String>,
+    /// Entries not copied beyond those in `skipped`.
+    pub skipped_unlisted: u64,
+    /// Paths copied without those bits beyond those in `mode_bits_dropped`.
+    pub mode_bits_dropped_unlisted: u64,
 }
+
+/// How many entries each list of [`Unpacked`] keeps.
+pub const LISTED: usize = 1000;
+
+/// The longest path or link target kept for a report, in bytes (Linux's
+/// `PATH_MAX`); a longer one is cut and ends in `…`.
+const SHOWN_MAX: usize = 4096;
 
 impl Unpacked {
     pub fn extend(&mut self, other: Unpacked) {
-        self.skipped.extend(other.skipped);
-        self.mode_bits_dropped.extend(other.mode_bits_dropped);
+        other.skipped.into_iter().for_each(|s| self.skip(s));
+        other.mode_bits_dropped.into_iter().for_each(|p| self.bits_dropped(p));
+        self.skipped_unlisted += other.skipped_unlisted;
+        self.mode_bits_dropped_unlisted += other.mode_bits_dropped_unlisted;
+    }
+
+    fn skip(&mut self, s: Skipped) {
+        if self.skipped.len() < LISTED {
+            self.skipped.push(s);
+        } else {
+            self.skipped_unlisted += 1;
+        }
+    }
+
+    fn bits_dropped(&mut self, path: String) {
+        if self.mode_bits_dropped.len() < LISTED {
+            self.mode_bits_dropped.push(path);
+        } else {
+            self.mode_bits_dropped_unlisted += 1;
+        }
     }
 
     /// Paths as the guest names them: `under` joined to each stream path.
@@ -77,32 +114,57 @@ impl Unpacked {
     }
 }
 
+/// A path or link target from the stream as a report shows it, cut to [`SHOWN_MAX`].
+fn shown(bytes: &[u8]) -> String {
+    let mut s = String::from_utf8_lossy(&bytes[..bytes.len().min(SHOWN_MAX)]).into_owned();
+    if bytes.len() > SHOWN_MAX {
+        s.push('…');
+    }
+    s
+}
+
 /// The most read past the end of the archive (tar pads its stream to a
 /// 10 KiB record); draining it lets the guest's tar and ssh exit cleanly.
 const TRAILER_LIMIT: u64 = 1 << 20;
 
+/// How many directories get their mode and time at the end (see
+/// [`unpack`]); each further one gets its mode at once, with its owner's
+/// access kept so that it can be filled, and keeps the time of unpacking.
+/// (Small in tests: the filesystem, not the logic, makes 4096 slow.)
+const DIRS_KEPT: usize = if cfg!(test) { 64 } else { 4096 };
+
 /// Unpacks the tar stream `from` into `root`, a fresh private directory:
-/// only what lies under `root/base` lands. Directories get their modes at
-/// the end (deepest first), so a read-only one can still be filled.
+/// only what lies under `root/base` lands, its permission bits less the
+/// process's umask (as tar does for a user who is not root). Directories
+/// get their modes at the end (deepest first), so a read-only one can
+/// still be filled.
 pub fn unpack<R: Read>(from: R, root: &Path, base: &str) -> Result<Unpacked> {
-    let mut archive = tar::Archive::new(from);
+    unpack_masked(from, root, base, process_umask())
+}
+
+fn unpack_masked<R: Read>(from: R, root: &Path, base: &str, umask: u32) -> Result<Unpacked> {
+    let mut archive = tar::Archive::new(limits::Framed::new(from));
     let mut out = Unpacked::default();
     let mut dirs: Vec<(PathBuf, u32, Option<SystemTime>)> = vec![];
     let bad_stream = "the guest sent a broken tar stream";
     for entry in archive.entries().context(bad_stream)? {
         let mut entry = entry.context(bad_stream)?;
-        let shown = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
         let mode = entry.header().mode().unwrap_or(0o600);
-        let target = entry.link_name().ok().flatten().map(|l| l.display().to_string());
-        match place(&mut entry, root, base, mode)? {
-            Placed::Skipped(reason) => out.skipped.push(Skipped { path: shown, reason, target }),
+        let kept = mode & 0o777 & !umask;
+        match place(&mut entry, root, base, kept)? {
+            Placed::Skipped(reason) => {
+                let target = entry.link_name_bytes().map(|l| shown(&l));
+                out.skip(Skipped { path: shown(&entry.path_bytes()), reason, target });
+            }
             Placed::Symlink | Placed::Nothing => {}
             placed => {
                 if mode & 0o7000 != 0 {
-                    out.mode_bits_dropped.push(shown);
+                    out.bits_dropped(shown(&entry.path_bytes()));
                 }
-                if let Placed::Directory(p) = placed {
-                    dirs.push((p, mode & 0o777, mtime(entry.header())));
+                match placed {
+                    Placed::Directory(p) if dirs.len() < DIRS_KEPT => dirs.push((p, kept, mtime(entry.header()))),
+                    Placed::Directory(p) => set_mode(&p, kept | 0o700)?,
+                    _ => {}
                 }
             }
         }
@@ -113,10 +175,25 @@ pub fn unpack<R: Read>(from: R, root: &Path, base: &str) -> Result<Unpacked> {
         if let Some(t) = time {
             let _ = fs::File::open(&p).and_then(|f| f.set_modified(t));
         }
-        fs::set_permissions(&p, fs::Permissions::from_mode(mode))
-            .with_context(|| format!("cannot set the mode of {}", p.display()))?;
+        set_mode(&p, mode)?;
     }
     Ok(out)
+}
+
+fn set_mode(p: &Path, mode: u32) -> Result<()> {
+    fs::set_permissions(p, fs::Permissions::from_mode(mode)).with_context(|| cannot("set the mode of", p))
+}
+
+/// The process's umask, read once. Reading it means setting it: a file
+/// another thread makes in that instant gets the stricter 077.
+fn process_umask() -> u32 {
+    static MASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *MASK.get_or_init(|| {
+        use nix::sys::stat::{umask, Mode};
+        let old = umask(Mode::from_bits_truncate(0o077));
+        umask(old);
+        old.bits()
+    })
 }
 
 /// What became of one entry.
@@ -252,7 +329,7 @@ fn make_room(dest: &Path, is_dir: bool) -> Result<bool> {
 }
 
 /// A new file (never an existing one, never through a link) with the
-/// entry's content, its permission bits only, and its time.
+/// entry's content, `mode` (permission bits only) and its time.
 fn write_file<R: Read>(entry: &mut tar::Entry<R>, dest: &Path, mode: u32) -> Result<()> {
     let mut f = fs::OpenOptions::new()
         .write(true)
@@ -261,7 +338,7 @@ fn write_file<R: Read>(entry: &mut tar::Entry<R>, dest: &Path, mode: u32) -> Res
         .open(dest)
         .with_context(|| cannot("create", dest))?;
     io::copy(entry, &mut f).with_context(|| cannot("write", dest))?;
-    f.set_permissions(fs::Permissions::from_mode(mode & 0o777)).with_context(|| cannot("chmod", dest))?;
+    f.set_permissions(fs::Permissions::from_mode(mode)).with_context(|| cannot("chmod", dest))?;
     if let Some(t) = mtime(entry.header()) {
         let _ = f.set_modified(t);
     }
@@ -276,8 +353,10 @@ fn mtime(h: &tar::Header) -> Option<SystemTime> {
 /// `host` when it is a directory, as `host` otherwise. The copy is unpacked
 /// in a private directory with an unpredictable name beside its
 /// destination, then renamed into place; a directory already there is
-/// never merged into.
-pub fn copy_from_guest(t: &Target, inst: &Instance, guest: &str, host: &Path) -> Result<Unpacked> {
+/// never merged into. `watch` is told the pid of the copy's ssh once it
+/// runs and 0 once it has ended, so that a deadline can end it (a guest
+/// that stalls its tar holds the copy for ever otherwise).
+pub fn copy_from_guest(t: &Target, inst: &Instance, guest: &str, host: &Path, watch: &dyn Fn(i32)) -> Result<Unpacked> {
     let g = Path::new(guest.trim_end_matches('/'));
     let base = g.file_name().and_then(|b| b.to_str()).context("the guest path names no file")?.to_string();
     let parent = g.parent().map(|p| p.display().to_string()).filter(|p| !p.is_empty()).unwrap_or_else(|| ".".into());
@@ -288,7 +367,7 @@ pub fn copy_from_guest(t: &Target, inst: &Instance, guest: &str, host: &Path) ->
         .prefix(".qbuf-copy-")
         .tempdir_in(dir)
         .with_context(|| format!("cannot make a private directory in {}", dir.display()))?;
-    let placed = receive(t, inst, guest, &parent, &base, tmp.path()).and_then(|u| {
+    let placed = receive(t, inst, guest, (&parent, &base), tmp.path(), watch).and_then(|u| {
         move_into_place(&tmp.path().join(&base), &dest)?;
         Ok(u)
     });
@@ -331,25 +410,18 @@ fn open_up(root: &Path) {
 /// Runs the guest's `tar -cf - -C PARENT BASE` over the pinned SSH and
 /// unpacks its output into `root`; ssh's stderr (the guest tar's message
 /// for a missing file) is passed through, a changed host key explained.
-fn receive(t: &Target, inst: &Instance, guest: &str, parent: &str, base: &str, root: &Path) -> Result<Unpacked> {
+fn receive(
+    t: &Target,
+    inst: &Instance,
+    guest: &str,
+    (parent, base): (&str, &str),
+    root: &Path,
+    watch: &dyn Fn(i32),
+) -> Result<Unpacked> {
     let remote = format!("tar -cf - -C {} {}", shell_words::quote(parent), shell_words::quote(base));
     let argv = ssh::streaming_command(t, &remote);
-    tracing::info!("running {}", shell_words::join(&argv));
-    let mut child = Command::new(&argv[0])
-        .args(&argv[1..])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot run 'ssh': {}", ssh::SSH_MISSING))?;
-    let stderr = child.stderr.take().expect("piped");
-    let errors = std::thread::spawn(move || ssh::pass_stderr(stderr));
-    let unpacked = unpack(child.stdout.take().expect("piped"), root, base);
-    if unpacked.is_err() {
-        let _ = child.kill();
-    }
-    let sent = child.wait()?;
-    if errors.join().unwrap_or(false) {
+    let (unpacked, sent, mismatch) = unpack_output(&argv, root, base, watch)?;
+    if mismatch {
         eprintln!("qbuf-qemu: {}", ssh::host_key_mismatch_message(t, inst));
     }
     let unpacked = unpacked?;
@@ -357,6 +429,35 @@ fn receive(t: &Target, inst: &Instance, guest: &str, parent: &str, base: &str, r
         return Err(anyhow!("the guest could not send {guest} (does it exist? the guest's message is above)"));
     }
     Ok(unpacked)
+}
+
+/// Runs `argv` (ssh, ending with this process) and unpacks its stdout:
+/// what was unpacked, how it ended, whether its stderr said the host key
+/// changed. `watch` gets its pid while it runs (see [`copy_from_guest`]).
+fn unpack_output(
+    argv: &[String],
+    root: &Path,
+    base: &str,
+    watch: &dyn Fn(i32),
+) -> Result<(Result<Unpacked>, std::process::ExitStatus, bool)> {
+    tracing::info!("running {}", shell_words::join(argv));
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    ssh::end_with_this_process(&mut cmd);
+    let mut child = cmd.spawn().with_context(|| format!("cannot run 'ssh': {}", ssh::SSH_MISSING))?;
+    watch(child.id() as i32);
+    let stderr = child.stderr.take().expect("piped");
+    let (said, mismatch) = std::sync::mpsc::channel();
+    std::thread::spawn(move || said.send(ssh::pass_stderr(stderr)));
+    let unpacked = unpack(child.stdout.take().expect("piped"), root, base);
+    if unpacked.is_err() {
+        let _ = child.kill();
+    }
+    let sent = child.wait();
+    watch(0);
+    // Not waited for past this (the thread goes on, see the limit's why).
+    let mismatch = mismatch.recv_timeout(SSH_STDERR_AFTER_EXIT).unwrap_or(false);
+    Ok((unpacked, sent?, mismatch))
 }
 
 #[cfg(test)]

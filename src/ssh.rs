@@ -454,20 +454,43 @@ pub fn run_explained(argv: &[String], t: &Target, inst: &Instance) -> Result<i32
     Ok(status.code().unwrap_or(255))
 }
 
-/// Copies OpenSSH's stderr `from` to ours line by line; whether it said the
-/// guest's host key changed (the caller then explains, see
-/// [`host_key_mismatch_message`]).
+/// The longest piece of a line [`pass_stderr`] holds: the guest's own
+/// stderr comes through ssh's, and a line of gigabytes must not be kept.
+const STDERR_PIECE: u64 = 64 * 1024;
+
+/// Copies OpenSSH's stderr `from` to ours line by line (a longer line in
+/// pieces); whether it said the guest's host key changed (the caller then
+/// explains, see [`host_key_mismatch_message`]).
 pub fn pass_stderr(from: impl Read) -> bool {
     let mut mismatch = false;
     let mut out = std::io::stderr();
     let mut r = BufReader::new(from);
     let mut line = Vec::new();
-    while r.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+    while (&mut r).take(STDERR_PIECE).read_until(b'\n', &mut line).unwrap_or(0) > 0 {
         mismatch |= String::from_utf8_lossy(&line).contains(HOST_KEY_CHANGED);
         let _ = out.write_all(&line);
         line.clear();
     }
     mismatch
+}
+
+/// Makes the ssh that `cmd` starts end (SIGTERM) when this process does,
+/// even a SIGKILLed one: a guest that stalls would otherwise keep it
+/// (and its connection, which keepalives hold open) for ever. The signal
+/// comes when the *thread* that spawns ends: spawn on the main thread.
+pub fn end_with_this_process(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = nix::unistd::getpid();
+    // SAFETY: prctl and getppid are async-signal-safe system calls.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)?;
+            if nix::unistd::getppid() != parent {
+                return Err(std::io::Error::other("qbuf-qemu ended before ssh started"));
+            }
+            Ok(())
+        });
+    }
 }
 
 mod bounded;

@@ -136,6 +136,11 @@ pub const HOST_KEY_MISMATCH_STOP: Duration = secs(20);
 /// The guest's power-off after a launch was cancelled (Ctrl-C, `run`'s
 /// deadline).
 pub const CANCELLED_STOP: Duration = secs(10);
+/// The end of a copy's ssh stderr once that ssh has exited. A shared
+/// (ControlMaster) connection holds the session's stderr until the guest
+/// closes the session: after an ssh ended by `run`'s deadline, a stalled
+/// guest never does (OpenSSH 9.2 closes stdout then, not stderr).
+pub const SSH_STDERR_AFTER_EXIT: Duration = secs(2);
 /// A guest agent ping.
 pub const AGENT_PING_ANSWER: Duration = secs(2);
 /// The guest agent's reply to `guest-shutdown` (it may power off before

@@ -39,6 +39,7 @@ const LAYERS: &[&[&str]] = &[
         "ssh/tests.rs",
         "guest_files.rs",
         "guest_files/tests.rs",
+        "guest_files/limits.rs",
         "guix.rs",
         "logs.rs",
         "logs/filter.rs",

@@ -200,6 +200,31 @@ fn an_expired_timeout_exits_124_and_leaves_nothing() {
     nothing_left(&env);
 }
 
+/// A guest that stalls its `tar` under `--copy-out` (ssh's keepalives hold
+/// the connection open): `--timeout` still ends the run with 124, the VM
+/// stopped and removed, and nothing of the cut copy lands.
+#[test]
+fn a_copy_out_that_stalls_is_cut_off_by_the_timeout() {
+    let env = Env::new("runcopystall");
+    let (art, summary) = (env.dir.join("art"), env.dir.join("summary.json"));
+    let copy = format!("/tmp/big:{}", path_str(&art));
+    // A 300 MiB file (a hole: no guest memory) and a process, left behind
+    // by COMMAND, that stops the guest's tar as soon as it runs. (ssh's
+    // connection is shared: a changed login shell would not be used.)
+    let stall = "mkdir /tmp/big && dd of=/tmp/big/f bs=1M seek=300 count=0 2>/dev/null || exit 1; \
+                 setsid sh -c 'while :; do pkill -STOP -f \"^tar -c[f]\"; sleep 0.01; done' \
+                 </dev/null >/dev/null 2>&1 &";
+    let extra = ["--no-share", "--timeout", "20", "--copy-out", &copy, "--summary", path_str(&summary)];
+    let out = env.run(&strs(&run_args(&extra, &["sh", "-c", stall])));
+    out.code_is(124);
+    assert!(out.stderr().contains("not copied, the run was cut short"), "{}", out.text());
+    let s = read_json(&summary);
+    // COMMAND finished: the deadline came during the copy.
+    assert_eq!((s["outcome"].as_str(), s["command_exit"].as_i64()), (Some("timed-out"), Some(0)), "{s}");
+    assert!(!art.exists(), "the cut copy landed");
+    nothing_left(&env);
+}
+
 #[test]
 fn qemu_killed_mid_run_exits_125_and_leaves_nothing() {
     let env = Env::new("runqemukill");

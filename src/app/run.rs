@@ -212,7 +212,9 @@ fn command_then_artifacts(
     if let Some(c) = int.code() {
         return c;
     }
-    copy_artifacts(&t, &inst, copy_out, summary);
+    copy_artifacts(copy_out, int, summary, |guest, host, watch| {
+        guest_files::copy_from_guest(&t, &inst, guest, host, watch)
+    });
     code
 }
 
@@ -236,17 +238,22 @@ fn vm_alive_after(inst: &crate::instance::Instance, t: &crate::ssh::Target, stat
     false
 }
 
-/// `--copy-out`: each artifact through the untrusted-guest unpacker; what
-/// was left out, or could not be copied, is said and summed up.
-fn copy_artifacts(
-    t: &Target,
-    inst: &crate::instance::Instance,
-    copy_out: &[(String, std::path::PathBuf)],
-    summary: &mut RunSummary,
-) {
+/// `--copy-out`: each artifact through the untrusted-guest unpacker
+/// (`copy` is [`guest_files::copy_from_guest`], a stand-in in tests); what was left
+/// out, or could not be copied, is said and summed up. The copy's ssh is
+/// ended like COMMAND's by the deadline or a signal, and the run then ends
+/// as an interrupted one (`settle`); the cut copy does not land.
+fn copy_artifacts<F>(copy_out: &[(String, std::path::PathBuf)], int: &Interrupt, summary: &mut RunSummary, copy: F)
+where
+    F: Fn(&str, &Path, &dyn Fn(i32)) -> Result<guest_files::Unpacked>,
+{
     let t1 = Instant::now();
     for (guest, host) in copy_out {
-        match guest_files::copy_from_guest(t, inst, guest, host) {
+        match copy(guest, host, &|pid| int.track(pid)) {
+            // The run's end is said once, by `settle`.
+            Err(_) if int.code().is_some() => {
+                eprintln!("qbuf-qemu: run: --copy-out {guest}: not copied, the run was cut short")
+            }
             Ok(u) => {
                 for line in crate::report::access::left_out(&u) {
                     eprintln!("qbuf-qemu: run: --copy-out {guest}: {line}");
@@ -257,6 +264,9 @@ fn copy_artifacts(
                 eprintln!("qbuf-qemu: run: --copy-out {guest}: {e:#}");
                 summary.error.get_or_insert_with(|| format!("--copy-out {guest}: {e:#}"));
             }
+        }
+        if int.code().is_some() {
+            break;
         }
     }
     if !copy_out.is_empty() {
@@ -277,29 +287,16 @@ pub fn remote_line(workdir: Option<&str>, command: &[String]) -> String {
 /// Runs COMMAND with its output streamed; its exit status (128+N when a
 /// signal ended it, as a shell reports it).
 fn run_command(t: &Target, workdir: Option<&str>, command: &[String], int: &Interrupt) -> Result<i32> {
-    use std::os::unix::process::CommandExt;
     let argv = ssh::streaming_command(t, &remote_line(workdir, command));
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]).stdin(Stdio::null());
     // ssh ends with this process, even a SIGKILLed one (the supervisor then
     // stops the VM, which would end ssh too, only later).
-    let parent = nix::unistd::getpid();
-    // SAFETY: prctl and getppid are async-signal-safe system calls.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)?;
-            if nix::unistd::getppid() != parent {
-                return Err(std::io::Error::other("run ended before ssh started"));
-            }
-            Ok(())
-        });
-    }
+    ssh::end_with_this_process(&mut cmd);
     let mut child = cmd.spawn().with_context(|| format!("cannot run 'ssh': {}", ssh::SSH_MISSING))?;
-    int.child.store(child.id() as i32, Ordering::SeqCst);
-    // An interruption just before the store found no ssh to end.
-    int.end_command();
+    int.track(child.id() as i32);
     let status = child.wait()?;
-    int.child.store(0, Ordering::SeqCst);
+    int.track(0);
     use std::os::unix::process::ExitStatusExt;
     Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
 }
@@ -371,5 +368,32 @@ mod tests {
         let c: Vec<String> = ["sh", "-c", "exit 7"].iter().map(|s| s.to_string()).collect();
         assert_eq!(remote_line(None, &c), "exec sh -c 'exit 7'");
         assert_eq!(remote_line(Some("/mnt/my dir"), &["true".into()]), "cd -- '/mnt/my dir' && exec true");
+    }
+
+    /// A guest that stalls its tar: the copy's ssh waits for ever (its
+    /// keepalives are answered) until the deadline ends it.
+    #[test]
+    fn a_deadline_ends_a_stalled_copy_out_and_the_run_times_out() {
+        let int = interrupt::expiring_after(Duration::from_millis(200));
+        let copy_out = [("/tmp/a".to_string(), "a".into()), ("/tmp/b".to_string(), "b".into())];
+        let mut s = RunSummary::new("run-1", None, &["true".into()]);
+        (s.command_exit, s.outcome) = (Some(0), Outcome::Ok);
+        let tries = std::sync::atomic::AtomicUsize::new(0);
+        let start = Instant::now();
+        copy_artifacts(&copy_out, &int, &mut s, |_, _, watch| {
+            tries.fetch_add(1, Ordering::SeqCst);
+            let mut ssh = Command::new("sleep").arg("30").spawn()?;
+            watch(ssh.id() as i32);
+            let sent = ssh.wait()?;
+            watch(0);
+            if !sent.success() {
+                bail!("the guest could not send it");
+            }
+            Ok(guest_files::Unpacked::default())
+        });
+        assert!(start.elapsed() < Duration::from_secs(10), "{:?}", start.elapsed());
+        assert_eq!(tries.load(Ordering::SeqCst), 1, "nothing more is copied after the deadline");
+        assert_eq!(s.error, None, "the deadline is the run's end, not a failed copy");
+        assert_eq!((int.settle(&mut s, 0), s.outcome, s.command_exit), (124, Outcome::TimedOut, Some(0)));
     }
 }

@@ -24,7 +24,7 @@ fn stream(entries: &[(T, &str, &str, u32, &str)]) -> Vec<u8> {
 
 fn unpacked(entries: &[(T, &str, &str, u32, &str)]) -> (tempfile::TempDir, Unpacked) {
     let root = tempfile::tempdir().unwrap();
-    let u = unpack(&stream(entries)[..], root.path(), "out").unwrap();
+    let u = unpack_masked(&stream(entries)[..], root.path(), "out", 0o022).unwrap();
     (root, u)
 }
 
@@ -157,7 +157,89 @@ fn garbage_is_an_error_and_guest_paths_are_rooted() {
     let u = Unpacked {
         skipped: vec![Skipped { path: "out/sda".into(), reason: SkipReason::Device, target: None }],
         mode_bits_dropped: vec!["out/suid".into()],
+        ..Unpacked::default()
     };
     let r = u.rooted("/tmp");
     assert_eq!((r.skipped[0].path.as_str(), r.mode_bits_dropped[0].as_str()), ("/tmp/out/sda", "/tmp/out/suid"));
+}
+
+#[test]
+fn the_users_umask_applies_to_what_lands() {
+    let root = tempfile::tempdir().unwrap();
+    let entries = [
+        (T::Directory, "out/", "", 0o777, ""),
+        (T::Regular, "out/world-writable", "", 0o666, "x"),
+        (T::Regular, "out/tool", "", 0o4777, "x"),
+        (T::Directory, "out/shut/", "", 0o500, ""),
+    ];
+    unpack_masked(&stream(&entries)[..], root.path(), "out", 0o027).unwrap();
+    let mode = |p: &str| fs::symlink_metadata(root.path().join("out").join(p)).unwrap().mode() & 0o7777;
+    assert_eq!([mode(""), mode("world-writable"), mode("tool"), mode("shut")], [0o750, 0o640, 0o750, 0o500]);
+    let status = fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find_map(|l| l.strip_prefix("Umask:")).unwrap();
+    assert_eq!(process_umask(), u32::from_str_radix(line.trim(), 8).unwrap());
+}
+
+#[test]
+fn a_flood_of_left_out_entries_is_counted_past_the_list() {
+    let mut entries = vec![(T::Directory, "out/", "", 0o755, "")];
+    let names: Vec<String> = (0..LISTED + 5).map(|i| format!("out/{i}")).collect();
+    entries.extend(names.iter().map(|n| (T::Fifo, n.as_str(), "", 0o644, "")));
+    let suid: Vec<String> = (0..LISTED + 3).map(|i| format!("out/s{i}")).collect();
+    entries.extend(suid.iter().map(|n| (T::Regular, n.as_str(), "", 0o4755, "")));
+    let (_root, u) = unpacked(&entries);
+    assert_eq!((u.skipped.len(), u.skipped_unlisted), (LISTED, 5));
+    assert_eq!((u.mode_bits_dropped.len(), u.mode_bits_dropped_unlisted), (LISTED, 3));
+    let mut all = u.clone();
+    all.extend(u);
+    assert_eq!((all.skipped.len(), all.skipped_unlisted), (LISTED, LISTED as u64 + 10));
+}
+
+#[test]
+fn directories_past_those_kept_for_the_end_get_their_modes_at_once() {
+    let names: Vec<String> = (0..DIRS_KEPT + 2).map(|i| format!("out/d{i}/")).collect();
+    let mut entries = vec![(T::Directory, "out/", "", 0o755, "")];
+    entries.extend(names.iter().map(|n| (T::Directory, n.as_str(), "", 0o775, "")));
+    let last = format!("out/d{}/", DIRS_KEPT + 2);
+    entries.push((T::Directory, last.as_str(), "", 0o555, ""));
+    entries.push((T::Regular, "out/d0/f", "", 0o644, "f"));
+    let (root, _) = unpacked(&entries);
+    let mode = |p: &str| fs::metadata(root.path().join(p)).unwrap().mode() & 0o777;
+    assert_eq!((mode("out/d0"), mode(&names[DIRS_KEPT + 1])), (0o755, 0o755));
+    assert_eq!(mode(&last), 0o755, "past the list: its owner keeps access, the others get the guest's");
+    assert_eq!(fs::metadata(root.path().join("out/d0")).unwrap().mtime(), 1_600_000_000);
+}
+
+#[test]
+fn a_long_path_in_a_report_is_cut() {
+    let long = "x".repeat(SHOWN_MAX + 10);
+    assert_eq!(shown(long.as_bytes()).len(), SHOWN_MAX + '…'.len_utf8());
+    assert_eq!(shown(b"out/a"), "out/a");
+}
+
+/// A guest that stalls its tar: what ends the copy's ssh (run's deadline)
+/// learns its pid, and the copy then ends, though ssh's stderr stays open
+/// (a ControlMaster holds it until the stalled session closes).
+#[test]
+fn a_stalled_copy_ends_when_its_ssh_is_ended() {
+    use std::os::unix::process::ExitStatusExt;
+    let root = tempfile::tempdir().unwrap();
+    let seen = std::sync::Mutex::new(vec![]);
+    let watch = |pid: i32| {
+        seen.lock().unwrap().push(pid);
+        if pid > 0 {
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(200));
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+            });
+        }
+    };
+    let ssh = ["sh", "-c", "(exec sleep 8 >/dev/null) & exec sleep 30"].map(String::from);
+    let start = std::time::Instant::now();
+    let (unpacked, sent, _) = unpack_output(&ssh, root.path(), "out", &watch).unwrap();
+    assert!(start.elapsed() < Duration::from_secs(6), "{:?}", start.elapsed());
+    assert_eq!(sent.signal(), Some(nix::sys::signal::Signal::SIGTERM as i32));
+    assert_eq!(unpacked.unwrap(), Unpacked::default(), "nothing came");
+    let seen = seen.lock().unwrap();
+    assert!(seen.len() == 2 && seen[0] > 0 && seen[1] == 0, "{seen:?}");
 }

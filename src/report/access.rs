@@ -113,7 +113,16 @@ pub fn left_out(u: &Unpacked) -> Vec<String> {
             format!("skipped {}{to}: {}", s.path, s.reason.describe())
         })
         .collect();
+    if u.skipped_unlisted > 0 {
+        v.push(format!("skipped {} more entries (not listed)", u.skipped_unlisted));
+    }
     v.extend(u.mode_bits_dropped.iter().map(|p| format!("copied {p} without its setuid/setgid/sticky bits")));
+    if u.mode_bits_dropped_unlisted > 0 {
+        v.push(format!(
+            "copied {} more paths without their setuid/setgid/sticky bits (not listed)",
+            u.mode_bits_dropped_unlisted
+        ));
+    }
     v
 }
 
@@ -149,6 +158,7 @@ mod tests {
                     target: Some("/etc/passwd".into()),
                 }],
                 mode_bits_dropped: vec!["/tmp/out/suid".into()],
+                ..Unpacked::default()
             },
         };
         let h = c.human();
@@ -157,5 +167,18 @@ mod tests {
         let j = serde_json::to_value(&c).unwrap();
         assert_eq!(j["skipped"][0]["reason"], "link-escapes", "{j}");
         assert_eq!(j["mode_bits_dropped"][0], "/tmp/out/suid", "{j}");
+        assert_eq!((j["skipped_unlisted"].as_u64(), j["mode_bits_dropped_unlisted"].as_u64()), (Some(0), Some(0)));
+    }
+
+    #[test]
+    fn what_is_past_the_lists_is_counted() {
+        let u = Unpacked { skipped_unlisted: 7, mode_bits_dropped_unlisted: 2, ..Unpacked::default() };
+        assert_eq!(
+            left_out(&u),
+            [
+                "skipped 7 more entries (not listed)",
+                "copied 2 more paths without their setuid/setgid/sticky bits (not listed)"
+            ]
+        );
     }
 }

@@ -98,7 +98,7 @@ impl Render for RunSummary {
             (false, None) => "nothing left running".to_string(),
         };
         let boot = self.phases.boot.map(|b| format!(", up in {b:.1}s")).unwrap_or_default();
-        let skipped = match self.copy_out.skipped.len() {
+        let skipped = match self.copy_out.skipped.len() as u64 + self.copy_out.skipped_unlisted {
             0 => String::new(),
             n => format!("; --copy-out skipped {n} of the guest's entries (listed above)"),
         };

@@ -40,10 +40,10 @@ impl Why {
 pub struct Interrupt {
     pub cancel: Arc<AtomicBool>,
     why: std::sync::Mutex<Option<Why>>,
-    /// The running COMMAND's ssh process, to stop it at once.
-    pub child: AtomicI32,
-    /// COMMAND's ssh was ended (an interruption, a dead guest): its exit
-    /// status is ssh's, not COMMAND's.
+    /// The running ssh process (COMMAND's, or a `--copy-out`'s), to stop it at once.
+    child: AtomicI32,
+    /// The running ssh was ended (an interruption, a dead guest): COMMAND's
+    /// exit status is ssh's, not COMMAND's; a copy did not finish.
     pub killed: AtomicBool,
     /// The kernel panic the guest's serial console showed (the supervisor
     /// saw it): the guest is dead, and the run ends at once with 125.
@@ -69,9 +69,16 @@ impl Interrupt {
         self.end_command();
     }
 
-    /// Ends COMMAND's ssh, when one runs and the run is interrupted or its
-    /// guest dead.
-    pub fn end_command(&self) {
+    /// The ssh that now runs (COMMAND's, a copy's), 0 once it has ended;
+    /// one that starts after the interruption is ended at once.
+    pub fn track(&self, pid: i32) {
+        self.child.store(pid, Ordering::SeqCst);
+        self.end_command();
+    }
+
+    /// Ends the running ssh, when one runs and the run is interrupted or
+    /// its guest dead.
+    fn end_command(&self) {
         let pid = self.child.load(Ordering::SeqCst);
         if pid > 0 && self.why().is_some() {
             self.killed.store(true, Ordering::SeqCst);
@@ -156,10 +163,38 @@ pub fn watch(deadline: Instant, control: std::path::PathBuf) -> Arc<Interrupt> {
     int
 }
 
+/// An interruption whose deadline comes after `d`, with no watcher of
+/// signals or of the guest (they would stay installed in the test process).
+#[cfg(test)]
+pub fn expiring_after(d: Duration) -> Arc<Interrupt> {
+    let int = Arc::new(Interrupt::default());
+    let i = int.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(d);
+        i.set(Why::Deadline);
+    });
+    int
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use nix::sys::signal::Signal;
+
+    #[test]
+    fn an_ssh_is_ended_by_the_interruption_even_one_started_after_it() {
+        use std::os::unix::process::ExitStatusExt;
+        let int = Interrupt::default();
+        let mut before = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        int.track(before.id() as i32);
+        int.set(Why::Deadline);
+        assert_eq!(before.wait().unwrap().signal(), Some(Signal::SIGTERM as i32));
+        int.track(0);
+        let mut after = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        int.track(after.id() as i32);
+        assert_eq!(after.wait().unwrap().signal(), Some(Signal::SIGTERM as i32));
+        assert!(int.killed.load(Ordering::SeqCst));
+    }
 
     #[test]
     fn each_interruption_has_its_exit_status_and_outcome() {
