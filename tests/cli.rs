@@ -493,3 +493,22 @@ fn names_given_as_arguments_are_usage_errors_like_the_same_names_as_flags() {
         assert_ne!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
     }
 }
+
+/// A run's results must be able to land before its VM boots: a bad
+/// --summary or --copy-out destination is said at once, nothing started.
+#[test]
+fn run_checks_where_its_results_go_before_it_boots() {
+    let s = state("run-outputs");
+    let sd = s.to_str().unwrap();
+    let cases: [(&[&str], &str); 3] = [
+        (&["--summary", "/nonexistent-dir/s.json"], "--summary /nonexistent-dir/s.json: cannot write there"),
+        (&["--summary", "/tmp"], "--summary /tmp is a directory"),
+        (&["--copy-out", "/out:/nonexistent-dir/out"], "/nonexistent-dir is not a directory you can write"),
+    ];
+    for (flags, said) in cases {
+        let o = run(&[&["--state-dir", sd, "run"], flags, &["--", "true"]].concat());
+        assert_eq!(o.status.code(), Some(125), "{flags:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(said), "{flags:?}: {}", stderr(&o));
+        assert!(!s.join("instances").exists(), "{flags:?}: no instance was made");
+    }
+}

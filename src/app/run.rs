@@ -87,6 +87,7 @@ fn sweep_orphans(ctx: &Ctx) {
 pub fn run(ctx: &Ctx, a: RunArgs) -> Result<i32> {
     let start = Instant::now();
     sweep_orphans(ctx);
+    check_outputs(a.summary.as_deref(), &a.copy_out).map_err(|e| e.context(RunNotStarted))?;
     let (name, resume) = instance_to_run(ctx, a.from_snapshot.as_deref()).map_err(|e| e.context(RunNotStarted))?;
     let int = watch(start + a.timeout, ctx.state.instance(&name).control());
     let rctx = Ctx { name, named: true, throwaway: !a.keep, ..ctx.clone() };
@@ -343,13 +344,49 @@ fn keep_vm(inst: &crate::instance::Instance) -> bool {
     released.is_ok()
 }
 
+/// Where the run's results go on the host, checked before the VM boots: a
+/// job of an hour must not learn at its end that they cannot land.
+fn check_outputs(summary: Option<&Path>, copy_out: &[(String, std::path::PathBuf)]) -> Result<()> {
+    let dir_of = |p: &Path| match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let writable_dir = |d: &Path| d.is_dir() && nix::unistd::access(d, nix::unistd::AccessFlags::W_OK).is_ok();
+    if let Some(f) = summary {
+        if f.is_dir() {
+            bail!("--summary {} is a directory: give a file name", f.display());
+        }
+        let writable = match std::fs::metadata(f) {
+            Ok(_) => nix::unistd::access(f, nix::unistd::AccessFlags::W_OK).is_ok(),
+            Err(_) => writable_dir(&dir_of(f)),
+        };
+        if !writable {
+            bail!("--summary {}: cannot write there (no such directory, or no permission): give a file in a directory you can write", f.display());
+        }
+    }
+    for (guest, host) in copy_out {
+        let target = if host.is_dir() { host.clone() } else { dir_of(host) };
+        if !writable_dir(&target) {
+            bail!(
+                "--copy-out {guest}:{}: {} is not a directory you can write: give a destination in one",
+                host.display(),
+                target.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The summary: one JSON line on stderr with `--json`, a file with
-/// `--summary`, one human line otherwise. stdout is COMMAND's alone.
+/// `--summary`, one human line otherwise. stdout is COMMAND's alone, and a
+/// summary file that cannot be written changes neither it nor the exit
+/// status (the run is over; the line on stderr still says how it went).
 fn report(ctx: &Ctx, s: &RunSummary, file: Option<&Path>) -> Result<()> {
     let json = serde_json::to_string(s)?;
     if let Some(f) = file {
-        std::fs::write(f, format!("{json}\n"))
-            .with_context(|| format!("cannot write the summary to {}", f.display()))?;
+        if let Err(e) = std::fs::write(f, format!("{json}\n")) {
+            eprintln!("qbuf-qemu: run: cannot write the summary to {}: {e}", f.display());
+        }
     }
     if ctx.json {
         eprintln!("{json}");
