@@ -90,6 +90,12 @@ fn snapshots_without_a_readable_record_are_listed_damaged_and_can_be_deleted() {
     assert!(human.contains("half") && human.contains("bad") && human.matches("DAMAGED").count() == 2, "{human}");
 
     for name in ["half", "bad"] {
+        let o = s.run(&["--name", "x", "snapshot", "load", name]);
+        let said = String::from_utf8_lossy(&o.stderr).to_string();
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        assert!(said.contains(&format!("snapshot '{name}' is damaged")) && said.contains("snapshot delete"), "{said}");
+    }
+    for name in ["half", "bad"] {
         let (code, v) = s.json(&["--name", "x", "snapshot", "delete", name]);
         assert_eq!(code, 0, "{v}");
         assert_eq!(v["what"], "deleted", "{v}");

@@ -106,6 +106,13 @@ pub fn parse_share_mounts(mounts: &str) -> Vec<GuestMount> {
             };
             Some(GuestMount { tag: f[0].to_string(), path: f[1].replace("\\040", " "), kind })
         })
+        // The guest wrote this: only tags the host could have given and
+        // paths without control characters go on to messages and records.
+        .filter(|m| {
+            crate::qemu::value::validate_id(crate::qemu::value::IdKind::ShareTag, &m.tag).is_ok()
+                || m.tag == crate::qemu::args::DEFAULT_SHARE_TAG
+        })
+        .filter(|m| !m.path.chars().any(char::is_control))
         .collect()
 }
 
@@ -333,7 +340,7 @@ mod tests {
     #[test]
     fn only_9p_and_virtiofs_mounts_are_shares() {
         let m = "proc /proc proc rw 0 0\nqbuf /mnt/qbuf 9p rw,trans=virtio 0 0\nextra /mnt/my\\040dir 9p ro 0 0\n\
-                 fs /mnt/f virtiofs rw 0 0\nfuse /x fuse rw 0 0\n";
+                 fs /mnt/f virtiofs rw 0 0\nfuse /x fuse rw 0 0\nb\x1b[2Jad /mnt/b 9p rw 0 0\nok /mnt/\x1b]0;t\x07 9p rw 0 0\n";
         assert_eq!(
             parse_share_mounts(m),
             vec![

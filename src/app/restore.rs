@@ -32,15 +32,25 @@ pub struct Resume {
 pub fn resume_from(ctx: &Ctx, inst: &Instance, name: &str, layered: bool) -> Result<Resume> {
     validate_id(IdKind::Snapshot, name)?;
     let snapshot = inst.snapshot(name);
-    let record: SnapshotRecord = read_json(&snapshot.record())?.ok_or_else(|| {
-        anyhow!("instance '{}' has no snapshot '{name}' ('{}' lists them)", inst.name, ctx.command("snapshot list"))
-    })?;
-    if let Some(why) = damage(&snapshot, &record) {
-        bail!(
+    let damaged = |why: String| {
+        anyhow!(
             "snapshot '{name}' is damaged ({why}), so it cannot be loaded; nothing was touched: delete it ('{}') \
              and save a new one",
             ctx.command(&format!("snapshot delete {name}"))
-        );
+        )
+    };
+    let record: SnapshotRecord = match read_json(&snapshot.record()) {
+        Ok(Some(r)) => r,
+        Ok(None) if snapshot.dir.exists() => {
+            return Err(damaged(format!("{} is missing: a save that did not finish", snapshot.record().display())))
+        }
+        Ok(None) => {
+            bail!("instance '{}' has no snapshot '{name}' ('{}' lists them)", inst.name, ctx.command("snapshot list"))
+        }
+        Err(e) => return Err(damaged(format!("{e:#}"))),
+    };
+    if let Some(why) = damage(&snapshot, &record) {
+        return Err(damaged(why));
     }
     if let Some(base) = &record.base {
         let now = crate::qemu::image::identity(&base.path)
