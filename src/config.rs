@@ -289,9 +289,15 @@ pub fn merge(saved: Option<&Settings>, f: &LaunchFlags, d: &Defaults) -> Result<
     } else if let Some(image) = &f.image {
         Source::Image { path: image.clone() }
     } else if f.guix_dir.is_some() || image_size.is_some() {
+        // One of the two given: the other stays as saved, like the kernel's
+        // disk and command line above.
+        let (saved_dir, saved_size) = match saved.map(|s| &s.source) {
+            Some(Source::Guix { guix_dir, image_size }) => (guix_dir.clone(), Some(image_size.clone())),
+            _ => (None, None),
+        };
         Source::Guix {
-            guix_dir: f.guix_dir.clone(),
-            image_size: image_size.unwrap_or_else(|| DEFAULT_IMAGE_SIZE.into()),
+            guix_dir: f.guix_dir.clone().or(saved_dir),
+            image_size: image_size.or(saved_size).unwrap_or_else(|| DEFAULT_IMAGE_SIZE.into()),
         }
     } else {
         match saved.map(|s| s.source.clone()) {
@@ -479,6 +485,18 @@ mod tests {
             "{:?}",
             s2.source
         );
+    }
+
+    #[test]
+    fn a_guix_source_keeps_what_was_not_given() {
+        let f = LaunchFlags { guix_dir: Some("/g".into()), image_size: Some("40G".into()), ..Default::default() };
+        let (s, _) = merge(None, &f, &d()).unwrap();
+        let dir_only = LaunchFlags { guix_dir: Some("/g2".into()), ..Default::default() };
+        let (s2, _) = merge(Some(&s), &dir_only, &d()).unwrap();
+        assert_eq!(s2.source, Source::Guix { guix_dir: Some("/g2".into()), image_size: "40G".into() });
+        let size_only = LaunchFlags { image_size: Some("50G".into()), ..Default::default() };
+        let (s3, _) = merge(Some(&s), &size_only, &d()).unwrap();
+        assert_eq!(s3.source, Source::Guix { guix_dir: Some("/g".into()), image_size: "50G".into() });
     }
 
     #[test]

@@ -19,8 +19,17 @@ const fn millis(n: u64) -> Duration {
 
 // ---- Bringing QEMU up (supervisor/spawn.rs, supervisor/start.rs, daemons.rs)
 
-/// Launch: until QEMU is up (its QMP socket answering) or failed.
-pub const QEMU_UP: Duration = secs(90);
+/// Launch: until QEMU is up (its QMP socket answering) or failed, for a
+/// boot with `daemons` virtiofsds: longer than the supervisor's own waits
+/// below can add up to, so the supervisor, which can say what went wrong
+/// (and stops what it started), always decides first.
+pub const fn qemu_up(daemons: u32) -> Duration {
+    let own = QMP_SOCKET.as_secs() + QMP_GREETING.as_secs() + QEMU_VERSION_QUERY.as_secs() + KILLED_EXIT.as_secs();
+    secs(own + VIRTIOFSD_SOCKET.as_secs() * daemons as u64 + QEMU_UP_MARGIN.as_secs())
+}
+/// What [`qemu_up`] adds to the supervisor's waits: its own start, and a
+/// loaded host.
+const QEMU_UP_MARGIN: Duration = secs(15);
 /// Supervisor: until QEMU creates its QMP socket (firmware loading and
 /// guest RAM allocation come first).
 pub const QMP_SOCKET: Duration = secs(60);

@@ -512,3 +512,21 @@ fn run_checks_where_its_results_go_before_it_boots() {
         assert!(!s.join("instances").exists(), "{flags:?}: no instance was made");
     }
 }
+
+#[test]
+fn a_zero_wait_is_refused_where_it_could_never_succeed() {
+    let s = state("zero-wait");
+    let sd = s.to_str().unwrap();
+    for args in [
+        &["launch", "--timeout", "0"][..],
+        &["run", "--timeout", "0s", "--", "true"],
+        &["reboot", "--ssh-timeout", "0"],
+    ] {
+        let o = run(&[&["--state-dir", sd], args].concat());
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains("would give up before the VM starts"), "{args:?}: {}", stderr(&o));
+    }
+    // A stop's zero is a choice: straight to QMP quit (here: no such VM).
+    let o = run(&["--state-dir", sd, "powerdown", "--timeout", "0"]);
+    assert_ne!(o.status.code(), Some(2), "{}", stderr(&o));
+}

@@ -86,7 +86,9 @@ fn stop(ctx: &Ctx, inst: &Instance, opts: &StopOptions, ctrl_c: CtrlC) -> Result
                 Ok(s) => s,
                 Err(e) if e.is::<Interrupted>() => return Err(e),
                 Err(e) => {
-                    tracing::warn!("supervisor unreachable ({e}); stopping QEMU directly");
+                    if inst.run_record().exists() {
+                        tracing::warn!("supervisor unreachable ({e}); stopping QEMU directly");
+                    }
                     stop_orphan(ctx, inst, opts)?
                 }
             }
@@ -186,7 +188,12 @@ fn stop_orphan(ctx: &Ctx, inst: &Instance, opts: &StopOptions) -> Result<Stopped
         if let Some(done) = supervisor_finishing(inst)? {
             return Ok(done);
         }
-        bail!("the instance is locked but has no run record: another qbuf-qemu command is using it; try again");
+        bail!(
+            "instance '{}' is locked by another qbuf-qemu command that has not started QEMU (yet): a launch still \
+             starting, or a change to the instance. Wait for it to finish ('{}' shows the instance), then try again",
+            ctx.name,
+            ctx.command("status")
+        );
     };
     block_on(async {
         let mut ctrl_c = ctrl_c()?;

@@ -319,7 +319,7 @@ pub struct LaunchArgs {
     #[arg(long, value_name = "PORT|auto")]
     pub ssh_port: Option<PortChoice>,
     /// How long to wait for SSH to accept a login (seconds, or e.g. 5m)
-    #[arg(long, value_name = "SECS", default_value = "300", value_parser = parse::timeout)]
+    #[arg(long, value_name = "SECS", default_value = "300", value_parser = parse::wait_timeout)]
     pub timeout: Duration,
     /// Return once QEMU runs, without waiting for SSH
     #[arg(long)]
@@ -350,7 +350,7 @@ pub struct RunArgs {
     #[arg(long = "copy-out", value_name = "GUEST_PATH:HOST_PATH", value_parser = parse::copy_out)]
     pub copy_out: Vec<(String, PathBuf)>,
     /// The whole run's deadline; when it expires the VM is stopped and removed and run exits 124
-    #[arg(long, value_name = "SECS", default_value = "3600", value_parser = parse::timeout)]
+    #[arg(long, value_name = "SECS", default_value = "3600", value_parser = parse::wait_timeout)]
     pub timeout: Duration,
     /// Leave the VM running afterwards (say how to reach and remove it)
     #[arg(long, conflicts_with = "keep_on_failure")]
@@ -425,7 +425,7 @@ pub struct RebootArgs {
     #[arg(long)]
     pub no_wait: bool,
     /// How long to wait for SSH to accept a login again (seconds, or e.g. 5m)
-    #[arg(long, value_name = "SECS", default_value = "300", value_parser = parse::timeout)]
+    #[arg(long, value_name = "SECS", default_value = "300", value_parser = parse::wait_timeout)]
     pub ssh_timeout: Duration,
 }
 

@@ -171,6 +171,16 @@ pub fn timeout(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// A wait that must be able to succeed (launch's SSH wait, run's whole
+/// deadline, reboot's SSH wait): zero would give up before the VM starts.
+/// A stop's `--timeout 0` stays valid (straight to QMP quit).
+pub fn wait_timeout(s: &str) -> Result<Duration, String> {
+    match timeout(s)? {
+        d if d.is_zero() => Err(format!("{s:?} would give up before the VM starts: give a positive time, e.g. 300")),
+        d => Ok(d),
+    }
+}
+
 /// `--copy-out GUEST_PATH:HOST_PATH`: split at the first `:` (guest paths
 /// are absolute or relative to the login directory and rarely hold a `:`).
 pub fn copy_out(s: &str) -> Result<(String, PathBuf), String> {

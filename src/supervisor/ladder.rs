@@ -115,15 +115,15 @@ pub async fn stop<P: QemuProcess + Sync>(
             StopMethod::Quit => Instant::now() + limits.quit,
             _ => Instant::now() + limits.signal,
         };
+        // Told before it is taken: a step can take `limits.command` (a QEMU
+        // that does not answer), and `status` shows which one runs.
+        on_step(method, deadline.saturating_duration_since(Instant::now()));
         let action = act(qmp, proc, method, agent, limits.command).await;
         tracing::info!(step = method.as_str(), "{action:?}");
-        // A step not taken (no QMP, no agent, refused) is not announced
-        // and not waited for: nothing was asked of QEMU or the guest.
-        let taken = !matches!(action, StepAction::Skipped | StepAction::Failed { .. });
-        let deadline = if taken { deadline } else { Instant::now() };
-        if taken {
-            on_step(method, deadline.saturating_duration_since(Instant::now()));
-        }
+        // A step that could not be taken (no QMP connection, no agent) is
+        // not waited out: nothing was asked. A refused or unanswered one
+        // is, as QEMU may still act on it late.
+        let deadline = if action == StepAction::Skipped { Instant::now() } else { deadline };
         steps.push(StopStep::new(method, action, start.elapsed()));
         let gone = tokio::select! {
             gone = watch.until_gone(proc, deadline) => gone,

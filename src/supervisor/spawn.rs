@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::instance::records::{read_json, LaunchFailure, RunRecord};
+use crate::instance::records::{read_json, BootPlan, LaunchFailure, RunRecord};
 use crate::instance::{Instance, Lock};
-use crate::timeouts::QEMU_UP;
+use crate::timeouts::qemu_up;
 
 /// How often the records are looked for: QEMU comes up in tens of
 /// milliseconds when it does quickly.
@@ -29,7 +29,9 @@ pub fn start(state_root: &Path, inst: &Instance, lock: Lock) -> Result<Result<Ru
     }
     let mut sup = spawn(state_root, inst, &lock)?;
     drop(lock); // the supervisor and QEMU hold it now
-    let deadline = Instant::now() + QEMU_UP;
+    let daemons = read_json::<BootPlan>(&inst.boot_plan()).ok().flatten().map_or(0, |p| p.daemons.len());
+    let up = qemu_up(u32::try_from(daemons).unwrap_or(u32::MAX));
+    let deadline = Instant::now() + up;
     loop {
         if let Some(r) = read_json::<RunRecord>(&inst.run_record())? {
             // Reap the supervisor later without blocking: it is detached (setsid).
@@ -50,7 +52,7 @@ pub fn start(state_root: &Path, inst: &Instance, lock: Lock) -> Result<Result<Ru
             );
         }
         if Instant::now() > deadline {
-            bail!("QEMU did not come up within {}s; see {}", QEMU_UP.as_secs(), inst.supervisor_log().display());
+            bail!("QEMU did not come up within {}s; see {}", up.as_secs(), inst.supervisor_log().display());
         }
         std::thread::sleep(UP_POLL);
     }

@@ -234,3 +234,18 @@ async fn a_forced_stop_starts_at_quit() {
     assert_eq!(o.method, Some(StopMethod::Quit));
     assert_eq!(heard, ["quit"], "no power button, no resume");
 }
+
+#[tokio::test]
+async fn without_qmp_the_guests_step_is_skipped_not_waited_out() {
+    let (gone, _) = watch::channel(false);
+    let heard = Arc::new(Mutex::new(vec![]));
+    let proc = FakeQemu { gone: Arc::new(gone), behaviour: QEMU, heard: heard.clone() };
+    let (_hurry, hurried) = watch::channel(false);
+    let t = std::time::Instant::now();
+    let o = stop(None, &proc, &opts(60_000), None, None, &|_, _| {}, hurried, SHORT).await;
+    assert!(t.elapsed() < Duration::from_secs(10), "waited out --timeout for a button never pressed: {:?}", o.steps);
+    assert_eq!(o.method, Some(StopMethod::TermSignal), "{:?}", o.steps);
+    let skipped = |s: &StopStep| s.method == Some(StopMethod::Powerdown) && s.action == StepAction::Skipped;
+    assert!(o.steps.iter().any(skipped), "{:?}", o.steps);
+    assert_eq!(*heard.lock().unwrap(), ["SIGINT"]);
+}
