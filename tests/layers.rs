@@ -16,6 +16,7 @@ const LAYERS: &[&[&str]] = &[
         "clock.rs",
         "host.rs",
         "config.rs",
+        "config/tests.rs",
         "qmp.rs",
         "qga.rs",
         "instance/paths.rs",
