@@ -448,7 +448,7 @@ fn unpack_output(
     watch(child.id() as i32);
     let stderr = child.stderr.take().expect("piped");
     let (said, mismatch) = std::sync::mpsc::channel();
-    std::thread::spawn(move || said.send(ssh::pass_stderr(stderr)));
+    std::thread::spawn(move || said.send(ssh::pass_stderr(stderr, true)));
     let unpacked = unpack(child.stdout.take().expect("piped"), root, base);
     if unpacked.is_err() {
         let _ = child.kill();

@@ -429,7 +429,9 @@ pub fn release_root(state: &StateDir, inst: &Instance) {
     if !used_elsewhere {
         let dir = entry_dir(state, &mine.key);
         let _ = std::fs::remove_file(dir.join("image.gcroot"));
-        let _ = std::fs::remove_file(dir.join("build.json"));
+        for f in ["build.json", "channels.scm", "channels.tmp"] {
+            let _ = std::fs::remove_file(dir.join(f));
+        }
         let _ = std::fs::remove_dir(dir);
     }
 }

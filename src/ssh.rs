@@ -4,7 +4,7 @@
 //! OpenSSH for the user.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -446,32 +446,12 @@ pub fn run_explained(argv: &[String], t: &Target, inst: &Instance) -> Result<i32
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot run '{}': {SSH_MISSING}", argv[0]))?;
-    let mismatch = pass_stderr(child.stderr.take().expect("piped"));
+    let mismatch = pass_stderr(child.stderr.take().expect("piped"), false);
     let status = child.wait()?;
     if mismatch {
         eprintln!("qbuf-qemu: {}", host_key_mismatch_message(t, inst));
     }
     Ok(status.code().unwrap_or(255))
-}
-
-/// The longest piece of a line [`pass_stderr`] holds: the guest's own
-/// stderr comes through ssh's, and a line of gigabytes must not be kept.
-const STDERR_PIECE: u64 = 64 * 1024;
-
-/// Copies OpenSSH's stderr `from` to ours line by line (a longer line in
-/// pieces); whether it said the guest's host key changed (the caller then
-/// explains, see [`host_key_mismatch_message`]).
-pub fn pass_stderr(from: impl Read) -> bool {
-    let mut mismatch = false;
-    let mut out = std::io::stderr();
-    let mut r = BufReader::new(from);
-    let mut line = Vec::new();
-    while (&mut r).take(STDERR_PIECE).read_until(b'\n', &mut line).unwrap_or(0) > 0 {
-        mismatch |= String::from_utf8_lossy(&line).contains(HOST_KEY_CHANGED);
-        let _ = out.write_all(&line);
-        line.clear();
-    }
-    mismatch
 }
 
 /// Makes the ssh that `cmd` starts end (SIGTERM) when this process does,
@@ -494,7 +474,7 @@ pub fn end_with_this_process(cmd: &mut Command) {
 }
 
 mod bounded;
-pub use bounded::{Limit, Overrun};
+pub use bounded::{pass_stderr, Limit, Overrun};
 
 #[cfg(test)]
 mod tests;

@@ -74,6 +74,7 @@ fn launch_builds_the_image_once_boots_it_and_the_second_launch_runs_no_guix() {
     assert!(std::fs::symlink_metadata(&root).is_ok());
     g.env.run(&["destroy", "--yes"]).code_is(0);
     assert!(std::fs::symlink_metadata(&root).is_err(), "GC root survives destroy");
+    assert!(!root.parent().unwrap().exists(), "the image's cache entry (its channels copy too) goes with it");
 }
 
 #[test]

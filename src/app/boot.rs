@@ -273,9 +273,13 @@ fn check_devices(ctx: &Ctx, s: &Settings, devices: &DevicesRecord) -> Result<()>
                 d.path.display(),
             );
         }
-        crate::qemu::image::check_image(&d.path, d.format).with_context(|| {
-            format!("disk '{}' recorded for this instance is refused (stop attaching it with '{detach}')", d.id)
-        })?;
+        // A raw disk's first bytes are the guest's to write (QEMU opens it
+        // as raw, never probed): only a qcow2's header is checked again.
+        if d.format == crate::qemu::value::DiskFormat::Qcow2 {
+            crate::qemu::image::check_image(&d.path, d.format).with_context(|| {
+                format!("disk '{}' recorded for this instance is refused (stop attaching it with '{detach}')", d.id)
+            })?;
+        }
     }
     for f in &devices.forwards {
         let proto = f.proto();

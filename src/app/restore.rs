@@ -31,6 +31,13 @@ pub struct Resume {
 /// unchanged, and this host's QEMU is the one that saved it.
 pub fn resume_from(ctx: &Ctx, inst: &Instance, name: &str, layered: bool) -> Result<Resume> {
     validate_id(IdKind::Snapshot, name)?;
+    if !layered {
+        // Before anything is stopped or set aside: which disk to keep is
+        // the user's to say.
+        if let Some(why) = cut_short(inst) {
+            bail!("{why}. Nothing was changed; keep one of the two disks, then load again");
+        }
+    }
     let snapshot = inst.snapshot(name);
     let damaged = |why: String| {
         anyhow!(
@@ -143,9 +150,9 @@ pub fn adapt(spec: &mut VmSpec, s: &Settings, r: &Resume) {
 fn copy_disk(inst: &Instance, r: &Resume) -> Result<std::path::PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     if let Some(why) = cut_short(inst) {
-        // Which of the two disks the user wants is theirs to say: the
-        // current one may hold work done after the cut-short load.
-        bail!("{why}. Nothing was changed; keep one of the two disks, then load again");
+        // Checked in `resume_from` already; a second command got here in
+        // between. Typed, so that `undo` leaves both disks alone.
+        return Err(CutShort(why).into());
     }
     if inst.overlay().exists() {
         std::fs::rename(inst.overlay(), inst.overlay_kept()).context("cannot set the current boot disk aside")?;
@@ -161,6 +168,18 @@ fn copy_disk(inst: &Instance, r: &Resume) -> Result<std::path::PathBuf> {
     }
     Ok(inst.overlay())
 }
+
+/// A load refused because an earlier one was cut short (see [`cut_short`]).
+#[derive(Debug)]
+struct CutShort(String);
+
+impl std::fmt::Display for CutShort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}. Nothing was changed; keep one of the two disks, then load again", self.0)
+    }
+}
+
+impl std::error::Error for CutShort {}
 
 /// When an earlier load of the instance's own snapshot was cut short (the
 /// disk it set aside is still there): what to tell the user, for `launch`'s
@@ -193,7 +212,9 @@ pub fn loaded(inst: &Instance) {
 /// A resume failed before its state loaded (QEMU is stopped): the boot disk
 /// set aside is put back, and `e` says so.
 pub fn undo(inst: &Instance, e: anyhow::Error) -> anyhow::Error {
-    if !inst.overlay_kept().exists() {
+    // A disk set aside by an earlier, cut-short load is not this load's
+    // to put back: the current disk may hold work done since.
+    if !inst.overlay_kept().exists() || e.is::<CutShort>() {
         return e;
     }
     let back = std::fs::rename(inst.overlay_kept(), inst.overlay());
@@ -250,6 +271,12 @@ mod tests {
         assert!(!why.contains("base.json"), "{why}");
         std::fs::write(inst.base_kept(), "{}").unwrap();
         assert!(cut_short(&inst).unwrap().contains("base.json.kept over"));
+        // A refusal for that reason leaves both disks where they are.
+        std::fs::write(inst.overlay(), "work since").unwrap();
+        let e = undo(&inst, anyhow::Error::from(CutShort(cut_short(&inst).unwrap())).context("loading"));
+        assert!(e.to_string().contains("loading") && !format!("{e:#}").contains("as it was before the load"), "{e:#}");
+        assert_eq!(std::fs::read_to_string(inst.overlay()).unwrap(), "work since");
+        assert!(inst.overlay_kept().exists());
         std::fs::remove_dir_all(root).unwrap();
     }
 }

@@ -209,11 +209,27 @@ fn route(path: &Path, me: u32) -> io::Result<Option<Hop>> {
         if let Some(hop) = judge(p, &m, me) {
             return Ok(Some(hop));
         }
+        // Where a link on the way leads is on the way too: a later link
+        // below it could lead back out, and the deepest prefix's real path
+        // alone would never show what was passed.
+        if m.file_type().is_symlink() {
+            if let Some(hop) = real_route(p, me)? {
+                return Ok(Some(hop));
+            }
+        }
         deepest = Some(p);
     }
-    let Some(deepest) = deepest else { return Ok(None) };
-    for p in fs::canonicalize(deepest)?.ancestors() {
-        if let Some(hop) = judge(p, &fs::symlink_metadata(p)?, me) {
+    match deepest {
+        Some(d) => real_route(d, me),
+        None => Ok(None),
+    }
+}
+
+/// The first directory above or at `p`'s real path that someone other
+/// than `me` and root can change.
+fn real_route(p: &Path, me: u32) -> io::Result<Option<Hop>> {
+    for a in fs::canonicalize(p)?.ancestors() {
+        if let Some(hop) = judge(a, &fs::symlink_metadata(a)?, me) {
             return Ok(Some(hop));
         }
     }
@@ -231,12 +247,24 @@ fn judge(p: &Path, m: &fs::Metadata, me: u32) -> Option<Hop> {
         None
     } else if theirs {
         Some(Fault::Owner)
-    } else if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+    } else if mode & 0o1000 == 0 && (mode & 0o002 != 0 || (mode & 0o020 != 0 && !private_group(m.gid(), me))) {
         Some(Fault::Writable)
     } else {
         None
     };
     fault.map(|fault| Hop { path: p.to_path_buf(), owner: m.uid(), mode, fault })
+}
+
+/// Whether `gid` is `uid`'s own group (a user private group: same name,
+/// no other member), whose write bit lets no one else in: umask 002 makes
+/// `~/.local` 0775 on such systems, and OpenSSH's StrictModes allows it.
+fn private_group(gid: u32, uid: u32) -> bool {
+    use nix::unistd::{Gid, Group, Uid, User};
+    let (Ok(Some(user)), Ok(Some(group))) = (User::from_uid(Uid::from_raw(uid)), Group::from_gid(Gid::from_raw(gid)))
+    else {
+        return false;
+    };
+    user.gid.as_raw() == gid && group.name == user.name && group.mem.iter().all(|m| *m == user.name)
 }
 
 #[cfg(test)]
@@ -323,7 +351,9 @@ mod tests {
             ("bob-sticky", BOB, 0o1777, Some(Fault::Owner)),
             ("bob", BOB, 0o755, Some(Fault::Owner)),
             ("open", me, 0o777, Some(Fault::Writable)),
-            ("group", me, 0o770, Some(Fault::Writable)),
+            // Group-writable: refused unless the group is the user's own
+            // private group (as root here: group root, no other member).
+            ("group", me, 0o770, (!private_group(nix::unistd::getegid().as_raw(), me)).then_some(Fault::Writable)),
             ("like-tmp", 0, 0o1777, None),
             ("plain", me, 0o755, None),
         ];
@@ -364,6 +394,25 @@ mod tests {
         check(&t.path().join("tmp-link"), "state dir").unwrap();
     }
 
+    /// A link of the user's into another user's directory, and there a
+    /// link (also the user's) back home: the way still passes through the
+    /// other user's directory, though the real path never shows it.
+    #[test]
+    fn a_chain_of_links_through_someone_elses_directory_is_refused() {
+        if !as_root("a_chain_of_links_through_someone_elses_directory_is_refused") {
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let me = nix::unistd::geteuid().as_raw();
+        let bobs = dir(&dir(t.path(), "bob", BOB, 0o755), "d", BOB, 0o755);
+        let mine = dir(t.path(), "mine", me, 0o755);
+        let real = dir(&mine, "real", me, 0o700);
+        std::os::unix::fs::symlink(&bobs, mine.join("s")).unwrap();
+        std::os::unix::fs::symlink(&real, bobs.join("l")).unwrap();
+        let (h, said) = hop(&mine.join("s/l/state"));
+        assert_eq!((h.path, h.fault), (bobs, Fault::Owner), "{said}");
+    }
+
     #[test]
     fn a_writable_directory_of_the_users_own_says_how_to_close_it() {
         let t = tempfile::tempdir().unwrap();
@@ -372,5 +421,12 @@ mod tests {
         let (h, said) = hop(&open.join("state"));
         assert_eq!(h.fault, Fault::Writable);
         assert!(said.contains(&format!("'chmod go-w {}'", open.display())), "{said}");
+        // Group-writable is fine when the group is the user's own alone.
+        let shared = dir(t.path(), "grp", me, 0o775);
+        let gid = fs::metadata(&shared).unwrap().gid();
+        match private_group(gid, me) {
+            true => check(&shared.join("state"), "state dir").unwrap(),
+            false => assert_eq!(hop(&shared.join("state")).0.fault, Fault::Writable),
+        }
     }
 }

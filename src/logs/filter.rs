@@ -53,8 +53,14 @@ impl TerminalFilter {
                     self.char.push(b);
                     if n > 1 {
                         Filter::Utf8(n - 1)
-                    } else {
+                    } else if std::str::from_utf8(&self.char).is_ok() {
                         out.append(&mut self.char);
+                        Filter::Text
+                    } else {
+                        // Shaped like a character but not one (`E0 9B 80`,
+                        // a surrogate): a reader sees its bytes alone, so
+                        // its C1 bytes go as in a cut-short one.
+                        out.extend(self.char.drain(..).filter(|c| !(0x80..=0x9f).contains(c)));
                         Filter::Text
                     }
                 }
@@ -180,6 +186,12 @@ mod tests {
         assert_eq!(TerminalFilter::clean(utf8), utf8);
         // A character cut short does not smuggle a C1 byte through.
         assert_eq!(TerminalFilter::clean(b"\xe2\x9b2Jx"), b"\xe22Jx");
+        // Nor does one shaped right but not UTF-8 (overlong, surrogate,
+        // past U+10FFFF): a reader sees its bytes alone.
+        for bad in [&b"\xe0\x9b\x80"[..], b"\xed\xa0\x9b", b"\xf4\x90\x9b\x80"] {
+            let out = TerminalFilter::clean(bad);
+            assert!(!out.iter().any(|c| (0x80..=0x9f).contains(c)), "{bad:x?} gave {out:x?}");
+        }
         // A bare CR would let "all good" hide what came before it.
         assert_eq!(TerminalFilter::clean(b"error\rall good\r\r\nend\r"), b"error\nall good\r\nend");
         let raw: &[u8] = b"\xc3\x9bx\x9b31my\r\r\nz\rw";

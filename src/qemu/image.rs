@@ -85,6 +85,13 @@ pub fn inspect_header(b: &[u8]) -> Header {
         }
         at = data + (len as usize).div_ceil(8) * 8;
     }
+    // Version 3's incompatible feature bit 2: an external data file. QEMU
+    // reads extensions up to a whole cluster (2 MiB), past the bytes read
+    // here, so the bit decides, not finding the name.
+    const EXTERNAL_DATA_FILE: u64 = 1 << 2;
+    if data_file.is_none() && be32(b, 4) != Some(2) && be64(b, 72).unwrap_or(0) & EXTERNAL_DATA_FILE != 0 {
+        data_file = Some("a file (its name lies past the header's first 64 KiB)".into());
+    }
     let backing = match be64(b, 8).unwrap_or(0) {
         0 => None,
         offset => {
@@ -375,6 +382,13 @@ mod tests {
         v2[200..204].copy_from_slice(b"base");
         let backing = Some(Backing { name: Some("base".into()), format: None });
         assert_eq!(inspect_header(&v2), Header::Qcow2 { backing, data_file: None });
+        // The feature bit alone marks a data file whose name is not read.
+        let mut v3 = vec![0u8; 112];
+        v3[..4].copy_from_slice(b"QFI\xfb");
+        v3[4..8].copy_from_slice(&3u32.to_be_bytes());
+        v3[72..80].copy_from_slice(&4u64.to_be_bytes());
+        v3[100..104].copy_from_slice(&104u32.to_be_bytes());
+        assert!(matches!(inspect_header(&v3), Header::Qcow2 { data_file: Some(_), .. }));
         let old = d.join("old.qcow2");
         std::fs::write(&old, &v2).unwrap();
         let e = check_image(&old, DiskFormat::Qcow2).unwrap_err().to_string();

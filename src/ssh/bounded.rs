@@ -4,7 +4,7 @@
 //! connection and its keepalives only a guest that stopped answering; a
 //! guest that answers forever is stopped here.
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -175,6 +175,36 @@ impl Reader {
     fn join(self) -> Vec<u8> {
         self.thread.join().unwrap_or_default()
     }
+}
+
+/// The longest piece of a line [`pass_stderr`] holds: the guest's own
+/// stderr comes through ssh's, and a line of gigabytes must not be kept.
+const STDERR_PIECE: u64 = 64 * 1024;
+
+/// Copies OpenSSH's stderr `from` to ours line by line (a longer line in
+/// pieces); whether it said the guest's host key changed (the caller then
+/// explains, see [`super::host_key_mismatch_message`]). `clean` drops the guest's
+/// terminal controls: for what the tool runs in the guest on its own (a
+/// copy's `tar`), not for what the user asked to run there (`ssh`).
+pub fn pass_stderr(from: impl Read, clean: bool) -> bool {
+    let mut mismatch = false;
+    let mut out = std::io::stderr();
+    let mut r = BufReader::new(from);
+    let mut line = Vec::new();
+    let mut filter = crate::logs::TerminalFilter::default();
+    let mut shown = Vec::new();
+    while (&mut r).take(STDERR_PIECE).read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+        mismatch |= String::from_utf8_lossy(&line).contains(super::HOST_KEY_CHANGED);
+        if clean {
+            shown.clear();
+            filter.push(&line, &mut shown);
+            let _ = out.write_all(&shown);
+        } else {
+            let _ = out.write_all(&line);
+        }
+        line.clear();
+    }
+    mismatch
 }
 
 #[cfg(test)]
