@@ -164,3 +164,22 @@ fn events_survive_a_byte_that_is_not_utf8() {
     let o = s.run(&["--name", "x", "events"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("skipped 1 damaged line"), "{}", text(&o));
 }
+
+/// A snapshot load cut short leaves the disk from before it set aside; the
+/// current disk may hold work done since. A new load touches neither.
+#[test]
+fn a_load_after_a_cut_short_one_keeps_both_disks_and_says_how_to_choose() {
+    let s = State::new("cutshort");
+    let inst = s.instance("x");
+    write(&inst.join("overlay.qcow2"), b"work done since");
+    write(&inst.join("overlay.qcow2.kept"), b"from before the load");
+    for args in [&["--name", "x", "snapshot", "load", "s1"][..], &["--name", "x", "launch", "--resume", "s1"]] {
+        let o = s.run(args);
+        let said = String::from_utf8_lossy(&o.stderr).to_string();
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", text(&o));
+        assert!(said.contains("was cut short") && said.contains("Nothing was changed"), "{said}");
+        assert!(!said.contains("as it was before the load"), "{said}");
+        assert_eq!(fs::read(inst.join("overlay.qcow2")).unwrap(), b"work done since");
+        assert_eq!(fs::read(inst.join("overlay.qcow2.kept")).unwrap(), b"from before the load");
+    }
+}
