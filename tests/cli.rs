@@ -503,7 +503,7 @@ fn run_checks_where_its_results_go_before_it_boots() {
     let cases: [(&[&str], &str); 3] = [
         (&["--summary", "/nonexistent-dir/s.json"], "--summary /nonexistent-dir/s.json: cannot write there"),
         (&["--summary", "/tmp"], "--summary /tmp is a directory"),
-        (&["--copy-out", "/out:/nonexistent-dir/out"], "/nonexistent-dir is not a directory you can write"),
+        (&["--copy-out", "/out:/etc/hostname/sub/out"], "/etc/hostname is not a directory you can write"),
     ];
     for (flags, said) in cases {
         let o = run(&[&["--state-dir", sd, "run"], flags, &["--", "true"]].concat());

@@ -35,7 +35,7 @@ pub fn resume_from(ctx: &Ctx, inst: &Instance, name: &str, layered: bool) -> Res
         // Before anything is stopped or set aside: which disk to keep is
         // the user's to say.
         if let Some(why) = cut_short(inst) {
-            bail!("{why}. Nothing was changed; keep one of the two disks, then load again");
+            return Err(CutShort(why).into());
         }
     }
     let snapshot = inst.snapshot(name);

@@ -365,7 +365,10 @@ fn check_outputs(summary: Option<&Path>, copy_out: &[(String, std::path::PathBuf
         }
     }
     for (guest, host) in copy_out {
-        let target = if host.is_dir() { host.clone() } else { dir_of(host) };
+        // The copy makes missing directories (`create_dir_all`): what must
+        // be writable is the nearest one that exists.
+        let dir = if host.is_dir() { host.clone() } else { dir_of(host) };
+        let target = dir.ancestors().find(|a| a.exists()).unwrap_or(Path::new(".")).to_path_buf();
         if !writable_dir(&target) {
             bail!(
                 "--copy-out {guest}:{}: {} is not a directory you can write: give a destination in one",
@@ -399,6 +402,15 @@ fn report(ctx: &Ctx, s: &RunSummary, file: Option<&Path>) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_copy_out_into_directories_not_made_yet_is_accepted() {
+        let t = tempfile::tempdir().unwrap();
+        let deep = [("/out".to_string(), t.path().join("new/deeper/out"))];
+        check_outputs(Some(&t.path().join("summary.json")), &deep).unwrap();
+        let under_a_file = [("/out".to_string(), std::path::PathBuf::from("/etc/hostname/out"))];
+        assert!(check_outputs(None, &under_a_file).is_err());
+    }
 
     #[test]
     fn each_word_of_the_command_is_quoted() {

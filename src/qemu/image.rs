@@ -121,7 +121,8 @@ pub fn check_image(path: &Path, format: DiskFormat) -> Result<()> {
             shell_words::quote(&path.display().to_string())
         )
     };
-    match (format, inspect_header(&read_head(path)?)) {
+    let head = read_head(path)?;
+    match (format, inspect_header(&head)) {
         (DiskFormat::Qcow2, Header::Other) => bail!(
             "{} is not a qcow2 image (no qcow2 header); if it is a raw disk image, pass --format raw",
             path.display()
@@ -140,10 +141,12 @@ pub fn check_image(path: &Path, format: DiskFormat) -> Result<()> {
         }
         // Not even one sector: an empty file (a failed download, a `touch`)
         // would boot to nothing and leave `launch` waiting for its timeout.
-        (DiskFormat::Raw, Header::Other) if std::fs::metadata(path).is_ok_and(|m| m.len() < 512) => bail!(
-            "{} is not a disk image: it holds {} bytes, less than one 512-byte sector",
+        // (The head read is the whole file below 64 KiB.)
+        (DiskFormat::Raw, Header::Other) if head.len() < 512 => bail!(
+            "{} is not a disk image: it holds {} bytes, less than one 512-byte sector; give the image itself \
+             (a download cut short leaves such a file)",
             path.display(),
-            std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+            head.len()
         ),
         _ => Ok(()),
     }
