@@ -188,11 +188,12 @@ fn set_mode(p: &Path, mode: u32) -> Result<()> {
 /// another thread makes in that instant gets the stricter 077.
 fn process_umask() -> u32 {
     static MASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    // Read, not set and reset: other threads (run's watchers) make files
+    // meanwhile. Linux shows it in /proc since 4.7; else the usual 022.
     *MASK.get_or_init(|| {
-        use nix::sys::stat::{umask, Mode};
-        let old = umask(Mode::from_bits_truncate(0o077));
-        umask(old);
-        old.bits()
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let line = status.lines().find_map(|l| l.strip_prefix("Umask:"));
+        line.and_then(|m| u32::from_str_radix(m.trim(), 8).ok()).unwrap_or(0o022)
     })
 }
 

@@ -105,8 +105,13 @@ pub struct Request {
 
 impl Request {
     pub fn key(&self) -> Result<String> {
+        Ok(self.key_of(&scm_files(&self.guix_dir)?))
+    }
+
+    /// The key of `files`, this dir's `*.scm` as read once.
+    fn key_of(&self, files: &[(String, Vec<u8>)]) -> String {
         let uid = dev_uid().map(|u| u.to_string()).unwrap_or_default();
-        Ok(cache_key(&scm_files(&self.guix_dir)?, &self.image_size, &format!("{}\0{uid}", self.pubkey.trim())))
+        cache_key(files, &self.image_size, &format!("{}\0{uid}", self.pubkey.trim()))
     }
 }
 
@@ -173,7 +178,11 @@ pub fn command(req: &Request, root: &Path) -> Vec<String> {
 /// `retry` is the command that runs the build again, for the error message.
 pub fn ensure(state: &StateDir, req: &Request, quiet: bool, retry: &str) -> Result<BuildResult> {
     let start = Instant::now();
-    let key = req.key()?;
+    let files = scm_files(&req.guix_dir)?;
+    let key = req.key_of(&files);
+    // The bytes the key was made of, kept for the pinned virtiofsd (the
+    // checkout may change under a build: it is in the guest's share).
+    let channels = files.iter().find(|(n, _)| n == "channels.scm").map(|(_, c)| c.clone()).unwrap_or_default();
     if let Some(b) = cached(state, &key)? {
         return Ok(BuildResult { store_path: b.store_path, gc_root: b.gc_root, key, cache_hit: true, seconds: 0.0 });
     }
@@ -192,9 +201,6 @@ pub fn ensure(state: &StateDir, req: &Request, quiet: bool, retry: &str) -> Resu
         std::fs::remove_file(&root).with_context(|| format!("cannot remove the stale GC root {}", root.display()))?;
         tracing::info!(root = %root.display(), "removed a stale GC root link before building");
     }
-    // The bytes the key was made of, kept for the pinned virtiofsd.
-    let channels = std::fs::read(req.guix_dir.join("channels.scm"))
-        .with_context(|| format!("cannot read {}", req.guix_dir.join("channels.scm").display()))?;
     let argv = command(req, &root);
     if !quiet {
         crate::progress::stage("building the Guix image (first time, or guix/ changed); this can take a while");
@@ -229,20 +235,8 @@ pub fn ensure(state: &StateDir, req: &Request, quiet: bool, retry: &str) -> Resu
         built_at: crate::clock::now(),
     };
     write_json(&dir.join("build.json"), &built)?;
-    record_channels(&image_channels(state, &key), &channels)?;
+    crate::instance::write_atomic(&image_channels(state, &key), |f| Ok(std::io::Write::write_all(f, &channels)?))?;
     Ok(BuildResult { store_path: image, gc_root: root, key, cache_hit: false, seconds: start.elapsed().as_secs_f64() })
-}
-
-/// Writes the channels copy, private like the rest of the state dir.
-fn record_channels(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Runs Guix with its progress (stderr) passed through, shortened, unless
@@ -429,7 +423,7 @@ pub fn release_root(state: &StateDir, inst: &Instance) {
     if !used_elsewhere {
         let dir = entry_dir(state, &mine.key);
         let _ = std::fs::remove_file(dir.join("image.gcroot"));
-        for f in ["build.json", "channels.scm", "channels.tmp"] {
+        for f in ["build.json", "channels.scm"] {
             let _ = std::fs::remove_file(dir.join(f));
         }
         let _ = std::fs::remove_dir(dir);

@@ -85,7 +85,7 @@ impl Capped {
 /// terminal controls are removed ([`TerminalFilter`]).
 pub fn tail(path: &Path, from: u64, max: usize, when_empty: &str) -> String {
     let b = read_end(path, from, max).unwrap_or_default();
-    let s = String::from_utf8_lossy(&TerminalFilter::clean(&b)).trim().to_string();
+    let s = guest_text(&b, usize::MAX);
     if s.is_empty() {
         when_empty.to_string()
     } else {

@@ -395,7 +395,12 @@ fn judge_login(out: std::process::Output) -> Login {
     let err = String::from_utf8_lossy(&out.stderr);
     if out.status.success() {
         Login::Ok(out)
-    } else if err.contains(HOST_KEY_CHANGED) || err.contains("Host key verification failed") {
+    } else if out.status.code() == Some(255)
+        && out.stdout.is_empty()
+        && (err.contains(HOST_KEY_CHANGED) || err.contains("Host key verification failed"))
+    {
+        // OpenSSH's own refusal ends with 255 before any remote output;
+        // the guest's shell could print the words, not usually both.
         Login::HostKeyChanged
     } else {
         let last = last_said(&out.stderr);
@@ -412,7 +417,7 @@ fn judge_login(out: std::process::Output) -> Login {
 /// terminal controls are removed, and it is cut at 500 characters.
 pub fn last_said(stderr: &[u8]) -> String {
     let text = crate::logs::guest_text(stderr, usize::MAX);
-    crate::logs::guest_text(text.lines().last().unwrap_or("").as_bytes(), 500)
+    text.lines().last().unwrap_or("").trim().chars().take(500).collect()
 }
 
 /// What to do when `ssh` (or `scp`) cannot be run.

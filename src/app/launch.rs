@@ -55,7 +55,8 @@ enum Taken {
 /// holds it. A lock held by another `launch` that is still starting the VM
 /// is waited for.
 fn take_lock(ctx: &Ctx, inst: &Instance, opts: &LaunchOptions) -> Result<Taken> {
-    let deadline = Instant::now() + opts.timeout;
+    let started = Instant::now();
+    let deadline = started + opts.timeout;
     let mut told = false;
     loop {
         if let Some(l) = Lock::try_acquire(inst)? {
@@ -83,7 +84,7 @@ fn take_lock(ctx: &Ctx, inst: &Instance, opts: &LaunchOptions) -> Result<Taken> 
                 ctx.command("status")
             );
         }
-        if !told && deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(1) < opts.timeout {
+        if !told && started.elapsed() > Duration::from_secs(1) {
             // Said once, after a second: a wait this long is never silent.
             told = true;
             ctx.progress(&format!(

@@ -185,7 +185,7 @@ pub fn wait(
                     tracing::info!("login failed, trying again: {e}");
                     last = format!("banner seen, login failed: {e}")
                 }
-                Err(e) => return Err(login_cut(e, deadline.saturating_duration_since(start).max(start.elapsed()))),
+                Err(e) => return Err(login_cut(e, start.elapsed())),
             }
         }
         std::thread::sleep(POLL);

@@ -14,4 +14,4 @@ pub mod stops;
 pub use liveness::Liveness;
 pub use lock::Lock;
 pub use paths::{default_state_dir, private_dir, validate_name, Instance, StateDir};
-pub use records::{read_json, write_json};
+pub use records::{read_json, write_atomic, write_json};

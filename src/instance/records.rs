@@ -32,10 +32,17 @@ pub use super::stops::{StepAction, StopCause, StopKind, StopMethod, StopOutcome,
 /// instance take no lock) must not write into one inode. The directory is
 /// synced after the rename, so the new name survives a crash.
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    write_atomic(path, |f| {
+        serde_json::to_writer_pretty(&mut *f, value)?;
+        Ok(f.write_all(b"\n")?)
+    })
+}
+
+/// Writes `path` the way [`write_json`] does, its content from `fill`.
+pub fn write_atomic(path: &Path, fill: impl FnOnce(&mut fs::File) -> Result<()>) -> Result<()> {
     let (tmp, mut f) = temp_file(path)?;
     let written = (|| -> Result<()> {
-        serde_json::to_writer_pretty(&mut f, value)?;
-        f.write_all(b"\n")?;
+        fill(&mut f)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
         Ok(())

@@ -114,7 +114,8 @@ impl TerminalFilter {
             // Lead bytes of 2, 3 and 4-byte characters (0xc0, 0xc1 and
             // 0xf5.. lead nothing valid, and pass as bytes on their own).
             0xc3..=0xf4 => {
-                self.char = vec![b];
+                self.char.clear();
+                self.char.push(b);
                 Filter::Utf8(match b {
                     0xc3..=0xdf => 1,
                     0xe0..=0xef => 2,

@@ -100,6 +100,10 @@ impl Render for RunSummary {
         let boot = self.phases.boot.map(|b| format!(", up in {b:.1}s")).unwrap_or_default();
         let skipped = match self.copy_out.skipped.len() as u64 + self.copy_out.skipped_unlisted {
             0 => String::new(),
+            n if self.copy_out.skipped_unlisted > 0 => format!(
+                "; --copy-out skipped {n} of the guest's entries (the first {} listed above)",
+                self.copy_out.skipped.len()
+            ),
             n => format!("; --copy-out skipped {n} of the guest's entries (listed above)"),
         };
         format!("{what}; {vm}{skipped} (total {:.1}s{boot})", self.phases.total)

@@ -81,13 +81,12 @@ pub fn output(argv: &[String], limit: &Limit) -> Result<Output> {
 fn output_capped(argv: &[String], limit: &Limit, cap: usize) -> Result<Output> {
     tracing::debug!("running {}", shell_words::join(argv));
     let start = Instant::now();
-    let mut child = Command::new(&argv[0])
-        .args(&argv[1..])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot run '{}': {}", argv[0], super::SSH_MISSING))?;
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    // This thread reaps or kills the child before it returns, so the
+    // signal can only come when this process is gone.
+    super::end_with_this_process(&mut cmd);
+    let mut child = cmd.spawn().with_context(|| format!("cannot run '{}': {}", argv[0], super::SSH_MISSING))?;
     let stdout = Reader::start(child.stdout.take().expect("piped"), cap);
     let stderr = Reader::start(child.stderr.take().expect("piped"), cap);
     let mut status = None;

@@ -165,6 +165,13 @@ fn what_the_guest_said_reaches_the_terminal_without_its_controls() {
     let failed = out(255, b"kex_exchange_identification: \x1b[6nread: Connection reset\rhidden\n");
     assert_eq!(judge_login(failed), Login::Failed("hidden".into()), "a bare CR ends a line");
     assert_eq!(judge_login(out(255, b"Host key verification failed.\n")), Login::HostKeyChanged);
+    // The same words from a guest's shell that ran (another status, or
+    // output on stdout) are not OpenSSH's refusal.
+    let shell_said = out(1, b"Host key verification failed.\n");
+    assert!(matches!(judge_login(shell_said), Login::Failed(_)));
+    let mut with_output = out(255, b"Host key verification failed.\n");
+    with_output.stdout = b"motd\n".to_vec();
+    assert!(matches!(judge_login(with_output), Login::Failed(_)));
     assert!(matches!(judge_login(out(0, b"")), Login::Ok(_)));
     assert_eq!(last_said(&[b'x'; 2000]).len(), 500);
 }
