@@ -462,7 +462,8 @@ pub fn run_explained(argv: &[String], t: &Target, inst: &Instance) -> Result<i32
 /// Makes the ssh that `cmd` starts end (SIGTERM) when this process does,
 /// even a SIGKILLed one: a guest that stalls would otherwise keep it
 /// (and its connection, which keepalives hold open) for ever. The signal
-/// comes when the *thread* that spawns ends: spawn on the main thread.
+/// comes when the *thread* that spawns ends: spawn on a thread that
+/// outlives the child (the main thread, or one that reaps it).
 pub fn end_with_this_process(cmd: &mut Command) {
     use std::os::unix::process::CommandExt;
     let parent = nix::unistd::getpid();

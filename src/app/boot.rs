@@ -49,8 +49,9 @@ pub fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Res
     let bins = qemu_binaries()?;
     let key = ssh_key_for(&ctx.state, &s)?;
     let pubkey = ssh::public_key_line(&key)?;
-    std::fs::write(inst.authorized_key(), format!("{pubkey}\n"))
-        .with_context(|| format!("cannot write {}", inst.authorized_key().display()))?;
+    crate::instance::write_atomic(&inst.authorized_key(), |f| {
+        Ok(std::io::Write::write_all(f, format!("{pubkey}\n").as_bytes())?)
+    })?;
     // A resume that fails before its state loaded puts back the disk it replaced.
     let undo = |e: anyhow::Error| if resume.is_some() { restore::undo(inst, e) } else { e };
     let (plan, auto_kvm) = plan(ctx, inst, &s, opts, &bins, &pubkey, resume.as_ref(), &mut notes).map_err(undo)?;
@@ -60,7 +61,7 @@ pub fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Res
         write_json(&inst.run_origin(), origin).map_err(undo)?;
     }
     ctx.stage("starting QEMU");
-    let run = start_and_load(ctx, inst, lock, serial_before, hint.clone(), resume.as_ref()).map_err(undo)?;
+    let run = start_and_load(ctx, inst, lock, &plan, hint.clone(), resume.as_ref()).map_err(undo)?;
     let qemu_up = started.elapsed().as_secs_f64();
     // Before the settings: a launch that finds this VM running waits for
     // them, and then logs in through this boot's ssh-mux/.
@@ -353,11 +354,11 @@ fn start_and_load(
     ctx: &Ctx,
     inst: &Instance,
     lock: Lock,
-    serial_before: u64,
+    plan: &BootPlan,
     hint: Option<String>,
     resume: Option<&Resume>,
 ) -> Result<RunRecord> {
-    let run = start(ctx, inst, lock, serial_before, hint)?;
+    let run = start(ctx, inst, lock, plan, hint)?;
     if let Some(r) = resume {
         if let Err(e) = restore::load_state(inst, r) {
             let _ = super::stop::stop_running(ctx, inst, &StopOptions { timeout: Duration::ZERO, force: true });
@@ -371,11 +372,11 @@ fn start_and_load(
 /// Starts the supervisor (which starts QEMU) and waits until QEMU is up;
 /// a QEMU that failed to start is a [`Failure::LaunchFailed`] with the
 /// console's tail and `hint`.
-fn start(ctx: &Ctx, inst: &Instance, lock: Lock, serial_before: u64, hint: Option<String>) -> Result<RunRecord> {
-    match spawn::start(&ctx.state.root, inst, lock)? {
+fn start(ctx: &Ctx, inst: &Instance, lock: Lock, plan: &BootPlan, hint: Option<String>) -> Result<RunRecord> {
+    match spawn::start(&ctx.state.root, inst, lock, plan.daemons.len())? {
         Ok(run) => Ok(run),
         Err(mut f) => {
-            f.serial_tail = crate::logs::tail(&inst.serial_log(), serial_before, 1500, "");
+            f.serial_tail = crate::logs::tail(&inst.serial_log(), plan.serial_start, 1500, "");
             Err(Failure::LaunchFailed { failure: f, hint }.into())
         }
     }

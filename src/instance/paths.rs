@@ -337,10 +337,14 @@ impl Instance {
     }
 
     /// Temp files an interrupted record write may leave: `NAME.tmp` of an
-    /// older build, `NAME.tmp.PID.N` of `write_json` now.
+    /// older build, `NAME.tmp.PID.N` of `write_atomic` now.
     pub fn temp_files(&self) -> Vec<PathBuf> {
-        let stems: Vec<String> =
-            INSTANCE_FILES.iter().filter_map(|n| n.strip_suffix(".json")).map(|stem| format!("{stem}.tmp")).collect();
+        // Every record `write_atomic` writes: the JSON ones, and the key.
+        let stems: Vec<String> = INSTANCE_FILES
+            .iter()
+            .filter(|n| n.ends_with(".json") || n.ends_with(".pub"))
+            .filter_map(|n| Some(Path::new(n).with_extension("tmp").to_str()?.to_string()))
+            .collect();
         let Ok(entries) = fs::read_dir(&self.dir) else { return vec![] };
         entries
             .filter_map(|e| e.ok()?.file_name().into_string().ok())
@@ -455,12 +459,12 @@ mod tests {
         fs::create_dir_all(&inst.dir).unwrap();
         std::os::unix::fs::symlink(&elsewhere, inst.disks_dir()).unwrap();
         fs::write(inst.overlay(), "overlay").unwrap();
-        for leftover in ["settings.tmp", "settings.tmp.123.0", "run.tmp.9.1"] {
+        for leftover in ["settings.tmp", "settings.tmp.123.0", "run.tmp.9.1", "authorized_key.tmp.5.0"] {
             fs::write(inst.dir.join(leftover), "").unwrap();
         }
         fs::write(inst.dir.join("settings.tmpx"), "not ours").unwrap();
         let removed = inst.remove_created();
-        for leftover in ["settings.tmp", "settings.tmp.123.0", "run.tmp.9.1"] {
+        for leftover in ["settings.tmp", "settings.tmp.123.0", "run.tmp.9.1", "authorized_key.tmp.5.0"] {
             assert!(!inst.dir.join(leftover).exists(), "{leftover}");
         }
         assert!(inst.dir.join("settings.tmpx").exists());

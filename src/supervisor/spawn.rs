@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::instance::records::{read_json, BootPlan, LaunchFailure, RunRecord};
+use crate::instance::records::{read_json, LaunchFailure, RunRecord};
 use crate::instance::{Instance, Lock};
 use crate::timeouts::qemu_up;
 
@@ -23,13 +23,18 @@ const UP_POLL: Duration = Duration::from_millis(10);
 /// supervisor (and QEMU). Records of an earlier boot go first, so they
 /// cannot be mistaken for this boot's. The inner `Err` is QEMU's own
 /// failure to start; the outer one a supervisor that died or hung.
-pub fn start(state_root: &Path, inst: &Instance, lock: Lock) -> Result<Result<RunRecord, LaunchFailure>> {
+/// `daemons`: the boot plan's virtiofsds, which lengthen the wait.
+pub fn start(
+    state_root: &Path,
+    inst: &Instance,
+    lock: Lock,
+    daemons: usize,
+) -> Result<Result<RunRecord, LaunchFailure>> {
     for old in [inst.launch_failure(), inst.stop_record(), inst.run_record()] {
         let _ = std::fs::remove_file(old);
     }
     let mut sup = spawn(state_root, inst, &lock)?;
     drop(lock); // the supervisor and QEMU hold it now
-    let daemons = read_json::<BootPlan>(&inst.boot_plan()).ok().flatten().map_or(0, |p| p.daemons.len());
     let up = qemu_up(u32::try_from(daemons).unwrap_or(u32::MAX));
     let deadline = Instant::now() + up;
     loop {
