@@ -437,6 +437,10 @@ fn a_state_dir_inside_another_users_directory_is_refused_for_a_plain_user() {
     };
     let base = state("setpriv");
     give(&base, 0, 0o755);
+    // A copy uid 1000 can run whatever the checkout's modes (a clone under
+    // /root is 0700).
+    let bin = base.join("qbuf-qemu");
+    std::fs::copy(env!("CARGO_BIN_EXE_qbuf-qemu"), &bin).unwrap();
     let (theirs, mine) = (base.join("bob-tmp"), base.join("alice"));
     give(&theirs, bob.as_raw(), 0o1777);
     give(&theirs.join("state"), alice, 0o700);
@@ -447,7 +451,9 @@ fn a_state_dir_inside_another_users_directory_is_refused_for_a_plain_user() {
     std::os::unix::fs::lchown(&link, Some(bob.as_raw()), None).unwrap();
     let as_alice = |s: &std::path::Path| {
         Command::new("setpriv")
-            .args(["--reuid=1000", "--regid=1000", "--clear-groups", env!("CARGO_BIN_EXE_qbuf-qemu"), "--state-dir"])
+            .args(["--reuid=1000", "--regid=1000", "--clear-groups"])
+            .arg(&bin)
+            .arg("--state-dir")
             .arg(s)
             .arg("list")
             .env_remove("QBUF_QEMU_STATE_DIR")
