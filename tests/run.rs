@@ -210,11 +210,18 @@ fn a_copy_out_that_stalls_is_cut_off_by_the_timeout() {
     let copy = format!("/tmp/big:{}", path_str(&art));
     // A 300 MiB file (a hole: no guest memory) and a process, left behind
     // by COMMAND, that stops the guest's tar as soon as it runs. (ssh's
-    // connection is shared: a changed login shell would not be used.)
-    let stall = "mkdir /tmp/big && dd of=/tmp/big/f bs=1M seek=300 count=0 2>/dev/null || exit 1; \
-                 setsid sh -c 'while :; do pkill -STOP -f \"^tar -c[f]\"; sleep 0.01; done' \
+    // connection is shared: a changed login shell would not be used.) The
+    // test guest has no pkill (an earlier version of this test called it
+    // and passed only because the copy was slow): without killall COMMAND
+    // fails, and so does the test.
+    let stall = "command -v killall >/dev/null || exit 3; \
+                 mkdir /tmp/big && dd of=/tmp/big/f bs=1M seek=300 count=0 2>/dev/null || exit 1; \
+                 setsid sh -c 'while :; do killall -STOP tar 2>/dev/null; sleep 0.01; done' \
                  </dev/null >/dev/null 2>&1 &";
-    let extra = ["--no-share", "--timeout", "20", "--copy-out", &copy, "--summary", path_str(&summary)];
+    // Room for a slow boot and COMMAND before the copy starts; and long
+    // enough that a tar the loop failed to stop would finish the copy
+    // (300 MiB) and fail the test, instead of being cut short anyway.
+    let extra = ["--no-share", "--timeout", "45", "--copy-out", &copy, "--summary", path_str(&summary)];
     let out = env.run(&strs(&run_args(&extra, &["sh", "-c", stall])));
     out.code_is(124);
     assert!(out.stderr().contains("not copied, the run was cut short"), "{}", out.text());
