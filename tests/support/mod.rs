@@ -421,7 +421,10 @@ pub fn run_args(extra: &[&str], command: &[&str]) -> Vec<String> {
     if !extra.contains(&"--append") {
         v.extend(["--append".into(), APPEND.into()]);
     }
-    for (flag, value) in [("--accel", "tcg"), ("--memory", "512M")] {
+    // --timeout bounds the whole run (an hour by default): a test guest
+    // whose kernel stalls under TCG at boot (see [`guest_kernel_stalled`])
+    // then fails the test in minutes instead of holding CI for the hour.
+    for (flag, value) in [("--accel", "tcg"), ("--memory", "512M"), ("--timeout", "300")] {
         if !extra.contains(&flag) {
             v.extend([flag.to_string(), value.to_string()]);
         }
