@@ -49,7 +49,7 @@ fn launch_ssh_share_powerdown_relaunch_keeps_data_then_destroy_leaves_nothing() 
     assert!(s(&st, "stop_reason").contains("guest-shutdown"), "{st}");
 
     // A plain launch reuses the saved settings and the overlay.
-    let (v2, out) = env.boot(&["launch", "--timeout", "120"]);
+    let (v2, out) = env.json(&["launch", "--timeout", "120"]);
     out.ok();
     assert_ne!(v2["pid"], v["pid"]);
     assert_eq!(v2["ssh_port"], v["ssh_port"], "the auto port is kept");
@@ -220,7 +220,7 @@ fn two_concurrent_launches_start_one_qemu() {
     let saved = v1["ssh_port"].as_u64().unwrap() as u16;
     let _squatter = std::net::TcpListener::bind(("127.0.0.1", saved)).unwrap();
     env.run(&["launch"]).code_is(1);
-    let (v4, out) = env.boot(&["launch", "--ssh-port", "auto"]);
+    let (v4, out) = env.json(&["launch", "--ssh-port", "auto"]);
     out.ok();
     assert_ne!(v4["ssh_port"].as_u64().unwrap() as u16, saved);
     assert!(v4["notes"][0].as_str().unwrap().contains("in use"), "{v4}");

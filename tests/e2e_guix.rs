@@ -153,12 +153,12 @@ fn a_guix_image_shares_over_the_pinned_channels_virtiofsd_when_they_have_one() {
     let args = vm_args(&["--guix-dir", path_str(&guix_dir), "--share", path_str(&share)], &[]);
     let daemon = |env: &Env| s(&env.json(&["status"]).0["shares"][0], "daemon_binary");
     let builds = || std::fs::read_to_string(&log).unwrap_or_default().matches("build virtiofsd").count();
-    env.boot(&strs(&args)).1.ok();
+    env.json(&strs(&args)).1.ok();
     assert!(daemon(&env).starts_with(path_str(&store)), "Guix's virtiofsd serves the share");
     assert_eq!(env.ssh("dev", "cat /mnt/qbuf/f").stdout(), "from the host\n");
     assert_eq!(builds(), 1);
     env.run(&["powerdown"]).code_is(0);
-    env.boot(&["launch", "--timeout", "120"]).1.ok();
+    env.json(&["launch", "--timeout", "120"]).1.ok();
     assert_eq!(builds(), 1, "asked once per channels file");
     env.run(&["powerdown"]).code_is(0);
 
@@ -171,17 +171,17 @@ fn a_guix_image_shares_over_the_pinned_channels_virtiofsd_when_they_have_one() {
     std::fs::write(guix_dir.join("channels.scm"), channels).unwrap();
     let calls = || std::fs::read_to_string(&log).unwrap_or_default().lines().count();
     let before = calls();
-    env.boot(&["launch", "--timeout", "120"]).1.ok();
+    env.json(&["launch", "--timeout", "120"]).1.ok();
     assert_eq!(calls(), before, "a changed channels.scm runs no Guix at a plain launch");
     assert!(daemon(&env).starts_with(path_str(&store)), "the image's channels' daemon");
     env.run(&["powerdown"]).code_is(0);
     // Asked for (--recreate): the new image's channels have no virtiofsd,
     // so the host's serves, and that answer is remembered too.
-    env.boot(&["launch", "--recreate", "--timeout", "120"]).1.ok();
+    env.json(&["launch", "--recreate", "--timeout", "120"]).1.ok();
     assert_eq!(daemon(&env), path_str(&host_daemon));
     assert_eq!(builds(), 2);
     env.run(&["powerdown"]).code_is(0);
-    env.boot(&["launch", "--timeout", "120"]).1.ok();
+    env.json(&["launch", "--timeout", "120"]).1.ok();
     assert_eq!(builds(), 2, "the missing package is remembered");
     env.run(&["powerdown"]).code_is(0);
 }

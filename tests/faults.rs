@@ -44,7 +44,7 @@ fn a_good_launch_after_a_failed_one_returns_once_ssh_answers_and_keeps_the_setti
     assert_ne!(s(&st, "state"), "running");
     // The plain launch boots the saved kernel, returns once SSH answers,
     // and is not confused by the failed launch's records.
-    let (v, out) = env.boot(&["launch", "--timeout", "120"]);
+    let (v, out) = env.json(&["launch", "--timeout", "120"]);
     out.ok();
     assert!(v["ready_seconds"].as_f64().is_some(), "{v}");
     assert_ne!(pid_of(&v), pid_of(&first));
@@ -152,7 +152,7 @@ fn switching_the_boot_source_pins_the_new_guests_host_key_with_a_note() {
     env.ssh("dev", "true").ok();
     env.run(&["powerdown"]).ok();
     let t = Instant::now();
-    let (v, out) = env.boot(&["launch", "--image", path_str(&guest().disk)]);
+    let (v, out) = env.json(&["launch", "--image", path_str(&guest().disk)]);
     out.ok();
     assert!(v["notes"].to_string().contains("pinned anew"), "{v}");
     assert!(t.elapsed() < Duration::from_secs(100), "took {:?}", t.elapsed());

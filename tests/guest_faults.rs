@@ -183,6 +183,9 @@ fn only_a_stall_before_any_ssh_banner_and_a_failed_qemu_abort_get_a_retry() {
         "the guest did not accept an SSH login on port 1 within 120s (last: banner seen, login failed: x); {rcu}"
     );
     assert!(!guest_kernel_stalled(&out(1, &login_bug)), "a login bug gets no free retry");
+    // `run` whose deadline came while the guest stalled.
+    let run_cut = format!("run: cut short before COMMAND started: stopped waiting for SSH after 45s (cancelled; last: no SSH banner yet)\nThe VM was stopped (quit). serial console (last lines):\n{rcu}");
+    assert!(guest_kernel_stalled(&out(124, &run_cut)));
     let abort = "QEMU crashed or was killed: killed by signal 6 (SIGABRT)\niotlb_to_section: Assertion failed";
     assert!(qemu_tcg_aborted(&out(1, abort)));
     assert!(!qemu_tcg_aborted(&out(0, abort)), "a command that succeeded is not run again");

@@ -218,10 +218,11 @@ fn a_copy_out_that_stalls_is_cut_off_by_the_timeout() {
                  mkdir /tmp/big && dd of=/tmp/big/f bs=1M seek=300 count=0 2>/dev/null || exit 1; \
                  setsid sh -c 'while :; do killall -STOP tar 2>/dev/null; sleep 0.01; done' \
                  </dev/null >/dev/null 2>&1 &";
-    // Room for a slow boot and COMMAND before the copy starts; and long
+    // Room for a slow boot and COMMAND before the copy starts (a loaded
+    // 2-core CI host once took over 45 s to boot the test guest); and long
     // enough that a tar the loop failed to stop would finish the copy
     // (300 MiB) and fail the test, instead of being cut short anyway.
-    let extra = ["--no-share", "--timeout", "45", "--copy-out", &copy, "--summary", path_str(&summary)];
+    let extra = ["--no-share", "--timeout", "90", "--copy-out", &copy, "--summary", path_str(&summary)];
     let out = env.run(&strs(&run_args(&extra, &["sh", "-c", stall])));
     out.code_is(124);
     assert!(out.stderr().contains("not copied, the run was cut short"), "{}", out.text());
@@ -292,7 +293,7 @@ fn a_loaded_snapshot_forgets_what_came_after_it() {
     assert_eq!(list["snapshots"].as_array().unwrap().len(), 1);
     env.run(&["powerdown"]).ok();
     // launch --resume reaches SSH from the saved state.
-    let (v, out) = env.boot(&["launch", "--resume", "s1"]);
+    let (v, out) = env.json(&["launch", "--resume", "s1"]);
     out.ok();
     env.ssh("dev", "test \"$(cat /data/marker)\" = before").ok();
     assert!(v["ready_seconds"].as_f64().is_some());
@@ -337,7 +338,7 @@ fn a_damaged_snapshot_is_refused_before_the_vm_is_touched_and_a_failed_load_keep
     assert!(out.stderr().contains("QEMU said:"), "{}", out.text());
     assert!(out.stderr().contains("as it was before the load"), "{}", out.text());
     assert!(!env.instance_dir("dev").join("overlay.qcow2.kept").exists());
-    env.boot(&["launch"]).1.ok();
+    env.json(&["launch"]).1.ok();
     assert_eq!(env.ssh("dev", "cat /data/marker").stdout(), "after\n", "the disk from before the load is gone");
     env.run(&["destroy", "--yes"]).ok();
 }
@@ -392,7 +393,7 @@ fn saving_with_the_share_mounted_unmounts_and_mounts_it_again() {
     env.run(&["snapshot", "load", "withshare"]).ok();
     assert_eq!(env.ssh("dev", "cat /mnt/qbuf/file.txt").stdout(), "from the host\n", "mounted again after a load");
     env.run(&["powerdown"]).ok();
-    env.boot(&["launch", "--resume", "withshare"]).1.ok();
+    env.json(&["launch", "--resume", "withshare"]).1.ok();
     assert_eq!(env.ssh("dev", "cat /mnt/qbuf/after.txt").stdout(), "written after the save\n", "after launch --resume");
     env.run(&["destroy", "--yes"]).ok();
 }

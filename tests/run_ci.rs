@@ -126,6 +126,16 @@ fn a_deadline_during_the_boot_exits_124_and_the_summary_says_timed_out() {
     assert_eq!((s["outcome"].as_str(), s["exit_code"].as_i64()), (Some("timed-out"), Some(124)), "{s}");
     assert!(s["command_exit"].is_null(), "{s}");
     assert!(out.stderr().contains("--timeout expired"), "{}", out.text());
+    // The throwaway instance's serial log is gone: the run says how far
+    // the boot got and shows the console's end, in the summary too.
+    let err = out.stderr();
+    assert!(err.contains("run: cut short before COMMAND started: stopped waiting for SSH after"), "{err}");
+    assert!(
+        err.contains("(cancelled; last: no SSH banner yet)") && err.contains("serial console (last lines):"),
+        "{err}"
+    );
+    let error = s["error"].as_str().unwrap_or_default();
+    assert!(error.contains("stopped waiting for SSH") && error.contains("serial console"), "{s}");
     nothing_left(&env);
 }
 

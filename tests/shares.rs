@@ -124,7 +124,7 @@ fn without_a_usable_virtiofsd_auto_falls_back_to_9p_and_virtiofs_is_refused() {
     assert!(env.qemu_pids().is_empty(), "nothing was started");
 
     args.retain(|a| a != "--share-type" && a != "virtiofs");
-    let (v, out) = env.boot(&strs(&args));
+    let (v, out) = env.json(&strs(&args));
     out.ok();
     let notes = v["notes"].to_string();
     assert!(notes.contains("sharing over 9p") && notes.contains("too old"), "the fallback says why: {v}");
@@ -189,7 +189,7 @@ fn snapshots_and_runs_from_them_keep_a_virtiofs_share() {
     assert_eq!(shares(&env)[0]["kind"], "virtiofs");
     assert_eq!(env.ssh("dev", "cat /mnt/qbuf/after.txt").stdout(), "written after the save\n");
     env.run(&["powerdown"]).ok();
-    env.boot(&["launch", "--resume", "s1"]).1.ok();
+    env.json(&["launch", "--resume", "s1"]).1.ok();
     assert_eq!(env.ssh("dev", "cat /mnt/qbuf/after.txt").stdout(), "written after the save\n", "after launch --resume");
     env.run(&["destroy", "--yes"]).ok();
 }

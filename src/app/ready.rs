@@ -9,7 +9,7 @@ use anyhow::anyhow;
 use super::stop;
 use super::Ctx;
 use crate::instance::proc::ProcIdentity;
-use crate::instance::records::{BootPlan, LaunchFailure, StopRecord};
+use crate::instance::records::{BootPlan, LaunchFailure, StopOutcome, StopRecord};
 use crate::instance::{read_json, Instance};
 use crate::report::error::Failure;
 use crate::ssh;
@@ -64,8 +64,12 @@ pub enum Readiness {
         last: String,
     },
     Failed(String),
-    /// Told to stop waiting.
-    Cancelled,
+    /// Told to stop waiting (a signal, `run`'s deadline) after `waited`;
+    /// what the last attempt saw.
+    Cancelled {
+        waited: Duration,
+        last: String,
+    },
 }
 
 impl Readiness {
@@ -79,7 +83,7 @@ impl Readiness {
             Readiness::SilentUnderKvm(d) => silent_under_kvm(*d),
             Readiness::TimedOut { waited, last } => timed_out(inst, t, *waited, last),
             Readiness::Failed(m) => m.clone(),
-            Readiness::Cancelled => "stopped waiting (cancelled)".into(),
+            Readiness::Cancelled { waited, last } => cancelled(*waited, last),
         }
     }
 }
@@ -132,7 +136,7 @@ pub fn wait(
     let mut listening = w.resumed.is_some();
     loop {
         if w.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst)) {
-            return Err(Readiness::Cancelled);
+            return Err(Readiness::Cancelled { waited: start.elapsed(), last });
         }
         if !qemu.is_running() {
             return Err(exited(inst));
@@ -185,7 +189,7 @@ pub fn wait(
                     tracing::info!("login failed, trying again: {e}");
                     last = format!("banner seen, login failed: {e}")
                 }
-                Err(e) => return Err(login_cut(e, start.elapsed())),
+                Err(e) => return Err(login_cut(e, start.elapsed(), last)),
             }
         }
         std::thread::sleep(POLL);
@@ -194,10 +198,12 @@ pub fn wait(
 
 /// Why readiness ends when a login's ssh could not be run or did not end
 /// by itself ([`ssh::Overrun`]): a cancel is the wait's own, the deadline
-/// the boot's, after `waited`.
-fn login_cut(e: anyhow::Error, waited: Duration) -> Readiness {
+/// the boot's, after `waited`; `last` is what the attempt before saw.
+fn login_cut(e: anyhow::Error, waited: Duration, last: String) -> Readiness {
     match e.downcast_ref::<ssh::Overrun>() {
-        Some(ssh::Overrun::Cancelled { .. }) => Readiness::Cancelled,
+        Some(ssh::Overrun::Cancelled { .. }) => {
+            Readiness::Cancelled { waited, last: format!("{last}; then a login was under way") }
+        }
         Some(ssh::Overrun::TimedOut { .. }) => Readiness::TimedOut { waited, last: e.to_string() },
         _ => Readiness::Failed(e.to_string()),
     }
@@ -209,6 +215,13 @@ fn silent_under_kvm(silence: Duration) -> String {
          KVM that opens but does not run guests is common in broken nested-virtualization setups: relaunch with '--accel tcg'",
         silence.as_secs()
     )
+}
+
+/// Said of a wait that was told to stop: how far the boot had got, which
+/// is all a throwaway run's user learns of it (its serial log goes with
+/// it; the tail follows this).
+fn cancelled(waited: Duration, last: &str) -> String {
+    format!("stopped waiting for SSH after {}s (cancelled; last: {last})", waited.as_secs())
 }
 
 fn timed_out(inst: &Instance, t: &ssh::Target, waited: Duration, last: &str) -> String {
@@ -275,9 +288,10 @@ pub fn failed(
             let _ = stop::stop_running(ctx, inst, &StopOptions { timeout: HOST_KEY_MISMATCH_STOP, force: false });
             anyhow!("{}\nThe VM was powered down.", ssh::host_key_mismatch_message(t, inst))
         }
-        Readiness::Cancelled => {
-            let _ = stop::stop_running(ctx, inst, &StopOptions { timeout: CANCELLED_STOP, force: false });
-            anyhow!("stopped waiting for SSH (cancelled); the VM was stopped")
+        Readiness::Cancelled { .. } => {
+            // Not forced: a guest that was booting fine is let power off.
+            let outcome = stop::stop_running(ctx, inst, &StopOptions { timeout: CANCELLED_STOP, force: false });
+            with_tail(r.describe(t, inst), outcome, hint, serial_tail())
         }
         Readiness::KeyRefused { said, secs } => {
             stopped_with_tail(ctx, inst, key_refused_message(t, &said, secs), hint, serial_tail())
@@ -306,6 +320,17 @@ pub fn failed(
 /// refuses us) and says so after `msg`, with the serial console's end.
 fn stopped_with_tail(ctx: &Ctx, inst: &Instance, msg: String, hint: Option<String>, tail: String) -> anyhow::Error {
     let outcome = stop::stop_running(ctx, inst, &StopOptions { timeout: Duration::ZERO, force: true });
+    with_tail(msg, outcome, hint, tail)
+}
+
+/// `msg`, how the VM was stopped (`outcome`), the serial console's end and
+/// `hint`.
+fn with_tail(
+    msg: String,
+    outcome: anyhow::Result<Option<StopOutcome>>,
+    hint: Option<String>,
+    tail: String,
+) -> anyhow::Error {
     let how = outcome.ok().flatten().and_then(|o| o.method).map(|m| m.as_str()).unwrap_or("nothing");
     let mut m = format!("{msg}\nThe VM was stopped ({how}). serial console (last lines):\n{tail}");
     if let Some(h) = hint {
@@ -348,9 +373,16 @@ mod tests {
     fn a_login_stopped_at_the_deadline_or_by_a_cancel_ends_the_wait_as_such() {
         let waited = Duration::from_secs(30);
         let step = || "the login".to_string();
-        let cut = login_cut(Overrun::Cancelled { step: step() }.into(), waited);
-        assert!(matches!(cut, Readiness::Cancelled), "{cut:?}");
-        let cut = login_cut(Overrun::TimedOut { step: step(), after: Duration::from_secs(28) }.into(), waited);
+        let last = || "banner seen, login failed: x".to_string();
+        let cut = login_cut(Overrun::Cancelled { step: step() }.into(), waited, last());
+        match cut {
+            Readiness::Cancelled { waited: w, last } => {
+                assert_eq!(w, waited);
+                assert_eq!(last, "banner seen, login failed: x; then a login was under way");
+            }
+            other => panic!("{other:?}"),
+        }
+        let cut = login_cut(Overrun::TimedOut { step: step(), after: Duration::from_secs(28) }.into(), waited, last());
         match cut {
             Readiness::TimedOut { waited: w, last } => {
                 assert_eq!(w, waited);
@@ -358,7 +390,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let cut = login_cut(Overrun::TooMuch { step: step(), stream: "stdout" }.into(), waited);
+        let cut = login_cut(Overrun::TooMuch { step: step(), stream: "stdout" }.into(), waited, last());
         assert!(matches!(&cut, Readiness::Failed(m) if m.contains("the guest sent too much")), "{cut:?}");
     }
 

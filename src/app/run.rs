@@ -108,8 +108,14 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<i32> {
         Err(e) if e.is::<Usage>() => return Err(e),
         Err(e) => {
             summary.error = Some(format!("{e:#}"));
-            if int.code().is_none() || int.panic_line().is_some() {
-                eprintln!("qbuf-qemu: run: the VM could not be started or reached: {e:#}");
+            match int.why() {
+                None | Some(Why::GuestPanicked) => {
+                    eprintln!("qbuf-qemu: run: the VM could not be started or reached: {e:#}")
+                }
+                // How far the boot got, and the guest's console: all that
+                // is left of a throwaway instance (its logs go with it).
+                Some(_) if !ctx.quiet => eprintln!("qbuf-qemu: run: cut short before COMMAND started: {e:#}"),
+                Some(_) => {}
             }
             summary.outcome = Outcome::VmFailed;
             VM_BROKE

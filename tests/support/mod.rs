@@ -108,19 +108,25 @@ impl Env {
         c
     }
 
-    /// Runs qbuf-qemu once; once more when QEMU 10.0's multi-threaded TCG
-    /// aborted on its own assertion in a boot this command made and the
-    /// command failed (see [`qemu_tcg_aborted`]): a QEMU race, reported as
-    /// it should be (the VM stopped, the cause named), that no test is
-    /// about. Every retry counts ([`retrying`]).
+    /// Runs qbuf-qemu once; once more when a boot this command made failed
+    /// for a race of the test setup that no test is about, reported as it
+    /// should be (the VM stopped, the cause named): QEMU 10.0's
+    /// multi-threaded TCG aborting on its own assertion
+    /// ([`qemu_tcg_aborted`]), or the busybox guest's kernel stalling
+    /// under TCG on a loaded 2-core host before its sshd answered
+    /// ([`guest_kernel_stalled`]). Every retry counts ([`retrying`]).
     pub fn run(&self, args: &[&str]) -> Out {
         let once = || Out(self.cmd(args).output().expect("run qbuf-qemu"), args.join(" "));
         let out = once();
-        if qemu_tcg_aborted(&out) {
-            retrying("QEMU aborted under TCG (a QEMU race)", &out);
-            return once();
-        }
-        out
+        let why = if qemu_tcg_aborted(&out) {
+            "QEMU aborted under TCG (a QEMU race)"
+        } else if guest_kernel_stalled(&out) {
+            "the test guest's kernel stalled under TCG (RCU stall) before its sshd answered"
+        } else {
+            return out;
+        };
+        retrying(why, &out);
+        once()
     }
 
     /// `--json` output parsed.
@@ -146,24 +152,9 @@ impl Env {
     pub fn launch(&self, extra: &[&str]) -> Value {
         let args = self.launch_args(extra);
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (v, out) = self.boot(&a);
+        let (v, out) = self.json(&a);
         out.ok();
         v
-    }
-
-    /// `--json` output of a command that boots the VM (`launch …`), booted
-    /// once more when the busybox guest's kernel stalled under TCG on a
-    /// loaded 2-core host (RCU: "timer wakeup didn't happen"): the guest's
-    /// fault, not qbuf-qemu's, and reported as it should be (the VM
-    /// stopped, the serial log shown). QEMU's own aborts are retried by
-    /// [`Env::run`].
-    pub fn boot(&self, args: &[&str]) -> (Value, Out) {
-        let (v, out) = self.json(args);
-        if guest_kernel_stalled(&out) {
-            retrying("the test guest's kernel stalled under TCG (RCU stall) before its sshd answered", &out);
-            return self.json(args);
-        }
-        (v, out)
     }
 
     pub fn instance_dir(&self, name: &str) -> PathBuf {
@@ -370,14 +361,15 @@ pub fn qemu_tcg_aborted(out: &Out) -> bool {
     out.code() != 0 && text.contains("killed by signal 6 (SIGABRT)") && text.contains("iotlb_to_section: Assertion")
 }
 
-/// Whether a failed launch shows the test guest's kernel stalling (RCU)
-/// before its sshd ever answered: a banner seen, or a login that failed,
-/// is qbuf-qemu's business and gets no second try.
+/// Whether a failed boot (`launch`, or `run` up to its deadline) shows
+/// the test guest's kernel stalling (RCU) before its sshd ever answered:
+/// a banner seen, or a login that failed, is qbuf-qemu's business and
+/// gets no second try.
 pub fn guest_kernel_stalled(out: &Out) -> bool {
     let text = out.text();
     out.code() != 0
-        && text.contains("did not accept an SSH login")
-        && text.contains("(last: no SSH banner yet)")
+        && (text.contains("did not accept an SSH login") || text.contains("stopped waiting for SSH after"))
+        && text.contains("last: no SSH banner yet)")
         && text.contains("rcu_preempt detected stalls")
 }
 
