@@ -4,6 +4,7 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
+use clap::error::ErrorKind;
 use clap::Parser;
 
 use qbuf_qemu::cli::{Cli, Command};
@@ -25,7 +26,14 @@ fn main() -> ExitCode {
             if asked_for_json() {
                 let text = e.to_string();
                 let text = text.trim_end();
-                let message = text.strip_prefix("error: ").unwrap_or(text).to_string();
+                let message = match e.kind() {
+                    ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                        let args: Vec<String> =
+                            std::env::args_os().skip(1).map(|a| a.to_string_lossy().into_owned()).collect();
+                        qbuf_qemu::cli::missing::missing_subcommand(&args)
+                    }
+                    _ => text.strip_prefix("error: ").unwrap_or(text).to_string(),
+                };
                 let _ = qbuf_qemu::print_line(&error_document(&anyhow::anyhow!(message), 2).to_string());
             }
             return ExitCode::from(2);

@@ -81,6 +81,14 @@ fn usage_errors_exit_2() {
     let error = v["error"].as_str().unwrap();
     assert!(error.starts_with("the following required arguments were not provided:"), "{v}");
     assert!(error.contains("--initrd <FILE>") && !error.contains('\u{1b}'), "{v}");
+    // A missing subcommand: one line naming them, not clap's whole help
+    // (which stderr still has).
+    let o = run(&["--json", "--name", "disk", "snapshot"]);
+    assert_eq!(o.status.code(), Some(2));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON document");
+    let error = v["error"].as_str().unwrap();
+    assert!(error.starts_with("'qbuf-qemu snapshot' needs a subcommand: one of save, load, list, delete;"), "{v}");
+    assert!(!error.contains('\n') && stderr(&o).contains("Usage: qbuf-qemu snapshot"), "{v}");
     let o = run(&["--json", "ssh", "--", "true"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--json does not apply"), "{}", stderr(&o));

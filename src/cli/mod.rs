@@ -1,6 +1,7 @@
 //! Command-line types (clap derive) and, in [`parse`], the bounded parsers
 //! of their values; no behaviour here.
 
+pub mod missing;
 pub mod parse;
 
 use std::path::PathBuf;
