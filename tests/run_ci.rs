@@ -108,7 +108,7 @@ fn sigterm_during_the_cleanup_hurries_it_and_the_summary_says_interrupted() {
 }
 
 #[test]
-fn a_deadline_during_the_boot_exits_124_and_the_summary_says_timed_out() {
+fn the_runs_deadline_in_the_boot_exits_124_and_the_boot_limit_125() {
     let env = Env::new("runbootdl");
     // What a run SIGKILLed before its VM's supervisor started leaves: an
     // instance whose run is gone and that no process holds. The next run
@@ -136,6 +136,18 @@ fn a_deadline_during_the_boot_exits_124_and_the_summary_says_timed_out() {
     );
     let error = s["error"].as_str().unwrap_or_default();
     assert!(error.contains("stopped waiting for SSH") && error.contains("serial console"), "{s}");
+    nothing_left(&env);
+    // The boot's own limit: a guest that does not answer in time is a VM
+    // that could not be reached (125), long before the run's deadline.
+    let extra = ["--no-share", "--boot-timeout", "2", "--timeout", "600", "--summary", path_str(&summary)];
+    let out = env.run(&strs(&run_args(&extra, &["true"])));
+    out.code_is(125);
+    let s = read_json(&summary);
+    assert_eq!((s["outcome"].as_str(), s["exit_code"].as_i64()), (Some("vm-failed"), Some(125)), "{s}");
+    let error = s["error"].as_str().unwrap_or_default();
+    assert!(error.contains("within 2s (last: no SSH banner yet); a slow boot needs a longer --boot-timeout"), "{s}");
+    assert!(error.contains("serial console (last lines):") && !error.contains("logs --boot"), "{s}");
+    assert!(s["phases"]["total"].as_f64().unwrap() < 60.0, "{s}");
     nothing_left(&env);
 }
 

@@ -93,8 +93,15 @@ pub fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Res
         let mounts = r.record.mounts.clone();
         Box::new(move || super::guest::after_resume_login(&mounts)) as Box<dyn Fn() -> String>
     });
-    let watch =
-        ready::Watch { auto_kvm, silence: opts.silence, serial_before, cancel: opts.cancel.clone(), stage, resumed };
+    let watch = ready::Watch {
+        auto_kvm,
+        silence: opts.silence,
+        serial_before,
+        cancel: opts.cancel.clone(),
+        stage,
+        resumed,
+        limit_flag: opts.timeout_flag,
+    };
     match ready::wait(inst, &t, &run.qemu, started + opts.timeout, &watch) {
         Ok(out) => {
             if let Some(r) = &resume {

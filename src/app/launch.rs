@@ -153,6 +153,7 @@ fn already_running(ctx: &Ctx, inst: &Instance, opts: &LaunchOptions, vm: Running
             cancel: opts.cancel.clone(),
             stage: "waiting for the running guest to answer SSH",
             resumed: None,
+            limit_flag: opts.timeout_flag,
         };
         if let Err(r) = ready::wait(inst, &t, &run.qemu, Instant::now() + opts.timeout, &watch) {
             bail!("instance '{}' runs (QEMU pid {pid}), but it is not reachable: {}", ctx.name, r.describe(&t, inst));

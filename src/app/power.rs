@@ -106,9 +106,15 @@ pub fn reboot(ctx: &Ctx, opts: &RebootOptions) -> Result<Rebooted> {
         cancel: None,
         stage: ready::BOOTING,
         resumed: None,
+        limit_flag: "--ssh-timeout",
     };
     if let Err(r) = ready::wait(&inst, &t, &run.qemu, Instant::now() + opts.ssh_timeout, &watch) {
-        bail!("instance '{}' was reset, but {}", ctx.name, r.describe(&t, &inst));
+        bail!(
+            "instance '{}' was reset, but {}; '{}' shows the boot",
+            ctx.name,
+            r.describe(&t, &inst),
+            ctx.command("logs --boot")
+        );
     }
     out.ready_seconds = Some(started.elapsed().as_secs_f64());
     Ok(out)

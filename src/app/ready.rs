@@ -39,6 +39,9 @@ pub struct Watch {
     /// without a banner probe (which costs the sshd a connection of its
     /// own). `None`: a boot, whose login runs `true`.
     pub resumed: Option<Box<dyn Fn() -> String>>,
+    /// The flag that sets this wait's deadline, for the hint when it
+    /// passes (`--timeout`, `run --boot-timeout`, `reset --ssh-timeout`).
+    pub limit_flag: &'static str,
 }
 
 /// The progress line while a guest boots.
@@ -58,10 +61,12 @@ pub enum Readiness {
     Panicked(String),
     /// Under a KVM qbuf-qemu chose, the guest printed nothing for this long.
     SilentUnderKvm(Duration),
-    /// No login worked within the deadline; what the last attempt saw.
+    /// No login worked within the deadline that `flag` sets; what the
+    /// last attempt saw.
     TimedOut {
         waited: Duration,
         last: String,
+        flag: &'static str,
     },
     Failed(String),
     /// Told to stop waiting (a signal, `run`'s deadline) after `waited`;
@@ -81,7 +86,7 @@ impl Readiness {
             Readiness::KeyRefused { said, secs } => key_refused_message(t, said, *secs),
             Readiness::Panicked(line) => format!("the guest's kernel panicked: {line}"),
             Readiness::SilentUnderKvm(d) => silent_under_kvm(*d),
-            Readiness::TimedOut { waited, last } => timed_out(inst, t, *waited, last),
+            Readiness::TimedOut { waited, last, flag } => timed_out(t, *waited, last, flag),
             Readiness::Failed(m) => m.clone(),
             Readiness::Cancelled { waited, last } => cancelled(*waited, last),
         }
@@ -153,7 +158,7 @@ pub fn wait(
         }
         if Instant::now() > deadline {
             let waited = deadline.saturating_duration_since(start).max(start.elapsed());
-            return Err(Readiness::TimedOut { waited, last });
+            return Err(Readiness::TimedOut { waited, last, flag: w.limit_flag });
         }
         if Instant::now() >= next_panic_check {
             next_panic_check = Instant::now() + PANIC_CHECK;
@@ -189,7 +194,7 @@ pub fn wait(
                     tracing::info!("login failed, trying again: {e}");
                     last = format!("banner seen, login failed: {e}")
                 }
-                Err(e) => return Err(login_cut(e, start.elapsed(), last)),
+                Err(e) => return Err(login_cut(e, start.elapsed(), last, w.limit_flag)),
             }
         }
         std::thread::sleep(POLL);
@@ -198,13 +203,14 @@ pub fn wait(
 
 /// Why readiness ends when a login's ssh could not be run or did not end
 /// by itself ([`ssh::Overrun`]): a cancel is the wait's own, the deadline
-/// the boot's, after `waited`; `last` is what the attempt before saw.
-fn login_cut(e: anyhow::Error, waited: Duration, last: String) -> Readiness {
+/// the boot's (set by `flag`), after `waited`; `last` is what the attempt
+/// before saw.
+fn login_cut(e: anyhow::Error, waited: Duration, last: String, flag: &'static str) -> Readiness {
     match e.downcast_ref::<ssh::Overrun>() {
         Some(ssh::Overrun::Cancelled { .. }) => {
             Readiness::Cancelled { waited, last: format!("{last}; then a login was under way") }
         }
-        Some(ssh::Overrun::TimedOut { .. }) => Readiness::TimedOut { waited, last: e.to_string() },
+        Some(ssh::Overrun::TimedOut { .. }) => Readiness::TimedOut { waited, last: e.to_string(), flag },
         _ => Readiness::Failed(e.to_string()),
     }
 }
@@ -224,12 +230,13 @@ fn cancelled(waited: Duration, last: &str) -> String {
     format!("stopped waiting for SSH after {}s (cancelled; last: {last})", waited.as_secs())
 }
 
-fn timed_out(inst: &Instance, t: &ssh::Target, waited: Duration, last: &str) -> String {
+/// The serial log is not named: a throwaway run's goes with it, and each
+/// caller shows the console's end or says how to read it.
+fn timed_out(t: &ssh::Target, waited: Duration, last: &str, flag: &str) -> String {
     format!(
-        "the guest did not accept an SSH login on port {} within {}s (last: {last}); raise --timeout, or look at the serial log {}",
+        "the guest did not accept an SSH login on port {} within {}s (last: {last}); a slow boot needs a longer {flag}",
         t.port,
         waited.as_secs(),
-        inst.serial_log().display()
     )
 }
 
@@ -311,7 +318,11 @@ pub fn failed(
             serial_tail(),
         ),
         Readiness::SilentUnderKvm(_) | Readiness::TimedOut { .. } | Readiness::Failed(_) => {
-            stopped_with_tail(ctx, inst, r.describe(t, inst), hint, serial_tail())
+            let mut msg = r.describe(t, inst);
+            if !ctx.throwaway {
+                msg.push_str(&format!("; '{}' shows the whole boot", ctx.command("logs --boot")));
+            }
+            stopped_with_tail(ctx, inst, msg, hint, serial_tail())
         }
     }
 }
@@ -374,7 +385,7 @@ mod tests {
         let waited = Duration::from_secs(30);
         let step = || "the login".to_string();
         let last = || "banner seen, login failed: x".to_string();
-        let cut = login_cut(Overrun::Cancelled { step: step() }.into(), waited, last());
+        let cut = login_cut(Overrun::Cancelled { step: step() }.into(), waited, last(), "--timeout");
         match cut {
             Readiness::Cancelled { waited: w, last } => {
                 assert_eq!(w, waited);
@@ -382,15 +393,20 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let cut = login_cut(Overrun::TimedOut { step: step(), after: Duration::from_secs(28) }.into(), waited, last());
+        let cut = login_cut(
+            Overrun::TimedOut { step: step(), after: Duration::from_secs(28) }.into(),
+            waited,
+            last(),
+            "--boot-timeout",
+        );
         match cut {
-            Readiness::TimedOut { waited: w, last } => {
-                assert_eq!(w, waited);
+            Readiness::TimedOut { waited: w, last, flag } => {
+                assert_eq!((w, flag), (waited, "--boot-timeout"));
                 assert!(last.starts_with("the login did not finish within 28s"), "{last}");
             }
             other => panic!("{other:?}"),
         }
-        let cut = login_cut(Overrun::TooMuch { step: step(), stream: "stdout" }.into(), waited, last());
+        let cut = login_cut(Overrun::TooMuch { step: step(), stream: "stdout" }.into(), waited, last(), "--timeout");
         assert!(matches!(&cut, Readiness::Failed(m) if m.contains("the guest sent too much")), "{cut:?}");
     }
 

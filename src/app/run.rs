@@ -91,7 +91,10 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<i32> {
     let (name, resume) = instance_to_run(ctx, a.from_snapshot.as_deref()).map_err(|e| e.context(RunNotStarted))?;
     let int = watch(start + a.timeout, ctx.state.instance(&name).control());
     let rctx = Ctx { name, named: true, throwaway: !a.keep, ..ctx.clone() };
-    let mut opts = LaunchOptions::plain(a.timeout);
+    // A guest that never answers is a broken VM (125) after the boot's
+    // own limit, not a run that holds its CI job for the whole deadline.
+    let mut opts = LaunchOptions::plain(a.boot_timeout.min(a.timeout));
+    opts.timeout_flag = "--boot-timeout";
     opts.flags = vm_flags(a.vm, Some(PortChoice::Auto))?;
     if a.from_snapshot.is_some() {
         let saved = read_json::<crate::config::Settings>(&ctx.instance().settings());

@@ -24,7 +24,10 @@ use crate::ssh;
 #[derive(Debug, Clone)]
 pub struct LaunchOptions {
     pub flags: LaunchFlags,
+    /// How long the boot may take to a working login.
     pub timeout: Duration,
+    /// The flag that sets `timeout`, for the hint when it passes.
+    pub timeout_flag: &'static str,
     pub no_wait: bool,
     pub recreate: bool,
     /// `--disk-size`: grow the boot disk to this many bytes first.
@@ -71,6 +74,7 @@ impl LaunchOptions {
         LaunchOptions {
             flags: LaunchFlags::default(),
             timeout,
+            timeout_flag: "--timeout",
             no_wait: false,
             recreate: false,
             disk_size: None,

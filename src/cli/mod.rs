@@ -353,6 +353,9 @@ pub struct RunArgs {
     /// The whole run's deadline; when it expires the VM is stopped and removed and run exits 124
     #[arg(long, value_name = "SECS", default_value = "3600", value_parser = parse::wait_timeout)]
     pub timeout: Duration,
+    /// How long the boot (or the resume) may take to a working SSH login; past it the VM is stopped and removed and run exits 125
+    #[arg(long, value_name = "SECS", default_value = "300", value_parser = parse::wait_timeout)]
+    pub boot_timeout: Duration,
     /// Leave the VM running afterwards (say how to reach and remove it)
     #[arg(long, conflicts_with = "keep_on_failure")]
     pub keep: bool,
