@@ -119,8 +119,11 @@ fn the_runs_deadline_in_the_boot_exits_124_and_the_boot_limit_125() {
     std::fs::write(orphan.join("run-origin.json"), dead).unwrap();
     std::fs::write(orphan.join("authorized_key.pub"), "key\n").unwrap();
     let summary = env.dir.join("summary.json");
-    // Far shorter than the guest's boot under TCG.
-    let out = env.run(&strs(&run_args(&["--no-share", "--timeout", "2", "--summary", path_str(&summary)], &["true"])));
+    // A guest that never answers, however fast the host: its init is a
+    // shell on the console (no network, no sshd).
+    let mute = "console=ttyS0 quiet rdinit=/bin/sh";
+    let extra = ["--no-share", "--append", mute, "--timeout", "3", "--summary", path_str(&summary)];
+    let out = env.run(&strs(&run_args(&extra, &["true"])));
     out.code_is(124);
     let s = read_json(&summary);
     assert_eq!((s["outcome"].as_str(), s["exit_code"].as_i64()), (Some("timed-out"), Some(124)), "{s}");
@@ -139,13 +142,14 @@ fn the_runs_deadline_in_the_boot_exits_124_and_the_boot_limit_125() {
     nothing_left(&env);
     // The boot's own limit: a guest that does not answer in time is a VM
     // that could not be reached (125), long before the run's deadline.
-    let extra = ["--no-share", "--boot-timeout", "2", "--timeout", "600", "--summary", path_str(&summary)];
+    let extra =
+        ["--no-share", "--append", mute, "--boot-timeout", "3", "--timeout", "600", "--summary", path_str(&summary)];
     let out = env.run(&strs(&run_args(&extra, &["true"])));
     out.code_is(125);
     let s = read_json(&summary);
     assert_eq!((s["outcome"].as_str(), s["exit_code"].as_i64()), (Some("vm-failed"), Some(125)), "{s}");
     let error = s["error"].as_str().unwrap_or_default();
-    assert!(error.contains("within 2s (last: no SSH banner yet); a slow boot needs a longer --boot-timeout"), "{s}");
+    assert!(error.contains("within 3s (last: no SSH banner yet); a slow boot needs a longer --boot-timeout"), "{s}");
     assert!(error.contains("serial console (last lines):") && !error.contains("logs --boot"), "{s}");
     assert!(s["phases"]["total"].as_f64().unwrap() < 60.0, "{s}");
     nothing_left(&env);
