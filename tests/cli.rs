@@ -534,6 +534,7 @@ fn a_zero_wait_is_refused_where_it_could_never_succeed() {
     for args in [
         &["launch", "--timeout", "0"][..],
         &["run", "--timeout", "0s", "--", "true"],
+        &["run", "--boot-timeout", "0", "--", "true"],
         &["reboot", "--ssh-timeout", "0"],
     ] {
         let o = run(&[&["--state-dir", sd], args].concat());
