@@ -445,6 +445,10 @@ fn unpack_output(
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     ssh::end_with_this_process(&mut cmd);
+    // Out of the terminal's process group: a Ctrl-C reaches this process
+    // alone, whose watcher ends the ssh once it has noted why (`watch`),
+    // so the cut copy is known as such and removed.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = cmd.spawn().with_context(|| format!("cannot run 'ssh': {}", ssh::SSH_MISSING))?;
     watch(child.id() as i32);
     let stderr = child.stderr.take().expect("piped");

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
 use serde_json::Value;
 use support::*;
 
@@ -24,6 +25,34 @@ fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
         r.read_to_end(&mut v).unwrap();
         String::from_utf8_lossy(&v).into_owned()
     })
+}
+
+/// A copy from the guest cut short by a signal (SIGTERM, as a script's
+/// timeout sends) exits 128+N and leaves nothing of itself: no half-made
+/// copy, no private directory beside DEST. The guest's tar is stopped
+/// (SIGSTOP), so the copy is under way when the signal comes, however fast
+/// the host.
+fn copy_cut_by_a_signal_leaves_nothing(env: &Env) {
+    let stall = "command -v killall >/dev/null || exit 3; \
+                 dd of=/tmp/big bs=1M seek=300 count=0 2>/dev/null || exit 1; \
+                 setsid sh -c 'while [ ! -e /tmp/unstall ]; do killall -STOP tar 2>/dev/null; sleep 0.01; done' \
+                 </dev/null >/dev/null 2>&1 &";
+    env.ssh("dev", stall).ok();
+    let cut = env.dir.join("cut");
+    std::fs::create_dir(&cut).unwrap();
+    let child = env.cmd(&["copy", ":/tmp/big", path_str(&cut)]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn();
+    let child = child.unwrap();
+    // Its private directory is made just before its ssh starts.
+    let entries = || std::fs::read_dir(&cut).unwrap().flatten().map(|e| e.file_name()).collect::<Vec<_>>();
+    wait_until("the copy to start", Duration::from_secs(30), || !entries().is_empty());
+    std::thread::sleep(Duration::from_secs(1));
+    signal(child.id() as i32, Signal::SIGTERM);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(128 + 15), "{err}");
+    assert!(err.contains("SIGTERM ended the copy of /tmp/big: nothing of it was kept"), "{err}");
+    assert!(entries().is_empty(), "left behind: {:?}", entries());
+    env.ssh("dev", "touch /tmp/unstall; killall -CONT tar; rm -f /tmp/big").ok();
 }
 
 #[test]
@@ -53,6 +82,7 @@ fn copy_goes_both_ways_and_ssh_config_serves_a_real_scp_and_list_shows_two_insta
     out.code_is(1);
     assert!(out.stderr().contains("no-such-file"), "scp's own message is shown: {}", out.text());
     env.run(&["copy", "a", "b"]).code_is(2);
+    copy_cut_by_a_signal_leaves_nothing(&env);
 
     // ssh-config: a real scp with only that file, through the pinned host key.
     let kh = env.instance_dir("dev").join("known_hosts");

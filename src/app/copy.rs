@@ -10,13 +10,14 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Result};
 
+use super::run::interrupt::Why;
 use super::ssh::running_target;
 use super::Ctx;
 use crate::cli::parse::CopyPath;
 use crate::guest_files::{self, Unpacked};
 use crate::instance::Instance;
 use crate::report::access::Copied;
-use crate::report::error::Usage;
+use crate::report::error::{Interrupted, Usage};
 use crate::ssh::{self, ScpPath};
 
 /// Which instance a copy reaches and in which direction, from the paths
@@ -105,11 +106,17 @@ fn from_guest(t: &ssh::Target, inst: &Instance, sources: &[ScpPath], dest: &Path
         bail!("{} is not a directory: copying several sources needs an existing directory as DEST", dest.display());
     }
     let mut all = Unpacked::default();
+    // No deadline (README); SIGINT, SIGTERM or SIGHUP ends the copy's ssh,
+    // and the half-made copy is removed before this command exits 128+N.
+    let int = super::run::interrupt::watch(None, None);
     for s in sources {
         if let ScpPath::Guest(g) = s {
-            // No deadline (README): Ctrl-C ends the ssh with us (same
-            // process group, and it ends with this process anyway).
-            all.extend(guest_files::copy_from_guest(t, inst, g, dest, &|_| {})?);
+            let copied = guest_files::copy_from_guest(t, inst, g, dest, &|pid| int.track(pid));
+            if let Some(Why::Signal(signal)) = int.why() {
+                let message = format!("{signal} ended the copy of {g}: nothing of it was kept");
+                return Err(Interrupted { signal, message }.into());
+            }
+            all.extend(copied?);
         }
     }
     Ok(all)

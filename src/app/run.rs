@@ -29,7 +29,7 @@ use crate::supervisor::ladder::StopOptions;
 use crate::timeouts::{BANNER_RECHECK, QEMU_SEEN_GONE, RUN_STOP};
 use interrupt::{watch, Interrupt, Why};
 
-mod interrupt;
+pub(super) mod interrupt;
 
 /// Exit status when `--timeout` expired.
 pub const TIMED_OUT: i32 = 124;
@@ -89,7 +89,7 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<i32> {
     sweep_orphans(ctx);
     check_outputs(a.summary.as_deref(), &a.copy_out).map_err(|e| e.context(RunNotStarted))?;
     let (name, resume) = instance_to_run(ctx, a.from_snapshot.as_deref()).map_err(|e| e.context(RunNotStarted))?;
-    let int = watch(start + a.timeout, ctx.state.instance(&name).control());
+    let int = watch(Some(start + a.timeout), Some(ctx.state.instance(&name).control()));
     let rctx = Ctx { name, named: true, throwaway: !a.keep, ..ctx.clone() };
     // A guest that never answers is a broken VM (125) after the boot's
     // own limit, not a run that holds its CI job for the whole deadline.

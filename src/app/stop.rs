@@ -143,10 +143,14 @@ async fn powerdown_showing_steps(
             sig = hurry.recv() => {
                 match (forced, on_ctrl_c) {
                     (true, CtrlC::ForceThenLeave) => {
-                        return Err(Interrupted(format!(
-                            "stopped waiting: the instance's supervisor goes on stopping the VM; '{}' shows when it is done",
-                            ctx.command("status")
-                        )).into());
+                        return Err(Interrupted {
+                            signal: nix::sys::signal::Signal::SIGINT,
+                            message: format!(
+                                "stopped waiting: the instance's supervisor goes on stopping the VM; '{}' shows when it is done",
+                                ctx.command("status")
+                            ),
+                        }
+                        .into());
                     }
                     (true, _) => continue,
                     (false, _) => forced = true,

@@ -63,14 +63,18 @@ impl std::fmt::Display for Usage {
 
 impl std::error::Error for Usage {}
 
-/// The user stopped waiting (Ctrl-C) for work that goes on without this
-/// command (the supervisor finishes a stop): exit 130, as after SIGINT.
+/// A signal ended the command's work: the user stopped waiting (Ctrl-C)
+/// for work that goes on without this command (the supervisor finishes a
+/// stop), or a copy was cut short. Exit 128+N, as after signal N.
 #[derive(Debug, Clone)]
-pub struct Interrupted(pub String);
+pub struct Interrupted {
+    pub signal: nix::sys::signal::Signal,
+    pub message: String,
+}
 
 impl std::fmt::Display for Interrupted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.message)
     }
 }
 
@@ -88,13 +92,13 @@ impl std::fmt::Display for RunNotStarted {
     }
 }
 
-/// The exit status an error ends the process with: 2 for usage, 130 for
-/// [`Interrupted`], 125 for [`RunNotStarted`], else 1.
+/// The exit status an error ends the process with: 2 for usage, 128+N for
+/// [`Interrupted`] by signal N, 125 for [`RunNotStarted`], else 1.
 pub fn exit_code(e: &anyhow::Error) -> i32 {
     if e.downcast_ref::<Usage>().is_some() {
         2
-    } else if e.downcast_ref::<Interrupted>().is_some() {
-        130
+    } else if let Some(i) = e.downcast_ref::<Interrupted>() {
+        128 + i.signal as i32
     } else if e.downcast_ref::<RunNotStarted>().is_some() {
         125
     } else {
@@ -119,6 +123,14 @@ pub fn error_document(e: &anyhow::Error, exit_code: i32) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_interruption_exits_128_plus_its_signal() {
+        let by = |signal| exit_code(&Interrupted { signal, message: "x".into() }.into());
+        assert_eq!(by(nix::sys::signal::Signal::SIGINT), 130);
+        assert_eq!(by(nix::sys::signal::Signal::SIGTERM), 143);
+        assert_eq!(exit_code(&anyhow::anyhow!(Usage("x".into()))), 2);
+    }
 
     #[test]
     fn a_launch_failure_keeps_its_parts_as_fields() {

@@ -129,10 +129,10 @@ async fn console_panic(control: &Path) -> String {
     }
 }
 
-/// Watches SIGINT, SIGTERM, SIGHUP, the deadline and a guest kernel panic
-/// (asking the supervisor at `control`) on its own thread (the main one is
-/// busy booting or waiting for COMMAND).
-pub fn watch(deadline: Instant, control: std::path::PathBuf) -> Arc<Interrupt> {
+/// Watches SIGINT, SIGTERM, SIGHUP, the `deadline` and a guest kernel
+/// panic (asking the supervisor at `control`), each when given, on its own
+/// thread (the main one is busy booting, or waiting for COMMAND or a copy).
+pub fn watch(deadline: Option<Instant>, control: Option<std::path::PathBuf>) -> Arc<Interrupt> {
     let int = Arc::new(Interrupt::default());
     let i = int.clone();
     std::thread::spawn(move || {
@@ -144,13 +144,15 @@ pub fn watch(deadline: Instant, control: std::path::PathBuf) -> Arc<Interrupt> {
             else {
                 return;
             };
-            let mut panicked = false;
+            let mut panicked = control.is_none();
+            let control = control.unwrap_or_default();
+            let wake = deadline.unwrap_or_else(Instant::now);
             let why = loop {
                 tokio::select! {
                     _ = a.recv() => break Why::Signal(nix::sys::signal::Signal::SIGINT),
                     _ = b.recv() => break Why::Signal(nix::sys::signal::Signal::SIGTERM),
                     _ = c.recv() => break Why::Signal(nix::sys::signal::Signal::SIGHUP),
-                    _ = tokio::time::sleep_until(deadline.into()) => break Why::Deadline,
+                    _ = tokio::time::sleep_until(wake.into()), if deadline.is_some() => break Why::Deadline,
                     line = console_panic(&control), if !panicked => {
                         panicked = true;
                         i.set_panic(line);
