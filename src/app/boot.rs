@@ -88,20 +88,7 @@ pub fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Res
         s.ssh_port,
         inst.serial_log().display()
     ));
-    let stage = if resume.is_some() { "waiting for the resumed guest to answer SSH" } else { ready::BOOTING };
-    let resumed = resume.as_ref().map(|r| {
-        let mounts = r.record.mounts.clone();
-        Box::new(move || super::guest::after_resume_login(&mounts)) as Box<dyn Fn() -> String>
-    });
-    let watch = ready::Watch {
-        auto_kvm,
-        silence: opts.silence,
-        serial_before,
-        cancel: opts.cancel.clone(),
-        stage,
-        resumed,
-        limit_flag: opts.timeout_flag,
-    };
+    let watch = watch_for(opts, auto_kvm, serial_before, resume.as_ref());
     match ready::wait(inst, &t, &run.qemu, started + opts.timeout, &watch) {
         Ok(out) => {
             if let Some(r) = &resume {
@@ -111,6 +98,24 @@ pub fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Res
             Ok(result)
         }
         Err(r) => Err(ready::failed(ctx, inst, &t, &plan, serial_before, hint, r)),
+    }
+}
+
+/// What the wait for this boot's login watches besides SSH.
+fn watch_for(opts: &LaunchOptions, auto_kvm: bool, serial_before: u64, resume: Option<&Resume>) -> ready::Watch {
+    let stage = if resume.is_some() { "waiting for the resumed guest to answer SSH" } else { ready::BOOTING };
+    let resumed = resume.map(|r| {
+        let mounts = r.record.mounts.clone();
+        Box::new(move || super::guest::after_resume_login(&mounts)) as Box<dyn Fn() -> String>
+    });
+    ready::Watch {
+        auto_kvm,
+        silence: opts.silence,
+        serial_before,
+        cancel: opts.cancel.clone(),
+        stage,
+        resumed,
+        limit_flag: opts.timeout_flag,
     }
 }
 
