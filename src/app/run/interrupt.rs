@@ -135,13 +135,17 @@ async fn console_panic(control: &Path) -> String {
 pub fn watch(deadline: Option<Instant>, control: Option<std::path::PathBuf>) -> Arc<Interrupt> {
     let int = Arc::new(Interrupt::default());
     let i = int.clone();
+    // Returns once the signals are caught: one that came before would
+    // kill the process with its work half done (a copy's directory left).
+    let (caught, watching) = std::sync::mpsc::channel::<()>();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
         rt.block_on(async {
             use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut a), Ok(mut b), Ok(mut c)) =
-                (signal(SignalKind::interrupt()), signal(SignalKind::terminate()), signal(SignalKind::hangup()))
-            else {
+            let signals =
+                (signal(SignalKind::interrupt()), signal(SignalKind::terminate()), signal(SignalKind::hangup()));
+            drop(caught);
+            let (Ok(mut a), Ok(mut b), Ok(mut c)) = signals else {
                 return;
             };
             let mut panicked = control.is_none();
@@ -162,6 +166,8 @@ pub fn watch(deadline: Option<Instant>, control: Option<std::path::PathBuf>) -> 
             i.set(why);
         });
     });
+    // Ends when the thread dropped its end (or ended, having failed).
+    let _ = watching.recv();
     int
 }
 
