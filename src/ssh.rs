@@ -446,11 +446,12 @@ pub fn run_interactive(t: &Target, inst: &Instance, remote: &[String]) -> Result
 /// OpenSSH's warning. Returns the program's exit status.
 pub fn run_explained(argv: &[String], t: &Target, inst: &Instance) -> Result<i32> {
     tracing::info!("running {}", shell_words::join(argv));
-    let mut child = Command::new(&argv[0])
-        .args(&argv[1..])
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot run '{}': {SSH_MISSING}", argv[0]))?;
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]).stderr(Stdio::piped());
+    // A SIGTERM to this process alone (a CI job's timeout) must not leave
+    // an scp uploading, or an ssh running, with nobody to wait for it.
+    end_with_this_process(&mut cmd);
+    let mut child = cmd.spawn().with_context(|| format!("cannot run '{}': {SSH_MISSING}", argv[0]))?;
     let mismatch = pass_stderr(child.stderr.take().expect("piped"), false);
     let status = child.wait()?;
     if mismatch {

@@ -53,6 +53,30 @@ fn copy_cut_by_a_signal_leaves_nothing(env: &Env) {
     assert!(err.contains("SIGTERM ended the copy of /tmp/big: nothing of it was kept"), "{err}");
     assert!(entries().is_empty(), "left behind: {:?}", entries());
     env.ssh("dev", "touch /tmp/unstall; killall -CONT tar; rm -f /tmp/big").ok();
+
+    // `ssh` that gets a SIGTERM of its own (a CI job's timeout) takes its
+    // OpenSSH child with it.
+    let mut child = env.cmd(&["ssh", "--", "sleep 1000"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let parent = child.id() as i32;
+    let mut ssh = None;
+    wait_until("qbuf-qemu ssh to start OpenSSH", Duration::from_secs(20), || {
+        ssh = child_of(parent);
+        ssh.is_some()
+    });
+    signal(parent, Signal::SIGTERM);
+    child.wait().unwrap();
+    let ssh = ssh.unwrap();
+    wait_until("its ssh to end", Duration::from_secs(5), || !pid_running(ssh));
+}
+
+/// A child process of `parent`, if one runs.
+fn child_of(parent: i32) -> Option<i32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let ppid: i32 = stat.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok()?;
+        (ppid == parent).then_some(pid)
+    })
 }
 
 #[test]
