@@ -27,7 +27,7 @@ fn main() -> ExitCode {
                 let text = e.to_string();
                 let text = text.trim_end();
                 let message = match e.kind() {
-                    ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                    ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand | ErrorKind::MissingSubcommand => {
                         let args: Vec<String> =
                             std::env::args_os().skip(1).map(|a| a.to_string_lossy().into_owned()).collect();
                         qbuf_qemu::cli::missing::missing_subcommand(&args)

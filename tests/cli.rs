@@ -89,6 +89,12 @@ fn usage_errors_exit_2() {
     let error = v["error"].as_str().unwrap();
     assert!(error.starts_with("'qbuf-qemu snapshot' needs a subcommand: one of save, load, list, delete;"), "{v}");
     assert!(!error.contains('\n') && stderr(&o).contains("Usage: qbuf-qemu snapshot"), "{v}");
+    // The same with the global flag after the command (clap's other kind
+    // of this error).
+    let o = run(&["snapshot", "--json"]);
+    assert_eq!(o.status.code(), Some(2));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON document");
+    assert!(v["error"].as_str().unwrap().starts_with("'qbuf-qemu snapshot' needs a subcommand"), "{v}");
     let o = run(&["--json", "ssh", "--", "true"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--json does not apply"), "{}", stderr(&o));

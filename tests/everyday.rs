@@ -63,6 +63,8 @@ fn copy_cut_by_a_signal_leaves_nothing(env: &Env) {
         ssh = child_of(parent);
         ssh.is_some()
     });
+    let comm = std::fs::read_to_string(format!("/proc/{}/comm", ssh.unwrap())).unwrap_or_default();
+    assert_eq!(comm.trim(), "ssh", "the child is OpenSSH");
     signal(parent, Signal::SIGTERM);
     child.wait().unwrap();
     let ssh = ssh.unwrap();

@@ -62,6 +62,9 @@ pub fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Res
     }
     ctx.stage("starting QEMU");
     let run = start_and_load(ctx, inst, lock, &plan, hint.clone(), resume.as_ref()).map_err(undo)?;
+    // The wait for SSH is counted from here: an image build or a disk
+    // copy before QEMU started is not the guest's boot.
+    let up = Instant::now();
     let qemu_up = started.elapsed().as_secs_f64();
     // Before the settings: a launch that finds this VM running waits for
     // them, and then logs in through this boot's ssh-mux/.
@@ -89,7 +92,7 @@ pub fn boot(ctx: &Ctx, inst: &Instance, lock: Lock, opts: &LaunchOptions) -> Res
         inst.serial_log().display()
     ));
     let watch = watch_for(opts, auto_kvm, serial_before, resume.as_ref());
-    match ready::wait(inst, &t, &run.qemu, started + opts.timeout, &watch) {
+    match ready::wait(inst, &t, &run.qemu, up + opts.timeout, &watch) {
         Ok(out) => {
             if let Some(r) = &resume {
                 result.notes.extend(super::guest::after_resume_notes(&t, out, &r.record.mounts));

@@ -109,17 +109,28 @@ fn from_guest(t: &ssh::Target, inst: &Instance, sources: &[ScpPath], dest: &Path
     // No deadline (README); SIGINT, SIGTERM or SIGHUP ends the copy's ssh,
     // and the half-made copy is removed before this command exits 128+N.
     let int = super::run::interrupt::watch(None, None);
+    let mut done: Vec<&str> = Vec::new();
     for s in sources {
         if let ScpPath::Guest(g) = s {
             let copied = guest_files::copy_from_guest(t, inst, g, dest, &|pid| int.track(pid));
-            if let Some(Why::Signal(signal)) = int.why() {
-                let message = format!("{signal} ended the copy of {g}: nothing of it was kept");
-                return Err(Interrupted { signal, message }.into());
+            // A signal after this source landed leaves it landed.
+            if let (Err(_), Some(Why::Signal(signal))) = (&copied, int.why()) {
+                return Err(cut_short(signal, g, &done).into());
             }
             all.extend(copied?);
+            done.push(g);
         }
     }
     Ok(all)
+}
+
+/// Said of a copy from the guest that `signal` ended while it copied `g`.
+fn cut_short(signal: nix::sys::signal::Signal, g: &str, done: &[&str]) -> Interrupted {
+    let mut message = format!("{signal} ended the copy of {g}: nothing of it was kept");
+    if !done.is_empty() {
+        message.push_str(&format!("; copied before it, and kept: {}", done.join(", ")));
+    }
+    Interrupted { signal, message }
 }
 
 #[cfg(test)]

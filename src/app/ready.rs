@@ -40,7 +40,7 @@ pub struct Watch {
     /// own). `None`: a boot, whose login runs `true`.
     pub resumed: Option<Box<dyn Fn() -> String>>,
     /// The flag that sets this wait's deadline, for the hint when it
-    /// passes (`--timeout`, `run --boot-timeout`, `reset --ssh-timeout`).
+    /// passes (`--timeout`, `run --boot-timeout`, `reboot --ssh-timeout`).
     pub limit_flag: &'static str,
 }
 
@@ -168,6 +168,9 @@ pub fn wait(
         }
         if std::mem::take(&mut listening) || ssh::banner(t.port, BANNER).is_some() {
             crate::progress::stage("SSH answered; logging in");
+            if !last.starts_with("banner seen") {
+                last = "banner seen, logging in".into();
+            }
             tracing::info!(
                 "SSH on port {} after {:.1}s; logging in as {}",
                 t.port,
@@ -207,9 +210,7 @@ pub fn wait(
 /// before saw.
 fn login_cut(e: anyhow::Error, waited: Duration, last: String, flag: &'static str) -> Readiness {
     match e.downcast_ref::<ssh::Overrun>() {
-        Some(ssh::Overrun::Cancelled { .. }) => {
-            Readiness::Cancelled { waited, last: format!("{last}; then a login was under way") }
-        }
+        Some(ssh::Overrun::Cancelled { .. }) => Readiness::Cancelled { waited, last },
         Some(ssh::Overrun::TimedOut { .. }) => Readiness::TimedOut { waited, last: e.to_string(), flag },
         _ => Readiness::Failed(e.to_string()),
     }
@@ -227,16 +228,16 @@ fn silent_under_kvm(silence: Duration) -> String {
 /// is all a throwaway run's user learns of it (its serial log goes with
 /// it; the tail follows this).
 fn cancelled(waited: Duration, last: &str) -> String {
-    format!("stopped waiting for SSH after {}s (cancelled; last: {last})", waited.as_secs())
+    format!("stopped waiting for SSH after {:.0}s (cancelled; last: {last})", waited.as_secs_f64())
 }
 
 /// The serial log is not named: a throwaway run's goes with it, and each
 /// caller shows the console's end or says how to read it.
 fn timed_out(t: &ssh::Target, waited: Duration, last: &str, flag: &str) -> String {
     format!(
-        "the guest did not accept an SSH login on port {} within {}s (last: {last}); a slow boot needs a longer {flag}",
+        "the guest did not accept an SSH login on port {} within {:.0}s (last: {last}); a slow boot needs a longer {flag}",
         t.port,
-        waited.as_secs(),
+        waited.as_secs_f64(),
     )
 }
 
@@ -296,9 +297,11 @@ pub fn failed(
             anyhow!("{}\nThe VM was powered down.", ssh::host_key_mismatch_message(t, inst))
         }
         Readiness::Cancelled { .. } => {
+            // Where the boot was, not the shutdown that follows.
+            let tail = serial_tail();
             // Not forced: a guest that was booting fine is let power off.
             let outcome = stop::stop_running(ctx, inst, &StopOptions { timeout: CANCELLED_STOP, force: false });
-            with_tail(r.describe(t, inst), outcome, hint, serial_tail())
+            with_tail(r.describe(t, inst), outcome, hint, tail)
         }
         Readiness::KeyRefused { said, secs } => {
             stopped_with_tail(ctx, inst, key_refused_message(t, &said, secs), hint, serial_tail())
@@ -389,7 +392,7 @@ mod tests {
         match cut {
             Readiness::Cancelled { waited: w, last } => {
                 assert_eq!(w, waited);
-                assert_eq!(last, "banner seen, login failed: x; then a login was under way");
+                assert_eq!(last, "banner seen, login failed: x");
             }
             other => panic!("{other:?}"),
         }

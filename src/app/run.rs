@@ -106,7 +106,9 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<i32> {
     opts.resume = resume.map(|r| ResumeFrom::Checked(Box::new(r)));
     opts.run = Some(origin(ctx, a.keep, a.from_snapshot.as_deref()));
     let mut summary = RunSummary::new(&rctx.name, a.from_snapshot.clone(), &a.command);
-    let found = match launch::launch(&rctx, &opts) {
+    // A boot that fails removes the instance even with --keep: its hints
+    // must not send the user to it.
+    let found = match launch::launch(&Ctx { throwaway: true, ..rctx.clone() }, &opts) {
         // A bad flag value is the caller's mistake, not a broken VM (exit 2).
         Err(e) if e.is::<Usage>() => return Err(e),
         Err(e) => {

@@ -27,7 +27,8 @@ pub fn missing_subcommand(args: &[String]) -> String {
             here = sub;
         }
     }
-    let names: Vec<&str> = here.get_subcommands().map(|s| s.get_name()).filter(|n| *n != "help").collect();
+    let shown = here.get_subcommands().filter(|s| !s.is_hide_set());
+    let names: Vec<&str> = shown.map(|s| s.get_name()).filter(|n| *n != "help").collect();
     format!(
         "'{}' needs a subcommand: one of {}; '{} --help' says what each does",
         path.join(" "),
@@ -53,5 +54,8 @@ mod tests {
         );
         assert!(missing_subcommand(&words("snapshot --json"))
             .starts_with("'qbuf-qemu snapshot' needs a subcommand: one of save, load"));
+        assert!(!missing_subcommand(&[]).contains("supervise"), "hidden commands stay hidden");
+        // An option's value that is also a command's name.
+        assert!(missing_subcommand(&words("--name disk snapshot")).starts_with("'qbuf-qemu snapshot' needs"));
     }
 }

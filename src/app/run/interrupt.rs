@@ -1,7 +1,8 @@
-//! What ends a run early, watched on a thread of its own (the main one is
-//! busy booting or waiting for COMMAND): SIGINT, SIGTERM, SIGHUP, the
-//! `--timeout` deadline, and a guest kernel panic the supervisor saw on
-//! the console. Each decides the run's exit status (CONTRACT.md).
+//! What ends a run (or a `copy` from the guest) early, watched on a thread
+//! of its own (the main one is busy booting, or waiting for COMMAND or the
+//! copy): SIGINT, SIGTERM, SIGHUP and, for a run, the `--timeout` deadline
+//! and a guest kernel panic the supervisor saw on the console. Each
+//! decides the exit status (CONTRACT.md).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
