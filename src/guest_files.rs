@@ -458,8 +458,7 @@ fn unpack_output(
     if unpacked.is_err() {
         let _ = child.kill();
     }
-    let sent = child.wait();
-    watch(0);
+    let sent = ssh::wait_then_forget(&mut child, || watch(0));
     // Not waited for past this (the thread goes on, see the limit's why).
     let mismatch = mismatch.recv_timeout(SSH_STDERR_AFTER_EXIT).unwrap_or(false);
     Ok((unpacked, sent?, mismatch))

@@ -460,28 +460,8 @@ pub fn run_explained(argv: &[String], t: &Target, inst: &Instance) -> Result<i32
     Ok(status.code().unwrap_or(255))
 }
 
-/// Makes the ssh that `cmd` starts end (SIGTERM) when this process does,
-/// even a SIGKILLed one: a guest that stalls would otherwise keep it
-/// (and its connection, which keepalives hold open) for ever. The signal
-/// comes when the *thread* that spawns ends: spawn on a thread that
-/// outlives the child (the main thread, or one that reaps it).
-pub fn end_with_this_process(cmd: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    let parent = nix::unistd::getpid();
-    // SAFETY: prctl and getppid are async-signal-safe system calls.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)?;
-            if nix::unistd::getppid() != parent {
-                return Err(std::io::Error::other("qbuf-qemu ended before ssh started"));
-            }
-            Ok(())
-        });
-    }
-}
-
 mod bounded;
-pub use bounded::{pass_stderr, Limit, Overrun};
+pub use bounded::{end_with_this_process, pass_stderr, wait_then_forget, Limit, Overrun};
 
 #[cfg(test)]
 mod tests;

@@ -307,8 +307,7 @@ fn run_command(t: &Target, workdir: Option<&str>, command: &[String], int: &Inte
     ssh::end_with_this_process(&mut cmd);
     let mut child = cmd.spawn().with_context(|| format!("cannot run 'ssh': {}", ssh::SSH_MISSING))?;
     int.track(child.id() as i32);
-    let status = child.wait()?;
-    int.track(0);
+    let status = ssh::wait_then_forget(&mut child, || int.track(0))?;
     use std::os::unix::process::ExitStatusExt;
     Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
 }

@@ -2,7 +2,9 @@
 //! is untrusted, and its remote command (or its shell's start-up) may never
 //! end, or stream without end. OpenSSH's `ConnectTimeout` covers only the
 //! connection and its keepalives only a guest that stopped answering; a
-//! guest that answers forever is stopped here.
+//! guest that answers forever is stopped here. Every ssh the tool starts
+//! ends with it ([`end_with_this_process`]), and one whose pid is tracked
+//! for a signal is forgotten before it is reaped ([`wait_then_forget`]).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Output, Stdio};
@@ -85,7 +87,7 @@ fn output_capped(argv: &[String], limit: &Limit, cap: usize) -> Result<Output> {
     cmd.args(&argv[1..]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     // This thread reaps or kills the child before it returns, so the
     // signal can only come when this process is gone.
-    super::end_with_this_process(&mut cmd);
+    end_with_this_process(&mut cmd);
     let mut child = cmd.spawn().with_context(|| format!("cannot run '{}': {}", argv[0], super::SSH_MISSING))?;
     let stdout = Reader::start(child.stdout.take().expect("piped"), cap);
     let stderr = Reader::start(child.stderr.take().expect("piped"), cap);
@@ -206,8 +208,54 @@ pub fn pass_stderr(from: impl Read, clean: bool) -> bool {
     mismatch
 }
 
+/// Waits for `child` to end, calls `untrack` (which forgets its pid), and
+/// only then reaps it: until reaped, a child's pid is not given to another
+/// process, so whoever signals the tracked pid can never reach a stranger.
+pub fn wait_then_forget(child: &mut Child, untrack: impl FnOnce()) -> std::io::Result<std::process::ExitStatus> {
+    use nix::sys::wait::{waitid, Id, WaitPidFlag};
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    // Ended (still unreaped), or no longer waitable: either way on.
+    while let Err(nix::errno::Errno::EINTR) = waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {}
+    untrack();
+    child.wait()
+}
+
+/// Makes the ssh that `cmd` starts end (SIGTERM) when this process does,
+/// even a SIGKILLed one: a guest that stalls would otherwise keep it
+/// (and its connection, which keepalives hold open) for ever. The signal
+/// comes when the *thread* that spawns ends: spawn on a thread that
+/// outlives the child (the main thread, or one that reaps it).
+pub fn end_with_this_process(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = nix::unistd::getpid();
+    // SAFETY: prctl and getppid are async-signal-safe system calls.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)?;
+            if nix::unistd::getppid() != parent {
+                return Err(std::io::Error::other("qbuf-qemu ended before ssh started"));
+            }
+            Ok(())
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_tracked_child_is_forgotten_while_its_pid_is_still_its_own() {
+        let mut child = std::process::Command::new("sh").args(["-c", "exit 3"]).spawn().unwrap();
+        let pid = child.id();
+        let mut state = String::new();
+        let status = super::wait_then_forget(&mut child, || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            state = stat.rsplit(')').next().unwrap_or("").split_whitespace().next().unwrap_or("").to_string();
+        })
+        .unwrap();
+        assert_eq!(state, "Z", "ended but not reaped when forgotten");
+        assert_eq!(status.code(), Some(3));
+    }
+
     use super::*;
 
     fn sh(script: &str) -> Vec<String> {
