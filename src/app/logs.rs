@@ -207,9 +207,7 @@ mod tests {
 
     #[test]
     fn a_byte_that_is_not_utf8_costs_one_line_at_most_not_the_log() {
-        let root = std::env::temp_dir().join(format!("qbuf-events-{}", std::process::id()));
-        let inst = crate::instance::StateDir::new(root.clone()).instance("x");
-        std::fs::create_dir_all(&inst.dir).unwrap();
+        let (_root, inst) = crate::instance::paths::scratch_instance("x");
         let mut log = br#"{"event":"RESUME","data":{},"timestamp":1.5}"#.to_vec();
         log.extend_from_slice(b"\n{\"event\":\"X\xff\",\"timestamp\":2}\n\xfe\xff not json\n\n");
         log.extend_from_slice(br#"{"event":"SHUTDOWN","data":{"guest":true},"timestamp":3}"#);
@@ -218,6 +216,5 @@ mod tests {
         let names: Vec<&str> = events.iter().map(|e| e.event.event.as_str()).collect();
         assert_eq!(names, ["RESUME", "X\u{fffd}", "SHUTDOWN"]);
         assert_eq!(skipped, 1);
-        std::fs::remove_dir_all(root).unwrap();
     }
 }

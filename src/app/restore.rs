@@ -257,9 +257,7 @@ mod tests {
 
     #[test]
     fn a_cut_short_load_is_told_with_both_disks() {
-        let root = std::env::temp_dir().join(format!("qbuf-cut-{}", std::process::id()));
-        let inst = crate::instance::StateDir::new(root.clone()).instance("r");
-        std::fs::create_dir_all(&inst.dir).unwrap();
+        let (_root, inst) = crate::instance::paths::scratch_instance("r");
         assert_eq!(cut_short(&inst), None);
         std::fs::write(inst.overlay_kept(), "before the load").unwrap();
         let why = cut_short(&inst).unwrap();
@@ -277,6 +275,5 @@ mod tests {
         assert!(e.to_string().contains("loading") && !format!("{e:#}").contains("as it was before the load"), "{e:#}");
         assert_eq!(std::fs::read_to_string(inst.overlay()).unwrap(), "work since");
         assert!(inst.overlay_kept().exists());
-        std::fs::remove_dir_all(root).unwrap();
     }
 }

@@ -242,8 +242,7 @@ mod tests {
 
     #[test]
     fn a_save_that_fails_after_its_directory_was_made_leaves_nothing() {
-        let root = std::env::temp_dir().join(format!("qbuf-snapsave-{}", std::process::id()));
-        let inst = crate::instance::StateDir::new(root.clone()).instance("x");
+        let (_root, inst) = crate::instance::paths::scratch_instance("x");
         let snap = inst.snapshot("s");
         std::fs::create_dir_all(&snap.dir).unwrap();
         std::fs::write(snap.state(), [0; 4096]).unwrap();
@@ -257,6 +256,5 @@ mod tests {
         std::fs::create_dir_all(&snap.dir).unwrap();
         assert_eq!(kept_or_removed(&snap, || Ok(7)).unwrap(), 7);
         assert!(snap.dir.exists(), "a save that worked lost its directory");
-        std::fs::remove_dir_all(root).unwrap();
     }
 }

@@ -149,6 +149,16 @@ impl StateDir {
 /// The longest path a unix socket address holds.
 pub const MAX_SOCKET_PATH: usize = 107;
 
+/// A fresh instance `name`, its directory made, in a state dir of its own
+/// that goes when the guard drops (for unit tests).
+#[cfg(test)]
+pub fn scratch_instance(name: &str) -> (tempfile::TempDir, Instance) {
+    let root = tempfile::tempdir().expect("a temporary directory");
+    let inst = StateDir::new(root.path().to_path_buf()).instance(name);
+    std::fs::create_dir_all(&inst.dir).expect("the instance directory");
+    (root, inst)
+}
+
 /// One instance's directory. All per-instance file names live here.
 #[derive(Debug, Clone)]
 pub struct Instance {

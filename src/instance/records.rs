@@ -313,8 +313,8 @@ mod tests {
 
     #[test]
     fn a_failed_write_keeps_the_old_record_and_no_temp_file() {
-        let dir = std::env::temp_dir().join(format!("qbuf-rec-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let p = dir.join("r.json");
         write_json(&p, &1).unwrap();
         assert_eq!(read_json::<i32>(&p).unwrap(), Some(1));
@@ -322,15 +322,14 @@ mod tests {
         let bad: std::collections::HashMap<(i32, i32), i32> = [((1, 2), 3)].into();
         assert!(write_json(&p, &bad).is_err());
         assert_eq!(read_json::<i32>(&p).unwrap(), Some(1));
-        assert_eq!(fs::read_dir(&dir).unwrap().count(), 1, "a temp file was left");
-        fs::remove_dir_all(dir).unwrap();
+        assert_eq!(fs::read_dir(dir).unwrap().count(), 1, "a temp file was left");
     }
 
     #[test]
     fn concurrent_writers_of_one_record_never_garble_it() {
         use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!("qbuf-recw-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let p = dir.join("settings.json");
         let values: Vec<String> = (0..6).map(|i| "x".repeat(1 + i * 3000)).collect();
         std::thread::scope(|s| {
@@ -342,11 +341,10 @@ mod tests {
         let last: String = read_json(&p).unwrap().unwrap();
         assert!(values.contains(&last), "garbled: {} bytes", last.len());
         assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
-        let left: Vec<_> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let left: Vec<_> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(left, ["settings.json"], "temp files were left");
         let (a, b) = (temp_path(&p), temp_path(&p));
         assert_ne!(a, b);
         assert!(a.file_name().unwrap().to_str().unwrap().starts_with("settings.tmp."), "{}", a.display());
-        fs::remove_dir_all(dir).unwrap();
     }
 }
