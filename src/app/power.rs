@@ -109,12 +109,7 @@ pub fn reboot(ctx: &Ctx, opts: &RebootOptions) -> Result<Rebooted> {
         limit_flag: "--ssh-timeout",
     };
     if let Err(r) = ready::wait(&inst, &t, &run.qemu, Instant::now() + opts.ssh_timeout, &watch) {
-        bail!(
-            "instance '{}' was reset, but {}; '{}' shows the boot",
-            ctx.name,
-            r.describe(&t, &inst),
-            ctx.command("logs --boot")
-        );
+        bail!("instance '{}' was reset, but {}{}", ctx.name, r.describe(&t, &inst), ready::whole_boot(ctx));
     }
     out.ready_seconds = Some(started.elapsed().as_secs_f64());
     Ok(out)

@@ -312,21 +312,24 @@ pub fn failed(
             format!(
                 "the guest's kernel panicked while it booted: {line}. Check the image's kernel and its command line \
                  (--append){}",
-                match ctx.throwaway {
-                    true => String::new(),
-                    false => format!("; '{}' shows the whole boot", ctx.command("logs --boot")),
-                }
+                whole_boot(ctx)
             ),
             hint,
             serial_tail(),
         ),
         Readiness::SilentUnderKvm(_) | Readiness::TimedOut { .. } | Readiness::Failed(_) => {
-            let mut msg = r.describe(t, inst);
-            if !ctx.throwaway {
-                msg.push_str(&format!("; '{}' shows the whole boot", ctx.command("logs --boot")));
-            }
+            let msg = format!("{}{}", r.describe(t, inst), whole_boot(ctx));
             stopped_with_tail(ctx, inst, msg, hint, serial_tail())
         }
+    }
+}
+
+/// Where the whole boot can be read, after a message that shows only the
+/// console's end; nothing for a throwaway instance, whose log goes with it.
+pub fn whole_boot(ctx: &Ctx) -> String {
+    match ctx.throwaway {
+        true => String::new(),
+        false => format!("; '{}' shows the whole boot", ctx.command("logs --boot")),
     }
 }
 
